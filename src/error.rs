@@ -1,0 +1,129 @@
+//! The one error type that crosses the wire.
+//!
+//! Variants are grouped by what the caller should do: fix the request (invalid input), look
+//! elsewhere (routing, retriable), or give up and report (server faults). Each variant's
+//! position in the enum is its stable numeric code on the wire (postcard encodes the variant
+//! index first); new variants are only ever appended. `docs/protocol.md` lists the codes and
+//! a unit test below pins them.
+
+use serde::{Deserialize, Serialize};
+
+use crate::types::{Offset, ProducerId, ServerId, Sequence};
+
+/// An error a Herald server reports to a client, or a client detects before sending.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Error {
+    // --- The request is wrong: fix it, retrying will not help. ---
+    /// 0
+    #[error("invalid {what} name {name:?}: must be {rule}")]
+    InvalidName { what: String, name: String, rule: String },
+    /// 1
+    #[error("record {index} of the batch is {size} bytes, over the limit of {limit} bytes enforced by {enforced_by}")]
+    RecordTooLarge { index: u32, size: u64, limit: u64, enforced_by: String },
+    /// 2
+    #[error("frame of {size} bytes is over the limit of {limit} bytes enforced by {enforced_by}")]
+    FrameTooLarge { size: u64, limit: u64, enforced_by: String },
+    /// 3
+    #[error("malformed frame rejected by {enforced_by}: {detail}")]
+    Malformed { detail: String, enforced_by: String },
+    /// 4
+    #[error("protocol version {offered_min}..={offered_max} not supported by {enforced_by} (it speaks {supported})")]
+    UnsupportedVersion { offered_min: u16, offered_max: u16, supported: u16, enforced_by: String },
+    /// 5
+    #[error("unknown topic {topic:?} (list topics with `herald topic list`, create one with `herald topic create`)")]
+    UnknownTopic { topic: String },
+    /// 6
+    #[error("topic {topic:?} already exists")]
+    TopicExists { topic: String },
+    /// 7
+    #[error("unknown subscription {subscription:?} on topic {topic:?} (see `herald subscription list {topic}`)")]
+    UnknownSubscription { topic: String, subscription: String },
+    /// 8
+    #[error("subscription {subscription:?} already exists on topic {topic:?}")]
+    SubscriptionExists { topic: String, subscription: String },
+    /// 9
+    #[error("offset {offset} of topic {topic:?} is before the log start {log_start}: those records were deleted{}", subscription.as_ref().map(|s| format!(" (subscription {s:?} is behind the log; reset it to the log start to go on)")).unwrap_or_default())]
+    CursorBeforeLogStart { topic: String, subscription: Option<String>, offset: Offset, log_start: Offset },
+    /// 10
+    #[error("offset {offset} of topic {topic:?} is past the committed end {log_end}")]
+    OffsetBeyondEnd { topic: String, offset: Offset, log_end: Offset },
+    /// 11
+    #[error("producer {producer:#x} sent sequence {got}, expected {expected}: batches were lost between client and server")]
+    OutOfOrderSequence { producer: ProducerId, expected: Sequence, got: Sequence },
+    /// 12
+    #[error("cannot place {requested} replicas: only {live} topic servers are alive (start more servers or use --replicas {live})")]
+    NotEnoughServers { requested: u32, live: u32 },
+    /// 13
+    #[error("not authorized: {detail}")]
+    Unauthorized { detail: String },
+    /// 14
+    #[error("invalid argument: {detail}")]
+    InvalidArgument { detail: String },
+
+    // --- Routing: ask the naming server again and retry. ---
+    /// 15
+    #[error("server {server} does not lead topic {topic:?}{}", leader.map(|l| format!(" (leader is server {l})")).unwrap_or_default())]
+    NotLeader { topic: String, server: ServerId, leader: Option<ServerId> },
+    /// 16
+    #[error("unavailable: {detail}")]
+    Unavailable { detail: String },
+
+    // --- The server failed: report it. Nothing acknowledged was lost. ---
+    /// 17
+    #[error("storage failure on server {server}: {detail}")]
+    Storage { server: ServerId, detail: String },
+    /// 18
+    #[error("internal error: {detail}")]
+    Internal { detail: String },
+}
+
+impl Error {
+    /// The stable numeric code of this error on the wire.
+    pub fn code(&self) -> u16 {
+        // postcard writes the variant index as the first varint; all codes are < 128.
+        postcard::to_stdvec(self).map(|b| b[0] as u16).unwrap_or(u16::MAX)
+    }
+
+    /// Whether retrying the same request (after re-resolving the leader) may succeed.
+    pub fn is_retriable(&self) -> bool {
+        matches!(self, Error::NotLeader { .. } | Error::Unavailable { .. } | Error::Storage { .. })
+    }
+
+    pub fn internal(detail: impl std::fmt::Display) -> Self {
+        Error::Internal { detail: detail.to_string() }
+    }
+
+    pub fn invalid(detail: impl std::fmt::Display) -> Self {
+        Error::InvalidArgument { detail: detail.to_string() }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The codes are part of the protocol (docs/protocol.md): changing one breaks clients.
+    #[test]
+    fn codes_are_stable() {
+        let s = String::new;
+        let cases: Vec<(Error, u16)> = vec![
+            (Error::InvalidName { what: s(), name: s(), rule: s() }, 0),
+            (Error::RecordTooLarge { index: 0, size: 0, limit: 0, enforced_by: s() }, 1),
+            (Error::FrameTooLarge { size: 0, limit: 0, enforced_by: s() }, 2),
+            (Error::Malformed { detail: s(), enforced_by: s() }, 3),
+            (Error::UnknownTopic { topic: s() }, 5),
+            (Error::CursorBeforeLogStart { topic: s(), subscription: None, offset: 0, log_start: 0 }, 9),
+            (Error::NotLeader { topic: s(), server: 0, leader: None }, 15),
+            (Error::Internal { detail: s() }, 18),
+        ];
+        for (err, code) in cases {
+            assert_eq!(err.code(), code, "{err:?}");
+        }
+    }
+
+    #[test]
+    fn only_routing_and_faults_are_retriable() {
+        assert!(Error::Unavailable { detail: "x".into() }.is_retriable());
+        assert!(!Error::UnknownTopic { topic: "t".into() }.is_retriable());
+    }
+}

@@ -1,0 +1,15 @@
+//! Herald: a replicated, durable publish/subscribe log over QUIC and TLS.
+//!
+//! Layers, from the bytes up: [`wire`] (frames and messages), [`transport`] (QUIC, TLS,
+//! request loop), [`storage`] (redb: records, cursors, producer state; group commit),
+//! [`naming`] (the book of servers and topics), [`server`] (a topic server), [`client`]
+//! (producer, consumer, admin) and [`cli`] (the `herald` command).
+
+pub mod certs;
+pub mod error;
+pub mod storage;
+pub mod transport;
+pub mod types;
+pub mod wire;
+
+pub use error::Error;

@@ -1,0 +1,164 @@
+//! Domain words with their own types, so a signature says what it carries.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+
+/// Position of a record in a topic's log: dense, from 0, never reused.
+pub type Offset = u64;
+/// Leadership term of a topic: strictly increasing, bumped by the naming server on each election.
+pub type Epoch = u64;
+/// Identity of a topic server, stable across restarts (persisted in its data directory).
+pub type ServerId = u64;
+/// Identity of one incarnation of a topic: a topic deleted and created again gets a new id,
+/// so a server that was down during the delete never mixes old records into the new topic.
+pub type TopicId = u64;
+/// Identity of one producer session, chosen at random by the client.
+pub type ProducerId = u64;
+/// Per-producer batch sequence number; the leader deduplicates retries by (producer, sequence).
+pub type Sequence = u64;
+
+/// Longest topic or subscription name, in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+
+const NAME_RULE: &str =
+    "1-128 bytes of [A-Za-z0-9._-], not starting with '.' or '_' (reserved for Herald)";
+
+fn validate_name(what: &str, name: &str) -> Result<(), Error> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_NAME_BYTES
+        && !name.starts_with('.')
+        && !name.starts_with('_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidName {
+            what: what.to_string(),
+            name: name.chars().take(160).collect(),
+            rule: NAME_RULE.to_string(),
+        })
+    }
+}
+
+macro_rules! validated_name {
+    ($(#[$doc:meta])* $ty:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $ty(String);
+
+        impl $ty {
+            /// Validates `name` against the naming rule.
+            pub fn new(name: impl Into<String>) -> Result<Self, Error> {
+                let name = name.into();
+                validate_name($what, &name)?;
+                Ok(Self(name))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl TryFrom<String> for $ty {
+            type Error = Error;
+            fn try_from(name: String) -> Result<Self, Error> {
+                Self::new(name)
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(name: $ty) -> String {
+                name.0
+            }
+        }
+
+        impl std::str::FromStr for $ty {
+            type Err = Error;
+            fn from_str(s: &str) -> Result<Self, Error> {
+                Self::new(s)
+            }
+        }
+
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+    };
+}
+
+validated_name!(
+    /// A topic's name, valid by construction (also when decoded from the wire).
+    TopicName,
+    "topic"
+);
+validated_name!(
+    /// A subscription's name, valid by construction (same rule as topics).
+    SubscriptionName,
+    "subscription"
+);
+
+/// Where a new subscription starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum StartFrom {
+    /// The oldest record still stored (the log start).
+    #[default]
+    Earliest,
+    /// The current end of the committed log: only records produced from now on.
+    Latest,
+}
+
+impl std::str::FromStr for StartFrom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "earliest" => Ok(Self::Earliest),
+            "latest" => Ok(Self::Latest),
+            other => Err(format!("expected 'earliest' or 'latest', got {other:?}")),
+        }
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stamped on records by the leader.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_rule() {
+        for good in ["a", "demo", "orders.v1", "A-b_c.9", &"x".repeat(128)] {
+            assert!(TopicName::new(good).is_ok(), "{good}");
+        }
+        for bad in ["", ".hidden", "_internal", "has space", "slash/y", "é", &"x".repeat(129)] {
+            let err = TopicName::new(bad).unwrap_err();
+            assert!(matches!(err, Error::InvalidName { .. }), "{bad}");
+        }
+    }
+
+    #[test]
+    fn decoding_validates_names() {
+        let bytes = postcard::to_stdvec(&"_bad".to_string()).unwrap();
+        assert!(postcard::from_bytes::<TopicName>(&bytes).is_err());
+        let bytes = postcard::to_stdvec(&"good".to_string()).unwrap();
+        assert_eq!(postcard::from_bytes::<TopicName>(&bytes).unwrap().as_str(), "good");
+    }
+}

@@ -1,0 +1,376 @@
+//! Wire format: postcard-encoded messages in length-prefixed frames.
+//!
+//! A frame is a 4-byte big-endian length followed by that many bytes of postcard. The length
+//! is checked against [`MAX_FRAME_BYTES`] before anything is allocated, so a peer cannot make
+//! us reserve memory by lying about a length. Every bidirectional QUIC stream carries a
+//! sequence of [`Request`] frames one way and the same number of [`Response`] frames back, in
+//! the same order; a client may pipeline many requests before reading the answers. The first
+//! stream of every connection carries the version handshake ([`Request::Hello`]).
+//! `docs/protocol.md` is the reference for other implementations.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::Error;
+use crate::types::{
+    Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
+};
+
+/// The protocol version this build speaks (also in the ALPN, `herald/1`).
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
+/// is split well below it (see `client::MAX_BATCH_BYTES`).
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Bytes of the length prefix.
+pub const LENGTH_PREFIX: usize = 4;
+
+/// Default largest record payload (plus key and headers) a topic accepts.
+pub const DEFAULT_MAX_RECORD_BYTES: u32 = 1024 * 1024;
+
+/// Upper bound for a topic's `max_record_bytes`, so one record always fits in a frame.
+pub const MAX_RECORD_BYTES_LIMIT: u32 = 8 * 1024 * 1024;
+
+/// A record as a producer sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Record {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub headers: Vec<Header>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// One record header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl Record {
+    /// Bytes this record counts against the topic's `max_record_bytes`: key, headers, payload.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.payload.len()
+            + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
+    }
+}
+
+/// A stored record, as consumers receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub offset: Offset,
+    /// Milliseconds since the Unix epoch, stamped by the leader when it appended the record.
+    pub timestamp_ms: u64,
+    pub record: Record,
+}
+
+/// Per-topic settings chosen at creation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicConfig {
+    /// Largest record (key + headers + payload) accepted, in bytes.
+    pub max_record_bytes: u32,
+}
+
+impl Default for TopicConfig {
+    fn default() -> Self {
+        Self { max_record_bytes: DEFAULT_MAX_RECORD_BYTES }
+    }
+}
+
+/// A topic server as the naming server knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub id: ServerId,
+    pub addr: SocketAddr,
+    /// Whether its liveness lease is current.
+    pub alive: bool,
+    /// Topics it holds a replica of.
+    pub topics: u32,
+}
+
+/// One replica of a topic, as placed by the naming server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaInfo {
+    pub server: ServerId,
+    pub addr: SocketAddr,
+}
+
+/// The naming server's record of a topic: where it lives and who leads it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    pub id: TopicId,
+    pub name: TopicName,
+    pub config: TopicConfig,
+    /// The replica set; the leader is one of them.
+    pub replicas: Vec<ReplicaInfo>,
+    pub leader: ServerId,
+    pub epoch: Epoch,
+    pub created_ms: u64,
+}
+
+impl TopicInfo {
+    /// Address of the current leader, if it is among the replicas.
+    pub fn leader_addr(&self) -> Option<SocketAddr> {
+        self.replicas.iter().find(|r| r.server == self.leader).map(|r| r.addr)
+    }
+}
+
+/// The role a server plays for one topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Leader,
+    Follower,
+}
+
+/// A subscription's durable position.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubscriptionInfo {
+    pub name: SubscriptionName,
+    /// The next offset it has not acknowledged.
+    pub cursor: Offset,
+    /// Committed records it has not acknowledged yet.
+    pub lag: u64,
+}
+
+/// A topic server's view of one topic's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicStatus {
+    pub id: TopicId,
+    pub name: TopicName,
+    pub server: ServerId,
+    pub role: Role,
+    pub epoch: Epoch,
+    /// Oldest offset still stored.
+    pub log_start: Offset,
+    /// One past the newest offset stored.
+    pub log_end: Offset,
+    /// One past the newest committed offset: what consumers may read and producers had acked.
+    pub commit: Offset,
+    pub subscriptions: Vec<SubscriptionInfo>,
+}
+
+/// Everything a client or a server may ask.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Request {
+    /// First message of every connection: the versions the caller speaks.
+    Hello { min_version: u16, max_version: u16, agent: String },
+
+    // --- To the naming server. Register and Heartbeat need a node certificate. ---
+    /// A topic server announces itself (and its address) and takes a liveness lease.
+    Register { server: ServerId, addr: SocketAddr },
+    /// Renews the lease. The naming server answers at once when the book changed since
+    /// `known_version`, else after up to `wait_ms` (long poll), so assignments arrive promptly.
+    Heartbeat { server: ServerId, known_version: u64, applied_version: u64, wait_ms: u32 },
+    CreateTopic { name: TopicName, replicas: u32, config: TopicConfig },
+    DeleteTopic { name: TopicName },
+    LookupTopic { name: TopicName },
+    ListTopics,
+    ListServers,
+
+    // --- To a topic server. ---
+    /// Append a batch. The leader deduplicates by (producer, sequence): a retry of an
+    /// acknowledged batch gets the original offsets back and stores nothing.
+    Produce { topic: TopicName, producer: ProducerId, sequence: Sequence, records: Vec<Record> },
+    /// Read committed records from `from` (or, if `None`, from the subscription's cursor),
+    /// waiting up to `max_wait_ms` for the first one.
+    Fetch {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        from: Option<Offset>,
+        max_records: u32,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    },
+    /// Move a subscription's cursor forward to `next` (everything before it is processed).
+    Ack { topic: TopicName, subscription: SubscriptionName, next: Offset },
+    CreateSubscription {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        from: StartFrom,
+        /// Succeed without change when the subscription already exists.
+        if_missing: bool,
+    },
+    DeleteSubscription { topic: TopicName, subscription: SubscriptionName },
+    TopicStatus { topic: TopicName },
+}
+
+/// The answer to one [`Request`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Response {
+    Error(Error),
+    Hello { version: u16, server: Option<ServerId> },
+    /// Registration accepted; heartbeat at least every `lease_ms / 3`.
+    Registered { lease_ms: u32 },
+    /// The book's version and, when it changed since the caller's version, the topics whose
+    /// replica set holds the caller.
+    Heartbeat { version: u64, assignments: Option<Vec<TopicInfo>> },
+    Topic(TopicInfo),
+    Topics(Vec<TopicInfo>),
+    Servers(Vec<ServerInfo>),
+    Deleted,
+    /// The batch is committed at `base..base + count`. `duplicate` marks a retry answered from
+    /// the producer state without storing anything.
+    Produced { base: Offset, count: u32, epoch: Epoch, duplicate: bool },
+    Records { records: Vec<StoredRecord>, log_start: Offset, commit: Offset },
+    /// The subscription's cursor after the request.
+    Cursor { cursor: Offset },
+    /// A subscription was deleted; the log start moved by `freed_records`.
+    SubscriptionDeleted { freed_records: u64 },
+    TopicStatus(TopicStatus),
+}
+
+impl Response {
+    /// The error inside, if this is an error response.
+    pub fn into_result(self) -> Result<Response, Error> {
+        match self {
+            Response::Error(e) => Err(e),
+            other => Ok(other),
+        }
+    }
+}
+
+/// Encodes `msg` as one frame (length prefix included), appended to `out`.
+pub fn encode_frame<T: Serialize>(msg: &T, out: &mut Vec<u8>) -> Result<(), Error> {
+    let start = out.len();
+    out.extend_from_slice(&[0; LENGTH_PREFIX]);
+    let buf = std::mem::take(out);
+    let mut buf = postcard::to_extend(msg, buf).map_err(Error::internal)?;
+    let len = buf.len() - start - LENGTH_PREFIX;
+    if len > MAX_FRAME_BYTES {
+        buf.truncate(start);
+        *out = buf;
+        return Err(Error::FrameTooLarge {
+            size: len as u64,
+            limit: MAX_FRAME_BYTES as u64,
+            enforced_by: "the sender".into(),
+        });
+    }
+    buf[start..start + LENGTH_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    *out = buf;
+    Ok(())
+}
+
+/// Reads and checks a frame's length prefix.
+pub fn frame_length(prefix: [u8; LENGTH_PREFIX], enforced_by: &str) -> Result<usize, Error> {
+    let len = u32::from_be_bytes(prefix) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(Error::FrameTooLarge {
+            size: len as u64,
+            limit: MAX_FRAME_BYTES as u64,
+            enforced_by: enforced_by.to_string(),
+        });
+    }
+    Ok(len)
+}
+
+/// Decodes a frame body.
+pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8], enforced_by: &str) -> Result<T, Error> {
+    postcard::from_bytes(body).map_err(|e| Error::Malformed {
+        detail: e.to_string(),
+        enforced_by: enforced_by.to_string(),
+    })
+}
+
+/// Decodes the first complete frame in `buf`: `Ok(None)` when more bytes are needed, else the
+/// message and the bytes it used. The pure-bytes twin of `transport::read_frame`, fuzzed below.
+pub fn decode_frame<'a, T: Deserialize<'a>>(
+    buf: &'a [u8],
+    enforced_by: &str,
+) -> Result<Option<(T, usize)>, Error> {
+    let Some(prefix) = buf.get(..LENGTH_PREFIX) else { return Ok(None) };
+    let len = frame_length(prefix.try_into().expect("4 bytes"), enforced_by)?;
+    let Some(body) = buf.get(LENGTH_PREFIX..LENGTH_PREFIX + len) else { return Ok(None) };
+    Ok(Some((decode_body(body, enforced_by)?, LENGTH_PREFIX + len)))
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn record() -> impl Strategy<Value = Record> {
+        (
+            proptest::collection::vec(any::<u8>(), 0..16),
+            proptest::collection::vec(("[a-z]{0,8}", proptest::collection::vec(any::<u8>(), 0..8)), 0..3),
+            proptest::collection::vec(any::<u8>(), 0..256),
+        )
+            .prop_map(|(key, headers, payload)| Record {
+                key,
+                headers: headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
+                payload,
+            })
+    }
+
+    fn request() -> impl Strategy<Value = Request> {
+        let topic = "[a-z][a-z0-9.-]{0,20}".prop_map(|s| TopicName::new(s).unwrap());
+        let sub = "[a-z][a-z0-9]{0,10}".prop_map(|s| SubscriptionName::new(s).unwrap());
+        prop_oneof![
+            (topic.clone(), any::<u64>(), any::<u64>(), proptest::collection::vec(record(), 0..8))
+                .prop_map(|(topic, producer, sequence, records)| Request::Produce { topic, producer, sequence, records }),
+            (topic.clone(), sub.clone(), any::<Option<u64>>(), any::<u32>())
+                .prop_map(|(topic, subscription, from, n)| Request::Fetch { topic, subscription, from, max_records: n, max_bytes: n, max_wait_ms: n }),
+            (topic.clone(), sub, any::<u64>()).prop_map(|(topic, subscription, next)| Request::Ack { topic, subscription, next }),
+            (any::<u64>(), any::<u64>()).prop_map(|(server, v)| Request::Heartbeat { server, known_version: v, applied_version: v, wait_ms: 5 }),
+            topic.prop_map(|name| Request::LookupTopic { name }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn frames_round_trip(reqs in proptest::collection::vec(request(), 1..6)) {
+            let mut buf = Vec::new();
+            for r in &reqs { encode_frame(r, &mut buf).unwrap(); }
+            let mut at = 0;
+            for r in &reqs {
+                let (got, used): (Request, usize) = decode_frame(&buf[at..], "test").unwrap().unwrap();
+                prop_assert_eq!(&got, r);
+                at += used;
+            }
+            prop_assert_eq!(at, buf.len());
+        }
+
+        /// Arbitrary bytes never panic the decoder, and never make it read past the buffer.
+        #[test]
+        fn garbage_is_rejected_not_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            match decode_frame::<Request>(&bytes, "test") {
+                Ok(Some((_, used))) => prop_assert!(used <= bytes.len()),
+                Ok(None) | Err(Error::Malformed { .. }) | Err(Error::FrameTooLarge { .. }) => {}
+                Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+            }
+        }
+
+        /// A truncated frame is never decoded as a message.
+        #[test]
+        fn truncated_frames_wait_for_more(req in request(), cut in 0usize..64) {
+            let mut buf = Vec::new();
+            encode_frame(&req, &mut buf).unwrap();
+            let cut = cut.min(buf.len() - 1);
+            prop_assert!(decode_frame::<Request>(&buf[..cut], "test").unwrap().is_none());
+        }
+    }
+
+    #[test]
+    fn oversize_length_is_refused_before_reading_the_body() {
+        let prefix = ((MAX_FRAME_BYTES + 1) as u32).to_be_bytes();
+        let err = decode_frame::<Request>(&prefix, "server 1").unwrap_err();
+        assert!(matches!(err, Error::FrameTooLarge { limit, .. } if limit == MAX_FRAME_BYTES as u64));
+    }
+
+    #[test]
+    fn invalid_names_inside_frames_are_malformed() {
+        // A Produce whose topic name breaks the rule: encode a valid one and patch the name.
+        let req = Request::LookupTopic { name: TopicName::new("abc").unwrap() };
+        let mut buf = Vec::new();
+        encode_frame(&req, &mut buf).unwrap();
+        let pos = buf.windows(3).position(|w| w == b"abc").unwrap();
+        buf[pos] = b'_';
+        let err = decode_frame::<Request>(&buf, "test").unwrap_err();
+        assert!(matches!(err, Error::Malformed { .. }));
+    }
+}
