@@ -6,7 +6,11 @@
 //! (producer, consumer, admin) and [`cli`] (the `herald` command).
 
 pub mod certs;
+pub mod cli;
+pub mod client;
 pub mod error;
+pub mod naming;
+pub mod server;
 pub mod storage;
 pub mod transport;
 pub mod types;

@@ -136,6 +136,7 @@ enum Command {
     Ack { topic: TopicId, subscription: SubscriptionName, next: Offset, reply: Reply<Offset> },
     CreateSubscription { topic: TopicId, subscription: SubscriptionName, from: StartFrom, if_missing: bool, reply: Reply<Offset> },
     DeleteSubscription { topic: TopicId, subscription: SubscriptionName, reply: Reply<u64> },
+    SetMeta { key: &'static str, value: u64, reply: Reply<()> },
 }
 
 /// A server's storage: the redb database and the writer thread in front of it.
@@ -251,6 +252,18 @@ impl Store {
     /// Deletes a subscription; returns how many records that freed.
     pub async fn delete_subscription(&self, topic: TopicId, subscription: SubscriptionName) -> Result<u64, Error> {
         self.call(|reply| Command::DeleteSubscription { topic, subscription, reply }).await
+    }
+
+    /// A number kept in the `meta` table (e.g. the naming book this server belongs to).
+    pub fn meta(&self, key: &str) -> Result<Option<u64>, Error> {
+        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
+        let table = txn.open_table(META).map_err(|e| self.storage_err(e))?;
+        let value = table.get(key).map_err(|e| self.storage_err(e))?;
+        Ok(value.map(|v| v.value()))
+    }
+
+    pub async fn set_meta(&self, key: &'static str, value: u64) -> Result<(), Error> {
+        self.call(|reply| Command::SetMeta { key, value, reply }).await
     }
 
     fn storage_err(&self, e: impl std::fmt::Display) -> Error {
@@ -482,6 +495,10 @@ impl Writer {
                 touched.insert(id);
                 let handle = self.topics[&id].handle();
                 defer(deferred, reply, Ok(handle));
+            }
+            Command::SetMeta { key, value, reply } => {
+                txn.open_table(META)?.insert(key, value)?;
+                defer(deferred, reply, Ok(()));
             }
             Command::DeleteTopic { id, reply } => {
                 if self.topics.remove(&id).is_some() {

@@ -211,16 +211,14 @@ pub async fn read_frame<T: DeserializeOwned>(
     wire::decode_body(buf, enforced_by).map(Some)
 }
 
-/// The client half of a bidirectional stream: requests out, responses in, in order.
-pub struct FramedStream {
+/// The writing half of a client stream: requests are queued, then flushed in one write.
+pub struct FrameWriter {
     send: SendStream,
-    recv: RecvStream,
     peer: SocketAddr,
     out: Vec<u8>,
-    inbuf: Vec<u8>,
 }
 
-impl FramedStream {
+impl FrameWriter {
     /// Encodes `req` into the outgoing buffer; [`flush`](Self::flush) sends it.
     pub fn queue(&mut self, req: &Request) -> Result<(), Error> {
         wire::encode_frame(req, &mut self.out)
@@ -236,18 +234,58 @@ impl FramedStream {
         res.map_err(|e| write_error(self.peer, e))
     }
 
+    /// Tells the server no more requests come on this stream.
+    pub fn finish(&mut self) {
+        let _ = self.send.finish();
+    }
+
+    /// The server at the other end.
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+}
+
+/// The reading half of a client stream.
+pub struct FrameReader {
+    recv: RecvStream,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    /// Reads the next response; a server-side error comes back as `Err`. Not cancel safe:
+    /// keep the call running (in its own task) rather than racing it in a `select!`.
+    pub async fn recv(&mut self) -> Result<Response, Error> {
+        let enforced_by = format!("the client (reading from {})", self.peer);
+        match read_frame::<Response>(&mut self.recv, &mut self.buf, self.peer, &enforced_by).await? {
+            Some(resp) => resp.into_result(),
+            None => Err(Error::Unavailable { detail: format!("{} closed the stream", self.peer) }),
+        }
+    }
+}
+
+/// The client half of a bidirectional stream: requests out, responses in, in order.
+pub struct FramedStream {
+    writer: FrameWriter,
+    reader: FrameReader,
+}
+
+impl FramedStream {
+    pub fn queue(&mut self, req: &Request) -> Result<(), Error> {
+        self.writer.queue(req)
+    }
+
+    pub async fn flush(&mut self) -> Result<(), Error> {
+        self.writer.flush().await
+    }
+
     pub async fn send(&mut self, req: &Request) -> Result<(), Error> {
         self.queue(req)?;
         self.flush().await
     }
 
-    /// Reads the next response; a server-side error comes back as `Err`.
     pub async fn recv(&mut self) -> Result<Response, Error> {
-        let enforced_by = format!("the client (reading from {})", self.peer);
-        match read_frame::<Response>(&mut self.recv, &mut self.inbuf, self.peer, &enforced_by).await? {
-            Some(resp) => resp.into_result(),
-            None => Err(Error::Unavailable { detail: format!("{} closed the stream", self.peer) }),
-        }
+        self.reader.recv().await
     }
 
     pub async fn call(&mut self, req: &Request) -> Result<Response, Error> {
@@ -255,9 +293,18 @@ impl FramedStream {
         self.recv().await
     }
 
-    /// Tells the server no more requests come on this stream.
     pub fn finish(&mut self) {
-        let _ = self.send.finish();
+        self.writer.finish();
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.writer.peer
+    }
+
+    /// Splits into halves, so a pipelining client can read answers in one task while it
+    /// writes requests in another.
+    pub fn split(self) -> (FrameWriter, FrameReader) {
+        (self.writer, self.reader)
     }
 }
 
@@ -311,7 +358,10 @@ impl Connection {
     /// Opens a stream for a pipelined conversation.
     pub async fn open(&self) -> Result<FramedStream, Error> {
         let (send, recv) = self.conn.open_bi().await.map_err(|e| connection_error(self.addr, &e))?;
-        Ok(FramedStream { send, recv, peer: self.addr, out: Vec::new(), inbuf: Vec::new() })
+        Ok(FramedStream {
+            writer: FrameWriter { send, peer: self.addr, out: Vec::new() },
+            reader: FrameReader { recv, peer: self.addr, buf: Vec::new() },
+        })
     }
 
     /// One request on a fresh stream.

@@ -204,8 +204,9 @@ pub enum Request {
 pub enum Response {
     Error(Error),
     Hello { version: u16, server: Option<ServerId> },
-    /// Registration accepted; heartbeat at least every `lease_ms / 3`.
-    Registered { lease_ms: u32 },
+    /// Registration accepted; heartbeat at least every `lease_ms / 3`. `cluster` identifies
+    /// the naming server's book, so a server never deletes data on the word of another book.
+    Registered { lease_ms: u32, cluster: u64 },
     /// The book's version and, when it changed since the caller's version, the topics whose
     /// replica set holds the caller.
     Heartbeat { version: u64, assignments: Option<Vec<TopicInfo>> },

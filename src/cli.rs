@@ -1,0 +1,868 @@
+//! The `herald` command line.
+//!
+//! stdout carries data only (records, listings, JSON); progress, summaries and errors go to
+//! stderr. Exit status: 0 on success, 1 on failure (for `produce`: any record not
+//! acknowledged), 2 on a usage error.
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::certs;
+use crate::client::{self, BatchAck, Client};
+use crate::error::Error;
+use crate::naming::{self, NamingConfig};
+use crate::server::{self, ServerConfig};
+use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
+use crate::wire::{Header, Record, StoredRecord, TopicConfig, TopicInfo, DEFAULT_MAX_RECORD_BYTES};
+
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about = "Herald: a replicated, durable publish/subscribe log over QUIC + TLS")]
+pub struct Cli {
+    #[command(flatten)]
+    common: Common,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+struct Common {
+    /// Address of the naming server.
+    #[arg(long, global = true, env = "HERALD_NAMING", default_value = "127.0.0.1:7400")]
+    naming: SocketAddr,
+    /// Directory with the cluster certificates (made by `herald certs`).
+    #[arg(long, global = true, env = "HERALD_CERTS", default_value = "certs")]
+    certs: PathBuf,
+    /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for servers,
+    /// warn for client commands).
+    #[arg(long, global = true, env = "HERALD_LOG")]
+    log_level: Option<String>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate the cluster CA, the node certificate and the client certificate.
+    Certs {
+        /// Where to write them (default: the --certs directory).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Comma-separated host names and IP addresses the node certificate is valid for.
+        #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// Replace an existing CA.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Run the naming server.
+    Naming {
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// Data directory (the book is kept in DIR/naming.redb).
+        #[arg(long)]
+        data: PathBuf,
+        /// Liveness lease of topic servers, in milliseconds.
+        #[arg(long, default_value_t = naming::DEFAULT_LEASE.as_millis() as u64)]
+        lease_ms: u64,
+    },
+    /// Run a topic server.
+    Server {
+        #[arg(long, default_value = "127.0.0.1:7401")]
+        listen: SocketAddr,
+        /// Data directory (records, cursors and producer state in DIR/herald.redb).
+        #[arg(long)]
+        data: PathBuf,
+        /// Server id; kept in the data directory (default: the stored one, or a new random one).
+        #[arg(long)]
+        id: Option<ServerId>,
+        /// Address others reach this server at (default: --listen).
+        #[arg(long)]
+        advertise: Option<SocketAddr>,
+    },
+    /// Run a naming server and N topic servers on loopback, in the foreground (Ctrl-C stops).
+    Dev {
+        #[arg(long, default_value_t = 3)]
+        servers: u16,
+        /// Data directory of the dev cluster.
+        #[arg(long, default_value = ".herald")]
+        dir: PathBuf,
+    },
+    /// Create, list, describe and delete topics.
+    #[command(subcommand)]
+    Topic(TopicCommand),
+    /// Create, list and delete subscriptions.
+    #[command(subcommand)]
+    Subscription(SubscriptionCommand),
+    /// Publish one record per line of stdin.
+    Produce(ProduceArgs),
+    /// Read records through a durable subscription, one per line on stdout.
+    Consume(ConsumeArgs),
+}
+
+#[derive(Subcommand, Debug)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        name: String,
+        /// Replication factor. This version keeps one replica per topic (replication is next).
+        #[arg(long, default_value_t = 1)]
+        replicas: u32,
+        /// Largest record (key + headers + payload) the topic accepts, in bytes.
+        #[arg(long, default_value_t = DEFAULT_MAX_RECORD_BYTES)]
+        max_record_bytes: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List topics with their leader and log range.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a topic's replicas, leader, epoch, log range and subscriptions.
+    Describe {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a topic and all its records.
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SubscriptionCommand {
+    /// List a topic's subscriptions with cursor and lag.
+    List {
+        topic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Create a subscription.
+    Create {
+        topic: String,
+        name: String,
+        #[arg(long, default_value = "earliest")]
+        from: StartFrom,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a subscription (frees the records only it held).
+    Delete {
+        topic: String,
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+struct ProduceArgs {
+    topic: String,
+    /// Key of every record.
+    #[arg(long)]
+    key: Option<String>,
+    /// Header of every record, as NAME=VALUE (repeatable).
+    #[arg(long = "header", value_parser = parse_header)]
+    headers: Vec<Header>,
+    /// Stop after N records.
+    #[arg(long)]
+    count: Option<u64>,
+    /// Batches in flight.
+    #[arg(long, default_value_t = client::DEFAULT_INFLIGHT)]
+    inflight: usize,
+}
+
+#[derive(Args, Debug)]
+struct ConsumeArgs {
+    topic: String,
+    #[arg(long)]
+    subscription: String,
+    /// Where a new subscription starts (an existing one resumes at its cursor).
+    #[arg(long, default_value = "earliest")]
+    from: StartFrom,
+    /// Stop after N records (waiting for them if needed).
+    #[arg(long)]
+    count: Option<u64>,
+    /// Keep waiting for new records (Ctrl-C stops).
+    #[arg(long)]
+    follow: bool,
+    /// Output template: {offset}, {timestamp}, {key}, {value}; \t and \n are escapes.
+    #[arg(long, default_value = "{value}")]
+    format: String,
+    /// One JSON object per record instead of --format.
+    #[arg(long)]
+    json: bool,
+}
+
+fn parse_header(s: &str) -> Result<Header, String> {
+    let (name, value) = s.split_once('=').ok_or_else(|| format!("expected NAME=VALUE, got {s:?}"))?;
+    Ok(Header { name: name.to_string(), value: value.as_bytes().to_vec() })
+}
+
+/// Entry point of the `herald` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let is_server = matches!(cli.command, Command::Naming { .. } | Command::Server { .. } | Command::Dev { .. });
+    init_logging(cli.common.log_level.as_deref().unwrap_or(if is_server { "info" } else { "warn" }));
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+/// A token cancelled on Ctrl-C or SIGTERM.
+fn shutdown_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    let common = cli.common;
+    match cli.command {
+        Command::Certs { dir, hosts, force } => {
+            let dir = dir.unwrap_or(common.certs.clone());
+            certs::generate(&dir, &hosts, force)?;
+            eprintln!("wrote the cluster CA, node and client certificates to {}", dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Naming { listen, data, lease_ms } => {
+            let config = NamingConfig { listen, data_dir: data, certs_dir: common.certs, lease: Duration::from_millis(lease_ms) };
+            naming::run(config, shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Server { listen, data, id, advertise } => {
+            let config = ServerConfig { id, listen, advertise, naming: common.naming, data_dir: data, certs_dir: common.certs };
+            server::run(config, shutdown_on_signal()).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dev { servers, dir } => dev(&common, servers, &dir).await,
+        Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
+        Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
+        Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
+        Command::Consume(args) => with_client(&common, |c| consume(c, args)).await,
+    }
+}
+
+async fn with_client<F, Fut>(common: &Common, f: F) -> Result<ExitCode>
+where
+    F: FnOnce(Arc<Client>) -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode>>,
+{
+    let client = Client::new(common.naming, &common.certs)?;
+    let result = f(client.clone()).await;
+    client.close().await;
+    result
+}
+
+fn topic_name(s: &str) -> Result<TopicName> {
+    Ok(TopicName::new(s)?)
+}
+
+fn subscription_name(s: &str) -> Result<SubscriptionName> {
+    Ok(SubscriptionName::new(s)?)
+}
+
+fn print_json(value: &serde_json::Value) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> serde_json::Value {
+    let replicas: Vec<_> = info
+        .replicas
+        .iter()
+        .map(|r| {
+            json!({
+                "server": r.server,
+                "address": r.addr.to_string(),
+                "role": if r.server == info.leader { "leader" } else { "follower" },
+            })
+        })
+        .collect();
+    let mut v = json!({
+        "name": info.name.as_str(),
+        "id": info.id,
+        "replicas": replicas,
+        "leader": info.leader,
+        "epoch": info.epoch,
+        "max_record_bytes": info.config.max_record_bytes,
+    });
+    if let Some(s) = status {
+        v["log_start"] = json!(s.log_start);
+        v["log_end"] = json!(s.log_end);
+        v["commit"] = json!(s.commit);
+        v["subscriptions"] = json!(s
+            .subscriptions
+            .iter()
+            .map(|sub| json!({ "name": sub.name.as_str(), "cursor": sub.cursor, "lag": sub.lag }))
+            .collect::<Vec<_>>());
+    }
+    v
+}
+
+async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
+    match cmd {
+        TopicCommand::Create { name, replicas, max_record_bytes, json } => {
+            let name = topic_name(&name)?;
+            if replicas != 1 {
+                return Err(Error::invalid(format!(
+                    "--replicas {replicas}: this version of Herald keeps one replica per topic (replication comes next); use --replicas 1"
+                ))
+                .into());
+            }
+            let info = client.create_topic(&name, replicas, TopicConfig { max_record_bytes }).await?;
+            if json {
+                print_json(&topic_json(&info, None))?;
+            } else {
+                eprintln!("created topic {} (id {}) on server {}, epoch {}", info.name, info.id, info.leader, info.epoch);
+            }
+        }
+        TopicCommand::List { json } => {
+            let topics = client.list_topics().await?;
+            let mut rows = Vec::new();
+            for info in &topics {
+                let status = tokio::time::timeout(Duration::from_secs(2), client.topic_status_once(info)).await.ok().and_then(|r| r.ok());
+                rows.push((info, status));
+            }
+            if json {
+                print_json(&json!(rows.iter().map(|(i, s)| topic_json(i, s.as_ref())).collect::<Vec<_>>()))?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}", "TOPIC", "ID", "LEADER", "EPOCH", "LOG_START", "LOG_END", "SUBS", "MAX_LAG")?;
+                for (info, status) in rows {
+                    let (start, end, subs, lag) = match &status {
+                        Some(s) => (
+                            s.log_start.to_string(),
+                            s.log_end.to_string(),
+                            s.subscriptions.len().to_string(),
+                            s.subscriptions.iter().map(|x| x.lag).max().unwrap_or(0).to_string(),
+                        ),
+                        None => ("?".into(), "?".into(), "?".into(), "?".into()),
+                    };
+                    writeln!(out, "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}", info.name.as_str(), info.id, info.leader, info.epoch, start, end, subs, lag)?;
+                }
+            }
+        }
+        TopicCommand::Describe { name, json } => {
+            let name = topic_name(&name)?;
+            let info = client.lookup(&name).await?;
+            let status = client.topic_status(&name).await?;
+            if json {
+                print_json(&topic_json(&info, Some(&status)))?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "topic      {} (id {})", info.name, info.id)?;
+                writeln!(out, "leader     server {} (epoch {})", info.leader, info.epoch)?;
+                for r in &info.replicas {
+                    let role = if r.server == info.leader { "leader" } else { "follower" };
+                    writeln!(out, "replica    server {} at {} ({role})", r.server, r.addr)?;
+                }
+                writeln!(out, "log        start {}  end {}  commit {}", status.log_start, status.log_end, status.commit)?;
+                writeln!(out, "max record {} bytes", info.config.max_record_bytes)?;
+                for s in &status.subscriptions {
+                    writeln!(out, "subscription {}  cursor {}  lag {}", s.name, s.cursor, s.lag)?;
+                }
+            }
+        }
+        TopicCommand::Delete { name, json } => {
+            let name = topic_name(&name)?;
+            client.delete_topic(&name).await?;
+            if json {
+                print_json(&json!({ "deleted": name.as_str() }))?;
+            } else {
+                eprintln!("deleted topic {name}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<ExitCode> {
+    match cmd {
+        SubscriptionCommand::List { topic, json } => {
+            let topic = topic_name(&topic)?;
+            let subs = client.subscriptions(&topic).await?;
+            if json {
+                print_json(&json!(subs
+                    .iter()
+                    .map(|s| json!({ "name": s.name.as_str(), "cursor": s.cursor, "lag": s.lag }))
+                    .collect::<Vec<_>>()))?;
+            } else {
+                let mut out = std::io::stdout().lock();
+                writeln!(out, "{:<24} {:>12} {:>12}", "SUBSCRIPTION", "CURSOR", "LAG")?;
+                for s in subs {
+                    writeln!(out, "{:<24} {:>12} {:>12}", s.name.as_str(), s.cursor, s.lag)?;
+                }
+            }
+        }
+        SubscriptionCommand::Create { topic, name, from, json } => {
+            let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
+            let cursor = client.create_subscription(&topic, &name, from, false).await?;
+            if json {
+                print_json(&json!({ "topic": topic.as_str(), "name": name.as_str(), "cursor": cursor }))?;
+            } else {
+                eprintln!("created subscription {name} on {topic} at offset {cursor}");
+            }
+        }
+        SubscriptionCommand::Delete { topic, name, json } => {
+            let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
+            let freed = client.delete_subscription(&topic, &name).await?;
+            if json {
+                print_json(&json!({ "topic": topic.as_str(), "deleted": name.as_str(), "freed_records": freed }))?;
+            } else {
+                eprintln!("deleted subscription {name} of {topic}; {freed} records freed");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Reads stdin in the background and hands over batches of lines. A batch holds whatever
+/// one read returned (so an interactive line goes out at once, and a pipe fills batches).
+fn read_stdin_batches(
+    template: Record,
+    limit: Option<u64>,
+    max_record_bytes: usize,
+    tx: mpsc::Sender<Result<Vec<Record>, Error>>,
+) {
+    let stdin = std::io::stdin();
+    let mut input = stdin.lock();
+    let mut carry: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let mut taken = 0u64;
+    let mut batch: Vec<Record> = Vec::new();
+    let mut batch_bytes = 0usize;
+    let make = |line: &[u8]| {
+        let mut r = template.clone();
+        r.payload = line.to_vec();
+        r
+    };
+    'read: loop {
+        if limit.is_some_and(|l| taken >= l) {
+            break;
+        }
+        let n = match input.read(&mut chunk) {
+            Ok(0) => {
+                if !carry.is_empty() {
+                    let line = std::mem::take(&mut carry);
+                    batch.push(make(&line));
+                }
+                break;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                let _ = tx.blocking_send(Err(Error::invalid(format!("reading stdin: {e}"))));
+                break;
+            }
+        };
+        let mut data = &chunk[..n];
+        while let Some(pos) = data.iter().position(|&b| b == b'\n') {
+            let line: &[u8] = if carry.is_empty() {
+                &data[..pos]
+            } else {
+                carry.extend_from_slice(&data[..pos]);
+                &carry
+            };
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let record = make(line);
+            carry.clear();
+            data = &data[pos + 1..];
+            if record.size() > max_record_bytes {
+                let err = Error::RecordTooLarge {
+                    index: taken as u32,
+                    size: record.size() as u64,
+                    limit: max_record_bytes as u64,
+                    enforced_by: "the client (the topic's max_record_bytes)".into(),
+                };
+                if tx.blocking_send(Err(err)).is_err() {
+                    return;
+                }
+            } else {
+                batch_bytes += record.size();
+                batch.push(record);
+            }
+            taken += 1;
+            if batch.len() >= client::MAX_BATCH_RECORDS || batch_bytes >= client::MAX_BATCH_BYTES {
+                if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                    return;
+                }
+                batch_bytes = 0;
+            }
+            if limit.is_some_and(|l| taken >= l) {
+                break 'read;
+            }
+        }
+        carry.extend_from_slice(data);
+        if !batch.is_empty() {
+            if tx.blocking_send(Ok(std::mem::take(&mut batch))).is_err() {
+                return;
+            }
+            batch_bytes = 0;
+        }
+    }
+    if !batch.is_empty() {
+        let _ = tx.blocking_send(Ok(batch));
+    }
+}
+
+async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
+    let topic = topic_name(&args.topic)?;
+    let info = client.lookup(&topic).await?;
+    let template = Record { key: args.key.map(|k| k.into_bytes()).unwrap_or_default(), headers: args.headers, payload: Vec::new() };
+    let (tx, mut batches) = mpsc::channel(4);
+    let limit = args.count;
+    let max = info.config.max_record_bytes as usize;
+    std::thread::spawn(move || read_stdin_batches(template, limit, max, tx));
+
+    let producer = client.producer(topic.clone(), args.inflight);
+    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<(usize, oneshot::Receiver<Result<BatchAck, Error>>)>();
+    let collector = tokio::spawn(async move {
+        let (mut acked, mut failed, mut first, mut last) = (0u64, 0u64, None::<Offset>, None::<Offset>);
+        let mut errors: Vec<String> = Vec::new();
+        while let Some((n, rx)) = acks_rx.recv().await {
+            match rx.await {
+                Ok(Ok(ack)) => {
+                    acked += ack.count as u64;
+                    if ack.count > 0 {
+                        first.get_or_insert(ack.base);
+                        last = Some(ack.base + ack.count as u64 - 1);
+                    }
+                }
+                Ok(Err(e)) => {
+                    failed += n as u64;
+                    errors.push(e.to_string());
+                }
+                Err(_) => {
+                    failed += n as u64;
+                    errors.push("the producer stopped before the batch was acknowledged".into());
+                }
+            }
+        }
+        (acked, failed, first, last, errors)
+    });
+    let mut rejected = 0u64;
+    let mut rejections = Vec::new();
+    while let Some(batch) = batches.recv().await {
+        match batch {
+            Ok(records) => {
+                let n = records.len();
+                let rx = producer.send(records).await?;
+                let _ = acks_tx.send((n, rx));
+            }
+            Err(e) => {
+                rejected += 1;
+                if rejections.len() < 5 {
+                    rejections.push(e.to_string());
+                }
+            }
+        }
+    }
+    drop(acks_tx);
+    producer.close().await;
+    let (acked, failed, first, last, mut errors) = collector.await?;
+    errors.extend(rejections);
+    errors.dedup();
+    for e in errors.iter().take(5) {
+        eprintln!("error: {e}");
+    }
+    let range = match (first, last) {
+        (Some(a), Some(b)) => format!(" (offsets {a}..{b})"),
+        _ => String::new(),
+    };
+    eprintln!("produced {acked} records to {topic}{range}");
+    let not_acked = failed + rejected;
+    if not_acked > 0 {
+        eprintln!("error: {not_acked} records were not acknowledged");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Formats records per the `--format` template.
+struct Formatter {
+    parts: Vec<Part>,
+}
+
+enum Part {
+    Text(Vec<u8>),
+    Offset,
+    Timestamp,
+    Key,
+    Value,
+}
+
+impl Formatter {
+    fn new(template: &str) -> Result<Self> {
+        let unescaped = template.replace("\\t", "\t").replace("\\n", "\n");
+        let mut parts = Vec::new();
+        let mut rest = unescaped.as_str();
+        while let Some(open) = rest.find('{') {
+            if open > 0 {
+                parts.push(Part::Text(rest[..open].as_bytes().to_vec()));
+            }
+            let close = rest[open..].find('}').ok_or_else(|| anyhow!("--format: unclosed '{{' in {template:?}"))? + open;
+            parts.push(match &rest[open + 1..close] {
+                "offset" => Part::Offset,
+                "timestamp" => Part::Timestamp,
+                "key" => Part::Key,
+                "value" => Part::Value,
+                other => bail!("--format: unknown field {{{other}}}; use {{offset}}, {{timestamp}}, {{key}} or {{value}}"),
+            });
+            rest = &rest[close + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.as_bytes().to_vec()));
+        }
+        Ok(Self { parts })
+    }
+
+    fn write(&self, out: &mut impl Write, r: &StoredRecord) -> std::io::Result<()> {
+        for p in &self.parts {
+            match p {
+                Part::Text(t) => out.write_all(t)?,
+                Part::Offset => write!(out, "{}", r.offset)?,
+                Part::Timestamp => write!(out, "{}", r.timestamp_ms)?,
+                Part::Key => out.write_all(&r.record.key)?,
+                Part::Value => out.write_all(&r.record.payload)?,
+            }
+        }
+        out.write_all(b"\n")
+    }
+}
+
+fn record_json(r: &StoredRecord) -> serde_json::Value {
+    let headers: serde_json::Map<String, serde_json::Value> = r
+        .record
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), json!(String::from_utf8_lossy(&h.value))))
+        .collect();
+    json!({
+        "offset": r.offset,
+        "timestamp_ms": r.timestamp_ms,
+        "key": String::from_utf8_lossy(&r.record.key),
+        "headers": headers,
+        "value": String::from_utf8_lossy(&r.record.payload),
+    })
+}
+
+async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
+    let topic = topic_name(&args.topic)?;
+    let subscription = subscription_name(&args.subscription)?;
+    let formatter = Formatter::new(&args.format)?;
+    let mut consumer = client.consumer(topic.clone(), subscription.clone(), args.from).await?;
+    let stop = shutdown_on_signal();
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
+    let (mut written, mut first, mut pending_ack) = (0u64, None::<Offset>, None::<Offset>);
+    let waits = args.follow || args.count.is_some();
+    let started = Instant::now();
+    let mut broken_pipe = false;
+    loop {
+        let remaining = args.count.map(|c| c - written);
+        if remaining == Some(0) {
+            break;
+        }
+        let want = remaining.unwrap_or(u64::MAX).min(client::MAX_BATCH_RECORDS as u64) as u32;
+        let wait = if waits { Duration::from_secs(1) } else { Duration::ZERO };
+        let polled = tokio::select! {
+            r = consumer.poll(want, wait, pending_ack) => r,
+            _ = stop.cancelled() => break,
+        };
+        let records = polled?;
+        pending_ack = None;
+        if records.is_empty() {
+            if waits {
+                continue;
+            }
+            break;
+        }
+        let take = records.len().min(remaining.unwrap_or(u64::MAX) as usize);
+        let mut result = Ok(());
+        for r in &records[..take] {
+            result = if args.json {
+                serde_json::to_writer(&mut out, &record_json(r)).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"))
+            } else {
+                formatter.write(&mut out, r)
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        // Commit the cursor only after the records reached stdout.
+        if let Err(e) = result.and_then(|_| out.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                broken_pipe = true;
+                break;
+            }
+            return Err(anyhow!(e).context("writing to stdout"));
+        }
+        first.get_or_insert(records[0].offset);
+        written += take as u64;
+        pending_ack = Some(records[take - 1].offset + 1);
+    }
+    if let Some(next) = pending_ack {
+        consumer.close(); // a poll may have been cut short; ack on a fresh stream
+        consumer.ack(next).await.context("acknowledging consumed records")?;
+    }
+    consumer.close();
+    if !broken_pipe {
+        let range = match (first, pending_ack.or(consumer.position())) {
+            (Some(a), Some(b)) if b > a => format!(" (offsets {a}..{})", b - 1),
+            _ => String::new(),
+        };
+        let secs = started.elapsed().as_secs_f64();
+        eprintln!("consumed {written} records from {topic} via {subscription}{range} in {secs:.2}s");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `herald dev`: a naming server and `servers` topic servers on loopback, in this process.
+async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
+    if servers == 0 {
+        bail!("--servers must be at least 1");
+    }
+    if !certs::exist(&common.certs) {
+        certs::generate(&common.certs, &certs::default_hosts(), false)
+            .with_context(|| format!("making certificates in {}", common.certs.display()))?;
+        eprintln!("made certificates in {}", common.certs.display());
+    }
+    let shutdown = shutdown_on_signal();
+    let naming_addr = common.naming;
+    let mut tasks = tokio::task::JoinSet::new();
+    let naming_config = NamingConfig {
+        listen: naming_addr,
+        data_dir: dir.join("naming"),
+        certs_dir: common.certs.clone(),
+        lease: naming::DEFAULT_LEASE,
+    };
+    tasks.spawn(naming::run(naming_config, shutdown.clone()));
+    for i in 1..=servers {
+        let listen = SocketAddr::new(naming_addr.ip(), naming_addr.port() + i);
+        let config = ServerConfig {
+            id: Some(i as ServerId),
+            listen,
+            advertise: None,
+            naming: naming_addr,
+            data_dir: dir.join(format!("server-{i}")),
+            certs_dir: common.certs.clone(),
+        };
+        tasks.spawn(server::run(config, shutdown.clone()));
+    }
+    // Wait until every server has registered, so the printed commands work right away.
+    let client = Client::new(naming_addr, &common.certs)?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let alive = client.list_servers().await.map(|s| s.iter().filter(|s| s.alive).count()).unwrap_or(0);
+        if alive >= servers as usize {
+            break;
+        }
+        if Instant::now() > deadline || shutdown.is_cancelled() {
+            bail!("the dev cluster did not come up: {alive} of {servers} servers registered");
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            Some(r) = tasks.join_next() => { r??; bail!("a dev cluster process stopped early"); }
+        }
+    }
+    client.close().await;
+    let last = naming_addr.port() + servers;
+    eprintln!(
+        "Herald dev cluster: naming server {naming_addr}, topic servers {}:{}-{last}; data in {}, certificates in {}",
+        naming_addr.ip(),
+        naming_addr.port() + 1,
+        dir.display(),
+        common.certs.display()
+    );
+    eprintln!("Try, in another terminal (with ./target/release on your PATH):");
+    eprintln!("  herald topic create demo");
+    eprintln!("  seq 1 100000 | herald produce demo");
+    eprintln!("  herald consume demo --subscription s1 --count 100000");
+    eprintln!("Ctrl-C stops the cluster.");
+    let mut failure = None;
+    while let Some(r) = tasks.join_next().await {
+        if let Ok(Err(e)) | Err(e) = r.map_err(anyhow::Error::from) {
+            failure.get_or_insert(e);
+            shutdown.cancel();
+        }
+    }
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    eprintln!("dev cluster stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(offset: Offset, key: &str, value: &str) -> StoredRecord {
+        StoredRecord {
+            offset,
+            timestamp_ms: 7,
+            record: Record { key: key.into(), headers: vec![], payload: value.into() },
+        }
+    }
+
+    #[test]
+    fn format_template_fills_fields_and_escapes() {
+        let f = Formatter::new("{offset}\\t{key}\\t{value}").unwrap();
+        let mut out = Vec::new();
+        f.write(&mut out, &record(3, "k", "v")).unwrap();
+        assert_eq!(out, b"3\tk\tv\n");
+        assert!(Formatter::new("{nope}").is_err());
+        assert!(Formatter::new("{offset").is_err());
+    }
+
+    #[test]
+    fn cli_parses_the_documented_commands() {
+        Cli::try_parse_from(["herald", "produce", "demo", "--header", "a=b", "--count", "5"]).unwrap();
+        Cli::try_parse_from(["herald", "consume", "demo", "--subscription", "s1", "--from", "latest", "--follow"]).unwrap();
+        Cli::try_parse_from(["herald", "topic", "describe", "demo", "--json"]).unwrap();
+        assert!(Cli::try_parse_from(["herald", "consume", "demo", "--from", "middle", "--subscription", "s"]).is_err());
+    }
+}

@@ -1,0 +1,622 @@
+//! The client library: admin calls, a pipelined producer and a consumer.
+//!
+//! A [`Client`] keeps one QUIC connection to the naming server and one per topic server it
+//! talks to. Requests that fail with a retriable error (connection lost, `NotLeader`,
+//! `Unavailable`) are retried after asking the naming server again, with exponential backoff
+//! and jitter, until a deadline.
+//!
+//! The [`Producer`] keeps up to `max_inflight` batches in flight on one stream. Each batch
+//! carries the producer id and a sequence number; after a failure the producer resends every
+//! unacknowledged batch, in order, with the same numbers, and the leader answers the ones it
+//! already stored from its dedup window: a retry never makes a second copy (G4).
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::Endpoint;
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use crate::certs::{self, CertRole, Identity};
+use crate::error::Error;
+use crate::storage::PRODUCER_DEDUP_WINDOW;
+use crate::transport::{self, Connection, FrameWriter, FramedStream};
+use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
+use crate::wire::{
+    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo, TopicStatus,
+};
+
+/// Batches a producer keeps in flight by default.
+pub const DEFAULT_INFLIGHT: usize = 32;
+/// Most batches in flight; below the leader's dedup window so every retry is recognised.
+pub const MAX_INFLIGHT: usize = PRODUCER_DEDUP_WINDOW / 2;
+/// Largest batch the CLI producer builds, in record bytes.
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// Most records per batch.
+pub const MAX_BATCH_RECORDS: usize = 4096;
+/// How long a request keeps being retried before its error is reported.
+pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Exponential backoff with jitter, bounded by a deadline.
+struct Backoff {
+    next: Duration,
+    deadline: Instant,
+}
+
+impl Backoff {
+    fn new(deadline: Duration) -> Self {
+        Self { next: Duration::from_millis(20), deadline: Instant::now() + deadline }
+    }
+
+    /// Sleeps before the next attempt; `false` when the deadline has passed.
+    async fn wait(&mut self) -> bool {
+        let now = Instant::now();
+        if now >= self.deadline {
+            return false;
+        }
+        let jitter = Duration::from_millis(fastrand::u64(0..=self.next.as_millis() as u64 / 2));
+        tokio::time::sleep((self.next + jitter).min(self.deadline - now)).await;
+        self.next = (self.next * 2).min(Duration::from_secs(1));
+        true
+    }
+}
+
+/// A connection to a Herald cluster.
+pub struct Client {
+    endpoint: Endpoint,
+    naming_addr: SocketAddr,
+    naming: Mutex<Option<Connection>>,
+    servers: Mutex<HashMap<SocketAddr, Connection>>,
+    retry_deadline: Duration,
+}
+
+impl Client {
+    /// A client of the cluster whose naming server is `naming`, with the client certificate
+    /// from `certs_dir`. Connects lazily.
+    pub fn new(naming: SocketAddr, certs_dir: &Path) -> anyhow::Result<Arc<Self>> {
+        let identity = certs::load(certs_dir, CertRole::Client)?;
+        Self::with_identity(naming, &identity)
+    }
+
+    pub fn with_identity(naming: SocketAddr, identity: &Identity) -> anyhow::Result<Arc<Self>> {
+        let endpoint = transport::client_endpoint(naming, transport::client_config(identity)?)?;
+        Ok(Arc::new(Self {
+            endpoint,
+            naming_addr: naming,
+            naming: Mutex::new(None),
+            servers: Mutex::new(HashMap::new()),
+            retry_deadline: DEFAULT_RETRY_DEADLINE,
+        }))
+    }
+
+    /// Changes how long retriable failures are retried (default 30 s).
+    pub fn set_retry_deadline(self: &mut Arc<Self>, deadline: Duration) {
+        if let Some(me) = Arc::get_mut(self) {
+            me.retry_deadline = deadline;
+        }
+    }
+
+    async fn naming_conn(&self) -> Result<Connection, Error> {
+        let mut guard = self.naming.lock().await;
+        if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let conn = Connection::connect(&self.endpoint, self.naming_addr).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn server_conn(&self, addr: SocketAddr) -> Result<Connection, Error> {
+        let mut guard = self.servers.lock().await;
+        if let Some(c) = guard.get(&addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let conn = Connection::connect(&self.endpoint, addr).await?;
+        guard.insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    async fn forget_server(&self, addr: SocketAddr) {
+        self.servers.lock().await.remove(&addr);
+    }
+
+    /// Calls the naming server, retrying while it is unreachable.
+    pub async fn naming_call(&self, req: &Request) -> Result<Response, Error> {
+        let mut backoff = Backoff::new(self.retry_deadline);
+        loop {
+            let result = match self.naming_conn().await {
+                Ok(conn) => conn.call(req).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(e @ Error::Unavailable { .. }) => {
+                    debug!(error = %e, "naming server unavailable; retrying");
+                    *self.naming.lock().await = None;
+                    if !backoff.wait().await {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn create_topic(&self, name: &TopicName, replicas: u32, config: TopicConfig) -> Result<TopicInfo, Error> {
+        match self.naming_call(&Request::CreateTopic { name: name.clone(), replicas, config }).await? {
+            Response::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn delete_topic(&self, name: &TopicName) -> Result<(), Error> {
+        match self.naming_call(&Request::DeleteTopic { name: name.clone() }).await? {
+            Response::Deleted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn lookup(&self, name: &TopicName) -> Result<TopicInfo, Error> {
+        match self.naming_call(&Request::LookupTopic { name: name.clone() }).await? {
+            Response::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, Error> {
+        match self.naming_call(&Request::ListTopics).await? {
+            Response::Topics(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn list_servers(&self) -> Result<Vec<ServerInfo>, Error> {
+        match self.naming_call(&Request::ListServers).await? {
+            Response::Servers(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Connects to the current leader of `topic`.
+    async fn leader(&self, topic: &TopicName) -> Result<Connection, Error> {
+        let info = self.lookup(topic).await?;
+        let addr = info.leader_addr().ok_or_else(|| Error::Unavailable {
+            detail: format!("topic {topic:?} has no reachable leader (server {})", info.leader),
+        })?;
+        self.server_conn(addr).await
+    }
+
+    /// Sends `req` to the leader of `topic`, re-resolving and retrying retriable failures.
+    pub async fn leader_call(&self, topic: &TopicName, req: &Request) -> Result<Response, Error> {
+        let mut backoff = Backoff::new(self.retry_deadline);
+        loop {
+            let conn = self.leader(topic).await;
+            let result = match &conn {
+                Ok(conn) => conn.call(req).await,
+                Err(e) => Err(e.clone()),
+            };
+            match result {
+                Err(e) if e.is_retriable() => {
+                    if let Ok(conn) = &conn {
+                        if matches!(e, Error::Unavailable { .. }) {
+                            self.forget_server(conn.addr()).await;
+                        }
+                    }
+                    debug!(error = %e, %topic, "retrying at the leader");
+                    if !backoff.wait().await {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// The leader's view of a topic: log start/end, commit offset, subscriptions.
+    pub async fn topic_status(&self, topic: &TopicName) -> Result<TopicStatus, Error> {
+        match self.leader_call(topic, &Request::TopicStatus { topic: topic.clone() }).await? {
+            Response::TopicStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The leader's view of a topic in one attempt, without retries (for listings that must
+    /// not hang on one unreachable server).
+    pub async fn topic_status_once(&self, info: &TopicInfo) -> Result<TopicStatus, Error> {
+        let addr = info.leader_addr().ok_or_else(|| Error::Unavailable { detail: format!("no leader for {}", info.name) })?;
+        let conn = self.server_conn(addr).await?;
+        match conn.call(&Request::TopicStatus { topic: info.name.clone() }).await? {
+            Response::TopicStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates a subscription; returns its starting cursor.
+    pub async fn create_subscription(
+        &self,
+        topic: &TopicName,
+        subscription: &SubscriptionName,
+        from: StartFrom,
+        if_missing: bool,
+    ) -> Result<Offset, Error> {
+        let req = Request::CreateSubscription { topic: topic.clone(), subscription: subscription.clone(), from, if_missing };
+        match self.leader_call(topic, &req).await? {
+            Response::Cursor { cursor } => Ok(cursor),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Deletes a subscription; returns how many records that freed.
+    pub async fn delete_subscription(&self, topic: &TopicName, subscription: &SubscriptionName) -> Result<u64, Error> {
+        let req = Request::DeleteSubscription { topic: topic.clone(), subscription: subscription.clone() };
+        match self.leader_call(topic, &req).await? {
+            Response::SubscriptionDeleted { freed_records } => Ok(freed_records),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn subscriptions(&self, topic: &TopicName) -> Result<Vec<SubscriptionInfo>, Error> {
+        Ok(self.topic_status(topic).await?.subscriptions)
+    }
+
+    /// Starts a producer for `topic`.
+    pub fn producer(self: &Arc<Self>, topic: TopicName, max_inflight: usize) -> Producer {
+        Producer::start(self.clone(), topic, max_inflight.clamp(1, MAX_INFLIGHT))
+    }
+
+    /// A consumer reading `topic` through `subscription`, creating the subscription at `from`
+    /// if it does not exist (an existing one resumes at its cursor).
+    pub async fn consumer(
+        self: &Arc<Self>,
+        topic: TopicName,
+        subscription: SubscriptionName,
+        from: StartFrom,
+    ) -> Result<Consumer, Error> {
+        self.create_subscription(&topic, &subscription, from, true).await?;
+        Ok(Consumer { client: self.clone(), topic, subscription, stream: None, position: None, commit: 0 })
+    }
+
+    /// Closes every connection and waits briefly for the close to reach the peers.
+    pub async fn close(&self) {
+        if let Some(c) = self.naming.lock().await.take() {
+            c.close();
+        }
+        for (_, c) in self.servers.lock().await.drain() {
+            c.close();
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}
+
+fn unexpected(resp: Response) -> Error {
+    Error::internal(format!("unexpected answer {resp:?}"))
+}
+
+/// The outcome of one acknowledged batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchAck {
+    /// Offset of the batch's first record.
+    pub base: Offset,
+    pub count: u32,
+    /// The leader had stored this batch already (a retry); nothing new was stored.
+    pub duplicate: bool,
+}
+
+struct PendingBatch {
+    records: Vec<Record>,
+    reply: oneshot::Sender<Result<BatchAck, Error>>,
+}
+
+struct InFlight {
+    sequence: u64,
+    batch: PendingBatch,
+}
+
+/// A pipelined, retrying, deduplicated producer for one topic.
+pub struct Producer {
+    tx: mpsc::Sender<PendingBatch>,
+    task: JoinHandle<()>,
+}
+
+impl Producer {
+    fn start(client: Arc<Client>, topic: TopicName, max_inflight: usize) -> Self {
+        let (tx, rx) = mpsc::channel(max_inflight);
+        let task = tokio::spawn(ProducerTask::new(client, topic, max_inflight).run(rx));
+        Self { tx, task }
+    }
+
+    /// Queues a batch; the returned receiver resolves when it is committed (or failed for good).
+    /// Waits while `max_inflight` batches are already queued.
+    pub async fn send(&self, records: Vec<Record>) -> Result<oneshot::Receiver<Result<BatchAck, Error>>, Error> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(PendingBatch { records, reply })
+            .await
+            .map_err(|_| Error::internal("the producer has stopped"))?;
+        Ok(rx)
+    }
+
+    /// Waits until every queued batch is acknowledged or failed.
+    pub async fn close(self) {
+        drop(self.tx);
+        let _ = self.task.await;
+    }
+}
+
+struct Session {
+    stream_writer: FrameWriter,
+    responses: mpsc::UnboundedReceiver<Result<Response, Error>>,
+    reader: JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+struct ProducerTask {
+    client: Arc<Client>,
+    topic: TopicName,
+    max_inflight: usize,
+    producer: ProducerId,
+    next_sequence: u64,
+    inflight: VecDeque<InFlight>,
+    /// When the oldest unacknowledged batch started failing.
+    failing_since: Option<Instant>,
+}
+
+impl ProducerTask {
+    fn new(client: Arc<Client>, topic: TopicName, max_inflight: usize) -> Self {
+        Self {
+            client,
+            topic,
+            max_inflight,
+            producer: fastrand::u64(..),
+            next_sequence: 0,
+            inflight: VecDeque::new(),
+            failing_since: None,
+        }
+    }
+
+    fn request(&self, sequence: u64, records: &[Record]) -> Request {
+        Request::Produce { topic: self.topic.clone(), producer: self.producer, sequence, records: records.to_vec() }
+    }
+
+    /// Opens a stream to the leader and resends everything unacknowledged, in order.
+    async fn open_session(&mut self) -> Result<Session, Error> {
+        let conn = self.client.leader(&self.topic).await?;
+        let stream = conn.open().await;
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                self.client.forget_server(conn.addr()).await;
+                return Err(e);
+            }
+        };
+        let (mut writer, mut reader) = stream.split();
+        let (tx, responses) = mpsc::unbounded_channel();
+        let reader = tokio::spawn(async move {
+            loop {
+                let resp = reader.recv().await;
+                let stop = resp.is_err();
+                if tx.send(resp).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        for f in &self.inflight {
+            writer.queue(&self.request(f.sequence, &f.batch.records))?;
+        }
+        writer.flush().await?;
+        Ok(Session { stream_writer: writer, responses, reader })
+    }
+
+    /// Gives up on every in-flight batch; a fresh producer id keeps later sequences valid.
+    fn fail_all(&mut self, err: Error) {
+        for f in self.inflight.drain(..) {
+            let _ = f.batch.reply.send(Err(err.clone()));
+        }
+        self.producer = fastrand::u64(..);
+        self.next_sequence = 0;
+        self.failing_since = None;
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<PendingBatch>) {
+        let mut session: Option<Session> = None;
+        let mut closed = false;
+        let mut backoff = Backoff::new(self.client.retry_deadline);
+        loop {
+            if closed && self.inflight.is_empty() {
+                break;
+            }
+            if session.is_none() && !self.inflight.is_empty() {
+                match self.open_session().await {
+                    Ok(s) => session = Some(s),
+                    Err(e) if e.is_retriable() => {
+                        let since = *self.failing_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.client.retry_deadline || !backoff.wait().await {
+                            self.fail_all(e);
+                            backoff = Backoff::new(self.client.retry_deadline);
+                        }
+                        continue;
+                    }
+                    Err(e) => {
+                        self.fail_all(e);
+                        continue;
+                    }
+                }
+            }
+            let can_take = !closed && self.inflight.len() < self.max_inflight;
+            tokio::select! {
+                resp = async { session.as_mut().expect("session").responses.recv().await }, if session.is_some() => {
+                    match resp {
+                        Some(Ok(Response::Produced { base, count, duplicate, .. })) => {
+                            if let Some(f) = self.inflight.pop_front() {
+                                let _ = f.batch.reply.send(Ok(BatchAck { base, count, duplicate }));
+                            }
+                            self.failing_since = None;
+                            backoff = Backoff::new(self.client.retry_deadline);
+                        }
+                        Some(Ok(other)) => {
+                            if let Some(f) = self.inflight.pop_front() {
+                                let _ = f.batch.reply.send(Err(unexpected(other)));
+                            }
+                        }
+                        Some(Err(e)) if e.is_retriable() => {
+                            debug!(error = %e, topic = %self.topic, "produce failed; resending through the leader");
+                            if let Some(s) = session.take() {
+                                if matches!(e, Error::Unavailable { .. }) {
+                                    let addr = s.stream_writer.peer();
+                                    self.client.forget_server(addr).await;
+                                }
+                            }
+                            self.failing_since.get_or_insert_with(Instant::now);
+                            if !backoff.wait().await {
+                                self.fail_all(e);
+                                backoff = Backoff::new(self.client.retry_deadline);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            // Refused for good (e.g. a record over the limit); it used its
+                            // sequence number, so the batches behind it stay in order.
+                            if let Some(f) = self.inflight.pop_front() {
+                                let _ = f.batch.reply.send(Err(e));
+                            }
+                        }
+                        None => session = None,
+                    }
+                }
+                batch = rx.recv(), if can_take => match batch {
+                    None => closed = true,
+                    Some(batch) => {
+                        let sequence = self.next_sequence;
+                        self.next_sequence += 1;
+                        if let Some(s) = session.as_mut() {
+                            let sent = match s.stream_writer.queue(&self.request(sequence, &batch.records)) {
+                                Ok(()) => s.stream_writer.flush().await,
+                                Err(e) => Err(e),
+                            };
+                            if sent.is_err() {
+                                session = None;
+                            }
+                        }
+                        self.inflight.push_back(InFlight { sequence, batch });
+                    }
+                },
+            }
+        }
+        if let Some(mut s) = session {
+            s.stream_writer.finish();
+        }
+    }
+}
+
+/// Reads a topic through a durable subscription.
+pub struct Consumer {
+    client: Arc<Client>,
+    topic: TopicName,
+    subscription: SubscriptionName,
+    stream: Option<FramedStream>,
+    /// Next offset to read in this session; `None` until the first fetch, which starts at
+    /// the subscription's committed cursor.
+    position: Option<Offset>,
+    commit: Offset,
+}
+
+impl Consumer {
+    /// The next offset this consumer will read, once known.
+    pub fn position(&self) -> Option<Offset> {
+        self.position
+    }
+
+    /// One round trip on the consumer's stream, reconnecting through the naming server on
+    /// retriable failures. `ack` (if any) rides in front of `req` on the same stream.
+    async fn exchange(&mut self, ack: Option<Offset>, req: impl Fn(Option<Offset>) -> Request) -> Result<Response, Error> {
+        let mut backoff = Backoff::new(self.client.retry_deadline);
+        loop {
+            let result = async {
+                if self.stream.is_none() {
+                    let conn = self.client.leader(&self.topic).await?;
+                    self.stream = Some(conn.open().await?);
+                }
+                let stream = self.stream.as_mut().expect("stream");
+                if let Some(next) = ack {
+                    stream.queue(&Request::Ack { topic: self.topic.clone(), subscription: self.subscription.clone(), next })?;
+                }
+                stream.queue(&req(self.position))?;
+                stream.flush().await?;
+                if ack.is_some() {
+                    stream.recv().await?;
+                }
+                stream.recv().await
+            }
+            .await;
+            match result {
+                Err(e) if e.is_retriable() => {
+                    if let Some(s) = self.stream.take() {
+                        self.client.forget_server(s.peer()).await;
+                    }
+                    debug!(error = %e, "consumer retrying");
+                    if !backoff.wait().await {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fetches the next records (up to `max_records`), waiting up to `wait` for the first.
+    /// `ack`, if given, first moves the subscription's cursor to that offset.
+    pub async fn poll(&mut self, max_records: u32, wait: Duration, ack: Option<Offset>) -> Result<Vec<StoredRecord>, Error> {
+        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        let resp = self
+            .exchange(ack, |from| Request::Fetch {
+                topic: topic.clone(),
+                subscription: subscription.clone(),
+                from,
+                max_records,
+                max_bytes: crate::server::MAX_FETCH_BYTES,
+                max_wait_ms: wait_ms,
+            })
+            .await?;
+        match resp {
+            Response::Records { records, commit, .. } => {
+                // Until a record arrives, keep reading from the subscription's cursor.
+                if let Some(last) = records.last() {
+                    self.position = Some(last.offset + 1);
+                }
+                self.commit = commit;
+                Ok(records)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The commit offset the last poll saw: with an empty poll and no wait, the consumer has
+    /// read everything committed up to then.
+    pub fn last_commit(&self) -> Offset {
+        self.commit
+    }
+
+    /// Moves the subscription's cursor to `next` (everything before it is processed).
+    pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
+        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        match self.exchange(None, move |_| Request::Ack { topic: topic.clone(), subscription: subscription.clone(), next }).await? {
+            Response::Cursor { cursor } => Ok(cursor),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the consumer's stream.
+    pub fn close(&mut self) {
+        if let Some(mut s) = self.stream.take() {
+            s.finish();
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! The naming server: the book of topic servers and topics.
+//!
+//! It knows which topic servers exist (id, address) and which are alive (a lease renewed by
+//! heartbeats, measured on the monotonic clock), which topics exist, and for each its
+//! replica set, leader and epoch. The book lives in redb and survives restarts; leases do
+//! not (after a restart every server is considered dead until it heartbeats again, which
+//! takes at most a third of a lease).
+//!
+//! Servers learn what they host from heartbeat answers: a heartbeat is a long poll that
+//! returns at once when the book changed since the version the server knows, so a created
+//! topic reaches its servers within a round trip, and a server that was down catches up on
+//! its first heartbeat. `CreateTopic` answers once every replica has applied the change.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::certs::{self, CertRole};
+use crate::error::Error;
+use crate::transport::{self, ready, Peer, ResponseFuture, Service};
+use crate::types::{now_ms, Epoch, ServerId, TopicId, TopicName};
+use crate::wire::{
+    ReplicaInfo, Request, Response, ServerInfo, TopicConfig, TopicInfo, MAX_RECORD_BYTES_LIMIT,
+};
+
+const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
+const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// How long a server counts as alive after its last heartbeat, by default.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+
+/// How long `CreateTopic` waits for the replicas to take the topic on.
+const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
+
+/// Most replicas a topic may ask for.
+const MAX_REPLICAS: u32 = 16;
+
+/// Settings of `herald naming`.
+#[derive(Debug, Clone)]
+pub struct NamingConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub certs_dir: PathBuf,
+    pub lease: Duration,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ServerRecord {
+    id: ServerId,
+    addr: SocketAddr,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct TopicRecord {
+    id: TopicId,
+    name: TopicName,
+    config: TopicConfig,
+    replicas: Vec<ServerId>,
+    leader: ServerId,
+    epoch: Epoch,
+    created_ms: u64,
+}
+
+/// The persistent book plus the in-memory liveness view.
+struct Book {
+    servers: BTreeMap<ServerId, ServerRecord>,
+    topics: BTreeMap<String, TopicRecord>,
+    version: u64,
+    next_topic_id: TopicId,
+    cluster_id: u64,
+    leases: HashMap<ServerId, Instant>,
+    applied: HashMap<ServerId, u64>,
+}
+
+pub struct NamingServer {
+    db: Database,
+    book: Mutex<Book>,
+    version: watch::Sender<u64>,
+    applied: watch::Sender<()>,
+    lease: Duration,
+}
+
+impl NamingServer {
+    /// Opens the book in `dir` (creating it on first start).
+    pub fn open(dir: &Path, lease: Duration) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("naming.redb");
+        let db = Database::create(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        let txn = db.begin_write()?;
+        let cluster_id = {
+            let mut meta = txn.open_table(META)?;
+            let id = meta.get("cluster_id")?.map(|v| v.value());
+            let id = id.unwrap_or_else(|| fastrand::u64(1..u64::MAX));
+            meta.insert("cluster_id", id)?;
+            txn.open_table(SERVERS)?;
+            txn.open_table(TOPICS)?;
+            id
+        };
+        txn.commit()?;
+        let txn = db.begin_read()?;
+        let meta = txn.open_table(META)?;
+        let get = |k: &str| -> anyhow::Result<Option<u64>> { Ok(meta.get(k)?.map(|v| v.value())) };
+        let version = get("version")?.unwrap_or(0);
+        let next_topic_id = get("next_topic_id")?.unwrap_or(1);
+        let mut servers = BTreeMap::new();
+        for entry in txn.open_table(SERVERS)?.iter()? {
+            let (_, v) = entry?;
+            let s: ServerRecord = postcard::from_bytes(v.value())?;
+            servers.insert(s.id, s);
+        }
+        let mut topics = BTreeMap::new();
+        for entry in txn.open_table(TOPICS)?.iter()? {
+            let (_, v) = entry?;
+            let t: TopicRecord = postcard::from_bytes(v.value())?;
+            topics.insert(t.name.to_string(), t);
+        }
+        drop(meta);
+        drop(txn);
+        info!(servers = servers.len(), topics = topics.len(), version, "naming book loaded");
+        let book = Book {
+            servers,
+            topics,
+            version,
+            next_topic_id,
+            cluster_id,
+            leases: HashMap::new(),
+            applied: HashMap::new(),
+        };
+        Ok(Self {
+            db,
+            book: Mutex::new(book),
+            version: watch::Sender::new(version),
+            applied: watch::Sender::new(()),
+            lease,
+        })
+    }
+
+    fn storage_err(e: impl std::fmt::Display) -> Error {
+        Error::Storage { server: 0, detail: format!("naming server book: {e}") }
+    }
+
+    /// Writes the book's changes in one durable transaction.
+    fn persist(
+        &self,
+        book: &Book,
+        server: Option<&ServerRecord>,
+        topic: Option<&TopicRecord>,
+        removed_topic: Option<&str>,
+    ) -> Result<(), Error> {
+        let run = || -> Result<(), redb::Error> {
+            let txn = self.db.begin_write()?;
+            {
+                let mut meta = txn.open_table(META)?;
+                meta.insert("version", book.version)?;
+                meta.insert("next_topic_id", book.next_topic_id)?;
+                if let Some(s) = server {
+                    let bytes = postcard::to_stdvec(s).expect("encodes");
+                    txn.open_table(SERVERS)?.insert(s.id, bytes.as_slice())?;
+                }
+                if let Some(t) = topic {
+                    let bytes = postcard::to_stdvec(t).expect("encodes");
+                    txn.open_table(TOPICS)?.insert(t.name.as_str(), bytes.as_slice())?;
+                }
+                if let Some(name) = removed_topic {
+                    txn.open_table(TOPICS)?.remove(name)?;
+                }
+            }
+            txn.commit()?;
+            Ok(())
+        };
+        run().map_err(Self::storage_err)
+    }
+
+    fn is_alive(&self, book: &Book, id: ServerId) -> bool {
+        book.leases.get(&id).is_some_and(|t| t.elapsed() < self.lease)
+    }
+
+    fn topic_info(book: &Book, t: &TopicRecord) -> TopicInfo {
+        TopicInfo {
+            id: t.id,
+            name: t.name.clone(),
+            config: t.config.clone(),
+            replicas: t
+                .replicas
+                .iter()
+                .filter_map(|id| book.servers.get(id).map(|s| ReplicaInfo { server: s.id, addr: s.addr }))
+                .collect(),
+            leader: t.leader,
+            epoch: t.epoch,
+            created_ms: t.created_ms,
+        }
+    }
+
+    fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
+        if peer.is_node {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized {
+                detail: format!("{what} needs the cluster's node certificate; {} presented another", peer.addr),
+            })
+        }
+    }
+
+    fn register(&self, peer: &Peer, server: ServerId, addr: SocketAddr) -> Result<Response, Error> {
+        Self::require_node(peer, "registering a topic server")?;
+        let mut book = self.book.lock().expect("book lock");
+        let record = ServerRecord { id: server, addr };
+        let changed = book.servers.get(&server).is_none_or(|s| s.addr != addr);
+        if changed {
+            book.version += 1;
+            book.servers.insert(server, record.clone());
+            self.persist(&book, Some(&record), None, None)?;
+            self.version.send_replace(book.version);
+            info!(server, %addr, "topic server registered");
+        }
+        book.leases.insert(server, Instant::now());
+        Ok(Response::Registered { lease_ms: self.lease.as_millis() as u32, cluster: book.cluster_id })
+    }
+
+    fn heartbeat(
+        self: &Arc<Self>,
+        peer: &Peer,
+        server: ServerId,
+        known_version: u64,
+        applied_version: u64,
+        wait_ms: u32,
+    ) -> ResponseFuture {
+        if let Err(e) = Self::require_node(peer, "heartbeating") {
+            return ready(Response::Error(e));
+        }
+        {
+            let mut book = self.book.lock().expect("book lock");
+            if !book.servers.contains_key(&server) {
+                return ready(Response::Error(Error::Unavailable {
+                    detail: format!("server {server} is not registered; register first"),
+                }));
+            }
+            book.leases.insert(server, Instant::now());
+            let applied = book.applied.entry(server).or_default();
+            *applied = (*applied).max(applied_version);
+        }
+        self.applied.send_replace(());
+        let me = self.clone();
+        let wait = Duration::from_millis(wait_ms as u64).min(self.lease / 3);
+        Box::pin(async move {
+            let mut version = me.version.subscribe();
+            if *version.borrow_and_update() == known_version {
+                let _ = tokio::time::timeout(wait, version.changed()).await;
+            }
+            let book = me.book.lock().expect("book lock");
+            let assignments = (book.version != known_version).then(|| {
+                book.topics
+                    .values()
+                    .filter(|t| t.replicas.contains(&server))
+                    .map(|t| Self::topic_info(&book, t))
+                    .collect()
+            });
+            Response::Heartbeat { version: book.version, assignments }
+        })
+    }
+
+    fn create_topic(self: &Arc<Self>, name: TopicName, replicas: u32, config: TopicConfig) -> ResponseFuture {
+        let placed = (|| {
+            if replicas == 0 || replicas > MAX_REPLICAS {
+                return Err(Error::invalid(format!("--replicas must be 1..={MAX_REPLICAS}, got {replicas}")));
+            }
+            if config.max_record_bytes == 0 || config.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
+                return Err(Error::invalid(format!(
+                    "--max-record-bytes must be 1..={MAX_RECORD_BYTES_LIMIT}, got {}",
+                    config.max_record_bytes
+                )));
+            }
+            let mut book = self.book.lock().expect("book lock");
+            if book.topics.contains_key(name.as_str()) {
+                return Err(Error::TopicExists { topic: name.to_string() });
+            }
+            // Least loaded live servers first; ties by id, so placement is predictable.
+            let mut load: BTreeMap<ServerId, usize> = book
+                .servers
+                .keys()
+                .filter(|id| self.is_alive(&book, **id))
+                .map(|id| (*id, 0))
+                .collect();
+            for t in book.topics.values() {
+                for r in &t.replicas {
+                    if let Some(n) = load.get_mut(r) {
+                        *n += 1;
+                    }
+                }
+            }
+            if load.len() < replicas as usize {
+                return Err(Error::NotEnoughServers { requested: replicas, live: load.len() as u32 });
+            }
+            let mut candidates: Vec<(usize, ServerId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
+            candidates.sort();
+            let chosen: Vec<ServerId> = candidates.into_iter().take(replicas as usize).map(|(_, id)| id).collect();
+            let record = TopicRecord {
+                id: book.next_topic_id,
+                name: name.clone(),
+                config,
+                leader: chosen[0],
+                replicas: chosen,
+                epoch: 1,
+                created_ms: now_ms(),
+            };
+            book.next_topic_id += 1;
+            book.version += 1;
+            book.topics.insert(name.to_string(), record.clone());
+            if let Err(e) = self.persist(&book, None, Some(&record), None) {
+                book.topics.remove(name.as_str());
+                book.version -= 1;
+                book.next_topic_id -= 1;
+                return Err(e);
+            }
+            self.version.send_replace(book.version);
+            info!(topic = %name, id = record.id, replicas = ?record.replicas, "topic created");
+            Ok((book.version, record))
+        })();
+        let me = self.clone();
+        Box::pin(async move {
+            let (version, record) = match placed {
+                Ok(p) => p,
+                Err(e) => return Response::Error(e),
+            };
+            // Answer once the replicas host it, so the producer's first request finds it.
+            let mut applied = me.applied.subscribe();
+            let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
+            loop {
+                let done = {
+                    let book = me.book.lock().expect("book lock");
+                    record.replicas.iter().all(|r| book.applied.get(r).copied().unwrap_or(0) >= version)
+                };
+                if done || tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
+                    break;
+                }
+            }
+            let book = me.book.lock().expect("book lock");
+            Response::Topic(Self::topic_info(&book, &record))
+        })
+    }
+
+    fn delete_topic(&self, name: &TopicName) -> Result<Response, Error> {
+        let mut book = self.book.lock().expect("book lock");
+        let Some(record) = book.topics.remove(name.as_str()) else {
+            return Err(Error::UnknownTopic { topic: name.to_string() });
+        };
+        book.version += 1;
+        if let Err(e) = self.persist(&book, None, None, Some(name.as_str())) {
+            book.version -= 1;
+            book.topics.insert(name.to_string(), record);
+            return Err(e);
+        }
+        self.version.send_replace(book.version);
+        info!(topic = %name, "topic deleted");
+        Ok(Response::Deleted)
+    }
+
+    fn lookup(&self, name: &TopicName) -> Result<Response, Error> {
+        let book = self.book.lock().expect("book lock");
+        match book.topics.get(name.as_str()) {
+            Some(t) => Ok(Response::Topic(Self::topic_info(&book, t))),
+            None => Err(Error::UnknownTopic { topic: name.to_string() }),
+        }
+    }
+
+    fn list_topics(&self) -> Response {
+        let book = self.book.lock().expect("book lock");
+        Response::Topics(book.topics.values().map(|t| Self::topic_info(&book, t)).collect())
+    }
+
+    fn list_servers(&self) -> Response {
+        let book = self.book.lock().expect("book lock");
+        let servers = book
+            .servers
+            .values()
+            .map(|s| ServerInfo {
+                id: s.id,
+                addr: s.addr,
+                alive: self.is_alive(&book, s.id),
+                topics: book.topics.values().filter(|t| t.replicas.contains(&s.id)).count() as u32,
+            })
+            .collect();
+        Response::Servers(servers)
+    }
+}
+
+impl Service for NamingServer {
+    fn describe(&self) -> String {
+        "the naming server".into()
+    }
+
+    fn server_id(&self) -> Option<ServerId> {
+        None
+    }
+
+    fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
+        let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
+        match req {
+            Request::Register { server, addr } => answer(self.register(peer, server, addr)),
+            Request::Heartbeat { server, known_version, applied_version, wait_ms } => {
+                self.heartbeat(peer, server, known_version, applied_version, wait_ms)
+            }
+            Request::CreateTopic { name, replicas, config } => self.create_topic(name, replicas, config),
+            Request::DeleteTopic { name } => answer(self.delete_topic(&name)),
+            Request::LookupTopic { name } => answer(self.lookup(&name)),
+            Request::ListTopics => ready(self.list_topics()),
+            Request::ListServers => ready(self.list_servers()),
+            other => answer(Err(Error::invalid(format!(
+                "{} is a topic server request; the naming server answers lookups and admin only",
+                transport::request_name(&other)
+            )))),
+        }
+    }
+}
+
+/// Runs a naming server until `shutdown`.
+pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let identity = certs::load(&config.certs_dir, CertRole::Node)?;
+    let service = Arc::new(NamingServer::open(&config.data_dir, config.lease)?);
+    let endpoint = transport::server_endpoint(config.listen, &identity)
+        .with_context(|| format!("starting the naming server on {}", config.listen))?;
+    info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");
+    transport::serve(endpoint, service, shutdown).await;
+    Ok(())
+}
