@@ -26,7 +26,11 @@ use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{Header, Record, StoredRecord, TopicConfig, TopicInfo, DEFAULT_MAX_RECORD_BYTES};
 
 #[derive(Parser, Debug)]
-#[command(name = "herald", version, about = "Herald: a replicated, durable publish/subscribe log over QUIC + TLS")]
+#[command(
+    name = "herald",
+    version,
+    about = "Herald: a replicated, durable publish/subscribe log over QUIC + TLS"
+)]
 pub struct Cli {
     #[command(flatten)]
     common: Common,
@@ -213,7 +217,8 @@ fn parse_header(s: &str) -> Result<Header, String> {
 /// Entry point of the `herald` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_server = matches!(cli.command, Command::Naming { .. } | Command::Server { .. } | Command::Dev { .. });
+    let is_server =
+        matches!(cli.command, Command::Naming { .. } | Command::Server { .. } | Command::Dev { .. });
     init_logging(cli.common.log_level.as_deref().unwrap_or(if is_server { "info" } else { "warn" }));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -232,7 +237,8 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 }
 
@@ -266,12 +272,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Naming { listen, data, lease_ms } => {
-            let config = NamingConfig { listen, data_dir: data, certs_dir: common.certs, lease: Duration::from_millis(lease_ms) };
+            let config = NamingConfig {
+                listen,
+                data_dir: data,
+                certs_dir: common.certs,
+                lease: Duration::from_millis(lease_ms),
+            };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Server { listen, data, id, advertise } => {
-            let config = ServerConfig { id, listen, advertise, naming: common.naming, data_dir: data, certs_dir: common.certs };
+            let config = ServerConfig {
+                id,
+                listen,
+                advertise,
+                naming: common.naming,
+                data_dir: data,
+                certs_dir: common.certs,
+            };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
@@ -356,21 +374,31 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
             if json {
                 print_json(&topic_json(&info, None))?;
             } else {
-                eprintln!("created topic {} (id {}) on server {}, epoch {}", info.name, info.id, info.leader, info.epoch);
+                eprintln!(
+                    "created topic {} (id {}) on server {}, epoch {}",
+                    info.name, info.id, info.leader, info.epoch
+                );
             }
         }
         TopicCommand::List { json } => {
             let topics = client.list_topics().await?;
             let mut rows = Vec::new();
             for info in &topics {
-                let status = tokio::time::timeout(Duration::from_secs(2), client.topic_status_once(info)).await.ok().and_then(|r| r.ok());
+                let status = tokio::time::timeout(Duration::from_secs(2), client.topic_status_once(info))
+                    .await
+                    .ok()
+                    .and_then(|r| r.ok());
                 rows.push((info, status));
             }
             if json {
                 print_json(&json!(rows.iter().map(|(i, s)| topic_json(i, s.as_ref())).collect::<Vec<_>>()))?;
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}", "TOPIC", "ID", "LEADER", "EPOCH", "LOG_START", "LOG_END", "SUBS", "MAX_LAG")?;
+                writeln!(
+                    out,
+                    "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}",
+                    "TOPIC", "ID", "LEADER", "EPOCH", "LOG_START", "LOG_END", "SUBS", "MAX_LAG"
+                )?;
                 for (info, status) in rows {
                     let (start, end, subs, lag) = match &status {
                         Some(s) => (
@@ -381,7 +409,18 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                         ),
                         None => ("?".into(), "?".into(), "?".into(), "?".into()),
                     };
-                    writeln!(out, "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}", info.name.as_str(), info.id, info.leader, info.epoch, start, end, subs, lag)?;
+                    writeln!(
+                        out,
+                        "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}",
+                        info.name.as_str(),
+                        info.id,
+                        info.leader,
+                        info.epoch,
+                        start,
+                        end,
+                        subs,
+                        lag
+                    )?;
                 }
             }
         }
@@ -399,7 +438,11 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                     let role = if r.server == info.leader { "leader" } else { "follower" };
                     writeln!(out, "replica    server {} at {} ({role})", r.server, r.addr)?;
                 }
-                writeln!(out, "log        start {}  end {}  commit {}", status.log_start, status.log_end, status.commit)?;
+                writeln!(
+                    out,
+                    "log        start {}  end {}  commit {}",
+                    status.log_start, status.log_end, status.commit
+                )?;
                 writeln!(out, "max record {} bytes", info.config.max_record_bytes)?;
                 for s in &status.subscriptions {
                     writeln!(out, "subscription {}  cursor {}  lag {}", s.name, s.cursor, s.lag)?;
@@ -450,7 +493,9 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
             let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
             let freed = client.delete_subscription(&topic, &name).await?;
             if json {
-                print_json(&json!({ "topic": topic.as_str(), "deleted": name.as_str(), "freed_records": freed }))?;
+                print_json(
+                    &json!({ "topic": topic.as_str(), "deleted": name.as_str(), "freed_records": freed }),
+                )?;
             } else {
                 eprintln!("deleted subscription {name} of {topic}; {freed} records freed");
             }
@@ -551,14 +596,19 @@ fn read_stdin_batches(
 async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
     let topic = topic_name(&args.topic)?;
     let info = client.lookup(&topic).await?;
-    let template = Record { key: args.key.map(|k| k.into_bytes()).unwrap_or_default(), headers: args.headers, payload: Vec::new() };
+    let template = Record {
+        key: args.key.map(|k| k.into_bytes()).unwrap_or_default(),
+        headers: args.headers,
+        payload: Vec::new(),
+    };
     let (tx, mut batches) = mpsc::channel(4);
     let limit = args.count;
     let max = info.config.max_record_bytes as usize;
     std::thread::spawn(move || read_stdin_batches(template, limit, max, tx));
 
     let producer = client.producer(topic.clone(), args.inflight);
-    let (acks_tx, mut acks_rx) = mpsc::unbounded_channel::<(usize, oneshot::Receiver<Result<BatchAck, Error>>)>();
+    let (acks_tx, mut acks_rx) =
+        mpsc::unbounded_channel::<(usize, oneshot::Receiver<Result<BatchAck, Error>>)>();
     let collector = tokio::spawn(async move {
         let (mut acked, mut failed, mut first, mut last) = (0u64, 0u64, None::<Offset>, None::<Offset>);
         let mut errors: Vec<String> = Vec::new();
@@ -641,9 +691,11 @@ impl Formatter {
         let mut rest = unescaped.as_str();
         while let Some(open) = rest.find('{') {
             if open > 0 {
-                parts.push(Part::Text(rest[..open].as_bytes().to_vec()));
+                parts.push(Part::Text(rest.as_bytes()[..open].to_vec()));
             }
-            let close = rest[open..].find('}').ok_or_else(|| anyhow!("--format: unclosed '{{' in {template:?}"))? + open;
+            let close =
+                rest[open..].find('}').ok_or_else(|| anyhow!("--format: unclosed '{{' in {template:?}"))?
+                    + open;
             parts.push(match &rest[open + 1..close] {
                 "offset" => Part::Offset,
                 "timestamp" => Part::Timestamp,
@@ -674,12 +726,8 @@ impl Formatter {
 }
 
 fn record_json(r: &StoredRecord) -> serde_json::Value {
-    let headers: serde_json::Map<String, serde_json::Value> = r
-        .record
-        .headers
-        .iter()
-        .map(|h| (h.name.clone(), json!(String::from_utf8_lossy(&h.value))))
-        .collect();
+    let headers: serde_json::Map<String, serde_json::Value> =
+        r.record.headers.iter().map(|h| (h.name.clone(), json!(String::from_utf8_lossy(&h.value)))).collect();
     json!({
         "offset": r.offset,
         "timestamp_ms": r.timestamp_ms,
@@ -724,7 +772,9 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         let mut result = Ok(());
         for r in &records[..take] {
             result = if args.json {
-                serde_json::to_writer(&mut out, &record_json(r)).map_err(std::io::Error::from).and_then(|_| out.write_all(b"\n"))
+                serde_json::to_writer(&mut out, &record_json(r))
+                    .map_err(std::io::Error::from)
+                    .and_then(|_| out.write_all(b"\n"))
             } else {
                 formatter.write(&mut out, r)
             };
@@ -861,8 +911,27 @@ mod tests {
     #[test]
     fn cli_parses_the_documented_commands() {
         Cli::try_parse_from(["herald", "produce", "demo", "--header", "a=b", "--count", "5"]).unwrap();
-        Cli::try_parse_from(["herald", "consume", "demo", "--subscription", "s1", "--from", "latest", "--follow"]).unwrap();
+        Cli::try_parse_from([
+            "herald",
+            "consume",
+            "demo",
+            "--subscription",
+            "s1",
+            "--from",
+            "latest",
+            "--follow",
+        ])
+        .unwrap();
         Cli::try_parse_from(["herald", "topic", "describe", "demo", "--json"]).unwrap();
-        assert!(Cli::try_parse_from(["herald", "consume", "demo", "--from", "middle", "--subscription", "s"]).is_err());
+        assert!(Cli::try_parse_from([
+            "herald",
+            "consume",
+            "demo",
+            "--from",
+            "middle",
+            "--subscription",
+            "s"
+        ])
+        .is_err());
     }
 }

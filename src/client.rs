@@ -27,7 +27,8 @@ use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
 use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
-    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo, TopicStatus,
+    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo,
+    TopicStatus,
 };
 
 /// Batches a producer keeps in flight by default.
@@ -145,7 +146,12 @@ impl Client {
         }
     }
 
-    pub async fn create_topic(&self, name: &TopicName, replicas: u32, config: TopicConfig) -> Result<TopicInfo, Error> {
+    pub async fn create_topic(
+        &self,
+        name: &TopicName,
+        replicas: u32,
+        config: TopicConfig,
+    ) -> Result<TopicInfo, Error> {
         match self.naming_call(&Request::CreateTopic { name: name.clone(), replicas, config }).await? {
             Response::Topic(t) => Ok(t),
             other => Err(unexpected(other)),
@@ -226,7 +232,9 @@ impl Client {
     /// The leader's view of a topic in one attempt, without retries (for listings that must
     /// not hang on one unreachable server).
     pub async fn topic_status_once(&self, info: &TopicInfo) -> Result<TopicStatus, Error> {
-        let addr = info.leader_addr().ok_or_else(|| Error::Unavailable { detail: format!("no leader for {}", info.name) })?;
+        let addr = info
+            .leader_addr()
+            .ok_or_else(|| Error::Unavailable { detail: format!("no leader for {}", info.name) })?;
         let conn = self.server_conn(addr).await?;
         match conn.call(&Request::TopicStatus { topic: info.name.clone() }).await? {
             Response::TopicStatus(s) => Ok(s),
@@ -242,7 +250,12 @@ impl Client {
         from: StartFrom,
         if_missing: bool,
     ) -> Result<Offset, Error> {
-        let req = Request::CreateSubscription { topic: topic.clone(), subscription: subscription.clone(), from, if_missing };
+        let req = Request::CreateSubscription {
+            topic: topic.clone(),
+            subscription: subscription.clone(),
+            from,
+            if_missing,
+        };
         match self.leader_call(topic, &req).await? {
             Response::Cursor { cursor } => Ok(cursor),
             other => Err(unexpected(other)),
@@ -250,7 +263,11 @@ impl Client {
     }
 
     /// Deletes a subscription; returns how many records that freed.
-    pub async fn delete_subscription(&self, topic: &TopicName, subscription: &SubscriptionName) -> Result<u64, Error> {
+    pub async fn delete_subscription(
+        &self,
+        topic: &TopicName,
+        subscription: &SubscriptionName,
+    ) -> Result<u64, Error> {
         let req = Request::DeleteSubscription { topic: topic.clone(), subscription: subscription.clone() };
         match self.leader_call(topic, &req).await? {
             Response::SubscriptionDeleted { freed_records } => Ok(freed_records),
@@ -330,7 +347,10 @@ impl Producer {
 
     /// Queues a batch; the returned receiver resolves when it is committed (or failed for good).
     /// Waits while `max_inflight` batches are already queued.
-    pub async fn send(&self, records: Vec<Record>) -> Result<oneshot::Receiver<Result<BatchAck, Error>>, Error> {
+    pub async fn send(
+        &self,
+        records: Vec<Record>,
+    ) -> Result<oneshot::Receiver<Result<BatchAck, Error>>, Error> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(PendingBatch { records, reply })
@@ -383,7 +403,12 @@ impl ProducerTask {
     }
 
     fn request(&self, sequence: u64, records: &[Record]) -> Request {
-        Request::Produce { topic: self.topic.clone(), producer: self.producer, sequence, records: records.to_vec() }
+        Request::Produce {
+            topic: self.topic.clone(),
+            producer: self.producer,
+            sequence,
+            records: records.to_vec(),
+        }
     }
 
     /// Opens a stream to the leader and resends everything unacknowledged, in order.
@@ -535,7 +560,11 @@ impl Consumer {
 
     /// One round trip on the consumer's stream, reconnecting through the naming server on
     /// retriable failures. `ack` (if any) rides in front of `req` on the same stream.
-    async fn exchange(&mut self, ack: Option<Offset>, req: impl Fn(Option<Offset>) -> Request) -> Result<Response, Error> {
+    async fn exchange(
+        &mut self,
+        ack: Option<Offset>,
+        req: impl Fn(Option<Offset>) -> Request,
+    ) -> Result<Response, Error> {
         let mut backoff = Backoff::new(self.client.retry_deadline);
         loop {
             let result = async {
@@ -545,7 +574,11 @@ impl Consumer {
                 }
                 let stream = self.stream.as_mut().expect("stream");
                 if let Some(next) = ack {
-                    stream.queue(&Request::Ack { topic: self.topic.clone(), subscription: self.subscription.clone(), next })?;
+                    stream.queue(&Request::Ack {
+                        topic: self.topic.clone(),
+                        subscription: self.subscription.clone(),
+                        next,
+                    })?;
                 }
                 stream.queue(&req(self.position))?;
                 stream.flush().await?;
@@ -572,7 +605,12 @@ impl Consumer {
 
     /// Fetches the next records (up to `max_records`), waiting up to `wait` for the first.
     /// `ack`, if given, first moves the subscription's cursor to that offset.
-    pub async fn poll(&mut self, max_records: u32, wait: Duration, ack: Option<Offset>) -> Result<Vec<StoredRecord>, Error> {
+    pub async fn poll(
+        &mut self,
+        max_records: u32,
+        wait: Duration,
+        ack: Option<Offset>,
+    ) -> Result<Vec<StoredRecord>, Error> {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
         let resp = self
@@ -607,7 +645,14 @@ impl Consumer {
     /// Moves the subscription's cursor to `next` (everything before it is processed).
     pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
-        match self.exchange(None, move |_| Request::Ack { topic: topic.clone(), subscription: subscription.clone(), next }).await? {
+        match self
+            .exchange(None, move |_| Request::Ack {
+                topic: topic.clone(),
+                subscription: subscription.clone(),
+                next,
+            })
+            .await?
+        {
             Response::Cursor { cursor } => Ok(cursor),
             other => Err(unexpected(other)),
         }

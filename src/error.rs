@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Offset, ProducerId, ServerId, Sequence};
+use crate::types::{Offset, ProducerId, Sequence, ServerId};
 
 /// An error a Herald server reports to a client, or a client detects before sending.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -36,7 +36,9 @@ pub enum Error {
     #[error("topic {topic:?} already exists")]
     TopicExists { topic: String },
     /// 7
-    #[error("unknown subscription {subscription:?} on topic {topic:?} (see `herald subscription list {topic}`)")]
+    #[error(
+        "unknown subscription {subscription:?} on topic {topic:?} (see `herald subscription list {topic}`)"
+    )]
     UnknownSubscription { topic: String, subscription: String },
     /// 8
     #[error("subscription {subscription:?} already exists on topic {topic:?}")]

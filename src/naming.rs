@@ -206,7 +206,10 @@ impl NamingServer {
             Ok(())
         } else {
             Err(Error::Unauthorized {
-                detail: format!("{what} needs the cluster's node certificate; {} presented another", peer.addr),
+                detail: format!(
+                    "{what} needs the cluster's node certificate; {} presented another",
+                    peer.addr
+                ),
             })
         }
     }
@@ -285,12 +288,8 @@ impl NamingServer {
                 return Err(Error::TopicExists { topic: name.to_string() });
             }
             // Least loaded live servers first; ties by id, so placement is predictable.
-            let mut load: BTreeMap<ServerId, usize> = book
-                .servers
-                .keys()
-                .filter(|id| self.is_alive(&book, **id))
-                .map(|id| (*id, 0))
-                .collect();
+            let mut load: BTreeMap<ServerId, usize> =
+                book.servers.keys().filter(|id| self.is_alive(&book, **id)).map(|id| (*id, 0)).collect();
             for t in book.topics.values() {
                 for r in &t.replicas {
                     if let Some(n) = load.get_mut(r) {
@@ -303,7 +302,8 @@ impl NamingServer {
             }
             let mut candidates: Vec<(usize, ServerId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
             candidates.sort();
-            let chosen: Vec<ServerId> = candidates.into_iter().take(replicas as usize).map(|(_, id)| id).collect();
+            let chosen: Vec<ServerId> =
+                candidates.into_iter().take(replicas as usize).map(|(_, id)| id).collect();
             let record = TopicRecord {
                 id: book.next_topic_id,
                 name: name.clone(),

@@ -56,19 +56,20 @@ pub struct TopicServer {
 
 impl TopicServer {
     fn topic(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
-        self.topics
-            .read()
-            .expect("topics lock")
-            .get(name)
-            .cloned()
-            .ok_or_else(|| Error::NotLeader { topic: name.to_string(), server: self.id, leader: None })
+        self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| Error::NotLeader {
+            topic: name.to_string(),
+            server: self.id,
+            leader: None,
+        })
     }
 
     fn leader_of(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
         let log = self.topic(name)?;
         match log.role {
             Role::Leader => Ok(log),
-            Role::Follower => Err(Error::NotLeader { topic: name.to_string(), server: self.id, leader: None }),
+            Role::Follower => {
+                Err(Error::NotLeader { topic: name.to_string(), server: self.id, leader: None })
+            }
         }
     }
 
@@ -87,7 +88,12 @@ impl TopicServer {
         let appended = self.store.append(log.id, producer, sequence, records);
         Box::pin(async move {
             match appended.await {
-                Ok(a) => Response::Produced { base: a.base, count: a.count, epoch: a.epoch, duplicate: a.duplicate },
+                Ok(a) => Response::Produced {
+                    base: a.base,
+                    count: a.count,
+                    epoch: a.epoch,
+                    duplicate: a.duplicate,
+                },
                 Err(e) => Response::Error(e),
             }
         })
@@ -103,8 +109,10 @@ impl TopicServer {
         max_wait: Duration,
     ) -> Result<Response, Error> {
         let log = self.topic(topic)?;
-        let unknown_sub =
-            || Error::UnknownSubscription { topic: topic.to_string(), subscription: subscription.to_string() };
+        let unknown_sub = || Error::UnknownSubscription {
+            topic: topic.to_string(),
+            subscription: subscription.to_string(),
+        };
         let cursor = self.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
         let from = from.unwrap_or(cursor);
         let max_records = max_records.clamp(1, MAX_FETCH_RECORDS);
@@ -123,7 +131,11 @@ impl TopicServer {
                 return Err(before_start());
             }
             if from > state.commit {
-                return Err(Error::OffsetBeyondEnd { topic: topic.to_string(), offset: from, log_end: state.commit });
+                return Err(Error::OffsetBeyondEnd {
+                    topic: topic.to_string(),
+                    offset: from,
+                    log_end: state.commit,
+                });
             }
             if from < state.commit {
                 // Reads are short and mostly served from redb's cache, so they run inline.
@@ -141,7 +153,11 @@ impl TopicServer {
                 return Ok(Response::Records { records, log_start: state.log_start, commit: state.commit });
             }
             if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
-                return Ok(Response::Records { records: Vec::new(), log_start: state.log_start, commit: state.commit });
+                return Ok(Response::Records {
+                    records: Vec::new(),
+                    log_start: state.log_start,
+                    commit: state.commit,
+                });
             }
         }
     }
@@ -186,7 +202,14 @@ impl TopicServer {
                 continue;
             }
             let role = if info.leader == self.id { Role::Leader } else { Role::Follower };
-            let meta = TopicMeta { id: info.id, name: info.name.clone(), config: info.config, epoch: info.epoch, role, log_start: 0 };
+            let meta = TopicMeta {
+                id: info.id,
+                name: info.name.clone(),
+                config: info.config,
+                epoch: info.epoch,
+                role,
+                log_start: 0,
+            };
             let log = self.store.create_topic(meta).await?;
             info!(topic = %info.name, id = info.id, epoch = info.epoch, ?role, "hosting topic");
             self.topics.write().expect("topics lock").insert(info.name, log);
@@ -208,12 +231,23 @@ impl Service for TopicServer {
         let me = self.clone();
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
-            Request::Produce { topic, producer, sequence, records } => self.produce(&topic, producer, sequence, records),
-            Request::Fetch { topic, subscription, from, max_records, max_bytes, max_wait_ms } => Box::pin(async move {
-                me.fetch(&topic, &subscription, from, max_records, max_bytes, Duration::from_millis(max_wait_ms as u64))
+            Request::Produce { topic, producer, sequence, records } => {
+                self.produce(&topic, producer, sequence, records)
+            }
+            Request::Fetch { topic, subscription, from, max_records, max_bytes, max_wait_ms } => {
+                Box::pin(async move {
+                    me.fetch(
+                        &topic,
+                        &subscription,
+                        from,
+                        max_records,
+                        max_bytes,
+                        Duration::from_millis(max_wait_ms as u64),
+                    )
                     .await
                     .unwrap_or_else(Response::Error)
-            }),
+                })
+            }
             Request::Ack { topic, subscription, next } => Box::pin(async move {
                 let result = async {
                     let log = me.topic(&topic)?;
@@ -248,12 +282,21 @@ impl Service for TopicServer {
 }
 
 /// Registers with the naming server and follows its book until `shutdown`.
-async fn follow_naming(server: Arc<TopicServer>, endpoint: Endpoint, naming: SocketAddr, advertise: SocketAddr, shutdown: CancellationToken) {
+async fn follow_naming(
+    server: Arc<TopicServer>,
+    endpoint: Endpoint,
+    naming: SocketAddr,
+    advertise: SocketAddr,
+    shutdown: CancellationToken,
+) {
     let mut backoff = Duration::from_millis(50);
     while !shutdown.is_cancelled() {
         let session = async {
             let conn = Connection::connect(&endpoint, naming).await?;
-            let (lease_ms, cluster) = match conn.call(&Request::Register { server: server.id, addr: advertise }).await? {
+            let (lease_ms, cluster) = match conn
+                .call(&Request::Register { server: server.id, addr: advertise })
+                .await?
+            {
                 Response::Registered { lease_ms, cluster } => (lease_ms, cluster),
                 other => return Err(Error::internal(format!("unexpected answer to Register: {other:?}"))),
             };
@@ -272,7 +315,12 @@ async fn follow_naming(server: Arc<TopicServer>, endpoint: Endpoint, naming: Soc
             backoff = Duration::from_millis(50);
             let (mut known, mut applied) = (0u64, 0u64);
             loop {
-                let req = Request::Heartbeat { server: server.id, known_version: known, applied_version: applied, wait_ms: lease_ms / 3 };
+                let req = Request::Heartbeat {
+                    server: server.id,
+                    known_version: known,
+                    applied_version: applied,
+                    wait_ms: lease_ms / 3,
+                };
                 match conn.call(&req).await? {
                     Response::Heartbeat { version, assignments } => {
                         if let Some(assignments) = assignments {
@@ -281,7 +329,9 @@ async fn follow_naming(server: Arc<TopicServer>, endpoint: Endpoint, naming: Soc
                         }
                         known = version;
                     }
-                    other => return Err(Error::internal(format!("unexpected answer to Heartbeat: {other:?}"))),
+                    other => {
+                        return Err(Error::internal(format!("unexpected answer to Heartbeat: {other:?}")))
+                    }
                 }
             }
             #[allow(unreachable_code)]
@@ -313,7 +363,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("starting topic server {id} on {}", config.listen))?;
     let advertise = config.advertise.unwrap_or(endpoint.local_addr()?);
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
-    let naming = tokio::spawn(follow_naming(server.clone(), endpoint.clone(), config.naming, advertise, shutdown.clone()));
+    let naming = tokio::spawn(follow_naming(
+        server.clone(),
+        endpoint.clone(),
+        config.naming,
+        advertise,
+        shutdown.clone(),
+    ));
     transport::serve(endpoint, server, shutdown).await;
     let _ = naming.await;
     Ok(())

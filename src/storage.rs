@@ -27,7 +27,9 @@ use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
@@ -130,20 +132,64 @@ pub struct BatchOutcome {
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
 
 enum Command {
-    CreateTopic { meta: TopicMeta, reply: Reply<Arc<TopicLog>> },
-    DeleteTopic { id: TopicId, reply: Reply<()> },
-    Append { topic: TopicId, producer: ProducerId, sequence: Sequence, records: Vec<Record>, reply: Reply<Appended> },
-    Ack { topic: TopicId, subscription: SubscriptionName, next: Offset, reply: Reply<Offset> },
-    CreateSubscription { topic: TopicId, subscription: SubscriptionName, from: StartFrom, if_missing: bool, reply: Reply<Offset> },
-    DeleteSubscription { topic: TopicId, subscription: SubscriptionName, reply: Reply<u64> },
-    SetMeta { key: &'static str, value: u64, reply: Reply<()> },
+    CreateTopic {
+        meta: TopicMeta,
+        reply: Reply<Arc<TopicLog>>,
+    },
+    DeleteTopic {
+        id: TopicId,
+        reply: Reply<()>,
+    },
+    Append {
+        topic: TopicId,
+        producer: ProducerId,
+        sequence: Sequence,
+        records: Vec<Record>,
+        reply: Reply<Appended>,
+    },
+    Ack {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        next: Offset,
+        reply: Reply<Offset>,
+    },
+    CreateSubscription {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        from: StartFrom,
+        if_missing: bool,
+        reply: Reply<Offset>,
+    },
+    DeleteSubscription {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        reply: Reply<u64>,
+    },
+    SetMeta {
+        key: &'static str,
+        value: u64,
+        reply: Reply<()>,
+    },
 }
 
 /// A server's storage: the redb database and the writer thread in front of it.
 pub struct Store {
     db: Arc<Database>,
-    tx: mpsc::UnboundedSender<Command>,
+    /// `None` only while dropping.
+    tx: Option<mpsc::UnboundedSender<Command>>,
+    writer: Option<std::thread::JoinHandle<()>>,
     server: ServerId,
+}
+
+impl Drop for Store {
+    /// Stops the writer and waits for it, so the database file is closed when this returns
+    /// (a reopen right after, as in a restart, must not find it still open).
+    fn drop(&mut self) {
+        self.tx.take();
+        if let Some(writer) = self.writer.take() {
+            let _ = writer.join();
+        }
+    }
 }
 
 impl Store {
@@ -187,19 +233,23 @@ impl Store {
         let mut writer = Writer { db: db.clone(), server, topics: HashMap::new(), buf: Vec::new() };
         let logs = writer.load()?;
         let (tx, rx) = mpsc::unbounded_channel();
-        std::thread::Builder::new()
+        let writer = std::thread::Builder::new()
             .name(format!("herald-writer-{server}"))
             .spawn(move || writer.run(rx))?;
-        Ok((Store { db, tx, server }, logs))
+        Ok((Store { db, tx: Some(tx), writer: Some(writer), server }, logs))
     }
 
     pub fn server_id(&self) -> ServerId {
         self.server
     }
 
+    fn sender(&self) -> &mpsc::UnboundedSender<Command> {
+        self.tx.as_ref().expect("the sender lives until drop")
+    }
+
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
-        self.tx
+        self.sender()
             .send(make(reply))
             .map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?;
         rx.await.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?
@@ -227,7 +277,7 @@ impl Store {
         records: Vec<Record>,
     ) -> impl std::future::Future<Output = Result<Appended, Error>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.tx.send(Command::Append { topic, producer, sequence, records, reply });
+        let sent = self.sender().send(Command::Append { topic, producer, sequence, records, reply });
         async move {
             sent.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?;
             rx.await.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?
@@ -235,7 +285,12 @@ impl Store {
     }
 
     /// Moves a subscription's cursor forward to `next`; returns the cursor after the move.
-    pub async fn ack(&self, topic: TopicId, subscription: SubscriptionName, next: Offset) -> Result<Offset, Error> {
+    pub async fn ack(
+        &self,
+        topic: TopicId,
+        subscription: SubscriptionName,
+        next: Offset,
+    ) -> Result<Offset, Error> {
         self.call(|reply| Command::Ack { topic, subscription, next, reply }).await
     }
 
@@ -250,7 +305,11 @@ impl Store {
     }
 
     /// Deletes a subscription; returns how many records that freed.
-    pub async fn delete_subscription(&self, topic: TopicId, subscription: SubscriptionName) -> Result<u64, Error> {
+    pub async fn delete_subscription(
+        &self,
+        topic: TopicId,
+        subscription: SubscriptionName,
+    ) -> Result<u64, Error> {
         self.call(|reply| Command::DeleteSubscription { topic, subscription, reply }).await
     }
 
@@ -286,8 +345,8 @@ impl Store {
         let mut bytes = 0usize;
         for entry in table.range((topic.id, from)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = entry.map_err(|e| self.storage_err(e))?;
-            let (timestamp_ms, record): (u64, Record) =
-                postcard::from_bytes(value.value()).map_err(|e| self.storage_err(format!("corrupt record: {e}")))?;
+            let (timestamp_ms, record): (u64, Record) = postcard::from_bytes(value.value())
+                .map_err(|e| self.storage_err(format!("corrupt record: {e}")))?;
             bytes += record.size();
             out.push(StoredRecord { offset: key.value().1, timestamp_ms, record });
             if out.len() >= max_records as usize || bytes >= max_bytes as usize {
@@ -338,7 +397,12 @@ struct WriterTopic {
 
 impl WriterTopic {
     fn log_state(&self) -> LogState {
-        LogState { log_start: self.meta.log_start, log_end: self.log_end, commit: self.log_end, epoch: self.meta.epoch }
+        LogState {
+            log_start: self.meta.log_start,
+            log_end: self.log_end,
+            commit: self.log_end,
+            epoch: self.meta.epoch,
+        }
     }
 
     fn handle(&self) -> Arc<TopicLog> {
@@ -412,7 +476,8 @@ impl Writer {
                 }
                 None => watch::Sender::new(state),
             };
-            let topic = WriterTopic { meta, log_end, subscriptions, producers: producer_state, state: sender };
+            let topic =
+                WriterTopic { meta, log_end, subscriptions, producers: producer_state, state: sender };
             logs.push(topic.handle());
             self.topics.insert(id, topic);
         }
@@ -482,7 +547,12 @@ impl Writer {
                     let bytes = postcard::to_stdvec(&meta).expect("meta encodes");
                     txn.open_table(TOPICS)?.insert(id, bytes.as_slice())?;
                     txn.open_table(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
-                    let state = LogState { log_start: meta.log_start, log_end: meta.log_start, commit: meta.log_start, epoch: meta.epoch };
+                    let state = LogState {
+                        log_start: meta.log_start,
+                        log_end: meta.log_start,
+                        commit: meta.log_start,
+                        epoch: meta.epoch,
+                    };
                     let topic = WriterTopic {
                         log_end: meta.log_start,
                         meta,
@@ -583,7 +653,9 @@ impl Writer {
         if known {
             if let Some(seen) = state.recent.iter().find(|b| b.sequence == sequence) {
                 return Ok(if seen.rejected {
-                    Err(Error::invalid(format!("batch {sequence} of producer {producer:#x} was rejected earlier")))
+                    Err(Error::invalid(format!(
+                        "batch {sequence} of producer {producer:#x} was rejected earlier"
+                    )))
                 } else {
                     Ok(Appended { base: seen.base, count: seen.count, epoch, duplicate: true })
                 });
@@ -594,7 +666,11 @@ impl Writer {
                 ))));
             }
             if sequence != state.last_sequence + 1 {
-                return Ok(Err(Error::OutOfOrderSequence { producer, expected: state.last_sequence + 1, got: sequence }));
+                return Ok(Err(Error::OutOfOrderSequence {
+                    producer,
+                    expected: state.last_sequence + 1,
+                    got: sequence,
+                }));
             }
         }
         let limit = t.meta.config.max_record_bytes as u64;
@@ -606,7 +682,10 @@ impl Writer {
                     index: index as u32,
                     size: r.size() as u64,
                     limit,
-                    enforced_by: format!("topic server {server} (max_record_bytes of topic {:?})", t.meta.name.as_str()),
+                    enforced_by: format!(
+                        "topic server {server} (max_record_bytes of topic {:?})",
+                        t.meta.name.as_str()
+                    ),
                 };
                 (Err(err), BatchOutcome { sequence, base, count: 0, rejected: true })
             }
@@ -615,13 +694,17 @@ impl Writer {
                 let mut table = txn.open_table(RECORDS)?;
                 for (i, record) in records.iter().enumerate() {
                     self.buf.clear();
-                    let bytes = postcard::to_extend(&(now, record), std::mem::take(&mut self.buf)).expect("record encodes");
+                    let bytes = postcard::to_extend(&(now, record), std::mem::take(&mut self.buf))
+                        .expect("record encodes");
                     table.insert((topic, base + i as u64), bytes.as_slice())?;
                     self.buf = bytes;
                 }
                 let count = records.len() as u32;
                 t.log_end += count as u64;
-                (Ok(Appended { base, count, epoch, duplicate: false }), BatchOutcome { sequence, base, count, rejected: false })
+                (
+                    Ok(Appended { base, count, epoch, duplicate: false }),
+                    BatchOutcome { sequence, base, count, rejected: false },
+                )
             }
         };
         state.last_sequence = sequence;
@@ -650,7 +733,11 @@ impl Writer {
             }));
         };
         if next > t.log_end {
-            return Ok(Err(Error::OffsetBeyondEnd { topic: t.meta.name.to_string(), offset: next, log_end: t.log_end }));
+            return Ok(Err(Error::OffsetBeyondEnd {
+                topic: t.meta.name.to_string(),
+                offset: next,
+                log_end: t.log_end,
+            }));
         }
         if next <= *cursor {
             return Ok(Ok(*cursor)); // cursors never move backwards
@@ -676,4 +763,156 @@ fn advance_log_start(txn: &WriteTransaction, t: &mut WriterTopic) -> StorageResu
     let bytes = postcard::to_stdvec(&t.meta).expect("meta encodes");
     txn.open_table(TOPICS)?.insert(id, bytes.as_slice())?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(id: TopicId, name: &str) -> TopicMeta {
+        TopicMeta {
+            id,
+            name: TopicName::new(name).unwrap(),
+            config: TopicConfig { max_record_bytes: 64 },
+            epoch: 1,
+            role: Role::Leader,
+            log_start: 0,
+        }
+    }
+
+    fn records(values: &[&str]) -> Vec<Record> {
+        values.iter().map(|v| Record { payload: v.as_bytes().to_vec(), ..Record::default() }).collect()
+    }
+
+    fn sub(name: &str) -> SubscriptionName {
+        SubscriptionName::new(name).unwrap()
+    }
+
+    fn payloads(store: &Store, log: &TopicLog) -> Vec<(Offset, String)> {
+        let s = log.state();
+        store
+            .read(log, s.log_start, s.commit, 1000, u32::MAX)
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn appends_are_dense_and_retries_are_deduplicated() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(meta(7, "t")).await.unwrap();
+        let a = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
+        let b = store.append(7, 42, 1, records(&["c"])).await.unwrap();
+        assert_eq!((a.base, a.count, b.base, b.count), (0, 2, 2, 1));
+        // A retry of batch 0 gets its original offsets and stores nothing.
+        let again = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
+        assert_eq!((again.base, again.count, again.duplicate), (0, 2, true));
+        assert_eq!(log.state().log_end, 3);
+        // A gap in the sequence is refused.
+        let gap = store.append(7, 42, 5, records(&["x"])).await.unwrap_err();
+        assert!(matches!(gap, Error::OutOfOrderSequence { expected: 2, got: 5, .. }), "{gap:?}");
+        // Another producer interleaves freely.
+        let other = store.append(7, 43, 0, records(&["d"])).await.unwrap();
+        assert_eq!(other.base, 3);
+        let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, ["a", "b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(meta(1, "t")).await.unwrap();
+        let big = "x".repeat(65);
+        let err = store.append(1, 9, 0, records(&["ok", &big])).await.unwrap_err();
+        match err {
+            Error::RecordTooLarge { index, size, limit, enforced_by } => {
+                assert_eq!((index, size, limit), (1, 65, 64));
+                assert!(enforced_by.contains("topic server 1"), "{enforced_by}");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(log.state().log_end, 0, "nothing of the batch is stored");
+        // The next batch of that producer is in order.
+        assert_eq!(store.append(1, 9, 1, records(&["next"])).await.unwrap().base, 0);
+    }
+
+    #[tokio::test]
+    async fn records_are_deleted_only_when_every_subscription_passed_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(meta(1, "t")).await.unwrap();
+        store.append(1, 1, 0, records(&["0", "1", "2", "3", "4"])).await.unwrap();
+        // No subscription: everything is kept, even as records age.
+        assert_eq!(log.state().log_start, 0);
+        store.create_subscription(1, sub("a"), StartFrom::Earliest, false).await.unwrap();
+        store.create_subscription(1, sub("b"), StartFrom::Earliest, false).await.unwrap();
+        assert_eq!(store.ack(1, sub("a"), 4).await.unwrap(), 4);
+        assert_eq!(log.state().log_start, 0, "b still needs offset 0");
+        assert_eq!(store.ack(1, sub("b"), 2).await.unwrap(), 2);
+        assert_eq!(log.state().log_start, 2);
+        assert_eq!(payloads(&store, &log).first().unwrap().0, 2);
+        // Cursors never move backwards, and never past the end.
+        assert_eq!(store.ack(1, sub("a"), 1).await.unwrap(), 4);
+        assert!(matches!(store.ack(1, sub("a"), 6).await, Err(Error::OffsetBeyondEnd { .. })));
+        // Deleting b frees what only it held.
+        assert_eq!(store.delete_subscription(1, sub("b")).await.unwrap(), 2);
+        assert_eq!(log.state().log_start, 4);
+        // Deleting the last subscription keeps the rest for a later subscriber.
+        assert_eq!(store.delete_subscription(1, sub("a")).await.unwrap(), 0);
+        assert_eq!(store.create_subscription(1, sub("late"), StartFrom::Earliest, false).await.unwrap(), 4);
+        assert_eq!(store.create_subscription(1, sub("new"), StartFrom::Latest, false).await.unwrap(), 5);
+    }
+
+    #[tokio::test]
+    async fn everything_survives_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), None).unwrap();
+            store.create_topic(meta(3, "kept")).await.unwrap();
+            store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
+            store.create_subscription(3, sub("s"), StartFrom::Earliest, false).await.unwrap();
+            store.create_subscription(3, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+            store.ack(3, sub("s"), 2).await.unwrap();
+            store.ack(3, sub("slow"), 1).await.unwrap();
+        }
+        let (store, logs) = Store::open(dir.path(), None).unwrap();
+        assert_eq!(logs.len(), 1);
+        let log = &logs[0];
+        assert_eq!(log.state(), LogState { log_start: 1, log_end: 3, commit: 3, epoch: 1 });
+        assert_eq!(store.cursor(3, &sub("s")).unwrap(), Some(2));
+        // The dedup window survived too.
+        let again = store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
+        assert!(again.duplicate);
+        // The data directory stays bound to its server id.
+        let id = store.server_id();
+        drop(store);
+        assert!(Store::open(dir.path(), Some(id + 1)).is_err());
+    }
+
+    #[tokio::test]
+    async fn deleting_a_topic_removes_its_data_and_a_new_id_starts_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        store.create_topic(meta(1, "t")).await.unwrap();
+        store.append(1, 1, 0, records(&["a", "b"])).await.unwrap();
+        store.delete_topic(1).await.unwrap();
+        assert_eq!(store.record_count().unwrap(), 0);
+        let log = store.create_topic(meta(2, "t")).await.unwrap();
+        assert_eq!(log.state().log_end, 0);
+    }
+
+    #[tokio::test]
+    async fn commits_wake_waiting_readers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(meta(1, "t")).await.unwrap();
+        let mut watch = log.watch();
+        watch.borrow_and_update();
+        store.append(1, 1, 0, records(&["a"])).await.unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), watch.changed()).await.unwrap().unwrap();
+        assert_eq!(watch.borrow().commit, 1);
+    }
 }

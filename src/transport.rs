@@ -123,9 +123,25 @@ pub fn client_config_with_alpn(identity: &Identity, alpn: &[u8]) -> anyhow::Resu
 }
 
 /// An endpoint that serves on `addr` and can also dial other servers (with the same identity).
+///
+/// The stateless-reset key is derived from the node key and the bound address rather than
+/// drawn at random: a server restarted after `kill -9` then resets its old connections at
+/// their next packet, and clients fail over at once instead of after the idle timeout.
 pub fn server_endpoint(addr: SocketAddr, identity: &Identity) -> anyhow::Result<Endpoint> {
-    let mut endpoint = Endpoint::server(server_config(identity)?, addr)
-        .with_context(|| format!("binding UDP {addr}"))?;
+    let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding UDP {addr}"))?;
+    let bound = socket.local_addr()?;
+    let seed =
+        [b"herald stateless reset\0".as_slice(), identity.key.secret_der(), bound.to_string().as_bytes()]
+            .concat();
+    let digest = ring::digest::digest(&ring::digest::SHA256, &seed);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, digest.as_ref());
+    let runtime = quinn::default_runtime().context("no async runtime for QUIC")?;
+    let mut endpoint = Endpoint::new(
+        quinn::EndpointConfig::new(Arc::new(reset_key)),
+        Some(server_config(identity)?),
+        socket,
+        runtime,
+    )?;
     endpoint.set_default_client_config(client_config(identity)?);
     Ok(endpoint)
 }
@@ -375,6 +391,11 @@ impl Connection {
     pub fn close(&self) {
         self.conn.close(VarInt::from_u32(close::DONE), b"done");
     }
+
+    /// The underlying QUIC connection, for tools and tests that speak the protocol by hand.
+    pub fn raw(&self) -> &quinn::Connection {
+        &self.conn
+    }
 }
 
 /// What a server knows about the peer of a connection.
@@ -570,7 +591,8 @@ async fn serve_stream<S: Service>(service: Arc<S>, peer: Peer, mut send: SendStr
 }
 
 fn encode_response(joined: Result<Response, tokio::task::JoinError>, out: &mut Vec<u8>) {
-    let resp = joined.unwrap_or_else(|e| Response::Error(Error::internal(format!("request handler failed: {e}"))));
+    let resp =
+        joined.unwrap_or_else(|e| Response::Error(Error::internal(format!("request handler failed: {e}"))));
     if let Err(e) = wire::encode_frame(&resp, out) {
         let _ = wire::encode_frame(&Response::Error(e), out);
     }

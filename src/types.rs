@@ -23,17 +23,14 @@ pub type Sequence = u64;
 /// Longest topic or subscription name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 
-const NAME_RULE: &str =
-    "1-128 bytes of [A-Za-z0-9._-], not starting with '.' or '_' (reserved for Herald)";
+const NAME_RULE: &str = "1-128 bytes of [A-Za-z0-9._-], not starting with '.' or '_' (reserved for Herald)";
 
 fn validate_name(what: &str, name: &str) -> Result<(), Error> {
     let ok = !name.is_empty()
         && name.len() <= MAX_NAME_BYTES
         && !name.starts_with('.')
         && !name.starts_with('_')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
     if ok {
         Ok(())
     } else {

@@ -158,24 +158,49 @@ pub struct TopicStatus {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Request {
     /// First message of every connection: the versions the caller speaks.
-    Hello { min_version: u16, max_version: u16, agent: String },
+    Hello {
+        min_version: u16,
+        max_version: u16,
+        agent: String,
+    },
 
     // --- To the naming server. Register and Heartbeat need a node certificate. ---
     /// A topic server announces itself (and its address) and takes a liveness lease.
-    Register { server: ServerId, addr: SocketAddr },
+    Register {
+        server: ServerId,
+        addr: SocketAddr,
+    },
     /// Renews the lease. The naming server answers at once when the book changed since
     /// `known_version`, else after up to `wait_ms` (long poll), so assignments arrive promptly.
-    Heartbeat { server: ServerId, known_version: u64, applied_version: u64, wait_ms: u32 },
-    CreateTopic { name: TopicName, replicas: u32, config: TopicConfig },
-    DeleteTopic { name: TopicName },
-    LookupTopic { name: TopicName },
+    Heartbeat {
+        server: ServerId,
+        known_version: u64,
+        applied_version: u64,
+        wait_ms: u32,
+    },
+    CreateTopic {
+        name: TopicName,
+        replicas: u32,
+        config: TopicConfig,
+    },
+    DeleteTopic {
+        name: TopicName,
+    },
+    LookupTopic {
+        name: TopicName,
+    },
     ListTopics,
     ListServers,
 
     // --- To a topic server. ---
     /// Append a batch. The leader deduplicates by (producer, sequence): a retry of an
     /// acknowledged batch gets the original offsets back and stores nothing.
-    Produce { topic: TopicName, producer: ProducerId, sequence: Sequence, records: Vec<Record> },
+    Produce {
+        topic: TopicName,
+        producer: ProducerId,
+        sequence: Sequence,
+        records: Vec<Record>,
+    },
     /// Read committed records from `from` (or, if `None`, from the subscription's cursor),
     /// waiting up to `max_wait_ms` for the first one.
     Fetch {
@@ -187,7 +212,11 @@ pub enum Request {
         max_wait_ms: u32,
     },
     /// Move a subscription's cursor forward to `next` (everything before it is processed).
-    Ack { topic: TopicName, subscription: SubscriptionName, next: Offset },
+    Ack {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        next: Offset,
+    },
     CreateSubscription {
         topic: TopicName,
         subscription: SubscriptionName,
@@ -195,33 +224,60 @@ pub enum Request {
         /// Succeed without change when the subscription already exists.
         if_missing: bool,
     },
-    DeleteSubscription { topic: TopicName, subscription: SubscriptionName },
-    TopicStatus { topic: TopicName },
+    DeleteSubscription {
+        topic: TopicName,
+        subscription: SubscriptionName,
+    },
+    TopicStatus {
+        topic: TopicName,
+    },
 }
 
 /// The answer to one [`Request`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     Error(Error),
-    Hello { version: u16, server: Option<ServerId> },
+    Hello {
+        version: u16,
+        server: Option<ServerId>,
+    },
     /// Registration accepted; heartbeat at least every `lease_ms / 3`. `cluster` identifies
     /// the naming server's book, so a server never deletes data on the word of another book.
-    Registered { lease_ms: u32, cluster: u64 },
+    Registered {
+        lease_ms: u32,
+        cluster: u64,
+    },
     /// The book's version and, when it changed since the caller's version, the topics whose
     /// replica set holds the caller.
-    Heartbeat { version: u64, assignments: Option<Vec<TopicInfo>> },
+    Heartbeat {
+        version: u64,
+        assignments: Option<Vec<TopicInfo>>,
+    },
     Topic(TopicInfo),
     Topics(Vec<TopicInfo>),
     Servers(Vec<ServerInfo>),
     Deleted,
     /// The batch is committed at `base..base + count`. `duplicate` marks a retry answered from
     /// the producer state without storing anything.
-    Produced { base: Offset, count: u32, epoch: Epoch, duplicate: bool },
-    Records { records: Vec<StoredRecord>, log_start: Offset, commit: Offset },
+    Produced {
+        base: Offset,
+        count: u32,
+        epoch: Epoch,
+        duplicate: bool,
+    },
+    Records {
+        records: Vec<StoredRecord>,
+        log_start: Offset,
+        commit: Offset,
+    },
     /// The subscription's cursor after the request.
-    Cursor { cursor: Offset },
+    Cursor {
+        cursor: Offset,
+    },
     /// A subscription was deleted; the log start moved by `freed_records`.
-    SubscriptionDeleted { freed_records: u64 },
+    SubscriptionDeleted {
+        freed_records: u64,
+    },
     TopicStatus(TopicStatus),
 }
 
@@ -271,10 +327,8 @@ pub fn frame_length(prefix: [u8; LENGTH_PREFIX], enforced_by: &str) -> Result<us
 
 /// Decodes a frame body.
 pub fn decode_body<'a, T: Deserialize<'a>>(body: &'a [u8], enforced_by: &str) -> Result<T, Error> {
-    postcard::from_bytes(body).map_err(|e| Error::Malformed {
-        detail: e.to_string(),
-        enforced_by: enforced_by.to_string(),
-    })
+    postcard::from_bytes(body)
+        .map_err(|e| Error::Malformed { detail: e.to_string(), enforced_by: enforced_by.to_string() })
 }
 
 /// Decodes the first complete frame in `buf`: `Ok(None)` when more bytes are needed, else the
@@ -312,12 +366,35 @@ mod tests {
         let topic = "[a-z][a-z0-9.-]{0,20}".prop_map(|s| TopicName::new(s).unwrap());
         let sub = "[a-z][a-z0-9]{0,10}".prop_map(|s| SubscriptionName::new(s).unwrap());
         prop_oneof![
-            (topic.clone(), any::<u64>(), any::<u64>(), proptest::collection::vec(record(), 0..8))
-                .prop_map(|(topic, producer, sequence, records)| Request::Produce { topic, producer, sequence, records }),
-            (topic.clone(), sub.clone(), any::<Option<u64>>(), any::<u32>())
-                .prop_map(|(topic, subscription, from, n)| Request::Fetch { topic, subscription, from, max_records: n, max_bytes: n, max_wait_ms: n }),
-            (topic.clone(), sub, any::<u64>()).prop_map(|(topic, subscription, next)| Request::Ack { topic, subscription, next }),
-            (any::<u64>(), any::<u64>()).prop_map(|(server, v)| Request::Heartbeat { server, known_version: v, applied_version: v, wait_ms: 5 }),
+            (topic.clone(), any::<u64>(), any::<u64>(), proptest::collection::vec(record(), 0..8)).prop_map(
+                |(topic, producer, sequence, records)| Request::Produce {
+                    topic,
+                    producer,
+                    sequence,
+                    records
+                }
+            ),
+            (topic.clone(), sub.clone(), any::<Option<u64>>(), any::<u32>()).prop_map(
+                |(topic, subscription, from, n)| Request::Fetch {
+                    topic,
+                    subscription,
+                    from,
+                    max_records: n,
+                    max_bytes: n,
+                    max_wait_ms: n
+                }
+            ),
+            (topic.clone(), sub, any::<u64>()).prop_map(|(topic, subscription, next)| Request::Ack {
+                topic,
+                subscription,
+                next
+            }),
+            (any::<u64>(), any::<u64>()).prop_map(|(server, v)| Request::Heartbeat {
+                server,
+                known_version: v,
+                applied_version: v,
+                wait_ms: 5
+            }),
             topic.prop_map(|name| Request::LookupTopic { name }),
         ]
     }

@@ -1,0 +1,40 @@
+# Herald's front door. `make run` starts a dev cluster; `make test` runs every test.
+CARGO ?= cargo
+HERALD := ./target/release/herald
+
+.PHONY: all build release run certs test lint fmt doc clean
+
+all: build
+
+build:
+	$(CARGO) build
+
+release:
+	$(CARGO) build --release
+
+## Generate certs/ (cluster CA, node and client certificates) if missing.
+certs: release
+	@test -f certs/ca.pem || $(HERALD) certs --dir certs
+
+## Build, make certificates, and run a naming server + 3 topic servers on loopback (Ctrl-C stops).
+run: certs
+	$(HERALD) dev
+
+## Unit, property and integration tests (integration tests start real herald processes).
+test:
+	$(CARGO) test --all-targets
+
+## Formatting and lints, as CI checks them.
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt
+
+doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps
+
+clean:
+	$(CARGO) clean
+	rm -rf .herald

@@ -1,0 +1,71 @@
+//! Topic servers register with the naming server; topics are placed on live servers; the
+//! book survives a naming server `kill -9`.
+
+mod common;
+
+use common::{wait_for, Cluster};
+use herald::types::TopicName;
+use herald::wire::TopicConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_register_and_the_book_survives_a_naming_restart() {
+    let mut cluster = Cluster::start(3).await;
+    let client = cluster.client();
+    let servers = client.list_servers().await.unwrap();
+    let ids: Vec<u64> = servers.iter().map(|s| s.id).collect();
+    assert_eq!(ids, [1, 2, 3]);
+    for s in &servers {
+        assert!(s.alive, "server {} should be alive", s.id);
+        assert_eq!(s.addr, cluster.server_addr(s.id));
+    }
+
+    // Placement goes to the least loaded live servers: three topics land on three servers.
+    let mut leaders = Vec::new();
+    for name in ["a", "b", "c"] {
+        let info =
+            client.create_topic(&TopicName::new(name).unwrap(), 1, TopicConfig::default()).await.unwrap();
+        leaders.push(info.leader);
+    }
+    leaders.sort();
+    assert_eq!(leaders, [1, 2, 3]);
+    // `topic list` on the CLI shows them.
+    let list = cluster.cli_ok(&["topic", "list", "--json"], None);
+    let list: serde_json::Value = serde_json::from_str(&list).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 3);
+
+    cluster.naming.kill();
+    cluster.restart_naming();
+    // After the restart the book still knows every server and topic, and servers renew
+    // their leases on their own.
+    cluster.wait_alive(3).await;
+    let servers = client.list_servers().await.unwrap();
+    assert_eq!(servers.len(), 3);
+    let topics = client.list_topics().await.unwrap();
+    let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
+    assert_eq!(names, ["a", "b", "c"]);
+    // And new topics get fresh ids.
+    let d = client.create_topic(&TopicName::new("d").unwrap(), 1, TopicConfig::default()).await.unwrap();
+    assert!(topics.iter().all(|t| t.id < d.id));
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_gets_no_new_topics_and_too_few_servers_is_an_error() {
+    let mut cluster = Cluster::start(2).await;
+    let client = cluster.client();
+    cluster.server(2).kill();
+    wait_for("server 2 to lose its lease", || async {
+        let servers = client.list_servers().await.ok()?;
+        servers.iter().any(|s| s.id == 2 && !s.alive).then_some(())
+    })
+    .await;
+    for name in ["x", "y"] {
+        let info =
+            client.create_topic(&TopicName::new(name).unwrap(), 1, TopicConfig::default()).await.unwrap();
+        assert_eq!(info.leader, 1, "only server 1 is alive");
+    }
+    let err =
+        client.create_topic(&TopicName::new("z").unwrap(), 2, TopicConfig::default()).await.unwrap_err();
+    assert!(matches!(err, herald::Error::NotEnoughServers { requested: 2, live: 1 }), "{err}");
+    client.close().await;
+}

@@ -1,0 +1,269 @@
+//! Test harness: a Herald cluster of real processes on 127.0.0.1.
+//!
+//! Each test gets its own temp dir (certificates, data, logs) and its own ports, so tests run
+//! in parallel. Processes are killed (SIGKILL) when the cluster is dropped; if the test is
+//! failing, the tail of every process log is printed first. Waiting is always on a
+//! condition with a generous deadline, never a fixed sleep.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald::client::Client;
+use herald::types::{ServerId, TopicName};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+/// Generous deadline for conditions on a loaded 2-core machine.
+pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// Picks a free UDP port on 127.0.0.1, below the ephemeral range so clients' own sockets
+/// never take it, spread by process id so concurrently running test binaries do not collide.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 12000 + (std::process::id() % 400) as u16 * 40;
+    loop {
+        let port = 12000 + (base - 12000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 16000;
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// Waits until `check` returns `Some`, polling every 20 ms, up to [`DEADLINE`].
+pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < DEADLINE, "timed out after {DEADLINE:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One `herald` process the test can kill and restart.
+pub struct Proc {
+    pub name: String,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn start(name: &str, args: Vec<String>, dir: &Path, certs: &Path) -> Proc {
+        let mut p = Proc { name: name.into(), args, log: dir.join(format!("{name}.log")), child: None };
+        p.spawn(certs);
+        p
+    }
+
+    fn spawn(&mut self, certs: &Path) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(BIN)
+            .args(&self.args)
+            .env("HERALD_CERTS", certs)
+            .env("HERALD_LOG", "info,herald=debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("spawning herald");
+        self.child = Some(child);
+    }
+
+    /// `kill -9`.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A naming server and `n` topic servers, each in its own process.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub certs: PathBuf,
+    pub naming_addr: SocketAddr,
+    pub naming: Proc,
+    pub servers: Vec<(ServerId, SocketAddr, Proc)>,
+}
+
+impl Cluster {
+    /// Starts the cluster and waits until every server has registered.
+    pub async fn start(n: usize) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let certs = dir.path().join("certs");
+        let out = Command::new(BIN).args(["certs", "--dir"]).arg(&certs).output().unwrap();
+        assert!(out.status.success(), "herald certs: {}", String::from_utf8_lossy(&out.stderr));
+        let naming_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data = dir.path().join("naming").display().to_string();
+        let args = vec!["naming".into(), "--listen".into(), naming_addr.to_string(), "--data".into(), data];
+        let naming = Proc::start("naming", args, dir.path(), &certs);
+        let mut cluster = Cluster { dir, certs, naming_addr, naming, servers: Vec::new() };
+        for i in 1..=n {
+            cluster.add_server(i as ServerId);
+        }
+        cluster.wait_alive(n).await;
+        cluster
+    }
+
+    /// Starts topic server `id` on a new port.
+    pub fn add_server(&mut self, id: ServerId) -> SocketAddr {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let data = self.dir.path().join(format!("server-{id}"));
+        let args = vec![
+            "server".into(),
+            "--id".into(),
+            id.to_string(),
+            "--listen".into(),
+            addr.to_string(),
+            "--naming".into(),
+            self.naming_addr.to_string(),
+            "--data".into(),
+            data.display().to_string(),
+        ];
+        let proc = Proc::start(&format!("server-{id}"), args, self.dir.path(), &self.certs);
+        self.servers.push((id, addr, proc));
+        addr
+    }
+
+    pub fn server(&mut self, id: ServerId) -> &mut Proc {
+        &mut self.servers.iter_mut().find(|(i, _, _)| *i == id).expect("server id").2
+    }
+
+    pub fn server_addr(&self, id: ServerId) -> SocketAddr {
+        self.servers.iter().find(|(i, _, _)| *i == id).expect("server id").1
+    }
+
+    /// `kill -9` then start again with the same data directory and port.
+    pub fn restart_server(&mut self, id: ServerId) {
+        let certs = self.certs.clone();
+        let p = self.server(id);
+        p.kill();
+        p.spawn(&certs);
+    }
+
+    pub fn restart_naming(&mut self) {
+        let certs = self.certs.clone();
+        self.naming.kill();
+        self.naming.spawn(&certs);
+    }
+
+    /// A client library handle on this cluster.
+    pub fn client(&self) -> Arc<Client> {
+        Client::new(self.naming_addr, &self.certs).unwrap()
+    }
+
+    /// Waits until the naming server counts `n` live servers.
+    pub async fn wait_alive(&self, n: usize) {
+        let client = self.client();
+        wait_for(&format!("{n} live topic servers"), || async {
+            let servers = client.list_servers().await.ok()?;
+            (servers.iter().filter(|s| s.alive).count() >= n).then_some(())
+        })
+        .await;
+        client.close().await;
+    }
+
+    /// Runs the CLI against this cluster.
+    pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env("HERALD_NAMING", self.naming_addr.to_string())
+            .env("HERALD_CERTS", &self.certs)
+            .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            let mut pipe = child.stdin.take().unwrap();
+            let input = input.to_vec();
+            std::thread::spawn(move || {
+                let _ = pipe.write_all(&input);
+            });
+        }
+        child.wait_with_output().unwrap()
+    }
+
+    /// Runs the CLI and asserts it succeeded; returns stdout.
+    pub fn cli_ok(&self, args: &[&str], stdin: Option<&[u8]>) -> String {
+        let out = self.cli(args, stdin);
+        assert!(
+            out.status.success(),
+            "herald {args:?} failed ({}):\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+
+    /// Creates a topic through the CLI.
+    pub fn create_topic(&self, name: &str) -> TopicName {
+        self.cli_ok(&["topic", "create", name], None);
+        TopicName::new(name).unwrap()
+    }
+
+    /// `topic describe --json`, parsed.
+    pub fn describe(&self, topic: &str) -> serde_json::Value {
+        serde_json::from_str(&self.cli_ok(&["topic", "describe", topic, "--json"], None)).unwrap()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- naming log ----\n{}", self.naming.log_tail());
+            for (id, _, p) in &self.servers {
+                eprintln!("---- server {id} log ----\n{}", p.log_tail());
+            }
+        }
+    }
+}
+
+/// Lines `prefix-0 .. prefix-(n-1)`, newline-terminated, as stdin for `herald produce`.
+pub fn numbered_lines(prefix: &str, n: usize) -> Vec<u8> {
+    (0..n).map(|i| format!("{prefix}-{i}\n")).collect::<String>().into_bytes()
+}
+
+/// Checks a consumed history against what was acknowledged: every acked payload read exactly
+/// once, offsets strictly increasing and dense from `first_offset`.
+pub fn assert_history(read: &[(u64, String)], acked: &[String], first_offset: u64) {
+    for (i, (offset, _)) in read.iter().enumerate() {
+        assert_eq!(*offset, first_offset + i as u64, "offsets must be dense and in order (read #{i})");
+    }
+    let payloads: Vec<&String> = read.iter().map(|(_, p)| p).collect();
+    let mut seen = std::collections::HashSet::new();
+    for p in &payloads {
+        assert!(seen.insert(*p), "payload {p:?} read twice");
+    }
+    for a in acked {
+        assert!(seen.contains(a), "acknowledged payload {a:?} was not read");
+    }
+}
