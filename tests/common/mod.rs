@@ -193,6 +193,11 @@ impl Cluster {
 
     /// Runs the CLI against this cluster.
     pub fn cli(&self, args: &[&str], stdin: Option<&[u8]>) -> Output {
+        self.cli_spawn(args, stdin).wait_with_output().unwrap()
+    }
+
+    /// Starts the CLI against this cluster; stdin (if any) is written from a thread.
+    pub fn cli_spawn(&self, args: &[&str], stdin: Option<&[u8]>) -> Child {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
             .env("HERALD_NAMING", self.naming_addr.to_string())
@@ -209,7 +214,7 @@ impl Cluster {
                 let _ = pipe.write_all(&input);
             });
         }
-        child.wait_with_output().unwrap()
+        child
     }
 
     /// Runs the CLI and asserts it succeeded; returns stdout.
