@@ -99,6 +99,11 @@ enum Command {
         #[arg(long, default_value = ".herald")]
         dir: PathBuf,
     },
+    /// List the topic servers the naming server knows, with liveness and topic count.
+    Servers {
+        #[arg(long)]
+        json: bool,
+    },
     /// Create, list, describe and delete topics.
     #[command(subcommand)]
     Topic(TopicCommand),
@@ -294,6 +299,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { servers, dir } => dev(&common, servers, &dir).await,
+        Command::Servers { json } => with_client(&common, |c| list_servers(c, json)).await,
         Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
         Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
@@ -358,6 +364,32 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
             .collect::<Vec<_>>());
     }
     v
+}
+
+async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
+    let servers = client.list_servers().await?;
+    if json {
+        print_json(&json!(servers
+            .iter()
+            .map(
+                |s| json!({ "id": s.id, "address": s.addr.to_string(), "alive": s.alive, "topics": s.topics })
+            )
+            .collect::<Vec<_>>()))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:>20} {:<22} {:<6} {:>6}", "SERVER", "ADDRESS", "ALIVE", "TOPICS")?;
+        for s in servers {
+            writeln!(
+                out,
+                "{:>20} {:<22} {:<6} {:>6}",
+                s.id,
+                s.addr.to_string(),
+                if s.alive { "yes" } else { "no" },
+                s.topics
+            )?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use quinn::Endpoint;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
@@ -128,17 +128,29 @@ impl Client {
     /// Calls the naming server, retrying while it is unreachable.
     pub async fn naming_call(&self, req: &Request) -> Result<Response, Error> {
         let mut backoff = Backoff::new(self.retry_deadline);
+        let mut warned = false;
         loop {
             let result = match self.naming_conn().await {
                 Ok(conn) => conn.call(req).await,
                 Err(e) => Err(e),
             };
             match result {
-                Err(e @ Error::Unavailable { .. }) => {
-                    debug!(error = %e, "naming server unavailable; retrying");
+                Err(Error::Unavailable { detail }) => {
+                    if !warned {
+                        warn!(
+                            "naming server {} unreachable ({detail}); retrying for up to {:?}",
+                            self.naming_addr, self.retry_deadline
+                        );
+                        warned = true;
+                    }
                     *self.naming.lock().await = None;
                     if !backoff.wait().await {
-                        return Err(e);
+                        return Err(Error::Unavailable {
+                            detail: format!(
+                                "no answer from the naming server at {} ({detail}); is it running? `herald dev` or `make run` starts one, --naming / HERALD_NAMING points elsewhere",
+                                self.naming_addr
+                            ),
+                        });
                     }
                 }
                 other => return other,

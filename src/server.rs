@@ -250,7 +250,8 @@ impl Service for TopicServer {
             }
             Request::Ack { topic, subscription, next } => Box::pin(async move {
                 let result = async {
-                    let log = me.topic(&topic)?;
+                    // Cursors move at the leader, which will replicate them.
+                    let log = me.leader_of(&topic)?;
                     let cursor = me.store.ack(log.id, subscription, next).await?;
                     Ok(Response::Cursor { cursor })
                 };

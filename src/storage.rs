@@ -542,8 +542,7 @@ impl Writer {
         match cmd {
             Command::CreateTopic { meta, reply } => {
                 let id = meta.id;
-                if !self.topics.contains_key(&id) {
-                    self.buf.clear();
+                if let std::collections::hash_map::Entry::Vacant(slot) = self.topics.entry(id) {
                     let bytes = postcard::to_stdvec(&meta).expect("meta encodes");
                     txn.open_table(TOPICS)?.insert(id, bytes.as_slice())?;
                     txn.open_table(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
@@ -560,7 +559,7 @@ impl Writer {
                         producers: HashMap::new(),
                         state: watch::Sender::new(state),
                     };
-                    self.topics.insert(id, topic);
+                    slot.insert(topic);
                 }
                 touched.insert(id);
                 let handle = self.topics[&id].handle();

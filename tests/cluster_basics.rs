@@ -38,8 +38,16 @@ async fn servers_register_and_the_book_survives_a_naming_restart() {
     // After the restart the book still knows every server and topic, and servers renew
     // their leases on their own.
     cluster.wait_alive(3).await;
-    let servers = client.list_servers().await.unwrap();
+    let servers: serde_json::Value =
+        serde_json::from_str(&cluster.cli_ok(&["servers", "--json"], None)).unwrap();
+    let servers = servers.as_array().unwrap();
     assert_eq!(servers.len(), 3);
+    for s in servers {
+        assert_eq!(s["alive"], true);
+        assert_eq!(s["topics"], 1);
+        let id = s["id"].as_u64().unwrap();
+        assert_eq!(s["address"], cluster.server_addr(id).to_string());
+    }
     let topics = client.list_topics().await.unwrap();
     let names: Vec<&str> = topics.iter().map(|t| t.name.as_str()).collect();
     assert_eq!(names, ["a", "b", "c"]);
