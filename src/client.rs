@@ -600,11 +600,18 @@ impl Consumer {
                 stream.recv().await
             }
             .await;
-            match result {
-                Err(e) if e.is_retriable() => {
-                    if let Some(s) = self.stream.take() {
+            if result.is_err() {
+                // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
+                // Ack): never reuse it.
+                if let Some(mut s) = self.stream.take() {
+                    s.finish();
+                    if matches!(result, Err(Error::Unavailable { .. })) {
                         self.client.forget_server(s.peer()).await;
                     }
+                }
+            }
+            match result {
+                Err(e) if e.is_retriable() => {
                     debug!(error = %e, "consumer retrying");
                     if !backoff.wait().await {
                         return Err(e);

@@ -179,6 +179,7 @@ pub struct Store {
     tx: Option<mpsc::UnboundedSender<Command>>,
     writer: Option<std::thread::JoinHandle<()>>,
     server: ServerId,
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for Store {
@@ -230,17 +231,29 @@ impl Store {
             id
         };
         let db = Arc::new(db);
-        let mut writer = Writer { db: db.clone(), server, topics: HashMap::new(), buf: Vec::new() };
+        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut writer = Writer {
+            db: db.clone(),
+            server,
+            topics: HashMap::new(),
+            buf: Vec::new(),
+            commits: commits.clone(),
+        };
         let logs = writer.load()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = std::thread::Builder::new()
             .name(format!("herald-writer-{server}"))
             .spawn(move || writer.run(rx))?;
-        Ok((Store { db, tx: Some(tx), writer: Some(writer), server }, logs))
+        Ok((Store { db, tx: Some(tx), writer: Some(writer), server, commits }, logs))
     }
 
     pub fn server_id(&self) -> ServerId {
         self.server
+    }
+
+    /// Group commits (write transactions, each one fsync) done since the store was opened.
+    pub fn commits(&self) -> u64 {
+        self.commits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn sender(&self) -> &mpsc::UnboundedSender<Command> {
@@ -421,6 +434,7 @@ struct Writer {
     server: ServerId,
     topics: HashMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
+    commits: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// A failure of the storage engine; the whole group commit is abandoned.
@@ -504,6 +518,7 @@ impl Writer {
             });
             match outcome {
                 Ok(()) => {
+                    self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     for id in touched {
                         if let Some(t) = self.topics.get(&id) {
                             t.state.send_replace(t.log_state());
@@ -817,6 +832,22 @@ mod tests {
         assert_eq!(other.base, 3);
         let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
         assert_eq!(got, ["a", "b", "c", "d"]);
+    }
+
+    #[tokio::test]
+    async fn queued_appends_share_one_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(meta(1, "t")).await.unwrap();
+        let before = store.commits();
+        // 200 producers queue a batch each before any is awaited.
+        let pending: Vec<_> = (0..200).map(|p| store.append(1, p, 0, records(&["r"]))).collect();
+        for (p, fut) in pending.into_iter().enumerate() {
+            assert_eq!(fut.await.unwrap().base, p as u64, "queue order is offset order");
+        }
+        let commits = store.commits() - before;
+        assert!(commits < 20, "200 appends took {commits} commits: group commit is not grouping");
+        assert_eq!(log.state().commit, 200);
     }
 
     #[tokio::test]
