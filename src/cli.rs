@@ -46,8 +46,8 @@ struct Common {
     /// Directory with the cluster certificates (made by `herald certs`).
     #[arg(long, global = true, env = "HERALD_CERTS", default_value = "certs")]
     certs: PathBuf,
-    /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for servers,
-    /// warn for client commands).
+    /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for
+    /// `naming` and `server`, warn for everything else).
     #[arg(long, global = true, env = "HERALD_LOG")]
     log_level: Option<String>,
 }
@@ -222,8 +222,9 @@ fn parse_header(s: &str) -> Result<Header, String> {
 /// Entry point of the `herald` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let is_server =
-        matches!(cli.command, Command::Naming { .. } | Command::Server { .. } | Command::Dev { .. });
+    // Servers log their life at info; `dev` and client commands only warn, so the dev
+    // banner and command output stay readable.
+    let is_server = matches!(cli.command, Command::Naming { .. } | Command::Server { .. });
     init_logging(cli.common.log_level.as_deref().unwrap_or(if is_server { "info" } else { "warn" }));
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
