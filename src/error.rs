@@ -77,6 +77,9 @@ pub enum Error {
     /// 18
     #[error("internal error: {detail}")]
     Internal { detail: String },
+    /// 19
+    #[error("epoch {epoch} of topic {topic:?} is stale: server {server} has promised epoch {current}")]
+    StaleEpoch { topic: String, server: ServerId, epoch: u64, current: u64 },
 }
 
 impl Error {
@@ -88,7 +91,13 @@ impl Error {
 
     /// Whether retrying the same request (after re-resolving the leader) may succeed.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Error::NotLeader { .. } | Error::Unavailable { .. } | Error::Storage { .. })
+        matches!(
+            self,
+            Error::NotLeader { .. }
+                | Error::Unavailable { .. }
+                | Error::Storage { .. }
+                | Error::StaleEpoch { .. }
+        )
     }
 
     pub fn internal(detail: impl std::fmt::Display) -> Self {
@@ -117,6 +126,7 @@ mod tests {
             (Error::CursorBeforeLogStart { topic: s(), subscription: None, offset: 0, log_start: 0 }, 9),
             (Error::NotLeader { topic: s(), server: 0, leader: None }, 15),
             (Error::Internal { detail: s() }, 18),
+            (Error::StaleEpoch { topic: s(), server: 0, epoch: 0, current: 0 }, 19),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -25,7 +25,7 @@ use crate::certs::{self, CertRole};
 use crate::error::Error;
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{Offset, ServerId, SubscriptionName, TopicName};
+use crate::types::{Epoch, Offset, ServerId, SubscriptionName, TopicName};
 use crate::wire::{Request, Response, Role, TopicInfo, TopicStatus};
 
 /// Most records one fetch returns.
@@ -48,14 +48,38 @@ pub struct ServerConfig {
     pub certs_dir: PathBuf,
 }
 
+/// The naming server's word on one topic, as this server last applied it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Assignment {
+    leader: ServerId,
+    epoch: Epoch,
+    replicas: Vec<ServerId>,
+}
+
+/// A topic this server holds a replica of.
+struct Hosted {
+    log: Arc<TopicLog>,
+    assignment: RwLock<Assignment>,
+}
+
+impl Hosted {
+    fn role(&self, me: ServerId) -> Role {
+        if self.assignment.read().expect("assignment lock").leader == me {
+            Role::Leader
+        } else {
+            Role::Follower
+        }
+    }
+}
+
 pub struct TopicServer {
     id: ServerId,
     store: Store,
-    topics: RwLock<HashMap<TopicName, Arc<TopicLog>>>,
+    topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
 }
 
 impl TopicServer {
-    fn topic(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
+    fn hosted(&self, name: &TopicName) -> Result<Arc<Hosted>, Error> {
         self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| Error::NotLeader {
             topic: name.to_string(),
             server: self.id,
@@ -63,12 +87,17 @@ impl TopicServer {
         })
     }
 
+    fn topic(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
+        Ok(self.hosted(name)?.log.clone())
+    }
+
     fn leader_of(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
-        let log = self.topic(name)?;
-        match log.role {
-            Role::Leader => Ok(log),
+        let hosted = self.hosted(name)?;
+        match hosted.role(self.id) {
+            Role::Leader => Ok(hosted.log.clone()),
             Role::Follower => {
-                Err(Error::NotLeader { topic: name.to_string(), server: self.id, leader: None })
+                let leader = Some(hosted.assignment.read().expect("assignment lock").leader);
+                Err(Error::NotLeader { topic: name.to_string(), server: self.id, leader })
             }
         }
     }
@@ -120,7 +149,7 @@ impl TopicServer {
         let deadline = tokio::time::Instant::now() + max_wait.min(MAX_FETCH_WAIT);
         let mut watch = log.watch();
         loop {
-            let state = *watch.borrow_and_update();
+            let state = watch.borrow_and_update().clone();
             let before_start = || Error::CursorBeforeLogStart {
                 topic: topic.to_string(),
                 subscription: Some(subscription.to_string()),
@@ -163,13 +192,14 @@ impl TopicServer {
     }
 
     fn status(&self, topic: &TopicName) -> Result<Response, Error> {
-        let log = self.topic(topic)?;
+        let hosted = self.hosted(topic)?;
+        let log = &hosted.log;
         let state = log.state();
         Ok(Response::TopicStatus(TopicStatus {
             id: log.id,
             name: log.name.clone(),
             server: self.id,
-            role: log.role,
+            role: hosted.role(self.id),
             epoch: state.epoch,
             log_start: state.log_start,
             log_end: state.log_end,
@@ -181,8 +211,9 @@ impl TopicServer {
     /// Makes the hosted topics match the book's assignments for this server.
     async fn reconcile(&self, assignments: Vec<TopicInfo>, may_delete: bool) -> Result<(), Error> {
         let assigned: HashSet<u64> = assignments.iter().map(|t| t.id).collect();
-        let hosted: Vec<Arc<TopicLog>> = self.topics.read().expect("topics lock").values().cloned().collect();
-        for log in hosted {
+        let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
+        for h in hosted {
+            let log = &h.log;
             if !assigned.contains(&log.id) {
                 if !may_delete {
                     warn!(topic = %log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
@@ -191,28 +222,49 @@ impl TopicServer {
                 info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
                 self.store.delete_topic(log.id).await?;
                 let mut topics = self.topics.write().expect("topics lock");
-                if topics.get(&log.name).is_some_and(|l| l.id == log.id) {
+                if topics.get(&log.name).is_some_and(|l| l.log.id == log.id) {
                     topics.remove(&log.name);
                 }
             }
         }
         for info in assignments {
-            let current = self.topics.read().expect("topics lock").get(&info.name).map(|l| l.id);
-            if current == Some(info.id) {
-                continue;
-            }
-            let role = if info.leader == self.id { Role::Leader } else { Role::Follower };
-            let meta = TopicMeta {
-                id: info.id,
-                name: info.name.clone(),
-                config: info.config,
+            let assignment = Assignment {
+                leader: info.leader,
                 epoch: info.epoch,
-                role,
-                log_start: 0,
+                replicas: info.replicas.iter().map(|r| r.server).collect(),
             };
-            let log = self.store.create_topic(meta).await?;
-            info!(topic = %info.name, id = info.id, epoch = info.epoch, ?role, "hosting topic");
-            self.topics.write().expect("topics lock").insert(info.name, log);
+            let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
+            match current {
+                Some(h) if h.log.id == info.id => {
+                    if *h.assignment.read().expect("assignment lock") == assignment {
+                        continue;
+                    }
+                    self.store
+                        .assign(info.id, assignment.replicas.clone(), assignment.leader, assignment.epoch)
+                        .await?;
+                    if assignment.leader == self.id {
+                        self.store.become_leader(info.id, assignment.epoch).await?;
+                    }
+                    info!(topic = %info.name, epoch = info.epoch, leader = info.leader, "new assignment");
+                    *h.assignment.write().expect("assignment lock") = assignment;
+                }
+                _ => {
+                    let meta = TopicMeta {
+                        id: info.id,
+                        name: info.name.clone(),
+                        config: info.config,
+                        replicas: assignment.replicas.clone(),
+                        leader: assignment.leader,
+                        epoch: assignment.epoch,
+                        promised: assignment.epoch,
+                        log_start: 0,
+                    };
+                    let log = self.store.create_topic(meta).await?;
+                    info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
+                    let hosted = Arc::new(Hosted { log, assignment: RwLock::new(assignment) });
+                    self.topics.write().expect("topics lock").insert(info.name, hosted);
+                }
+            }
         }
         Ok(())
     }
@@ -252,7 +304,7 @@ impl Service for TopicServer {
                 let result = async {
                     // Cursors move at the leader, which will replicate them.
                     let log = me.leader_of(&topic)?;
-                    let cursor = me.store.ack(log.id, subscription, next).await?;
+                    let (cursor, _) = me.store.ack(log.id, subscription, next).await?;
                     Ok(Response::Cursor { cursor })
                 };
                 result.await.unwrap_or_else(Response::Error)
@@ -260,7 +312,8 @@ impl Service for TopicServer {
             Request::CreateSubscription { topic, subscription, from, if_missing } => Box::pin(async move {
                 let result = async {
                     let log = me.leader_of(&topic)?;
-                    let cursor = me.store.create_subscription(log.id, subscription, from, if_missing).await?;
+                    let (cursor, _) =
+                        me.store.create_subscription(log.id, subscription, from, if_missing).await?;
                     Ok(Response::Cursor { cursor })
                 };
                 result.await.unwrap_or_else(Response::Error)
@@ -268,7 +321,7 @@ impl Service for TopicServer {
             Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
                 let result = async {
                     let log = me.leader_of(&topic)?;
-                    let freed_records = me.store.delete_subscription(log.id, subscription).await?;
+                    let (_, freed_records) = me.store.delete_subscription(log.id, subscription).await?;
                     Ok(Response::SubscriptionDeleted { freed_records })
                 };
                 result.await.unwrap_or_else(Response::Error)
@@ -358,7 +411,13 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
     let (store, logs) = Store::open(&config.data_dir, config.id)?;
     let id = store.server_id();
-    let topics = logs.into_iter().map(|l| (l.name.clone(), l)).collect();
+    let topics = logs
+        .into_iter()
+        .map(|(log, meta)| {
+            let assignment = Assignment { leader: meta.leader, epoch: meta.epoch, replicas: meta.replicas };
+            (log.name.clone(), Arc::new(Hosted { log, assignment: RwLock::new(assignment) }))
+        })
+        .collect();
     let server = Arc::new(TopicServer { id, store, topics: RwLock::new(topics) });
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting topic server {id} on {}", config.listen))?;

@@ -2,13 +2,14 @@
 //!
 //! # Layout
 //! One redb file per server (`DATA/herald.redb`), tables keyed by topic id:
-//! - `topics`: id -> [`TopicMeta`] (name, config, epoch, log start);
-//! - `records`: (id, offset) -> (timestamp, [`Record`]);
-//! - `cursors`: (id, subscription) -> next offset to acknowledge;
+//! - `topics`: id -> [`TopicMeta`] (name, config, last assignment, promised epoch, log start);
+//! - `records`: (id, offset) -> [`StoredValue`] (timestamp, batch header on a batch's first
+//!   record, [`Record`]);
+//! - `cursors`: (id, subscription) -> (cursor or deleted, version), see
+//!   [`CursorLog`](crate::replication::CursorLog);
 //! - `producers`: (id, producer) -> [`ProducerState`] (dedup window);
-//! - `epochs`: (id, epoch) -> first offset written in that epoch (for truncation by epoch
-//!   when replication rejoins a replica);
-//! - `meta`: the server id this data directory belongs to.
+//! - `epochs`: (id, epoch) -> first offset of that epoch ([`EpochHistory`]);
+//! - `meta`: the server id this data directory belongs to, and its naming book's id.
 //!
 //! # Group commit
 //! One writer thread owns every write (redb allows one write transaction at a time anyway).
@@ -16,33 +17,44 @@
 //! `Durability::Immediate` (one fsync), then answers each command. Readers use their own read
 //! transactions and never wait for the writer.
 //!
+//! # Who decides what
+//! Storage keeps the log durable and consistent; the replication rules
+//! ([`crate::replication`]) decide. The commit offset is theirs: the writer publishes the
+//! durable log end, and the replication layer publishes the commit offset on the same watch
+//! ([`TopicLog::set_commit`]). A topic with a single replica commits what is durable.
+//!
 //! # Invariants
 //! - Offsets of a topic are dense: records exist exactly for `log_start..log_end`.
-//! - `log_start` only grows, and equals the lowest subscription cursor once any subscription
-//!   exists (a topic without subscriptions keeps its records).
-//! - A cursor only moves forward and never past `log_end`.
-//! - The published [`LogState`] only ever describes committed (fsynced) data.
+//! - Batches are whole: a batch's records are written in one transaction, and replicated whole.
+//! - `log_start` only grows; it never passes the lowest committed cursor (once any
+//!   subscription exists) nor the commit offset. A topic without subscriptions keeps its
+//!   records.
+//! - A cursor only moves forward and never past the commit offset.
+//! - The published [`LogState`] only ever describes durable (fsynced) data.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use redb::{
-    Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
+    WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{error, info};
 
 use crate::error::Error;
+use crate::replication::{CursorLog, EpochHistory};
 use crate::types::{
     now_ms, Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
-use crate::wire::{Record, Role, StoredRecord, SubscriptionInfo, TopicConfig};
+use crate::wire::{Record, StoredRecord, SubscriptionInfo, TopicConfig};
 
 const TOPICS: TableDefinition<u64, &[u8]> = TableDefinition::new("topics");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
-const CURSORS: TableDefinition<(u64, &str), u64> = TableDefinition::new("cursors");
+const CURSORS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("cursors");
 const PRODUCERS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("producers");
 const EPOCHS: TableDefinition<(u64, u64), u64> = TableDefinition::new("epochs");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
@@ -63,40 +75,72 @@ pub struct TopicMeta {
     pub id: TopicId,
     pub name: TopicName,
     pub config: TopicConfig,
+    /// The replica set of the last assignment this server applied.
+    pub replicas: Vec<ServerId>,
+    /// The leader and epoch of the last assignment this server applied.
+    pub leader: ServerId,
     pub epoch: Epoch,
-    pub role: Role,
+    /// The newest epoch this replica promised to the naming server or followed: it refuses
+    /// anything from an older one.
+    pub promised: Epoch,
     pub log_start: Offset,
 }
 
-/// The committed shape of a topic's log, published after every commit that changes it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+impl TopicMeta {
+    /// A topic that is its own majority: it commits what is durable.
+    pub fn is_solo(&self) -> bool {
+        self.replicas.len() <= 1
+    }
+}
+
+/// The shape of a topic's log, published after every commit that changes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogState {
     pub log_start: Offset,
+    /// One past the newest durable record.
     pub log_end: Offset,
-    /// One past the newest committed record. With a single replica this is `log_end`;
-    /// replication will hold it back until a majority has the records.
+    /// One past the newest committed record: readable by consumers, acknowledged to
+    /// producers. Set by the replication layer (equal to `log_end` for a single replica).
     pub commit: Offset,
+    /// The newest epoch boundary adopted (see [`EpochHistory`]).
     pub epoch: Epoch,
+    /// Epoch boundaries, consistent with `log_end`.
+    pub history: Arc<EpochHistory>,
+    /// Version of the newest cursor change held durably.
+    pub cursor_version: u64,
 }
 
-/// A read handle on one topic: its identity and a watch on its committed state.
+/// A read handle on one topic: its identity and a watch on its durable and committed state.
 #[derive(Debug)]
 pub struct TopicLog {
     pub id: TopicId,
     pub name: TopicName,
     pub config: TopicConfig,
-    pub role: Role,
-    state: watch::Receiver<LogState>,
+    state: watch::Sender<LogState>,
 }
 
 impl TopicLog {
     pub fn state(&self) -> LogState {
-        *self.state.borrow()
+        self.state.borrow().clone()
     }
 
-    /// A receiver that wakes when the committed state changes.
+    /// A receiver that wakes when the state changes.
     pub fn watch(&self) -> watch::Receiver<LogState> {
-        self.state.clone()
+        self.state.subscribe()
+    }
+
+    /// Publishes a new commit offset (the replication layer's decision). The commit offset
+    /// never moves backwards and never passes the durable log end.
+    pub fn set_commit(&self, commit: Offset) {
+        self.state.send_if_modified(|s| {
+            let c = commit.min(s.log_end);
+            if c > s.commit {
+                s.commit = c;
+                true
+            } else {
+                false
+            }
+        });
     }
 }
 
@@ -111,15 +155,25 @@ pub struct Appended {
 }
 
 /// Recent batches of one producer, for deduplicating retries.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProducerState {
     pub last_sequence: Sequence,
     /// Oldest first, at most [`PRODUCER_DEDUP_WINDOW`] entries.
     pub recent: VecDeque<BatchOutcome>,
 }
 
+impl ProducerState {
+    fn record(&mut self, outcome: BatchOutcome) {
+        self.last_sequence = outcome.sequence;
+        self.recent.push_back(outcome);
+        while self.recent.len() > PRODUCER_DEDUP_WINDOW {
+            self.recent.pop_front();
+        }
+    }
+}
+
 /// How one batch of a producer ended.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchOutcome {
     pub sequence: Sequence,
     pub base: Offset,
@@ -129,7 +183,64 @@ pub struct BatchOutcome {
     pub rejected: bool,
 }
 
+/// Who sent a batch, stored on the batch's first record so followers rebuild the leader's
+/// dedup state from the log itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchHeader {
+    pub producer: ProducerId,
+    pub sequence: Sequence,
+    pub count: u32,
+}
+
+/// A stored record.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct StoredValue {
+    timestamp_ms: u64,
+    header: Option<BatchHeader>,
+    record: Record,
+}
+
+/// A whole batch as it travels from leader to follower.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedBatch {
+    pub base: Offset,
+    pub timestamp_ms: u64,
+    /// `None` for a batch whose first record was already deleted at the leader.
+    pub header: Option<BatchHeader>,
+    pub records: Vec<Record>,
+}
+
+/// What a follower writes from one fetch answer, in one transaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaChunk {
+    /// The leader's epoch.
+    pub epoch: Epoch,
+    /// Whole batches from the follower's log end on.
+    pub batches: Vec<ReplicatedBatch>,
+    /// The leader's epoch boundaries; those the follower's log reaches are adopted.
+    pub history: Vec<(Epoch, Offset)>,
+    /// The leader's log start: the follower deletes below it (within what it holds).
+    pub log_start: Offset,
+    /// The leader's commit offset.
+    pub commit: Offset,
+    /// Cursor changes newer than the follower's cursor version.
+    pub cursors: Vec<(String, Option<Offset>, u64)>,
+    /// The newest cursor version a majority holds.
+    pub cursor_commit: u64,
+}
+
+/// A follower's restart from the leader's log start, after it fell behind the deletions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReset {
+    pub log_start: Offset,
+    pub history: Vec<(Epoch, Offset)>,
+    pub producers: Vec<(ProducerId, ProducerState)>,
+}
+
 type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// A topic found in storage at open: its read handle and its stored meta.
+pub type HostedTopic = (Arc<TopicLog>, TopicMeta);
 
 enum Command {
     CreateTopic {
@@ -140,6 +251,23 @@ enum Command {
         id: TopicId,
         reply: Reply<()>,
     },
+    Assign {
+        topic: TopicId,
+        replicas: Vec<ServerId>,
+        leader: ServerId,
+        epoch: Epoch,
+        reply: Reply<()>,
+    },
+    Promise {
+        topic: TopicId,
+        epoch: Epoch,
+        reply: Reply<(Epoch, Offset)>,
+    },
+    BecomeLeader {
+        topic: TopicId,
+        epoch: Epoch,
+        reply: Reply<LogState>,
+    },
     Append {
         topic: TopicId,
         producer: ProducerId,
@@ -147,22 +275,42 @@ enum Command {
         records: Vec<Record>,
         reply: Reply<Appended>,
     },
+    ReplicaAppend {
+        topic: TopicId,
+        chunk: ReplicaChunk,
+        reply: Reply<LogState>,
+    },
+    Truncate {
+        topic: TopicId,
+        to: Offset,
+        reply: Reply<LogState>,
+    },
+    Reset {
+        topic: TopicId,
+        reset: ReplicaReset,
+        reply: Reply<LogState>,
+    },
     Ack {
         topic: TopicId,
         subscription: SubscriptionName,
         next: Offset,
-        reply: Reply<Offset>,
+        reply: Reply<(Offset, u64)>,
     },
     CreateSubscription {
         topic: TopicId,
         subscription: SubscriptionName,
         from: StartFrom,
         if_missing: bool,
-        reply: Reply<Offset>,
+        reply: Reply<(Offset, u64)>,
     },
     DeleteSubscription {
         topic: TopicId,
         subscription: SubscriptionName,
+        reply: Reply<(u64, u64)>,
+    },
+    CommitCursors {
+        topic: TopicId,
+        version: u64,
         reply: Reply<u64>,
     },
     SetMeta {
@@ -179,7 +327,7 @@ pub struct Store {
     tx: Option<mpsc::UnboundedSender<Command>>,
     writer: Option<std::thread::JoinHandle<()>>,
     server: ServerId,
-    commits: Arc<std::sync::atomic::AtomicU64>,
+    commits: Arc<AtomicU64>,
 }
 
 impl Drop for Store {
@@ -193,11 +341,15 @@ impl Drop for Store {
     }
 }
 
+fn stopped() -> Error {
+    Error::Unavailable { detail: "the storage writer has stopped".into() }
+}
+
 impl Store {
     /// Opens (or creates) the store in `dir`. The data directory is bound to one server id:
     /// `requested` must match the stored id if there is one; without either, a random id is
-    /// chosen and kept. Returns the store and a handle per hosted topic.
-    pub fn open(dir: &Path, requested: Option<ServerId>) -> anyhow::Result<(Store, Vec<Arc<TopicLog>>)> {
+    /// chosen and kept. Returns the store, and a handle and the meta of every hosted topic.
+    pub fn open(dir: &Path, requested: Option<ServerId>) -> anyhow::Result<(Store, Vec<HostedTopic>)> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("herald.redb");
         let db = Database::builder()
@@ -231,7 +383,7 @@ impl Store {
             id
         };
         let db = Arc::new(db);
-        let commits = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let commits = Arc::new(AtomicU64::new(0));
         let mut writer = Writer {
             db: db.clone(),
             server,
@@ -253,7 +405,7 @@ impl Store {
 
     /// Group commits (write transactions, each one fsync) done since the store was opened.
     pub fn commits(&self) -> u64 {
-        self.commits.load(std::sync::atomic::Ordering::Relaxed)
+        self.commits.load(Ordering::Relaxed)
     }
 
     fn sender(&self) -> &mpsc::UnboundedSender<Command> {
@@ -262,10 +414,8 @@ impl Store {
 
     async fn call<T>(&self, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
         let (reply, rx) = oneshot::channel();
-        self.sender()
-            .send(make(reply))
-            .map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?;
-        rx.await.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?
+        self.sender().send(make(reply)).map_err(|_| stopped())?;
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Starts hosting a topic (idempotent: an existing id keeps its data).
@@ -278,10 +428,32 @@ impl Store {
         self.call(|reply| Command::DeleteTopic { id, reply }).await
     }
 
+    /// Records the naming server's latest assignment (kept for restarts).
+    pub async fn assign(
+        &self,
+        topic: TopicId,
+        replicas: Vec<ServerId>,
+        leader: ServerId,
+        epoch: Epoch,
+    ) -> Result<(), Error> {
+        self.call(|reply| Command::Assign { topic, replicas, leader, epoch, reply }).await
+    }
+
+    /// Durably promises `epoch` (refusing older epochs from now on); returns this replica's
+    /// `(last epoch, log end)` for the election.
+    pub async fn promise(&self, topic: TopicId, epoch: Epoch) -> Result<(Epoch, Offset), Error> {
+        self.call(|reply| Command::Promise { topic, epoch, reply }).await
+    }
+
+    /// Durably starts `epoch` at the current log end, as its leader.
+    pub async fn become_leader(&self, topic: TopicId, epoch: Epoch) -> Result<LogState, Error> {
+        self.call(|reply| Command::BecomeLeader { topic, epoch, reply }).await
+    }
+
     /// Queues a batch for the next group commit. The queueing happens now, in call order, so
     /// batches of one stream keep their order; the returned future resolves once the batch is
     /// durable: `Durability::Immediate` means fsynced before the commit returns, so an `Ok`
-    /// here is safe against `kill -9` and power loss (G1 on one replica).
+    /// here is safe against `kill -9` and power loss on this replica.
     pub fn append(
         &self,
         topic: TopicId,
@@ -292,43 +464,67 @@ impl Store {
         let (reply, rx) = oneshot::channel();
         let sent = self.sender().send(Command::Append { topic, producer, sequence, records, reply });
         async move {
-            sent.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?;
-            rx.await.map_err(|_| Error::Unavailable { detail: "the storage writer has stopped".into() })?
+            sent.map_err(|_| stopped())?;
+            rx.await.map_err(|_| stopped())?
         }
     }
 
-    /// Moves a subscription's cursor forward to `next`; returns the cursor after the move.
+    /// Follower: writes what the leader sent, durably; returns the new state.
+    pub async fn replica_append(&self, topic: TopicId, chunk: ReplicaChunk) -> Result<LogState, Error> {
+        self.call(|reply| Command::ReplicaAppend { topic, chunk, reply }).await
+    }
+
+    /// Follower: drops the divergent tail from `to` on.
+    pub async fn truncate(&self, topic: TopicId, to: Offset) -> Result<LogState, Error> {
+        self.call(|reply| Command::Truncate { topic, to, reply }).await
+    }
+
+    /// Follower: drops everything and restarts at the leader's log start.
+    pub async fn reset(&self, topic: TopicId, reset: ReplicaReset) -> Result<LogState, Error> {
+        self.call(|reply| Command::Reset { topic, reset, reply }).await
+    }
+
+    /// Leader: moves a subscription's cursor forward to `next` (at most `commit`); returns
+    /// the cursor after the move and the version of the change.
     pub async fn ack(
         &self,
         topic: TopicId,
         subscription: SubscriptionName,
         next: Offset,
-    ) -> Result<Offset, Error> {
+    ) -> Result<(Offset, u64), Error> {
         self.call(|reply| Command::Ack { topic, subscription, next, reply }).await
     }
 
+    /// Leader: creates a subscription; returns its cursor and the change's version.
     pub async fn create_subscription(
         &self,
         topic: TopicId,
         subscription: SubscriptionName,
         from: StartFrom,
         if_missing: bool,
-    ) -> Result<Offset, Error> {
+    ) -> Result<(Offset, u64), Error> {
         self.call(|reply| Command::CreateSubscription { topic, subscription, from, if_missing, reply }).await
     }
 
-    /// Deletes a subscription; returns how many records that freed.
+    /// Leader: deletes a subscription; returns the change's version and how many records
+    /// that freed (for a single replica; replicated topics free them when the change commits).
     pub async fn delete_subscription(
         &self,
         topic: TopicId,
         subscription: SubscriptionName,
-    ) -> Result<u64, Error> {
+    ) -> Result<(u64, u64), Error> {
         self.call(|reply| Command::DeleteSubscription { topic, subscription, reply }).await
+    }
+
+    /// Marks cursor changes up to `version` as committed and moves the log start to the
+    /// lowest committed cursor (within the commit offset); returns how many records that freed.
+    pub async fn commit_cursors(&self, topic: TopicId, version: u64) -> Result<u64, Error> {
+        self.call(|reply| Command::CommitCursors { topic, version, reply }).await
     }
 
     /// A number kept in the `meta` table (e.g. the naming book this server belongs to).
     pub fn meta(&self, key: &str) -> Result<Option<u64>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(META).map_err(|e| self.storage_err(e))?;
         let value = table.get(key).map_err(|e| self.storage_err(e))?;
         Ok(value.map(|v| v.value()))
@@ -342,8 +538,12 @@ impl Store {
         Error::Storage { server: self.server, detail: e.to_string() }
     }
 
-    /// Reads committed records `from..end` (at most `max_records`, and at most `max_bytes`
-    /// of payload beyond the first record).
+    fn read_txn(&self) -> Result<ReadTransaction, Error> {
+        self.db.begin_read().map_err(|e| self.storage_err(e))
+    }
+
+    /// Reads records `from..end` (at most `max_records`, and at most `max_bytes` of payload
+    /// beyond the first record).
     pub fn read(
         &self,
         topic: &TopicLog,
@@ -352,16 +552,15 @@ impl Store {
         max_records: u32,
         max_bytes: u32,
     ) -> Result<Vec<StoredRecord>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for entry in table.range((topic.id, from)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = entry.map_err(|e| self.storage_err(e))?;
-            let (timestamp_ms, record): (u64, Record) = postcard::from_bytes(value.value())
-                .map_err(|e| self.storage_err(format!("corrupt record: {e}")))?;
-            bytes += record.size();
-            out.push(StoredRecord { offset: key.value().1, timestamp_ms, record });
+            let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
+            bytes += v.record.size();
+            out.push(StoredRecord { offset: key.value().1, timestamp_ms: v.timestamp_ms, record: v.record });
             if out.len() >= max_records as usize || bytes >= max_bytes as usize {
                 break;
             }
@@ -369,63 +568,166 @@ impl Store {
         Ok(out)
     }
 
-    /// A subscription's committed cursor.
-    pub fn cursor(&self, topic: TopicId, subscription: &SubscriptionName) -> Result<Option<Offset>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
-        let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
-        let value = table.get((topic, subscription.as_str())).map_err(|e| self.storage_err(e))?;
-        Ok(value.map(|v| v.value()))
+    /// Reads whole batches from `from` up to `end`, stopping at a batch boundary once
+    /// `max_bytes` are gathered (for a follower).
+    pub fn read_batches(
+        &self,
+        topic: TopicId,
+        from: Offset,
+        end: Offset,
+        max_bytes: usize,
+    ) -> Result<Vec<ReplicatedBatch>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let mut out: Vec<ReplicatedBatch> = Vec::new();
+        let mut bytes = 0usize;
+        for entry in table.range((topic, from)..(topic, end)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = entry.map_err(|e| self.storage_err(e))?;
+            let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
+            let offset = key.value().1;
+            let starts_batch = v.header.is_some() || out.is_empty();
+            if starts_batch {
+                if bytes >= max_bytes {
+                    break;
+                }
+                out.push(ReplicatedBatch {
+                    base: offset,
+                    timestamp_ms: v.timestamp_ms,
+                    header: v.header,
+                    records: Vec::new(),
+                });
+            }
+            bytes += v.record.size();
+            out.last_mut().expect("a batch").records.push(v.record);
+        }
+        Ok(out)
     }
 
-    /// Every subscription of a topic with its committed cursor and lag behind `commit`.
+    /// A subscription's cursor (latest, committed or not).
+    pub fn cursor(&self, topic: TopicId, subscription: &SubscriptionName) -> Result<Option<Offset>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
+        let value = table.get((topic, subscription.as_str())).map_err(|e| self.storage_err(e))?;
+        match value {
+            None => Ok(None),
+            Some(v) => Ok(decode::<(Option<Offset>, u64)>(v.value()).map_err(|e| self.storage_err(e))?.0),
+        }
+    }
+
+    /// Every live subscription of a topic with its cursor and lag behind `commit`.
     pub fn subscriptions(&self, topic: TopicId, commit: Offset) -> Result<Vec<SubscriptionInfo>, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
         let mut out = Vec::new();
         for entry in table.range((topic, "")..(topic + 1, "")).map_err(|e| self.storage_err(e))? {
             let (key, value) = entry.map_err(|e| self.storage_err(e))?;
-            let cursor = value.value();
-            let name = SubscriptionName::new(key.value().1).map_err(|e| self.storage_err(e))?;
-            out.push(SubscriptionInfo { name, cursor, lag: commit.saturating_sub(cursor) });
+            let (cursor, _): (Option<Offset>, u64) =
+                decode(value.value()).map_err(|e| self.storage_err(e))?;
+            if let Some(cursor) = cursor {
+                let name = SubscriptionName::new(key.value().1).map_err(|e| self.storage_err(e))?;
+                out.push(SubscriptionInfo { name, cursor, lag: commit.saturating_sub(cursor) });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Cursor changes newer than `version`, in version order (for a follower).
+    pub fn cursor_changes(
+        &self,
+        topic: TopicId,
+        version: u64,
+    ) -> Result<Vec<(String, Option<Offset>, u64)>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        for entry in table.range((topic, "")..(topic + 1, "")).map_err(|e| self.storage_err(e))? {
+            let (key, value) = entry.map_err(|e| self.storage_err(e))?;
+            let (cursor, v): (Option<Offset>, u64) =
+                decode(value.value()).map_err(|e| self.storage_err(e))?;
+            if v > version {
+                out.push((key.value().1.to_string(), cursor, v));
+            }
+        }
+        out.sort_by_key(|c| c.2);
+        Ok(out)
+    }
+
+    /// The dedup state of every producer of a topic (sent to a follower that is reset).
+    pub fn producer_states(&self, topic: TopicId) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(PRODUCERS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        for entry in table.range((topic, 0)..=(topic, u64::MAX)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = entry.map_err(|e| self.storage_err(e))?;
+            out.push((key.value().1, decode(value.value()).map_err(|e| self.storage_err(e))?));
         }
         Ok(out)
     }
 
     /// Number of records stored for all topics (for tests and diagnostics).
     pub fn record_count(&self) -> Result<u64, Error> {
-        let txn = self.db.begin_read().map_err(|e| self.storage_err(e))?;
+        let txn = self.read_txn()?;
         let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
         table.len().map_err(|e| self.storage_err(e))
     }
+}
+
+fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postcard::Error> {
+    postcard::from_bytes(bytes)
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    postcard::to_stdvec(value).expect("storage values encode")
 }
 
 /// The writer thread's view of one topic.
 struct WriterTopic {
     meta: TopicMeta,
     log_end: Offset,
-    subscriptions: BTreeMap<String, Offset>,
+    /// A follower's latest word from the leader on the commit offset; published with the
+    /// durable state once this replica's own write has committed.
+    leader_commit: Offset,
+    history: EpochHistory,
+    cursors: CursorLog,
     producers: HashMap<ProducerId, ProducerState>,
     state: watch::Sender<LogState>,
 }
 
 impl WriterTopic {
-    fn log_state(&self) -> LogState {
-        LogState {
-            log_start: self.meta.log_start,
-            log_end: self.log_end,
-            commit: self.log_end,
-            epoch: self.meta.epoch,
-        }
-    }
-
     fn handle(&self) -> Arc<TopicLog> {
         Arc::new(TopicLog {
             id: self.meta.id,
             name: self.meta.name.clone(),
             config: self.meta.config.clone(),
-            role: self.meta.role,
-            state: self.state.subscribe(),
+            state: self.state.clone(),
         })
+    }
+
+    /// Publishes the durable state; a single replica's commit follows its log end.
+    fn publish(&self) {
+        let solo = self.meta.is_solo();
+        self.state.send_modify(|s| {
+            s.log_start = self.meta.log_start;
+            s.log_end = self.log_end;
+            s.epoch = self.history.last_epoch();
+            if *s.history != self.history {
+                s.history = Arc::new(self.history.clone());
+            }
+            s.cursor_version = self.cursors.version();
+            s.commit = if solo {
+                self.log_end
+            } else {
+                s.commit.max(self.leader_commit).min(self.log_end).max(self.meta.log_start)
+            };
+        });
+    }
+
+    fn name(&self) -> String {
+        self.meta.name.to_string()
+    }
+
+    fn unknown_subscription(&self, subscription: &str) -> Error {
+        Error::UnknownSubscription { topic: self.name(), subscription: subscription.to_string() }
     }
 }
 
@@ -434,7 +736,7 @@ struct Writer {
     server: ServerId,
     topics: HashMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
-    commits: Arc<std::sync::atomic::AtomicU64>,
+    commits: Arc<AtomicU64>,
 }
 
 /// A failure of the storage engine; the whole group commit is abandoned.
@@ -449,20 +751,33 @@ fn defer<T: Send + 'static>(deferred: &mut Deferred, reply: Reply<T>, result: Re
     }));
 }
 
+/// A reply whose value is computed after the commit (the published state).
+fn defer_state(
+    deferred: &mut Deferred,
+    reply: Reply<LogState>,
+    result: Result<(), Error>,
+    state: watch::Receiver<LogState>,
+) {
+    deferred.push(Box::new(move |commit| {
+        let _ = reply.send(commit.and(result).map(|_| state.borrow().clone()));
+    }));
+}
+
 impl Writer {
     /// Rebuilds the in-memory view from the committed tables (at open, and after a failed
     /// commit, so memory never runs ahead of disk).
-    fn load(&mut self) -> anyhow::Result<Vec<Arc<TopicLog>>> {
+    fn load(&mut self) -> anyhow::Result<Vec<HostedTopic>> {
         let txn = self.db.begin_read()?;
         let topics = txn.open_table(TOPICS)?;
         let records = txn.open_table(RECORDS)?;
         let cursors = txn.open_table(CURSORS)?;
         let producers = txn.open_table(PRODUCERS)?;
+        let epochs = txn.open_table(EPOCHS)?;
         let old = std::mem::take(&mut self.topics);
         let mut logs = Vec::new();
         for entry in topics.iter()? {
             let (_, value) = entry?;
-            let meta: TopicMeta = postcard::from_bytes(value.value())?;
+            let meta: TopicMeta = decode(value.value())?;
             let id = meta.id;
             let log_end = records
                 .range((id, 0)..=(id, u64::MAX))?
@@ -471,28 +786,58 @@ impl Writer {
                 .map(|(k, _)| k.value().1 + 1)
                 .unwrap_or(0)
                 .max(meta.log_start);
-            let mut subscriptions = BTreeMap::new();
+            let mut history = Vec::new();
+            for entry in epochs.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = entry?;
+                history.push((k.value().1, v.value()));
+            }
+            let mut changes = Vec::new();
             for entry in cursors.range((id, "")..(id + 1, ""))? {
                 let (k, v) = entry?;
-                subscriptions.insert(k.value().1.to_string(), v.value());
+                let (cursor, version): (Option<Offset>, u64) = decode(v.value())?;
+                changes.push((k.value().1.to_string(), cursor, version));
+            }
+            changes.sort_by_key(|c| c.2);
+            let mut cursor_log = CursorLog::default();
+            for (name, cursor, version) in changes {
+                cursor_log.apply(&name, cursor, version);
+            }
+            if meta.is_solo() {
+                cursor_log.commit(cursor_log.version());
             }
             let mut producer_state = HashMap::new();
             for entry in producers.range((id, 0)..=(id, u64::MAX))? {
                 let (k, v) = entry?;
-                producer_state.insert(k.value().1, postcard::from_bytes(v.value())?);
+                producer_state.insert(k.value().1, decode(v.value())?);
             }
-            let state = LogState { log_start: meta.log_start, log_end, commit: log_end, epoch: meta.epoch };
+            let history = EpochHistory::new(history);
+            let state = LogState {
+                log_start: meta.log_start,
+                log_end,
+                commit: if meta.is_solo() { log_end } else { meta.log_start },
+                epoch: history.last_epoch(),
+                history: Arc::new(history.clone()),
+                cursor_version: cursor_log.version(),
+            };
             // Keep existing watch channels so handles held by the server stay live.
             let sender = match old.get(&id) {
                 Some(t) => {
-                    t.state.send_replace(state);
+                    let commit = t.state.borrow().commit.min(log_end);
+                    t.state.send_replace(LogState { commit: commit.max(state.commit), ..state });
                     t.state.clone()
                 }
                 None => watch::Sender::new(state),
             };
-            let topic =
-                WriterTopic { meta, log_end, subscriptions, producers: producer_state, state: sender };
-            logs.push(topic.handle());
+            let topic = WriterTopic {
+                meta: meta.clone(),
+                log_end,
+                leader_commit: 0,
+                history,
+                cursors: cursor_log,
+                producers: producer_state,
+                state: sender,
+            };
+            logs.push((topic.handle(), meta));
             self.topics.insert(id, topic);
         }
         Ok(logs)
@@ -518,10 +863,10 @@ impl Writer {
             });
             match outcome {
                 Ok(()) => {
-                    self.commits.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.commits.fetch_add(1, Ordering::Relaxed);
                     for id in touched {
                         if let Some(t) = self.topics.get(&id) {
-                            t.state.send_replace(t.log_state());
+                            t.publish();
                         }
                     }
                     deferred.into_iter().for_each(|answer| answer(Ok(())));
@@ -543,7 +888,7 @@ impl Writer {
         info!(server = self.server, "storage writer stopped");
     }
 
-    fn unknown(&self, id: TopicId) -> Error {
+    fn not_hosted(&self, id: TopicId) -> Error {
         Error::NotLeader { topic: format!("#{id}"), server: self.server, leader: None }
     }
 
@@ -554,35 +899,39 @@ impl Writer {
         deferred: &mut Deferred,
         touched: &mut HashSet<TopicId>,
     ) -> StorageResult<()> {
+        let server = self.server;
         match cmd {
             Command::CreateTopic { meta, reply } => {
                 let id = meta.id;
                 if let std::collections::hash_map::Entry::Vacant(slot) = self.topics.entry(id) {
-                    let bytes = postcard::to_stdvec(&meta).expect("meta encodes");
-                    txn.open_table(TOPICS)?.insert(id, bytes.as_slice())?;
-                    txn.open_table(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
+                    txn.open_table(TOPICS)?.insert(id, encode(&meta).as_slice())?;
+                    let mut history = EpochHistory::default();
+                    if meta.is_solo() || meta.leader == server {
+                        // The first leader's epoch starts the log; followers adopt it by fetching.
+                        history.assign(meta.epoch, meta.log_start);
+                        txn.open_table(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
+                    }
                     let state = LogState {
                         log_start: meta.log_start,
                         log_end: meta.log_start,
                         commit: meta.log_start,
-                        epoch: meta.epoch,
+                        epoch: history.last_epoch(),
+                        history: Arc::new(history.clone()),
+                        cursor_version: 0,
                     };
-                    let topic = WriterTopic {
+                    slot.insert(WriterTopic {
                         log_end: meta.log_start,
+                        leader_commit: 0,
                         meta,
-                        subscriptions: BTreeMap::new(),
+                        history,
+                        cursors: CursorLog::default(),
                         producers: HashMap::new(),
                         state: watch::Sender::new(state),
-                    };
-                    slot.insert(topic);
+                    });
                 }
                 touched.insert(id);
                 let handle = self.topics[&id].handle();
                 defer(deferred, reply, Ok(handle));
-            }
-            Command::SetMeta { key, value, reply } => {
-                txn.open_table(META)?.insert(key, value)?;
-                defer(deferred, reply, Ok(()));
             }
             Command::DeleteTopic { id, reply } => {
                 if self.topics.remove(&id).is_some() {
@@ -594,12 +943,133 @@ impl Writer {
                 }
                 defer(deferred, reply, Ok(()));
             }
+            Command::SetMeta { key, value, reply } => {
+                txn.open_table(META)?.insert(key, value)?;
+                defer(deferred, reply, Ok(()));
+            }
+            Command::Assign { topic, replicas, leader, epoch, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => {
+                        t.meta.replicas = replicas;
+                        t.meta.leader = leader;
+                        t.meta.epoch = t.meta.epoch.max(epoch);
+                        t.meta.promised = t.meta.promised.max(epoch);
+                        txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                        touched.insert(topic);
+                        Ok(())
+                    }
+                };
+                defer(deferred, reply, result);
+            }
+            Command::Promise { topic, epoch, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => {
+                        if epoch > t.meta.promised {
+                            t.meta.promised = epoch;
+                            txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                        }
+                        Ok((t.history.last_epoch(), t.log_end))
+                    }
+                };
+                defer(deferred, reply, result);
+            }
+            Command::BecomeLeader { topic, epoch, reply } => {
+                let Some(t) = self.topics.get_mut(&topic) else {
+                    defer(deferred, reply, Err(self.not_hosted(topic)));
+                    return Ok(());
+                };
+                let result = if epoch < t.meta.promised {
+                    Err(Error::StaleEpoch { topic: t.name(), server, epoch, current: t.meta.promised })
+                } else {
+                    if t.history.assign(epoch, t.log_end) {
+                        txn.open_table(EPOCHS)?.insert((topic, epoch), t.log_end)?;
+                    }
+                    t.meta.promised = epoch;
+                    t.meta.epoch = epoch;
+                    t.meta.leader = server;
+                    txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                    touched.insert(topic);
+                    Ok(())
+                };
+                defer_state(deferred, reply, result, t.state.subscribe());
+            }
             Command::Append { topic, producer, sequence, records, reply } => {
                 let result = self.append(txn, topic, producer, sequence, records)?;
                 if result.as_ref().is_ok_and(|a| !a.duplicate && a.count > 0) {
                     touched.insert(topic);
                 }
                 defer(deferred, reply, result);
+            }
+            Command::ReplicaAppend { topic, chunk, reply } => {
+                let result = self.replica_append(txn, topic, chunk)?;
+                touched.insert(topic);
+                let state = self.topics.get(&topic).map(|t| t.state.subscribe());
+                match state {
+                    Some(state) => defer_state(deferred, reply, result, state),
+                    None => defer(deferred, reply, Err(self.not_hosted(topic))),
+                }
+            }
+            Command::Truncate { topic, to, reply } => {
+                let Some(t) = self.topics.get_mut(&topic) else {
+                    defer(deferred, reply, Err(self.not_hosted(topic)));
+                    return Ok(());
+                };
+                let to = to.clamp(t.meta.log_start, t.log_end);
+                t.leader_commit = t.leader_commit.min(to);
+                if to < t.log_end {
+                    info!(topic = %t.meta.name, from = to, to = t.log_end, "truncating a divergent tail");
+                    txn.open_table(RECORDS)?.retain_in((topic, to)..(topic, t.log_end), |_, _| false)?;
+                    t.log_end = to;
+                }
+                let dropped: Vec<Epoch> =
+                    t.history.entries().iter().filter(|(_, s)| *s >= to).map(|(e, _)| *e).collect();
+                t.history.truncate(to);
+                let mut epochs = txn.open_table(EPOCHS)?;
+                for e in dropped {
+                    epochs.remove((topic, e))?;
+                }
+                // Forget the dedup entries of truncated batches.
+                let mut producers = txn.open_table(PRODUCERS)?;
+                for (id, state) in t.producers.iter_mut() {
+                    let before = state.recent.len();
+                    state.recent.retain(|b| b.base < to || (b.count == 0 && b.base <= to));
+                    if state.recent.len() != before {
+                        state.last_sequence = state.recent.back().map_or(0, |b| b.sequence);
+                        producers.insert((topic, *id), encode(&*state).as_slice())?;
+                    }
+                }
+                touched.insert(topic);
+                defer_state(deferred, reply, Ok(()), t.state.subscribe());
+            }
+            Command::Reset { topic, reset, reply } => {
+                let Some(t) = self.topics.get_mut(&topic) else {
+                    defer(deferred, reply, Err(self.not_hosted(topic)));
+                    return Ok(());
+                };
+                info!(topic = %t.meta.name, log_start = reset.log_start, "restarting the replica at the leader's log start");
+                txn.open_table(RECORDS)?.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+                let mut epochs = txn.open_table(EPOCHS)?;
+                epochs.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+                let history: Vec<(Epoch, Offset)> =
+                    reset.history.into_iter().filter(|(_, s)| *s <= reset.log_start).collect();
+                for (e, s) in &history {
+                    epochs.insert((topic, *e), *s)?;
+                }
+                t.history = EpochHistory::new(history);
+                let mut producers = txn.open_table(PRODUCERS)?;
+                producers.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+                t.producers.clear();
+                for (id, state) in reset.producers {
+                    producers.insert((topic, id), encode(&state).as_slice())?;
+                    t.producers.insert(id, state);
+                }
+                t.meta.log_start = reset.log_start;
+                t.log_end = reset.log_start;
+                txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                touched.insert(topic);
+                defer_state(deferred, reply, Ok(()), t.state.subscribe());
             }
             Command::Ack { topic, subscription, next, reply } => {
                 let result = self.ack(txn, topic, &subscription, next)?;
@@ -608,21 +1078,21 @@ impl Writer {
             }
             Command::CreateSubscription { topic, subscription, from, if_missing, reply } => {
                 let result = match self.topics.get_mut(&topic) {
-                    None => Err(self.unknown(topic)),
-                    Some(t) => match t.subscriptions.get(subscription.as_str()) {
-                        Some(&cursor) if if_missing => Ok(cursor),
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => match t.cursors.get(subscription.as_str()) {
+                        Some(cursor) if if_missing => Ok((cursor, t.cursors.version())),
                         Some(_) => Err(Error::SubscriptionExists {
-                            topic: t.meta.name.to_string(),
+                            topic: t.name(),
                             subscription: subscription.to_string(),
                         }),
                         None => {
                             let cursor = match from {
                                 StartFrom::Earliest => t.meta.log_start,
-                                StartFrom::Latest => t.log_end,
+                                StartFrom::Latest => t.state.borrow().commit,
                             };
-                            txn.open_table(CURSORS)?.insert((topic, subscription.as_str()), cursor)?;
-                            t.subscriptions.insert(subscription.to_string(), cursor);
-                            Ok(cursor)
+                            let version = set_cursor(txn, t, subscription.as_str(), Some(cursor))?;
+                            touched.insert(topic);
+                            Ok((cursor, version))
                         }
                     },
                 };
@@ -630,20 +1100,26 @@ impl Writer {
             }
             Command::DeleteSubscription { topic, subscription, reply } => {
                 let result = match self.topics.get_mut(&topic) {
-                    None => Err(self.unknown(topic)),
-                    Some(t) => match t.subscriptions.remove(subscription.as_str()) {
-                        None => Err(Error::UnknownSubscription {
-                            topic: t.meta.name.to_string(),
-                            subscription: subscription.to_string(),
-                        }),
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => match t.cursors.get(subscription.as_str()) {
+                        None => Err(t.unknown_subscription(subscription.as_str())),
                         Some(_) => {
-                            txn.open_table(CURSORS)?.remove((topic, subscription.as_str()))?;
-                            let before = t.meta.log_start;
-                            advance_log_start(txn, t)?;
+                            let version = set_cursor(txn, t, subscription.as_str(), None)?;
+                            let freed = if t.meta.is_solo() { commit_cursors(txn, t, version)? } else { 0 };
                             touched.insert(topic);
-                            Ok(t.meta.log_start - before)
+                            Ok((version, freed))
                         }
                     },
+                };
+                defer(deferred, reply, result);
+            }
+            Command::CommitCursors { topic, version, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => {
+                        touched.insert(topic);
+                        Ok(commit_cursors(txn, t, version)?)
+                    }
                 };
                 defer(deferred, reply, result);
             }
@@ -660,11 +1136,10 @@ impl Writer {
         records: Vec<Record>,
     ) -> StorageResult<Result<Appended, Error>> {
         let server = self.server;
-        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(self.unknown(topic))) };
-        let epoch = t.meta.epoch;
+        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(self.not_hosted(topic))) };
+        let epoch = t.history.last_epoch();
         let state = t.producers.entry(producer).or_default();
-        let known = !state.recent.is_empty();
-        if known {
+        if !state.recent.is_empty() {
             if let Some(seen) = state.recent.iter().find(|b| b.sequence == sequence) {
                 return Ok(if seen.rejected {
                     Err(Error::invalid(format!(
@@ -674,17 +1149,12 @@ impl Writer {
                     Ok(Appended { base: seen.base, count: seen.count, epoch, duplicate: true })
                 });
             }
+            // Gaps are accepted: a refused batch uses its number but leaves no record to
+            // replicate, so a new leader may not know the number after it.
             if sequence <= state.last_sequence {
                 return Ok(Err(Error::invalid(format!(
                     "batch {sequence} of producer {producer:#x} is older than the dedup window of {PRODUCER_DEDUP_WINDOW} batches"
                 ))));
-            }
-            if sequence != state.last_sequence + 1 {
-                return Ok(Err(Error::OutOfOrderSequence {
-                    producer,
-                    expected: state.last_sequence + 1,
-                    got: sequence,
-                }));
             }
         }
         let limit = t.meta.config.max_record_bytes as u64;
@@ -704,16 +1174,9 @@ impl Writer {
                 (Err(err), BatchOutcome { sequence, base, count: 0, rejected: true })
             }
             None => {
-                let now = now_ms();
-                let mut table = txn.open_table(RECORDS)?;
-                for (i, record) in records.iter().enumerate() {
-                    self.buf.clear();
-                    let bytes = postcard::to_extend(&(now, record), std::mem::take(&mut self.buf))
-                        .expect("record encodes");
-                    table.insert((topic, base + i as u64), bytes.as_slice())?;
-                    self.buf = bytes;
-                }
                 let count = records.len() as u32;
+                let header = BatchHeader { producer, sequence, count };
+                write_batch(txn, topic, base, now_ms(), Some(header), records, &mut self.buf)?;
                 t.log_end += count as u64;
                 (
                     Ok(Appended { base, count, epoch, duplicate: false }),
@@ -721,14 +1184,86 @@ impl Writer {
                 )
             }
         };
-        state.last_sequence = sequence;
-        state.recent.push_back(outcome);
-        while state.recent.len() > PRODUCER_DEDUP_WINDOW {
-            state.recent.pop_front();
-        }
-        let bytes = postcard::to_stdvec(&*state).expect("producer state encodes");
-        txn.open_table(PRODUCERS)?.insert((topic, producer), bytes.as_slice())?;
+        state.record(outcome);
+        txn.open_table(PRODUCERS)?.insert((topic, producer), encode(&*state).as_slice())?;
         Ok(result)
+    }
+
+    fn replica_append(
+        &mut self,
+        txn: &WriteTransaction,
+        topic: TopicId,
+        chunk: ReplicaChunk,
+    ) -> StorageResult<Result<(), Error>> {
+        let server = self.server;
+        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(self.not_hosted(topic))) };
+        if chunk.epoch < t.meta.promised {
+            return Ok(Err(Error::StaleEpoch {
+                topic: t.name(),
+                server,
+                epoch: chunk.epoch,
+                current: t.meta.promised,
+            }));
+        }
+        if chunk.epoch > t.meta.promised {
+            t.meta.promised = chunk.epoch;
+        }
+        if let Some(first) = chunk.batches.first() {
+            if first.base != t.log_end {
+                return Ok(Err(Error::internal(format!(
+                    "replica of {} got a batch at {} but its log ends at {}",
+                    t.name(),
+                    first.base,
+                    t.log_end
+                ))));
+            }
+        }
+        let mut producers = txn.open_table(PRODUCERS)?;
+        for batch in chunk.batches {
+            let count = batch.records.len() as u64;
+            if let Some(h) = batch.header {
+                let state = t.producers.entry(h.producer).or_default();
+                state.record(BatchOutcome {
+                    sequence: h.sequence,
+                    base: batch.base,
+                    count: h.count,
+                    rejected: false,
+                });
+                producers.insert((topic, h.producer), encode(&*state).as_slice())?;
+            }
+            write_batch(
+                txn,
+                topic,
+                batch.base,
+                batch.timestamp_ms,
+                batch.header,
+                batch.records,
+                &mut self.buf,
+            )?;
+            t.log_end = batch.base + count;
+        }
+        drop(producers);
+        for (epoch, start) in t.history.to_adopt(&chunk.history, t.log_end) {
+            if t.history.assign(epoch, start) {
+                txn.open_table(EPOCHS)?.insert((topic, epoch), start)?;
+            }
+        }
+        if !chunk.cursors.is_empty() {
+            let mut table = txn.open_table(CURSORS)?;
+            for (name, cursor, version) in &chunk.cursors {
+                t.cursors.apply(name, *cursor, *version);
+                table.insert((topic, name.as_str()), encode(&(*cursor, *version)).as_slice())?;
+            }
+        }
+        t.cursors.commit(chunk.cursor_commit);
+        let target = chunk.log_start.min(t.log_end);
+        if target > t.meta.log_start {
+            txn.open_table(RECORDS)?.retain_in((topic, t.meta.log_start)..(topic, target), |_, _| false)?;
+            t.meta.log_start = target;
+        }
+        txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+        t.leader_commit = t.leader_commit.max(chunk.commit.min(t.log_end));
+        Ok(Ok(()))
     }
 
     fn ack(
@@ -737,46 +1272,76 @@ impl Writer {
         topic: TopicId,
         subscription: &SubscriptionName,
         next: Offset,
-    ) -> StorageResult<Result<Offset, Error>> {
-        let unknown = self.unknown(topic);
-        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(unknown)) };
-        let Some(cursor) = t.subscriptions.get_mut(subscription.as_str()) else {
-            return Ok(Err(Error::UnknownSubscription {
-                topic: t.meta.name.to_string(),
-                subscription: subscription.to_string(),
-            }));
+    ) -> StorageResult<Result<(Offset, u64), Error>> {
+        let not_hosted = self.not_hosted(topic);
+        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(not_hosted)) };
+        let Some(cursor) = t.cursors.get(subscription.as_str()) else {
+            return Ok(Err(t.unknown_subscription(subscription.as_str())));
         };
-        if next > t.log_end {
-            return Ok(Err(Error::OffsetBeyondEnd {
-                topic: t.meta.name.to_string(),
-                offset: next,
-                log_end: t.log_end,
-            }));
+        let commit = t.state.borrow().commit;
+        if next > commit {
+            return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: next, log_end: commit }));
         }
-        if next <= *cursor {
-            return Ok(Ok(*cursor)); // cursors never move backwards
+        if next <= cursor {
+            return Ok(Ok((cursor, t.cursors.version()))); // cursors never move backwards
         }
-        *cursor = next;
-        txn.open_table(CURSORS)?.insert((topic, subscription.as_str()), next)?;
-        advance_log_start(txn, t)?;
-        Ok(Ok(next))
+        let version = set_cursor(txn, t, subscription.as_str(), Some(next))?;
+        if t.meta.is_solo() {
+            commit_cursors(txn, t, version)?;
+        }
+        Ok(Ok((next, version)))
     }
 }
 
-/// Deletes records every subscription has passed (G6): the log start becomes the lowest
-/// cursor. A topic without subscriptions keeps everything.
-fn advance_log_start(txn: &WriteTransaction, t: &mut WriterTopic) -> StorageResult<()> {
-    let Some(&lowest) = t.subscriptions.values().min() else { return Ok(()) };
-    let new_start = lowest.min(t.log_end);
+fn write_batch(
+    txn: &WriteTransaction,
+    topic: TopicId,
+    base: Offset,
+    timestamp_ms: u64,
+    header: Option<BatchHeader>,
+    records: Vec<Record>,
+    buf: &mut Vec<u8>,
+) -> StorageResult<()> {
+    let mut table = txn.open_table(RECORDS)?;
+    for (i, record) in records.into_iter().enumerate() {
+        let value = StoredValue { timestamp_ms, header: if i == 0 { header } else { None }, record };
+        buf.clear();
+        let bytes = postcard::to_extend(&value, std::mem::take(buf)).expect("record encodes");
+        table.insert((topic, base + i as u64), bytes.as_slice())?;
+        *buf = bytes;
+    }
+    Ok(())
+}
+
+/// Records a cursor change durably; returns its version.
+fn set_cursor(
+    txn: &WriteTransaction,
+    t: &mut WriterTopic,
+    subscription: &str,
+    cursor: Option<Offset>,
+) -> StorageResult<u64> {
+    let version = t.cursors.set(subscription, cursor);
+    txn.open_table(CURSORS)?.insert((t.meta.id, subscription), encode(&(cursor, version)).as_slice())?;
+    Ok(version)
+}
+
+/// Commits cursor changes up to `version` and deletes the records every subscription has
+/// passed (G6): the log start becomes the lowest committed cursor, within the commit offset.
+/// A topic without subscriptions keeps everything. Returns how many records were freed.
+fn commit_cursors(txn: &WriteTransaction, t: &mut WriterTopic, version: u64) -> StorageResult<u64> {
+    t.cursors.commit(version);
+    let Some(lowest) = t.cursors.lowest_committed() else { return Ok(0) };
+    let commit = if t.meta.is_solo() { t.log_end } else { t.state.borrow().commit };
+    let new_start = lowest.min(commit).min(t.log_end);
     if new_start <= t.meta.log_start {
-        return Ok(());
+        return Ok(0);
     }
     let id = t.meta.id;
+    let freed = new_start - t.meta.log_start;
     txn.open_table(RECORDS)?.retain_in((id, t.meta.log_start)..(id, new_start), |_, _| false)?;
     t.meta.log_start = new_start;
-    let bytes = postcard::to_stdvec(&t.meta).expect("meta encodes");
-    txn.open_table(TOPICS)?.insert(id, bytes.as_slice())?;
-    Ok(())
+    txn.open_table(TOPICS)?.insert(id, encode(&t.meta).as_slice())?;
+    Ok(freed)
 }
 
 #[cfg(test)]
@@ -788,10 +1353,17 @@ mod tests {
             id,
             name: TopicName::new(name).unwrap(),
             config: TopicConfig { max_record_bytes: 64 },
+            replicas: vec![1],
+            leader: 1,
             epoch: 1,
-            role: Role::Leader,
+            promised: 1,
             log_start: 0,
         }
+    }
+
+    /// A topic of a three-replica set, hosted on a server that follows.
+    fn follower_meta(id: TopicId) -> TopicMeta {
+        TopicMeta { replicas: vec![1, 2, 3], leader: 2, ..meta(id, "replicated") }
     }
 
     fn records(values: &[&str]) -> Vec<Record> {
@@ -805,11 +1377,20 @@ mod tests {
     fn payloads(store: &Store, log: &TopicLog) -> Vec<(Offset, String)> {
         let s = log.state();
         store
-            .read(log, s.log_start, s.commit, 1000, u32::MAX)
+            .read(log, s.log_start, s.log_end, 1000, u32::MAX)
             .unwrap()
             .into_iter()
             .map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap()))
             .collect()
+    }
+
+    fn batch(base: Offset, producer: ProducerId, sequence: Sequence, values: &[&str]) -> ReplicatedBatch {
+        ReplicatedBatch {
+            base,
+            timestamp_ms: 5,
+            header: Some(BatchHeader { producer, sequence, count: values.len() as u32 }),
+            records: records(values),
+        }
     }
 
     #[tokio::test]
@@ -824,14 +1405,14 @@ mod tests {
         let again = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
         assert_eq!((again.base, again.count, again.duplicate), (0, 2, true));
         assert_eq!(log.state().log_end, 3);
-        // A gap in the sequence is refused.
-        let gap = store.append(7, 42, 5, records(&["x"])).await.unwrap_err();
-        assert!(matches!(gap, Error::OutOfOrderSequence { expected: 2, got: 5, .. }), "{gap:?}");
+        // A sequence below the window's newest that it does not hold is refused.
+        assert!(store.append(7, 42, 5, records(&["x"])).await.is_ok(), "gaps are accepted");
+        assert!(matches!(store.append(7, 42, 4, records(&["y"])).await, Err(Error::InvalidArgument { .. })));
         // Another producer interleaves freely.
         let other = store.append(7, 43, 0, records(&["d"])).await.unwrap();
-        assert_eq!(other.base, 3);
+        assert_eq!(other.base, 4);
         let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
-        assert_eq!(got, ["a", "b", "c", "d"]);
+        assert_eq!(got, ["a", "b", "c", "x", "d"]);
     }
 
     #[tokio::test]
@@ -865,7 +1446,7 @@ mod tests {
             other => panic!("unexpected {other:?}"),
         }
         assert_eq!(log.state().log_end, 0, "nothing of the batch is stored");
-        // The next batch of that producer is in order.
+        assert!(matches!(store.append(1, 9, 0, records(&["ok"])).await, Err(Error::InvalidArgument { .. })));
         assert_eq!(store.append(1, 9, 1, records(&["next"])).await.unwrap().base, 0);
     }
 
@@ -879,21 +1460,25 @@ mod tests {
         assert_eq!(log.state().log_start, 0);
         store.create_subscription(1, sub("a"), StartFrom::Earliest, false).await.unwrap();
         store.create_subscription(1, sub("b"), StartFrom::Earliest, false).await.unwrap();
-        assert_eq!(store.ack(1, sub("a"), 4).await.unwrap(), 4);
+        assert_eq!(store.ack(1, sub("a"), 4).await.unwrap().0, 4);
         assert_eq!(log.state().log_start, 0, "b still needs offset 0");
-        assert_eq!(store.ack(1, sub("b"), 2).await.unwrap(), 2);
+        assert_eq!(store.ack(1, sub("b"), 2).await.unwrap().0, 2);
         assert_eq!(log.state().log_start, 2);
         assert_eq!(payloads(&store, &log).first().unwrap().0, 2);
-        // Cursors never move backwards, and never past the end.
-        assert_eq!(store.ack(1, sub("a"), 1).await.unwrap(), 4);
+        // Cursors never move backwards, and never past the commit offset.
+        assert_eq!(store.ack(1, sub("a"), 1).await.unwrap().0, 4);
         assert!(matches!(store.ack(1, sub("a"), 6).await, Err(Error::OffsetBeyondEnd { .. })));
         // Deleting b frees what only it held.
-        assert_eq!(store.delete_subscription(1, sub("b")).await.unwrap(), 2);
+        assert_eq!(store.delete_subscription(1, sub("b")).await.unwrap().1, 2);
         assert_eq!(log.state().log_start, 4);
         // Deleting the last subscription keeps the rest for a later subscriber.
-        assert_eq!(store.delete_subscription(1, sub("a")).await.unwrap(), 0);
-        assert_eq!(store.create_subscription(1, sub("late"), StartFrom::Earliest, false).await.unwrap(), 4);
-        assert_eq!(store.create_subscription(1, sub("new"), StartFrom::Latest, false).await.unwrap(), 5);
+        assert_eq!(store.delete_subscription(1, sub("a")).await.unwrap().1, 0);
+        assert_eq!(store.create_subscription(1, sub("late"), StartFrom::Earliest, false).await.unwrap().0, 4);
+        assert_eq!(store.create_subscription(1, sub("new"), StartFrom::Latest, false).await.unwrap().0, 5);
+        assert!(
+            store.subscriptions(1, 5).unwrap().iter().all(|s| s.name.as_str() != "a"),
+            "deleted stay deleted"
+        );
     }
 
     #[tokio::test]
@@ -910,8 +1495,10 @@ mod tests {
         }
         let (store, logs) = Store::open(dir.path(), None).unwrap();
         assert_eq!(logs.len(), 1);
-        let log = &logs[0];
-        assert_eq!(log.state(), LogState { log_start: 1, log_end: 3, commit: 3, epoch: 1 });
+        let (log, meta) = &logs[0];
+        let state = log.state();
+        assert_eq!((state.log_start, state.log_end, state.commit, state.epoch), (1, 3, 3, 1));
+        assert_eq!(meta.name.as_str(), "kept");
         assert_eq!(store.cursor(3, &sub("s")).unwrap(), Some(2));
         // The dedup window survived too.
         let again = store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
@@ -944,5 +1531,108 @@ mod tests {
         store.append(1, 1, 0, records(&["a"])).await.unwrap();
         tokio::time::timeout(std::time::Duration::from_secs(10), watch.changed()).await.unwrap().unwrap();
         assert_eq!(watch.borrow().commit, 1);
+    }
+
+    #[tokio::test]
+    async fn a_replicated_leader_commits_only_what_replication_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(TopicMeta { replicas: vec![1, 2, 3], ..meta(1, "r") }).await.unwrap();
+        store.append(1, 1, 0, records(&["a", "b"])).await.unwrap();
+        let s = log.state();
+        assert_eq!((s.log_end, s.commit), (2, 0), "durable but not committed");
+        log.set_commit(5);
+        assert_eq!(log.state().commit, 2, "never past the durable end");
+        // Batches read for a follower are whole and carry the producer's numbers.
+        store.append(1, 1, 1, records(&["c"])).await.unwrap();
+        let batches = store.read_batches(1, 0, 3, 1).unwrap();
+        assert_eq!(batches.len(), 1, "stops at a batch boundary once over the byte budget");
+        assert_eq!(batches[0].records.len(), 2);
+        assert_eq!(batches[0].header, Some(BatchHeader { producer: 1, sequence: 0, count: 2 }));
+        assert_eq!(store.read_batches(1, 0, 3, 1 << 20).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_follower_appends_truncates_and_resets_by_the_leaders_word() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+        let log = store.create_topic(follower_meta(1)).await.unwrap();
+        assert_eq!(log.state().epoch, 0, "a follower adopts epochs by fetching");
+        let chunk = ReplicaChunk {
+            epoch: 1,
+            batches: vec![batch(0, 7, 0, &["a", "b"]), batch(2, 7, 1, &["c"])],
+            history: vec![(1, 0)],
+            log_start: 0,
+            commit: 2,
+            cursors: vec![("s".into(), Some(1), 1)],
+            cursor_commit: 1,
+        };
+        let state = store.replica_append(1, chunk).await.unwrap();
+        assert_eq!((state.log_end, state.commit, state.epoch, state.cursor_version), (3, 2, 1, 1));
+        assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(1));
+        // The follower rebuilt the leader's dedup state from the batch headers.
+        let producers = store.producer_states(1).unwrap();
+        assert_eq!(producers[0].1.last_sequence, 1);
+
+        // A promise fences older epochs and reports (last epoch, log end).
+        assert_eq!(store.promise(1, 3).await.unwrap(), (1, 3));
+        let stale = ReplicaChunk { epoch: 2, ..ReplicaChunk::default() };
+        assert!(matches!(store.replica_append(1, stale).await, Err(Error::StaleEpoch { current: 3, .. })));
+
+        // Truncating a divergent tail drops its records and the dedup entries of its batches.
+        let state = store.truncate(1, 2).await.unwrap();
+        assert_eq!(state.log_end, 2);
+        assert_eq!(store.producer_states(1).unwrap()[0].1.last_sequence, 0);
+        // The next leader's batches continue from there.
+        let chunk = ReplicaChunk {
+            epoch: 3,
+            batches: vec![batch(2, 8, 0, &["z"])],
+            history: vec![(1, 0), (3, 2)],
+            log_start: 1,
+            commit: 3,
+            ..ReplicaChunk::default()
+        };
+        let state = store.replica_append(1, chunk).await.unwrap();
+        assert_eq!((state.log_start, state.log_end, state.commit, state.epoch), (1, 3, 3, 3));
+        let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(got, ["b", "z"], "the leader's deletion applied, the divergent record replaced");
+
+        // Behind the leader's log start: drop everything, restart there with its history.
+        let reset = ReplicaReset {
+            log_start: 10,
+            history: vec![(1, 0), (3, 2), (5, 12)],
+            producers: vec![(8, ProducerState::default())],
+        };
+        let state = store.reset(1, reset).await.unwrap();
+        assert_eq!(
+            (state.log_start, state.log_end, state.epoch),
+            (10, 10, 3),
+            "epoch 5 starts past the log end"
+        );
+        assert_eq!(store.record_count().unwrap(), 0);
+        // And it all survives a reopen.
+        drop(log);
+        drop(store);
+        let (_, logs) = Store::open(dir.path(), Some(3)).unwrap();
+        let (log, meta) = &logs[0];
+        assert_eq!(meta.promised, 3);
+        assert_eq!((log.state().log_start, log.state().log_end), (10, 10));
+    }
+
+    #[tokio::test]
+    async fn becoming_leader_starts_an_epoch_at_the_log_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(2)).unwrap();
+        store.create_topic(follower_meta(1)).await.unwrap();
+        let chunk = ReplicaChunk {
+            epoch: 1,
+            batches: vec![batch(0, 7, 0, &["a"])],
+            history: vec![(1, 0)],
+            ..Default::default()
+        };
+        store.replica_append(1, chunk).await.unwrap();
+        let state = store.become_leader(1, 2).await.unwrap();
+        assert_eq!(state.history.entries(), &[(1, 0), (2, 1)]);
+        assert!(matches!(store.become_leader(1, 1).await, Err(Error::StaleEpoch { .. })));
     }
 }
