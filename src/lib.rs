@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod naming;
+pub mod replica;
 pub mod replication;
 pub mod server;
 pub mod storage;

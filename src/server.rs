@@ -1,19 +1,19 @@
-//! A topic server: hosts topic logs, answers producers and consumers, follows the naming
-//! server's book.
+//! A topic server: hosts topic replicas, answers producers, consumers and other servers,
+//! follows the naming server's book.
 //!
-//! Each hosted topic is a [`TopicLog`] in the server's [`Store`]. The server registers with
-//! the naming server and keeps a long-poll heartbeat open; each answer carries the topics
-//! this server must host, which it reconciles with its store (create what is new, drop what
-//! the book deleted). A consumer waiting for records waits on the topic's committed-state
-//! watch, so it wakes at the commit that makes records readable, with no polling.
-//!
-//! Replication is not here yet: every topic has one replica, which leads, and the commit
-//! offset is the durable log end. The protocol already carries epochs and commit offsets.
+//! Each hosted topic is a [`Replica`] over a [`TopicLog`] in the server's [`Store`]. The
+//! server registers with the naming server and keeps a long-poll heartbeat open; each answer
+//! carries the topics this server must host, with their replica set, leader and epoch, which
+//! it reconciles with what it hosts (create what is new, apply new assignments, drop what the
+//! book deleted). A produce is answered once its batch is committed (on a majority); a
+//! consumer's ack once the cursor move is. A consumer waiting for records waits on the
+//! topic's state watch, so it wakes at the commit that makes records readable, with no
+//! polling.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -23,10 +23,11 @@ use tracing::{debug, error, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
+use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{Epoch, Offset, ServerId, SubscriptionName, TopicName};
-use crate::wire::{Request, Response, Role, TopicInfo, TopicStatus};
+use crate::types::{Offset, ServerId, SubscriptionName, TopicName};
+use crate::wire::{ReplicaInfo, Request, Response, TopicInfo, TopicStatus};
 
 /// Most records one fetch returns.
 pub const MAX_FETCH_RECORDS: u32 = 10_000;
@@ -48,58 +49,36 @@ pub struct ServerConfig {
     pub certs_dir: PathBuf,
 }
 
-/// The naming server's word on one topic, as this server last applied it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Assignment {
-    leader: ServerId,
-    epoch: Epoch,
-    replicas: Vec<ServerId>,
-}
-
-/// A topic this server holds a replica of.
+/// A hosted replica and the assignment this process applied to it (`None` until the first
+/// one after a start: a restarted server waits for the book before it leads again).
 struct Hosted {
-    log: Arc<TopicLog>,
-    assignment: RwLock<Assignment>,
-}
-
-impl Hosted {
-    fn role(&self, me: ServerId) -> Role {
-        if self.assignment.read().expect("assignment lock").leader == me {
-            Role::Leader
-        } else {
-            Role::Follower
-        }
-    }
+    replica: Arc<Replica>,
+    applied: Mutex<Option<Assignment>>,
 }
 
 pub struct TopicServer {
-    id: ServerId,
-    store: Store,
+    node: Arc<Node>,
     topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
 }
 
 impl TopicServer {
-    fn hosted(&self, name: &TopicName) -> Result<Arc<Hosted>, Error> {
-        self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| Error::NotLeader {
-            topic: name.to_string(),
-            server: self.id,
-            leader: None,
-        })
+    fn replica(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
+        self.topics
+            .read()
+            .expect("topics lock")
+            .get(name)
+            .map(|h| h.replica.clone())
+            .ok_or_else(|| Error::NotLeader { topic: name.to_string(), server: self.node.id, leader: None })
     }
 
     fn topic(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
-        Ok(self.hosted(name)?.log.clone())
+        Ok(self.replica(name)?.log.clone())
     }
 
-    fn leader_of(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
-        let hosted = self.hosted(name)?;
-        match hosted.role(self.id) {
-            Role::Leader => Ok(hosted.log.clone()),
-            Role::Follower => {
-                let leader = Some(hosted.assignment.read().expect("assignment lock").leader);
-                Err(Error::NotLeader { topic: name.to_string(), server: self.id, leader })
-            }
-        }
+    fn leader_of(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
+        let replica = self.replica(name)?;
+        replica.check_leader()?;
+        Ok(replica)
     }
 
     fn produce(
@@ -109,22 +88,25 @@ impl TopicServer {
         sequence: u64,
         records: Vec<crate::wire::Record>,
     ) -> ResponseFuture {
-        let log = match self.leader_of(topic) {
-            Ok(log) => log,
+        let replica = match self.leader_of(topic) {
+            Ok(r) => r,
             Err(e) => return ready(Response::Error(e)),
         };
-        // Queued now, in stream order; the future waits for the group commit.
-        let appended = self.store.append(log.id, producer, sequence, records);
+        // Queued now, in stream order; the future waits for the group commit, then for a
+        // majority of the replicas.
+        let appended = self.node.store.append(replica.log.id, producer, sequence, records);
         Box::pin(async move {
-            match appended.await {
-                Ok(a) => Response::Produced {
+            let result = async {
+                let a = appended.await?;
+                replica.wait_commit(a.base + a.count as u64).await?;
+                Ok(Response::Produced {
                     base: a.base,
                     count: a.count,
                     epoch: a.epoch,
                     duplicate: a.duplicate,
-                },
-                Err(e) => Response::Error(e),
-            }
+                })
+            };
+            result.await.unwrap_or_else(Response::Error)
         })
     }
 
@@ -142,7 +124,7 @@ impl TopicServer {
             topic: topic.to_string(),
             subscription: subscription.to_string(),
         };
-        let cursor = self.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
+        let cursor = self.node.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
         let from = from.unwrap_or(cursor);
         let max_records = max_records.clamp(1, MAX_FETCH_RECORDS);
         let max_bytes = max_bytes.clamp(1, MAX_FETCH_BYTES);
@@ -168,7 +150,7 @@ impl TopicServer {
             }
             if from < state.commit {
                 // Reads are short and mostly served from redb's cache, so they run inline.
-                let records = self.store.read(&log, from, state.commit, max_records, max_bytes)?;
+                let records = self.node.store.read(&log, from, state.commit, max_records, max_bytes)?;
                 if records.first().map(|r| r.offset) != Some(from) {
                     // Deleted between the state snapshot and the read.
                     let log_start = log.state().log_start;
@@ -192,19 +174,20 @@ impl TopicServer {
     }
 
     fn status(&self, topic: &TopicName) -> Result<Response, Error> {
-        let hosted = self.hosted(topic)?;
-        let log = &hosted.log;
+        let replica = self.replica(topic)?;
+        let log = &replica.log;
         let state = log.state();
         Ok(Response::TopicStatus(TopicStatus {
             id: log.id,
             name: log.name.clone(),
-            server: self.id,
-            role: hosted.role(self.id),
+            server: self.node.id,
+            role: replica.role(),
             epoch: state.epoch,
             log_start: state.log_start,
             log_end: state.log_end,
             commit: state.commit,
-            subscriptions: self.store.subscriptions(log.id, state.commit)?,
+            subscriptions: self.node.store.subscriptions(log.id, state.commit)?,
+            replicas: replica.replica_statuses(),
         }))
     }
 
@@ -213,73 +196,78 @@ impl TopicServer {
         let assigned: HashSet<u64> = assignments.iter().map(|t| t.id).collect();
         let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
         for h in hosted {
-            let log = &h.log;
+            let log = &h.replica.log;
             if !assigned.contains(&log.id) {
                 if !may_delete {
                     warn!(topic = %log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
                     continue;
                 }
                 info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
-                self.store.delete_topic(log.id).await?;
+                self.node.store.delete_topic(log.id).await?;
                 let mut topics = self.topics.write().expect("topics lock");
-                if topics.get(&log.name).is_some_and(|l| l.log.id == log.id) {
+                if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
                     topics.remove(&log.name);
                 }
             }
         }
         for info in assignments {
-            let assignment = Assignment {
-                leader: info.leader,
-                epoch: info.epoch,
-                replicas: info.replicas.iter().map(|r| r.server).collect(),
-            };
+            let assignment =
+                Assignment { leader: info.leader, epoch: info.epoch, replicas: info.replicas.clone() };
             let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
-            match current {
-                Some(h) if h.log.id == info.id => {
-                    if *h.assignment.read().expect("assignment lock") == assignment {
+            let hosted = match current {
+                Some(h) if h.replica.log.id == info.id => {
+                    if h.applied.lock().expect("applied lock").as_ref() == Some(&assignment) {
                         continue;
                     }
-                    self.store
-                        .assign(info.id, assignment.replicas.clone(), assignment.leader, assignment.epoch)
-                        .await?;
-                    if assignment.leader == self.id {
-                        self.store.become_leader(info.id, assignment.epoch).await?;
-                    }
-                    info!(topic = %info.name, epoch = info.epoch, leader = info.leader, "new assignment");
-                    *h.assignment.write().expect("assignment lock") = assignment;
+                    h
                 }
                 _ => {
                     let meta = TopicMeta {
                         id: info.id,
                         name: info.name.clone(),
                         config: info.config,
-                        replicas: assignment.replicas.clone(),
-                        leader: assignment.leader,
-                        epoch: assignment.epoch,
-                        promised: assignment.epoch,
+                        replicas: info.replicas.iter().map(|r| r.server).collect(),
+                        leader: info.leader,
+                        epoch: info.epoch,
+                        promised: info.epoch,
                         log_start: 0,
                     };
-                    let log = self.store.create_topic(meta).await?;
+                    let log = self.node.store.create_topic(meta).await?;
                     info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
-                    let hosted = Arc::new(Hosted { log, assignment: RwLock::new(assignment) });
-                    self.topics.write().expect("topics lock").insert(info.name, hosted);
+                    let hosted = Arc::new(Hosted {
+                        replica: Replica::new(log, self.node.id, assignment.clone()),
+                        applied: Mutex::new(None),
+                    });
+                    self.topics.write().expect("topics lock").insert(info.name.clone(), hosted.clone());
+                    hosted
                 }
-            }
+            };
+            hosted.replica.apply(&self.node, assignment.clone()).await?;
+            debug!(topic = %info.name, epoch = info.epoch, leader = info.leader, "assignment applied");
+            *hosted.applied.lock().expect("applied lock") = Some(assignment);
         }
         Ok(())
+    }
+
+    fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
+        if peer.is_node {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized { detail: format!("{what} needs the cluster's node certificate") })
+        }
     }
 }
 
 impl Service for TopicServer {
     fn describe(&self) -> String {
-        format!("topic server {}", self.id)
+        format!("topic server {}", self.node.id)
     }
 
     fn server_id(&self) -> Option<ServerId> {
-        Some(self.id)
+        Some(self.node.id)
     }
 
-    fn dispatch(self: &Arc<Self>, req: Request, _peer: &Peer) -> ResponseFuture {
+    fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
         let me = self.clone();
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
@@ -302,31 +290,101 @@ impl Service for TopicServer {
             }
             Request::Ack { topic, subscription, next } => Box::pin(async move {
                 let result = async {
-                    // Cursors move at the leader, which will replicate them.
-                    let log = me.leader_of(&topic)?;
-                    let (cursor, _) = me.store.ack(log.id, subscription, next).await?;
+                    // Cursors move at the leader, which replicates them.
+                    let replica = me.leader_of(&topic)?;
+                    let (cursor, version) = me.node.store.ack(replica.log.id, subscription, next).await?;
+                    replica.wait_cursor_commit(version).await?;
                     Ok(Response::Cursor { cursor })
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
             Request::CreateSubscription { topic, subscription, from, if_missing } => Box::pin(async move {
                 let result = async {
-                    let log = me.leader_of(&topic)?;
-                    let (cursor, _) =
-                        me.store.create_subscription(log.id, subscription, from, if_missing).await?;
+                    let replica = me.leader_of(&topic)?;
+                    let (cursor, version) = me
+                        .node
+                        .store
+                        .create_subscription(replica.log.id, subscription, from, if_missing)
+                        .await?;
+                    replica.wait_cursor_commit(version).await?;
                     Ok(Response::Cursor { cursor })
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
             Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
                 let result = async {
-                    let log = me.leader_of(&topic)?;
-                    let (_, freed_records) = me.store.delete_subscription(log.id, subscription).await?;
-                    Ok(Response::SubscriptionDeleted { freed_records })
+                    let replica = me.leader_of(&topic)?;
+                    let before = replica.log.state().log_start;
+                    let (version, freed) =
+                        me.node.store.delete_subscription(replica.log.id, subscription).await?;
+                    replica.wait_cursor_commit(version).await?;
+                    let moved = replica.log.state().log_start - before;
+                    Ok(Response::SubscriptionDeleted { freed_records: freed.max(moved) })
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
             Request::TopicStatus { topic } => answer(self.status(&topic)),
+            Request::ReplicaFetch {
+                topic,
+                topic_id,
+                replica: follower,
+                fetch,
+                known_commit,
+                known_cursor_commit,
+                max_bytes,
+                max_wait_ms,
+            } => {
+                if let Err(e) = Self::require_node(peer, "replicating") {
+                    return ready(Response::Error(e));
+                }
+                Box::pin(async move {
+                    let result = async {
+                        let replica = me.replica(&topic)?;
+                        if replica.log.id != topic_id {
+                            return Err(Error::NotLeader {
+                                topic: topic.to_string(),
+                                server: me.node.id,
+                                leader: None,
+                            });
+                        }
+                        let wait = Duration::from_millis(max_wait_ms as u64).min(Duration::from_secs(5));
+                        let bytes = max_bytes.min(crate::replica::REPLICA_FETCH_BYTES);
+                        let answer = replica
+                            .serve_fetch(
+                                &me.node,
+                                follower,
+                                fetch,
+                                known_commit,
+                                known_cursor_commit,
+                                bytes,
+                                wait,
+                            )
+                            .await?;
+                        Ok(Response::Replica(answer))
+                    };
+                    result.await.unwrap_or_else(Response::Error)
+                })
+            }
+            Request::Promise { topic, topic_id, epoch } => {
+                if let Err(e) = Self::require_node(peer, "an election") {
+                    return ready(Response::Error(e));
+                }
+                Box::pin(async move {
+                    let result = async {
+                        let replica = me.replica(&topic)?;
+                        if replica.log.id != topic_id {
+                            return Err(Error::NotLeader {
+                                topic: topic.to_string(),
+                                server: me.node.id,
+                                leader: None,
+                            });
+                        }
+                        let (last_epoch, log_end) = replica.promise(&me.node, epoch).await?;
+                        Ok(Response::Promised { last_epoch, log_end })
+                    };
+                    result.await.unwrap_or_else(Response::Error)
+                })
+            }
             other => answer(Err(Error::invalid(format!(
                 "{} is a naming server request; send it to the naming server",
                 transport::request_name(&other)
@@ -348,17 +406,17 @@ async fn follow_naming(
         let session = async {
             let conn = Connection::connect(&endpoint, naming).await?;
             let (lease_ms, cluster) = match conn
-                .call(&Request::Register { server: server.id, addr: advertise })
+                .call(&Request::Register { server: server.node.id, addr: advertise })
                 .await?
             {
                 Response::Registered { lease_ms, cluster } => (lease_ms, cluster),
                 other => return Err(Error::internal(format!("unexpected answer to Register: {other:?}"))),
             };
             // The first book this data directory follows becomes its book.
-            let may_delete = match server.store.meta("cluster_id")? {
+            let may_delete = match server.node.store.meta("cluster_id")? {
                 Some(c) => c == cluster,
                 None => {
-                    server.store.set_meta("cluster_id", cluster).await?;
+                    server.node.store.set_meta("cluster_id", cluster).await?;
                     true
                 }
             };
@@ -370,7 +428,7 @@ async fn follow_naming(
             let (mut known, mut applied) = (0u64, 0u64);
             loop {
                 let req = Request::Heartbeat {
-                    server: server.id,
+                    server: server.node.id,
                     known_version: known,
                     applied_version: applied,
                     wait_ms: lease_ms / 3,
@@ -411,17 +469,25 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
     let (store, logs) = Store::open(&config.data_dir, config.id)?;
     let id = store.server_id();
-    let topics = logs
-        .into_iter()
-        .map(|(log, meta)| {
-            let assignment = Assignment { leader: meta.leader, epoch: meta.epoch, replicas: meta.replicas };
-            (log.name.clone(), Arc::new(Hosted { log, assignment: RwLock::new(assignment) }))
-        })
-        .collect();
-    let server = Arc::new(TopicServer { id, store, topics: RwLock::new(topics) });
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting topic server {id} on {}", config.listen))?;
     let advertise = config.advertise.unwrap_or(endpoint.local_addr()?);
+    let node = Arc::new(Node::new(id, store, endpoint.clone()));
+    let mut topics = HashMap::new();
+    for (log, meta) in logs {
+        let replicas = meta.replicas.iter().map(|s| ReplicaInfo { server: *s, addr: advertise }).collect();
+        let assignment = Assignment { leader: meta.leader, epoch: meta.epoch, replicas };
+        let replica = Replica::new(log, id, assignment.clone());
+        let mut applied = None;
+        if meta.is_solo() && meta.leader == id {
+            // A single replica is its own majority: it leads again at once, with or without
+            // the naming server.
+            replica.apply(&node, assignment.clone()).await?;
+            applied = Some(assignment);
+        }
+        topics.insert(meta.name.clone(), Arc::new(Hosted { replica, applied: Mutex::new(applied) }));
+    }
+    let server = Arc::new(TopicServer { node, topics: RwLock::new(topics) });
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
     let naming = tokio::spawn(follow_naming(
         server.clone(),

@@ -108,6 +108,10 @@ pub struct LogState {
     pub history: Arc<EpochHistory>,
     /// Version of the newest cursor change held durably.
     pub cursor_version: u64,
+    /// The newest cursor version known to be on a majority.
+    pub cursor_commit: u64,
+    /// The newest epoch this replica promised or followed.
+    pub promised: Epoch,
 }
 
 /// A read handle on one topic: its identity and a watch on its durable and committed state.
@@ -714,6 +718,8 @@ impl WriterTopic {
                 s.history = Arc::new(self.history.clone());
             }
             s.cursor_version = self.cursors.version();
+            s.cursor_commit = self.cursors.committed_version();
+            s.promised = self.meta.promised;
             s.commit = if solo {
                 self.log_end
             } else {
@@ -818,6 +824,8 @@ impl Writer {
                 epoch: history.last_epoch(),
                 history: Arc::new(history.clone()),
                 cursor_version: cursor_log.version(),
+                cursor_commit: cursor_log.committed_version(),
+                promised: meta.promised,
             };
             // Keep existing watch channels so handles held by the server stay live.
             let sender = match old.get(&id) {
@@ -918,6 +926,8 @@ impl Writer {
                         epoch: history.last_epoch(),
                         history: Arc::new(history.clone()),
                         cursor_version: 0,
+                        cursor_commit: 0,
+                        promised: meta.promised,
                     };
                     slot.insert(WriterTopic {
                         log_end: meta.log_start,
@@ -1091,6 +1101,9 @@ impl Writer {
                                 StartFrom::Latest => t.state.borrow().commit,
                             };
                             let version = set_cursor(txn, t, subscription.as_str(), Some(cursor))?;
+                            if t.meta.is_solo() {
+                                commit_cursors(txn, t, version)?;
+                            }
                             touched.insert(topic);
                             Ok((cursor, version))
                         }
@@ -1459,7 +1472,8 @@ mod tests {
         // No subscription: everything is kept, even as records age.
         assert_eq!(log.state().log_start, 0);
         store.create_subscription(1, sub("a"), StartFrom::Earliest, false).await.unwrap();
-        store.create_subscription(1, sub("b"), StartFrom::Earliest, false).await.unwrap();
+        let (_, version) = store.create_subscription(1, sub("b"), StartFrom::Earliest, false).await.unwrap();
+        assert_eq!(log.state().cursor_commit, version, "a single replica commits cursor changes at once");
         assert_eq!(store.ack(1, sub("a"), 4).await.unwrap().0, 4);
         assert_eq!(log.state().log_start, 0, "b still needs offset 0");
         assert_eq!(store.ack(1, sub("b"), 2).await.unwrap().0, 2);

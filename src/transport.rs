@@ -529,6 +529,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::CreateSubscription { .. } => "CreateSubscription",
         Request::DeleteSubscription { .. } => "DeleteSubscription",
         Request::TopicStatus { .. } => "TopicStatus",
+        Request::ReplicaFetch { .. } => "ReplicaFetch",
+        Request::Promise { .. } => "Promise",
     }
 }
 

@@ -13,6 +13,8 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
+use crate::replication::FetchRequest;
+use crate::storage::{ReplicaChunk, ReplicaReset};
 use crate::types::{
     Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
@@ -152,6 +154,8 @@ pub struct TopicStatus {
     /// One past the newest committed offset: what consumers may read and producers had acked.
     pub commit: Offset,
     pub subscriptions: Vec<SubscriptionInfo>,
+    /// Per replica, as the leader sees them (only the leader fills this in).
+    pub replicas: Vec<ReplicaStatus>,
 }
 
 /// Everything a client or a server may ask.
@@ -231,6 +235,54 @@ pub enum Request {
     TopicStatus {
         topic: TopicName,
     },
+
+    // --- Between servers (node certificate required). ---
+    /// A follower's fetch from the leader of `topic`; also its acknowledgement (see
+    /// `replication`). `known_commit` and `known_cursor_commit` say what it already knows, so
+    /// the leader answers early when either moved.
+    ReplicaFetch {
+        topic: TopicName,
+        topic_id: TopicId,
+        replica: ServerId,
+        fetch: FetchRequest,
+        known_commit: Offset,
+        known_cursor_commit: u64,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    },
+    /// The naming server asks a replica to promise `epoch` for an election.
+    Promise {
+        topic: TopicName,
+        topic_id: TopicId,
+        epoch: Epoch,
+    },
+}
+
+/// The leader's answer to a [`Request::ReplicaFetch`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ReplicaAnswer {
+    Chunk(ReplicaChunk),
+    Diverging {
+        end_epoch: Epoch,
+        end_offset: Offset,
+    },
+    Reset(ReplicaReset),
+    /// The follower knows a newer epoch than this leader: it must wait for a new assignment.
+    Fenced {
+        epoch: Epoch,
+    },
+}
+
+/// One replica as the leader sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub server: ServerId,
+    pub role: Role,
+    /// The replica's durable log end as last acknowledged to the leader (the leader's own for
+    /// itself); `None` if it has not fetched in this epoch.
+    pub log_end: Option<Offset>,
+    /// It holds everything the leader has.
+    pub caught_up: bool,
 }
 
 /// The answer to one [`Request`].
@@ -279,6 +331,12 @@ pub enum Response {
         freed_records: u64,
     },
     TopicStatus(TopicStatus),
+    Replica(ReplicaAnswer),
+    /// A replica's promise: its newest epoch and durable log end.
+    Promised {
+        last_epoch: Epoch,
+        log_end: Offset,
+    },
 }
 
 impl Response {
