@@ -41,6 +41,12 @@ pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
 pub const MAX_BATCH_RECORDS: usize = 4096;
 /// How long a request keeps being retried before its error is reported.
 pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
+/// A producer with batches in flight and no answer for this long asks the naming server
+/// whether the leader changed (a killed leader sends no error; its connection just goes
+/// quiet until the idle timeout).
+const STALL_CHECK: Duration = Duration::from_millis(500);
+/// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
+const POLL_GRACE: Duration = Duration::from_secs(2);
 
 /// Exponential backoff with jitter, bounded by a deadline.
 struct Backoff {
@@ -488,7 +494,21 @@ impl ProducerTask {
                 }
             }
             let can_take = !closed && self.inflight.len() < self.max_inflight;
+            let stalled = session.is_some() && !self.inflight.is_empty();
             tokio::select! {
+                _ = tokio::time::sleep(STALL_CHECK), if stalled => {
+                    // No answer for a while: if the book names another leader now, move there.
+                    let peer = session.as_ref().map(|s| s.stream_writer.peer());
+                    if let Ok(info) = self.client.lookup(&self.topic).await {
+                        if info.leader_addr().is_some() && info.leader_addr() != peer {
+                            debug!(topic = %self.topic, "the leader changed while batches were in flight");
+                            if let Some(addr) = peer {
+                                self.client.forget_server(addr).await;
+                            }
+                            session = None;
+                        }
+                    }
+                }
                 resp = async { session.as_mut().expect("session").responses.recv().await }, if session.is_some() => {
                     match resp {
                         Some(Ok(Response::Produced { base, count, duplicate, .. })) => {
@@ -575,9 +595,11 @@ impl Consumer {
     async fn exchange(
         &mut self,
         ack: Option<Offset>,
+        wait: Duration,
         req: impl Fn(Option<Offset>) -> Request,
     ) -> Result<Response, Error> {
         let mut backoff = Backoff::new(self.client.retry_deadline);
+        let limit = wait + POLL_GRACE;
         loop {
             let result = async {
                 if self.stream.is_none() {
@@ -598,8 +620,14 @@ impl Consumer {
                     stream.recv().await?;
                 }
                 stream.recv().await
-            }
-            .await;
+            };
+            // A dead server sends nothing: do not wait for the idle timeout to say so.
+            let result = match tokio::time::timeout(limit, result).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unavailable {
+                    detail: format!("no answer from the leader of {} in {limit:?}", self.topic),
+                }),
+            };
             if result.is_err() {
                 // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
                 // Ack): never reuse it.
@@ -633,7 +661,7 @@ impl Consumer {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
         let resp = self
-            .exchange(ack, |from| Request::Fetch {
+            .exchange(ack, wait, |from| Request::Fetch {
                 topic: topic.clone(),
                 subscription: subscription.clone(),
                 from,
@@ -665,7 +693,7 @@ impl Consumer {
     pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
         match self
-            .exchange(None, move |_| Request::Ack {
+            .exchange(None, Duration::ZERO, move |_| Request::Ack {
                 topic: topic.clone(),
                 subscription: subscription.clone(),
                 next,

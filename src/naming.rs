@@ -22,11 +22,12 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
-use crate::transport::{self, ready, Peer, ResponseFuture, Service};
+use crate::replication;
+use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Epoch, ServerId, TopicId, TopicName};
 use crate::wire::{
     ReplicaInfo, Request, Response, ServerInfo, TopicConfig, TopicInfo, MAX_RECORD_BYTES_LIMIT,
@@ -44,6 +45,9 @@ const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
 
 /// Most replicas a topic may ask for.
 const MAX_REPLICAS: u32 = 16;
+
+/// How long an election waits for each replica's promise.
+const PROMISE_WAIT: Duration = Duration::from_secs(1);
 
 /// Settings of `herald naming`.
 #[derive(Debug, Clone)]
@@ -67,7 +71,11 @@ struct TopicRecord {
     config: TopicConfig,
     replicas: Vec<ServerId>,
     leader: ServerId,
+    /// The epoch the current leader was chosen in.
     epoch: Epoch,
+    /// The newest epoch any election used (at least `epoch`). Kept apart from `epoch` so an
+    /// election under way never shows servers a leader it has not chosen.
+    election_epoch: Epoch,
     created_ms: u64,
 }
 
@@ -311,6 +319,7 @@ impl NamingServer {
                 leader: chosen[0],
                 replicas: chosen,
                 epoch: 1,
+                election_epoch: 1,
                 created_ms: now_ms(),
             };
             book.next_topic_id += 1;
@@ -394,6 +403,115 @@ impl NamingServer {
     }
 }
 
+impl NamingServer {
+    /// Topics whose leader's lease has expired (and that have other replicas to lead).
+    fn leaderless(&self) -> Vec<String> {
+        let book = self.book.lock().expect("book lock");
+        book.topics
+            .values()
+            .filter(|t| t.replicas.len() > 1 && !self.is_alive(&book, t.leader))
+            .map(|t| t.name.to_string())
+            .collect()
+    }
+
+    /// Runs one election for `topic`: bump the election epoch durably, collect promises from
+    /// the replicas that answer, pick the most up-to-date of a majority, and publish it.
+    async fn elect(
+        self: &Arc<Self>,
+        endpoint: &quinn::Endpoint,
+        topic: &str,
+    ) -> Result<Option<ServerId>, Error> {
+        let (record, epoch, addrs) = {
+            let mut book = self.book.lock().expect("book lock");
+            let Some(t) = book.topics.get_mut(topic) else { return Ok(None) };
+            t.election_epoch = t.election_epoch.max(t.epoch) + 1;
+            let record = t.clone();
+            // Only replicas with a live lease are asked: a dead one would cost the whole
+            // promise timeout, and any majority is enough for a safe choice.
+            let addrs: Vec<(ServerId, SocketAddr)> = record
+                .replicas
+                .iter()
+                .filter(|id| self.is_alive(&book, **id))
+                .filter_map(|id| book.servers.get(id).map(|s| (s.id, s.addr)))
+                .collect();
+            self.persist(&book, None, Some(&record), None)?;
+            (record.clone(), record.election_epoch, addrs)
+        };
+        info!(topic, epoch, "leader lease expired; electing");
+        let mut asks = tokio::task::JoinSet::new();
+        for (server, addr) in addrs {
+            let endpoint = endpoint.clone();
+            let req = Request::Promise { topic: record.name.clone(), topic_id: record.id, epoch };
+            asks.spawn(async move {
+                let ask = async {
+                    let conn = Connection::connect(&endpoint, addr).await?;
+                    let answer = conn.call(&req).await;
+                    conn.close();
+                    answer
+                };
+                match tokio::time::timeout(PROMISE_WAIT, ask).await {
+                    Ok(Ok(Response::Promised { last_epoch, log_end })) => Some((server, last_epoch, log_end)),
+                    Ok(Ok(_)) | Err(_) => None,
+                    Ok(Err(e)) => {
+                        debug!(server, error = %e, "no promise");
+                        None
+                    }
+                }
+            });
+        }
+        let mut reports = Vec::new();
+        while let Some(r) = asks.join_next().await {
+            if let Ok(Some(report)) = r {
+                reports.push(report);
+            }
+        }
+        let Some(winner) = replication::choose_leader(&record.replicas, &reports) else {
+            warn!(
+                topic,
+                epoch,
+                answered = reports.len(),
+                replicas = record.replicas.len(),
+                "no majority answered; the topic has no leader until one does"
+            );
+            return Ok(None);
+        };
+        let mut book = self.book.lock().expect("book lock");
+        let Some(t) = book.topics.get_mut(topic) else { return Ok(None) };
+        if t.id != record.id || t.election_epoch != epoch {
+            return Ok(None); // deleted, or a newer election started meanwhile
+        }
+        t.leader = winner;
+        t.epoch = epoch;
+        let record = t.clone();
+        book.version += 1;
+        self.persist(&book, None, Some(&record), None)?;
+        self.version.send_replace(book.version);
+        info!(topic, epoch, leader = winner, ?reports, "leader elected");
+        Ok(Some(winner))
+    }
+}
+
+/// Watches leaders' leases and elects new leaders for topics whose leader died.
+async fn watch_leaders(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
+    let started = Instant::now();
+    let tick = (naming.lease / 6).max(Duration::from_millis(20));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(tick) => {}
+        }
+        // After a restart, leases are unknown: give every server one lease to heartbeat.
+        if started.elapsed() < naming.lease {
+            continue;
+        }
+        for topic in naming.leaderless() {
+            if let Err(e) = naming.elect(&endpoint, &topic).await {
+                warn!(topic, error = %e, "election failed");
+            }
+        }
+    }
+}
+
 impl Service for NamingServer {
     fn describe(&self) -> String {
         "the naming server".into()
@@ -430,6 +548,8 @@ pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::R
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
     info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");
+    let elections = tokio::spawn(watch_leaders(service.clone(), endpoint.clone(), shutdown.clone()));
     transport::serve(endpoint, service, shutdown).await;
+    let _ = elections.await;
     Ok(())
 }

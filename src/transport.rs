@@ -44,8 +44,12 @@ pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 pub const MAX_PIPELINED_PER_STREAM: usize = 256;
 
 /// A connection with no traffic for this long is dead (keep-alives are sent well within it).
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const KEEP_ALIVE: Duration = Duration::from_secs(1);
+
+/// Longest a dial (QUIC + TLS + version handshake) may take. A dead server does not answer
+/// at all, so without this a dial would wait out the idle timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Responses are gathered up to this many bytes per write.
 const WRITE_COALESCE_BYTES: usize = 256 * 1024;
@@ -333,8 +337,17 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Dials `addr`, completes TLS and the version handshake.
+    /// Dials `addr`, completes TLS and the version handshake, within [`CONNECT_TIMEOUT`].
     pub async fn connect(endpoint: &Endpoint, addr: SocketAddr) -> Result<Self, Error> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, Self::dial(endpoint, addr)).await {
+            Ok(result) => result,
+            Err(_) => Err(Error::Unavailable {
+                detail: format!("no answer from {addr} within {CONNECT_TIMEOUT:?}"),
+            }),
+        }
+    }
+
+    async fn dial(endpoint: &Endpoint, addr: SocketAddr) -> Result<Self, Error> {
         let server_name = addr.ip().to_string();
         let connecting = endpoint
             .connect(addr, &server_name)

@@ -19,6 +19,9 @@ use herald::types::{ServerId, TopicName};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
+/// Liveness lease of the test clusters' naming servers: short, so failovers are quick.
+pub const LEASE_MS: u64 = 1500;
+
 /// Generous deadline for conditions on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -123,7 +126,15 @@ impl Cluster {
         assert!(out.status.success(), "herald certs: {}", String::from_utf8_lossy(&out.stderr));
         let naming_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data = dir.path().join("naming").display().to_string();
-        let args = vec!["naming".into(), "--listen".into(), naming_addr.to_string(), "--data".into(), data];
+        let args = vec![
+            "naming".into(),
+            "--listen".into(),
+            naming_addr.to_string(),
+            "--data".into(),
+            data,
+            "--lease-ms".into(),
+            LEASE_MS.to_string(),
+        ];
         let naming = Proc::start("naming", args, dir.path(), &certs);
         let mut cluster = Cluster { dir, certs, naming_addr, naming, servers: Vec::new() };
         for i in 1..=n {
@@ -233,6 +244,60 @@ impl Cluster {
     pub fn create_topic(&self, name: &str) -> TopicName {
         self.cli_ok(&["topic", "create", name], None);
         TopicName::new(name).unwrap()
+    }
+
+    /// The id of the server that leads `topic` now, by the naming server's book.
+    pub async fn leader_of(&self, topic: &TopicName) -> ServerId {
+        let client = self.client();
+        let leader = client.lookup(topic).await.unwrap().leader;
+        client.close().await;
+        leader
+    }
+
+    /// Every record `server` holds for `topic` up to its commit offset, read straight from
+    /// that replica through `subscription`.
+    pub async fn replica_records(
+        &self,
+        server: ServerId,
+        topic: &TopicName,
+        subscription: &str,
+    ) -> Vec<(u64, String)> {
+        use herald::wire::{Request, Response};
+        let identity = herald::certs::load(&self.certs, herald::certs::CertRole::Client).unwrap();
+        let addr = self.server_addr(server);
+        let config = herald::transport::client_config(&identity).unwrap();
+        let endpoint = herald::transport::client_endpoint(addr, config).unwrap();
+        let conn = herald::transport::Connection::connect(&endpoint, addr).await.unwrap();
+        let status = match conn.call(&Request::TopicStatus { topic: topic.clone() }).await.unwrap() {
+            Response::TopicStatus(s) => s,
+            other => panic!("{other:?}"),
+        };
+        let mut out = Vec::new();
+        let mut from = status.log_start;
+        while from < status.commit {
+            let req = Request::Fetch {
+                topic: topic.clone(),
+                subscription: herald::types::SubscriptionName::new(subscription).unwrap(),
+                from: Some(from),
+                max_records: 10_000,
+                max_bytes: 4 << 20,
+                max_wait_ms: 0,
+            };
+            match conn.call(&req).await.unwrap() {
+                Response::Records { records, .. } => {
+                    if records.is_empty() {
+                        break;
+                    }
+                    from = records.last().unwrap().offset + 1;
+                    out.extend(
+                        records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())),
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        conn.close();
+        out
     }
 
     /// `topic describe --json`, parsed.
