@@ -121,8 +121,9 @@ enum TopicCommand {
     /// Create a topic.
     Create {
         name: String,
-        /// Replication factor. This version keeps one replica per topic (replication is next).
-        #[arg(long, default_value_t = 1)]
+        /// Replication factor: the topic lives on this many servers and a record is committed
+        /// once a majority of them has it on disk.
+        #[arg(long, default_value_t = 3)]
         replicas: u32,
         /// Largest record (key + headers + payload) the topic accepts, in bytes.
         #[arg(long, default_value_t = DEFAULT_MAX_RECORD_BYTES)]
@@ -339,11 +340,16 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
         .replicas
         .iter()
         .map(|r| {
-            json!({
+            let mut v = json!({
                 "server": r.server,
                 "address": r.addr.to_string(),
                 "role": if r.server == info.leader { "leader" } else { "follower" },
-            })
+            });
+            if let Some(p) = status.and_then(|s| s.replicas.iter().find(|p| p.server == r.server)) {
+                v["log_end"] = json!(p.log_end);
+                v["caught_up"] = json!(p.caught_up);
+            }
+            v
         })
         .collect();
     let mut v = json!({
@@ -397,12 +403,6 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
     match cmd {
         TopicCommand::Create { name, replicas, max_record_bytes, json } => {
             let name = topic_name(&name)?;
-            if replicas != 1 {
-                return Err(Error::invalid(format!(
-                    "--replicas {replicas}: this version of Herald keeps one replica per topic (replication comes next); use --replicas 1"
-                ))
-                .into());
-            }
             let info = client.create_topic(&name, replicas, TopicConfig { max_record_bytes }).await?;
             if json {
                 print_json(&topic_json(&info, None))?;
@@ -469,7 +469,15 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                 writeln!(out, "leader     server {} (epoch {})", info.leader, info.epoch)?;
                 for r in &info.replicas {
                     let role = if r.server == info.leader { "leader" } else { "follower" };
-                    writeln!(out, "replica    server {} at {} ({role})", r.server, r.addr)?;
+                    let position = match status.replicas.iter().find(|p| p.server == r.server) {
+                        Some(p) => format!(
+                            ", log end {}{}",
+                            p.log_end.map_or("?".to_string(), |e| e.to_string()),
+                            if p.caught_up { ", caught up" } else { ", catching up" }
+                        ),
+                        None => String::new(),
+                    };
+                    writeln!(out, "replica    server {} at {} ({role}{position})", r.server, r.addr)?;
                 }
                 writeln!(
                     out,

@@ -179,6 +179,8 @@ impl Replica {
             if epoch > l.epoch {
                 warn!(topic = %self.log.name, epoch = l.epoch, newer = epoch, "deposed: a newer epoch exists");
                 *part = Part::Deposed;
+                // Wake everything waiting for a commit this leader can no longer make.
+                self.assignment.send_modify(|_| {});
             }
         }
     }
@@ -201,15 +203,23 @@ impl Replica {
 
     async fn wait(&self, done: impl Fn(&LogState) -> bool) -> Result<(), Error> {
         let mut state = self.log.watch();
+        let mut assignment = self.assignment.subscribe();
         let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
         loop {
             if done(&state.borrow_and_update()) {
                 return Ok(());
             }
             self.check_leader()?;
-            match tokio::time::timeout_at(deadline, state.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Error::Unavailable { detail: "topic closed".into() }),
+            // Wake on progress, and on a new assignment (which may depose this leader).
+            let changed = async {
+                tokio::select! {
+                    r = state.changed() => r.is_ok(),
+                    r = assignment.changed() => r.is_ok(),
+                }
+            };
+            match tokio::time::timeout_at(deadline, changed).await {
+                Ok(true) => {}
+                Ok(false) => return Err(Error::Unavailable { detail: "topic closed".into() }),
                 Err(_) => {
                     // Check leadership at least every deadline; a deposed leader says so.
                     self.check_leader()?;

@@ -43,8 +43,13 @@ async fn invalid_names_unknown_topics_and_subscriptions_get_typed_errors() {
     cluster.create_topic("t");
     let out = cluster.cli(&["subscription", "delete", "t", "nope"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown subscription \"nope\""));
-    let out = cluster.cli(&["topic", "create", "t"], None);
+    let out = cluster.cli(&["topic", "create", "t", "--replicas", "1"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"));
+    // More replicas than live servers is a clear error, never silently fewer.
+    let out = cluster.cli(&["topic", "create", "wide"], None);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot place 3 replicas: only 1 topic servers are alive"), "{stderr}");
 
     // Fetching through a subscription that does not exist, straight on the wire.
     let conn = connect(&cluster, cluster.server_addr(1)).await;
@@ -66,7 +71,7 @@ async fn invalid_names_unknown_topics_and_subscriptions_get_typed_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
     let cluster = Cluster::start(1).await;
-    cluster.cli_ok(&["topic", "create", "small", "--max-record-bytes", "100"], None);
+    cluster.cli_ok(&["topic", "create", "small", "--replicas", "1", "--max-record-bytes", "100"], None);
     cluster.cli_ok(&["subscription", "create", "small", "s"], None);
 
     // The CLI refuses the record before sending it, and counts it as not acknowledged.
@@ -101,7 +106,8 @@ async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
     assert_eq!(cluster.cli_ok(&["consume", "small", "--subscription", "s"], None), "ok-1\nok-2\n");
 
     // A topic limit above what a frame can carry is refused at creation.
-    let out = cluster.cli(&["topic", "create", "huge", "--max-record-bytes", "100000000"], None);
+    let out =
+        cluster.cli(&["topic", "create", "huge", "--replicas", "1", "--max-record-bytes", "100000000"], None);
     assert!(String::from_utf8_lossy(&out.stderr).contains("--max-record-bytes must be"));
 }
 

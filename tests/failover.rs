@@ -48,7 +48,8 @@ struct Load {
 }
 
 impl Load {
-    fn start(client: &Arc<Client>, topic: &TopicName, batches: usize, size: usize) -> Load {
+    fn start(client: &Arc<Client>, topic: &TopicName, prefix: &str, batches: usize, size: usize) -> Load {
+        let prefix = prefix.to_string();
         let producer = client.producer(topic.clone(), 8);
         let acks = Arc::new(Mutex::new(Vec::new()));
         let log = acks.clone();
@@ -67,7 +68,7 @@ impl Load {
                 results
             });
             for b in 0..batches {
-                let payloads: Vec<String> = (0..size).map(|i| format!("b{b}-{i}")).collect();
+                let payloads: Vec<String> = (0..size).map(|i| format!("{prefix}{b}-{i}")).collect();
                 let records =
                     payloads.iter().map(|p| Record { payload: p.clone().into_bytes(), ..Record::default() });
                 let rx = producer.send(records.collect()).await.unwrap();
@@ -113,7 +114,7 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
     let client = cluster.client();
     let topic = replicated_topic(&client, "failover").await;
     let old = cluster.leader_of(&topic).await;
-    let load = Load::start(&client, &topic, 400, 25);
+    let load = Load::start(&client, &topic, "b", 400, 25);
     wait_for("some acks", || async { (load.acked() >= 100).then_some(()) }).await;
     let killed_at = Instant::now();
     cluster.server(old).kill();
@@ -134,5 +135,167 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
     let b = cluster.replica_records(survivors[1], &topic, "keep").await;
     let common_len = a.len().min(b.len());
     assert_eq!(a[..common_len], b[..common_len], "replicas agree");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_follower_catches_up_and_matches_the_leader() {
+    let mut cluster = Cluster::start(3).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "catchup").await;
+    let leader = cluster.leader_of(&topic).await;
+    let follower = [1, 2, 3].into_iter().find(|s| *s != leader).unwrap();
+    let load = Load::start(&client, &topic, "b", 300, 20);
+    wait_for("some acks", || async { (load.acked() >= 50).then_some(()) }).await;
+    cluster.server(follower).kill();
+    // The leader and the other follower are a majority: producing goes on.
+    wait_for("acks without the follower", || async { (load.acked() >= 200).then_some(()) }).await;
+    cluster.restart_server(follower);
+    let acks = load.finish().await;
+    wait_for("the restarted follower to catch up", || async {
+        let s = client.topic_status(&topic).await.ok()?;
+        s.replicas.iter().all(|r| r.caught_up).then_some(())
+    })
+    .await;
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    let leader_copy = cluster.replica_records(leader, &topic, "keep").await;
+    let follower_copy = cluster.replica_records(follower, &topic, "keep").await;
+    assert_eq!(leader_copy.len(), 6000);
+    assert_eq!(follower_copy, leader_copy, "the restarted follower holds exactly the leader's records");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_deposed_acks_nothing_and_rejoins_as_follower() {
+    use herald::transport::Connection;
+    use herald::wire::{Request, Response};
+
+    let mut cluster = Cluster::start(3).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "paused").await;
+    let old = cluster.leader_of(&topic).await;
+    let before = Load::start(&client, &topic, "before", 50, 10).finish().await;
+
+    // A client already connected to the old leader, as a stale producer would be.
+    let identity = herald::certs::load(&cluster.certs, herald::certs::CertRole::Client).unwrap();
+    let addr = cluster.server_addr(old);
+    let endpoint =
+        herald::transport::client_endpoint(addr, herald::transport::client_config(&identity).unwrap())
+            .unwrap();
+    let stale = Connection::connect(&endpoint, addr).await.unwrap();
+
+    cluster.server(old).signal("STOP");
+    let new = wait_for("a new leader", || async {
+        let leader = client.lookup(&topic).await.ok()?.leader;
+        (leader != old).then_some(leader)
+    })
+    .await;
+    let during = Load::start(&client, &topic, "during", 50, 10).finish().await;
+    cluster.server(old).signal("CONT");
+
+    // Whatever the old leader does now, it acknowledges nothing.
+    let req = Request::Produce {
+        topic: topic.clone(),
+        producer: 0xdead,
+        sequence: 0,
+        records: vec![Record { payload: b"from-the-past".to_vec(), ..Record::default() }],
+    };
+    match stale.call(&req).await {
+        Ok(Response::Produced { .. }) => panic!("the deposed leader acknowledged a record"),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => assert!(e.is_retriable(), "{e}"),
+    }
+    // It rejoins as a follower of the new leader, and the replicas converge.
+    wait_for("the old leader to catch up as a follower", || async {
+        let s = client.topic_status(&topic).await.ok()?;
+        (s.replicas.iter().all(|r| r.caught_up) && s.server == new).then_some(())
+    })
+    .await;
+    let acks: Vec<_> = before.into_iter().chain(during).collect();
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    assert!(read.iter().all(|(_, p)| p != "from-the-past"));
+    let copy = cluster.replica_records(old, &topic, "keep").await;
+    assert_eq!(copy, cluster.replica_records(new, &topic, "keep").await, "the old leader truncated by epoch");
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_double_failover_keeps_every_acked_record() {
+    let mut cluster = Cluster::start(3).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "double").await;
+    let a = cluster.leader_of(&topic).await;
+    let load = Load::start(&client, &topic, "b", 600, 10);
+    wait_for("some acks", || async { (load.acked() >= 50).then_some(()) }).await;
+    cluster.server(a).kill();
+    let b = wait_for("a second leader", || async {
+        let leader = client.lookup(&topic).await.ok()?.leader;
+        (leader != a).then_some(leader)
+    })
+    .await;
+    let acked = load.acked();
+    wait_for("acks from the second leader", || async { (load.acked() >= acked + 50).then_some(()) }).await;
+    // B dies too, and A comes back: A and the third replica must elect, and the one holding
+    // B's epoch must win, keeping everything B committed.
+    cluster.server(b).kill();
+    cluster.restart_server(a);
+    let acks = load.finish().await;
+    let c = cluster.leader_of(&topic).await;
+    assert_ne!(c, b);
+    cluster.restart_server(b);
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    wait_for("all three replicas to converge", || async {
+        let s = client.topic_status(&topic).await.ok()?;
+        s.replicas.iter().all(|r| r.caught_up).then_some(())
+    })
+    .await;
+    let copies = [
+        cluster.replica_records(1, &topic, "keep").await,
+        cluster.replica_records(2, &topic, "keep").await,
+        cluster.replica_records(3, &topic, "keep").await,
+    ];
+    assert_eq!(copies[0], copies[1]);
+    assert_eq!(copies[1], copies[2]);
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_replicated_cluster_killed_and_restarted_keeps_everything() {
+    let mut cluster = Cluster::start(3).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "everything").await;
+    let acks = Load::start(&client, &topic, "b", 100, 20).finish().await;
+    let mut consumer = client
+        .consumer(topic.clone(), SubscriptionName::new("half").unwrap(), StartFrom::Earliest)
+        .await
+        .unwrap();
+    let first = consumer.poll(1000, Duration::from_secs(1), None).await.unwrap();
+    consumer.ack(first.last().unwrap().offset + 1).await.unwrap();
+    let cursor = first.last().unwrap().offset + 1;
+    client.close().await;
+
+    cluster.naming.kill();
+    for id in [1, 2, 3] {
+        cluster.server(id).kill();
+    }
+    cluster.restart_naming();
+    for id in [1, 2, 3] {
+        cluster.restart_server(id);
+    }
+    cluster.wait_alive(3).await;
+
+    let client = cluster.client();
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    // The subscription resumes at its committed cursor.
+    let mut consumer = client
+        .consumer(topic.clone(), SubscriptionName::new("half").unwrap(), StartFrom::Earliest)
+        .await
+        .unwrap();
+    let rest = consumer.poll(10_000, Duration::from_secs(1), None).await.unwrap();
+    assert_eq!(rest.first().unwrap().offset, cursor);
     client.close().await;
 }

@@ -91,6 +91,13 @@ impl Proc {
         }
     }
 
+    /// Sends a signal (`STOP`, `CONT`, ...) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id().to_string();
+        let status = Command::new("kill").args([&format!("-{sig}"), &pid]).status().unwrap();
+        assert!(status.success(), "kill -{sig} {pid}");
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
@@ -240,9 +247,11 @@ impl Cluster {
         String::from_utf8(out.stdout).unwrap()
     }
 
-    /// Creates a topic through the CLI.
+    /// Creates a topic through the CLI, with as many replicas as the cluster has servers (at
+    /// most the default of 3).
     pub fn create_topic(&self, name: &str) -> TopicName {
-        self.cli_ok(&["topic", "create", name], None);
+        let replicas = self.servers.len().min(3).to_string();
+        self.cli_ok(&["topic", "create", name, "--replicas", &replicas], None);
         TopicName::new(name).unwrap()
     }
 
