@@ -299,3 +299,61 @@ async fn the_whole_replicated_cluster_killed_and_restarted_keeps_everything() {
     assert_eq!(rest.first().unwrap().offset, cursor);
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_acks_nothing_and_rejoins_after_the_partition_heals() {
+    use herald::transport::Connection;
+    use herald::wire::{Request, Response};
+
+    let cluster = Cluster::start_isolatable(3).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "partitioned").await;
+    assert_eq!(cluster.leader_of(&topic).await, 1, "the first topic lands on server 1");
+    let before = Load::start(&client, &topic, "before", 50, 10).finish().await;
+
+    // A producer on the leader's side of the partition, talking to it directly.
+    let identity = herald::certs::load(&cluster.certs, herald::certs::CertRole::Client).unwrap();
+    let real = cluster.server_addr(1);
+    let endpoint =
+        herald::transport::client_endpoint(real, herald::transport::client_config(&identity).unwrap())
+            .unwrap();
+    let stale = Connection::connect(&endpoint, real).await.unwrap();
+
+    cluster.isolate(true);
+    let req = Request::Produce {
+        topic: topic.clone(),
+        producer: 0xbad,
+        sequence: 0,
+        records: vec![Record { payload: b"isolated".to_vec(), ..Record::default() }],
+    };
+    let pending = tokio::spawn(async move { stale.call(&req).await });
+    // The majority side elects a new leader and goes on.
+    let new = wait_for("a leader on the majority side", || async {
+        let leader = client.lookup(&topic).await.ok()?.leader;
+        (leader != 1).then_some(leader)
+    })
+    .await;
+    let during = Load::start(&client, &topic, "during", 50, 10).finish().await;
+    cluster.isolate(false);
+
+    // Healed: the old leader learns of the new epoch and refuses; it never acknowledged.
+    match pending.await.unwrap() {
+        Ok(Response::Produced { .. }) => panic!("the isolated leader acknowledged a record"),
+        Ok(other) => panic!("unexpected {other:?}"),
+        Err(e) => assert!(e.is_retriable(), "{e}"),
+    }
+    wait_for("the old leader to rejoin as a follower", || async {
+        let s = client.topic_status(&topic).await.ok()?;
+        (s.server == new && s.replicas.iter().all(|r| r.caught_up)).then_some(())
+    })
+    .await;
+    let acks: Vec<_> = before.into_iter().chain(during).collect();
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    assert!(read.iter().all(|(_, p)| p != "isolated"));
+    assert_eq!(
+        cluster.replica_records(1, &topic, "keep").await,
+        cluster.replica_records(new, &topic, "keep").await
+    );
+    client.close().await;
+}

@@ -7,6 +7,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -122,6 +124,8 @@ pub struct Cluster {
     pub naming_addr: SocketAddr,
     pub naming: Proc,
     pub servers: Vec<(ServerId, SocketAddr, Proc)>,
+    /// Proxies that can cut server 1 off (see [`Cluster::start_isolatable`]).
+    pub proxies: Vec<proxy::UdpProxy>,
 }
 
 impl Cluster {
@@ -143,12 +147,57 @@ impl Cluster {
             LEASE_MS.to_string(),
         ];
         let naming = Proc::start("naming", args, dir.path(), &certs);
-        let mut cluster = Cluster { dir, certs, naming_addr, naming, servers: Vec::new() };
+        let mut cluster =
+            Cluster { dir, certs, naming_addr, naming, servers: Vec::new(), proxies: Vec::new() };
         for i in 1..=n {
             cluster.add_server(i as ServerId);
         }
         cluster.wait_alive(n).await;
         cluster
+    }
+
+    /// Like [`start`](Self::start), but server 1 can be cut off the network: everyone reaches
+    /// it through a proxy (it advertises the proxy's address), and it reaches the naming
+    /// server through another. [`isolate`](Self::isolate) drops both. Its real address stays
+    /// reachable for a test that talks to it directly.
+    pub async fn start_isolatable(n: usize) -> Cluster {
+        let mut cluster = Cluster::start(0).await;
+        let real: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let to_naming: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        cluster.proxies.push(proxy::UdpProxy::start(front, real).await);
+        cluster.proxies.push(proxy::UdpProxy::start(to_naming, cluster.naming_addr).await);
+        let data = cluster.dir.path().join("server-1");
+        let args: Vec<String> = [
+            "server",
+            "--id",
+            "1",
+            "--listen",
+            &real.to_string(),
+            "--advertise",
+            &front.to_string(),
+            "--naming",
+            &to_naming.to_string(),
+            "--data",
+            &data.display().to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let proc = Proc::start("server-1", args, cluster.dir.path(), &cluster.certs);
+        cluster.servers.push((1, real, proc));
+        for i in 2..=n {
+            cluster.add_server(i as ServerId);
+        }
+        cluster.wait_alive(n).await;
+        cluster
+    }
+
+    /// Cuts server 1 off (true) or reconnects it (false).
+    pub fn isolate(&self, cut: bool) {
+        for p in &self.proxies {
+            p.block(cut);
+        }
     }
 
     /// Starts topic server `id` on a new port.
