@@ -73,9 +73,14 @@ enum Command {
         /// Data directory (the book is kept in DIR/naming.redb).
         #[arg(long)]
         data: PathBuf,
-        /// Liveness lease of topic servers, in milliseconds.
+        /// Liveness lease of topic servers, in milliseconds: a leader silent this long is
+        /// replaced by an election.
         #[arg(long, default_value_t = naming::DEFAULT_LEASE.as_millis() as u64)]
         lease_ms: u64,
+        /// A replica dead this long is replaced by another live server, which copies the
+        /// topic from the leader (milliseconds).
+        #[arg(long, default_value_t = naming::DEFAULT_REPLACE_AFTER.as_millis() as u64)]
+        replace_after_ms: u64,
     },
     /// Run a topic server.
     Server {
@@ -278,12 +283,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote the cluster CA, node and client certificates to {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Naming { listen, data, lease_ms } => {
+        Command::Naming { listen, data, lease_ms, replace_after_ms } => {
             let config = NamingConfig {
                 listen,
                 data_dir: data,
                 certs_dir: common.certs,
                 lease: Duration::from_millis(lease_ms),
+                replace_after: Duration::from_millis(replace_after_ms),
             };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -869,6 +875,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         data_dir: dir.join("naming"),
         certs_dir: common.certs.clone(),
         lease: naming::DEFAULT_LEASE,
+        replace_after: naming::DEFAULT_REPLACE_AFTER,
     };
     tasks.spawn(naming::run(naming_config, shutdown.clone()));
     for i in 1..=servers {

@@ -40,6 +40,9 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// How long a server counts as alive after its last heartbeat, by default.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
 
+/// How long a replica may be dead before it is replaced, by default.
+pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);
+
 /// How long `CreateTopic` waits for the replicas to take the topic on.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
 
@@ -56,6 +59,8 @@ pub struct NamingConfig {
     pub data_dir: PathBuf,
     pub certs_dir: PathBuf,
     pub lease: Duration,
+    /// How long a replica may be dead before another server takes its place.
+    pub replace_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -88,6 +93,8 @@ struct Book {
     cluster_id: u64,
     leases: HashMap<ServerId, Instant>,
     applied: HashMap<ServerId, u64>,
+    /// Leaders' latest reports of which replicas hold everything they have, with when.
+    caught_up: HashMap<TopicId, (Instant, Vec<ServerId>)>,
 }
 
 pub struct NamingServer {
@@ -96,11 +103,13 @@ pub struct NamingServer {
     version: watch::Sender<u64>,
     applied: watch::Sender<()>,
     lease: Duration,
+    replace_after: Duration,
+    started: Instant,
 }
 
 impl NamingServer {
     /// Opens the book in `dir` (creating it on first start).
-    pub fn open(dir: &Path, lease: Duration) -> anyhow::Result<Self> {
+    pub fn open(dir: &Path, lease: Duration, replace_after: Duration) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("naming.redb");
         let db = Database::create(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
@@ -143,6 +152,7 @@ impl NamingServer {
             cluster_id,
             leases: HashMap::new(),
             applied: HashMap::new(),
+            caught_up: HashMap::new(),
         };
         Ok(Self {
             db,
@@ -150,6 +160,8 @@ impl NamingServer {
             version: watch::Sender::new(version),
             applied: watch::Sender::new(()),
             lease,
+            replace_after,
+            started: Instant::now(),
         })
     }
 
@@ -238,6 +250,7 @@ impl NamingServer {
         Ok(Response::Registered { lease_ms: self.lease.as_millis() as u32, cluster: book.cluster_id })
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn heartbeat(
         self: &Arc<Self>,
         peer: &Peer,
@@ -245,6 +258,7 @@ impl NamingServer {
         known_version: u64,
         applied_version: u64,
         wait_ms: u32,
+        caught_up: Vec<(TopicId, Vec<ServerId>)>,
     ) -> ResponseFuture {
         if let Err(e) = Self::require_node(peer, "heartbeating") {
             return ready(Response::Error(e));
@@ -256,9 +270,13 @@ impl NamingServer {
                     detail: format!("server {server} is not registered; register first"),
                 }));
             }
-            book.leases.insert(server, Instant::now());
+            let now = Instant::now();
+            book.leases.insert(server, now);
             let applied = book.applied.entry(server).or_default();
             *applied = (*applied).max(applied_version);
+            for (topic, replicas) in caught_up {
+                book.caught_up.insert(topic, (now, replicas));
+            }
         }
         self.applied.send_replace(());
         let me = self.clone();
@@ -491,6 +509,72 @@ impl NamingServer {
     }
 }
 
+impl NamingServer {
+    /// When `server` was last heard from (the naming server's start if never, since then).
+    fn last_seen(&self, book: &Book, server: ServerId) -> Instant {
+        book.leases.get(&server).copied().unwrap_or(self.started)
+    }
+
+    /// Replaces, in each topic, one replica dead for longer than `replace_after` by the least
+    /// loaded live server outside the replica set, in a new epoch under the same leader. Only
+    /// when the leader is alive and reported, after the dead replica was last heard from, that
+    /// every other live replica holds everything it has: then a majority of the new set holds
+    /// every committed record, so no later failure of a minority can lose one.
+    fn replace_lost_replicas(&self) -> Result<(), Error> {
+        let mut book = self.book.lock().expect("book lock");
+        let mut load: HashMap<ServerId, usize> = HashMap::new();
+        for t in book.topics.values() {
+            for r in &t.replicas {
+                *load.entry(*r).or_default() += 1;
+            }
+        }
+        let names: Vec<String> = book.topics.keys().cloned().collect();
+        for name in names {
+            let t = &book.topics[&name];
+            if t.replicas.len() < 2 || !self.is_alive(&book, t.leader) {
+                continue;
+            }
+            let Some(&lost) = t.replicas.iter().find(|r| {
+                !self.is_alive(&book, **r) && self.last_seen(&book, **r).elapsed() > self.replace_after
+            }) else {
+                continue;
+            };
+            let safe = book.caught_up.get(&t.id).is_some_and(|(when, holders)| {
+                *when > self.last_seen(&book, lost)
+                    && t.replicas
+                        .iter()
+                        .filter(|r| **r != lost && self.is_alive(&book, **r))
+                        .all(|r| holders.contains(r))
+            });
+            if !safe {
+                continue;
+            }
+            let candidate = book
+                .servers
+                .keys()
+                .filter(|s| !t.replicas.contains(s) && self.is_alive(&book, **s))
+                .min_by_key(|s| (load.get(s).copied().unwrap_or(0), **s))
+                .copied();
+            let Some(new) = candidate else { continue };
+            let t = book.topics.get_mut(&name).expect("topic");
+            for r in t.replicas.iter_mut() {
+                if *r == lost {
+                    *r = new;
+                }
+            }
+            t.election_epoch = t.election_epoch.max(t.epoch) + 1;
+            t.epoch = t.election_epoch;
+            let record = t.clone();
+            *load.entry(new).or_default() += 1;
+            book.version += 1;
+            self.persist(&book, None, Some(&record), None)?;
+            self.version.send_replace(book.version);
+            info!(topic = %name, lost, new, epoch = record.epoch, "replaced a lost replica");
+        }
+        Ok(())
+    }
+}
+
 /// Watches leaders' leases and elects new leaders for topics whose leader died.
 async fn watch_leaders(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
     let started = Instant::now();
@@ -509,6 +593,9 @@ async fn watch_leaders(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shu
                 warn!(topic, error = %e, "election failed");
             }
         }
+        if let Err(e) = naming.replace_lost_replicas() {
+            warn!(error = %e, "replacing lost replicas failed");
+        }
     }
 }
 
@@ -525,8 +612,8 @@ impl Service for NamingServer {
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
             Request::Register { server, addr } => answer(self.register(peer, server, addr)),
-            Request::Heartbeat { server, known_version, applied_version, wait_ms } => {
-                self.heartbeat(peer, server, known_version, applied_version, wait_ms)
+            Request::Heartbeat { server, known_version, applied_version, wait_ms, caught_up } => {
+                self.heartbeat(peer, server, known_version, applied_version, wait_ms, caught_up)
             }
             Request::CreateTopic { name, replicas, config } => self.create_topic(name, replicas, config),
             Request::DeleteTopic { name } => answer(self.delete_topic(&name)),
@@ -544,7 +631,7 @@ impl Service for NamingServer {
 /// Runs a naming server until `shutdown`.
 pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
-    let service = Arc::new(NamingServer::open(&config.data_dir, config.lease)?);
+    let service = Arc::new(NamingServer::open(&config.data_dir, config.lease, config.replace_after)?);
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
     info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");

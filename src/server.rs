@@ -249,6 +249,23 @@ impl TopicServer {
         Ok(())
     }
 
+    /// For each topic this server leads, the replicas that hold everything it has.
+    fn caught_up(&self) -> Vec<(u64, Vec<ServerId>)> {
+        let topics = self.topics.read().expect("topics lock");
+        topics
+            .values()
+            .filter_map(|h| {
+                let statuses = h.replica.replica_statuses();
+                (!statuses.is_empty()).then(|| {
+                    (
+                        h.replica.log.id,
+                        statuses.into_iter().filter(|s| s.caught_up).map(|s| s.server).collect(),
+                    )
+                })
+            })
+            .collect()
+    }
+
     fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
         if peer.is_node {
             Ok(())
@@ -432,6 +449,7 @@ async fn follow_naming(
                     known_version: known,
                     applied_version: applied,
                     wait_ms: lease_ms / 3,
+                    caught_up: server.caught_up(),
                 };
                 match conn.call(&req).await? {
                     Response::Heartbeat { version, assignments } => {

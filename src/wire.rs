@@ -181,6 +181,9 @@ pub enum Request {
         known_version: u64,
         applied_version: u64,
         wait_ms: u32,
+        /// For each topic this server leads, the replicas holding everything it has (itself
+        /// included): the naming server replaces a lost replica only when that is safe.
+        caught_up: Vec<(TopicId, Vec<ServerId>)>,
     },
     CreateTopic {
         name: TopicName,
@@ -451,7 +454,8 @@ mod tests {
                 server,
                 known_version: v,
                 applied_version: v,
-                wait_ms: 5
+                wait_ms: 5,
+                caught_up: vec![(v, vec![server])],
             }),
             topic.prop_map(|name| Request::LookupTopic { name }),
         ]

@@ -357,3 +357,39 @@ async fn an_isolated_leader_acks_nothing_and_rejoins_after_the_partition_heals()
     );
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_lost_for_good_is_replaced_and_the_new_one_catches_up() {
+    let mut cluster = Cluster::start(4).await;
+    let client = cluster.client();
+    let topic = replicated_topic(&client, "healing").await;
+    let info = client.lookup(&topic).await.unwrap();
+    let spare = [1, 2, 3, 4].into_iter().find(|s| info.replicas.iter().all(|r| r.server != *s)).unwrap();
+    let lost = info.replicas.iter().map(|r| r.server).find(|s| *s != info.leader).unwrap();
+    let before = Load::start(&client, &topic, "before", 100, 20).finish().await;
+    cluster.server(lost).kill();
+    let during = Load::start(&client, &topic, "during", 100, 20).finish().await;
+
+    let healed = wait_for("the lost replica to be replaced", || async {
+        let info = client.lookup(&topic).await.ok()?;
+        info.replicas.iter().any(|r| r.server == spare).then_some(info)
+    })
+    .await;
+    assert!(healed.replicas.iter().all(|r| r.server != lost));
+    assert_eq!(healed.leader, info.leader, "the leader stays");
+    assert!(healed.epoch > info.epoch, "a new replica set is a new epoch");
+    wait_for("the new replica to catch up", || async {
+        let s = client.topic_status(&topic).await.ok()?;
+        (s.replicas.len() == 3 && s.replicas.iter().all(|r| r.caught_up)).then_some(())
+    })
+    .await;
+    let acks: Vec<_> = before.into_iter().chain(during).collect();
+    let read = read_all(&client, &topic, "check").await;
+    check(&read, &acks);
+    assert_eq!(
+        cluster.replica_records(spare, &topic, "keep").await,
+        cluster.replica_records(info.leader, &topic, "keep").await,
+        "the new replica holds the leader's records"
+    );
+    client.close().await;
+}

@@ -24,6 +24,9 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_herald");
 /// Liveness lease of the test clusters' naming servers: short, so failovers are quick.
 pub const LEASE_MS: u64 = 1500;
 
+/// How long a replica may be dead before the test clusters' naming servers replace it.
+pub const REPLACE_AFTER_MS: u64 = 3000;
+
 /// Generous deadline for conditions on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -145,6 +148,8 @@ impl Cluster {
             data,
             "--lease-ms".into(),
             LEASE_MS.to_string(),
+            "--replace-after-ms".into(),
+            REPLACE_AFTER_MS.to_string(),
         ];
         let naming = Proc::start("naming", args, dir.path(), &certs);
         let mut cluster =
