@@ -95,6 +95,50 @@ impl Load {
     }
 }
 
+/// A consumer reading and acknowledging through a subscription while the test runs. It
+/// checks, as it goes, that offsets strictly increase with no gap and that the committed
+/// cursor never moves backwards.
+struct Reader {
+    want: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<(u64, String)>>,
+}
+
+impl Reader {
+    async fn start(client: &Arc<Client>, topic: &TopicName, sub: &str) -> Reader {
+        let mut consumer = client
+            .consumer(topic.clone(), SubscriptionName::new(sub).unwrap(), StartFrom::Earliest)
+            .await
+            .unwrap();
+        let want = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+        let target = want.clone();
+        let task = tokio::spawn(async move {
+            let mut read: Vec<(u64, String)> = Vec::new();
+            let mut cursor = 0;
+            while read.len() < target.load(std::sync::atomic::Ordering::Relaxed) {
+                let records = consumer.poll(1000, Duration::from_millis(200), None).await.expect("poll");
+                for r in records {
+                    let expected = read.last().map_or(0, |(o, _)| o + 1);
+                    assert_eq!(r.offset, expected, "the consumer sees every offset once, in order");
+                    read.push((r.offset, String::from_utf8(r.record.payload).unwrap()));
+                }
+                if let Some((last, _)) = read.last() {
+                    let now = consumer.ack(last + 1).await.expect("ack");
+                    assert!(now >= cursor, "the cursor moved back from {cursor} to {now}");
+                    cursor = now;
+                }
+            }
+            read
+        });
+        Reader { want, task }
+    }
+
+    /// Waits until it has read `total` records; returns them.
+    async fn finish(self, total: usize) -> Vec<(u64, String)> {
+        self.want.store(total, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(common::DEADLINE, self.task).await.expect("the consumer keeps up").unwrap()
+    }
+}
+
 /// Checks the history: every acked record read once, in order; offsets dense; the acks'
 /// offsets match where the records are.
 fn check(read: &[(u64, String)], acks: &[Acked]) {
@@ -114,11 +158,14 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
     let client = cluster.client();
     let topic = replicated_topic(&client, "failover").await;
     let old = cluster.leader_of(&topic).await;
+    let reader = Reader::start(&client, &topic, "live").await;
     let load = Load::start(&client, &topic, "b", 400, 25);
     wait_for("some acks", || async { (load.acked() >= 100).then_some(()) }).await;
     let killed_at = Instant::now();
     cluster.server(old).kill();
     let acks = load.finish().await;
+    let live = reader.finish(10_000).await;
+    check(&live, &acks);
     let first_after = acks.iter().map(|(t, _, _)| *t).filter(|t| *t > killed_at).min().unwrap();
     eprintln!(
         "failover: kill -9 of the leader to the first ack from the new leader: {:?}",
@@ -129,6 +176,8 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
 
     let read = read_all(&client, &topic, "check").await;
     check(&read, &acks);
+    let status = client.topic_status(&topic).await.unwrap();
+    assert_eq!(status.log_start, 0, "nothing deleted while a subscription ('keep') has not read it");
     // The two live replicas hold the same records up to the commit offset.
     let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|s| *s != old).collect();
     let a = cluster.replica_records(survivors[0], &topic, "keep").await;
@@ -227,6 +276,7 @@ async fn rapid_double_failover_keeps_every_acked_record() {
     let client = cluster.client();
     let topic = replicated_topic(&client, "double").await;
     let a = cluster.leader_of(&topic).await;
+    let reader = Reader::start(&client, &topic, "live").await;
     let load = Load::start(&client, &topic, "b", 600, 10);
     wait_for("some acks", || async { (load.acked() >= 50).then_some(()) }).await;
     cluster.server(a).kill();
@@ -242,6 +292,8 @@ async fn rapid_double_failover_keeps_every_acked_record() {
     cluster.server(b).kill();
     cluster.restart_server(a);
     let acks = load.finish().await;
+    let live = reader.finish(6000).await;
+    check(&live, &acks);
     let c = cluster.leader_of(&topic).await;
     assert_ne!(c, b);
     cluster.restart_server(b);
@@ -309,6 +361,7 @@ async fn an_isolated_leader_acks_nothing_and_rejoins_after_the_partition_heals()
     let client = cluster.client();
     let topic = replicated_topic(&client, "partitioned").await;
     assert_eq!(cluster.leader_of(&topic).await, 1, "the first topic lands on server 1");
+    let reader = Reader::start(&client, &topic, "live").await;
     let before = Load::start(&client, &topic, "before", 50, 10).finish().await;
 
     // A producer on the leader's side of the partition, talking to it directly.
@@ -348,6 +401,8 @@ async fn an_isolated_leader_acks_nothing_and_rejoins_after_the_partition_heals()
     })
     .await;
     let acks: Vec<_> = before.into_iter().chain(during).collect();
+    let live = reader.finish(1000).await;
+    check(&live, &acks);
     let read = read_all(&client, &topic, "check").await;
     check(&read, &acks);
     assert!(read.iter().all(|(_, p)| p != "isolated"));
