@@ -45,6 +45,8 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// whether the leader changed (a killed leader sends no error; its connection just goes
 /// quiet until the idle timeout).
 const STALL_CHECK: Duration = Duration::from_millis(500);
+/// Once stalled, how often the producer asks again (an election takes about a lease).
+const STALL_RECHECK: Duration = Duration::from_millis(100);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
 const POLL_GRACE: Duration = Duration::from_secs(2);
 
@@ -336,6 +338,8 @@ pub struct BatchAck {
     /// Offset of the batch's first record.
     pub base: Offset,
     pub count: u32,
+    /// The epoch of the leader that acknowledged it.
+    pub epoch: crate::types::Epoch,
     /// The leader had stored this batch already (a retry); nothing new was stored.
     pub duplicate: bool,
 }
@@ -472,6 +476,9 @@ impl ProducerTask {
         let mut session: Option<Session> = None;
         let mut closed = false;
         let mut backoff = Backoff::new(self.client.retry_deadline);
+        // When the producer last heard from the leader, and when it last asked the book.
+        let mut last_answer = tokio::time::Instant::now();
+        let mut last_check = last_answer;
         loop {
             if closed && self.inflight.is_empty() {
                 break;
@@ -495,9 +502,11 @@ impl ProducerTask {
             }
             let can_take = !closed && self.inflight.len() < self.max_inflight;
             let stalled = session.is_some() && !self.inflight.is_empty();
+            let next_check = (last_answer + STALL_CHECK).max(last_check + STALL_RECHECK);
             tokio::select! {
-                _ = tokio::time::sleep(STALL_CHECK), if stalled => {
+                _ = tokio::time::sleep_until(next_check), if stalled => {
                     // No answer for a while: if the book names another leader now, move there.
+                    last_check = tokio::time::Instant::now();
                     let peer = session.as_ref().map(|s| s.stream_writer.peer());
                     if let Ok(info) = self.client.lookup(&self.topic).await {
                         if info.leader_addr().is_some() && info.leader_addr() != peer {
@@ -511,10 +520,11 @@ impl ProducerTask {
                 }
                 resp = async { session.as_mut().expect("session").responses.recv().await }, if session.is_some() => {
                     match resp {
-                        Some(Ok(Response::Produced { base, count, duplicate, .. })) => {
+                        Some(Ok(Response::Produced { base, count, epoch, duplicate })) => {
                             if let Some(f) = self.inflight.pop_front() {
-                                let _ = f.batch.reply.send(Ok(BatchAck { base, count, duplicate }));
+                                let _ = f.batch.reply.send(Ok(BatchAck { base, count, epoch, duplicate }));
                             }
+                            last_answer = tokio::time::Instant::now();
                             self.failing_since = None;
                             backoff = Backoff::new(self.client.retry_deadline);
                         }
@@ -560,6 +570,10 @@ impl ProducerTask {
                             if sent.is_err() {
                                 session = None;
                             }
+                        }
+                        if self.inflight.is_empty() {
+                            // Silence is measured from the first batch in flight.
+                            last_answer = tokio::time::Instant::now();
                         }
                         self.inflight.push_back(InFlight { sequence, batch });
                     }
