@@ -317,14 +317,14 @@ impl Cluster {
         leader
     }
 
-    /// Every record `server` holds for `topic` up to its commit offset, read straight from
-    /// that replica through `subscription`.
+    /// Every record `server` holds for `topic` up to its commit offset (offset, timestamp,
+    /// key, headers, payload), read straight from that replica through `subscription`.
     pub async fn replica_records(
         &self,
         server: ServerId,
         topic: &TopicName,
         subscription: &str,
-    ) -> Vec<(u64, String)> {
+    ) -> Vec<herald::wire::StoredRecord> {
         use herald::wire::{Request, Response};
         let identity = herald::certs::load(&self.certs, herald::certs::CertRole::Client).unwrap();
         let addr = self.server_addr(server);
@@ -352,9 +352,7 @@ impl Cluster {
                         break;
                     }
                     from = records.last().unwrap().offset + 1;
-                    out.extend(
-                        records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())),
-                    );
+                    out.extend(records);
                 }
                 other => panic!("{other:?}"),
             }
