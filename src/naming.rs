@@ -422,12 +422,18 @@ impl NamingServer {
 }
 
 impl NamingServer {
-    /// Topics whose leader's lease has expired (and that have other replicas to lead).
+    /// Topics whose leader's lease has expired and that can elect another: a majority of
+    /// their replicas is alive (otherwise an election could not succeed, and each attempt
+    /// would burn an epoch and an fsync).
     fn leaderless(&self) -> Vec<String> {
         let book = self.book.lock().expect("book lock");
         book.topics
             .values()
             .filter(|t| t.replicas.len() > 1 && !self.is_alive(&book, t.leader))
+            .filter(|t| {
+                let alive = t.replicas.iter().filter(|r| self.is_alive(&book, **r)).count();
+                alive >= replication::majority(t.replicas.len())
+            })
             .map(|t| t.name.to_string())
             .collect()
     }

@@ -95,10 +95,15 @@ async fn the_whole_cluster_killed_and_restarted_keeps_records_and_cursors() {
     cluster.wait_alive(2).await;
 
     for (t, before) in ["one", "two"].iter().zip(before) {
-        let after = cluster.describe(t);
-        for field in ["id", "leader", "epoch", "log_start", "log_end", "commit", "subscriptions"] {
-            assert_eq!(after[field], before[field], "{t}: {field} changed across the restart");
-        }
+        // Records and cursors come back whole; the commit offset climbs back as the replicas
+        // report in, and a slow re-registration may even cause an election (a newer epoch).
+        let fields = ["id", "log_start", "log_end", "commit", "subscriptions"];
+        let after = wait_for(&format!("{t} to come back as it was"), || async {
+            let after = cluster.describe(t);
+            fields.iter().all(|f| after[f] == before[f]).then_some(after)
+        })
+        .await;
+        assert!(after["epoch"].as_u64() >= before["epoch"].as_u64(), "epochs never go back");
         // a resumes at 1000, b at 0: both see the rest in order.
         let a = cluster.cli_ok(&["consume", t, "--subscription", "a"], None);
         let expect_a: String = (1000..3000).map(|i| format!("{t}-{i}\n")).collect();
