@@ -207,10 +207,6 @@ impl Leader {
         self.commit
     }
 
-    pub fn replicas(&self) -> &[ServerId] {
-        &self.replicas
-    }
-
     /// A follower's last consistent fetch, if any in this epoch.
     pub fn progress(&self, follower: ServerId) -> Option<Progress> {
         self.progress.get(&follower).copied()
@@ -242,11 +238,6 @@ impl Leader {
             },
         );
         FetchDecision::Serve { from: req.fetch_offset }
-    }
-
-    /// Forgets a follower (its stream broke); it counts again after its next fetch.
-    pub fn forget(&mut self, follower: ServerId) {
-        self.progress.remove(&follower);
     }
 
     /// The `k`-th largest of the values the majority rule counts: the leader's own value and

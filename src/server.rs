@@ -71,6 +71,16 @@ impl TopicServer {
             .ok_or_else(|| Error::NotLeader { topic: name.to_string(), server: self.node.id, leader: None })
     }
 
+    /// The replica of `name`, if it is the incarnation `id` (a server-to-server request
+    /// about a deleted and re-created topic must not touch the new one).
+    fn replica_with_id(&self, name: &TopicName, id: u64) -> Result<Arc<Replica>, Error> {
+        let replica = self.replica(name)?;
+        if replica.log.id != id {
+            return Err(Error::NotLeader { topic: name.to_string(), server: self.node.id, leader: None });
+        }
+        Ok(replica)
+    }
+
     fn topic(&self, name: &TopicName) -> Result<Arc<TopicLog>, Error> {
         Ok(self.replica(name)?.log.clone())
     }
@@ -356,14 +366,7 @@ impl Service for TopicServer {
                 }
                 Box::pin(async move {
                     let result = async {
-                        let replica = me.replica(&topic)?;
-                        if replica.log.id != topic_id {
-                            return Err(Error::NotLeader {
-                                topic: topic.to_string(),
-                                server: me.node.id,
-                                leader: None,
-                            });
-                        }
+                        let replica = me.replica_with_id(&topic, topic_id)?;
                         let wait = Duration::from_millis(max_wait_ms as u64).min(Duration::from_secs(5));
                         let bytes = max_bytes.min(crate::replica::REPLICA_FETCH_BYTES);
                         let answer = replica
@@ -388,14 +391,7 @@ impl Service for TopicServer {
                 }
                 Box::pin(async move {
                     let result = async {
-                        let replica = me.replica(&topic)?;
-                        if replica.log.id != topic_id {
-                            return Err(Error::NotLeader {
-                                topic: topic.to_string(),
-                                server: me.node.id,
-                                leader: None,
-                            });
-                        }
+                        let replica = me.replica_with_id(&topic, topic_id)?;
                         let (last_epoch, log_end) = replica.promise(&me.node, epoch).await?;
                         Ok(Response::Promised { last_epoch, log_end })
                     };

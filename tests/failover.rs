@@ -6,7 +6,7 @@ mod common;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{assert_history, wait_for, Cluster};
+use common::{assert_history, read_all, wait_for, Cluster};
 use herald::client::{BatchAck, Client};
 use herald::types::{StartFrom, SubscriptionName, TopicName};
 use herald::wire::{Record, TopicConfig};
@@ -18,23 +18,6 @@ async fn replicated_topic(client: &Arc<Client>, name: &str) -> TopicName {
     let keep = SubscriptionName::new("keep").unwrap();
     client.create_subscription(&topic, &keep, StartFrom::Earliest, false).await.unwrap();
     topic
-}
-
-/// Reads the whole topic through a new subscription.
-async fn read_all(client: &Arc<Client>, topic: &TopicName, sub: &str) -> Vec<(u64, String)> {
-    let mut consumer = client
-        .consumer(topic.clone(), SubscriptionName::new(sub).unwrap(), StartFrom::Earliest)
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let records = consumer.poll(10_000, Duration::ZERO, None).await.unwrap();
-        if records.is_empty() {
-            break;
-        }
-        out.extend(records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
-    }
-    out
 }
 
 /// An acknowledged batch: when its ack arrived, the ack, and the batch's payloads.

@@ -3,33 +3,11 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{assert_history, numbered_lines, wait_for, Cluster};
-use herald::types::{StartFrom, SubscriptionName, TopicName};
+use common::{assert_history, numbered_lines, read_all, wait_for, Cluster};
 use herald::wire::Record;
 
 fn record(s: &str) -> Record {
     Record { payload: s.as_bytes().to_vec(), ..Record::default() }
-}
-
-/// Reads the whole topic through a new subscription, from the earliest record.
-async fn read_all(cluster: &Cluster, topic: &TopicName, sub: &str) -> Vec<(u64, String)> {
-    let client = cluster.client();
-    let mut consumer = client
-        .consumer(topic.clone(), SubscriptionName::new(sub).unwrap(), StartFrom::Earliest)
-        .await
-        .unwrap();
-    let mut out = Vec::new();
-    loop {
-        let records = consumer.poll(10_000, Duration::ZERO, None).await.unwrap();
-        if records.is_empty() {
-            break;
-        }
-        out.extend(records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
-    }
-    client.close().await;
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +42,9 @@ async fn killing_the_topic_server_mid_produce_loses_no_acked_record() {
         next_offset += ack.count as u64;
         acked.extend(batch.iter().cloned());
     }
-    let read = read_all(&cluster, &topic, "check").await;
+    let client2 = cluster.client();
+    let read = read_all(&client2, &topic, "check").await;
+    client2.close().await;
     assert_eq!(read.len(), acked.len(), "every acked record once, nothing more");
     assert_history(&read, &acked, 0);
     client.close().await;

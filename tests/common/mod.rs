@@ -378,6 +378,23 @@ impl Drop for Cluster {
     }
 }
 
+/// Reads a whole topic through a new (or existing) subscription, from its cursor to the
+/// committed end, as (offset, payload).
+pub async fn read_all(client: &Arc<Client>, topic: &TopicName, subscription: &str) -> Vec<(u64, String)> {
+    use herald::types::{StartFrom, SubscriptionName};
+    let name = SubscriptionName::new(subscription).unwrap();
+    let mut consumer = client.consumer(topic.clone(), name, StartFrom::Earliest).await.unwrap();
+    let mut out = Vec::new();
+    loop {
+        let records = consumer.poll(10_000, Duration::ZERO, None).await.unwrap();
+        if records.is_empty() {
+            break;
+        }
+        out.extend(records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
+    }
+    out
+}
+
 /// Lines `prefix-0 .. prefix-(n-1)`, newline-terminated, as stdin for `herald produce`.
 pub fn numbered_lines(prefix: &str, n: usize) -> Vec<u8> {
     (0..n).map(|i| format!("{prefix}-{i}\n")).collect::<String>().into_bytes()
