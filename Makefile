@@ -2,7 +2,7 @@
 CARGO ?= cargo
 HERALD := ./target/release/herald
 
-.PHONY: all build release run certs test lint fmt doc clean
+.PHONY: all build release run certs test lint fmt doc bench clean
 
 all: build
 
@@ -23,6 +23,10 @@ run: certs
 ## Unit, property and integration tests (integration tests start real herald processes).
 test:
 	$(CARGO) test --all-targets
+
+## The standard benchmark set on a fresh release cluster (see docs/performance.md).
+bench: release
+	$(HERALD) bench suite --dev
 
 ## Formatting and lints, as CI checks them.
 lint:

@@ -119,6 +119,9 @@ enum Command {
     Produce(ProduceArgs),
     /// Read records through a durable subscription, one per line on stdout.
     Consume(ConsumeArgs),
+    /// Measure throughput, latency, CPU and failover time (see docs/performance.md).
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -312,6 +315,10 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
         Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
         Command::Consume(args) => with_client(&common, |c| consume(c, args)).await,
+        Command::Bench(cmd) => {
+            crate::bench::run(cmd, common.naming, &common.certs).await?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 

@@ -1,0 +1,48 @@
+//! `herald bench` works end to end against its own `--dev` cluster and reports what
+//! docs/performance.md is built from. Only shape and sanity are checked here: speed targets
+//! are measured with `make bench` on a release build, never asserted in tests.
+
+mod common;
+
+use std::process::Command;
+
+use common::BIN;
+
+fn bench(args: &[&str]) -> serde_json::Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .arg("bench")
+        .args(args)
+        .args(["--dev", "--json"])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "herald bench {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+}
+
+#[test]
+fn produce_consume_and_latency_report_their_figures() {
+    let produce = bench(&["produce", "--records", "20000", "--replicas", "3"]);
+    assert_eq!(produce["workload"], "produce");
+    assert_eq!(produce["records"], 20000);
+    assert!(produce["records_per_sec"].as_f64().unwrap() > 0.0);
+    assert!(produce["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
+    assert!(produce["cpu_us_per_record"].as_f64().is_some(), "CPU of the server processes is counted");
+    assert_eq!(produce["server_rss_mb"].as_object().unwrap().len(), 3);
+
+    let consume = bench(&["consume", "--records", "20000", "--replicas", "1", "--size", "1000"]);
+    assert_eq!((consume["workload"].as_str(), consume["records"].as_u64()), (Some("consume"), Some(20000)));
+
+    let latency = bench(&["latency", "--rate", "500", "--duration", "1"]);
+    assert_eq!(latency["records"], 500);
+    assert!(latency["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn failover_measures_the_time_to_a_new_leaders_ack() {
+    let failover = bench(&["failover", "--runs", "1"]);
+    let median = failover["details"]["median_ms"].as_f64().unwrap();
+    assert!(median > 0.0 && median < 60_000.0, "{failover}");
+}
