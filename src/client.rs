@@ -313,7 +313,16 @@ impl Client {
         from: StartFrom,
     ) -> Result<Consumer, Error> {
         self.create_subscription(&topic, &subscription, from, true).await?;
-        Ok(Consumer { client: self.clone(), topic, subscription, stream: None, position: None, commit: 0 })
+        Ok(Consumer {
+            client: self.clone(),
+            topic,
+            subscription,
+            stream: None,
+            conn: None,
+            acks_in_flight: VecDeque::new(),
+            position: None,
+            commit: 0,
+        })
     }
 
     /// Closes every connection and waits briefly for the close to reach the peers.
@@ -592,11 +601,19 @@ pub struct Consumer {
     topic: TopicName,
     subscription: SubscriptionName,
     stream: Option<FramedStream>,
+    /// The connection `stream` runs on; acks sent ahead use their own streams on it.
+    conn: Option<Connection>,
+    /// Acks sent ahead by [`poll`](Self::poll), not awaited there: the server answers an ack
+    /// once a majority holds the cursor, and a poll must not wait behind that.
+    acks_in_flight: VecDeque<JoinHandle<Result<Response, Error>>>,
     /// Next offset to read in this session; `None` until the first fetch, which starts at
     /// the subscription's committed cursor.
     position: Option<Offset>,
     commit: Offset,
 }
+
+/// Acks a consumer keeps in flight before it waits for the oldest.
+const MAX_ACKS_IN_FLIGHT: usize = 32;
 
 impl Consumer {
     /// The next offset this consumer will read, once known.
@@ -619,6 +636,7 @@ impl Consumer {
                 if self.stream.is_none() {
                     let conn = self.client.leader(&self.topic).await?;
                     self.stream = Some(conn.open().await?);
+                    self.conn = Some(conn);
                 }
                 let stream = self.stream.as_mut().expect("stream");
                 if let Some(next) = ack {
@@ -645,6 +663,7 @@ impl Consumer {
             if result.is_err() {
                 // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
                 // Ack): never reuse it.
+                self.conn = None;
                 if let Some(mut s) = self.stream.take() {
                     s.finish();
                     if matches!(result, Err(Error::Unavailable { .. })) {
@@ -674,8 +693,28 @@ impl Consumer {
     ) -> Result<Vec<StoredRecord>, Error> {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        // Send the ack ahead on its own stream, so this fetch does not wait for the cursor
+        // move to replicate. Acks are cumulative: a lost one is covered by the next.
+        let mut piggyback = None;
+        if let Some(next) = ack {
+            match &self.conn {
+                Some(conn) => {
+                    let (conn, req) = (
+                        conn.clone(),
+                        Request::Ack { topic: topic.clone(), subscription: subscription.clone(), next },
+                    );
+                    self.acks_in_flight.push_back(tokio::spawn(async move { conn.call(&req).await }));
+                    while self.acks_in_flight.len() > MAX_ACKS_IN_FLIGHT {
+                        if let Some(oldest) = self.acks_in_flight.pop_front() {
+                            let _ = oldest.await;
+                        }
+                    }
+                }
+                None => piggyback = Some(next),
+            }
+        }
         let resp = self
-            .exchange(ack, wait, |from| Request::Fetch {
+            .exchange(piggyback, wait, |from| Request::Fetch {
                 topic: topic.clone(),
                 subscription: subscription.clone(),
                 from,
@@ -703,8 +742,13 @@ impl Consumer {
         self.commit
     }
 
-    /// Moves the subscription's cursor to `next` (everything before it is processed).
+    /// Moves the subscription's cursor to `next` (everything before it is processed) and
+    /// waits until a majority holds it (and every ack sent ahead has been answered).
     pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
+        for pending in self.acks_in_flight.drain(..) {
+            // Their outcome does not matter: this ack is cumulative and authoritative.
+            let _ = pending.await;
+        }
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
         match self
             .exchange(None, Duration::ZERO, move |_| Request::Ack {
