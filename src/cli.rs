@@ -800,6 +800,8 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
     let (mut written, mut first, mut pending_ack) = (0u64, None::<Offset>, None::<Offset>);
+    // One past the last record written to stdout.
+    let mut delivered = None::<Offset>;
     let waits = args.follow || args.count.is_some();
     let started = Instant::now();
     let mut broken_pipe = false;
@@ -847,14 +849,17 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         first.get_or_insert(records[0].offset);
         written += take as u64;
         pending_ack = Some(records[take - 1].offset + 1);
+        delivered = pending_ack;
     }
-    if let Some(next) = pending_ack {
+    // Acks sent ahead with polls are not awaited there; finish with one that is, covering
+    // everything written (acks are cumulative), so the cursor is committed before we exit.
+    if let Some(next) = delivered {
         consumer.close(); // a poll may have been cut short; ack on a fresh stream
         consumer.ack(next).await.context("acknowledging consumed records")?;
     }
     consumer.close();
     if !broken_pipe {
-        let range = match (first, pending_ack.or(consumer.position())) {
+        let range = match (first, delivered.or(consumer.position())) {
             (Some(a), Some(b)) if b > a => format!(" (offsets {a}..{})", b - 1),
             _ => String::new(),
         };
