@@ -10,7 +10,7 @@
 //! unacknowledged batch, in order, with the same numbers, and the leader answers the ones it
 //! already stored from its dedup window: a retry never makes a second copy (G4).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -79,7 +79,7 @@ pub struct Client {
     endpoint: Endpoint,
     naming_addr: SocketAddr,
     naming: Mutex<Option<Connection>>,
-    servers: Mutex<HashMap<SocketAddr, Connection>>,
+    servers: transport::Pool,
     retry_deadline: Duration,
 }
 
@@ -94,10 +94,10 @@ impl Client {
     pub fn with_identity(naming: SocketAddr, identity: &Identity) -> anyhow::Result<Arc<Self>> {
         let endpoint = transport::client_endpoint(naming, transport::client_config(identity)?)?;
         Ok(Arc::new(Self {
-            endpoint,
+            endpoint: endpoint.clone(),
             naming_addr: naming,
             naming: Mutex::new(None),
-            servers: Mutex::new(HashMap::new()),
+            servers: transport::Pool::new(endpoint.clone()),
             retry_deadline: DEFAULT_RETRY_DEADLINE,
         }))
     }
@@ -120,17 +120,11 @@ impl Client {
     }
 
     async fn server_conn(&self, addr: SocketAddr) -> Result<Connection, Error> {
-        let mut guard = self.servers.lock().await;
-        if let Some(c) = guard.get(&addr).filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let conn = Connection::connect(&self.endpoint, addr).await?;
-        guard.insert(addr, conn.clone());
-        Ok(conn)
+        self.servers.get(addr).await
     }
 
     async fn forget_server(&self, addr: SocketAddr) {
-        self.servers.lock().await.remove(&addr);
+        self.servers.forget(addr).await;
     }
 
     /// Calls the naming server, retrying while it is unreachable.
@@ -330,9 +324,7 @@ impl Client {
         if let Some(c) = self.naming.lock().await.take() {
             c.close();
         }
-        for (_, c) in self.servers.lock().await.drain() {
-            c.close();
-        }
+        self.servers.close_all().await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
     }
 }

@@ -14,7 +14,6 @@
 //! All topics of a pair of servers share one QUIC connection; each (topic, follower) has its
 //! own stream on it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -27,7 +26,7 @@ use tracing::{debug, info, warn};
 use crate::error::Error;
 use crate::replication::{truncation_point, FetchDecision, FetchRequest, Leader, LogView};
 use crate::storage::{LogState, ReplicaReset, Store, TopicLog};
-use crate::transport::Connection;
+use crate::transport::Pool;
 use crate::types::{Epoch, Offset, ServerId};
 use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, Role};
 
@@ -67,25 +66,14 @@ enum Part {
 pub struct Node {
     pub id: ServerId,
     pub store: Store,
-    endpoint: Endpoint,
-    peers: tokio::sync::Mutex<HashMap<SocketAddr, Connection>>,
+    /// Connections to the other servers (mutual TLS with the node certificate), one per
+    /// server pair, shared by all topics.
+    peers: Pool,
 }
 
 impl Node {
     pub fn new(id: ServerId, store: Store, endpoint: Endpoint) -> Self {
-        Self { id, store, endpoint, peers: tokio::sync::Mutex::new(HashMap::new()) }
-    }
-
-    /// A connection to another server (mutual TLS with the node certificate), shared by all
-    /// topics of that pair.
-    async fn peer(&self, addr: SocketAddr) -> Result<Connection, Error> {
-        let mut peers = self.peers.lock().await;
-        if let Some(c) = peers.get(&addr).filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let conn = Connection::connect(&self.endpoint, addr).await?;
-        peers.insert(addr, conn.clone());
-        Ok(conn)
+        Self { id, store, peers: Pool::new(endpoint) }
     }
 }
 
@@ -374,7 +362,7 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
     let mut backoff = Duration::from_millis(20);
     loop {
         let session = async {
-            let conn = node.peer(leader_addr).await?;
+            let conn = node.peers.get(leader_addr).await?;
             let mut stream = conn.open().await?;
             loop {
                 let s = replica.log.state();

@@ -411,6 +411,42 @@ impl Connection {
     }
 }
 
+/// Connections to servers, one per address, made on first use and remade once closed.
+/// Clients use one for topic servers; topic servers use one for each other.
+pub struct Pool {
+    endpoint: Endpoint,
+    conns: tokio::sync::Mutex<std::collections::HashMap<SocketAddr, Connection>>,
+}
+
+impl Pool {
+    pub fn new(endpoint: Endpoint) -> Self {
+        Self { endpoint, conns: tokio::sync::Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// The open connection to `addr`, or a new one.
+    pub async fn get(&self, addr: SocketAddr) -> Result<Connection, Error> {
+        let mut conns = self.conns.lock().await;
+        if let Some(c) = conns.get(&addr).filter(|c| !c.is_closed()) {
+            return Ok(c.clone());
+        }
+        let conn = Connection::connect(&self.endpoint, addr).await?;
+        conns.insert(addr, conn.clone());
+        Ok(conn)
+    }
+
+    /// Drops the connection to `addr` (it failed); the next `get` dials again.
+    pub async fn forget(&self, addr: SocketAddr) {
+        self.conns.lock().await.remove(&addr);
+    }
+
+    /// Closes every connection.
+    pub async fn close_all(&self) {
+        for (_, c) in self.conns.lock().await.drain() {
+            c.close();
+        }
+    }
+}
+
 /// What a server knows about the peer of a connection.
 #[derive(Debug, Clone)]
 pub struct Peer {
