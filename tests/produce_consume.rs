@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{assert_history, numbered_lines, Cluster, BIN};
+use common::{assert_history, numbered_lines, produce_in_order, Cluster, BIN};
 use herald::client::Client;
 use herald::transport::Connection;
 use herald::types::{StartFrom, SubscriptionName, TopicName};
@@ -95,21 +95,7 @@ async fn a_pipelined_library_producer_gets_dense_acks() {
     let cluster = Cluster::start(1).await;
     let topic = cluster.create_topic("pipelined");
     let client = cluster.client();
-    let producer = client.producer(topic.clone(), 16);
-    let mut acks = Vec::new();
-    for b in 0..200 {
-        let records =
-            (0..50).map(|i| Record { payload: format!("{b}-{i}").into_bytes(), ..Record::default() });
-        acks.push(producer.send(records.collect()).await.unwrap());
-    }
-    producer.close().await;
-    let mut next = 0;
-    for ack in acks {
-        let ack = ack.await.unwrap().unwrap();
-        assert_eq!(ack.base, next, "batches are acked in order with dense offsets");
-        assert!(!ack.duplicate);
-        next += ack.count as u64;
-    }
+    let next = produce_in_order(&client, &topic, 200, 50).await;
     assert_eq!(next, 10_000);
     client.close().await;
 }

@@ -5,9 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_for, Cluster};
+use common::{produce_in_order, wait_for, Cluster};
 use herald::types::{StartFrom, SubscriptionName, TopicName};
-use herald::wire::{Record, Role, TopicConfig};
+use herald::wire::{Role, TopicConfig};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_commit_and_converge() {
@@ -19,20 +19,7 @@ async fn three_replicas_commit_and_converge() {
     let sub = SubscriptionName::new("s").unwrap();
     client.create_subscription(&topic, &sub, StartFrom::Earliest, false).await.unwrap();
 
-    let producer = client.producer(topic.clone(), 16);
-    let mut acks = Vec::new();
-    for b in 0..100 {
-        let records =
-            (0..50).map(|i| Record { payload: format!("{b}-{i}").into_bytes(), ..Record::default() });
-        acks.push(producer.send(records.collect()).await.unwrap());
-    }
-    producer.close().await;
-    let mut next = 0;
-    for ack in acks {
-        let ack = ack.await.unwrap().unwrap();
-        assert_eq!(ack.base, next);
-        next += ack.count as u64;
-    }
+    assert_eq!(produce_in_order(&client, &topic, 100, 50).await, 5000);
 
     // The leader sees every follower caught up.
     let status = wait_for("followers to catch up", || async {

@@ -395,6 +395,28 @@ pub async fn read_all(client: &Arc<Client>, topic: &TopicName, subscription: &st
     out
 }
 
+/// Produces `batches` batches of `size` records through one pipelined producer and checks
+/// the acks: in order, dense offsets from 0, no duplicates. Returns the records acked.
+pub async fn produce_in_order(client: &Arc<Client>, topic: &TopicName, batches: usize, size: usize) -> u64 {
+    use herald::wire::Record;
+    let producer = client.producer(topic.clone(), 16);
+    let mut acks = Vec::new();
+    for b in 0..batches {
+        let records =
+            (0..size).map(|i| Record { payload: format!("{b}-{i}").into_bytes(), ..Record::default() });
+        acks.push(producer.send(records.collect()).await.unwrap());
+    }
+    producer.close().await;
+    let mut next = 0;
+    for ack in acks {
+        let ack = ack.await.unwrap().unwrap();
+        assert_eq!(ack.base, next, "batches are acked in order with dense offsets");
+        assert!(!ack.duplicate);
+        next += ack.count as u64;
+    }
+    next
+}
+
 /// Lines `prefix-0 .. prefix-(n-1)`, newline-terminated, as stdin for `herald produce`.
 pub fn numbered_lines(prefix: &str, n: usize) -> Vec<u8> {
     (0..n).map(|i| format!("{prefix}-{i}\n")).collect::<String>().into_bytes()
