@@ -606,7 +606,7 @@ fn report(outcome: &Outcome, json: bool) -> Result<()> {
 /// Runs `herald bench ...`.
 pub async fn run(cmd: BenchCommand, naming: SocketAddr, certs: &Path) -> Result<()> {
     // Benchmarks use a one-second lease so `failover` measures Herald, not a long default.
-    let lease_ms = 1000;
+    let lease_ms = crate::naming::DEFAULT_LEASE.as_millis() as u64;
     match cmd {
         BenchCommand::Produce(a) => {
             report(&bench_produce(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)

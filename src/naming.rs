@@ -37,8 +37,10 @@ const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
-/// How long a server counts as alive after its last heartbeat, by default.
-pub const DEFAULT_LEASE: Duration = Duration::from_secs(3);
+/// How long a server counts as alive after its last heartbeat, by default. Failover takes
+/// about this long; heartbeats come every third of it, so a server must stall for about two
+/// thirds of a lease before it is taken for dead.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(1);
 
 /// How long a replica may be dead before it is replaced, by default.
 pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);

@@ -98,6 +98,11 @@ fn view(state: &LogState) -> LogView<'_> {
     LogView { log_start: state.log_start, log_end: state.log_end, history: &state.history }
 }
 
+/// A leader's log as followers see it: including the group commit under way.
+fn staged_view(state: &LogState) -> LogView<'_> {
+    LogView { log_end: state.staged_end, ..view(state) }
+}
+
 impl Replica {
     /// A replica that does nothing until [`apply`](Self::apply) gives it an assignment.
     pub fn new(log: Arc<TopicLog>, me: ServerId, assignment: Assignment) -> Arc<Self> {
@@ -252,7 +257,7 @@ impl Replica {
         let (decision, epoch) = {
             let mut part = self.part.lock().expect("part lock");
             match &mut *part {
-                Part::Leader(l) => (l.on_fetch(follower, &req, &view(&state)), l.epoch),
+                Part::Leader(l) => (l.on_fetch(follower, &req, &staged_view(&state)), l.epoch),
                 _ => {
                     drop(part);
                     return Err(self.check_leader().expect_err("not leading"));
@@ -282,7 +287,7 @@ impl Replica {
                 let deadline = tokio::time::Instant::now() + max_wait;
                 let state = loop {
                     let s = watch.borrow_and_update().clone();
-                    let news = s.log_end > from
+                    let news = s.staged_end > from
                         || s.cursor_version > req.cursor_version
                         || s.commit > known_commit
                         || s.cursor_commit > known_cursor_commit;
@@ -290,8 +295,19 @@ impl Replica {
                         break s;
                     }
                 };
-                let batches =
-                    node.store.read_batches(self.log.id, from, state.log_end, max_bytes as usize)?;
+                let mut batches = if from < state.log_end {
+                    node.store.read_batches(self.log.id, from, state.log_end, max_bytes as usize)?
+                } else {
+                    Vec::new()
+                };
+                let read_end = batches.last().map_or(from, |b| b.base + b.records.len() as u64);
+                if read_end >= state.log_end && state.staged_end > read_end {
+                    // The leader's group commit is under way: its fsync and the followers'
+                    // overlap. Commit still counts durable copies only.
+                    let read: usize = batches.iter().flat_map(|b| &b.records).map(|r| r.size()).sum();
+                    let rest = (max_bytes as usize).saturating_sub(read);
+                    batches.extend(self.log.staged(read_end, rest));
+                }
                 Ok(ReplicaAnswer::Chunk(crate::storage::ReplicaChunk {
                     epoch,
                     batches,

@@ -32,14 +32,15 @@
 //! - A cursor only moves forward and never past the commit offset.
 //! - The published [`LogState`] only ever describes durable (fsynced) data.
 
+use std::cell::Cell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition,
-    WriteTransaction,
+    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
+    TableDefinition, Value, WriteTransaction,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -99,6 +100,9 @@ pub struct LogState {
     pub log_start: Offset,
     /// One past the newest durable record.
     pub log_end: Offset,
+    /// One past the newest record written, durable or not: a leader shows followers the
+    /// batches of a group commit while its own fsync is under way (see [`TopicLog::staged`]).
+    pub staged_end: Offset,
     /// One past the newest committed record: readable by consumers, acknowledged to
     /// producers. Set by the replication layer (equal to `log_end` for a single replica).
     pub commit: Offset,
@@ -121,9 +125,30 @@ pub struct TopicLog {
     pub name: TopicName,
     pub config: TopicConfig,
     state: watch::Sender<LogState>,
+    staged: Arc<Mutex<Vec<ReplicatedBatch>>>,
 }
 
 impl TopicLog {
+    /// The batches of the group commit under way from `from` on (contiguous, whole batches,
+    /// about `max_bytes` at most), or nothing if `from` is not where one of them starts.
+    /// A leader serves them to followers so its fsync and theirs overlap; the majority rule
+    /// still counts only durable copies, and a leader whose commit fails exits rather than
+    /// reuse offsets its followers may already hold.
+    pub fn staged(&self, from: Offset, max_bytes: usize) -> Vec<ReplicatedBatch> {
+        let staged = self.staged.lock().expect("staged lock");
+        let Some(first) = staged.iter().position(|b| b.base == from) else { return Vec::new() };
+        let mut bytes = 0;
+        let mut out = Vec::new();
+        for b in &staged[first..] {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
+            bytes += b.records.iter().map(Record::size).sum::<usize>();
+            out.push(b.clone());
+        }
+        out
+    }
+
     pub fn state(&self) -> LogState {
         self.state.borrow().clone()
     }
@@ -202,6 +227,14 @@ struct StoredValue {
     timestamp_ms: u64,
     header: Option<BatchHeader>,
     record: Record,
+}
+
+/// [`StoredValue`] borrowing its record, for writing (the same encoding).
+#[derive(Serialize)]
+struct StoredValueRef<'a> {
+    timestamp_ms: u64,
+    header: Option<BatchHeader>,
+    record: &'a Record,
 }
 
 /// A whole batch as it travels from leader to follower.
@@ -695,6 +728,11 @@ struct WriterTopic {
     cursors: CursorLog,
     producers: HashMap<ProducerId, ProducerState>,
     state: watch::Sender<LogState>,
+    /// Batches appended in the group under way, not yet shown to followers.
+    appended: Vec<ReplicatedBatch>,
+    /// Batches of the group under way shown to followers (the leader's side of
+    /// [`TopicLog::staged`]); emptied once the group is durable.
+    staged: Arc<Mutex<Vec<ReplicatedBatch>>>,
 }
 
 impl WriterTopic {
@@ -704,15 +742,30 @@ impl WriterTopic {
             name: self.meta.name.clone(),
             config: self.meta.config.clone(),
             state: self.state.clone(),
+            staged: self.staged.clone(),
         })
+    }
+
+    /// Shows followers the batches appended in this group before it is durable. Returns
+    /// whether there were any.
+    fn stage(&mut self) -> bool {
+        if self.appended.is_empty() {
+            return false;
+        }
+        self.staged.lock().expect("staged lock").append(&mut self.appended);
+        let end = self.log_end;
+        self.state.send_modify(|s| s.staged_end = end);
+        true
     }
 
     /// Publishes the durable state; a single replica's commit follows its log end.
     fn publish(&self) {
         let solo = self.meta.is_solo();
+        self.staged.lock().expect("staged lock").clear();
         self.state.send_modify(|s| {
             s.log_start = self.meta.log_start;
             s.log_end = self.log_end;
+            s.staged_end = self.log_end;
             s.epoch = self.history.last_epoch();
             if *s.history != self.history {
                 s.history = Arc::new(self.history.clone());
@@ -743,6 +796,34 @@ struct Writer {
     topics: HashMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
     commits: Arc<AtomicU64>,
+}
+
+/// A group's write transaction, knowing whether anything was written: a group that wrote
+/// nothing (e.g. a follower told only of a new commit offset) is not committed, as a redb
+/// commit costs a write and an fsync even when empty.
+struct Tx {
+    txn: WriteTransaction,
+    wrote: Cell<bool>,
+}
+
+impl Tx {
+    fn open<K: Key + 'static, V: Value + 'static>(
+        &self,
+        table: TableDefinition<K, V>,
+    ) -> Result<Table<'_, K, V>, redb::TableError> {
+        self.wrote.set(true);
+        self.txn.open_table(table)
+    }
+
+    /// Commits what was written; returns whether there was anything.
+    fn finish(self) -> StorageResult<bool> {
+        if self.wrote.get() {
+            self.txn.commit()?;
+        } else {
+            self.txn.abort()?;
+        }
+        Ok(self.wrote.get())
+    }
 }
 
 /// A failure of the storage engine; the whole group commit is abandoned.
@@ -820,6 +901,7 @@ impl Writer {
             let state = LogState {
                 log_start: meta.log_start,
                 log_end,
+                staged_end: log_end,
                 commit: if meta.is_solo() { log_end } else { meta.log_start },
                 epoch: history.last_epoch(),
                 history: Arc::new(history.clone()),
@@ -828,13 +910,14 @@ impl Writer {
                 promised: meta.promised,
             };
             // Keep existing watch channels so handles held by the server stay live.
-            let sender = match old.get(&id) {
+            let (sender, staged) = match old.get(&id) {
                 Some(t) => {
                     let commit = t.state.borrow().commit.min(log_end);
                     t.state.send_replace(LogState { commit: commit.max(state.commit), ..state });
-                    t.state.clone()
+                    t.staged.lock().expect("staged lock").clear();
+                    (t.state.clone(), t.staged.clone())
                 }
-                None => watch::Sender::new(state),
+                None => (watch::Sender::new(state), Arc::default()),
             };
             let topic = WriterTopic {
                 meta: meta.clone(),
@@ -844,6 +927,8 @@ impl Writer {
                 cursors: cursor_log,
                 producers: producer_state,
                 state: sender,
+                appended: Vec::new(),
+                staged,
             };
             logs.push((topic.handle(), meta));
             self.topics.insert(id, topic);
@@ -863,21 +948,35 @@ impl Writer {
             }
             let mut deferred: Deferred = Vec::with_capacity(batch.len());
             let mut touched = HashSet::new();
+            let mut shown = false;
             let outcome = self.db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+                let txn = Tx { txn, wrote: Cell::new(false) };
                 for cmd in batch.drain(..) {
                     self.apply(&txn, cmd, &mut deferred, &mut touched)?;
                 }
-                txn.commit().map_err(redb::Error::from)
+                for id in &touched {
+                    if let Some(t) = self.topics.get_mut(id) {
+                        shown |= t.stage();
+                    }
+                }
+                txn.finish()
             });
             match outcome {
-                Ok(()) => {
-                    self.commits.fetch_add(1, Ordering::Relaxed);
+                Ok(committed) => {
+                    self.commits.fetch_add(committed as u64, Ordering::Relaxed);
                     for id in touched {
                         if let Some(t) = self.topics.get(&id) {
                             t.publish();
                         }
                     }
                     deferred.into_iter().for_each(|answer| answer(Ok(())));
+                }
+                Err(e) if shown => {
+                    // Followers may hold records of this group already: reusing their offsets
+                    // for other records would fork the log. Stop; the naming server elects a
+                    // replica that holds them, and this one truncates when it returns.
+                    error!(server = self.server, error = %e, "group commit failed after followers saw it; exiting");
+                    std::process::exit(74);
                 }
                 Err(e) => {
                     // Nothing of this group is durable: fail every command in it (producers
@@ -902,7 +1001,7 @@ impl Writer {
 
     fn apply(
         &mut self,
-        txn: &WriteTransaction,
+        txn: &Tx,
         cmd: Command,
         deferred: &mut Deferred,
         touched: &mut HashSet<TopicId>,
@@ -912,16 +1011,17 @@ impl Writer {
             Command::CreateTopic { meta, reply } => {
                 let id = meta.id;
                 if let std::collections::hash_map::Entry::Vacant(slot) = self.topics.entry(id) {
-                    txn.open_table(TOPICS)?.insert(id, encode(&meta).as_slice())?;
+                    txn.open(TOPICS)?.insert(id, encode(&meta).as_slice())?;
                     let mut history = EpochHistory::default();
                     if meta.is_solo() || meta.leader == server {
                         // The first leader's epoch starts the log; followers adopt it by fetching.
                         history.assign(meta.epoch, meta.log_start);
-                        txn.open_table(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
+                        txn.open(EPOCHS)?.insert((id, meta.epoch), meta.log_start)?;
                     }
                     let state = LogState {
                         log_start: meta.log_start,
                         log_end: meta.log_start,
+                        staged_end: meta.log_start,
                         commit: meta.log_start,
                         epoch: history.last_epoch(),
                         history: Arc::new(history.clone()),
@@ -937,6 +1037,8 @@ impl Writer {
                         cursors: CursorLog::default(),
                         producers: HashMap::new(),
                         state: watch::Sender::new(state),
+                        appended: Vec::new(),
+                        staged: Arc::default(),
                     });
                 }
                 touched.insert(id);
@@ -945,16 +1047,16 @@ impl Writer {
             }
             Command::DeleteTopic { id, reply } => {
                 if self.topics.remove(&id).is_some() {
-                    txn.open_table(TOPICS)?.remove(id)?;
-                    txn.open_table(RECORDS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-                    txn.open_table(CURSORS)?.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
-                    txn.open_table(PRODUCERS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-                    txn.open_table(EPOCHS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    txn.open(TOPICS)?.remove(id)?;
+                    txn.open(RECORDS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    txn.open(CURSORS)?.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+                    txn.open(PRODUCERS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    txn.open(EPOCHS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
                 }
                 defer(deferred, reply, Ok(()));
             }
             Command::SetMeta { key, value, reply } => {
-                txn.open_table(META)?.insert(key, value)?;
+                txn.open(META)?.insert(key, value)?;
                 defer(deferred, reply, Ok(()));
             }
             Command::Assign { topic, replicas, leader, epoch, reply } => {
@@ -965,7 +1067,7 @@ impl Writer {
                         t.meta.leader = leader;
                         t.meta.epoch = t.meta.epoch.max(epoch);
                         t.meta.promised = t.meta.promised.max(epoch);
-                        txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                        txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
                         touched.insert(topic);
                         Ok(())
                     }
@@ -978,7 +1080,7 @@ impl Writer {
                     Some(t) => {
                         if epoch > t.meta.promised {
                             t.meta.promised = epoch;
-                            txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                            txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
                         }
                         Ok((t.history.last_epoch(), t.log_end))
                     }
@@ -994,12 +1096,12 @@ impl Writer {
                     Err(Error::StaleEpoch { topic: t.name(), server, epoch, current: t.meta.promised })
                 } else {
                     if t.history.assign(epoch, t.log_end) {
-                        txn.open_table(EPOCHS)?.insert((topic, epoch), t.log_end)?;
+                        txn.open(EPOCHS)?.insert((topic, epoch), t.log_end)?;
                     }
                     t.meta.promised = epoch;
                     t.meta.epoch = epoch;
                     t.meta.leader = server;
-                    txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                    txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
                     touched.insert(topic);
                     Ok(())
                 };
@@ -1030,18 +1132,18 @@ impl Writer {
                 t.leader_commit = t.leader_commit.min(to);
                 if to < t.log_end {
                     info!(topic = %t.meta.name, from = to, to = t.log_end, "truncating a divergent tail");
-                    txn.open_table(RECORDS)?.retain_in((topic, to)..(topic, t.log_end), |_, _| false)?;
+                    txn.open(RECORDS)?.retain_in((topic, to)..(topic, t.log_end), |_, _| false)?;
                     t.log_end = to;
                 }
                 let dropped: Vec<Epoch> =
                     t.history.entries().iter().filter(|(_, s)| *s >= to).map(|(e, _)| *e).collect();
                 t.history.truncate(to);
-                let mut epochs = txn.open_table(EPOCHS)?;
+                let mut epochs = txn.open(EPOCHS)?;
                 for e in dropped {
                     epochs.remove((topic, e))?;
                 }
                 // Forget the dedup entries of truncated batches.
-                let mut producers = txn.open_table(PRODUCERS)?;
+                let mut producers = txn.open(PRODUCERS)?;
                 for (id, state) in t.producers.iter_mut() {
                     let before = state.recent.len();
                     state.recent.retain(|b| b.base < to || (b.count == 0 && b.base <= to));
@@ -1059,8 +1161,8 @@ impl Writer {
                     return Ok(());
                 };
                 info!(topic = %t.meta.name, log_start = reset.log_start, "restarting the replica at the leader's log start");
-                txn.open_table(RECORDS)?.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
-                let mut epochs = txn.open_table(EPOCHS)?;
+                txn.open(RECORDS)?.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+                let mut epochs = txn.open(EPOCHS)?;
                 epochs.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
                 let history: Vec<(Epoch, Offset)> =
                     reset.history.into_iter().filter(|(_, s)| *s <= reset.log_start).collect();
@@ -1068,7 +1170,7 @@ impl Writer {
                     epochs.insert((topic, *e), *s)?;
                 }
                 t.history = EpochHistory::new(history);
-                let mut producers = txn.open_table(PRODUCERS)?;
+                let mut producers = txn.open(PRODUCERS)?;
                 producers.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
                 t.producers.clear();
                 for (id, state) in reset.producers {
@@ -1077,7 +1179,7 @@ impl Writer {
                 }
                 t.meta.log_start = reset.log_start;
                 t.log_end = reset.log_start;
-                txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
                 touched.insert(topic);
                 defer_state(deferred, reply, Ok(()), t.state.subscribe());
             }
@@ -1142,7 +1244,7 @@ impl Writer {
 
     fn append(
         &mut self,
-        txn: &WriteTransaction,
+        txn: &Tx,
         topic: TopicId,
         producer: ProducerId,
         sequence: Sequence,
@@ -1189,8 +1291,12 @@ impl Writer {
             None => {
                 let count = records.len() as u32;
                 let header = BatchHeader { producer, sequence, count };
-                write_batch(txn, topic, base, now_ms(), Some(header), records, &mut self.buf)?;
+                let timestamp_ms = now_ms();
+                write_batch(txn, topic, base, timestamp_ms, Some(header), &records, &mut self.buf)?;
                 t.log_end += count as u64;
+                if !t.meta.is_solo() {
+                    t.appended.push(ReplicatedBatch { base, timestamp_ms, header: Some(header), records });
+                }
                 (
                     Ok(Appended { base, count, epoch, duplicate: false }),
                     BatchOutcome { sequence, base, count, rejected: false },
@@ -1198,13 +1304,13 @@ impl Writer {
             }
         };
         state.record(outcome);
-        txn.open_table(PRODUCERS)?.insert((topic, producer), encode(&*state).as_slice())?;
+        txn.open(PRODUCERS)?.insert((topic, producer), encode(&*state).as_slice())?;
         Ok(result)
     }
 
     fn replica_append(
         &mut self,
-        txn: &WriteTransaction,
+        txn: &Tx,
         topic: TopicId,
         chunk: ReplicaChunk,
     ) -> StorageResult<Result<(), Error>> {
@@ -1218,9 +1324,8 @@ impl Writer {
                 current: t.meta.promised,
             }));
         }
-        if chunk.epoch > t.meta.promised {
-            t.meta.promised = chunk.epoch;
-        }
+        let mut meta_changed = chunk.epoch > t.meta.promised;
+        t.meta.promised = t.meta.promised.max(chunk.epoch);
         if let Some(first) = chunk.batches.first() {
             if first.base != t.log_end {
                 return Ok(Err(Error::internal(format!(
@@ -1231,7 +1336,6 @@ impl Writer {
                 ))));
             }
         }
-        let mut producers = txn.open_table(PRODUCERS)?;
         for batch in chunk.batches {
             let count = batch.records.len() as u64;
             if let Some(h) = batch.header {
@@ -1242,7 +1346,7 @@ impl Writer {
                     count: h.count,
                     rejected: false,
                 });
-                producers.insert((topic, h.producer), encode(&*state).as_slice())?;
+                txn.open(PRODUCERS)?.insert((topic, h.producer), encode(&*state).as_slice())?;
             }
             write_batch(
                 txn,
@@ -1250,19 +1354,18 @@ impl Writer {
                 batch.base,
                 batch.timestamp_ms,
                 batch.header,
-                batch.records,
+                &batch.records,
                 &mut self.buf,
             )?;
             t.log_end = batch.base + count;
         }
-        drop(producers);
         for (epoch, start) in t.history.to_adopt(&chunk.history, t.log_end) {
             if t.history.assign(epoch, start) {
-                txn.open_table(EPOCHS)?.insert((topic, epoch), start)?;
+                txn.open(EPOCHS)?.insert((topic, epoch), start)?;
             }
         }
         if !chunk.cursors.is_empty() {
-            let mut table = txn.open_table(CURSORS)?;
+            let mut table = txn.open(CURSORS)?;
             for (name, cursor, version) in &chunk.cursors {
                 t.cursors.apply(name, *cursor, *version);
                 table.insert((topic, name.as_str()), encode(&(*cursor, *version)).as_slice())?;
@@ -1271,17 +1374,20 @@ impl Writer {
         t.cursors.commit(chunk.cursor_commit);
         let target = chunk.log_start.min(t.log_end);
         if target > t.meta.log_start {
-            txn.open_table(RECORDS)?.retain_in((topic, t.meta.log_start)..(topic, target), |_, _| false)?;
+            txn.open(RECORDS)?.retain_in((topic, t.meta.log_start)..(topic, target), |_, _| false)?;
             t.meta.log_start = target;
+            meta_changed = true;
         }
-        txn.open_table(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+        if meta_changed {
+            txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+        }
         t.leader_commit = t.leader_commit.max(chunk.commit.min(t.log_end));
         Ok(Ok(()))
     }
 
     fn ack(
         &mut self,
-        txn: &WriteTransaction,
+        txn: &Tx,
         topic: TopicId,
         subscription: &SubscriptionName,
         next: Offset,
@@ -1307,17 +1413,17 @@ impl Writer {
 }
 
 fn write_batch(
-    txn: &WriteTransaction,
+    txn: &Tx,
     topic: TopicId,
     base: Offset,
     timestamp_ms: u64,
     header: Option<BatchHeader>,
-    records: Vec<Record>,
+    records: &[Record],
     buf: &mut Vec<u8>,
 ) -> StorageResult<()> {
-    let mut table = txn.open_table(RECORDS)?;
-    for (i, record) in records.into_iter().enumerate() {
-        let value = StoredValue { timestamp_ms, header: if i == 0 { header } else { None }, record };
+    let mut table = txn.open(RECORDS)?;
+    for (i, record) in records.iter().enumerate() {
+        let value = StoredValueRef { timestamp_ms, header: if i == 0 { header } else { None }, record };
         buf.clear();
         let bytes = postcard::to_extend(&value, std::mem::take(buf)).expect("record encodes");
         table.insert((topic, base + i as u64), bytes.as_slice())?;
@@ -1328,20 +1434,20 @@ fn write_batch(
 
 /// Records a cursor change durably; returns its version.
 fn set_cursor(
-    txn: &WriteTransaction,
+    txn: &Tx,
     t: &mut WriterTopic,
     subscription: &str,
     cursor: Option<Offset>,
 ) -> StorageResult<u64> {
     let version = t.cursors.set(subscription, cursor);
-    txn.open_table(CURSORS)?.insert((t.meta.id, subscription), encode(&(cursor, version)).as_slice())?;
+    txn.open(CURSORS)?.insert((t.meta.id, subscription), encode(&(cursor, version)).as_slice())?;
     Ok(version)
 }
 
 /// Commits cursor changes up to `version` and deletes the records every subscription has
 /// passed (G6): the log start becomes the lowest committed cursor, within the commit offset.
 /// A topic without subscriptions keeps everything. Returns how many records were freed.
-fn commit_cursors(txn: &WriteTransaction, t: &mut WriterTopic, version: u64) -> StorageResult<u64> {
+fn commit_cursors(txn: &Tx, t: &mut WriterTopic, version: u64) -> StorageResult<u64> {
     t.cursors.commit(version);
     let Some(lowest) = t.cursors.lowest_committed() else { return Ok(0) };
     let commit = if t.meta.is_solo() { t.log_end } else { t.state.borrow().commit };
@@ -1351,9 +1457,9 @@ fn commit_cursors(txn: &WriteTransaction, t: &mut WriterTopic, version: u64) -> 
     }
     let id = t.meta.id;
     let freed = new_start - t.meta.log_start;
-    txn.open_table(RECORDS)?.retain_in((id, t.meta.log_start)..(id, new_start), |_, _| false)?;
+    txn.open(RECORDS)?.retain_in((id, t.meta.log_start)..(id, new_start), |_, _| false)?;
     t.meta.log_start = new_start;
-    txn.open_table(TOPICS)?.insert(id, encode(&t.meta).as_slice())?;
+    txn.open(TOPICS)?.insert(id, encode(&t.meta).as_slice())?;
     Ok(freed)
 }
 
@@ -1564,6 +1670,58 @@ mod tests {
         assert_eq!(batches[0].records.len(), 2);
         assert_eq!(batches[0].header, Some(BatchHeader { producer: 1, sequence: 0, count: 2 }));
         assert_eq!(store.read_batches(1, 0, 3, 1 << 20).unwrap().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn staged_batches_are_served_whole_from_a_batch_start_and_cleared_when_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(TopicMeta { replicas: vec![1, 2, 3], ..meta(1, "r") }).await.unwrap();
+        // As the writer leaves them between applying a group and its fsync.
+        *log.staged.lock().unwrap() = vec![batch(0, 7, 0, &["a", "b"]), batch(2, 7, 1, &["c"])];
+        assert_eq!(log.staged(0, 1 << 20).len(), 2);
+        assert_eq!(log.staged(2, 1 << 20)[0].base, 2);
+        assert!(log.staged(1, 1 << 20).is_empty(), "never from inside a batch");
+        assert!(log.staged(3, 1 << 20).is_empty(), "nothing past the staged end");
+        assert_eq!(log.staged(0, 1).len(), 1, "stops at a batch boundary once over the byte budget");
+        // The next durable group publishes its state and clears what was staged before.
+        store.append(1, 1, 0, records(&["x"])).await.unwrap();
+        assert!(log.staged(0, 1 << 20).is_empty());
+        let s = log.state();
+        assert_eq!((s.log_end, s.staged_end), (1, 1));
+    }
+
+    #[tokio::test]
+    async fn a_group_that_writes_nothing_is_not_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+        let log = store.create_topic(follower_meta(1)).await.unwrap();
+        let chunk = ReplicaChunk {
+            epoch: 1,
+            batches: vec![batch(0, 7, 0, &["a", "b"])],
+            history: vec![(1, 0)],
+            ..ReplicaChunk::default()
+        };
+        store.replica_append(1, chunk).await.unwrap();
+        let commits = store.commits();
+        // A fetch answer carrying only the leader's new commit offset.
+        let news = ReplicaChunk { epoch: 1, history: vec![(1, 0)], commit: 2, ..ReplicaChunk::default() };
+        let state = store.replica_append(1, news).await.unwrap();
+        assert_eq!(state.commit, 2, "the commit offset is published");
+        assert_eq!(store.commits(), commits, "without a write transaction (and its fsync)");
+        // Records still make a commit, and everything survives a reopen.
+        let more = ReplicaChunk {
+            epoch: 1,
+            batches: vec![batch(2, 7, 1, &["c"])],
+            history: vec![(1, 0)],
+            ..ReplicaChunk::default()
+        };
+        store.replica_append(1, more).await.unwrap();
+        assert_eq!(store.commits(), commits + 1);
+        drop((store, log));
+        let (store, hosted) = Store::open(dir.path(), None).unwrap();
+        assert_eq!(hosted[0].0.state().log_end, 3);
+        assert_eq!(payloads(&store, &hosted[0].0).len(), 3);
     }
 
     #[tokio::test]
