@@ -50,6 +50,15 @@ struct Common {
     /// `naming` and `server`, warn for everything else).
     #[arg(long, global = true, env = "HERALD_LOG")]
     log_level: Option<String>,
+    /// Log lines as plain text, or as one JSON object per line (for log collectors).
+    #[arg(long, global = true, env = "HERALD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -115,6 +124,9 @@ enum Command {
     /// Create, list and delete subscriptions.
     #[command(subcommand)]
     Subscription(SubscriptionCommand),
+    /// Show or change the JSON Schema a topic's records must follow.
+    #[command(subcommand)]
+    Schema(SchemaCommand),
     /// Publish one record per line of stdin.
     Produce(ProduceArgs),
     /// Read records through a durable subscription, one per line on stdout.
@@ -136,6 +148,10 @@ enum TopicCommand {
         /// Largest record (key + headers + payload) the topic accepts, in bytes.
         #[arg(long, default_value_t = DEFAULT_MAX_RECORD_BYTES)]
         max_record_bytes: u32,
+        /// A JSON Schema file: every record's payload must be JSON that follows it; a batch
+        /// with a record that does not is refused whole.
+        #[arg(long, value_name = "FILE")]
+        schema: Option<PathBuf>,
         #[arg(long)]
         json: bool,
     },
@@ -153,6 +169,28 @@ enum TopicCommand {
     /// Delete a topic and all its records.
     Delete {
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SchemaCommand {
+    /// Print a topic's schema (nothing, and a note on stderr, if it has none).
+    Get {
+        topic: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set a topic's schema from a file (it applies to records produced afterwards), or
+    /// remove it with --none.
+    Set {
+        topic: String,
+        #[arg(required_unless_present = "none", conflicts_with = "none")]
+        file: Option<PathBuf>,
+        /// Remove the schema: the topic takes any bytes again.
+        #[arg(long)]
+        none: bool,
         #[arg(long)]
         json: bool,
     },
@@ -234,7 +272,10 @@ pub fn main() -> ExitCode {
     // Servers log their life at info; `dev` and client commands only warn, so the dev
     // banner and command output stay readable.
     let is_server = matches!(cli.command, Command::Naming { .. } | Command::Server { .. });
-    init_logging(cli.common.log_level.as_deref().unwrap_or(if is_server { "info" } else { "warn" }));
+    init_logging(
+        cli.common.log_level.as_deref().unwrap_or(if is_server { "info" } else { "warn" }),
+        cli.common.log_format,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -251,10 +292,16 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+fn init_logging(filter: &str, format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
+        eprintln!("warning: bad --log-level {filter:?} ({e}); using info");
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(true).init(),
+    }
 }
 
 /// A token cancelled on Ctrl-C or SIGTERM.
@@ -313,6 +360,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Servers { json } => with_client(&common, |c| list_servers(c, json)).await,
         Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
+        Command::Schema(cmd) => with_client(&common, |c| schema(c, cmd)).await,
         Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
         Command::Consume(args) => with_client(&common, |c| consume(c, args)).await,
         Command::Bench(cmd) => {
@@ -372,6 +420,7 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
         "leader": info.leader,
         "epoch": info.epoch,
         "max_record_bytes": info.config.max_record_bytes,
+        "schema": info.config.schema.is_some(),
     });
     if let Some(s) = status {
         v["log_start"] = json!(s.log_start);
@@ -384,6 +433,49 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
             .collect::<Vec<_>>());
     }
     v
+}
+
+/// Reads a schema file; the naming server checks that it compiles.
+fn read_schema(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading the schema {}", path.display()))
+}
+
+async fn schema(client: Arc<Client>, cmd: SchemaCommand) -> Result<ExitCode> {
+    match cmd {
+        SchemaCommand::Get { topic, json } => {
+            let info = client.lookup(&topic_name(&topic)?).await?;
+            let schema = info.config.schema.as_deref();
+            if json {
+                let value = match schema {
+                    Some(s) => serde_json::from_str(s).unwrap_or_else(|_| json!(s)),
+                    None => serde_json::Value::Null,
+                };
+                print_json(&json!({ "topic": info.name.as_str(), "schema": value }))?;
+            } else if let Some(s) = schema {
+                println!("{}", s.trim_end());
+            } else {
+                eprintln!("topic {} has no schema: it takes any bytes", info.name);
+            }
+        }
+        SchemaCommand::Set { topic, file, none, json } => {
+            let name = topic_name(&topic)?;
+            let schema = if none { None } else { file.as_deref().map(read_schema).transpose()? };
+            let removed = schema.is_none();
+            let changes = crate::wire::TopicChanges { schema: Some(schema) };
+            let info = client.alter_topic(&name, changes).await?;
+            if json {
+                print_json(&topic_json(&info, None))?;
+            } else if removed {
+                eprintln!("removed the schema of topic {}: it takes any bytes", info.name);
+            } else {
+                eprintln!(
+                    "set the schema of topic {}: records produced from now on must follow it",
+                    info.name
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
@@ -414,9 +506,10 @@ async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
 
 async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
     match cmd {
-        TopicCommand::Create { name, replicas, max_record_bytes, json } => {
+        TopicCommand::Create { name, replicas, max_record_bytes, schema, json } => {
             let name = topic_name(&name)?;
-            let info = client.create_topic(&name, replicas, TopicConfig { max_record_bytes }).await?;
+            let schema = schema.as_deref().map(read_schema).transpose()?;
+            let info = client.create_topic(&name, replicas, TopicConfig { max_record_bytes, schema }).await?;
             if json {
                 print_json(&topic_json(&info, None))?;
             } else {

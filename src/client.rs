@@ -27,8 +27,8 @@ use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
 use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
-    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo,
-    TopicStatus,
+    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig,
+    TopicInfo, TopicStatus,
 };
 
 /// Batches a producer keeps in flight by default.
@@ -46,7 +46,7 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// quiet until the idle timeout).
 const STALL_CHECK: Duration = Duration::from_millis(500);
 /// Once stalled, how often the producer asks again (an election takes about a lease).
-const STALL_RECHECK: Duration = Duration::from_millis(100);
+const STALL_RECHECK: Duration = Duration::from_millis(50);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
 const POLL_GRACE: Duration = Duration::from_secs(2);
 
@@ -167,6 +167,14 @@ impl Client {
         config: TopicConfig,
     ) -> Result<TopicInfo, Error> {
         match self.naming_call(&Request::CreateTopic { name: name.clone(), replicas, config }).await? {
+            Response::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Changes a topic's policies; they apply to what is produced after this returns.
+    pub async fn alter_topic(&self, name: &TopicName, changes: TopicChanges) -> Result<TopicInfo, Error> {
+        match self.naming_call(&Request::AlterTopic { name: name.clone(), changes }).await? {
             Response::Topic(t) => Ok(t),
             other => Err(unexpected(other)),
         }

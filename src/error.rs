@@ -80,6 +80,9 @@ pub enum Error {
     /// 19
     #[error("epoch {epoch} of topic {topic:?} is stale: server {server} has promised epoch {current}")]
     StaleEpoch { topic: String, server: ServerId, epoch: u64, current: u64 },
+    /// A record does not follow the topic's JSON Schema; its whole batch was refused.
+    #[error("record {index} of the batch does not follow the schema of topic {topic:?}: {detail}")]
+    SchemaViolation { topic: String, index: u32, detail: String },
 }
 
 impl Error {
@@ -127,6 +130,7 @@ mod tests {
             (Error::NotLeader { topic: s(), server: 0, leader: None }, 15),
             (Error::Internal { detail: s() }, 18),
             (Error::StaleEpoch { topic: s(), server: 0, epoch: 0, current: 0 }, 19),
+            (Error::SchemaViolation { topic: s(), index: 0, detail: s() }, 20),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

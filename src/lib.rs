@@ -11,6 +11,7 @@ pub mod cli;
 pub mod client;
 pub mod error;
 pub mod naming;
+pub mod policy;
 pub mod replica;
 pub mod replication;
 pub mod server;

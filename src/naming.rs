@@ -30,7 +30,7 @@ use crate::replication;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Epoch, ServerId, TopicId, TopicName};
 use crate::wire::{
-    ReplicaInfo, Request, Response, ServerInfo, TopicConfig, TopicInfo, MAX_RECORD_BYTES_LIMIT,
+    ReplicaInfo, Request, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo, MAX_RECORD_BYTES_LIMIT,
 };
 
 const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
@@ -305,6 +305,9 @@ impl NamingServer {
             if replicas == 0 || replicas > MAX_REPLICAS {
                 return Err(Error::invalid(format!("--replicas must be 1..={MAX_REPLICAS}, got {replicas}")));
             }
+            if let Some(schema) = &config.schema {
+                crate::policy::compile_schema(schema)?;
+            }
             if config.max_record_bytes == 0 || config.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(Error::invalid(format!(
                     "--max-record-bytes must be 1..={MAX_RECORD_BYTES_LIMIT}, got {}",
@@ -355,13 +358,19 @@ impl NamingServer {
             info!(topic = %name, id = record.id, replicas = ?record.replicas, "topic created");
             Ok((book.version, record))
         })();
+        // Answer once the replicas host it, so the producer's first request finds it.
+        self.answer_when_applied(placed)
+    }
+
+    /// Answers with the topic once its replicas applied book `version` (or after
+    /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
+    fn answer_when_applied(self: &Arc<Self>, changed: Result<(u64, TopicRecord), Error>) -> ResponseFuture {
         let me = self.clone();
         Box::pin(async move {
-            let (version, record) = match placed {
+            let (version, record) = match changed {
                 Ok(p) => p,
                 Err(e) => return Response::Error(e),
             };
-            // Answer once the replicas host it, so the producer's first request finds it.
             let mut applied = me.applied.subscribe();
             let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
             loop {
@@ -374,8 +383,37 @@ impl NamingServer {
                 }
             }
             let book = me.book.lock().expect("book lock");
-            Response::Topic(Self::topic_info(&book, &record))
+            let record = book.topics.get(record.name.as_str()).unwrap_or(&record);
+            Response::Topic(Self::topic_info(&book, record))
         })
+    }
+
+    /// Changes a topic's policies; they apply to batches produced after the answer.
+    fn alter_topic(self: &Arc<Self>, name: TopicName, changes: TopicChanges) -> ResponseFuture {
+        let changed = (|| {
+            if let Some(Some(schema)) = &changes.schema {
+                crate::policy::compile_schema(schema)?;
+            }
+            let mut book = self.book.lock().expect("book lock");
+            let Some(old) = book.topics.get(name.as_str()).cloned() else {
+                return Err(Error::UnknownTopic { topic: name.to_string() });
+            };
+            let mut record = old.clone();
+            if let Some(schema) = changes.schema {
+                record.config.schema = schema;
+            }
+            book.version += 1;
+            book.topics.insert(name.to_string(), record.clone());
+            if let Err(e) = self.persist(&book, None, Some(&record), None) {
+                book.topics.insert(name.to_string(), old);
+                book.version -= 1;
+                return Err(e);
+            }
+            self.version.send_replace(book.version);
+            info!(topic = %name, schema = record.config.schema.is_some(), "topic altered");
+            Ok((book.version, record))
+        })();
+        self.answer_when_applied(changed)
     }
 
     fn delete_topic(&self, name: &TopicName) -> Result<Response, Error> {
@@ -586,7 +624,8 @@ impl NamingServer {
 /// Watches leaders' leases and elects new leaders for topics whose leader died.
 async fn watch_leaders(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
     let started = Instant::now();
-    let tick = (naming.lease / 6).max(Duration::from_millis(20));
+    // Fine-grained, so an election starts within ~5 % of a lease of the expiry.
+    let tick = (naming.lease / 20).max(Duration::from_millis(10));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -625,6 +664,7 @@ impl Service for NamingServer {
             }
             Request::CreateTopic { name, replicas, config } => self.create_topic(name, replicas, config),
             Request::DeleteTopic { name } => answer(self.delete_topic(&name)),
+            Request::AlterTopic { name, changes } => self.alter_topic(name, changes),
             Request::LookupTopic { name } => answer(self.lookup(&name)),
             Request::ListTopics => ready(self.list_topics()),
             Request::ListServers => ready(self.list_servers()),

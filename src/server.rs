@@ -23,11 +23,12 @@ use tracing::{debug, error, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
+use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{Offset, ServerId, SubscriptionName, TopicName};
-use crate::wire::{ReplicaInfo, Request, Response, TopicInfo, TopicStatus};
+use crate::wire::{ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus};
 
 /// Most records one fetch returns.
 pub const MAX_FETCH_RECORDS: u32 = 10_000;
@@ -54,6 +55,22 @@ pub struct ServerConfig {
 struct Hosted {
     replica: Arc<Replica>,
     applied: Mutex<Option<Assignment>>,
+    /// The topic's policies as last given by the book (or stored, after a restart).
+    policy: RwLock<Arc<Policy>>,
+}
+
+impl Hosted {
+    fn new(replica: Arc<Replica>, applied: Option<Assignment>, config: TopicConfig) -> Arc<Self> {
+        Arc::new(Self {
+            replica,
+            applied: Mutex::new(applied),
+            policy: RwLock::new(Arc::new(Policy::new(config))),
+        })
+    }
+
+    fn policy(&self) -> Arc<Policy> {
+        self.policy.read().expect("policy lock").clone()
+    }
 }
 
 pub struct TopicServer {
@@ -85,6 +102,17 @@ impl TopicServer {
         Ok(self.replica(name)?.log.clone())
     }
 
+    fn leader_and_policy(&self, name: &TopicName) -> Result<(Arc<Replica>, Arc<Policy>), Error> {
+        let hosted = self.topics.read().expect("topics lock").get(name).cloned();
+        let hosted = hosted.ok_or_else(|| Error::NotLeader {
+            topic: name.to_string(),
+            server: self.node.id,
+            leader: None,
+        })?;
+        hosted.replica.check_leader()?;
+        Ok((hosted.replica.clone(), hosted.policy()))
+    }
+
     fn leader_of(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
         let replica = self.replica(name)?;
         replica.check_leader()?;
@@ -98,10 +126,13 @@ impl TopicServer {
         sequence: u64,
         records: Vec<crate::wire::Record>,
     ) -> ResponseFuture {
-        let replica = match self.leader_of(topic) {
+        let (replica, policy) = match self.leader_and_policy(topic) {
             Ok(r) => r,
             Err(e) => return ready(Response::Error(e)),
         };
+        if let Err(e) = policy.check(topic.as_str(), &records) {
+            return ready(Response::Error(e));
+        }
         // Queued now, in stream order; the future waits for the group commit, then for a
         // majority of the replicas.
         let appended = self.node.store.append(replica.log.id, producer, sequence, records);
@@ -226,6 +257,11 @@ impl TopicServer {
             let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
             let hosted = match current {
                 Some(h) if h.replica.log.id == info.id => {
+                    if h.policy().config != info.config {
+                        self.node.store.set_config(info.id, info.config.clone()).await?;
+                        *h.policy.write().expect("policy lock") = Arc::new(Policy::new(info.config.clone()));
+                        info!(topic = %info.name, schema = info.config.schema.is_some(), "topic policies changed");
+                    }
                     if h.applied.lock().expect("applied lock").as_ref() == Some(&assignment) {
                         continue;
                     }
@@ -235,7 +271,7 @@ impl TopicServer {
                     let meta = TopicMeta {
                         id: info.id,
                         name: info.name.clone(),
-                        config: info.config,
+                        config: info.config.clone(),
                         replicas: info.replicas.iter().map(|r| r.server).collect(),
                         leader: info.leader,
                         epoch: info.epoch,
@@ -244,10 +280,9 @@ impl TopicServer {
                     };
                     let log = self.node.store.create_topic(meta).await?;
                     info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
-                    let hosted = Arc::new(Hosted {
-                        replica: Replica::new(log, self.node.id, assignment.clone()),
-                        applied: Mutex::new(None),
-                    });
+                    let config = info.config.clone();
+                    let hosted =
+                        Hosted::new(Replica::new(log, self.node.id, assignment.clone()), None, config);
                     self.topics.write().expect("topics lock").insert(info.name.clone(), hosted.clone());
                     hosted
                 }
@@ -499,7 +534,7 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
             replica.apply(&node, assignment.clone()).await?;
             applied = Some(assignment);
         }
-        topics.insert(meta.name.clone(), Arc::new(Hosted { replica, applied: Mutex::new(applied) }));
+        topics.insert(meta.name.clone(), Hosted::new(replica, applied, meta.config.clone()));
     }
     let server = Arc::new(TopicServer { node, topics: RwLock::new(topics) });
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");

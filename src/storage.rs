@@ -355,6 +355,11 @@ enum Command {
         value: u64,
         reply: Reply<()>,
     },
+    SetConfig {
+        topic: TopicId,
+        config: TopicConfig,
+        reply: Reply<()>,
+    },
 }
 
 /// A server's storage: the redb database and the writer thread in front of it.
@@ -569,6 +574,12 @@ impl Store {
 
     pub async fn set_meta(&self, key: &'static str, value: u64) -> Result<(), Error> {
         self.call(|reply| Command::SetMeta { key, value, reply }).await
+    }
+
+    /// Stores a topic's policies as the book last gave them, so a restarted replica that
+    /// leads before it hears from the naming server enforces them.
+    pub async fn set_config(&self, topic: TopicId, config: TopicConfig) -> Result<(), Error> {
+        self.call(|reply| Command::SetConfig { topic, config, reply }).await
     }
 
     fn storage_err(&self, e: impl std::fmt::Display) -> Error {
@@ -1059,6 +1070,19 @@ impl Writer {
                 txn.open(META)?.insert(key, value)?;
                 defer(deferred, reply, Ok(()));
             }
+            Command::SetConfig { topic, config, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => {
+                        // The record size limit is fixed at creation; policies may change.
+                        t.meta.config =
+                            TopicConfig { max_record_bytes: t.meta.config.max_record_bytes, ..config };
+                        txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
+                        Ok(())
+                    }
+                };
+                defer(deferred, reply, result);
+            }
             Command::Assign { topic, replicas, leader, epoch, reply } => {
                 let result = match self.topics.get_mut(&topic) {
                     None => Err(self.not_hosted(topic)),
@@ -1471,7 +1495,7 @@ mod tests {
         TopicMeta {
             id,
             name: TopicName::new(name).unwrap(),
-            config: TopicConfig { max_record_bytes: 64 },
+            config: TopicConfig { max_record_bytes: 64, schema: None },
             replicas: vec![1],
             leader: 1,
             epoch: 1,

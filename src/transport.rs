@@ -569,6 +569,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::Heartbeat { .. } => "Heartbeat",
         Request::CreateTopic { .. } => "CreateTopic",
         Request::DeleteTopic { .. } => "DeleteTopic",
+        Request::AlterTopic { .. } => "AlterTopic",
         Request::LookupTopic { .. } => "LookupTopic",
         Request::ListTopics => "ListTopics",
         Request::ListServers => "ListServers",

@@ -76,12 +76,21 @@ pub struct StoredRecord {
 pub struct TopicConfig {
     /// Largest record (key + headers + payload) accepted, in bytes.
     pub max_record_bytes: u32,
+    /// A JSON Schema every record's payload must follow (G10); `None` takes any bytes.
+    pub schema: Option<String>,
 }
 
 impl Default for TopicConfig {
     fn default() -> Self {
-        Self { max_record_bytes: DEFAULT_MAX_RECORD_BYTES }
+        Self { max_record_bytes: DEFAULT_MAX_RECORD_BYTES, schema: None }
     }
+}
+
+/// Policy changes of `AlterTopic`; `None` leaves a setting as it is.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicChanges {
+    /// `Some(None)` removes the schema.
+    pub schema: Option<Option<String>>,
 }
 
 /// A topic server as the naming server knows it.
@@ -192,6 +201,11 @@ pub enum Request {
     },
     DeleteTopic {
         name: TopicName,
+    },
+    /// Changes a topic's policies; answered once its replicas apply them.
+    AlterTopic {
+        name: TopicName,
+        changes: TopicChanges,
     },
     LookupTopic {
         name: TopicName,
