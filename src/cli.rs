@@ -23,7 +23,9 @@ use crate::error::Error;
 use crate::naming::{self, NamingConfig};
 use crate::server::{self, ServerConfig};
 use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
-use crate::wire::{Header, Record, StoredRecord, TopicConfig, TopicInfo, DEFAULT_MAX_RECORD_BYTES};
+use crate::wire::{
+    Header, Record, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo, DEFAULT_MAX_RECORD_BYTES,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -104,6 +106,10 @@ enum Command {
         /// Address others reach this server at (default: --listen).
         #[arg(long)]
         advertise: Option<SocketAddr>,
+        /// A consumer keeps its subscription this long after its last request (one consumer
+        /// per subscription at a time), in milliseconds.
+        #[arg(long, default_value_t = server::DEFAULT_SESSION_LEASE.as_millis() as u64)]
+        session_lease_ms: u64,
     },
     /// Run a naming server and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
@@ -213,10 +219,31 @@ enum SubscriptionCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a subscription (frees the records only it held).
+    /// Delete a subscription (frees the records only it held, and says how much).
     Delete {
         topic: String,
         name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a subscription's cursor: back to read again, or forward to skip. Shows what it
+    /// would do unless --execute is given; refused while a consumer holds the subscription.
+    #[command(group(clap::ArgGroup::new("to").required(true).args(["to_earliest", "to_latest", "to_offset"])))]
+    Reset {
+        topic: String,
+        name: String,
+        /// To the oldest record still stored.
+        #[arg(long)]
+        to_earliest: bool,
+        /// To the committed end (skip everything not read yet).
+        #[arg(long)]
+        to_latest: bool,
+        /// To this offset (within the stored log).
+        #[arg(long, value_name = "N")]
+        to_offset: Option<Offset>,
+        /// Do it (without this, only show what it would do).
+        #[arg(long)]
+        execute: bool,
         #[arg(long)]
         json: bool,
     },
@@ -344,7 +371,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server { listen, data, id, advertise } => {
+        Command::Server { listen, data, id, advertise, session_lease_ms } => {
             let config = ServerConfig {
                 id,
                 listen,
@@ -352,6 +379,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 naming: common.naming,
                 data_dir: data,
                 certs_dir: common.certs,
+                session_lease: Duration::from_millis(session_lease_ms),
             };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -426,11 +454,7 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
         v["log_start"] = json!(s.log_start);
         v["log_end"] = json!(s.log_end);
         v["commit"] = json!(s.commit);
-        v["subscriptions"] = json!(s
-            .subscriptions
-            .iter()
-            .map(|sub| json!({ "name": sub.name.as_str(), "cursor": sub.cursor, "lag": sub.lag }))
-            .collect::<Vec<_>>());
+        v["subscriptions"] = json!(s.subscriptions.iter().map(subscription_json).collect::<Vec<_>>());
     }
     v
 }
@@ -615,15 +639,25 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
             let topic = topic_name(&topic)?;
             let subs = client.subscriptions(&topic).await?;
             if json {
-                print_json(&json!(subs
-                    .iter()
-                    .map(|s| json!({ "name": s.name.as_str(), "cursor": s.cursor, "lag": s.lag }))
-                    .collect::<Vec<_>>()))?;
+                print_json(&json!(subs.iter().map(subscription_json).collect::<Vec<_>>()))?;
             } else {
                 let mut out = std::io::stdout().lock();
-                writeln!(out, "{:<24} {:>12} {:>12}", "SUBSCRIPTION", "CURSOR", "LAG")?;
+                writeln!(
+                    out,
+                    "{:<24} {:>12} {:>10} {:>12} {:<20} CONSUMER",
+                    "SUBSCRIPTION", "CURSOR", "LAG", "LAG BYTES", "LAST ACK"
+                )?;
                 for s in subs {
-                    writeln!(out, "{:<24} {:>12} {:>12}", s.name.as_str(), s.cursor, s.lag)?;
+                    writeln!(
+                        out,
+                        "{:<24} {:>12} {:>10} {:>12} {:<20} {}",
+                        s.name.as_str(),
+                        s.cursor,
+                        s.lag,
+                        s.lag_bytes,
+                        s.last_ack_ms.map(format_ms).unwrap_or_else(|| "-".into()),
+                        s.consumer.as_deref().unwrap_or("-")
+                    )?;
                 }
             }
         }
@@ -638,17 +672,84 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
         }
         SubscriptionCommand::Delete { topic, name, json } => {
             let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
-            let freed = client.delete_subscription(&topic, &name).await?;
+            let (records, bytes) = client.delete_subscription(&topic, &name).await?;
             if json {
-                print_json(
-                    &json!({ "topic": topic.as_str(), "deleted": name.as_str(), "freed_records": freed }),
-                )?;
+                print_json(&json!({
+                    "topic": topic.as_str(),
+                    "deleted": name.as_str(),
+                    "freed_records": records,
+                    "freed_bytes": bytes,
+                }))?;
             } else {
-                eprintln!("deleted subscription {name} of {topic}; {freed} records freed");
+                eprintln!(
+                    "deleted subscription {name} of {topic}; freed {records} records ({bytes} bytes) no other subscription needed"
+                );
+            }
+        }
+        SubscriptionCommand::Reset { topic, name, to_earliest, to_latest, to_offset, execute, json } => {
+            let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
+            let to = match (to_earliest, to_latest, to_offset) {
+                (true, _, _) => ResetTo::Earliest,
+                (_, true, _) => ResetTo::Latest,
+                (_, _, Some(o)) => ResetTo::Offset(o),
+                _ => bail!("say where: --to-earliest, --to-latest or --to-offset N"),
+            };
+            let r = client.reset_subscription(&topic, &name, to, execute).await?;
+            let moved = if r.after >= r.before {
+                format!("skips {} records", r.after - r.before)
+            } else {
+                format!("reads {} records again", r.before - r.after)
+            };
+            if json {
+                print_json(&json!({
+                    "topic": topic.as_str(),
+                    "subscription": name.as_str(),
+                    "cursor_before": r.before,
+                    "cursor_after": r.after,
+                    "log_start": r.log_start,
+                    "commit": r.commit,
+                    "executed": r.executed,
+                }))?;
+            } else if r.executed {
+                eprintln!(
+                    "reset subscription {name} of {topic} from offset {} to {}: it {moved}",
+                    r.before, r.after
+                );
+            } else {
+                eprintln!(
+                    "would reset subscription {name} of {topic} from offset {} to {} (stored: {}..{}): it {moved}. Nothing changed; add --execute to do it",
+                    r.before, r.after, r.log_start, r.commit
+                );
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn subscription_json(s: &SubscriptionInfo) -> serde_json::Value {
+    json!({
+        "name": s.name.as_str(),
+        "cursor": s.cursor,
+        "lag": s.lag,
+        "lag_bytes": s.lag_bytes,
+        "last_ack_ms": s.last_ack_ms,
+        "consumer": s.consumer,
+    })
+}
+
+/// A time in ms since the Unix epoch as UTC `YYYY-MM-DD HH:MM:SS`.
+fn format_ms(ms: u64) -> String {
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        t.month() as u8,
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
 }
 
 /// Reads stdin in the background and hands over batches of lines. A batch holds whatever
@@ -950,9 +1051,10 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         consumer.close(); // a poll may have been cut short; ack on a fresh stream
         consumer.ack(next).await.context("acknowledging consumed records")?;
     }
-    consumer.close();
+    let position = consumer.position();
+    consumer.release().await;
     if !broken_pipe {
-        let range = match (first, delivered.or(consumer.position())) {
+        let range = match (first, delivered.or(position)) {
             (Some(a), Some(b)) if b > a => format!(" (offsets {a}..{})", b - 1),
             _ => String::new(),
         };
@@ -992,6 +1094,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
             naming: naming_addr,
             data_dir: dir.join(format!("server-{i}")),
             certs_dir: common.certs.clone(),
+            session_lease: server::DEFAULT_SESSION_LEASE,
         };
         tasks.spawn(server::run(config, shutdown.clone()));
     }

@@ -27,8 +27,8 @@ use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
 use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
-    Record, Request, Response, ServerInfo, StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig,
-    TopicInfo, TopicStatus,
+    ConsumerSession, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
+    SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
 };
 
 /// Batches a producer keeps in flight by default.
@@ -284,15 +284,35 @@ impl Client {
         }
     }
 
-    /// Deletes a subscription; returns how many records that freed.
+    /// Deletes a subscription; returns how many records (and bytes) that freed.
     pub async fn delete_subscription(
         &self,
         topic: &TopicName,
         subscription: &SubscriptionName,
-    ) -> Result<u64, Error> {
+    ) -> Result<(u64, u64), Error> {
         let req = Request::DeleteSubscription { topic: topic.clone(), subscription: subscription.clone() };
         match self.leader_call(topic, &req).await? {
-            Response::SubscriptionDeleted { freed_records } => Ok(freed_records),
+            Response::SubscriptionDeleted { freed_records, freed_bytes } => Ok((freed_records, freed_bytes)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Moves a subscription's cursor (or, without `execute`, says where it would go).
+    pub async fn reset_subscription(
+        &self,
+        topic: &TopicName,
+        subscription: &SubscriptionName,
+        to: ResetTo,
+        execute: bool,
+    ) -> Result<ResetOutcome, Error> {
+        let req = Request::ResetSubscription {
+            topic: topic.clone(),
+            subscription: subscription.clone(),
+            to,
+            execute,
+        };
+        match self.leader_call(topic, &req).await? {
+            Response::Reset(outcome) => Ok(outcome),
             other => Err(unexpected(other)),
         }
     }
@@ -315,10 +335,13 @@ impl Client {
         from: StartFrom,
     ) -> Result<Consumer, Error> {
         self.create_subscription(&topic, &subscription, from, true).await?;
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+        let name = format!("consumer pid {} on {}", std::process::id(), host.trim());
         Ok(Consumer {
             client: self.clone(),
             topic,
             subscription,
+            session: ConsumerSession { id: fastrand::u64(1..), name },
             stream: None,
             conn: None,
             acks_in_flight: VecDeque::new(),
@@ -600,6 +623,9 @@ pub struct Consumer {
     client: Arc<Client>,
     topic: TopicName,
     subscription: SubscriptionName,
+    /// Holds the subscription at the leader while this consumer reads (one consumer per
+    /// subscription at a time).
+    session: ConsumerSession,
     stream: Option<FramedStream>,
     /// The connection `stream` runs on; acks sent ahead use their own streams on it.
     conn: Option<Connection>,
@@ -644,6 +670,7 @@ impl Consumer {
                         topic: self.topic.clone(),
                         subscription: self.subscription.clone(),
                         next,
+                        session: Some(self.session.clone()),
                     })?;
                 }
                 stream.queue(&req(self.position))?;
@@ -692,6 +719,7 @@ impl Consumer {
         ack: Option<Offset>,
     ) -> Result<Vec<StoredRecord>, Error> {
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        let session = Some(self.session.clone());
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
         // Send the ack ahead on its own stream, so this fetch does not wait for the cursor
         // move to replicate. Acks are cumulative: a lost one is covered by the next.
@@ -701,7 +729,12 @@ impl Consumer {
                 Some(conn) => {
                     let (conn, req) = (
                         conn.clone(),
-                        Request::Ack { topic: topic.clone(), subscription: subscription.clone(), next },
+                        Request::Ack {
+                            topic: topic.clone(),
+                            subscription: subscription.clone(),
+                            next,
+                            session: session.clone(),
+                        },
                     );
                     self.acks_in_flight.push_back(tokio::spawn(async move { conn.call(&req).await }));
                     while self.acks_in_flight.len() > MAX_ACKS_IN_FLIGHT {
@@ -721,6 +754,7 @@ impl Consumer {
                 max_records,
                 max_bytes: crate::server::MAX_FETCH_BYTES,
                 max_wait_ms: wait_ms,
+                session: session.clone(),
             })
             .await?;
         match resp {
@@ -750,11 +784,13 @@ impl Consumer {
             let _ = pending.await;
         }
         let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        let session = Some(self.session.clone());
         match self
             .exchange(None, Duration::ZERO, move |_| Request::Ack {
                 topic: topic.clone(),
                 subscription: subscription.clone(),
                 next,
+                session: session.clone(),
             })
             .await?
         {
@@ -768,5 +804,22 @@ impl Consumer {
         if let Some(mut s) = self.stream.take() {
             s.finish();
         }
+    }
+
+    /// Lets go of the subscription, so another consumer can take it at once instead of after
+    /// this one's session lease. Best effort: if the leader cannot be reached, the lease ends
+    /// the session anyway.
+    pub async fn release(mut self) {
+        for ack in self.acks_in_flight.drain(..) {
+            let _ = ack.await;
+        }
+        self.close();
+        let req = Request::Release {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            session: self.session.id,
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.client.leader_call(&self.topic, &req)).await;
     }
 }

@@ -44,7 +44,7 @@ pub enum Error {
     #[error("subscription {subscription:?} already exists on topic {topic:?}")]
     SubscriptionExists { topic: String, subscription: String },
     /// 9
-    #[error("offset {offset} of topic {topic:?} is before the log start {log_start}: those records were deleted{}", subscription.as_ref().map(|s| format!(" (subscription {s:?} is behind the log; reset it to the log start to go on)")).unwrap_or_default())]
+    #[error("offset {offset} of topic {topic:?} is before the log start {log_start}: those records were deleted{}", subscription.as_ref().map(|s| format!("; subscription {s:?} is behind the log: see what a reset does with `herald subscription reset {topic} {s} --to-earliest`, then add --execute")).unwrap_or_default())]
     CursorBeforeLogStart { topic: String, subscription: Option<String>, offset: Offset, log_start: Offset },
     /// 10
     #[error("offset {offset} of topic {topic:?} is past the committed end {log_end}")]
@@ -83,6 +83,9 @@ pub enum Error {
     /// A record does not follow the topic's JSON Schema; its whole batch was refused.
     #[error("record {index} of the batch does not follow the schema of topic {topic:?}: {detail}")]
     SchemaViolation { topic: String, index: u32, detail: String },
+    /// Another consumer holds the subscription (one consumer per subscription at a time).
+    #[error("subscription {subscription:?} of topic {topic:?} is in use by {holder} (its session lease ends in {expires_in_ms} ms unless it keeps reading; it is freed at once when that consumer stops)")]
+    SubscriptionBusy { topic: String, subscription: String, holder: String, expires_in_ms: u64 },
 }
 
 impl Error {
@@ -131,6 +134,7 @@ mod tests {
             (Error::Internal { detail: s() }, 18),
             (Error::StaleEpoch { topic: s(), server: 0, epoch: 0, current: 0 }, 19),
             (Error::SchemaViolation { topic: s(), index: 0, detail: s() }, 20),
+            (Error::SubscriptionBusy { topic: s(), subscription: s(), holder: s(), expires_in_ms: 0 }, 21),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

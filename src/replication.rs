@@ -356,9 +356,12 @@ impl CursorLog {
         self.committed_version = version;
     }
 
-    /// Where the log may start: the lowest committed cursor, if any subscription exists.
-    pub fn lowest_committed(&self) -> Option<Offset> {
-        self.committed.values().min().copied()
+    /// Where the log may start: the lowest cursor, if any subscription exists. Committed
+    /// cursors count, and so do changes not yet committed: a reset may move a cursor back,
+    /// and records must still be there when it commits.
+    pub fn lowest_held(&self) -> Option<Offset> {
+        let pending = self.pending.values().filter_map(|(_, c)| c.as_ref());
+        self.committed.values().chain(pending).min().copied()
     }
 }
 
@@ -828,17 +831,23 @@ mod tests {
         let v1 = leader.set("a", Some(10));
         let v2 = leader.set("b", Some(4));
         let v3 = leader.set("a", Some(20));
-        assert_eq!(leader.lowest_committed(), None, "nothing committed yet");
+        assert_eq!(leader.lowest_held(), Some(4), "a cursor not yet committed holds records too");
         leader.commit(v1);
         assert_eq!(leader.committed().get("a"), Some(&10));
-        assert_eq!(leader.lowest_committed(), Some(10));
+        assert_eq!(leader.lowest_held(), Some(4));
         leader.commit(v2);
-        assert_eq!(leader.lowest_committed(), Some(4));
+        assert_eq!(leader.lowest_held(), Some(4));
         leader.commit(v3);
         assert_eq!(leader.committed().get("a"), Some(&20));
         let v4 = leader.set("b", None);
+        assert_eq!(leader.lowest_held(), Some(4), "b holds its records until its deletion commits");
         leader.commit(v4);
-        assert_eq!(leader.lowest_committed(), Some(20), "deleting b frees what only it held");
+        assert_eq!(leader.lowest_held(), Some(20), "deleting b frees what only it held");
+        // A reset moving a cursor back holds the records it will read again at once.
+        let v5 = leader.set("a", Some(15));
+        assert_eq!(leader.lowest_held(), Some(15));
+        leader.commit(v5);
+        assert_eq!(leader.committed().get("a"), Some(&15));
 
         // A follower fed the changes converges.
         let mut follower = CursorLog::default();

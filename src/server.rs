@@ -14,7 +14,7 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use quinn::Endpoint;
@@ -27,8 +27,8 @@ use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{Offset, ServerId, SubscriptionName, TopicName};
-use crate::wire::{ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus};
+use crate::types::{now_ms, Offset, ServerId, SubscriptionName, TopicName};
+use crate::wire::{ConsumerSession, ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus};
 
 /// Most records one fetch returns.
 pub const MAX_FETCH_RECORDS: u32 = 10_000;
@@ -48,7 +48,12 @@ pub struct ServerConfig {
     pub naming: SocketAddr,
     pub data_dir: PathBuf,
     pub certs_dir: PathBuf,
+    /// How long a consumer keeps its subscription after its last request.
+    pub session_lease: Duration,
 }
+
+/// How long a consumer keeps its subscription after its last request, by default.
+pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(10);
 
 /// A hosted replica and the assignment this process applied to it (`None` until the first
 /// one after a start: a restarted server waits for the book before it leads again).
@@ -57,6 +62,18 @@ struct Hosted {
     applied: Mutex<Option<Assignment>>,
     /// The topic's policies as last given by the book (or stored, after a restart).
     policy: RwLock<Arc<Policy>>,
+    /// The consumer holding each subscription. Kept in the leader's memory: after a
+    /// failover or restart, the first consumer to come takes a subscription.
+    holders: Mutex<HashMap<String, Holder>>,
+    /// When each subscription's cursor last moved here (ms since the Unix epoch).
+    last_acks: Mutex<HashMap<String, u64>>,
+}
+
+/// A consumer's hold on a subscription.
+struct Holder {
+    session: u64,
+    name: String,
+    expires: Instant,
 }
 
 impl Hosted {
@@ -65,7 +82,66 @@ impl Hosted {
             replica,
             applied: Mutex::new(applied),
             policy: RwLock::new(Arc::new(Policy::new(config))),
+            holders: Mutex::new(HashMap::new()),
+            last_acks: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Takes (or keeps) `subscription` for `session` for `hold` from now; refused while
+    /// another consumer's hold lasts.
+    fn claim(
+        &self,
+        subscription: &SubscriptionName,
+        session: &ConsumerSession,
+        peer: SocketAddr,
+        hold: Duration,
+    ) -> Result<(), Error> {
+        let now = Instant::now();
+        let mut holders = self.holders.lock().expect("holders lock");
+        if let Some(h) = holders.get(subscription.as_str()) {
+            if h.session != session.id && h.expires > now {
+                return Err(Error::SubscriptionBusy {
+                    topic: self.replica.log.name.to_string(),
+                    subscription: subscription.to_string(),
+                    holder: h.name.clone(),
+                    expires_in_ms: (h.expires - now).as_millis() as u64,
+                });
+            }
+        }
+        let expires = now + hold;
+        match holders.get_mut(subscription.as_str()) {
+            Some(h) if h.session == session.id => h.expires = h.expires.max(expires),
+            _ => {
+                info!(topic = %self.replica.log.name, subscription = %subscription, consumer = %session.name, %peer, "a consumer took the subscription");
+                let name = format!("{} ({peer})", session.name);
+                holders.insert(subscription.to_string(), Holder { session: session.id, name, expires });
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends `session`'s hold `lease` from now (after a long poll that held it longer).
+    fn renew(&self, subscription: &SubscriptionName, session: u64, lease: Duration) {
+        if let Some(h) = self.holders.lock().expect("holders lock").get_mut(subscription.as_str()) {
+            if h.session == session {
+                h.expires = Instant::now() + lease;
+            }
+        }
+    }
+
+    fn release(&self, subscription: &SubscriptionName, session: u64) {
+        let mut holders = self.holders.lock().expect("holders lock");
+        if holders.get(subscription.as_str()).is_some_and(|h| h.session == session) {
+            holders.remove(subscription.as_str());
+            info!(topic = %self.replica.log.name, subscription = %subscription, "a consumer released the subscription");
+        }
+    }
+
+    /// Who holds `subscription` now, if anyone.
+    fn holder(&self, subscription: &str) -> Option<(String, Duration)> {
+        let now = Instant::now();
+        let holders = self.holders.lock().expect("holders lock");
+        holders.get(subscription).filter(|h| h.expires > now).map(|h| (h.name.clone(), h.expires - now))
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -76,9 +152,18 @@ impl Hosted {
 pub struct TopicServer {
     node: Arc<Node>,
     topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
+    session_lease: Duration,
 }
 
 impl TopicServer {
+    fn hosted(&self, name: &TopicName) -> Result<Arc<Hosted>, Error> {
+        self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| Error::NotLeader {
+            topic: name.to_string(),
+            server: self.node.id,
+            leader: None,
+        })
+    }
+
     fn replica(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
         self.topics
             .read()
@@ -215,9 +300,15 @@ impl TopicServer {
     }
 
     fn status(&self, topic: &TopicName) -> Result<Response, Error> {
-        let replica = self.replica(topic)?;
+        let hosted = self.hosted(topic)?;
+        let replica = &hosted.replica;
         let log = &replica.log;
         let state = log.state();
+        let mut subscriptions = self.node.store.subscriptions(log.id, state.commit)?;
+        for sub in &mut subscriptions {
+            sub.consumer = hosted.holder(sub.name.as_str()).map(|(name, _)| name);
+            sub.last_ack_ms = hosted.last_acks.lock().expect("acks lock").get(sub.name.as_str()).copied();
+        }
         Ok(Response::TopicStatus(TopicStatus {
             id: log.id,
             name: log.name.clone(),
@@ -227,7 +318,7 @@ impl TopicServer {
             log_start: state.log_start,
             log_end: state.log_end,
             commit: state.commit,
-            subscriptions: self.node.store.subscriptions(log.id, state.commit)?,
+            subscriptions,
             replicas: replica.replica_statuses(),
         }))
     }
@@ -336,27 +427,74 @@ impl Service for TopicServer {
             Request::Produce { topic, producer, sequence, records } => {
                 self.produce(&topic, producer, sequence, records)
             }
-            Request::Fetch { topic, subscription, from, max_records, max_bytes, max_wait_ms } => {
+            Request::Fetch { topic, subscription, from, max_records, max_bytes, max_wait_ms, session } => {
+                let peer = peer.addr;
                 Box::pin(async move {
-                    me.fetch(
-                        &topic,
-                        &subscription,
-                        from,
-                        max_records,
-                        max_bytes,
-                        Duration::from_millis(max_wait_ms as u64),
-                    )
-                    .await
-                    .unwrap_or_else(Response::Error)
+                    let wait = Duration::from_millis(max_wait_ms as u64).min(MAX_FETCH_WAIT);
+                    let result = async {
+                        let hosted = match &session {
+                            Some(s) => {
+                                let hosted = me.hosted(&topic)?;
+                                hosted.claim(&subscription, s, peer, wait + me.session_lease)?;
+                                Some(hosted)
+                            }
+                            None => None,
+                        };
+                        let answer =
+                            me.fetch(&topic, &subscription, from, max_records, max_bytes, wait).await;
+                        if let (Some(h), Some(s)) = (hosted, &session) {
+                            h.renew(&subscription, s.id, me.session_lease);
+                        }
+                        answer
+                    };
+                    result.await.unwrap_or_else(Response::Error)
                 })
             }
-            Request::Ack { topic, subscription, next } => Box::pin(async move {
+            Request::Ack { topic, subscription, next, session } => {
+                let peer = peer.addr;
+                Box::pin(async move {
+                    let result = async {
+                        // Cursors move at the leader, which replicates them.
+                        let replica = me.leader_of(&topic)?;
+                        let hosted = me.hosted(&topic)?;
+                        if let Some(s) = &session {
+                            hosted.claim(&subscription, s, peer, me.session_lease)?;
+                        }
+                        let sub = subscription.to_string();
+                        let (cursor, version) = me.node.store.ack(replica.log.id, subscription, next).await?;
+                        hosted.last_acks.lock().expect("acks lock").insert(sub, now_ms());
+                        replica.wait_cursor_commit(version).await?;
+                        Ok(Response::Cursor { cursor })
+                    };
+                    result.await.unwrap_or_else(Response::Error)
+                })
+            }
+            Request::Release { topic, subscription, session } => answer(self.hosted(&topic).map(|h| {
+                h.release(&subscription, session);
+                Response::Deleted
+            })),
+            Request::ResetSubscription { topic, subscription, to, execute } => Box::pin(async move {
                 let result = async {
-                    // Cursors move at the leader, which replicates them.
                     let replica = me.leader_of(&topic)?;
-                    let (cursor, version) = me.node.store.ack(replica.log.id, subscription, next).await?;
-                    replica.wait_cursor_commit(version).await?;
-                    Ok(Response::Cursor { cursor })
+                    let hosted = me.hosted(&topic)?;
+                    if let (true, Some((holder, left))) = (execute, hosted.holder(subscription.as_str())) {
+                        // The consumer would ack from its own position right after the move.
+                        return Err(Error::SubscriptionBusy {
+                            topic: topic.to_string(),
+                            subscription: subscription.to_string(),
+                            holder,
+                            expires_in_ms: left.as_millis() as u64,
+                        });
+                    }
+                    let name = subscription.to_string();
+                    let (outcome, version) =
+                        me.node.store.reset_cursor(replica.log.id, subscription, to, execute).await?;
+                    if version > 0 {
+                        info!(topic = %topic, subscription = %name, from = outcome.before, to = outcome.after, "subscription reset");
+                        hosted.last_acks.lock().expect("acks lock").insert(name, now_ms());
+                        replica.wait_cursor_commit(version).await?;
+                    }
+                    Ok(Response::Reset(outcome))
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
@@ -376,12 +514,15 @@ impl Service for TopicServer {
             Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
                 let result = async {
                     let replica = me.leader_of(&topic)?;
-                    let before = replica.log.state().log_start;
+                    let before = replica.log.state();
                     let (version, freed) =
                         me.node.store.delete_subscription(replica.log.id, subscription).await?;
                     replica.wait_cursor_commit(version).await?;
-                    let moved = replica.log.state().log_start - before;
-                    Ok(Response::SubscriptionDeleted { freed_records: freed.max(moved) })
+                    let after = replica.log.state();
+                    Ok(Response::SubscriptionDeleted {
+                        freed_records: freed.max(after.log_start - before.log_start),
+                        freed_bytes: after.freed_bytes - before.freed_bytes,
+                    })
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
@@ -536,7 +677,8 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         }
         topics.insert(meta.name.clone(), Hosted::new(replica, applied, meta.config.clone()));
     }
-    let server = Arc::new(TopicServer { node, topics: RwLock::new(topics) });
+    let server =
+        Arc::new(TopicServer { node, topics: RwLock::new(topics), session_lease: config.session_lease });
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
     let naming = tokio::spawn(follow_naming(
         server.clone(),

@@ -51,7 +51,7 @@ use crate::replication::{CursorLog, EpochHistory};
 use crate::types::{
     now_ms, Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
-use crate::wire::{Record, StoredRecord, SubscriptionInfo, TopicConfig};
+use crate::wire::{Record, ResetOutcome, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig};
 
 const TOPICS: TableDefinition<u64, &[u8]> = TableDefinition::new("topics");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
@@ -116,6 +116,10 @@ pub struct LogState {
     pub cursor_commit: u64,
     /// The newest epoch this replica promised or followed.
     pub promised: Epoch,
+    /// Bytes stored for `log_start..log_end` (the backlog).
+    pub bytes: u64,
+    /// Bytes deleted since this process opened the store (all subscriptions had read them).
+    pub freed_bytes: u64,
 }
 
 /// A read handle on one topic: its identity and a watch on its durable and committed state.
@@ -333,6 +337,13 @@ enum Command {
         next: Offset,
         reply: Reply<(Offset, u64)>,
     },
+    ResetCursor {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        to: ResetTo,
+        execute: bool,
+        reply: Reply<(ResetOutcome, u64)>,
+    },
     CreateSubscription {
         topic: TopicId,
         subscription: SubscriptionName,
@@ -537,6 +548,19 @@ impl Store {
         self.call(|reply| Command::Ack { topic, subscription, next, reply }).await
     }
 
+    /// Leader: moves a subscription's cursor anywhere in `log_start..=commit`, backwards
+    /// too (or, without `execute`, only says where); returns the outcome and the change's
+    /// version (0 if nothing changed).
+    pub async fn reset_cursor(
+        &self,
+        topic: TopicId,
+        subscription: SubscriptionName,
+        to: ResetTo,
+        execute: bool,
+    ) -> Result<(ResetOutcome, u64), Error> {
+        self.call(|reply| Command::ResetCursor { topic, subscription, to, execute, reply }).await
+    }
+
     /// Leader: creates a subscription; returns its cursor and the change's version.
     pub async fn create_subscription(
         &self,
@@ -673,7 +697,25 @@ impl Store {
                 decode(value.value()).map_err(|e| self.storage_err(e))?;
             if let Some(cursor) = cursor {
                 let name = SubscriptionName::new(key.value().1).map_err(|e| self.storage_err(e))?;
-                out.push(SubscriptionInfo { name, cursor, lag: commit.saturating_sub(cursor) });
+                out.push(SubscriptionInfo {
+                    name,
+                    cursor,
+                    lag: commit.saturating_sub(cursor),
+                    lag_bytes: 0,
+                    last_ack_ms: None,
+                    consumer: None,
+                });
+            }
+        }
+        drop(table);
+        let records = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        for sub in &mut out {
+            if sub.cursor < commit {
+                for entry in
+                    records.range((topic, sub.cursor)..(topic, commit)).map_err(|e| self.storage_err(e))?
+                {
+                    sub.lag_bytes += entry.map_err(|e| self.storage_err(e))?.1.value().len() as u64;
+                }
             }
         }
         Ok(out)
@@ -739,6 +781,10 @@ struct WriterTopic {
     cursors: CursorLog,
     producers: HashMap<ProducerId, ProducerState>,
     state: watch::Sender<LogState>,
+    /// Bytes stored for `log_start..log_end`.
+    bytes: u64,
+    /// Bytes deleted since the store was opened.
+    freed_bytes: u64,
     /// Batches appended in the group under way, not yet shown to followers.
     appended: Vec<ReplicatedBatch>,
     /// Batches of the group under way shown to followers (the leader's side of
@@ -784,6 +830,8 @@ impl WriterTopic {
             s.cursor_version = self.cursors.version();
             s.cursor_commit = self.cursors.committed_version();
             s.promised = self.meta.promised;
+            s.bytes = self.bytes;
+            s.freed_bytes = self.freed_bytes;
             s.commit = if solo {
                 self.log_end
             } else {
@@ -884,6 +932,10 @@ impl Writer {
                 .map(|(k, _)| k.value().1 + 1)
                 .unwrap_or(0)
                 .max(meta.log_start);
+            let mut bytes = 0;
+            for entry in records.range((id, 0)..=(id, u64::MAX))? {
+                bytes += entry?.1.value().len() as u64;
+            }
             let mut history = Vec::new();
             for entry in epochs.range((id, 0)..=(id, u64::MAX))? {
                 let (k, v) = entry?;
@@ -919,6 +971,8 @@ impl Writer {
                 cursor_version: cursor_log.version(),
                 cursor_commit: cursor_log.committed_version(),
                 promised: meta.promised,
+                bytes,
+                freed_bytes: 0,
             };
             // Keep existing watch channels so handles held by the server stay live.
             let (sender, staged) = match old.get(&id) {
@@ -938,6 +992,8 @@ impl Writer {
                 cursors: cursor_log,
                 producers: producer_state,
                 state: sender,
+                bytes,
+                freed_bytes: 0,
                 appended: Vec::new(),
                 staged,
             };
@@ -1039,6 +1095,8 @@ impl Writer {
                         cursor_version: 0,
                         cursor_commit: 0,
                         promised: meta.promised,
+                        bytes: 0,
+                        freed_bytes: 0,
                     };
                     slot.insert(WriterTopic {
                         log_end: meta.log_start,
@@ -1048,6 +1106,8 @@ impl Writer {
                         cursors: CursorLog::default(),
                         producers: HashMap::new(),
                         state: watch::Sender::new(state),
+                        bytes: 0,
+                        freed_bytes: 0,
                         appended: Vec::new(),
                         staged: Arc::default(),
                     });
@@ -1156,7 +1216,7 @@ impl Writer {
                 t.leader_commit = t.leader_commit.min(to);
                 if to < t.log_end {
                     info!(topic = %t.meta.name, from = to, to = t.log_end, "truncating a divergent tail");
-                    txn.open(RECORDS)?.retain_in((topic, to)..(topic, t.log_end), |_, _| false)?;
+                    t.bytes -= delete_records(txn, topic, to..t.log_end)?;
                     t.log_end = to;
                 }
                 let dropped: Vec<Epoch> =
@@ -1185,7 +1245,8 @@ impl Writer {
                     return Ok(());
                 };
                 info!(topic = %t.meta.name, log_start = reset.log_start, "restarting the replica at the leader's log start");
-                txn.open(RECORDS)?.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+                delete_records(txn, topic, 0..u64::MAX)?;
+                t.bytes = 0;
                 let mut epochs = txn.open(EPOCHS)?;
                 epochs.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
                 let history: Vec<(Epoch, Offset)> =
@@ -1206,6 +1267,11 @@ impl Writer {
                 txn.open(TOPICS)?.insert(topic, encode(&t.meta).as_slice())?;
                 touched.insert(topic);
                 defer_state(deferred, reply, Ok(()), t.state.subscribe());
+            }
+            Command::ResetCursor { topic, subscription, to, execute, reply } => {
+                let result = self.reset_cursor(txn, topic, &subscription, to, execute)?;
+                touched.insert(topic);
+                defer(deferred, reply, result);
             }
             Command::Ack { topic, subscription, next, reply } => {
                 let result = self.ack(txn, topic, &subscription, next)?;
@@ -1316,7 +1382,8 @@ impl Writer {
                 let count = records.len() as u32;
                 let header = BatchHeader { producer, sequence, count };
                 let timestamp_ms = now_ms();
-                write_batch(txn, topic, base, timestamp_ms, Some(header), &records, &mut self.buf)?;
+                t.bytes +=
+                    write_batch(txn, topic, base, timestamp_ms, Some(header), &records, &mut self.buf)?;
                 t.log_end += count as u64;
                 if !t.meta.is_solo() {
                     t.appended.push(ReplicatedBatch { base, timestamp_ms, header: Some(header), records });
@@ -1372,7 +1439,7 @@ impl Writer {
                 });
                 txn.open(PRODUCERS)?.insert((topic, h.producer), encode(&*state).as_slice())?;
             }
-            write_batch(
+            t.bytes += write_batch(
                 txn,
                 topic,
                 batch.base,
@@ -1398,7 +1465,9 @@ impl Writer {
         t.cursors.commit(chunk.cursor_commit);
         let target = chunk.log_start.min(t.log_end);
         if target > t.meta.log_start {
-            txn.open(RECORDS)?.retain_in((topic, t.meta.log_start)..(topic, target), |_, _| false)?;
+            let freed = delete_records(txn, topic, t.meta.log_start..target)?;
+            t.bytes -= freed;
+            t.freed_bytes += freed;
             t.meta.log_start = target;
             meta_changed = true;
         }
@@ -1407,6 +1476,46 @@ impl Writer {
         }
         t.leader_commit = t.leader_commit.max(chunk.commit.min(t.log_end));
         Ok(Ok(()))
+    }
+
+    fn reset_cursor(
+        &mut self,
+        txn: &Tx,
+        topic: TopicId,
+        subscription: &SubscriptionName,
+        to: ResetTo,
+        execute: bool,
+    ) -> StorageResult<Result<(ResetOutcome, u64), Error>> {
+        let not_hosted = self.not_hosted(topic);
+        let Some(t) = self.topics.get_mut(&topic) else { return Ok(Err(not_hosted)) };
+        let Some(before) = t.cursors.get(subscription.as_str()) else {
+            return Ok(Err(t.unknown_subscription(subscription.as_str())));
+        };
+        let (log_start, commit) = (t.meta.log_start, t.state.borrow().commit);
+        let after = match to {
+            ResetTo::Earliest => log_start,
+            ResetTo::Latest => commit,
+            ResetTo::Offset(o) if o < log_start => {
+                return Ok(Err(Error::CursorBeforeLogStart {
+                    topic: t.name(),
+                    subscription: None,
+                    offset: o,
+                    log_start,
+                }))
+            }
+            ResetTo::Offset(o) if o > commit => {
+                return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: o, log_end: commit }))
+            }
+            ResetTo::Offset(o) => o,
+        };
+        let mut version = 0;
+        if execute && after != before {
+            version = set_cursor(txn, t, subscription.as_str(), Some(after))?;
+            if t.meta.is_solo() {
+                commit_cursors(txn, t, version)?;
+            }
+        }
+        Ok(Ok((ResetOutcome { before, after, log_start, commit, executed: execute }, version)))
     }
 
     fn ack(
@@ -1444,16 +1553,28 @@ fn write_batch(
     header: Option<BatchHeader>,
     records: &[Record],
     buf: &mut Vec<u8>,
-) -> StorageResult<()> {
+) -> StorageResult<u64> {
     let mut table = txn.open(RECORDS)?;
+    let mut written = 0;
     for (i, record) in records.iter().enumerate() {
         let value = StoredValueRef { timestamp_ms, header: if i == 0 { header } else { None }, record };
         buf.clear();
         let bytes = postcard::to_extend(&value, std::mem::take(buf)).expect("record encodes");
         table.insert((topic, base + i as u64), bytes.as_slice())?;
+        written += bytes.len() as u64;
         *buf = bytes;
     }
-    Ok(())
+    Ok(written)
+}
+
+/// Deletes a topic's records in `range`; returns the bytes they took.
+fn delete_records(txn: &Tx, topic: TopicId, range: std::ops::Range<Offset>) -> StorageResult<u64> {
+    let mut freed = 0;
+    txn.open(RECORDS)?.retain_in((topic, range.start)..(topic, range.end), |_, v| {
+        freed += v.len() as u64;
+        false
+    })?;
+    Ok(freed)
 }
 
 /// Records a cursor change durably; returns its version.
@@ -1473,7 +1594,7 @@ fn set_cursor(
 /// A topic without subscriptions keeps everything. Returns how many records were freed.
 fn commit_cursors(txn: &Tx, t: &mut WriterTopic, version: u64) -> StorageResult<u64> {
     t.cursors.commit(version);
-    let Some(lowest) = t.cursors.lowest_committed() else { return Ok(0) };
+    let Some(lowest) = t.cursors.lowest_held() else { return Ok(0) };
     let commit = if t.meta.is_solo() { t.log_end } else { t.state.borrow().commit };
     let new_start = lowest.min(commit).min(t.log_end);
     if new_start <= t.meta.log_start {
@@ -1481,7 +1602,9 @@ fn commit_cursors(txn: &Tx, t: &mut WriterTopic, version: u64) -> StorageResult<
     }
     let id = t.meta.id;
     let freed = new_start - t.meta.log_start;
-    txn.open(RECORDS)?.retain_in((id, t.meta.log_start)..(id, new_start), |_, _| false)?;
+    let freed_bytes = delete_records(txn, id, t.meta.log_start..new_start)?;
+    t.bytes -= freed_bytes;
+    t.freed_bytes += freed_bytes;
     t.meta.log_start = new_start;
     txn.open(TOPICS)?.insert(id, encode(&t.meta).as_slice())?;
     Ok(freed)

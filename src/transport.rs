@@ -576,6 +576,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::Produce { .. } => "Produce",
         Request::Fetch { .. } => "Fetch",
         Request::Ack { .. } => "Ack",
+        Request::Release { .. } => "Release",
+        Request::ResetSubscription { .. } => "ResetSubscription",
         Request::CreateSubscription { .. } => "CreateSubscription",
         Request::DeleteSubscription { .. } => "DeleteSubscription",
         Request::TopicStatus { .. } => "TopicStatus",

@@ -86,6 +86,34 @@ impl Default for TopicConfig {
     }
 }
 
+/// A consumer's identity while it holds a subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsumerSession {
+    /// Random per consumer instance.
+    pub id: u64,
+    /// Shown to others as the holder (process and host).
+    pub name: String,
+}
+
+/// Where `ResetSubscription` moves a cursor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ResetTo {
+    /// The log start: re-read everything still stored.
+    Earliest,
+    /// The committed end: skip everything not yet read.
+    Latest,
+    Offset(Offset),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ResetOutcome {
+    pub before: Offset,
+    pub after: Offset,
+    pub log_start: Offset,
+    pub commit: Offset,
+    pub executed: bool,
+}
+
 /// Policy changes of `AlterTopic`; `None` leaves a setting as it is.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicChanges {
@@ -146,6 +174,13 @@ pub struct SubscriptionInfo {
     pub cursor: Offset,
     /// Committed records it has not acknowledged yet.
     pub lag: u64,
+    /// Stored bytes of those records.
+    pub lag_bytes: u64,
+    /// When the leader last moved its cursor (ms since the Unix epoch; since the leader
+    /// took over, as it is kept in memory).
+    pub last_ack_ms: Option<u64>,
+    /// The consumer holding it now, if any.
+    pub consumer: Option<String>,
 }
 
 /// A topic server's view of one topic's log.
@@ -231,12 +266,30 @@ pub enum Request {
         max_records: u32,
         max_bytes: u32,
         max_wait_ms: u32,
+        /// The consumer reading; it holds the subscription while its session lease lasts
+        /// (`None`: a read that does not take the subscription, e.g. an inspection).
+        session: Option<ConsumerSession>,
     },
     /// Move a subscription's cursor forward to `next` (everything before it is processed).
     Ack {
         topic: TopicName,
         subscription: SubscriptionName,
         next: Offset,
+        session: Option<ConsumerSession>,
+    },
+    /// A consumer lets go of a subscription, so the next one need not wait for its lease.
+    Release {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        session: u64,
+    },
+    /// Moves a subscription's cursor anywhere in the stored log (back to re-read, forward to
+    /// skip); with `execute: false` only says what it would do.
+    ResetSubscription {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        to: ResetTo,
+        execute: bool,
     },
     CreateSubscription {
         topic: TopicName,
@@ -343,10 +396,13 @@ pub enum Response {
     Cursor {
         cursor: Offset,
     },
-    /// A subscription was deleted; the log start moved by `freed_records`.
+    /// A subscription was deleted; the log start moved by `freed_records` (`freed_bytes`).
     SubscriptionDeleted {
         freed_records: u64,
+        freed_bytes: u64,
     },
+    /// What a reset did (or, unexecuted, would do).
+    Reset(ResetOutcome),
     TopicStatus(TopicStatus),
     Replica(ReplicaAnswer),
     /// A replica's promise: its newest epoch and durable log end.
@@ -424,6 +480,12 @@ mod tests {
 
     use super::*;
 
+    fn session() -> impl Strategy<Value = Option<ConsumerSession>> {
+        proptest::option::of(
+            (any::<u64>(), "[ -~]{0,40}").prop_map(|(id, name)| ConsumerSession { id, name }),
+        )
+    }
+
     fn record() -> impl Strategy<Value = Record> {
         (
             proptest::collection::vec(any::<u8>(), 0..16),
@@ -449,21 +511,25 @@ mod tests {
                     records
                 }
             ),
-            (topic.clone(), sub.clone(), any::<Option<u64>>(), any::<u32>()).prop_map(
-                |(topic, subscription, from, n)| Request::Fetch {
+            (topic.clone(), sub.clone(), any::<Option<u64>>(), any::<u32>(), session()).prop_map(
+                |(topic, subscription, from, n, session)| Request::Fetch {
                     topic,
                     subscription,
                     from,
                     max_records: n,
                     max_bytes: n,
-                    max_wait_ms: n
+                    max_wait_ms: n,
+                    session,
                 }
             ),
-            (topic.clone(), sub, any::<u64>()).prop_map(|(topic, subscription, next)| Request::Ack {
-                topic,
-                subscription,
-                next
-            }),
+            (topic.clone(), sub.clone(), any::<u64>(), session()).prop_map(
+                |(topic, subscription, next, session)| Request::Ack { topic, subscription, next, session }
+            ),
+            (topic.clone(), sub, any::<u64>(), any::<bool>()).prop_map(
+                |(topic, subscription, o, execute)| {
+                    Request::ResetSubscription { topic, subscription, to: ResetTo::Offset(o), execute }
+                }
+            ),
             (any::<u64>(), any::<u64>()).prop_map(|(server, v)| Request::Heartbeat {
                 server,
                 known_version: v,

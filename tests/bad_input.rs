@@ -60,6 +60,7 @@ async fn invalid_names_unknown_topics_and_subscriptions_get_typed_errors() {
         max_records: 10,
         max_bytes: 1000,
         max_wait_ms: 0,
+        session: None,
     };
     let err = conn.call(&fetch).await.unwrap_err();
     assert!(matches!(err, Error::UnknownSubscription { .. }), "{err}");
@@ -196,10 +197,12 @@ async fn reading_before_the_log_start_names_both_offsets() {
         max_records: 10,
         max_bytes: 1000,
         max_wait_ms: 0,
+        session: None,
     };
     match conn.call(&fetch).await.unwrap_err() {
         e @ Error::CursorBeforeLogStart { offset: 3, log_start: 10, .. } => {
             assert!(e.to_string().contains("before the log start 10"), "{e}");
+            assert!(e.to_string().contains("herald subscription reset old a --to-earliest"), "{e}");
         }
         other => panic!("{other}"),
     }

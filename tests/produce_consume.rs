@@ -6,7 +6,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{assert_history, numbered_lines, produce_in_order, Cluster, BIN};
+use common::{assert_history, numbered_lines, produce_in_order, wait_for, Cluster, BIN};
 use herald::client::Client;
 use herald::transport::Connection;
 use herald::types::{StartFrom, SubscriptionName, TopicName};
@@ -146,7 +146,19 @@ async fn a_killed_consumer_resumes_from_its_cursor_without_skipping() {
         "cursor {cursor} after {} delivered",
         second.len()
     );
-    let third = lines(&cluster.cli_ok(&["consume", "resume", "--subscription", "s"], None));
+    // The killed consumer holds the subscription until its session lease ends; the next one
+    // is told who holds it, then takes over.
+    let pid = child.id();
+    let third = wait_for("the killed consumer's session lease to end", || async {
+        let out = cluster.cli(&["consume", "resume", "--subscription", "s"], None);
+        if out.status.success() {
+            return Some(lines(&String::from_utf8(out.stdout).unwrap()));
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("in use by consumer pid {pid} ")), "{stderr}");
+        None
+    })
+    .await;
     assert_eq!(third[0], format!("m-{cursor}"), "redelivery starts at the committed cursor");
     assert_eq!(third.last().unwrap(), &format!("m-{}", n - 1));
     let all: Vec<String> = first.iter().chain(&second[..cursor - 1200]).chain(&third).cloned().collect();

@@ -27,6 +27,9 @@ pub const LEASE_MS: u64 = 1500;
 /// How long a replica may be dead before the test clusters' naming servers replace it.
 pub const REPLACE_AFTER_MS: u64 = 3000;
 
+/// Consumer session lease of the test servers (short, so a takeover test need not wait long).
+pub const SESSION_LEASE_MS: u64 = 3000;
+
 /// Generous deadline for conditions on a loaded 2-core machine.
 pub const DEADLINE: Duration = Duration::from_secs(60);
 
@@ -219,6 +222,8 @@ impl Cluster {
             self.naming_addr.to_string(),
             "--data".into(),
             data.display().to_string(),
+            "--session-lease-ms".into(),
+            SESSION_LEASE_MS.to_string(),
         ];
         let proc = Proc::start(&format!("server-{id}"), args, self.dir.path(), &self.certs);
         self.servers.push((id, addr, proc));
@@ -345,6 +350,7 @@ impl Cluster {
                 max_records: 10_000,
                 max_bytes: 4 << 20,
                 max_wait_ms: 0,
+                session: None,
             };
             match conn.call(&req).await.unwrap() {
                 Response::Records { records, .. } => {
@@ -392,6 +398,7 @@ pub async fn read_all(client: &Arc<Client>, topic: &TopicName, subscription: &st
         }
         out.extend(records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
     }
+    consumer.release().await;
     out
 }
 

@@ -1,0 +1,163 @@
+//! Subscription admin on real processes: list (cursor, lag, bytes, last ack, consumer),
+//! reset (preview, then --execute), delete (and what it frees), one consumer per
+//! subscription; each also after a leader failover.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{numbered_lines, wait_for, Cluster, SESSION_LEASE_MS};
+use herald::types::{StartFrom, SubscriptionName, TopicName};
+use herald::Error;
+use serde_json::Value;
+
+fn json(out: &str) -> Value {
+    serde_json::from_str(out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+}
+
+/// `subscription list TOPIC --json`, by name.
+fn subs(cluster: &Cluster, topic: &str) -> std::collections::HashMap<String, Value> {
+    let list = json(&cluster.cli_ok(&["subscription", "list", topic, "--json"], None));
+    list.as_array().unwrap().iter().map(|s| (s["name"].as_str().unwrap().to_string(), s.clone())).collect()
+}
+
+/// Consumes `n` records through the CLI; returns their offsets.
+fn consume(cluster: &Cluster, topic: &str, sub: &str, n: usize) -> Vec<u64> {
+    let out = cluster.cli_ok(
+        &["consume", topic, "--subscription", sub, "--count", &n.to_string(), "--format", "{offset}"],
+        None,
+    );
+    out.lines().map(|l| l.parse().unwrap()).collect()
+}
+
+async fn fail_over(cluster: &mut Cluster, topic: &TopicName) {
+    let leader = cluster.leader_of(topic).await;
+    cluster.server(leader).kill();
+    wait_for("a new leader", || async { (cluster.leader_of(topic).await != leader).then_some(()) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_listed_reset_and_deleted_before_and_after_failover() {
+    let mut cluster = Cluster::start(3).await;
+    let topic = cluster.create_topic("orders");
+    // `archive` never reads: it holds every record until it is deleted.
+    cluster.cli_ok(&["subscription", "create", "orders", "archive"], None);
+    cluster.cli_ok(&["subscription", "create", "orders", "audit"], None);
+    cluster.cli_ok(&["produce", "orders"], Some(&numbered_lines("o", 100)));
+    let created = json(
+        &cluster.cli_ok(&["subscription", "create", "orders", "billing", "--from", "latest", "--json"], None),
+    );
+    assert_eq!(created["cursor"], 100);
+    cluster.cli_ok(&["produce", "orders"], Some(&numbered_lines("p", 20)));
+
+    let list = subs(&cluster, "orders");
+    assert_eq!((list["audit"]["cursor"].as_u64(), list["audit"]["lag"].as_u64()), (Some(0), Some(120)));
+    assert_eq!((list["billing"]["cursor"].as_u64(), list["billing"]["lag"].as_u64()), (Some(100), Some(20)));
+    let (audit_bytes, billing_bytes) =
+        (list["audit"]["lag_bytes"].as_u64().unwrap(), list["billing"]["lag_bytes"].as_u64().unwrap());
+    assert!(billing_bytes > 20 * 3 && audit_bytes > billing_bytes * 5, "{audit_bytes} {billing_bytes}");
+    assert!(list["audit"]["last_ack_ms"].is_null() && list["audit"]["consumer"].is_null());
+
+    assert_eq!(consume(&cluster, "orders", "audit", 30), (0..30).collect::<Vec<_>>());
+    let list = subs(&cluster, "orders");
+    assert_eq!(list["audit"]["cursor"], 30);
+    assert!(list["audit"]["last_ack_ms"].as_u64().unwrap() > 0);
+    assert!(list["audit"]["consumer"].is_null(), "the CLI let go of the subscription when it ended");
+
+    // A reset only previews without --execute.
+    let preview =
+        json(&cluster.cli_ok(&["subscription", "reset", "orders", "audit", "--to-earliest", "--json"], None));
+    assert_eq!((preview["executed"].as_bool(), preview["cursor_after"].as_u64()), (Some(false), Some(0)));
+    assert_eq!(subs(&cluster, "orders")["audit"]["cursor"], 30);
+    let out = cluster.cli(&["subscription", "reset", "orders", "audit", "--to-offset", "10"], None);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("add --execute"));
+    cluster.cli_ok(&["subscription", "reset", "orders", "audit", "--to-offset", "10", "--execute"], None);
+    assert_eq!(consume(&cluster, "orders", "audit", 5), (10..15).collect::<Vec<_>>());
+    // Out of the stored range: a typed error, nothing moved.
+    let out =
+        cluster.cli(&["subscription", "reset", "orders", "audit", "--to-offset", "500", "--execute"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("past the committed end"));
+    assert_eq!(subs(&cluster, "orders")["audit"]["cursor"], 15);
+
+    // After a failover the new leader lists the same cursors and lag, and resets too.
+    fail_over(&mut cluster, &topic).await;
+    let list = subs(&cluster, "orders");
+    assert_eq!((list["audit"]["cursor"].as_u64(), list["audit"]["lag"].as_u64()), (Some(15), Some(105)));
+    assert_eq!(list["billing"]["lag_bytes"].as_u64(), Some(billing_bytes));
+    cluster.cli_ok(&["subscription", "reset", "orders", "billing", "--to-latest", "--execute"], None);
+    assert_eq!(subs(&cluster, "orders")["billing"]["cursor"], 120);
+
+    // Deleting the subscription that alone held the oldest records frees them, and says so.
+    assert_eq!(cluster.describe("orders")["log_start"], 0);
+    let deleted = json(&cluster.cli_ok(&["subscription", "delete", "orders", "archive", "--json"], None));
+    assert_eq!(deleted["freed_records"], 15);
+    assert!(deleted["freed_bytes"].as_u64().unwrap() > 15 * 3);
+    assert_eq!(cluster.describe("orders")["log_start"], 15);
+    // A cursor before the log start is refused, naming both offsets.
+    let out =
+        cluster.cli(&["subscription", "reset", "orders", "billing", "--to-offset", "3", "--execute"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("offset 3") && stderr.contains("log start 15"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_has_one_consumer_at_a_time_before_and_after_failover() {
+    let mut cluster = Cluster::start(3).await;
+    let topic = cluster.create_topic("jobs");
+    cluster.cli_ok(&["produce", "jobs"], Some(&numbered_lines("j", 50)));
+    let client = cluster.client();
+    let sub = SubscriptionName::new("workers").unwrap();
+    let busy = |r: Result<Vec<herald::wire::StoredRecord>, Error>| match r {
+        Err(Error::SubscriptionBusy { holder, .. }) => holder,
+        other => panic!("expected SubscriptionBusy, got {other:?}"),
+    };
+
+    let mut first = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+    let got = first.poll(10, Duration::from_secs(1), None).await.unwrap();
+    assert_eq!(got.len(), 10);
+    let mut second = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+    let holder = busy(second.poll(10, Duration::ZERO, None).await);
+    assert!(holder.contains(&format!("pid {}", std::process::id())), "{holder}");
+    // The CLI gets the same typed error, naming the holder.
+    let out = cluster.cli(&["consume", "jobs", "--subscription", "workers", "--count", "1"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("in use by consumer pid"), "{stderr}");
+    // Listing shows who holds it; a reset is refused while it is held.
+    assert!(subs(&cluster, "jobs")["workers"]["consumer"].as_str().unwrap().contains("pid"));
+    let out = cluster.cli(&["subscription", "reset", "jobs", "workers", "--to-earliest", "--execute"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by"));
+
+    // After a failover the holder keeps reading at the new leader, and still holds it.
+    fail_over(&mut cluster, &topic).await;
+    let got = first.poll(10, Duration::from_secs(1), Some(got.last().unwrap().offset + 1)).await.unwrap();
+    assert_eq!(got.first().unwrap().offset, 10);
+    busy(second.poll(10, Duration::ZERO, None).await);
+
+    // Released: the next consumer takes over at once, from the committed cursor.
+    first.ack(got.last().unwrap().offset + 1).await.unwrap();
+    first.release().await;
+    let taken = second.poll(10, Duration::from_secs(1), None).await.unwrap();
+    assert_eq!(taken.first().unwrap().offset, 20);
+
+    // A holder that goes silent loses the subscription when its session lease ends.
+    let mut third = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+    busy(third.poll(10, Duration::ZERO, None).await);
+    let silent_since = std::time::Instant::now();
+    let taken = loop {
+        match third.poll(10, Duration::ZERO, None).await {
+            Ok(records) => break records,
+            Err(Error::SubscriptionBusy { .. }) => {
+                assert!(silent_since.elapsed() < common::DEADLINE, "the lease never ended");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert!(silent_since.elapsed() >= Duration::from_millis(SESSION_LEASE_MS / 2));
+    assert_eq!(taken.first().unwrap().offset, 20, "the silent holder acked nothing");
+    busy(second.poll(10, Duration::ZERO, None).await);
+    client.close().await;
+}
