@@ -24,7 +24,8 @@ use crate::naming::{self, NamingConfig};
 use crate::server::{self, ServerConfig};
 use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
-    Header, Record, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig, TopicInfo, DEFAULT_MAX_RECORD_BYTES,
+    BacklogPolicy, Header, Record, ResetTo, StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig,
+    TopicInfo, DEFAULT_MAX_RECORD_BYTES,
 };
 
 #[derive(Parser, Debug)]
@@ -158,6 +159,19 @@ enum TopicCommand {
         /// with a record that does not is refused whole.
         #[arg(long, value_name = "FILE")]
         schema: Option<PathBuf>,
+        #[command(flatten)]
+        backlog: BacklogArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change a topic's backlog limit or policy (see also `herald schema set`).
+    Alter {
+        name: String,
+        #[command(flatten)]
+        backlog: BacklogArgs,
+        /// Remove the backlog limit.
+        #[arg(long, conflicts_with = "backlog_limit")]
+        no_backlog_limit: bool,
         #[arg(long)]
         json: bool,
     },
@@ -178,6 +192,18 @@ enum TopicCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args, Debug)]
+struct BacklogArgs {
+    /// Most bytes the topic stores; what happens at the limit is --backlog-policy.
+    #[arg(long, value_name = "BYTES")]
+    backlog_limit: Option<u64>,
+    /// At the limit: `reject` producers (BacklogFull) until subscriptions read, or `evict`
+    /// the oldest records from the slowest subscriptions (recorded, and told to their next
+    /// consumer).
+    #[arg(long, value_enum)]
+    backlog_policy: Option<BacklogPolicy>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -449,9 +475,13 @@ fn topic_json(info: &TopicInfo, status: Option<&crate::wire::TopicStatus>) -> se
         "epoch": info.epoch,
         "max_record_bytes": info.config.max_record_bytes,
         "schema": info.config.schema.is_some(),
+        "backlog_limit": info.config.backlog_limit,
+        "backlog_policy": info.config.backlog_policy.as_str(),
     });
     if let Some(s) = status {
         v["log_start"] = json!(s.log_start);
+        v["backlog_bytes"] = json!(s.backlog_bytes);
+        v["max_lag"] = json!(s.subscriptions.iter().map(|x| x.lag).max().unwrap_or(0));
         v["log_end"] = json!(s.log_end);
         v["commit"] = json!(s.commit);
         v["subscriptions"] = json!(s.subscriptions.iter().map(subscription_json).collect::<Vec<_>>());
@@ -485,7 +515,7 @@ async fn schema(client: Arc<Client>, cmd: SchemaCommand) -> Result<ExitCode> {
             let name = topic_name(&topic)?;
             let schema = if none { None } else { file.as_deref().map(read_schema).transpose()? };
             let removed = schema.is_none();
-            let changes = crate::wire::TopicChanges { schema: Some(schema) };
+            let changes = crate::wire::TopicChanges { schema: Some(schema), ..Default::default() };
             let info = client.alter_topic(&name, changes).await?;
             if json {
                 print_json(&topic_json(&info, None))?;
@@ -530,16 +560,44 @@ async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
 
 async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
     match cmd {
-        TopicCommand::Create { name, replicas, max_record_bytes, schema, json } => {
+        TopicCommand::Create { name, replicas, max_record_bytes, schema, backlog, json } => {
             let name = topic_name(&name)?;
             let schema = schema.as_deref().map(read_schema).transpose()?;
-            let info = client.create_topic(&name, replicas, TopicConfig { max_record_bytes, schema }).await?;
+            let config = TopicConfig {
+                max_record_bytes,
+                schema,
+                backlog_limit: backlog.backlog_limit,
+                backlog_policy: backlog.backlog_policy.unwrap_or_default(),
+            };
+            let info = client.create_topic(&name, replicas, config).await?;
             if json {
                 print_json(&topic_json(&info, None))?;
             } else {
                 eprintln!(
                     "created topic {} (id {}) on server {}, epoch {}",
                     info.name, info.id, info.leader, info.epoch
+                );
+            }
+        }
+        TopicCommand::Alter { name, backlog, no_backlog_limit, json } => {
+            let name = topic_name(&name)?;
+            let backlog_limit = if no_backlog_limit { Some(None) } else { backlog.backlog_limit.map(Some) };
+            if backlog_limit.is_none() && backlog.backlog_policy.is_none() {
+                bail!(
+                    "nothing to change: give --backlog-limit BYTES, --no-backlog-limit or --backlog-policy"
+                );
+            }
+            let changes =
+                TopicChanges { backlog_limit, backlog_policy: backlog.backlog_policy, schema: None };
+            let info = client.alter_topic(&name, changes).await?;
+            if json {
+                print_json(&topic_json(&info, None))?;
+            } else {
+                let limit = info.config.backlog_limit.map_or("none".to_string(), |l| format!("{l} bytes"));
+                eprintln!(
+                    "topic {}: backlog limit {limit}, policy {}",
+                    info.name,
+                    info.config.backlog_policy.as_str()
                 );
             }
         }
@@ -559,28 +617,39 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                 let mut out = std::io::stdout().lock();
                 writeln!(
                     out,
-                    "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}",
-                    "TOPIC", "ID", "LEADER", "EPOCH", "LOG_START", "LOG_END", "SUBS", "MAX_LAG"
+                    "{:<24} {:<9} {:>8} {:>6} {:>12} {:>12} {:>14} {:>5} {:>10}",
+                    "TOPIC",
+                    "REPLICAS",
+                    "LEADER",
+                    "EPOCH",
+                    "LOG_START",
+                    "LOG_END",
+                    "BACKLOG_BYTES",
+                    "SUBS",
+                    "MAX_LAG"
                 )?;
                 for (info, status) in rows {
-                    let (start, end, subs, lag) = match &status {
+                    let (start, end, backlog, subs, lag) = match &status {
                         Some(s) => (
                             s.log_start.to_string(),
                             s.log_end.to_string(),
+                            s.backlog_bytes.to_string(),
                             s.subscriptions.len().to_string(),
                             s.subscriptions.iter().map(|x| x.lag).max().unwrap_or(0).to_string(),
                         ),
-                        None => ("?".into(), "?".into(), "?".into(), "?".into()),
+                        None => ("?".into(), "?".into(), "?".into(), "?".into(), "?".into()),
                     };
+                    let replicas: Vec<String> = info.replicas.iter().map(|r| r.server.to_string()).collect();
                     writeln!(
                         out,
-                        "{:<24} {:>6} {:>8} {:>6} {:>12} {:>12} {:>5} {:>10}",
+                        "{:<24} {:<9} {:>8} {:>6} {:>12} {:>12} {:>14} {:>5} {:>10}",
                         info.name.as_str(),
-                        info.id,
+                        replicas.join(","),
                         info.leader,
                         info.epoch,
                         start,
                         end,
+                        backlog,
                         subs,
                         lag
                     )?;
@@ -614,9 +683,32 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                     "log        start {}  end {}  commit {}",
                     status.log_start, status.log_end, status.commit
                 )?;
+                let limit =
+                    info.config.backlog_limit.map_or("no limit".to_string(), |l| format!("limit {l} bytes"));
+                writeln!(
+                    out,
+                    "backlog    {} bytes ({limit}, policy {})",
+                    status.backlog_bytes,
+                    info.config.backlog_policy.as_str()
+                )?;
                 writeln!(out, "max record {} bytes", info.config.max_record_bytes)?;
+                writeln!(
+                    out,
+                    "schema     {}",
+                    if info.config.schema.is_some() { "yes (herald schema get)" } else { "none" }
+                )?;
                 for s in &status.subscriptions {
-                    writeln!(out, "subscription {}  cursor {}  lag {}", s.name, s.cursor, s.lag)?;
+                    let evicted = match s.evicted_at_ms {
+                        Some(at) => {
+                            format!("  evicted {} records (last at {} UTC)", s.evicted, format_ms(at))
+                        }
+                        None => String::new(),
+                    };
+                    writeln!(
+                        out,
+                        "subscription {}  cursor {}  lag {} ({} bytes){evicted}",
+                        s.name, s.cursor, s.lag, s.lag_bytes
+                    )?;
                 }
             }
         }
@@ -734,6 +826,8 @@ fn subscription_json(s: &SubscriptionInfo) -> serde_json::Value {
         "lag_bytes": s.lag_bytes,
         "last_ack_ms": s.last_ack_ms,
         "consumer": s.consumer,
+        "evicted": s.evicted,
+        "evicted_at_ms": s.evicted_at_ms,
     })
 }
 
@@ -1012,6 +1106,14 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         };
         let records = polled?;
         pending_ack = None;
+        if let Some(e) = consumer.take_evicted() {
+            eprintln!(
+                "warning: {} records of {topic} were evicted from subscription {subscription} before it read them (backlog limit reached, policy evict; last at {} UTC); going on from offset {}",
+                e.records,
+                format_ms(e.at_ms),
+                e.resume_at
+            );
+        }
         if records.is_empty() {
             if waits {
                 continue;

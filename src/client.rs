@@ -27,7 +27,7 @@ use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
 use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
-    ConsumerSession, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
+    ConsumerSession, Evicted, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
     SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
 };
 
@@ -342,6 +342,7 @@ impl Client {
             topic,
             subscription,
             session: ConsumerSession { id: fastrand::u64(1..), name },
+            evicted: None,
             stream: None,
             conn: None,
             acks_in_flight: VecDeque::new(),
@@ -626,6 +627,8 @@ pub struct Consumer {
     /// Holds the subscription at the leader while this consumer reads (one consumer per
     /// subscription at a time).
     session: ConsumerSession,
+    /// Evictions reported by the server and not yet taken by the caller.
+    evicted: Option<Evicted>,
     stream: Option<FramedStream>,
     /// The connection `stream` runs on; acks sent ahead use their own streams on it.
     conn: Option<Connection>,
@@ -758,7 +761,15 @@ impl Consumer {
             })
             .await?;
         match resp {
-            Response::Records { records, commit, .. } => {
+            Response::Records { records, commit, evicted, .. } => {
+                if let Some(e) = evicted {
+                    // The backlog policy moved the subscription past what we had read.
+                    self.position = self.position.map(|p| p.max(e.resume_at));
+                    self.evicted = Some(match self.evicted {
+                        Some(before) => Evicted { records: before.records + e.records, ..e },
+                        None => e,
+                    });
+                }
                 // Until a record arrives, keep reading from the subscription's cursor.
                 if let Some(last) = records.last() {
                     self.position = Some(last.offset + 1);
@@ -768,6 +779,12 @@ impl Consumer {
             }
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Records the topic's backlog policy skipped for this subscription before it read them,
+    /// reported since the last call (the server tells each eviction to one consumer).
+    pub fn take_evicted(&mut self) -> Option<Evicted> {
+        self.evicted.take()
     }
 
     /// The commit offset the last poll saw: with an empty poll and no wait, the consumer has

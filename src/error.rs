@@ -86,6 +86,9 @@ pub enum Error {
     /// Another consumer holds the subscription (one consumer per subscription at a time).
     #[error("subscription {subscription:?} of topic {topic:?} is in use by {holder} (its session lease ends in {expires_in_ms} ms unless it keeps reading; it is freed at once when that consumer stops)")]
     SubscriptionBusy { topic: String, subscription: String, holder: String, expires_in_ms: u64 },
+    /// The topic's backlog is at its limit under the `reject` policy; nothing was appended.
+    #[error("topic {topic:?} is at its backlog limit of {limit} bytes ({backlog} bytes stored); {}", match oldest_held_by { Some(s) => format!("subscription {s:?} holds the oldest records: consume or reset it, or delete it if unused"), None => "no subscription reads it: its records are kept for future subscribers; create one and consume, or raise the limit".to_string() })]
+    BacklogFull { topic: String, limit: u64, backlog: u64, oldest_held_by: Option<String> },
 }
 
 impl Error {
@@ -135,6 +138,7 @@ mod tests {
             (Error::StaleEpoch { topic: s(), server: 0, epoch: 0, current: 0 }, 19),
             (Error::SchemaViolation { topic: s(), index: 0, detail: s() }, 20),
             (Error::SubscriptionBusy { topic: s(), subscription: s(), holder: s(), expires_in_ms: 0 }, 21),
+            (Error::BacklogFull { topic: s(), limit: 0, backlog: 0, oldest_held_by: None }, 22),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -308,6 +308,9 @@ impl NamingServer {
             if let Some(schema) = &config.schema {
                 crate::policy::compile_schema(schema)?;
             }
+            if config.backlog_limit == Some(0) {
+                return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
+            }
             if config.max_record_bytes == 0 || config.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
                 return Err(Error::invalid(format!(
                     "--max-record-bytes must be 1..={MAX_RECORD_BYTES_LIMIT}, got {}",
@@ -394,6 +397,9 @@ impl NamingServer {
             if let Some(Some(schema)) = &changes.schema {
                 crate::policy::compile_schema(schema)?;
             }
+            if changes.backlog_limit == Some(Some(0)) {
+                return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
+            }
             let mut book = self.book.lock().expect("book lock");
             let Some(old) = book.topics.get(name.as_str()).cloned() else {
                 return Err(Error::UnknownTopic { topic: name.to_string() });
@@ -401,6 +407,12 @@ impl NamingServer {
             let mut record = old.clone();
             if let Some(schema) = changes.schema {
                 record.config.schema = schema;
+            }
+            if let Some(limit) = changes.backlog_limit {
+                record.config.backlog_limit = limit;
+            }
+            if let Some(policy) = changes.backlog_policy {
+                record.config.backlog_policy = policy;
             }
             book.version += 1;
             book.topics.insert(name.to_string(), record.clone());
@@ -410,7 +422,7 @@ impl NamingServer {
                 return Err(e);
             }
             self.version.send_replace(book.version);
-            info!(topic = %name, schema = record.config.schema.is_some(), "topic altered");
+            info!(topic = %name, schema = record.config.schema.is_some(), backlog_limit = ?record.config.backlog_limit, policy = record.config.backlog_policy.as_str(), "topic altered");
             Ok((book.version, record))
         })();
         self.answer_when_applied(changed)

@@ -277,18 +277,38 @@ pub fn choose_leader(replicas: &[ServerId], reports: &[(ServerId, Epoch, Offset)
     members.iter().max_by(|a, b| (a.1, a.2).cmp(&(b.1, b.2)).then(b.0.cmp(&a.0))).map(|r| r.0)
 }
 
+/// A subscription's durable position, and what the backlog policy took from it (G6: an
+/// eviction is recorded, and reported to the next consumer, never a silent skip).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// The next offset to read.
+    pub next: Offset,
+    /// Records the `evict` policy skipped that no consumer has been told of yet.
+    pub unreported: u64,
+    /// Records the `evict` policy ever skipped.
+    pub evicted: u64,
+    /// When it last did (ms since the Unix epoch; 0: never).
+    pub evicted_at_ms: u64,
+}
+
+impl Cursor {
+    pub fn at(next: Offset) -> Self {
+        Self { next, ..Self::default() }
+    }
+}
+
 /// Subscription cursors in change order, so followers and the leader agree on which moves a
 /// majority holds. Only the leader changes cursors; each change gets the next version.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CursorLog {
     version: u64,
     /// Latest value of every subscription (`None`: deleted), with the version that set it.
-    latest: BTreeMap<String, (Option<Offset>, u64)>,
-    /// Committed value of every live subscription.
+    latest: BTreeMap<String, (Option<Cursor>, u64)>,
+    /// Committed position of every live subscription.
     committed: BTreeMap<String, Offset>,
     committed_version: u64,
     /// Changes not yet known to be on a majority, by version.
-    pending: BTreeMap<u64, (String, Option<Offset>)>,
+    pending: BTreeMap<u64, (String, Option<Cursor>)>,
 }
 
 impl CursorLog {
@@ -300,9 +320,19 @@ impl CursorLog {
         self.committed_version
     }
 
-    /// The latest value of a subscription's cursor (committed or not).
+    /// The latest position of a subscription (committed or not).
     pub fn get(&self, subscription: &str) -> Option<Offset> {
+        self.cursor(subscription).map(|c| c.next)
+    }
+
+    /// The latest cursor of a subscription (committed or not).
+    pub fn cursor(&self, subscription: &str) -> Option<Cursor> {
         self.latest.get(subscription).and_then(|(c, _)| *c)
+    }
+
+    /// Every live subscription's latest cursor.
+    pub fn live(&self) -> impl Iterator<Item = (&str, Cursor)> {
+        self.latest.iter().filter_map(|(name, (c, _))| c.map(|c| (name.as_str(), c)))
     }
 
     /// Committed cursors of live subscriptions.
@@ -310,8 +340,15 @@ impl CursorLog {
         &self.committed
     }
 
+    /// Leader: moves a subscription to `next` (`None` deletes it), keeping its eviction
+    /// record; returns the change's version.
+    pub fn set(&mut self, subscription: &str, next: Option<Offset>) -> u64 {
+        let cursor = next.map(|next| Cursor { next, ..self.cursor(subscription).unwrap_or_default() });
+        self.set_cursor(subscription, cursor)
+    }
+
     /// Leader: records a change (`None` deletes); returns its version.
-    pub fn set(&mut self, subscription: &str, cursor: Option<Offset>) -> u64 {
+    pub fn set_cursor(&mut self, subscription: &str, cursor: Option<Cursor>) -> u64 {
         self.version += 1;
         self.latest.insert(subscription.to_string(), (cursor, self.version));
         self.pending.insert(self.version, (subscription.to_string(), cursor));
@@ -319,7 +356,7 @@ impl CursorLog {
     }
 
     /// Follower: applies a change received from the leader (in version order).
-    pub fn apply(&mut self, subscription: &str, cursor: Option<Offset>, version: u64) {
+    pub fn apply(&mut self, subscription: &str, cursor: Option<Cursor>, version: u64) {
         if version <= self.version {
             return;
         }
@@ -329,7 +366,7 @@ impl CursorLog {
     }
 
     /// Changes newer than `version`, for a follower that holds everything up to it.
-    pub fn changes_since(&self, version: u64) -> Vec<(String, Option<Offset>, u64)> {
+    pub fn changes_since(&self, version: u64) -> Vec<(String, Option<Cursor>, u64)> {
         let mut out: Vec<_> = self
             .latest
             .iter()
@@ -349,7 +386,7 @@ impl CursorLog {
         let rest = self.pending.split_off(&(version + 1));
         for (_, (name, cursor)) in std::mem::replace(&mut self.pending, rest) {
             match cursor {
-                Some(c) => self.committed.insert(name, c),
+                Some(c) => self.committed.insert(name, c.next),
                 None => self.committed.remove(&name),
             };
         }
@@ -360,8 +397,8 @@ impl CursorLog {
     /// cursors count, and so do changes not yet committed: a reset may move a cursor back,
     /// and records must still be there when it commits.
     pub fn lowest_held(&self) -> Option<Offset> {
-        let pending = self.pending.values().filter_map(|(_, c)| c.as_ref());
-        self.committed.values().chain(pending).min().copied()
+        let pending = self.pending.values().filter_map(|(_, c)| c.map(|c| c.next));
+        self.committed.values().copied().chain(pending).min()
     }
 }
 

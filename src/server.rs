@@ -28,7 +28,9 @@ use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Offset, ServerId, SubscriptionName, TopicName};
-use crate::wire::{ConsumerSession, ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus};
+use crate::wire::{
+    ConsumerSession, Evicted, ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus,
+};
 
 /// Most records one fetch returns.
 pub const MAX_FETCH_RECORDS: u32 = 10_000;
@@ -236,6 +238,7 @@ impl TopicServer {
         })
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn fetch(
         &self,
         topic: &TopicName,
@@ -244,6 +247,7 @@ impl TopicServer {
         max_records: u32,
         max_bytes: u32,
         max_wait: Duration,
+        consumer: bool,
     ) -> Result<Response, Error> {
         let log = self.topic(topic)?;
         let unknown_sub = || Error::UnknownSubscription {
@@ -251,7 +255,21 @@ impl TopicServer {
             subscription: subscription.to_string(),
         };
         let cursor = self.node.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
-        let from = from.unwrap_or(cursor);
+        let mut from = from.unwrap_or(cursor.next);
+        let mut evicted = None;
+        if consumer {
+            // The backlog policy (or a reset while no one held the subscription) moved it
+            // past this consumer: go on from there, and say what was skipped.
+            from = from.max(cursor.next);
+            if cursor.unreported > 0 {
+                evicted = Some(Evicted {
+                    records: cursor.unreported,
+                    at_ms: cursor.evicted_at_ms,
+                    resume_at: cursor.next,
+                });
+                self.node.store.report_evicted(log.id, subscription.clone(), cursor.unreported).await?;
+            }
+        }
         let max_records = max_records.clamp(1, MAX_FETCH_RECORDS);
         let max_bytes = max_bytes.clamp(1, MAX_FETCH_BYTES);
         let deadline = tokio::time::Instant::now() + max_wait.min(MAX_FETCH_WAIT);
@@ -287,13 +305,19 @@ impl TopicServer {
                         log_start,
                     });
                 }
-                return Ok(Response::Records { records, log_start: state.log_start, commit: state.commit });
+                return Ok(Response::Records {
+                    records,
+                    log_start: state.log_start,
+                    commit: state.commit,
+                    evicted,
+                });
             }
             if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
                 return Ok(Response::Records {
                     records: Vec::new(),
                     log_start: state.log_start,
                     commit: state.commit,
+                    evicted,
                 });
             }
         }
@@ -318,6 +342,7 @@ impl TopicServer {
             log_start: state.log_start,
             log_end: state.log_end,
             commit: state.commit,
+            backlog_bytes: state.bytes,
             subscriptions,
             replicas: replica.replica_statuses(),
         }))
@@ -440,8 +465,17 @@ impl Service for TopicServer {
                             }
                             None => None,
                         };
-                        let answer =
-                            me.fetch(&topic, &subscription, from, max_records, max_bytes, wait).await;
+                        let answer = me
+                            .fetch(
+                                &topic,
+                                &subscription,
+                                from,
+                                max_records,
+                                max_bytes,
+                                wait,
+                                session.is_some(),
+                            )
+                            .await;
                         if let (Some(h), Some(s)) = (hosted, &session) {
                             h.renew(&subscription, s.id, me.session_lease);
                         }

@@ -44,14 +44,16 @@ use redb::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::error::Error;
-use crate::replication::{CursorLog, EpochHistory};
+use crate::replication::{Cursor, CursorLog, EpochHistory};
 use crate::types::{
     now_ms, Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
-use crate::wire::{Record, ResetOutcome, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig};
+use crate::wire::{
+    BacklogPolicy, Record, ResetOutcome, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig,
+};
 
 const TOPICS: TableDefinition<u64, &[u8]> = TableDefinition::new("topics");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
@@ -265,7 +267,7 @@ pub struct ReplicaChunk {
     /// The leader's commit offset.
     pub commit: Offset,
     /// Cursor changes newer than the follower's cursor version.
-    pub cursors: Vec<(String, Option<Offset>, u64)>,
+    pub cursors: Vec<(String, Option<Cursor>, u64)>,
     /// The newest cursor version a majority holds.
     pub cursor_commit: u64,
 }
@@ -336,6 +338,12 @@ enum Command {
         subscription: SubscriptionName,
         next: Offset,
         reply: Reply<(Offset, u64)>,
+    },
+    ReportEvicted {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        records: u64,
+        reply: Reply<u64>,
     },
     ResetCursor {
         topic: TopicId,
@@ -561,6 +569,16 @@ impl Store {
         self.call(|reply| Command::ResetCursor { topic, subscription, to, execute, reply }).await
     }
 
+    /// Leader: notes that a consumer was told of `records` evicted records.
+    pub async fn report_evicted(
+        &self,
+        topic: TopicId,
+        subscription: SubscriptionName,
+        records: u64,
+    ) -> Result<u64, Error> {
+        self.call(|reply| Command::ReportEvicted { topic, subscription, records, reply }).await
+    }
+
     /// Leader: creates a subscription; returns its cursor and the change's version.
     pub async fn create_subscription(
         &self,
@@ -676,13 +694,13 @@ impl Store {
     }
 
     /// A subscription's cursor (latest, committed or not).
-    pub fn cursor(&self, topic: TopicId, subscription: &SubscriptionName) -> Result<Option<Offset>, Error> {
+    pub fn cursor(&self, topic: TopicId, subscription: &SubscriptionName) -> Result<Option<Cursor>, Error> {
         let txn = self.read_txn()?;
         let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
         let value = table.get((topic, subscription.as_str())).map_err(|e| self.storage_err(e))?;
         match value {
             None => Ok(None),
-            Some(v) => Ok(decode::<(Option<Offset>, u64)>(v.value()).map_err(|e| self.storage_err(e))?.0),
+            Some(v) => Ok(decode::<(Option<Cursor>, u64)>(v.value()).map_err(|e| self.storage_err(e))?.0),
         }
     }
 
@@ -693,17 +711,19 @@ impl Store {
         let mut out = Vec::new();
         for entry in table.range((topic, "")..(topic + 1, "")).map_err(|e| self.storage_err(e))? {
             let (key, value) = entry.map_err(|e| self.storage_err(e))?;
-            let (cursor, _): (Option<Offset>, u64) =
+            let (cursor, _): (Option<Cursor>, u64) =
                 decode(value.value()).map_err(|e| self.storage_err(e))?;
-            if let Some(cursor) = cursor {
+            if let Some(c) = cursor {
                 let name = SubscriptionName::new(key.value().1).map_err(|e| self.storage_err(e))?;
                 out.push(SubscriptionInfo {
                     name,
-                    cursor,
-                    lag: commit.saturating_sub(cursor),
+                    cursor: c.next,
+                    lag: commit.saturating_sub(c.next),
                     lag_bytes: 0,
                     last_ack_ms: None,
                     consumer: None,
+                    evicted: c.evicted,
+                    evicted_at_ms: (c.evicted_at_ms > 0).then_some(c.evicted_at_ms),
                 });
             }
         }
@@ -726,13 +746,13 @@ impl Store {
         &self,
         topic: TopicId,
         version: u64,
-    ) -> Result<Vec<(String, Option<Offset>, u64)>, Error> {
+    ) -> Result<Vec<(String, Option<Cursor>, u64)>, Error> {
         let txn = self.read_txn()?;
         let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
         let mut out = Vec::new();
         for entry in table.range((topic, "")..(topic + 1, "")).map_err(|e| self.storage_err(e))? {
             let (key, value) = entry.map_err(|e| self.storage_err(e))?;
-            let (cursor, v): (Option<Offset>, u64) =
+            let (cursor, v): (Option<Cursor>, u64) =
                 decode(value.value()).map_err(|e| self.storage_err(e))?;
             if v > version {
                 out.push((key.value().1.to_string(), cursor, v));
@@ -944,7 +964,7 @@ impl Writer {
             let mut changes = Vec::new();
             for entry in cursors.range((id, "")..(id + 1, ""))? {
                 let (k, v) = entry?;
-                let (cursor, version): (Option<Offset>, u64) = decode(v.value())?;
+                let (cursor, version): (Option<Cursor>, u64) = decode(v.value())?;
                 changes.push((k.value().1.to_string(), cursor, version));
             }
             changes.sort_by_key(|c| c.2);
@@ -1268,6 +1288,24 @@ impl Writer {
                 touched.insert(topic);
                 defer_state(deferred, reply, Ok(()), t.state.subscribe());
             }
+            Command::ReportEvicted { topic, subscription, records, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => match t.cursors.cursor(subscription.as_str()) {
+                        Some(c) if c.unreported > 0 => {
+                            let told = Cursor { unreported: c.unreported.saturating_sub(records), ..c };
+                            let version = set_cursor_state(txn, t, subscription.as_str(), told)?;
+                            if t.meta.is_solo() {
+                                commit_cursors(txn, t, version)?;
+                            }
+                            touched.insert(topic);
+                            Ok(version)
+                        }
+                        _ => Ok(0),
+                    },
+                };
+                defer(deferred, reply, result);
+            }
             Command::ResetCursor { topic, subscription, to, execute, reply } => {
                 let result = self.reset_cursor(txn, topic, &subscription, to, execute)?;
                 touched.insert(topic);
@@ -1364,6 +1402,14 @@ impl Writer {
         }
         let limit = t.meta.config.max_record_bytes as u64;
         let too_large = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit);
+        if too_large.is_none() {
+            // Refused for the backlog: the sequence is not used, so the producer can send the
+            // same batch again once subscriptions have read (and freed) records.
+            if let Err(e) = make_room(txn, t, &records)? {
+                return Ok(Err(e));
+            }
+        }
+        let state = t.producers.entry(producer).or_default();
         let base = t.log_end;
         let (result, outcome) = match too_large {
             Some((index, r)) => {
@@ -1578,14 +1624,78 @@ fn delete_records(txn: &Tx, topic: TopicId, range: std::ops::Range<Offset>) -> S
 }
 
 /// Records a cursor change durably; returns its version.
-fn set_cursor(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    subscription: &str,
-    cursor: Option<Offset>,
-) -> StorageResult<u64> {
-    let version = t.cursors.set(subscription, cursor);
+fn set_cursor(txn: &Tx, t: &mut WriterTopic, subscription: &str, next: Option<Offset>) -> StorageResult<u64> {
+    let version = t.cursors.set(subscription, next);
+    let cursor = t.cursors.cursor(subscription);
     txn.open(CURSORS)?.insert((t.meta.id, subscription), encode(&(cursor, version)).as_slice())?;
+    Ok(version)
+}
+
+/// Stored bytes of a record beyond its own size (framing, timestamp), for the backlog check.
+const STORED_OVERHEAD: u64 = 16;
+
+/// Keeps a topic within its backlog limit before `records` are appended (G6). Under
+/// `reject` it refuses them, naming the subscription that holds the oldest records. Under
+/// `evict` it moves the slowest subscriptions past the oldest records, down to 90 % of the
+/// limit so evictions come in steps, and records how many each lost; the records are freed
+/// once the moves commit. Only committed records are evicted; a topic without subscriptions
+/// keeps its records and refuses more.
+fn make_room(txn: &Tx, t: &mut WriterTopic, records: &[Record]) -> StorageResult<Result<(), Error>> {
+    let Some(limit) = t.meta.config.backlog_limit else { return Ok(Ok(())) };
+    let incoming: u64 = records.iter().map(|r| r.size() as u64 + STORED_OVERHEAD).sum();
+    if t.bytes + incoming <= limit {
+        return Ok(Ok(()));
+    }
+    let slowest = t.cursors.live().min_by_key(|(_, c)| c.next).map(|(name, c)| (name.to_string(), c.next));
+    let full = |t: &WriterTopic| Error::BacklogFull {
+        topic: t.name(),
+        limit,
+        backlog: t.bytes,
+        oldest_held_by: slowest.as_ref().map(|(name, _)| name.clone()),
+    };
+    let Some((_, lowest)) = slowest.clone() else { return Ok(Err(full(t))) };
+    if t.meta.config.backlog_policy == BacklogPolicy::Reject {
+        return Ok(Err(full(t)));
+    }
+    let need = (t.bytes + incoming).saturating_sub(limit / 10 * 9);
+    let commit = t.state.borrow().commit;
+    let (id, mut target, mut freed) = (t.meta.id, t.meta.log_start, 0u64);
+    for entry in txn.open(RECORDS)?.range((id, t.meta.log_start)..(id, commit))? {
+        let (key, value) = entry?;
+        freed += value.value().len() as u64;
+        target = key.value().1 + 1;
+        if freed >= need {
+            break;
+        }
+    }
+    if target <= lowest {
+        // What is below the slowest cursor is read and waits for deletion; nothing to evict.
+        return Ok(Ok(()));
+    }
+    let now = now_ms();
+    let behind: Vec<(String, Cursor)> =
+        t.cursors.live().filter(|(_, c)| c.next < target).map(|(n, c)| (n.to_string(), c)).collect();
+    for (name, c) in behind {
+        let lost = target - c.next;
+        warn!(topic = %t.meta.name, subscription = %name, from = c.next, to = target, lost, limit, "backlog limit reached: evicted records the subscription had not read");
+        let moved = Cursor {
+            next: target,
+            unreported: c.unreported + lost,
+            evicted: c.evicted + lost,
+            evicted_at_ms: now,
+        };
+        set_cursor_state(txn, t, &name, moved)?;
+    }
+    if t.meta.is_solo() {
+        commit_cursors(txn, t, t.cursors.version())?;
+    }
+    Ok(Ok(()))
+}
+
+/// Records a whole cursor (position and eviction record) durably; returns its version.
+fn set_cursor_state(txn: &Tx, t: &mut WriterTopic, subscription: &str, cursor: Cursor) -> StorageResult<u64> {
+    let version = t.cursors.set_cursor(subscription, Some(cursor));
+    txn.open(CURSORS)?.insert((t.meta.id, subscription), encode(&(Some(cursor), version)).as_slice())?;
     Ok(version)
 }
 
@@ -1618,7 +1728,7 @@ mod tests {
         TopicMeta {
             id,
             name: TopicName::new(name).unwrap(),
-            config: TopicConfig { max_record_bytes: 64, schema: None },
+            config: TopicConfig { max_record_bytes: 64, ..TopicConfig::default() },
             replicas: vec![1],
             leader: 1,
             epoch: 1,
@@ -1766,7 +1876,7 @@ mod tests {
         let state = log.state();
         assert_eq!((state.log_start, state.log_end, state.commit, state.epoch), (1, 3, 3, 1));
         assert_eq!(meta.name.as_str(), "kept");
-        assert_eq!(store.cursor(3, &sub("s")).unwrap(), Some(2));
+        assert_eq!(store.cursor(3, &sub("s")).unwrap(), Some(Cursor::at(2)));
         // The dedup window survived too.
         let again = store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
         assert!(again.duplicate);
@@ -1883,12 +1993,12 @@ mod tests {
             history: vec![(1, 0)],
             log_start: 0,
             commit: 2,
-            cursors: vec![("s".into(), Some(1), 1)],
+            cursors: vec![("s".into(), Some(Cursor::at(1)), 1)],
             cursor_commit: 1,
         };
         let state = store.replica_append(1, chunk).await.unwrap();
         assert_eq!((state.log_end, state.commit, state.epoch, state.cursor_version), (3, 2, 1, 1));
-        assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(1));
+        assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(1)));
         // The follower rebuilt the leader's dedup state from the batch headers.
         let producers = store.producer_states(1).unwrap();
         assert_eq!(producers[0].1.last_sequence, 1);

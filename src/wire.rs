@@ -78,12 +78,52 @@ pub struct TopicConfig {
     pub max_record_bytes: u32,
     /// A JSON Schema every record's payload must follow (G10); `None` takes any bytes.
     pub schema: Option<String>,
+    /// Most bytes the topic stores (G6); `None`: no limit.
+    pub backlog_limit: Option<u64>,
+    /// What happens at the limit.
+    pub backlog_policy: BacklogPolicy,
 }
 
 impl Default for TopicConfig {
     fn default() -> Self {
-        Self { max_record_bytes: DEFAULT_MAX_RECORD_BYTES, schema: None }
+        Self {
+            max_record_bytes: DEFAULT_MAX_RECORD_BYTES,
+            schema: None,
+            backlog_limit: None,
+            backlog_policy: BacklogPolicy::Reject,
+        }
     }
+}
+
+/// What a topic does when its backlog reaches its limit (G6).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum BacklogPolicy {
+    /// Producers get `BacklogFull` until subscriptions read (and so free) records.
+    #[default]
+    Reject,
+    /// The slowest subscriptions' cursors are moved forward past the oldest records, which
+    /// frees them; each such eviction is recorded and reported to the next consumer.
+    Evict,
+}
+
+impl BacklogPolicy {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BacklogPolicy::Reject => "reject",
+            BacklogPolicy::Evict => "evict",
+        }
+    }
+}
+
+/// Records the `evict` backlog policy skipped for a subscription before it read them: told
+/// to the next consumer of the subscription, once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Evicted {
+    pub records: u64,
+    /// When the last eviction happened (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Where the subscription resumes.
+    pub resume_at: Offset,
 }
 
 /// A consumer's identity while it holds a subscription.
@@ -119,6 +159,9 @@ pub struct ResetOutcome {
 pub struct TopicChanges {
     /// `Some(None)` removes the schema.
     pub schema: Option<Option<String>>,
+    /// `Some(None)` removes the limit.
+    pub backlog_limit: Option<Option<u64>>,
+    pub backlog_policy: Option<BacklogPolicy>,
 }
 
 /// A topic server as the naming server knows it.
@@ -181,6 +224,10 @@ pub struct SubscriptionInfo {
     pub last_ack_ms: Option<u64>,
     /// The consumer holding it now, if any.
     pub consumer: Option<String>,
+    /// Records the `evict` backlog policy skipped for it, ever.
+    pub evicted: u64,
+    /// When that last happened (ms since the Unix epoch).
+    pub evicted_at_ms: Option<u64>,
 }
 
 /// A topic server's view of one topic's log.
@@ -197,6 +244,8 @@ pub struct TopicStatus {
     pub log_end: Offset,
     /// One past the newest committed offset: what consumers may read and producers had acked.
     pub commit: Offset,
+    /// Bytes stored for `log_start..log_end`.
+    pub backlog_bytes: u64,
     pub subscriptions: Vec<SubscriptionInfo>,
     /// Per replica, as the leader sees them (only the leader fills this in).
     pub replicas: Vec<ReplicaStatus>,
@@ -391,6 +440,9 @@ pub enum Response {
         records: Vec<StoredRecord>,
         log_start: Offset,
         commit: Offset,
+        /// Set when the backlog policy skipped records of the subscription since a consumer
+        /// was last told.
+        evicted: Option<Evicted>,
     },
     /// The subscription's cursor after the request.
     Cursor {

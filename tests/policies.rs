@@ -129,3 +129,158 @@ async fn schemas_refuse_bad_batches_whole_and_follow_changes_across_failover_and
     let read: Vec<String> = read_all(&client, &topic, "check").await.into_iter().map(|(_, p)| p).collect();
     assert_eq!(read, acked);
 }
+
+/// Sends batches of `size` records of `bytes` bytes until one is refused; returns the acked
+/// payloads and the refusal.
+async fn fill(client: &Arc<Client>, topic: &TopicName, prefix: &str, size: usize) -> (Vec<String>, Error) {
+    let mut acked = Vec::new();
+    for b in 0..1000 {
+        let payloads: Vec<String> =
+            (0..size).map(|i| format!("{prefix}-{b}-{i}-{}", "x".repeat(80))).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        match send(client, topic, &refs).await {
+            Ok(_) => acked.extend(payloads),
+            Err(e) => return (acked, e),
+        }
+    }
+    panic!("the backlog limit never refused a batch");
+}
+
+/// Reads everything committed through `sub` with a consumer that acks as it goes.
+async fn drain(client: &Arc<Client>, topic: &TopicName, sub: &str) -> Vec<(u64, String)> {
+    let name = herald::types::SubscriptionName::new(sub).unwrap();
+    let mut consumer =
+        client.consumer(topic.clone(), name, herald::types::StartFrom::Earliest).await.unwrap();
+    let mut out: Vec<(u64, String)> = Vec::new();
+    loop {
+        let ack = out.last().map(|(o, _)| o + 1);
+        let records = consumer.poll(1000, std::time::Duration::ZERO, ack).await.unwrap();
+        if records.is_empty() {
+            if let Some(next) = ack {
+                consumer.ack(next).await.unwrap();
+            }
+            break;
+        }
+        out.extend(records.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
+    }
+    consumer.release().await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reject_policy_stops_producers_at_the_limit_until_subscriptions_read() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.cli_ok(&["topic", "create", "capped", "--backlog-limit", "20000"], None);
+    cluster.cli_ok(&["subscription", "create", "capped", "slow"], None);
+    let topic = TopicName::new("capped").unwrap();
+    let client = cluster.client();
+    let mut acked = Vec::new();
+    for round in 0..2 {
+        let (more, refusal) = fill(&client, &topic, &format!("r{round}"), 10).await;
+        assert!(!more.is_empty());
+        acked.extend(more);
+        match refusal {
+            Error::BacklogFull { topic: t, limit, backlog, oldest_held_by } => {
+                assert_eq!((t.as_str(), limit, oldest_held_by.as_deref()), ("capped", 20000, Some("slow")));
+                assert!(backlog <= limit && backlog > limit / 2, "{backlog}");
+            }
+            other => panic!("expected BacklogFull, got {other:?}"),
+        }
+        // The CLI says so too, and nothing it sent was acked.
+        let before = cluster.describe("capped")["log_end"].clone();
+        let line = format!("{}\n", "y".repeat(1500));
+        let out = cluster.cli(&["produce", "capped"], Some(line.as_bytes()));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("backlog limit of 20000 bytes"), "{stderr}");
+        assert!(stderr.contains("subscription \"slow\" holds the oldest records"), "{stderr}");
+        assert_eq!(cluster.describe("capped")["log_end"], before);
+
+        // Once the subscription reads, its records are freed and producers go on.
+        let read = drain(&client, &topic, "slow").await;
+        assert_eq!(
+            read.iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(),
+            acked[acked.len() - read.len()..]
+        );
+        wait_for("the read records to be freed", || async {
+            let d = cluster.describe("capped");
+            (d["backlog_bytes"].as_u64().unwrap() < 1000).then_some(())
+        })
+        .await;
+        let extra = format!("after-{round}");
+        send(&client, &topic, &[&extra]).await.unwrap();
+        acked.push(extra);
+        // Round two runs against a new leader.
+        if round == 0 {
+            let leader = cluster.leader_of(&topic).await;
+            cluster.server(leader).kill();
+            wait_for("a new leader", || async { (cluster.leader_of(&topic).await != leader).then_some(()) })
+                .await;
+        }
+    }
+    // Every acked record was read once, in order, by the one subscription.
+    let rest = drain(&client, &topic, "slow").await;
+    assert_eq!(rest.last().map(|(_, p)| p.as_str()), Some("after-1"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_evict_policy_moves_the_slowest_cursor_and_tells_its_next_consumer() {
+    let mut cluster = Cluster::start(3).await;
+    cluster.cli_ok(
+        &["topic", "create", "evicting", "--backlog-limit", "20000", "--backlog-policy", "evict"],
+        None,
+    );
+    cluster.cli_ok(&["subscription", "create", "evicting", "slow"], None);
+    cluster.cli_ok(&["subscription", "create", "evicting", "fast"], None);
+    let topic = TopicName::new("evicting").unwrap();
+    let client = cluster.client();
+
+    // `fast` keeps up; `slow` reads nothing while 4x the limit goes through.
+    let mut fast = Vec::new();
+    for b in 0..80 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("e-{b}-{i}-{}", "x".repeat(80))).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        send(&client, &topic, &refs).await.expect("evict never refuses a topic with subscriptions");
+        fast.extend(drain(&client, &topic, "fast").await);
+    }
+    assert_eq!(fast.len(), 800, "the fast subscription lost nothing");
+    let subs = |cluster: &Cluster| -> serde_json::Value {
+        let list: serde_json::Value =
+            serde_json::from_str(&cluster.cli_ok(&["subscription", "list", "evicting", "--json"], None))
+                .unwrap();
+        let by_name = |n: &str| list.as_array().unwrap().iter().find(|s| s["name"] == n).unwrap().clone();
+        serde_json::json!({ "slow": by_name("slow"), "fast": by_name("fast") })
+    };
+    let list = subs(&cluster);
+    let evicted = list["slow"]["evicted"].as_u64().unwrap();
+    assert!(evicted > 0 && list["slow"]["evicted_at_ms"].as_u64().is_some(), "{list}");
+    assert_eq!(list["fast"]["evicted"], 0);
+    assert_eq!(list["slow"]["cursor"].as_u64().unwrap(), evicted, "moved forward by what it lost");
+    let described = cluster.describe("evicting");
+    assert!(described["backlog_bytes"].as_u64().unwrap() <= 20000 + 2000, "{described}");
+    assert!(described["subscriptions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s["evicted"].as_u64() == Some(evicted)));
+
+    // The eviction record is replicated: a consumer at a new leader is told of it.
+    let leader = cluster.leader_of(&topic).await;
+    cluster.server(leader).kill();
+    wait_for("a new leader", || async { (cluster.leader_of(&topic).await != leader).then_some(()) }).await;
+    let out = cluster.cli(&["consume", "evicting", "--subscription", "slow", "--format", "{offset}"], None);
+    assert!(out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr
+            .contains(&format!("warning: {evicted} records of evicting were evicted from subscription slow")),
+        "{stderr}"
+    );
+    let offsets: Vec<u64> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(offsets, (evicted..800).collect::<Vec<_>>(), "it goes on from the moved cursor, in order");
+    // Told once.
+    cluster.cli_ok(&["produce", "evicting"], Some(b"later\n"));
+    let out = cluster.cli(&["consume", "evicting", "--subscription", "slow"], None);
+    assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("evicted"));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "later\n");
+}
