@@ -93,6 +93,9 @@ enum Command {
         /// topic from the leader (milliseconds).
         #[arg(long, default_value_t = naming::DEFAULT_REPLACE_AFTER.as_millis() as u64)]
         replace_after_ms: u64,
+        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run a topic server.
     Server {
@@ -111,6 +114,9 @@ enum Command {
         /// per subscription at a time), in milliseconds.
         #[arg(long, default_value_t = server::DEFAULT_SESSION_LEASE.as_millis() as u64)]
         session_lease_ms: u64,
+        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<SocketAddr>,
     },
     /// Run a naming server and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
@@ -386,18 +392,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote the cluster CA, node and client certificates to {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Naming { listen, data, lease_ms, replace_after_ms } => {
+        Command::Naming { listen, data, lease_ms, replace_after_ms, metrics_listen } => {
             let config = NamingConfig {
                 listen,
                 data_dir: data,
                 certs_dir: common.certs,
                 lease: Duration::from_millis(lease_ms),
                 replace_after: Duration::from_millis(replace_after_ms),
+                metrics_listen,
             };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server { listen, data, id, advertise, session_lease_ms } => {
+        Command::Server { listen, data, id, advertise, session_lease_ms, metrics_listen } => {
             let config = ServerConfig {
                 id,
                 listen,
@@ -406,6 +413,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 data_dir: data,
                 certs_dir: common.certs,
                 session_lease: Duration::from_millis(session_lease_ms),
+                metrics_listen,
             };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -1185,6 +1193,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         certs_dir: common.certs.clone(),
         lease: naming::DEFAULT_LEASE,
         replace_after: naming::DEFAULT_REPLACE_AFTER,
+        metrics_listen: None,
     };
     tasks.spawn(naming::run(naming_config, shutdown.clone()));
     for i in 1..=servers {
@@ -1197,6 +1206,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
             data_dir: dir.join(format!("server-{i}")),
             certs_dir: common.certs.clone(),
             session_lease: server::DEFAULT_SESSION_LEASE,
+            metrics_listen: None,
         };
         tasks.spawn(server::run(config, shutdown.clone()));
     }

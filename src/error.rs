@@ -92,6 +92,35 @@ pub enum Error {
 }
 
 impl Error {
+    /// A short snake_case name of the variant, for metrics labels and logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::InvalidName { .. } => "invalid_name",
+            Error::RecordTooLarge { .. } => "record_too_large",
+            Error::FrameTooLarge { .. } => "frame_too_large",
+            Error::Malformed { .. } => "malformed",
+            Error::UnsupportedVersion { .. } => "unsupported_version",
+            Error::UnknownTopic { .. } => "unknown_topic",
+            Error::TopicExists { .. } => "topic_exists",
+            Error::UnknownSubscription { .. } => "unknown_subscription",
+            Error::SubscriptionExists { .. } => "subscription_exists",
+            Error::CursorBeforeLogStart { .. } => "cursor_before_log_start",
+            Error::OffsetBeyondEnd { .. } => "offset_beyond_end",
+            Error::OutOfOrderSequence { .. } => "out_of_order_sequence",
+            Error::NotEnoughServers { .. } => "not_enough_servers",
+            Error::Unauthorized { .. } => "unauthorized",
+            Error::InvalidArgument { .. } => "invalid_argument",
+            Error::NotLeader { .. } => "not_leader",
+            Error::Unavailable { .. } => "unavailable",
+            Error::Storage { .. } => "storage",
+            Error::Internal { .. } => "internal",
+            Error::StaleEpoch { .. } => "stale_epoch",
+            Error::SchemaViolation { .. } => "schema_violation",
+            Error::SubscriptionBusy { .. } => "subscription_busy",
+            Error::BacklogFull { .. } => "backlog_full",
+        }
+    }
+
     /// The stable numeric code of this error on the wire.
     pub fn code(&self) -> u16 {
         // postcard writes the variant index as the first varint; all codes are < 128.

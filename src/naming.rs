@@ -26,12 +26,15 @@ use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
+use crate::metrics::EndpointMetrics;
 use crate::replication;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Epoch, ServerId, TopicId, TopicName};
 use crate::wire::{
     ReplicaInfo, Request, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo, MAX_RECORD_BYTES_LIMIT,
 };
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
 
 const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
@@ -63,6 +66,8 @@ pub struct NamingConfig {
     pub lease: Duration,
     /// How long a replica may be dead before another server takes its place.
     pub replace_after: Duration,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,6 +112,8 @@ pub struct NamingServer {
     lease: Duration,
     replace_after: Duration,
     started: Instant,
+    metrics: Arc<EndpointMetrics>,
+    elections: Counter,
 }
 
 impl NamingServer {
@@ -164,7 +171,33 @@ impl NamingServer {
             lease,
             replace_after,
             started: Instant::now(),
+            metrics: Arc::default(),
+            elections: Counter::default(),
         })
+    }
+
+    /// Everything `--metrics-listen` shows, read now.
+    pub fn render_metrics(&self) -> String {
+        let mut registry = Registry::default();
+        self.metrics.register(&mut registry);
+        registry.register(
+            "herald_elections",
+            "Leaders elected after a leader's lease ran out",
+            self.elections.clone(),
+        );
+        let servers = Family::<StateLabels, Gauge>::default();
+        let topics = Gauge::<i64>::default();
+        {
+            let book = self.book.lock().expect("book lock");
+            for id in book.servers.keys() {
+                let state = if self.is_alive(&book, *id) { "alive" } else { "dead" };
+                servers.get_or_create(&StateLabels { state }).inc();
+            }
+            topics.set(book.topics.len() as i64);
+        }
+        registry.register("herald_topic_servers", "Registered topic servers, alive or dead", servers);
+        registry.register("herald_topics", "Topics in the book", topics);
+        crate::metrics::encode(&registry)
     }
 
     fn storage_err(e: impl std::fmt::Display) -> Error {
@@ -563,6 +596,7 @@ impl NamingServer {
         self.persist(&book, None, Some(&record), None)?;
         self.version.send_replace(book.version);
         info!(topic, epoch, leader = winner, ?reports, "leader elected");
+        self.elections.inc();
         Ok(Some(winner))
     }
 }
@@ -658,9 +692,18 @@ async fn watch_leaders(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shu
     }
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, prometheus_client::encoding::EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
 impl Service for NamingServer {
     fn describe(&self) -> String {
         "the naming server".into()
+    }
+
+    fn metrics(&self) -> &Arc<EndpointMetrics> {
+        &self.metrics
     }
 
     fn server_id(&self) -> Option<ServerId> {
@@ -696,6 +739,16 @@ pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::R
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
     info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");
     let elections = tokio::spawn(watch_leaders(service.clone(), endpoint.clone(), shutdown.clone()));
+    if let Some(addr) = config.metrics_listen {
+        let naming = service.clone();
+        let render = Arc::new(move || naming.render_metrics());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
+                tracing::error!(%addr, error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
     transport::serve(endpoint, service, shutdown).await;
     let _ = elections.await;
     Ok(())

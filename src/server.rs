@@ -17,19 +17,22 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
+use prometheus_client::registry::Registry;
 use quinn::Endpoint;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
+use crate::metrics::{EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Offset, ServerId, SubscriptionName, TopicName};
 use crate::wire::{
-    ConsumerSession, Evicted, ReplicaInfo, Request, Response, TopicConfig, TopicInfo, TopicStatus,
+    ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicStatus,
 };
 
 /// Most records one fetch returns.
@@ -52,6 +55,8 @@ pub struct ServerConfig {
     pub certs_dir: PathBuf,
     /// How long a consumer keeps its subscription after its last request.
     pub session_lease: Duration,
+    /// Where to serve Prometheus metrics (`None`: nowhere).
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 /// How long a consumer keeps its subscription after its last request, by default.
@@ -155,9 +160,101 @@ pub struct TopicServer {
     node: Arc<Node>,
     topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
     session_lease: Duration,
+    metrics: Arc<EndpointMetrics>,
 }
 
 impl TopicServer {
+    /// Everything `--metrics-listen` shows, read now. Every replica reports its log; the
+    /// leader also reports subscriptions and how far each follower is behind.
+    pub fn render_metrics(&self) -> String {
+        let mut registry = Registry::default();
+        self.metrics.register(&mut registry);
+        registry.register(
+            "herald_storage_commit_seconds",
+            "Storage group commits (one write transaction and its fsync), in seconds",
+            self.node.store.commit_seconds().clone(),
+        );
+        let gauges = |name: &str, help: &str, registry: &mut Registry| {
+            let family = Family::<TopicLabels, Gauge>::default();
+            registry.register(name, help, family.clone());
+            family
+        };
+        let log_start = gauges("herald_log_start", "Oldest offset still stored", &mut registry);
+        let log_end = gauges("herald_log_end", "One past the newest offset stored", &mut registry);
+        let commit = gauges("herald_commit_offset", "One past the newest committed offset", &mut registry);
+        let backlog = gauges("herald_backlog_bytes", "Bytes stored for the topic", &mut registry);
+        let leading = gauges("herald_leader", "1 where this server leads the topic", &mut registry);
+        let appended = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "herald_records_appended",
+            "Records appended since the server started",
+            appended.clone(),
+        );
+        let deleted = Family::<TopicLabels, Counter>::default();
+        registry.register(
+            "herald_records_deleted",
+            "Records deleted since the server started, once every subscription had read them",
+            deleted.clone(),
+        );
+        let cursor = Family::<SubscriptionLabels, Gauge>::default();
+        registry.register("herald_subscription_cursor", "Next offset a subscription reads", cursor.clone());
+        let lag = Family::<SubscriptionLabels, Gauge>::default();
+        registry.register(
+            "herald_subscription_lag_records",
+            "Committed records not yet acknowledged",
+            lag.clone(),
+        );
+        let lag_bytes = Family::<SubscriptionLabels, Gauge>::default();
+        registry.register(
+            "herald_subscription_lag_bytes",
+            "Stored bytes of those records",
+            lag_bytes.clone(),
+        );
+        let replica_lag = Family::<ReplicaLabels, Gauge>::default();
+        registry.register(
+            "herald_replica_lag_records",
+            "Records the leader holds that a follower has not acknowledged",
+            replica_lag.clone(),
+        );
+        let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
+        for h in hosted {
+            let log = &h.replica.log;
+            let state = log.state();
+            let topic = TopicLabels { topic: log.name.to_string() };
+            log_start.get_or_create(&topic).set(state.log_start as i64);
+            log_end.get_or_create(&topic).set(state.log_end as i64);
+            commit.get_or_create(&topic).set(state.commit as i64);
+            backlog.get_or_create(&topic).set(state.bytes as i64);
+            appended.get_or_create(&topic).inc_by(state.appended_records);
+            deleted.get_or_create(&topic).inc_by(state.freed_records);
+            let leads = h.replica.role() == Role::Leader;
+            leading.get_or_create(&topic).set(leads as i64);
+            if !leads {
+                continue;
+            }
+            for r in h.replica.replica_statuses().iter().filter(|r| r.server != self.node.id) {
+                let labels = ReplicaLabels { topic: topic.topic.clone(), replica: r.server.to_string() };
+                let behind = state.log_end.saturating_sub(r.log_end.unwrap_or(state.log_start));
+                replica_lag.get_or_create(&labels).set(behind as i64);
+            }
+            match self.node.store.subscriptions(log.id, state.commit) {
+                Ok(subs) => {
+                    for sub in subs {
+                        let labels = SubscriptionLabels {
+                            topic: topic.topic.clone(),
+                            subscription: sub.name.to_string(),
+                        };
+                        cursor.get_or_create(&labels).set(sub.cursor as i64);
+                        lag.get_or_create(&labels).set(sub.lag as i64);
+                        lag_bytes.get_or_create(&labels).set(sub.lag_bytes as i64);
+                    }
+                }
+                Err(e) => warn!(topic = %log.name, error = %e, "reading subscriptions for metrics failed"),
+            }
+        }
+        crate::metrics::encode(&registry)
+    }
+
     fn hosted(&self, name: &TopicName) -> Result<Arc<Hosted>, Error> {
         self.topics.read().expect("topics lock").get(name).cloned().ok_or_else(|| Error::NotLeader {
             topic: name.to_string(),
@@ -445,6 +542,10 @@ impl Service for TopicServer {
         Some(self.node.id)
     }
 
+    fn metrics(&self) -> &Arc<EndpointMetrics> {
+        &self.metrics
+    }
+
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
         let me = self.clone();
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
@@ -711,8 +812,22 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         }
         topics.insert(meta.name.clone(), Hosted::new(replica, applied, meta.config.clone()));
     }
-    let server =
-        Arc::new(TopicServer { node, topics: RwLock::new(topics), session_lease: config.session_lease });
+    let server = Arc::new(TopicServer {
+        node,
+        topics: RwLock::new(topics),
+        session_lease: config.session_lease,
+        metrics: Arc::default(),
+    });
+    if let Some(addr) = config.metrics_listen {
+        let me = server.clone();
+        let render = Arc::new(move || me.render_metrics());
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
+                error!(%addr, error = %e, "the metrics endpoint failed");
+            }
+        });
+    }
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
     let naming = tokio::spawn(follow_naming(
         server.clone(),

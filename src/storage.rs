@@ -38,6 +38,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{
     Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata, Table,
     TableDefinition, Value, WriteTransaction,
@@ -122,6 +123,9 @@ pub struct LogState {
     pub bytes: u64,
     /// Bytes deleted since this process opened the store (all subscriptions had read them).
     pub freed_bytes: u64,
+    /// Records appended, and deleted, since this process opened the store.
+    pub appended_records: u64,
+    pub freed_records: u64,
 }
 
 /// A read handle on one topic: its identity and a watch on its durable and committed state.
@@ -389,6 +393,7 @@ pub struct Store {
     writer: Option<std::thread::JoinHandle<()>>,
     server: ServerId,
     commits: Arc<AtomicU64>,
+    commit_seconds: Histogram,
 }
 
 impl Drop for Store {
@@ -445,23 +450,30 @@ impl Store {
         };
         let db = Arc::new(db);
         let commits = Arc::new(AtomicU64::new(0));
+        let commit_seconds = crate::metrics::commit_histogram();
         let mut writer = Writer {
             db: db.clone(),
             server,
             topics: HashMap::new(),
             buf: Vec::new(),
             commits: commits.clone(),
+            commit_seconds: commit_seconds.clone(),
         };
         let logs = writer.load()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = std::thread::Builder::new()
             .name(format!("herald-writer-{server}"))
             .spawn(move || writer.run(rx))?;
-        Ok((Store { db, tx: Some(tx), writer: Some(writer), server, commits }, logs))
+        Ok((Store { db, tx: Some(tx), writer: Some(writer), server, commits, commit_seconds }, logs))
     }
 
     pub fn server_id(&self) -> ServerId {
         self.server
+    }
+
+    /// How long group commits (write transaction and fsync) take, in seconds.
+    pub fn commit_seconds(&self) -> &Histogram {
+        &self.commit_seconds
     }
 
     /// Group commits (write transactions, each one fsync) done since the store was opened.
@@ -805,6 +817,9 @@ struct WriterTopic {
     bytes: u64,
     /// Bytes deleted since the store was opened.
     freed_bytes: u64,
+    /// Records appended, and deleted, since the store was opened.
+    appended_records: u64,
+    freed_records: u64,
     /// Batches appended in the group under way, not yet shown to followers.
     appended: Vec<ReplicatedBatch>,
     /// Batches of the group under way shown to followers (the leader's side of
@@ -852,6 +867,8 @@ impl WriterTopic {
             s.promised = self.meta.promised;
             s.bytes = self.bytes;
             s.freed_bytes = self.freed_bytes;
+            s.appended_records = self.appended_records;
+            s.freed_records = self.freed_records;
             s.commit = if solo {
                 self.log_end
             } else {
@@ -875,6 +892,7 @@ struct Writer {
     topics: HashMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
     commits: Arc<AtomicU64>,
+    commit_seconds: Histogram,
 }
 
 /// A group's write transaction, knowing whether anything was written: a group that wrote
@@ -993,6 +1011,8 @@ impl Writer {
                 promised: meta.promised,
                 bytes,
                 freed_bytes: 0,
+                appended_records: 0,
+                freed_records: 0,
             };
             // Keep existing watch channels so handles held by the server stay live.
             let (sender, staged) = match old.get(&id) {
@@ -1014,6 +1034,8 @@ impl Writer {
                 state: sender,
                 bytes,
                 freed_bytes: 0,
+                appended_records: 0,
+                freed_records: 0,
                 appended: Vec::new(),
                 staged,
             };
@@ -1046,7 +1068,12 @@ impl Writer {
                         shown |= t.stage();
                     }
                 }
-                txn.finish()
+                let started = std::time::Instant::now();
+                let committed = txn.finish()?;
+                if committed {
+                    self.commit_seconds.observe(started.elapsed().as_secs_f64());
+                }
+                Ok(committed)
             });
             match outcome {
                 Ok(committed) => {
@@ -1117,6 +1144,8 @@ impl Writer {
                         promised: meta.promised,
                         bytes: 0,
                         freed_bytes: 0,
+                        appended_records: 0,
+                        freed_records: 0,
                     };
                     slot.insert(WriterTopic {
                         log_end: meta.log_start,
@@ -1128,6 +1157,8 @@ impl Writer {
                         state: watch::Sender::new(state),
                         bytes: 0,
                         freed_bytes: 0,
+                        appended_records: 0,
+                        freed_records: 0,
                         appended: Vec::new(),
                         staged: Arc::default(),
                     });
@@ -1431,6 +1462,7 @@ impl Writer {
                 t.bytes +=
                     write_batch(txn, topic, base, timestamp_ms, Some(header), &records, &mut self.buf)?;
                 t.log_end += count as u64;
+                t.appended_records += count as u64;
                 if !t.meta.is_solo() {
                     t.appended.push(ReplicatedBatch { base, timestamp_ms, header: Some(header), records });
                 }
@@ -1495,6 +1527,7 @@ impl Writer {
                 &mut self.buf,
             )?;
             t.log_end = batch.base + count;
+            t.appended_records += count;
         }
         for (epoch, start) in t.history.to_adopt(&chunk.history, t.log_end) {
             if t.history.assign(epoch, start) {
@@ -1514,6 +1547,7 @@ impl Writer {
             let freed = delete_records(txn, topic, t.meta.log_start..target)?;
             t.bytes -= freed;
             t.freed_bytes += freed;
+            t.freed_records += target - t.meta.log_start;
             t.meta.log_start = target;
             meta_changed = true;
         }
@@ -1715,6 +1749,7 @@ fn commit_cursors(txn: &Tx, t: &mut WriterTopic, version: u64) -> StorageResult<
     let freed_bytes = delete_records(txn, id, t.meta.log_start..new_start)?;
     t.bytes -= freed_bytes;
     t.freed_bytes += freed_bytes;
+    t.freed_records += new_start - t.meta.log_start;
     t.meta.log_start = new_start;
     txn.open(TOPICS)?.insert(id, encode(&t.meta).as_slice())?;
     Ok(freed)

@@ -29,6 +29,7 @@ use tracing::{debug, warn};
 
 use crate::certs::{self, Identity};
 use crate::error::Error;
+use crate::metrics::EndpointMetrics;
 use crate::types::ServerId;
 use crate::wire::{self, Request, Response, LENGTH_PREFIX, PROTOCOL_VERSION};
 
@@ -467,6 +468,8 @@ pub trait Service: Send + Sync + 'static {
     /// Starts handling `req`. Work that must happen in stream order (a producer's append)
     /// happens before this returns; the future then waits for the outcome.
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture;
+    /// Where connections, handshakes and requests are counted.
+    fn metrics(&self) -> &Arc<EndpointMetrics>;
 }
 
 /// A response that is ready now.
@@ -491,12 +494,18 @@ pub async fn serve<S: Service>(endpoint: Endpoint, service: Arc<S>, shutdown: Ca
             let addr = incoming.remote_address();
             match incoming.await {
                 Ok(conn) => {
+                    let metrics = service.metrics().clone();
+                    metrics.open_connections.inc();
                     tokio::select! {
                         _ = shutdown.cancelled() => {}
                         _ = serve_connection(conn, service) => {}
                     }
+                    metrics.open_connections.dec();
                 }
-                Err(e) => warn!(peer = %addr, error = %e, "TLS handshake failed"),
+                Err(e) => {
+                    service.metrics().handshake_failures.inc();
+                    warn!(peer = %addr, error = %e, "TLS handshake failed");
+                }
             }
         });
     }
@@ -624,8 +633,15 @@ async fn serve_stream<S: Service>(service: Arc<S>, peer: Peer, mut send: SendStr
     loop {
         match read_frame::<Request>(&mut recv, &mut buf, peer.addr, &me).await {
             Ok(Some(req)) => {
+                let operation = request_name(&req);
                 let fut = service.dispatch(req, &peer);
-                if tx.send(tokio::spawn(fut)).await.is_err() {
+                let metrics = service.metrics().clone();
+                let counted = async move {
+                    let resp = fut.await;
+                    metrics.count(operation, &resp);
+                    resp
+                };
+                if tx.send(tokio::spawn(counted)).await.is_err() {
                     break;
                 }
             }

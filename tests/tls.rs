@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::Arc;
 
-use common::Cluster;
+use common::{sample, wait_for, Cluster};
 use herald::certs::{self, CertRole, Identity};
 use herald::client::Client;
 use herald::transport::{self, Connection};
@@ -45,6 +45,13 @@ async fn only_certificates_from_the_cluster_ca_get_in() {
         connect_with(&cluster, transport::client_config(&mixed).unwrap()).await,
         "foreign client cert",
     );
+
+    // The naming server counts the failed handshake.
+    let failures = wait_for("the handshake failure to be counted", || async {
+        sample(&cluster.scrape(None), "herald_tls_handshake_failures_total", "").filter(|n| *n >= 1.0)
+    })
+    .await;
+    assert!(failures >= 1.0);
 
     // A client that trusts another CA refuses our server.
     let distrust = Identity { ca: foreign.ca.clone(), chain: ours.chain.clone(), key: ours.key.clone_key() };

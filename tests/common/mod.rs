@@ -40,7 +40,9 @@ pub fn free_port() -> u16 {
     let base = 12000 + (std::process::id() % 400) as u16 * 40;
     loop {
         let port = 12000 + (base - 12000 + NEXT.fetch_add(1, Ordering::Relaxed)) % 16000;
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok()
+            && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
             return port;
         }
     }
@@ -132,6 +134,9 @@ pub struct Cluster {
     pub servers: Vec<(ServerId, SocketAddr, Proc)>,
     /// Proxies that can cut server 1 off (see [`Cluster::start_isolatable`]).
     pub proxies: Vec<proxy::UdpProxy>,
+    /// Where each process serves its metrics (`--metrics-listen`); the naming server's first.
+    pub naming_metrics: SocketAddr,
+    pub metrics: Vec<(ServerId, SocketAddr)>,
 }
 
 impl Cluster {
@@ -143,6 +148,7 @@ impl Cluster {
         assert!(out.status.success(), "herald certs: {}", String::from_utf8_lossy(&out.stderr));
         let naming_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data = dir.path().join("naming").display().to_string();
+        let naming_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let args = vec![
             "naming".into(),
             "--listen".into(),
@@ -153,10 +159,20 @@ impl Cluster {
             LEASE_MS.to_string(),
             "--replace-after-ms".into(),
             REPLACE_AFTER_MS.to_string(),
+            "--metrics-listen".into(),
+            naming_metrics.to_string(),
         ];
         let naming = Proc::start("naming", args, dir.path(), &certs);
-        let mut cluster =
-            Cluster { dir, certs, naming_addr, naming, servers: Vec::new(), proxies: Vec::new() };
+        let mut cluster = Cluster {
+            dir,
+            certs,
+            naming_addr,
+            naming,
+            servers: Vec::new(),
+            proxies: Vec::new(),
+            naming_metrics,
+            metrics: Vec::new(),
+        };
         for i in 1..=n {
             cluster.add_server(i as ServerId);
         }
@@ -212,6 +228,7 @@ impl Cluster {
     pub fn add_server(&mut self, id: ServerId) -> SocketAddr {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data = self.dir.path().join(format!("server-{id}"));
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let args = vec![
             "server".into(),
             "--id".into(),
@@ -224,7 +241,10 @@ impl Cluster {
             data.display().to_string(),
             "--session-lease-ms".into(),
             SESSION_LEASE_MS.to_string(),
+            "--metrics-listen".into(),
+            metrics.to_string(),
         ];
+        self.metrics.push((id, metrics));
         let proc = Proc::start(&format!("server-{id}"), args, self.dir.path(), &self.certs);
         self.servers.push((id, addr, proc));
         addr
@@ -250,6 +270,24 @@ impl Cluster {
         let certs = self.certs.clone();
         self.naming.kill();
         self.naming.spawn(&certs);
+    }
+
+    /// Scrapes a process's metrics endpoint (`None`: the naming server's); returns the body.
+    pub fn scrape(&self, server: Option<ServerId>) -> String {
+        use std::io::{Read, Write};
+        let addr = match server {
+            None => self.naming_metrics,
+            Some(id) => self.metrics.iter().find(|(s, _)| *s == id).expect("a server with metrics").1,
+        };
+        let mut conn = std::net::TcpStream::connect(addr).unwrap();
+        conn.set_read_timeout(Some(DEADLINE)).unwrap();
+        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+        let mut response = String::new();
+        conn.read_to_string(&mut response).unwrap();
+        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        assert!(head.contains("application/openmetrics-text"), "{head}");
+        body.to_string()
     }
 
     /// A client library handle on this cluster.
@@ -386,6 +424,13 @@ impl Drop for Cluster {
 
 /// Reads a whole topic through a new (or existing) subscription, from its cursor to the
 /// committed end, as (offset, payload).
+/// The value of one sample in OpenMetrics text: `name` with exactly `labels` (e.g.
+/// `topic="t",subscription="s"`, or empty).
+pub fn sample(text: &str, name: &str, labels: &str) -> Option<f64> {
+    let key = if labels.is_empty() { format!("{name} ") } else { format!("{name}{{{labels}}} ") };
+    text.lines().find_map(|l| l.strip_prefix(&key)).map(|v| v.trim().parse().expect("a number"))
+}
+
 pub async fn read_all(client: &Arc<Client>, topic: &TopicName, subscription: &str) -> Vec<(u64, String)> {
     use herald::types::{StartFrom, SubscriptionName};
     let name = SubscriptionName::new(subscription).unwrap();
