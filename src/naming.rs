@@ -22,6 +22,7 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use crate::certs::{self, CertRole};
@@ -733,21 +734,30 @@ impl Service for NamingServer {
 
 /// Runs a naming server until `shutdown`.
 pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    // Every log line of this server (its tasks included) carries `node`.
+    run_node(config, shutdown).instrument(tracing::info_span!("node", node = "naming")).await
+}
+
+async fn run_node(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
     let service = Arc::new(NamingServer::open(&config.data_dir, config.lease, config.replace_after)?);
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
     info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");
-    let elections = tokio::spawn(watch_leaders(service.clone(), endpoint.clone(), shutdown.clone()));
+    let elections =
+        tokio::spawn(watch_leaders(service.clone(), endpoint.clone(), shutdown.clone()).in_current_span());
     if let Some(addr) = config.metrics_listen {
         let naming = service.clone();
         let render = Arc::new(move || naming.render_metrics());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
-                tracing::error!(%addr, error = %e, "the metrics endpoint failed");
+        tokio::spawn(
+            async move {
+                if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
+                    tracing::error!(%addr, error = %e, "the metrics endpoint failed");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
     transport::serve(endpoint, service, shutdown).await;
     let _ = elections.await;

@@ -21,6 +21,7 @@ use std::time::Duration;
 use quinn::Endpoint;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
@@ -153,13 +154,20 @@ impl Replica {
             *self.part.lock().expect("part lock") = Part::Leader(Box::new(leader));
             self.assignment.send_replace(assignment.clone());
             if assignment.replicas.len() > 1 {
-                let task = tokio::spawn(leader_loop(self.clone(), node.clone()));
+                let span = tracing::info_span!("lead", topic = %self.log.name, epoch = assignment.epoch);
+                let task = tokio::spawn(leader_loop(self.clone(), node.clone()).instrument(span));
                 self.tasks.lock().expect("tasks lock").push(task);
             }
         } else {
             *self.part.lock().expect("part lock") = Part::Follower;
             self.assignment.send_replace(assignment.clone());
-            let task = tokio::spawn(follow(self.clone(), node.clone(), assignment));
+            let span = tracing::info_span!(
+                "follow",
+                topic = %self.log.name,
+                epoch = assignment.epoch,
+                leader = assignment.leader
+            );
+            let task = tokio::spawn(follow(self.clone(), node.clone(), assignment).instrument(span));
             self.tasks.lock().expect("tasks lock").push(task);
         }
         Ok(())

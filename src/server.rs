@@ -21,6 +21,7 @@ use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge}
 use prometheus_client::registry::Registry;
 use quinn::Endpoint;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 use tracing::{debug, error, info, warn};
 
 use crate::certs::{self, CertRole};
@@ -793,6 +794,18 @@ async fn follow_naming(
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
     let (store, logs) = Store::open(&config.data_dir, config.id)?;
+    // Every log line of this server (its tasks included) carries `node`.
+    let span = tracing::info_span!("node", node = %format!("server-{}", store.server_id()));
+    run_node(config, shutdown, identity, store, logs).instrument(span).await
+}
+
+async fn run_node(
+    config: ServerConfig,
+    shutdown: CancellationToken,
+    identity: certs::Identity,
+    store: Store,
+    logs: Vec<crate::storage::HostedTopic>,
+) -> anyhow::Result<()> {
     let id = store.server_id();
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting topic server {id} on {}", config.listen))?;
@@ -822,20 +835,20 @@ pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::R
         let me = server.clone();
         let render = Arc::new(move || me.render_metrics());
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
-                error!(%addr, error = %e, "the metrics endpoint failed");
+        tokio::spawn(
+            async move {
+                if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
+                    error!(%addr, error = %e, "the metrics endpoint failed");
+                }
             }
-        });
+            .in_current_span(),
+        );
     }
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
-    let naming = tokio::spawn(follow_naming(
-        server.clone(),
-        endpoint.clone(),
-        config.naming,
-        advertise,
-        shutdown.clone(),
-    ));
+    let naming = tokio::spawn(
+        follow_naming(server.clone(), endpoint.clone(), config.naming, advertise, shutdown.clone())
+            .in_current_span(),
+    );
     transport::serve(endpoint, server, shutdown).await;
     let _ = naming.await;
     Ok(())

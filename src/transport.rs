@@ -28,6 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::certs::{self, Identity};
+use tracing::Instrument;
+
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::types::ServerId;
@@ -490,24 +492,28 @@ pub async fn serve<S: Service>(endpoint: Endpoint, service: Arc<S>, shutdown: Ca
         };
         let service = service.clone();
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            let addr = incoming.remote_address();
-            match incoming.await {
-                Ok(conn) => {
-                    let metrics = service.metrics().clone();
-                    metrics.open_connections.inc();
-                    tokio::select! {
-                        _ = shutdown.cancelled() => {}
-                        _ = serve_connection(conn, service) => {}
+        let span = tracing::info_span!("connection", peer = %incoming.remote_address());
+        tasks.spawn(
+            async move {
+                let addr = incoming.remote_address();
+                match incoming.await {
+                    Ok(conn) => {
+                        let metrics = service.metrics().clone();
+                        metrics.open_connections.inc();
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = serve_connection(conn, service) => {}
+                        }
+                        metrics.open_connections.dec();
                     }
-                    metrics.open_connections.dec();
-                }
-                Err(e) => {
-                    service.metrics().handshake_failures.inc();
-                    warn!(peer = %addr, error = %e, "TLS handshake failed");
+                    Err(e) => {
+                        service.metrics().handshake_failures.inc();
+                        warn!(peer = %addr, error = %e, "TLS handshake failed");
+                    }
                 }
             }
-        });
+            .instrument(span),
+        );
     }
     endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
     tasks.close();
@@ -563,7 +569,7 @@ async fn serve_connection<S: Service>(conn: quinn::Connection, service: Arc<S>) 
     loop {
         match conn.accept_bi().await {
             Ok((send, recv)) => {
-                tokio::spawn(serve_stream(service.clone(), peer.clone(), send, recv));
+                tokio::spawn(serve_stream(service.clone(), peer.clone(), send, recv).in_current_span());
             }
             Err(_) => return,
         }
@@ -641,7 +647,7 @@ async fn serve_stream<S: Service>(service: Arc<S>, peer: Peer, mut send: SendStr
                     metrics.count(operation, &resp);
                     resp
                 };
-                if tx.send(tokio::spawn(counted)).await.is_err() {
+                if tx.send(tokio::spawn(counted.in_current_span())).await.is_err() {
                     break;
                 }
             }

@@ -77,3 +77,22 @@ async fn a_dead_server_gets_no_new_topics_and_too_few_servers_is_an_error() {
     assert!(matches!(err, herald::Error::NotEnoughServers { requested: 2, live: 1 }), "{err}");
     client.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_node_and_the_topic() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("logged");
+    let log = cluster.dir.path().join("naming.log");
+    let line = wait_for("the topic creation in the naming server's JSON log", || async {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}")))
+            .collect();
+        lines.into_iter().find(|l| l["message"] == "topic created")
+    })
+    .await;
+    assert_eq!(line["topic"], "logged");
+    assert_eq!(line["level"], "INFO");
+    assert_eq!(line["spans"][0]["node"], "naming", "{line}");
+}

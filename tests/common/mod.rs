@@ -161,6 +161,9 @@ impl Cluster {
             REPLACE_AFTER_MS.to_string(),
             "--metrics-listen".into(),
             naming_metrics.to_string(),
+            // The naming server logs JSON lines (checked by a test); topic servers log text.
+            "--log-format".into(),
+            "json".into(),
         ];
         let naming = Proc::start("naming", args, dir.path(), &certs);
         let mut cluster = Cluster {
