@@ -1861,6 +1861,84 @@ mod tests {
         assert_eq!(store.append(1, 9, 1, records(&["next"])).await.unwrap().base, 0);
     }
 
+    fn limited(id: TopicId, limit: u64, policy: BacklogPolicy) -> TopicMeta {
+        let mut m = meta(id, &format!("limited-{id}"));
+        m.config.max_record_bytes = 1000;
+        m.config.backlog_limit = Some(limit);
+        m.config.backlog_policy = policy;
+        m
+    }
+
+    fn hundred_bytes(n: usize) -> Vec<Record> {
+        (0..n).map(|_| Record { payload: vec![b'x'; 100], ..Record::default() }).collect()
+    }
+
+    #[tokio::test]
+    async fn the_reject_policy_refuses_at_the_limit_and_keeps_the_sequence_free() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(limited(1, 2000, BacklogPolicy::Reject)).await.unwrap();
+        store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+        let mut seq = 0;
+        let refusal = loop {
+            match store.append(1, 7, seq, hundred_bytes(3)).await {
+                Ok(_) => seq += 1,
+                Err(e) => break e,
+            }
+            assert!(seq < 100, "never refused");
+        };
+        let stored = log.state().bytes;
+        assert!(stored <= 2000 && stored > 1500, "{stored}");
+        match refusal {
+            Error::BacklogFull { limit, backlog, oldest_held_by, .. } => {
+                assert_eq!((limit, backlog, oldest_held_by.as_deref()), (2000, stored, Some("slow")));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Once the subscription has read, the same batch (same sequence) goes in.
+        let end = log.state().log_end;
+        store.ack(1, sub("slow"), end).await.unwrap();
+        assert_eq!(log.state().bytes, 0);
+        let a = store.append(1, 7, seq, hundred_bytes(3)).await.unwrap();
+        assert_eq!((a.base, a.duplicate), (end, false));
+    }
+
+    #[tokio::test]
+    async fn the_evict_policy_moves_only_the_slow_and_records_what_they_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        let log = store.create_topic(limited(1, 2000, BacklogPolicy::Evict)).await.unwrap();
+        store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+        store.create_subscription(1, sub("fast"), StartFrom::Earliest, false).await.unwrap();
+        for seq in 0..40 {
+            store.append(1, 7, seq, hundred_bytes(3)).await.expect("evict never refuses");
+            store.ack(1, sub("fast"), log.state().log_end).await.unwrap();
+            assert!(log.state().bytes <= 2000 + 3 * 120, "{}", log.state().bytes);
+        }
+        let slow = store.cursor(1, &sub("slow")).unwrap().unwrap();
+        let fast = store.cursor(1, &sub("fast")).unwrap().unwrap();
+        assert!(slow.evicted > 0 && slow.evicted_at_ms > 0);
+        assert_eq!(
+            (slow.next, slow.unreported),
+            (slow.evicted, slow.evicted),
+            "moved by what it lost, not yet told"
+        );
+        assert_eq!((fast.next, fast.evicted), (120, 0));
+        assert_eq!(log.state().log_start, slow.next, "what it lost is freed");
+        // Telling a consumer clears the notice, not the record.
+        store.report_evicted(1, sub("slow"), slow.unreported).await.unwrap();
+        let told = store.cursor(1, &sub("slow")).unwrap().unwrap();
+        assert_eq!((told.unreported, told.evicted, told.next), (0, slow.evicted, slow.next));
+        // Without subscriptions there is nobody to evict from: the limit refuses.
+        let log2 = store.create_topic(limited(2, 500, BacklogPolicy::Evict)).await.unwrap();
+        store.append(2, 7, 0, hundred_bytes(3)).await.unwrap();
+        assert!(matches!(
+            store.append(2, 7, 1, hundred_bytes(3)).await,
+            Err(Error::BacklogFull { oldest_held_by: None, .. })
+        ));
+        assert_eq!(log2.state().log_end, 3);
+    }
+
     #[tokio::test]
     async fn records_are_deleted_only_when_every_subscription_passed_them() {
         let dir = tempfile::tempdir().unwrap();

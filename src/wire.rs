@@ -19,8 +19,10 @@ use crate::types::{
     Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
 
-/// The protocol version this build speaks (also in the ALPN, `herald/1`).
-pub const PROTOCOL_VERSION: u16 = 1;
+/// The protocol version this build speaks, agreed in the `Hello` handshake (the ALPN,
+/// `herald/1`, names the protocol family). Version 2 added topic policies, consumer
+/// sessions, subscription resets and eviction notices.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -286,11 +288,6 @@ pub enum Request {
     DeleteTopic {
         name: TopicName,
     },
-    /// Changes a topic's policies; answered once its replicas apply them.
-    AlterTopic {
-        name: TopicName,
-        changes: TopicChanges,
-    },
     LookupTopic {
         name: TopicName,
     },
@@ -326,20 +323,6 @@ pub enum Request {
         next: Offset,
         session: Option<ConsumerSession>,
     },
-    /// A consumer lets go of a subscription, so the next one need not wait for its lease.
-    Release {
-        topic: TopicName,
-        subscription: SubscriptionName,
-        session: u64,
-    },
-    /// Moves a subscription's cursor anywhere in the stored log (back to re-read, forward to
-    /// skip); with `execute: false` only says what it would do.
-    ResetSubscription {
-        topic: TopicName,
-        subscription: SubscriptionName,
-        to: ResetTo,
-        execute: bool,
-    },
     CreateSubscription {
         topic: TopicName,
         subscription: SubscriptionName,
@@ -374,6 +357,27 @@ pub enum Request {
         topic: TopicName,
         topic_id: TopicId,
         epoch: Epoch,
+    },
+
+    // --- Added in protocol version 2 (appended, so older codes keep their index). ---
+    /// Changes a topic's policies; answered once its replicas apply them.
+    AlterTopic {
+        name: TopicName,
+        changes: TopicChanges,
+    },
+    /// A consumer lets go of a subscription, so the next one need not wait for its lease.
+    Release {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        session: u64,
+    },
+    /// Moves a subscription's cursor anywhere in the stored log (back to re-read, forward to
+    /// skip); with `execute: false` only says what it would do.
+    ResetSubscription {
+        topic: TopicName,
+        subscription: SubscriptionName,
+        to: ResetTo,
+        execute: bool,
     },
 }
 
@@ -453,8 +457,6 @@ pub enum Response {
         freed_records: u64,
         freed_bytes: u64,
     },
-    /// What a reset did (or, unexecuted, would do).
-    Reset(ResetOutcome),
     TopicStatus(TopicStatus),
     Replica(ReplicaAnswer),
     /// A replica's promise: its newest epoch and durable log end.
@@ -462,6 +464,8 @@ pub enum Response {
         last_epoch: Epoch,
         log_end: Offset,
     },
+    /// What a reset did (or, unexecuted, would do).
+    Reset(ResetOutcome),
 }
 
 impl Response {
