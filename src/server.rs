@@ -561,6 +561,9 @@ impl Service for TopicServer {
                     let result = async {
                         let hosted = match &session {
                             Some(s) => {
+                                // A consumer reads at the leader, which alone moves cursors
+                                // (and so records that an eviction was told).
+                                me.leader_of(&topic)?;
                                 let hosted = me.hosted(&topic)?;
                                 hosted.claim(&subscription, s, peer, wait + me.session_lease)?;
                                 Some(hosted)

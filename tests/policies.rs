@@ -283,4 +283,22 @@ async fn the_evict_policy_moves_the_slowest_cursor_and_tells_its_next_consumer()
     let out = cluster.cli(&["consume", "evicting", "--subscription", "slow"], None);
     assert!(out.status.success() && !String::from_utf8_lossy(&out.stderr).contains("evicted"));
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "later\n");
+
+    // The new leader evicts too, and adds to the record.
+    for b in 0..40 {
+        let payloads: Vec<String> = (0..10).map(|i| format!("n-{b}-{i}-{}", "x".repeat(80))).collect();
+        let refs: Vec<&str> = payloads.iter().map(String::as_str).collect();
+        send(&client, &topic, &refs).await.unwrap();
+        drain(&client, &topic, "fast").await;
+    }
+    let list = subs(&cluster);
+    let more = list["slow"]["evicted"].as_u64().unwrap();
+    assert!(more > evicted, "{list}");
+    let out = cluster.cli(&["consume", "evicting", "--subscription", "slow", "--format", "{offset}"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("warning: {} records of evicting", more - evicted)), "{stderr}");
+    let offsets: Vec<u64> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    assert_eq!(offsets.last(), Some(&1200), "read on to the end");
+    assert_eq!(offsets.first().copied(), list["slow"]["cursor"].as_u64());
 }
