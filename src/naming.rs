@@ -41,6 +41,9 @@ const SERVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("servers");
 const TOPICS: TableDefinition<&str, &[u8]> = TableDefinition::new("topics");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// Version of the book's on-disk layout. 2: topic policies in the topic config.
+const BOOK_FORMAT: u64 = 2;
+
 /// How long a server counts as alive after its last heartbeat, by default. Failover takes
 /// about this long; heartbeats come every third of it, so a server must stall for about two
 /// thirds of a lease before it is taken for dead.
@@ -127,6 +130,15 @@ impl NamingServer {
         let cluster_id = {
             let mut meta = txn.open_table(META)?;
             let id = meta.get("cluster_id")?.map(|v| v.value());
+            // A book from before the format was recorded is format 1.
+            let format = meta.get("format")?.map(|v| v.value()).or(id.map(|_| 1));
+            if let Some(f) = format.filter(|f| *f != BOOK_FORMAT) {
+                anyhow::bail!(
+                    "{} holds a naming book in format {f}; this Herald reads format {BOOK_FORMAT} (no migration between them yet: use a new --data directory)",
+                    dir.display()
+                );
+            }
+            meta.insert("format", BOOK_FORMAT)?;
             let id = id.unwrap_or_else(|| fastrand::u64(1..u64::MAX));
             meta.insert("cluster_id", id)?;
             txn.open_table(SERVERS)?;

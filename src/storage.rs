@@ -67,6 +67,10 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// keeps its in-flight window below this (`client::MAX_INFLIGHT`).
 pub const PRODUCER_DEDUP_WINDOW: usize = 128;
 
+/// Version of the on-disk layout (tables and value encodings). 2: topic policies in the
+/// topic meta, eviction records in cursors.
+pub const STORAGE_FORMAT: u64 = 2;
+
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
 const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 
@@ -427,6 +431,15 @@ impl Store {
             let id = {
                 let mut meta = txn.open_table(META)?;
                 let stored = meta.get("server_id")?.map(|v| v.value());
+                // A directory from before the format was recorded is format 1.
+                let format = meta.get("format")?.map(|v| v.value()).or(stored.map(|_| 1));
+                if let Some(f) = format.filter(|f| *f != STORAGE_FORMAT) {
+                    anyhow::bail!(
+                        "{} holds data in storage format {f}; this Herald reads format {STORAGE_FORMAT} (no migration between them yet: use a new --data directory)",
+                        dir.display()
+                    );
+                }
+                meta.insert("format", STORAGE_FORMAT)?;
                 let id = match (stored, requested) {
                     (Some(s), Some(r)) if s != r => anyhow::bail!(
                         "{} belongs to server {s}, not {r}: use --id {s} or another --data directory",
@@ -1969,6 +1982,20 @@ mod tests {
             store.subscriptions(1, 5).unwrap().iter().all(|s| s.name.as_str() != "a"),
             "deleted stay deleted"
         );
+    }
+
+    #[test]
+    fn a_directory_of_another_storage_format_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        drop(Store::open(dir.path(), Some(1)).unwrap());
+        {
+            let db = Database::create(dir.path().join("herald.redb")).unwrap();
+            let txn = db.begin_write().unwrap();
+            txn.open_table(META).unwrap().insert("format", 1).unwrap();
+            txn.commit().unwrap();
+        }
+        let err = Store::open(dir.path(), Some(1)).err().expect("refused").to_string();
+        assert!(err.contains("storage format 1") && err.contains("reads format 2"), "{err}");
     }
 
     #[tokio::test]
