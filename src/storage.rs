@@ -833,6 +833,8 @@ struct WriterTopic {
     /// Records appended, and deleted, since the store was opened.
     appended_records: u64,
     freed_records: u64,
+    /// The last eviction's reach, while its records wait to be deleted (see [`make_room`]).
+    evicting: Option<Evicting>,
     /// Batches appended in the group under way, not yet shown to followers.
     appended: Vec<ReplicatedBatch>,
     /// Batches of the group under way shown to followers (the leader's side of
@@ -1049,6 +1051,7 @@ impl Writer {
                 freed_bytes: 0,
                 appended_records: 0,
                 freed_records: 0,
+                evicting: None,
                 appended: Vec::new(),
                 staged,
             };
@@ -1172,6 +1175,7 @@ impl Writer {
                         freed_bytes: 0,
                         appended_records: 0,
                         freed_records: 0,
+                        evicting: None,
                         appended: Vec::new(),
                         staged: Arc::default(),
                     });
@@ -1246,6 +1250,7 @@ impl Writer {
                     if t.history.assign(epoch, t.log_end) {
                         txn.open(EPOCHS)?.insert((topic, epoch), t.log_end)?;
                     }
+                    t.evicting = None;
                     t.meta.promised = epoch;
                     t.meta.epoch = epoch;
                     t.meta.leader = server;
@@ -1278,6 +1283,7 @@ impl Writer {
                 };
                 let to = to.clamp(t.meta.log_start, t.log_end);
                 t.leader_commit = t.leader_commit.min(to);
+                t.evicting = None;
                 if to < t.log_end {
                     info!(topic = %t.meta.name, from = to, to = t.log_end, "truncating a divergent tail");
                     t.bytes -= delete_records(txn, topic, to..t.log_end)?;
@@ -1309,6 +1315,7 @@ impl Writer {
                     return Ok(());
                 };
                 info!(topic = %t.meta.name, log_start = reset.log_start, "restarting the replica at the leader's log start");
+                t.evicting = None;
                 delete_records(txn, topic, 0..u64::MAX)?;
                 t.bytes = 0;
                 let mut epochs = txn.open(EPOCHS)?;
@@ -1678,6 +1685,18 @@ fn set_cursor(txn: &Tx, t: &mut WriterTopic, subscription: &str, next: Option<Of
     Ok(version)
 }
 
+/// What the last eviction freed, until the deletion catches up: the next batches count it as
+/// gone rather than evict again (and scan the log again) while the cursor moves replicate.
+#[derive(Debug, Clone, Copy)]
+struct Evicting {
+    /// Records below this offset are on their way out.
+    until: Offset,
+    /// Their bytes, when the eviction was decided.
+    bytes: u64,
+    /// `freed_bytes` then: what was deleted since counts against `bytes`.
+    freed_mark: u64,
+}
+
 /// Stored bytes of a record beyond its own size (framing, timestamp), for the backlog check.
 const STORED_OVERHEAD: u64 = 16;
 
@@ -1704,17 +1723,31 @@ fn make_room(txn: &Tx, t: &mut WriterTopic, records: &[Record]) -> StorageResult
     if t.meta.config.backlog_policy == BacklogPolicy::Reject {
         return Ok(Err(full(t)));
     }
-    let need = (t.bytes + incoming).saturating_sub(limit / 10 * 9);
+    // What an earlier eviction (or read records) will free once its deletion commits.
+    let (scan_from, pending) = match t.evicting {
+        Some(e) if t.meta.log_start < e.until => {
+            (e.until, e.bytes.saturating_sub(t.freed_bytes.saturating_sub(e.freed_mark)))
+        }
+        _ => (t.meta.log_start, 0),
+    };
+    let effective = t.bytes.saturating_sub(pending);
+    if effective + incoming <= limit {
+        return Ok(Ok(()));
+    }
+    let need = (effective + incoming).saturating_sub(limit / 10 * 9);
     let commit = t.state.borrow().commit;
-    let (id, mut target, mut freed) = (t.meta.id, t.meta.log_start, 0u64);
-    for entry in txn.open(RECORDS)?.range((id, t.meta.log_start)..(id, commit))? {
-        let (key, value) = entry?;
-        freed += value.value().len() as u64;
-        target = key.value().1 + 1;
-        if freed >= need {
-            break;
+    let (id, mut target, mut freed) = (t.meta.id, scan_from, 0u64);
+    if scan_from < commit {
+        for entry in txn.open(RECORDS)?.range((id, scan_from)..(id, commit))? {
+            let (key, value) = entry?;
+            freed += value.value().len() as u64;
+            target = key.value().1 + 1;
+            if freed >= need {
+                break;
+            }
         }
     }
+    t.evicting = Some(Evicting { until: target, bytes: pending + freed, freed_mark: t.freed_bytes });
     if target <= lowest {
         // What is below the slowest cursor is read and waits for deletion; nothing to evict.
         return Ok(Ok(()));
@@ -1950,6 +1983,45 @@ mod tests {
             Err(Error::BacklogFull { oldest_held_by: None, .. })
         ));
         assert_eq!(log2.state().log_end, 3);
+    }
+
+    #[tokio::test]
+    async fn a_replicated_leader_evicts_once_until_the_deletion_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        // The limit is ten times a batch, so one eviction (down to 90 %) makes room for more.
+        let meta = TopicMeta { replicas: vec![1, 2, 3], ..limited(1, 20_000, BacklogPolicy::Evict) };
+        let log = store.create_topic(meta).await.unwrap();
+        store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+        store.create_subscription(1, sub("fast"), StartFrom::Earliest, false).await.unwrap();
+        // Appends as the replication layer would see them committed, with `fast` keeping up.
+        let mut seq = 0;
+        let mut append = || {
+            seq += 1;
+            let (store, log) = (&store, &log);
+            async move {
+                store.append(1, 7, seq, hundred_bytes(3)).await.unwrap();
+                log.set_commit(log.state().log_end);
+                store.ack(1, sub("fast"), log.state().log_end).await.unwrap();
+            }
+        };
+        let evicted = loop {
+            append().await;
+            let slow = store.cursor(1, &sub("slow")).unwrap().unwrap();
+            if slow.evicted > 0 {
+                break slow.evicted;
+            }
+            assert!(log.state().log_end < 1000, "never evicted");
+        };
+        // Until the cursor moves commit and the records go, more batches evict nothing more.
+        for _ in 0..2 {
+            append().await;
+        }
+        assert_eq!(store.cursor(1, &sub("slow")).unwrap().unwrap().evicted, evicted);
+        let before = log.state().bytes;
+        store.commit_cursors(1, log.state().cursor_version).await.unwrap();
+        assert_eq!(log.state().log_start, evicted, "what was evicted is deleted");
+        assert!(log.state().bytes < before);
     }
 
     #[tokio::test]
