@@ -71,6 +71,14 @@ pub const PRODUCER_DEDUP_WINDOW: usize = 128;
 /// topic meta, eviction records in cursors.
 pub const STORAGE_FORMAT: u64 = 2;
 
+/// A producer silent this long is forgotten (its dedup state is dropped), so the state of
+/// short-lived producers (every `herald produce` is one) does not pile up. A retry after that
+/// long would be appended again; Kafka's default for the same is a day as well.
+pub const PRODUCER_STATE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Batches a topic takes between two sweeps of its expired producers.
+const PRODUCER_SWEEP_EVERY: u32 = 4096;
+
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
 const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 
@@ -203,10 +211,13 @@ pub struct ProducerState {
     pub last_sequence: Sequence,
     /// Oldest first, at most [`PRODUCER_DEDUP_WINDOW`] entries.
     pub recent: VecDeque<BatchOutcome>,
+    /// When its last batch was appended (the batch's timestamp, so replicas agree).
+    pub last_ms: u64,
 }
 
 impl ProducerState {
-    fn record(&mut self, outcome: BatchOutcome) {
+    fn record(&mut self, outcome: BatchOutcome, at_ms: u64) {
+        self.last_ms = self.last_ms.max(at_ms);
         self.last_sequence = outcome.sequence;
         self.recent.push_back(outcome);
         while self.recent.len() > PRODUCER_DEDUP_WINDOW {
@@ -346,6 +357,11 @@ enum Command {
         subscription: SubscriptionName,
         next: Offset,
         reply: Reply<(Offset, u64)>,
+    },
+    ExpireProducers {
+        topic: TopicId,
+        cutoff_ms: u64,
+        reply: Reply<usize>,
     },
     ReportEvicted {
         topic: TopicId,
@@ -594,6 +610,12 @@ impl Store {
         self.call(|reply| Command::ResetCursor { topic, subscription, to, execute, reply }).await
     }
 
+    /// Forgets the producers of a topic whose last batch is older than `cutoff_ms` (done on
+    /// its own every few thousand batches with [`PRODUCER_STATE_TTL_MS`]); returns how many.
+    pub async fn expire_producers(&self, topic: TopicId, cutoff_ms: u64) -> Result<usize, Error> {
+        self.call(|reply| Command::ExpireProducers { topic, cutoff_ms, reply }).await
+    }
+
     /// Leader: notes that a consumer was told of `records` evicted records.
     pub async fn report_evicted(
         &self,
@@ -835,6 +857,8 @@ struct WriterTopic {
     freed_records: u64,
     /// The last eviction's reach, while its records wait to be deleted (see [`make_room`]).
     evicting: Option<Evicting>,
+    /// Batches since expired producers were last swept.
+    batches_since_sweep: u32,
     /// Batches appended in the group under way, not yet shown to followers.
     appended: Vec<ReplicatedBatch>,
     /// Batches of the group under way shown to followers (the leader's side of
@@ -1052,6 +1076,7 @@ impl Writer {
                 appended_records: 0,
                 freed_records: 0,
                 evicting: None,
+                batches_since_sweep: 0,
                 appended: Vec::new(),
                 staged,
             };
@@ -1176,6 +1201,7 @@ impl Writer {
                         appended_records: 0,
                         freed_records: 0,
                         evicting: None,
+                        batches_since_sweep: 0,
                         appended: Vec::new(),
                         staged: Arc::default(),
                     });
@@ -1339,6 +1365,13 @@ impl Writer {
                 touched.insert(topic);
                 defer_state(deferred, reply, Ok(()), t.state.subscribe());
             }
+            Command::ExpireProducers { topic, cutoff_ms, reply } => {
+                let result = match self.topics.get_mut(&topic) {
+                    None => Err(self.not_hosted(topic)),
+                    Some(t) => Ok(expire_producers(txn, t, cutoff_ms)?),
+                };
+                defer(deferred, reply, result);
+            }
             Command::ReportEvicted { topic, subscription, records, reply } => {
                 let result = match self.topics.get_mut(&topic) {
                     None => Err(self.not_hosted(topic)),
@@ -1492,8 +1525,12 @@ impl Writer {
                 )
             }
         };
-        state.record(outcome);
+        state.record(outcome, now_ms());
         txn.open(PRODUCERS)?.insert((topic, producer), encode(&*state).as_slice())?;
+        t.batches_since_sweep += 1;
+        if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
+            expire_producers(txn, t, now_ms().saturating_sub(PRODUCER_STATE_TTL_MS))?;
+        }
         Ok(result)
     }
 
@@ -1529,13 +1566,11 @@ impl Writer {
             let count = batch.records.len() as u64;
             if let Some(h) = batch.header {
                 let state = t.producers.entry(h.producer).or_default();
-                state.record(BatchOutcome {
-                    sequence: h.sequence,
-                    base: batch.base,
-                    count: h.count,
-                    rejected: false,
-                });
+                let outcome =
+                    BatchOutcome { sequence: h.sequence, base: batch.base, count: h.count, rejected: false };
+                state.record(outcome, batch.timestamp_ms);
                 txn.open(PRODUCERS)?.insert((topic, h.producer), encode(&*state).as_slice())?;
+                t.batches_since_sweep += 1;
             }
             t.bytes += write_batch(
                 txn,
@@ -1548,6 +1583,9 @@ impl Writer {
             )?;
             t.log_end = batch.base + count;
             t.appended_records += count;
+        }
+        if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
+            expire_producers(txn, t, now_ms().saturating_sub(PRODUCER_STATE_TTL_MS))?;
         }
         for (epoch, start) in t.history.to_adopt(&chunk.history, t.log_end) {
             if t.history.assign(epoch, start) {
@@ -1770,6 +1808,22 @@ fn make_room(txn: &Tx, t: &mut WriterTopic, records: &[Record]) -> StorageResult
         commit_cursors(txn, t, t.cursors.version())?;
     }
     Ok(Ok(()))
+}
+
+/// Forgets the producers whose last batch is older than `cutoff_ms`; returns how many.
+fn expire_producers(txn: &Tx, t: &mut WriterTopic, cutoff_ms: u64) -> StorageResult<usize> {
+    t.batches_since_sweep = 0;
+    let expired: Vec<ProducerId> =
+        t.producers.iter().filter(|(_, p)| p.last_ms < cutoff_ms).map(|(id, _)| *id).collect();
+    if !expired.is_empty() {
+        let mut table = txn.open(PRODUCERS)?;
+        for id in &expired {
+            t.producers.remove(id);
+            table.remove((t.meta.id, *id))?;
+        }
+        info!(topic = %t.meta.name, producers = expired.len(), "forgot producers silent for a day");
+    }
+    Ok(expired.len())
 }
 
 /// Records a whole cursor (position and eviction record) durably; returns its version.
@@ -2022,6 +2076,31 @@ mod tests {
         store.commit_cursors(1, log.state().cursor_version).await.unwrap();
         assert_eq!(log.state().log_start, evicted, "what was evicted is deleted");
         assert!(log.state().bytes < before);
+    }
+
+    #[tokio::test]
+    async fn silent_producers_are_forgotten_on_every_replica_alike() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        store.create_topic(meta(1, "t")).await.unwrap();
+        store.append(1, 7, 0, records(&["a"])).await.unwrap();
+        store.append(1, 8, 0, records(&["b"])).await.unwrap();
+        let states = store.producer_states(1).unwrap();
+        assert!(states.iter().all(|(_, p)| p.last_ms > 0 && p.last_ms <= now_ms()));
+        assert_eq!(store.expire_producers(1, 0).await.unwrap(), 0, "none is older than the cutoff");
+        assert_eq!(store.expire_producers(1, now_ms() + 1).await.unwrap(), 2);
+        assert!(store.producer_states(1).unwrap().is_empty());
+        // The cost of forgetting: a retry that late is a new batch.
+        assert!(!store.append(1, 7, 0, records(&["a"])).await.unwrap().duplicate);
+        // A follower dates a producer by the batch's timestamp, as the leader did.
+        store.create_topic(follower_meta(2)).await.unwrap();
+        let mut old = batch(0, 9, 0, &["x"]);
+        old.timestamp_ms = 1000;
+        let chunk =
+            ReplicaChunk { epoch: 1, batches: vec![old], history: vec![(1, 0)], ..ReplicaChunk::default() };
+        store.replica_append(2, chunk).await.unwrap();
+        assert_eq!(store.producer_states(2).unwrap()[0].1.last_ms, 1000);
+        assert_eq!(store.expire_producers(2, 1001).await.unwrap(), 1);
     }
 
     #[tokio::test]
