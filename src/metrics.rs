@@ -17,7 +17,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::wire::Response;
 
@@ -98,6 +98,18 @@ pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; cha
 
 /// Largest request head the metrics endpoint reads.
 const MAX_REQUEST_BYTES: usize = 8192;
+
+/// Runs [`serve`] in the background (in the caller's span), logging if it fails.
+pub fn spawn(addr: SocketAddr, render: Arc<dyn Fn() -> String + Send + Sync>, shutdown: CancellationToken) {
+    tokio::spawn(
+        async move {
+            if let Err(e) = serve(addr, render, shutdown).await {
+                tracing::error!(%addr, error = %e, "the metrics endpoint failed");
+            }
+        }
+        .in_current_span(),
+    );
+}
 
 /// Serves `GET /metrics` on `addr` (plain HTTP/1.1, one request per connection) with what
 /// `render` returns, until `shutdown`.

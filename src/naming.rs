@@ -760,16 +760,7 @@ async fn run_node(config: NamingConfig, shutdown: CancellationToken) -> anyhow::
         tokio::spawn(watch_leaders(service.clone(), endpoint.clone(), shutdown.clone()).in_current_span());
     if let Some(addr) = config.metrics_listen {
         let naming = service.clone();
-        let render = Arc::new(move || naming.render_metrics());
-        let shutdown = shutdown.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
-                    tracing::error!(%addr, error = %e, "the metrics endpoint failed");
-                }
-            }
-            .in_current_span(),
-        );
+        crate::metrics::spawn(addr, Arc::new(move || naming.render_metrics()), shutdown.clone());
     }
     transport::serve(endpoint, service, shutdown).await;
     let _ = elections.await;

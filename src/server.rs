@@ -836,16 +836,7 @@ async fn run_node(
     });
     if let Some(addr) = config.metrics_listen {
         let me = server.clone();
-        let render = Arc::new(move || me.render_metrics());
-        let shutdown = shutdown.clone();
-        tokio::spawn(
-            async move {
-                if let Err(e) = crate::metrics::serve(addr, render, shutdown).await {
-                    error!(%addr, error = %e, "the metrics endpoint failed");
-                }
-            }
-            .in_current_span(),
-        );
+        crate::metrics::spawn(addr, Arc::new(move || me.render_metrics()), shutdown.clone());
     }
     info!(id, listen = %config.listen, data = %config.data_dir.display(), "topic server ready");
     let naming = tokio::spawn(
