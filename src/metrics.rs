@@ -146,7 +146,9 @@ pub async fn serve(
                 }
                 let line = head.split(|b| *b == b'\r').next().unwrap_or_default();
                 let (status, kind, body) = if line.starts_with(b"GET /metrics ") || line.starts_with(b"GET / ") {
-                    ("200 OK", CONTENT_TYPE, render())
+                    // Rendering reads storage: keep it off the async workers.
+                    let body = tokio::task::spawn_blocking(move || render()).await.map_err(std::io::Error::other)?;
+                    ("200 OK", CONTENT_TYPE, body)
                 } else {
                     ("404 Not Found", "text/plain", "only GET /metrics is served here\n".to_string())
                 };

@@ -238,7 +238,7 @@ impl TopicServer {
                 let behind = state.log_end.saturating_sub(r.log_end.unwrap_or(state.log_start));
                 replica_lag.get_or_create(&labels).set(behind as i64);
             }
-            match self.node.store.subscriptions(log.id, state.commit) {
+            match self.node.store.subscriptions(log.id, &state) {
                 Ok(subs) => {
                     for sub in subs {
                         let labels = SubscriptionLabels {
@@ -426,7 +426,7 @@ impl TopicServer {
         let replica = &hosted.replica;
         let log = &replica.log;
         let state = log.state();
-        let mut subscriptions = self.node.store.subscriptions(log.id, state.commit)?;
+        let mut subscriptions = self.node.store.subscriptions(log.id, &state)?;
         for sub in &mut subscriptions {
             sub.consumer = hosted.holder(sub.name.as_str()).map(|(name, _)| name);
             sub.last_ack_ms = hosted.last_acks.lock().expect("acks lock").get(sub.name.as_str()).copied();
@@ -665,7 +665,11 @@ impl Service for TopicServer {
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
-            Request::TopicStatus { topic } => answer(self.status(&topic)),
+            Request::TopicStatus { topic } => Box::pin(async move {
+                // It reads storage (subscriptions and their lag): off the async workers.
+                let status = tokio::task::spawn_blocking(move || me.status(&topic)).await;
+                status.map_err(Error::internal).and_then(|r| r).unwrap_or_else(Response::Error)
+            }),
             Request::ReplicaFetch {
                 topic,
                 topic_id,

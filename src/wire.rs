@@ -219,7 +219,8 @@ pub struct SubscriptionInfo {
     pub cursor: Offset,
     /// Committed records it has not acknowledged yet.
     pub lag: u64,
-    /// Stored bytes of those records.
+    /// Stored bytes of those records (summed up to 100,000 records behind, estimated from the
+    /// average stored record beyond).
     pub lag_bytes: u64,
     /// When the leader last moved its cursor (ms since the Unix epoch; since the leader
     /// took over, as it is kept in memory).
