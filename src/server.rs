@@ -77,6 +77,9 @@ struct Hosted {
     last_acks: Mutex<HashMap<String, u64>>,
 }
 
+/// Holds a topic keeps before it sweeps out the lapsed ones.
+const MAX_IDLE_HOLDERS: usize = 1024;
+
 /// A consumer's hold on a subscription.
 struct Holder {
     session: u64,
@@ -115,6 +118,10 @@ impl Hosted {
                     expires_in_ms: (h.expires - now).as_millis() as u64,
                 });
             }
+        }
+        if holders.len() >= MAX_IDLE_HOLDERS {
+            // Forget lapsed holds (e.g. of subscriptions since deleted) so the map stays small.
+            holders.retain(|_, h| h.expires > now);
         }
         let expires = now + hold;
         match holders.get_mut(subscription.as_str()) {
