@@ -661,8 +661,13 @@ impl Service for TopicServer {
                 let result = async {
                     let replica = me.leader_of(&topic)?;
                     let before = replica.log.state();
+                    let name = subscription.to_string();
                     let (version, freed) =
                         me.node.store.delete_subscription(replica.log.id, subscription).await?;
+                    if let Ok(h) = me.hosted(&topic) {
+                        h.last_acks.lock().expect("acks lock").remove(&name);
+                        h.holders.lock().expect("holders lock").remove(&name);
+                    }
                     replica.wait_cursor_commit(version).await?;
                     let after = replica.log.state();
                     Ok(Response::SubscriptionDeleted {
