@@ -26,7 +26,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::certs::{self, CertRole};
 use crate::error::Error;
-use crate::metrics::{EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
+use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Store, TopicLog, TopicMeta};
@@ -87,6 +87,18 @@ struct Holder {
     expires: Instant,
 }
 
+impl Holder {
+    /// What another consumer of the subscription is told.
+    fn busy(&self, topic: &TopicName, subscription: &str, now: Instant) -> Error {
+        Error::SubscriptionBusy {
+            topic: topic.to_string(),
+            subscription: subscription.to_string(),
+            holder: self.name.clone(),
+            expires_in_ms: (self.expires - now).as_millis() as u64,
+        }
+    }
+}
+
 impl Hosted {
     fn new(replica: Arc<Replica>, applied: Option<Assignment>, config: TopicConfig) -> Arc<Self> {
         Arc::new(Self {
@@ -111,12 +123,7 @@ impl Hosted {
         let mut holders = self.holders.lock().expect("holders lock");
         if let Some(h) = holders.get(subscription.as_str()) {
             if h.session != session.id && h.expires > now {
-                return Err(Error::SubscriptionBusy {
-                    topic: self.replica.log.name.to_string(),
-                    subscription: subscription.to_string(),
-                    holder: h.name.clone(),
-                    expires_in_ms: (h.expires - now).as_millis() as u64,
-                });
+                return Err(h.busy(&self.replica.log.name, subscription.as_str(), now));
             }
         }
         if holders.len() >= MAX_IDLE_HOLDERS {
@@ -153,10 +160,20 @@ impl Hosted {
     }
 
     /// Who holds `subscription` now, if anyone.
-    fn holder(&self, subscription: &str) -> Option<(String, Duration)> {
+    fn holder(&self, subscription: &str) -> Option<String> {
         let now = Instant::now();
         let holders = self.holders.lock().expect("holders lock");
-        holders.get(subscription).filter(|h| h.expires > now).map(|h| (h.name.clone(), h.expires - now))
+        holders.get(subscription).filter(|h| h.expires > now).map(|h| h.name.clone())
+    }
+
+    /// `SubscriptionBusy` if a consumer holds `subscription` now.
+    fn refuse_if_held(&self, subscription: &str) -> Result<(), Error> {
+        let now = Instant::now();
+        let holders = self.holders.lock().expect("holders lock");
+        match holders.get(subscription).filter(|h| h.expires > now) {
+            Some(h) => Err(h.busy(&self.replica.log.name, subscription, now)),
+            None => Ok(()),
+        }
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -182,47 +199,34 @@ impl TopicServer {
             "Storage group commits (one write transaction and its fsync), in seconds",
             self.node.store.commit_seconds().clone(),
         );
-        let gauges = |name: &str, help: &str, registry: &mut Registry| {
-            let family = Family::<TopicLabels, Gauge>::default();
-            registry.register(name, help, family.clone());
-            family
-        };
-        let log_start = gauges("herald_log_start", "Oldest offset still stored", &mut registry);
-        let log_end = gauges("herald_log_end", "One past the newest offset stored", &mut registry);
-        let commit = gauges("herald_commit_offset", "One past the newest committed offset", &mut registry);
-        let backlog = gauges("herald_backlog_bytes", "Bytes stored for the topic", &mut registry);
-        let leading = gauges("herald_leader", "1 where this server leads the topic", &mut registry);
-        let appended = Family::<TopicLabels, Counter>::default();
-        registry.register(
-            "herald_records_appended",
-            "Records appended since the server started",
-            appended.clone(),
-        );
-        let deleted = Family::<TopicLabels, Counter>::default();
-        registry.register(
+        let r = &mut registry;
+        let log_start: Family<TopicLabels, Gauge> =
+            registered(r, "herald_log_start", "Oldest offset still stored");
+        let log_end: Family<TopicLabels, Gauge> =
+            registered(r, "herald_log_end", "One past the newest offset stored");
+        let commit: Family<TopicLabels, Gauge> =
+            registered(r, "herald_commit_offset", "One past the newest committed offset");
+        let backlog: Family<TopicLabels, Gauge> =
+            registered(r, "herald_backlog_bytes", "Bytes stored for the topic");
+        let leading: Family<TopicLabels, Gauge> =
+            registered(r, "herald_leader", "1 where this server leads the topic");
+        let appended: Family<TopicLabels, Counter> =
+            registered(r, "herald_records_appended", "Records appended since the server started");
+        let deleted: Family<TopicLabels, Counter> = registered(
+            r,
             "herald_records_deleted",
             "Records deleted since the server started, once every subscription had read them",
-            deleted.clone(),
         );
-        let cursor = Family::<SubscriptionLabels, Gauge>::default();
-        registry.register("herald_subscription_cursor", "Next offset a subscription reads", cursor.clone());
-        let lag = Family::<SubscriptionLabels, Gauge>::default();
-        registry.register(
-            "herald_subscription_lag_records",
-            "Committed records not yet acknowledged",
-            lag.clone(),
-        );
-        let lag_bytes = Family::<SubscriptionLabels, Gauge>::default();
-        registry.register(
-            "herald_subscription_lag_bytes",
-            "Stored bytes of those records",
-            lag_bytes.clone(),
-        );
-        let replica_lag = Family::<ReplicaLabels, Gauge>::default();
-        registry.register(
+        let cursor: Family<SubscriptionLabels, Gauge> =
+            registered(r, "herald_subscription_cursor", "Next offset a subscription reads");
+        let lag: Family<SubscriptionLabels, Gauge> =
+            registered(r, "herald_subscription_lag_records", "Committed records not yet acknowledged");
+        let lag_bytes: Family<SubscriptionLabels, Gauge> =
+            registered(r, "herald_subscription_lag_bytes", "Stored bytes of those records");
+        let replica_lag: Family<ReplicaLabels, Gauge> = registered(
+            r,
             "herald_replica_lag_records",
             "Records the leader holds that a follower has not acknowledged",
-            replica_lag.clone(),
         );
         let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
         for h in hosted {
@@ -272,12 +276,7 @@ impl TopicServer {
     }
 
     fn replica(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
-        self.topics
-            .read()
-            .expect("topics lock")
-            .get(name)
-            .map(|h| h.replica.clone())
-            .ok_or_else(|| Error::NotLeader { topic: name.to_string(), server: self.node.id, leader: None })
+        Ok(self.hosted(name)?.replica.clone())
     }
 
     /// The replica of `name`, if it is the incarnation `id` (a server-to-server request
@@ -295,12 +294,7 @@ impl TopicServer {
     }
 
     fn leader_and_policy(&self, name: &TopicName) -> Result<(Arc<Replica>, Arc<Policy>), Error> {
-        let hosted = self.topics.read().expect("topics lock").get(name).cloned();
-        let hosted = hosted.ok_or_else(|| Error::NotLeader {
-            topic: name.to_string(),
-            server: self.node.id,
-            leader: None,
-        })?;
+        let hosted = self.hosted(name)?;
         hosted.replica.check_leader()?;
         Ok((hosted.replica.clone(), hosted.policy()))
     }
@@ -435,7 +429,7 @@ impl TopicServer {
         let state = log.state();
         let mut subscriptions = self.node.store.subscriptions(log.id, &state)?;
         for sub in &mut subscriptions {
-            sub.consumer = hosted.holder(sub.name.as_str()).map(|(name, _)| name);
+            sub.consumer = hosted.holder(sub.name.as_str());
             sub.last_ack_ms = hosted.last_acks.lock().expect("acks lock").get(sub.name.as_str()).copied();
         }
         Ok(Response::TopicStatus(TopicStatus {
@@ -623,14 +617,9 @@ impl Service for TopicServer {
                 let result = async {
                     let replica = me.leader_of(&topic)?;
                     let hosted = me.hosted(&topic)?;
-                    if let (true, Some((holder, left))) = (execute, hosted.holder(subscription.as_str())) {
+                    if execute {
                         // The consumer would ack from its own position right after the move.
-                        return Err(Error::SubscriptionBusy {
-                            topic: topic.to_string(),
-                            subscription: subscription.to_string(),
-                            holder,
-                            expires_in_ms: left.as_millis() as u64,
-                        });
+                        hosted.refuse_if_held(subscription.as_str())?;
                     }
                     let name = subscription.to_string();
                     let (outcome, version) =

@@ -148,7 +148,6 @@ pub struct LogState {
 pub struct TopicLog {
     pub id: TopicId,
     pub name: TopicName,
-    pub config: TopicConfig,
     state: watch::Sender<LogState>,
     staged: Arc<Mutex<Vec<ReplicatedBatch>>>,
 }
@@ -881,7 +880,6 @@ impl WriterTopic {
         Arc::new(TopicLog {
             id: self.meta.id,
             name: self.meta.name.clone(),
-            config: self.meta.config.clone(),
             state: self.state.clone(),
             staged: self.staged.clone(),
         })
@@ -1388,10 +1386,7 @@ impl Writer {
                     Some(t) => match t.cursors.cursor(subscription.as_str()) {
                         Some(c) if c.unreported > 0 => {
                             let told = Cursor { unreported: c.unreported.saturating_sub(records), ..c };
-                            let version = set_cursor_state(txn, t, subscription.as_str(), told)?;
-                            if t.meta.is_solo() {
-                                commit_cursors(txn, t, version)?;
-                            }
+                            let (version, _) = set_cursor_state(txn, t, subscription.as_str(), told)?;
                             touched.insert(topic);
                             Ok(version)
                         }
@@ -1424,10 +1419,7 @@ impl Writer {
                                 StartFrom::Earliest => t.meta.log_start,
                                 StartFrom::Latest => t.state.borrow().commit,
                             };
-                            let version = set_cursor(txn, t, subscription.as_str(), Some(cursor))?;
-                            if t.meta.is_solo() {
-                                commit_cursors(txn, t, version)?;
-                            }
+                            let (version, _) = set_cursor(txn, t, subscription.as_str(), Some(cursor))?;
                             touched.insert(topic);
                             Ok((cursor, version))
                         }
@@ -1441,8 +1433,7 @@ impl Writer {
                     Some(t) => match t.cursors.get(subscription.as_str()) {
                         None => Err(t.unknown_subscription(subscription.as_str())),
                         Some(_) => {
-                            let version = set_cursor(txn, t, subscription.as_str(), None)?;
-                            let freed = if t.meta.is_solo() { commit_cursors(txn, t, version)? } else { 0 };
+                            let (version, freed) = set_cursor(txn, t, subscription.as_str(), None)?;
                             touched.insert(topic);
                             Ok((version, freed))
                         }
@@ -1658,10 +1649,7 @@ impl Writer {
         };
         let mut version = 0;
         if execute && after != before {
-            version = set_cursor(txn, t, subscription.as_str(), Some(after))?;
-            if t.meta.is_solo() {
-                commit_cursors(txn, t, version)?;
-            }
+            version = set_cursor(txn, t, subscription.as_str(), Some(after))?.0;
         }
         Ok(Ok((ResetOutcome { before, after, log_start, commit, executed: execute }, version)))
     }
@@ -1685,10 +1673,7 @@ impl Writer {
         if next <= cursor {
             return Ok(Ok((cursor, t.cursors.version()))); // cursors never move backwards
         }
-        let version = set_cursor(txn, t, subscription.as_str(), Some(next))?;
-        if t.meta.is_solo() {
-            commit_cursors(txn, t, version)?;
-        }
+        let (version, _) = set_cursor(txn, t, subscription.as_str(), Some(next))?;
         Ok(Ok((next, version)))
     }
 }
@@ -1725,12 +1710,43 @@ fn delete_records(txn: &Tx, topic: TopicId, range: std::ops::Range<Offset>) -> S
     Ok(freed)
 }
 
-/// Records a cursor change durably; returns its version.
-fn set_cursor(txn: &Tx, t: &mut WriterTopic, subscription: &str, next: Option<Offset>) -> StorageResult<u64> {
+/// Moves a subscription to `next` (`None` deletes it), keeping its eviction record; see
+/// [`record_cursor`].
+fn set_cursor(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &str,
+    next: Option<Offset>,
+) -> StorageResult<(u64, u64)> {
     let version = t.cursors.set(subscription, next);
+    record_cursor(txn, t, subscription, version)
+}
+
+/// Replaces a subscription's whole cursor (position and eviction record); see
+/// [`record_cursor`].
+fn set_cursor_state(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &str,
+    cursor: Cursor,
+) -> StorageResult<(u64, u64)> {
+    let version = t.cursors.set_cursor(subscription, Some(cursor));
+    record_cursor(txn, t, subscription, version)
+}
+
+/// Stores the cursor change just made (version `version`) durably. A single replica is its
+/// own majority: it commits the change at once, deleting what no subscription needs any more.
+/// Returns the version and the records that freed.
+fn record_cursor(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &str,
+    version: u64,
+) -> StorageResult<(u64, u64)> {
     let cursor = t.cursors.cursor(subscription);
     txn.open(CURSORS)?.insert((t.meta.id, subscription), encode(&(cursor, version)).as_slice())?;
-    Ok(version)
+    let freed = if t.meta.is_solo() { commit_cursors(txn, t, version)? } else { 0 };
+    Ok((version, freed))
 }
 
 /// What the last eviction freed, until the deletion catches up: the next batches count it as
@@ -1814,9 +1830,6 @@ fn make_room(txn: &Tx, t: &mut WriterTopic, records: &[Record]) -> StorageResult
         };
         set_cursor_state(txn, t, &name, moved)?;
     }
-    if t.meta.is_solo() {
-        commit_cursors(txn, t, t.cursors.version())?;
-    }
     Ok(Ok(()))
 }
 
@@ -1834,13 +1847,6 @@ fn expire_producers(txn: &Tx, t: &mut WriterTopic, cutoff_ms: u64) -> StorageRes
         info!(topic = %t.meta.name, producers = expired.len(), "forgot producers silent for a day");
     }
     Ok(expired.len())
-}
-
-/// Records a whole cursor (position and eviction record) durably; returns its version.
-fn set_cursor_state(txn: &Tx, t: &mut WriterTopic, subscription: &str, cursor: Cursor) -> StorageResult<u64> {
-    let version = t.cursors.set_cursor(subscription, Some(cursor));
-    txn.open(CURSORS)?.insert((t.meta.id, subscription), encode(&(Some(cursor), version)).as_slice())?;
-    Ok(version)
 }
 
 /// Commits cursor changes up to `version` and deletes the records every subscription has
