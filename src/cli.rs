@@ -22,6 +22,7 @@ use crate::client::{self, BatchAck, Client};
 use crate::error::Error;
 use crate::naming::{self, NamingConfig};
 use crate::server::{self, ServerConfig};
+use crate::storage::Medium;
 use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
     BacklogPolicy, Header, Record, ResetTo, StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig,
@@ -117,6 +118,10 @@ enum Command {
         /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<SocketAddr>,
+        /// Testing only: hold writes in memory until fsynced, so that `kill -9` loses what a
+        /// power cut would.
+        #[arg(long, hide = true)]
+        volatile_writes: bool,
     },
     /// Run a naming server and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
@@ -406,7 +411,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server { listen, data, id, advertise, session_lease_ms, metrics_listen } => {
+        Command::Server {
+            listen,
+            data,
+            id,
+            advertise,
+            session_lease_ms,
+            metrics_listen,
+            volatile_writes,
+        } => {
             let config = ServerConfig {
                 id,
                 listen,
@@ -416,6 +429,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 certs_dir: common.certs,
                 session_lease: Duration::from_millis(session_lease_ms),
                 metrics_listen,
+                medium: if volatile_writes { Medium::VolatileFile } else { Medium::File },
             };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -1209,6 +1223,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
             certs_dir: common.certs.clone(),
             session_lease: server::DEFAULT_SESSION_LEASE,
             metrics_listen: None,
+            medium: Medium::File,
         };
         tasks.spawn(server::run(config, shutdown.clone()));
     }

@@ -29,7 +29,7 @@ use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
-use crate::storage::{Store, TopicLog, TopicMeta};
+use crate::storage::{Medium, Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Offset, ServerId, SubscriptionName, TopicName};
 use crate::wire::{
@@ -58,6 +58,8 @@ pub struct ServerConfig {
     pub session_lease: Duration,
     /// Where to serve Prometheus metrics (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// What the store is kept on (a file, or for power-loss tests a volatile one).
+    pub medium: Medium,
 }
 
 /// How long a consumer keeps its subscription after its last request, by default.
@@ -801,7 +803,7 @@ async fn follow_naming(
 /// Runs a topic server until `shutdown`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
-    let (store, logs) = Store::open(&config.data_dir, config.id)?;
+    let (store, logs) = Store::open_on(&config.data_dir, config.id, &config.medium)?;
     // Every log line of this server (its tasks included) carries `node`.
     let span = tracing::info_span!("node", node = %format!("server-{}", store.server_id()));
     run_node(config, shutdown, identity, store, logs).instrument(span).await

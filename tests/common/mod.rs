@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+pub mod history;
 pub mod proxy;
 
 use std::net::{SocketAddr, UdpSocket};
@@ -125,6 +126,17 @@ impl Drop for Proc {
     }
 }
 
+/// How a test cluster is set up beyond its size.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Each topic server reaches the naming server through its own proxy, so a test can cut
+    /// one server off the naming server only ([`Cluster::cut_from_naming`]).
+    pub naming_proxies: bool,
+    /// Topic servers hold writes in memory until fsynced (`--volatile-writes`): `kill -9`
+    /// then loses what a power cut would.
+    pub volatile_writes: bool,
+}
+
 /// A naming server and `n` topic servers, each in its own process.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
@@ -137,11 +149,19 @@ pub struct Cluster {
     /// Where each process serves its metrics (`--metrics-listen`); the naming server's first.
     pub naming_metrics: SocketAddr,
     pub metrics: Vec<(ServerId, SocketAddr)>,
+    pub options: Options,
+    /// Each server's own way to the naming server, with [`Options::naming_proxies`].
+    pub naming_links: Vec<(ServerId, proxy::UdpProxy)>,
 }
 
 impl Cluster {
     /// Starts the cluster and waits until every server has registered.
     pub async fn start(n: usize) -> Cluster {
+        Self::start_with(n, Options::default()).await
+    }
+
+    /// [`start`](Self::start) with [`Options`].
+    pub async fn start_with(n: usize, options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
         let out = Command::new(BIN).args(["certs", "--dir"]).arg(&certs).output().unwrap();
@@ -175,9 +195,11 @@ impl Cluster {
             proxies: Vec::new(),
             naming_metrics,
             metrics: Vec::new(),
+            options,
+            naming_links: Vec::new(),
         };
         for i in 1..=n {
-            cluster.add_server(i as ServerId);
+            cluster.add_server(i as ServerId).await;
         }
         cluster.wait_alive(n).await;
         cluster
@@ -214,7 +236,7 @@ impl Cluster {
         let proc = Proc::start("server-1", args, cluster.dir.path(), &cluster.certs);
         cluster.servers.push((1, real, proc));
         for i in 2..=n {
-            cluster.add_server(i as ServerId);
+            cluster.add_server(i as ServerId).await;
         }
         cluster.wait_alive(n).await;
         cluster
@@ -227,19 +249,33 @@ impl Cluster {
         }
     }
 
+    /// Cuts server `id` off the naming server only (true), or reconnects it (false); it keeps
+    /// talking to the other servers. Needs [`Options::naming_proxies`].
+    pub fn cut_from_naming(&self, id: ServerId, cut: bool) {
+        let link = self.naming_links.iter().find(|(s, _)| *s == id).expect("a naming proxy for the server");
+        link.1.block(cut);
+    }
+
     /// Starts topic server `id` on a new port.
-    pub fn add_server(&mut self, id: ServerId) -> SocketAddr {
+    pub async fn add_server(&mut self, id: ServerId) -> SocketAddr {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let data = self.dir.path().join(format!("server-{id}"));
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let args = vec![
+        let naming = if self.options.naming_proxies {
+            let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+            self.naming_links.push((id, proxy::UdpProxy::start(front, self.naming_addr).await));
+            front
+        } else {
+            self.naming_addr
+        };
+        let mut args = vec![
             "server".into(),
             "--id".into(),
             id.to_string(),
             "--listen".into(),
             addr.to_string(),
             "--naming".into(),
-            self.naming_addr.to_string(),
+            naming.to_string(),
             "--data".into(),
             data.display().to_string(),
             "--session-lease-ms".into(),
@@ -247,6 +283,9 @@ impl Cluster {
             "--metrics-listen".into(),
             metrics.to_string(),
         ];
+        if self.options.volatile_writes {
+            args.push("--volatile-writes".into());
+        }
         self.metrics.push((id, metrics));
         let proc = Proc::start(&format!("server-{id}"), args, self.dir.path(), &self.certs);
         self.servers.push((id, addr, proc));
@@ -267,6 +306,12 @@ impl Cluster {
         let p = self.server(id);
         p.kill();
         p.spawn(&certs);
+    }
+
+    /// Starts the naming server again after [`Proc::kill`] (same data and port).
+    pub fn start_naming(&mut self) {
+        let certs = self.certs.clone();
+        self.naming.spawn(&certs);
     }
 
     pub fn restart_naming(&mut self) {

@@ -37,9 +37,17 @@ impl UdpProxy {
                         let (back, front, flag) = (socket.clone(), front.clone(), flag.clone());
                         let reply = tokio::spawn(async move {
                             let mut buf = vec![0u8; 65536];
-                            while let Ok(n) = back.recv(&mut buf).await {
-                                if !flag.load(Ordering::Relaxed) {
-                                    let _ = front.send_to(&buf[..n], client).await;
+                            loop {
+                                match back.recv(&mut buf).await {
+                                    Ok(n) => {
+                                        if !flag.load(Ordering::Relaxed) {
+                                            let _ = front.send_to(&buf[..n], client).await;
+                                        }
+                                    }
+                                    // The target was down for a moment (an ICMP "port
+                                    // unreachable" on the connected socket): it may come back.
+                                    Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {}
+                                    Err(_) => return,
                                 }
                             }
                         });

@@ -56,6 +56,8 @@ use crate::wire::{
     BacklogPolicy, Record, ResetOutcome, ResetTo, StoredRecord, SubscriptionInfo, TopicConfig,
 };
 
+pub mod faults;
+
 const TOPICS: TableDefinition<u64, &[u8]> = TableDefinition::new("topics");
 const RECORDS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("records");
 const CURSORS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("cursors");
@@ -407,6 +409,19 @@ enum Command {
     },
 }
 
+/// Where a store keeps its bytes.
+#[derive(Debug, Clone, Default)]
+pub enum Medium {
+    /// `DATA/herald.redb`, durable once fsynced.
+    #[default]
+    File,
+    /// The same file, but writes are held in memory until fsynced, so a `kill -9` loses what
+    /// a power cut would (for power-loss tests; see [`faults::VolatileFile`]).
+    VolatileFile,
+    /// An in-memory disk a test can cut the power of or fail (see [`faults::SimDisk`]).
+    Sim(faults::SimDisk),
+}
+
 /// A server's storage: the redb database and the writer thread in front of it.
 pub struct Store {
     db: Arc<Database>,
@@ -438,12 +453,33 @@ impl Store {
     /// `requested` must match the stored id if there is one; without either, a random id is
     /// chosen and kept. Returns the store, and a handle and the meta of every hosted topic.
     pub fn open(dir: &Path, requested: Option<ServerId>) -> anyhow::Result<(Store, Vec<HostedTopic>)> {
+        Self::open_on(dir, requested, &Medium::File)
+    }
+
+    /// [`open`](Self::open) on a chosen [`Medium`].
+    pub fn open_on(
+        dir: &Path,
+        requested: Option<ServerId>,
+        medium: &Medium,
+    ) -> anyhow::Result<(Store, Vec<HostedTopic>)> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join("herald.redb");
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        let mut builder = Database::builder();
+        builder.set_cache_size(CACHE_BYTES);
+        let opened = match medium {
+            Medium::File => builder.create(&path),
+            Medium::VolatileFile => {
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&path)?;
+                builder.create_with_backend(faults::VolatileFile::new(file)?)
+            }
+            Medium::Sim(disk) => builder.create_with_backend(disk.backend()),
+        };
+        let db = opened.map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
         let server = {
             let txn = db.begin_write()?;
             let id = {
