@@ -1,15 +1,20 @@
 //! The replication driver: carries the [`crate::replication`] rules over QUIC.
 //!
 //! Every hosted topic is a [`Replica`]. Its role follows the naming server's assignment:
-//! - **Leader**: answers followers' `ReplicaFetch` requests with whole batches read from redb
-//!   (so a follower far behind costs no memory), and after every fetch (an acknowledgement)
-//!   and every local commit recomputes the commit offset and the committed cursor version. A
-//!   producer's ack and a consumer's cursor move wait for those.
+//! - **Leader**: answers followers' `ReplicaFetch` requests with entries read from redb (so
+//!   a follower far behind costs no memory), and after every fetch (an acknowledgement) and
+//!   every local commit recomputes the commit point; it asks storage to apply committed
+//!   cursor entries. A producer's ack waits for its batch's entry to commit; a consumer's
+//!   cursor move for its entry to be applied.
 //! - **Follower**: one task keeps one long-lived stream to the leader and fetches in a loop:
 //!   it writes what it gets durably (one group commit), then fetches again, which tells the
 //!   leader what it now holds. Divergence and resets are applied as the rules say.
 //! - **Deposed**: a leader that learned of a newer epoch (from a follower's fetch or the
 //!   naming server's promise request) acknowledges nothing until it gets a new assignment.
+//!
+//! The decisions are synchronous methods ([`Replica::judge_fetch`], [`Replica::advance`],
+//! [`Replica::follower_step`], [`Replica::ack_state`]) that the async tasks here and the
+//! simulator (`crate::sim`) both call; the tasks only carry messages and wait.
 //!
 //! All topics of a pair of servers share one QUIC connection; each (topic, follower) has its
 //! own stream on it.
@@ -25,34 +30,53 @@ use tracing::Instrument;
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
-use crate::replication::{truncation_point, FetchDecision, FetchRequest, Leader, LogView};
-use crate::storage::{LogState, ReplicaReset, Store, TopicLog};
+use crate::replication::{
+    committed, truncation_point, FetchDecision, FetchRequest, Leader, LogView, ReplicaChunk, ReplicaReset,
+};
+use crate::storage::{LogState, Pending, Store, TopicLog};
 use crate::transport::Pool;
-use crate::types::{Epoch, Offset, ServerId};
+use crate::types::{mono_ms, Epoch, Index, ServerId};
 use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, Role};
 
 /// Most bytes of records one replica fetch carries.
 pub const REPLICA_FETCH_BYTES: u32 = 4 * 1024 * 1024;
 /// How long a leader holds a follower's fetch when there is nothing new.
-const REPLICA_FETCH_WAIT: Duration = Duration::from_millis(500);
+pub const REPLICA_FETCH_WAIT: Duration = Duration::from_millis(500);
 /// How long a produce or an ack waits for its commit before answering `Unavailable`.
-const COMMIT_WAIT: Duration = Duration::from_secs(15);
+pub const COMMIT_WAIT: Duration = Duration::from_secs(15);
+/// How long a consumer's request waits for a new leader to become ready (its epoch's first
+/// entry committed: one round trip to a follower, normally).
+pub const READY_WAIT: Duration = Duration::from_secs(5);
+/// Committed entries a leader lets pile up before it applies them even without cursor
+/// changes among them (which it applies at once): applying persists the applied index (the
+/// commit point a restart starts from) and lets storage compact.
+const APPLY_EVERY: Index = 256;
 
 /// The naming server's word on one topic, as this server last applied it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Assignment {
     pub leader: ServerId,
     pub epoch: Epoch,
-    pub replicas: Vec<ReplicaInfo>,
+    pub voters: Vec<ReplicaInfo>,
+    pub learners: Vec<ReplicaInfo>,
 }
 
 impl Assignment {
-    fn servers(&self) -> Vec<ServerId> {
-        self.replicas.iter().map(|r| r.server).collect()
+    pub fn voter_ids(&self) -> Vec<ServerId> {
+        self.voters.iter().map(|r| r.server).collect()
     }
 
-    fn leader_addr(&self) -> Option<SocketAddr> {
-        self.replicas.iter().find(|r| r.server == self.leader).map(|r| r.addr)
+    pub fn learner_ids(&self) -> Vec<ServerId> {
+        self.learners.iter().map(|r| r.server).collect()
+    }
+
+    pub fn leader_addr(&self) -> Option<SocketAddr> {
+        self.voters.iter().find(|r| r.server == self.leader).map(|r| r.addr)
+    }
+
+    /// A topic that is its own majority.
+    pub fn is_solo(&self) -> bool {
+        self.voters.len() <= 1 && self.learners.is_empty()
     }
 }
 
@@ -78,6 +102,44 @@ impl Node {
     }
 }
 
+/// What a leader makes of a follower's fetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Judged {
+    pub decision: FetchDecision,
+    /// The leader's epoch.
+    pub epoch: Epoch,
+    /// Committed entries below this index wait to be applied ([`Store::commit`]).
+    pub apply: Option<Index>,
+}
+
+/// What a follower does with the leader's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FollowerStep {
+    Append(ReplicaChunk),
+    Truncate(Index),
+    Reset(ReplicaReset),
+    /// The leader is deposed: wait for the naming server's next assignment.
+    Fenced(Epoch),
+}
+
+/// How an acknowledgement stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckState {
+    Done,
+    Waiting,
+    /// The entry was truncated: it will never commit here (the client retries at the leader).
+    Failed,
+}
+
+fn view(state: &LogState) -> LogView<'_> {
+    LogView { start_index: state.start_index, end_index: state.end_index, history: &state.history }
+}
+
+/// A leader's log as followers see it: including the group commit under way.
+fn staged_view(state: &LogState) -> LogView<'_> {
+    LogView { end_index: state.staged_end, ..view(state) }
+}
+
 /// One hosted topic and its replication role.
 pub struct Replica {
     pub log: Arc<TopicLog>,
@@ -95,17 +157,8 @@ impl Drop for Replica {
     }
 }
 
-fn view(state: &LogState) -> LogView<'_> {
-    LogView { log_start: state.log_start, log_end: state.log_end, history: &state.history }
-}
-
-/// A leader's log as followers see it: including the group commit under way.
-fn staged_view(state: &LogState) -> LogView<'_> {
-    LogView { log_end: state.staged_end, ..view(state) }
-}
-
 impl Replica {
-    /// A replica that does nothing until [`apply`](Self::apply) gives it an assignment.
+    /// A replica that follows until [`apply`](Self::apply) gives it an assignment.
     pub fn new(log: Arc<TopicLog>, me: ServerId, assignment: Assignment) -> Arc<Self> {
         Arc::new(Self {
             log,
@@ -127,40 +180,124 @@ impl Replica {
         }
     }
 
+    /// The epoch this replica leads, if it does.
+    pub fn leading(&self) -> Option<Epoch> {
+        match &*self.part.lock().expect("part lock") {
+            Part::Leader(l) => Some(l.epoch),
+            _ => None,
+        }
+    }
+
+    /// Leads, and its epoch's first entry is committed: it knows every committed entry.
+    pub fn ready(&self) -> bool {
+        matches!(&*self.part.lock().expect("part lock"), Part::Leader(l) if l.ready())
+    }
+
+    fn not_leader(&self) -> Error {
+        let a = self.assignment();
+        let leader = (a.leader != self.me).then_some(a.leader);
+        Error::NotLeader { topic: self.log.name.to_string(), server: self.me, leader }
+    }
+
     /// `NotLeader` unless this replica leads (and has not been deposed).
     pub fn check_leader(&self) -> Result<(), Error> {
         match self.role() {
             Role::Leader => Ok(()),
-            Role::Follower => {
-                let a = self.assignment();
-                let leader = (a.leader != self.me).then_some(a.leader);
-                Err(Error::NotLeader { topic: self.log.name.to_string(), server: self.me, leader })
+            Role::Follower => Err(self.not_leader()),
+        }
+    }
+
+    /// `NotLeader` unless this replica leads, `Unavailable` until it is ready (a new leader
+    /// serves cursors once it knows every committed one), and unless it heard from a
+    /// majority of its voters within `contact_ms` of `now_ms`: past that a newer leader may
+    /// exist without this one knowing, and its consumers should look again.
+    pub fn check_serving(&self, now_ms: u64, contact_ms: u64) -> Result<(), Error> {
+        match &*self.part.lock().expect("part lock") {
+            Part::Leader(l) if !l.ready() => Err(Error::Unavailable {
+                detail: format!("{} has a new leader that is not ready yet", self.log.name),
+            }),
+            Part::Leader(l) if now_ms.saturating_sub(l.majority_heard_at(now_ms)) > contact_ms => {
+                Err(Error::Unavailable {
+                    detail: format!(
+                        "the leader of {} has not heard from a majority of its replicas for {contact_ms} ms",
+                        self.log.name
+                    ),
+                })
+            }
+            Part::Leader(_) => Ok(()),
+            _ => Err(self.not_leader()),
+        }
+    }
+
+    /// Waits (up to [`READY_WAIT`]) until [`check_serving`](Self::check_serving) passes: a
+    /// new leader becomes ready within a round trip to its followers.
+    pub async fn wait_serving(&self, contact_ms: u64) -> Result<(), Error> {
+        let mut state = self.log.watch();
+        let deadline = tokio::time::Instant::now() + READY_WAIT;
+        loop {
+            state.borrow_and_update();
+            match self.check_serving(mono_ms(), contact_ms) {
+                Ok(()) => return Ok(()),
+                Err(e @ Error::NotLeader { .. }) => return Err(e),
+                Err(e) => {
+                    if tokio::time::timeout_at(deadline, state.changed()).await.is_err() {
+                        return Err(e);
+                    }
+                }
             }
         }
+    }
+
+    /// What an assignment makes of this replica: leader (true) or follower.
+    pub fn leads(&self, assignment: &Assignment) -> bool {
+        assignment.leader == self.me
+    }
+
+    /// Takes the leader's role for the epoch storage just started (`state` is what
+    /// `become_leader` answered).
+    pub fn take_lead(&self, assignment: &Assignment, state: &LogState) {
+        let epoch_start = state.history.entries().last().map_or(0, |e| e.1);
+        let commit = (state.commit_index, state.commit);
+        let leader = Leader::new(
+            self.me,
+            assignment.epoch,
+            epoch_start,
+            assignment.voter_ids(),
+            assignment.learner_ids(),
+            commit,
+        );
+        *self.part.lock().expect("part lock") = Part::Leader(Box::new(leader));
+        self.assignment.send_replace(assignment.clone());
+        self.log.poke();
+    }
+
+    /// Takes the follower's role.
+    pub fn take_follow(&self, assignment: &Assignment) {
+        *self.part.lock().expect("part lock") = Part::Follower;
+        self.assignment.send_replace(assignment.clone());
+        self.log.poke();
     }
 
     /// Takes on `assignment`: persists it, becomes leader or follower, and (re)starts the
     /// task that role needs.
     pub async fn apply(self: &Arc<Self>, node: &Arc<Node>, assignment: Assignment) -> Result<(), Error> {
         let id = self.log.id;
-        node.store.assign(id, assignment.servers(), assignment.leader, assignment.epoch).await?;
+        let (voters, learners) = (assignment.voter_ids(), assignment.learner_ids());
+        node.store.assign(id, voters, learners, assignment.leader, assignment.epoch).await?;
         for t in self.tasks.lock().expect("tasks lock").drain(..) {
             t.abort();
         }
-        if assignment.leader == self.me {
+        if self.leads(&assignment) {
+            *self.part.lock().expect("part lock") = Part::Deposed;
             let state = node.store.become_leader(id, assignment.epoch).await?;
-            let leader =
-                Leader::new(self.me, assignment.epoch, assignment.servers(), &view(&state), state.commit);
-            *self.part.lock().expect("part lock") = Part::Leader(Box::new(leader));
-            self.assignment.send_replace(assignment.clone());
-            if assignment.replicas.len() > 1 {
+            self.take_lead(&assignment, &state);
+            if !assignment.is_solo() {
                 let span = tracing::info_span!("lead", topic = %self.log.name, epoch = assignment.epoch);
                 let task = tokio::spawn(leader_loop(self.clone(), node.clone()).instrument(span));
                 self.tasks.lock().expect("tasks lock").push(task);
             }
         } else {
-            *self.part.lock().expect("part lock") = Part::Follower;
-            self.assignment.send_replace(assignment.clone());
+            self.take_follow(&assignment);
             let span = tracing::info_span!(
                 "follow",
                 topic = %self.log.name,
@@ -174,55 +311,50 @@ impl Replica {
     }
 
     /// Steps down after learning of a newer epoch.
-    fn depose(&self, epoch: Epoch) {
+    pub fn depose(&self, epoch: Epoch) {
         let mut part = self.part.lock().expect("part lock");
         if let Part::Leader(l) = &*part {
             if epoch > l.epoch {
                 warn!(topic = %self.log.name, epoch = l.epoch, newer = epoch, "deposed: a newer epoch exists");
                 *part = Part::Deposed;
+                drop(part);
                 // Wake everything waiting for a commit this leader can no longer make.
-                self.assignment.send_modify(|_| {});
+                self.log.poke();
             }
         }
     }
 
     /// The naming server's election: promise `epoch` durably and report for the vote.
-    pub async fn promise(&self, node: &Node, epoch: Epoch) -> Result<(Epoch, Offset), Error> {
+    pub async fn promise(&self, node: &Node, epoch: Epoch) -> Result<(Epoch, Index), Error> {
         self.depose(epoch);
         node.store.promise(self.log.id, epoch).await
     }
 
-    /// Waits until `target` is committed (a producer's ack), while this replica leads.
-    pub async fn wait_commit(&self, target: Offset) -> Result<(), Error> {
-        self.wait(|s| s.commit >= target).await
+    /// How the entry a client waits for stands: committed (and, with `applied`, applied,
+    /// as a cursor change must be before its ack), truncated, or still pending.
+    pub fn ack_state(state: &LogState, at: Pending, applied: bool) -> AckState {
+        match committed(&state.history, state.end_index, state.commit_index, at.index, at.epoch) {
+            Some(false) => AckState::Failed,
+            Some(true) if !applied || state.applied > at.index => AckState::Done,
+            _ => AckState::Waiting,
+        }
     }
 
-    /// Waits until cursor change `version` is on a majority (a consumer's ack).
-    pub async fn wait_cursor_commit(&self, version: u64) -> Result<(), Error> {
-        self.wait(|s| s.cursor_commit >= version).await
-    }
-
-    async fn wait(&self, done: impl Fn(&LogState) -> bool) -> Result<(), Error> {
+    /// Waits until the entry `at` is committed (and applied, with `applied`): a producer's
+    /// or a consumer's ack. Fails if it never will be (truncated), or after [`COMMIT_WAIT`].
+    pub async fn wait_for(&self, at: Pending, applied: bool) -> Result<(), Error> {
         let mut state = self.log.watch();
-        let mut assignment = self.assignment.subscribe();
         let deadline = tokio::time::Instant::now() + COMMIT_WAIT;
         loop {
-            if done(&state.borrow_and_update()) {
-                return Ok(());
+            match Self::ack_state(&state.borrow_and_update(), at, applied) {
+                AckState::Done => return Ok(()),
+                AckState::Failed => return Err(self.not_leader()),
+                AckState::Waiting => {}
             }
-            self.check_leader()?;
-            // Wake on progress, and on a new assignment (which may depose this leader).
-            let changed = async {
-                tokio::select! {
-                    r = state.changed() => r.is_ok(),
-                    r = assignment.changed() => r.is_ok(),
-                }
-            };
-            match tokio::time::timeout_at(deadline, changed).await {
-                Ok(true) => {}
-                Ok(false) => return Err(Error::Unavailable { detail: "topic closed".into() }),
+            match tokio::time::timeout_at(deadline, state.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Unavailable { detail: "topic closed".into() }),
                 Err(_) => {
-                    // Check leadership at least every deadline; a deposed leader says so.
                     self.check_leader()?;
                     return Err(Error::Unavailable {
                         detail: format!("no majority of {}'s replicas acknowledged in time", self.log.name),
@@ -232,99 +364,135 @@ impl Replica {
         }
     }
 
-    /// Recomputes the commit offset and the committed cursor version after progress.
-    async fn advance(&self, node: &Node) -> Result<(), Error> {
+    /// Leader: recomputes the commit point from the durable log end and publishes it.
+    /// Returns the index below which committed entries should now be applied, if any.
+    pub fn advance(&self) -> Option<Index> {
         let state = self.log.state();
-        let (commit, cursor_commit) = {
+        let commit = {
             let mut part = self.part.lock().expect("part lock");
-            let Part::Leader(l) = &mut *part else { return Ok(()) };
-            (l.advance_commit(state.log_end), l.committed_cursor_version(state.cursor_version))
+            let Part::Leader(l) = &mut *part else { return None };
+            l.advance_commit((state.end_index, state.log_end));
+            l.commit()
         };
-        if let Some(c) = commit {
-            self.log.set_commit(c);
-        }
-        if cursor_commit > state.cursor_commit {
-            node.store.commit_cursors(self.log.id, cursor_commit).await?;
-        }
-        Ok(())
+        self.log.set_commit(commit.0, commit.1);
+        let pending_cursor = state.first_pending_cursor.is_some_and(|i| i < commit.0);
+        (commit.0 > state.applied && (pending_cursor || commit.0 - state.applied >= APPLY_EVERY))
+            .then_some(commit.0)
     }
 
-    /// Leader: answers a follower's fetch.
-    #[allow(clippy::too_many_arguments)]
+    /// Leader: judges a follower's fetch, and on a consistent one recomputes the commit
+    /// point (the fetch acknowledged what the follower holds).
+    pub fn judge_fetch(&self, follower: ServerId, req: &FetchRequest, now_ms: u64) -> Result<Judged, Error> {
+        let state = self.log.state();
+        let (decision, epoch) = {
+            let mut part = self.part.lock().expect("part lock");
+            match &mut *part {
+                Part::Leader(l) => (l.on_fetch(follower, req, &staged_view(&state), now_ms), l.epoch),
+                _ => {
+                    drop(part);
+                    return Err(self.not_leader());
+                }
+            }
+        };
+        if let FetchDecision::Fenced { epoch } = decision {
+            self.depose(epoch);
+        }
+        let apply = matches!(decision, FetchDecision::Serve { .. }).then(|| self.advance()).flatten();
+        Ok(Judged { decision, epoch, apply })
+    }
+
+    /// Leader: whether a follower at `from` that knows commit point `known_commit` has
+    /// anything new to hear.
+    pub fn has_news(state: &LogState, from: Index, known_commit: Index) -> bool {
+        state.staged_end > from || state.commit_index > known_commit
+    }
+
+    /// Leader: the entries a follower gets from `from` on, with the commit point: durable ones
+    /// from storage, then those of the group commit under way (their fsyncs overlap; commit
+    /// still counts durable copies only).
+    pub fn chunk(
+        store: &Store,
+        log: &TopicLog,
+        epoch: Epoch,
+        from: Index,
+        max_bytes: usize,
+    ) -> Result<ReplicaChunk, Error> {
+        let state = log.state();
+        let mut entries = if from < state.end_index {
+            store.read_entries(log.id, from, state.end_index, max_bytes)?
+        } else {
+            Vec::new()
+        };
+        let read_end = entries.last().map_or(from, |e| e.index + 1);
+        if read_end >= state.end_index && state.staged_end > read_end {
+            let read: usize = entries.iter().flat_map(|e| &e.records).map(|r| r.size()).sum();
+            entries.extend(log.staged(read_end, max_bytes.saturating_sub(read)));
+        }
+        Ok(ReplicaChunk { epoch, entries, commit_index: state.commit_index, commit: state.commit })
+    }
+
+    /// Follower: what to ask the leader next.
+    pub fn fetch_request(state: &LogState, assignment: &Assignment) -> FetchRequest {
+        FetchRequest {
+            epoch: state.promised.max(assignment.epoch),
+            fetch_index: state.end_index,
+            fetch_offset: state.log_end,
+            last_epoch: state.epoch,
+        }
+    }
+
+    /// Follower: what the leader's answer asks of this replica.
+    pub fn follower_step(state: &LogState, answer: ReplicaAnswer) -> FollowerStep {
+        match answer {
+            ReplicaAnswer::Chunk(chunk) => FollowerStep::Append(chunk),
+            ReplicaAnswer::Diverging { end_epoch, end_index } => {
+                FollowerStep::Truncate(truncation_point(&view(state), end_epoch, end_index))
+            }
+            ReplicaAnswer::Reset(reset) => FollowerStep::Reset(reset),
+            ReplicaAnswer::Fenced { epoch } => FollowerStep::Fenced(epoch),
+        }
+    }
+
+    /// Leader: answers a follower's fetch, holding it up to `max_wait` until there is news.
     pub async fn serve_fetch(
         &self,
         node: &Node,
         follower: ServerId,
         req: FetchRequest,
-        known_commit: Offset,
-        known_cursor_commit: u64,
+        known_commit: Index,
         max_bytes: u32,
         max_wait: Duration,
     ) -> Result<ReplicaAnswer, Error> {
-        let state = self.log.state();
-        let (decision, epoch) = {
-            let mut part = self.part.lock().expect("part lock");
-            match &mut *part {
-                Part::Leader(l) => (l.on_fetch(follower, &req, &staged_view(&state)), l.epoch),
-                _ => {
-                    drop(part);
-                    return Err(self.check_leader().expect_err("not leading"));
-                }
-            }
-        };
-        match decision {
-            FetchDecision::Fenced { epoch } => {
-                self.depose(epoch);
-                Ok(ReplicaAnswer::Fenced { epoch })
-            }
+        let judged = self.judge_fetch(follower, &req, mono_ms())?;
+        if let Some(index) = judged.apply {
+            node.store.commit(self.log.id, index).await?;
+        }
+        match judged.decision {
+            FetchDecision::Fenced { epoch } => Ok(ReplicaAnswer::Fenced { epoch }),
             FetchDecision::NotReplica => Err(Error::Unauthorized {
                 detail: format!("server {follower} is not a replica of {}", self.log.name),
             }),
-            FetchDecision::Diverging { end_epoch, end_offset } => {
-                Ok(ReplicaAnswer::Diverging { end_epoch, end_offset })
+            FetchDecision::Diverging { end_epoch, end_index } => {
+                Ok(ReplicaAnswer::Diverging { end_epoch, end_index })
             }
-            FetchDecision::Reset { log_start } => Ok(ReplicaAnswer::Reset(ReplicaReset {
-                log_start,
-                history: state.history.entries().to_vec(),
-                producers: node.store.producer_states(self.log.id)?,
-            })),
+            FetchDecision::Reset { .. } => Ok(ReplicaAnswer::Reset(node.store.reset_snapshot(self.log.id)?)),
             FetchDecision::Serve { from } => {
-                // The fetch acknowledged what the follower holds.
-                self.advance(node).await?;
                 let mut watch = self.log.watch();
                 let deadline = tokio::time::Instant::now() + max_wait;
-                let state = loop {
-                    let s = watch.borrow_and_update().clone();
-                    let news = s.staged_end > from
-                        || s.cursor_version > req.cursor_version
-                        || s.commit > known_commit
-                        || s.cursor_commit > known_cursor_commit;
-                    if news || tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
-                        break s;
+                loop {
+                    if Self::has_news(&watch.borrow_and_update(), from, known_commit)
+                        || tokio::time::timeout_at(deadline, watch.changed()).await.is_err()
+                    {
+                        break;
                     }
-                };
-                let mut batches = if from < state.log_end {
-                    node.store.read_batches(self.log.id, from, state.log_end, max_bytes as usize)?
-                } else {
-                    Vec::new()
-                };
-                let read_end = batches.last().map_or(from, |b| b.base + b.records.len() as u64);
-                if read_end >= state.log_end && state.staged_end > read_end {
-                    // The leader's group commit is under way: its fsync and the followers'
-                    // overlap. Commit still counts durable copies only.
-                    let read: usize = batches.iter().flat_map(|b| &b.records).map(|r| r.size()).sum();
-                    let rest = (max_bytes as usize).saturating_sub(read);
-                    batches.extend(self.log.staged(read_end, rest));
                 }
-                Ok(ReplicaAnswer::Chunk(crate::storage::ReplicaChunk {
-                    epoch,
-                    batches,
-                    history: state.history.entries().to_vec(),
-                    log_start: state.log_start,
-                    commit: state.commit,
-                    cursors: node.store.cursor_changes(self.log.id, req.cursor_version)?,
-                    cursor_commit: state.cursor_commit,
-                }))
+                Ok(ReplicaAnswer::Chunk(Self::chunk(
+                    &node.store,
+                    &self.log,
+                    judged.epoch,
+                    from,
+                    max_bytes as usize,
+                )?))
             }
         }
     }
@@ -336,8 +504,9 @@ impl Replica {
         let part = self.part.lock().expect("part lock");
         let Part::Leader(l) = &*part else { return Vec::new() };
         assignment
-            .replicas
+            .voters
             .iter()
+            .chain(&assignment.learners)
             .map(|r| {
                 if r.server == self.me {
                     ReplicaStatus {
@@ -349,7 +518,7 @@ impl Replica {
                 } else {
                     let p = l.progress(r.server);
                     let caught_up =
-                        p.is_some_and(|p| p.last_epoch == l.epoch && p.fetch_offset >= state.log_end);
+                        p.is_some_and(|p| p.last_epoch == l.epoch && p.fetch_index >= state.end_index);
                     ReplicaStatus {
                         server: r.server,
                         role: Role::Follower,
@@ -360,15 +529,26 @@ impl Replica {
             })
             .collect()
     }
+
+    /// Leader: the replicas holding every entry it has, and whether its epoch is committed
+    /// (for the naming server, which changes replica sets only then).
+    pub fn leader_report(&self) -> Option<(Epoch, bool, Vec<ServerId>)> {
+        let state = self.log.state();
+        let part = self.part.lock().expect("part lock");
+        let Part::Leader(l) = &*part else { return None };
+        Some((l.epoch, l.ready(), l.caught_up(state.end_index)))
+    }
 }
 
-/// Leader: recomputes the commit offset whenever the leader's own log moves (its group
-/// commit may land after the followers acknowledged).
+/// Leader: recomputes the commit point whenever the leader's own log moves (its group commit
+/// may land after the followers acknowledged), and applies committed cursor entries.
 async fn leader_loop(replica: Arc<Replica>, node: Arc<Node>) {
     let mut state = replica.log.watch();
     loop {
-        if let Err(e) = replica.advance(&node).await {
-            debug!(topic = %replica.log.name, error = %e, "advancing the commit offset failed");
+        if let Some(index) = replica.advance() {
+            if let Err(e) = node.store.commit(replica.log.id, index).await {
+                debug!(topic = %replica.log.name, error = %e, "applying committed entries failed");
+            }
         }
         if state.changed().await.is_err() {
             return;
@@ -394,14 +574,8 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
                     topic: replica.log.name.clone(),
                     topic_id: id,
                     replica: node.id,
-                    fetch: FetchRequest {
-                        epoch: s.promised.max(assignment.epoch),
-                        fetch_offset: s.log_end,
-                        last_epoch: s.epoch,
-                        cursor_version: s.cursor_version,
-                    },
-                    known_commit: s.commit,
-                    known_cursor_commit: s.cursor_commit,
+                    fetch: Replica::fetch_request(&s, &assignment),
+                    known_commit: s.commit_index,
                     max_bytes: REPLICA_FETCH_BYTES,
                     max_wait_ms: REPLICA_FETCH_WAIT.as_millis() as u32,
                 };
@@ -412,19 +586,18 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
                     }
                 };
                 backoff = Duration::from_millis(20);
-                match answer {
-                    ReplicaAnswer::Chunk(chunk) => {
+                match Replica::follower_step(&s, answer) {
+                    FollowerStep::Append(chunk) => {
                         node.store.replica_append(id, chunk).await?;
                     }
-                    ReplicaAnswer::Diverging { end_epoch, end_offset } => {
-                        let to = truncation_point(&view(&s), end_epoch, end_offset);
+                    FollowerStep::Truncate(to) => {
                         info!(topic = %replica.log.name, to, "log diverges from the leader's; truncating");
                         node.store.truncate(id, to).await?;
                     }
-                    ReplicaAnswer::Reset(reset) => {
+                    FollowerStep::Reset(reset) => {
                         node.store.reset(id, reset).await?;
                     }
-                    ReplicaAnswer::Fenced { epoch } => {
+                    FollowerStep::Fenced(epoch) => {
                         return Err(Error::StaleEpoch {
                             topic: replica.log.name.to_string(),
                             server: assignment.leader,

@@ -13,6 +13,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -31,9 +32,10 @@ use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{Medium, Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{now_ms, Offset, ServerId, SubscriptionName, TopicName};
+use crate::types::{now_ms, Epoch, Offset, ServerId, SubscriptionName, TopicName};
 use crate::wire::{
-    ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicStatus,
+    ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicReport,
+    TopicStatus,
 };
 
 /// Most records one fetch returns.
@@ -62,6 +64,13 @@ pub struct ServerConfig {
     pub medium: Medium,
 }
 
+/// How long past a heartbeat's long poll the server waits for the answer before it takes the
+/// naming server for gone and dials again (`naming::core::RECONNECT_BOUND_MS` counts on it).
+pub const NAMING_ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// Longest pause between two dials of the naming server (plus up to half of it in jitter).
+pub const NAMING_BACKOFF_MAX: Duration = Duration::from_millis(500);
+
 /// How long a consumer keeps its subscription after its last request, by default.
 pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(10);
 
@@ -77,6 +86,8 @@ struct Hosted {
     holders: Mutex<HashMap<String, Holder>>,
     /// When each subscription's cursor last moved here (ms since the Unix epoch).
     last_acks: Mutex<HashMap<String, u64>>,
+    /// An epoch this replica was told to lead and would not (reported to the naming server).
+    refused: Mutex<Option<Epoch>>,
 }
 
 /// Holds a topic keeps before it sweeps out the lapsed ones.
@@ -109,6 +120,7 @@ impl Hosted {
             policy: RwLock::new(Arc::new(Policy::new(config))),
             holders: Mutex::new(HashMap::new()),
             last_acks: Mutex::new(HashMap::new()),
+            refused: Mutex::new(None),
         })
     }
 
@@ -188,7 +200,13 @@ pub struct TopicServer {
     topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
     session_lease: Duration,
     metrics: Arc<EndpointMetrics>,
+    /// The naming server's liveness lease, as it last said (ms).
+    lease_ms: AtomicU64,
 }
+
+/// Leases a leader may go without hearing from a majority of its replicas and still serve
+/// consumers: past that a newer leader may exist, so they should look again.
+const LEADER_CONTACT_LEASES: u64 = 2;
 
 impl TopicServer {
     /// Everything `--metrics-listen` shows, read now. Every replica reports its log; the
@@ -301,9 +319,12 @@ impl TopicServer {
         Ok((hosted.replica.clone(), hosted.policy()))
     }
 
-    fn leader_of(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
+    /// The replica of `name` once it may serve consumers and cursor changes: it leads, it
+    /// is ready (knows every committed entry), and it still hears from a majority.
+    async fn serving(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
         let replica = self.replica(name)?;
-        replica.check_leader()?;
+        let contact = self.lease_ms.load(Ordering::Relaxed) * LEADER_CONTACT_LEASES;
+        replica.wait_serving(contact).await?;
         Ok(replica)
     }
 
@@ -327,11 +348,11 @@ impl TopicServer {
         Box::pin(async move {
             let result = async {
                 let a = appended.await?;
-                replica.wait_commit(a.base + a.count as u64).await?;
+                replica.wait_for(a.at, false).await?;
                 Ok(Response::Produced {
                     base: a.base,
                     count: a.count,
-                    epoch: a.epoch,
+                    epoch: a.at.epoch,
                     duplicate: a.duplicate,
                 })
             };
@@ -469,8 +490,12 @@ impl TopicServer {
             }
         }
         for info in assignments {
-            let assignment =
-                Assignment { leader: info.leader, epoch: info.epoch, replicas: info.replicas.clone() };
+            let assignment = Assignment {
+                leader: info.leader,
+                epoch: info.epoch,
+                voters: info.replicas.clone(),
+                learners: info.learners.clone(),
+            };
             let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
             let hosted = match current {
                 Some(h) if h.replica.log.id == info.id => {
@@ -485,16 +510,15 @@ impl TopicServer {
                     h
                 }
                 _ => {
-                    let meta = TopicMeta {
-                        id: info.id,
-                        name: info.name.clone(),
-                        config: info.config.clone(),
-                        replicas: info.replicas.iter().map(|r| r.server).collect(),
-                        leader: info.leader,
-                        epoch: info.epoch,
-                        promised: info.epoch,
-                        log_start: 0,
-                    };
+                    let meta = TopicMeta::new(
+                        info.id,
+                        info.name.clone(),
+                        info.config.clone(),
+                        assignment.voter_ids(),
+                        assignment.learner_ids(),
+                        info.leader,
+                        info.epoch,
+                    );
                     let log = self.node.store.create_topic(meta).await?;
                     info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
                     let config = info.config.clone();
@@ -504,26 +528,42 @@ impl TopicServer {
                     hosted
                 }
             };
-            hosted.replica.apply(&self.node, assignment.clone()).await?;
-            debug!(topic = %info.name, epoch = info.epoch, leader = info.leader, "assignment applied");
+            let refused = match hosted.replica.apply(&self.node, assignment.clone()).await {
+                Ok(()) => {
+                    debug!(topic = %info.name, epoch = info.epoch, leader = info.leader, "assignment applied");
+                    None
+                }
+                // E.g. told to lead an epoch it held before a restart: it reports the refusal,
+                // and the naming server elects anew.
+                Err(e) => {
+                    warn!(topic = %info.name, epoch = info.epoch, leader = info.leader, error = %e, "assignment not taken");
+                    (info.leader == self.node.id).then_some(info.epoch)
+                }
+            };
+            *hosted.refused.lock().expect("refused lock") = refused;
             *hosted.applied.lock().expect("applied lock") = Some(assignment);
         }
         Ok(())
     }
 
-    /// For each topic this server leads, the replicas that hold everything it has.
-    fn caught_up(&self) -> Vec<(u64, Vec<ServerId>)> {
+    /// What this server's replicas tell the naming server: every topic it leads (epoch
+    /// committed or not, who holds everything), and every one it was told to lead and would not.
+    fn reports(&self) -> Vec<TopicReport> {
         let topics = self.topics.read().expect("topics lock");
         topics
             .values()
             .filter_map(|h| {
-                let statuses = h.replica.replica_statuses();
-                (!statuses.is_empty()).then(|| {
-                    (
-                        h.replica.log.id,
-                        statuses.into_iter().filter(|s| s.caught_up).map(|s| s.server).collect(),
-                    )
-                })
+                let refused = *h.refused.lock().expect("refused lock");
+                let leader = h.replica.leader_report();
+                if leader.is_none() && refused.is_none() {
+                    return None;
+                }
+                let (leading, ready, holders) = match leader {
+                    Some((epoch, ready, holders)) => (Some(epoch), ready, holders),
+                    None => (None, false, Vec::new()),
+                };
+                let promised = h.replica.log.state().promised;
+                Some(TopicReport { topic: h.replica.log.id, promised, leading, refused, ready, holders })
             })
             .collect()
     }
@@ -566,7 +606,7 @@ impl Service for TopicServer {
                             Some(s) => {
                                 // A consumer reads at the leader, which alone moves cursors
                                 // (and so records that an eviction was told).
-                                me.leader_of(&topic)?;
+                                me.serving(&topic).await?;
                                 let hosted = me.hosted(&topic)?;
                                 hosted.claim(&subscription, s, peer, wait + me.session_lease)?;
                                 Some(hosted)
@@ -597,16 +637,18 @@ impl Service for TopicServer {
                 Box::pin(async move {
                     let result = async {
                         // Cursors move at the leader, which replicates them.
-                        let replica = me.leader_of(&topic)?;
+                        let replica = me.serving(&topic).await?;
                         let hosted = me.hosted(&topic)?;
                         if let Some(s) = &session {
                             hosted.claim(&subscription, s, peer, me.session_lease)?;
                         }
                         let sub = subscription.to_string();
-                        let (cursor, version) = me.node.store.ack(replica.log.id, subscription, next).await?;
+                        let change = me.node.store.ack(replica.log.id, subscription, next).await?;
                         hosted.last_acks.lock().expect("acks lock").insert(sub, now_ms());
-                        replica.wait_cursor_commit(version).await?;
-                        Ok(Response::Cursor { cursor })
+                        if let Some(at) = change.pending {
+                            replica.wait_for(at, true).await?;
+                        }
+                        Ok(Response::Cursor { cursor: change.cursor })
                     };
                     result.await.unwrap_or_else(Response::Error)
                 })
@@ -617,19 +659,19 @@ impl Service for TopicServer {
             })),
             Request::ResetSubscription { topic, subscription, to, execute } => Box::pin(async move {
                 let result = async {
-                    let replica = me.leader_of(&topic)?;
+                    let replica = me.serving(&topic).await?;
                     let hosted = me.hosted(&topic)?;
                     if execute {
                         // The consumer would ack from its own position right after the move.
                         hosted.refuse_if_held(subscription.as_str())?;
                     }
                     let name = subscription.to_string();
-                    let (outcome, version) =
+                    let (outcome, pending) =
                         me.node.store.reset_cursor(replica.log.id, subscription, to, execute).await?;
-                    if version > 0 {
+                    if let Some(at) = pending {
                         info!(topic = %topic, subscription = %name, from = outcome.before, to = outcome.after, "subscription reset");
                         hosted.last_acks.lock().expect("acks lock").insert(name, now_ms());
-                        replica.wait_cursor_commit(version).await?;
+                        replica.wait_for(at, true).await?;
                     }
                     Ok(Response::Reset(outcome))
                 };
@@ -637,33 +679,36 @@ impl Service for TopicServer {
             }),
             Request::CreateSubscription { topic, subscription, from, if_missing } => Box::pin(async move {
                 let result = async {
-                    let replica = me.leader_of(&topic)?;
-                    let (cursor, version) = me
+                    let replica = me.serving(&topic).await?;
+                    let change = me
                         .node
                         .store
                         .create_subscription(replica.log.id, subscription, from, if_missing)
                         .await?;
-                    replica.wait_cursor_commit(version).await?;
-                    Ok(Response::Cursor { cursor })
+                    if let Some(at) = change.pending {
+                        replica.wait_for(at, true).await?;
+                    }
+                    Ok(Response::Cursor { cursor: change.cursor })
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
             Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
                 let result = async {
-                    let replica = me.leader_of(&topic)?;
+                    let replica = me.serving(&topic).await?;
                     let before = replica.log.state();
                     let name = subscription.to_string();
-                    let (version, freed) =
-                        me.node.store.delete_subscription(replica.log.id, subscription).await?;
+                    let change = me.node.store.delete_subscription(replica.log.id, subscription).await?;
                     if let Ok(h) = me.hosted(&topic) {
                         h.last_acks.lock().expect("acks lock").remove(&name);
                         h.holders.lock().expect("holders lock").remove(&name);
                     }
-                    replica.wait_cursor_commit(version).await?;
+                    if let Some(at) = change.pending {
+                        replica.wait_for(at, true).await?;
+                    }
                     let after = replica.log.state();
                     Ok(Response::SubscriptionDeleted {
-                        freed_records: freed.max(after.log_start - before.log_start),
-                        freed_bytes: after.freed_bytes - before.freed_bytes,
+                        freed_records: after.log_start.saturating_sub(before.log_start),
+                        freed_bytes: after.freed_bytes.saturating_sub(before.freed_bytes),
                     })
                 };
                 result.await.unwrap_or_else(Response::Error)
@@ -679,7 +724,6 @@ impl Service for TopicServer {
                 replica: follower,
                 fetch,
                 known_commit,
-                known_cursor_commit,
                 max_bytes,
                 max_wait_ms,
             } => {
@@ -691,17 +735,8 @@ impl Service for TopicServer {
                         let replica = me.replica_with_id(&topic, topic_id)?;
                         let wait = Duration::from_millis(max_wait_ms as u64).min(Duration::from_secs(5));
                         let bytes = max_bytes.min(crate::replica::REPLICA_FETCH_BYTES);
-                        let answer = replica
-                            .serve_fetch(
-                                &me.node,
-                                follower,
-                                fetch,
-                                known_commit,
-                                known_cursor_commit,
-                                bytes,
-                                wait,
-                            )
-                            .await?;
+                        let answer =
+                            replica.serve_fetch(&me.node, follower, fetch, known_commit, bytes, wait).await?;
                         Ok(Response::Replica(answer))
                     };
                     result.await.unwrap_or_else(Response::Error)
@@ -744,7 +779,10 @@ async fn follow_naming(
                 .call(&Request::Register { server: server.node.id, addr: advertise })
                 .await?
             {
-                Response::Registered { lease_ms, cluster } => (lease_ms, cluster),
+                Response::Registered { lease_ms, cluster } => {
+                    server.lease_ms.store(lease_ms as u64, Ordering::Relaxed);
+                    (lease_ms, cluster)
+                }
                 other => return Err(Error::internal(format!("unexpected answer to Register: {other:?}"))),
             };
             // The first book this data directory follows becomes its book.
@@ -762,14 +800,27 @@ async fn follow_naming(
             backoff = Duration::from_millis(50);
             let (mut known, mut applied) = (0u64, 0u64);
             loop {
+                if !server.node.store.is_writing() {
+                    // A server that cannot write must not look healthy: its leases lapse and
+                    // the naming server moves its topics to replicas that can.
+                    error!("the storage writer has stopped; no longer heartbeating");
+                    std::future::pending::<()>().await;
+                }
+                let wait_ms = lease_ms / 3;
                 let req = Request::Heartbeat {
                     server: server.node.id,
                     known_version: known,
                     applied_version: applied,
-                    wait_ms: lease_ms / 3,
-                    caught_up: server.caught_up(),
+                    wait_ms,
+                    reports: server.reports(),
                 };
-                match conn.call(&req).await? {
+                // A naming server that went away sends nothing: notice it within a grace past
+                // the long poll, not after the connection's idle timeout.
+                let limit = Duration::from_millis(wait_ms as u64) + NAMING_ANSWER_GRACE;
+                let answer = tokio::time::timeout(limit, conn.call(&req)).await.map_err(|_| {
+                    Error::Unavailable { detail: format!("no heartbeat answer in {limit:?}") }
+                })??;
+                match answer {
                     Response::Heartbeat { version, assignments } => {
                         if let Some(assignments) = assignments {
                             server.reconcile(assignments, may_delete).await?;
@@ -796,7 +847,7 @@ async fn follow_naming(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(backoff + jitter) => {}
         }
-        backoff = (backoff * 2).min(Duration::from_secs(1));
+        backoff = (backoff * 2).min(NAMING_BACKOFF_MAX);
     }
 }
 
@@ -823,8 +874,14 @@ async fn run_node(
     let node = Arc::new(Node::new(id, store, endpoint.clone()));
     let mut topics = HashMap::new();
     for (log, meta) in logs {
-        let replicas = meta.replicas.iter().map(|s| ReplicaInfo { server: *s, addr: advertise }).collect();
-        let assignment = Assignment { leader: meta.leader, epoch: meta.epoch, replicas };
+        let info =
+            |ids: &[ServerId]| ids.iter().map(|s| ReplicaInfo { server: *s, addr: advertise }).collect();
+        let assignment = Assignment {
+            leader: meta.leader,
+            epoch: meta.epoch,
+            voters: info(&meta.voters),
+            learners: info(&meta.learners),
+        };
         let replica = Replica::new(log, id, assignment.clone());
         let mut applied = None;
         if meta.is_solo() && meta.leader == id {
@@ -840,6 +897,7 @@ async fn run_node(
         topics: RwLock::new(topics),
         session_lease: config.session_lease,
         metrics: Arc::default(),
+        lease_ms: AtomicU64::new(crate::naming::DEFAULT_LEASE.as_millis() as u64),
     });
     if let Some(addr) = config.metrics_listen {
         let me = server.clone();

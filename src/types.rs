@@ -20,6 +20,11 @@ pub type ProducerId = u64;
 /// Per-producer batch sequence number; the leader deduplicates retries by (producer, sequence).
 pub type Sequence = u64;
 
+/// Position of an entry in a topic's replicated log: dense, from 0, never reused. The log
+/// holds producers' batches and control entries (cursor moves, an epoch's first entry), so
+/// entry indexes and record offsets differ: offsets count records only, and stay dense.
+pub type Index = u64;
+
 /// Longest topic or subscription name, in bytes.
 pub const MAX_NAME_BYTES: usize = 128;
 
@@ -134,6 +139,49 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// Milliseconds on this process's monotonic clock (from its first call): for leases and
+/// contact times, which must not jump with the wall clock.
+pub fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
+}
+
+/// A record as a producer sends it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Record {
+    #[serde(with = "serde_bytes")]
+    pub key: Vec<u8>,
+    pub headers: Vec<Header>,
+    #[serde(with = "serde_bytes")]
+    pub payload: Vec<u8>,
+}
+
+/// One record header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Header {
+    pub name: String,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl Record {
+    /// Bytes this record counts against the topic's `max_record_bytes`: key, headers, payload.
+    pub fn size(&self) -> usize {
+        self.key.len()
+            + self.payload.len()
+            + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
+    }
+}
+
+/// A stored record, as consumers receive it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRecord {
+    pub offset: Offset,
+    /// Milliseconds since the Unix epoch, stamped by the leader when it appended the record.
+    pub timestamp_ms: u64,
+    pub record: Record,
 }
 
 #[cfg(test)]

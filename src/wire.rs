@@ -13,16 +13,17 @@ use std::net::SocketAddr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
-use crate::replication::FetchRequest;
-use crate::storage::{ReplicaChunk, ReplicaReset};
+use crate::replication::{FetchRequest, ReplicaChunk, ReplicaReset};
 use crate::types::{
-    Epoch, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
+    Epoch, Index, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
+pub use crate::types::{Header, Record, StoredRecord};
 
 /// The protocol version this build speaks, agreed in the `Hello` handshake (the ALPN,
 /// `herald/1`, names the protocol family). Version 2 added topic policies, consumer
-/// sessions, subscription resets and eviction notices.
-pub const PROTOCOL_VERSION: u16 = 2;
+/// sessions, subscription resets and eviction notices. Version 3 replicates a log of
+/// entries (cursor changes among them) and names learners.
+pub const PROTOCOL_VERSION: u16 = 3;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -36,42 +37,6 @@ pub const DEFAULT_MAX_RECORD_BYTES: u32 = 1024 * 1024;
 
 /// Upper bound for a topic's `max_record_bytes`, so one record always fits in a frame.
 pub const MAX_RECORD_BYTES_LIMIT: u32 = 8 * 1024 * 1024;
-
-/// A record as a producer sends it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct Record {
-    #[serde(with = "serde_bytes")]
-    pub key: Vec<u8>,
-    pub headers: Vec<Header>,
-    #[serde(with = "serde_bytes")]
-    pub payload: Vec<u8>,
-}
-
-/// One record header.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Header {
-    pub name: String,
-    #[serde(with = "serde_bytes")]
-    pub value: Vec<u8>,
-}
-
-impl Record {
-    /// Bytes this record counts against the topic's `max_record_bytes`: key, headers, payload.
-    pub fn size(&self) -> usize {
-        self.key.len()
-            + self.payload.len()
-            + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
-    }
-}
-
-/// A stored record, as consumers receive it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StoredRecord {
-    pub offset: Offset,
-    /// Milliseconds since the Unix epoch, stamped by the leader when it appended the record.
-    pub timestamp_ms: u64,
-    pub record: Record,
-}
 
 /// Per-topic settings chosen at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -190,8 +155,11 @@ pub struct TopicInfo {
     pub id: TopicId,
     pub name: TopicName,
     pub config: TopicConfig,
-    /// The replica set; the leader is one of them.
+    /// The voters: the replicas that count toward commits and elections; the leader is one
+    /// of them.
     pub replicas: Vec<ReplicaInfo>,
+    /// Replicas copying the log before they count (a replacement catching up).
+    pub learners: Vec<ReplicaInfo>,
     pub leader: ServerId,
     pub epoch: Epoch,
     pub created_ms: u64,
@@ -277,9 +245,9 @@ pub enum Request {
         known_version: u64,
         applied_version: u64,
         wait_ms: u32,
-        /// For each topic this server leads, the replicas holding everything it has (itself
-        /// included): the naming server replaces a lost replica only when that is safe.
-        caught_up: Vec<(TopicId, Vec<ServerId>)>,
+        /// What this server's replicas say of their topics: the naming server changes
+        /// replica sets only when that is safe, and elects when a leader does not lead.
+        reports: Vec<TopicReport>,
     },
     CreateTopic {
         name: TopicName,
@@ -341,15 +309,14 @@ pub enum Request {
 
     // --- Between servers (node certificate required). ---
     /// A follower's fetch from the leader of `topic`; also its acknowledgement (see
-    /// `replication`). `known_commit` and `known_cursor_commit` say what it already knows, so
-    /// the leader answers early when either moved.
+    /// `replication`). `known_commit` is the commit point it already knows, so the leader
+    /// answers early when it moved.
     ReplicaFetch {
         topic: TopicName,
         topic_id: TopicId,
         replica: ServerId,
         fetch: FetchRequest,
-        known_commit: Offset,
-        known_cursor_commit: u64,
+        known_commit: Index,
         max_bytes: u32,
         max_wait_ms: u32,
     },
@@ -388,13 +355,30 @@ pub enum ReplicaAnswer {
     Chunk(ReplicaChunk),
     Diverging {
         end_epoch: Epoch,
-        end_offset: Offset,
+        end_index: Index,
     },
     Reset(ReplicaReset),
     /// The follower knows a newer epoch than this leader: it must wait for a new assignment.
     Fenced {
         epoch: Epoch,
     },
+}
+
+/// A replica's word on its topic, in a heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicReport {
+    pub topic: TopicId,
+    /// The newest epoch this replica promised or followed.
+    pub promised: Epoch,
+    /// The epoch it leads, if it does.
+    pub leading: Option<Epoch>,
+    /// An epoch it was told to lead and would not (it held that epoch before a restart, or
+    /// promised a newer one): the naming server must elect again.
+    pub refused: Option<Epoch>,
+    /// Leading: its epoch's first entry is committed.
+    pub ready: bool,
+    /// Leading: the replicas (voters and learners, itself included) holding everything it has.
+    pub holders: Vec<ServerId>,
 }
 
 /// One replica as the leader sees it.
@@ -592,7 +576,14 @@ mod tests {
                 known_version: v,
                 applied_version: v,
                 wait_ms: 5,
-                caught_up: vec![(v, vec![server])],
+                reports: vec![TopicReport {
+                    topic: v,
+                    promised: v,
+                    leading: Some(v),
+                    refused: None,
+                    ready: true,
+                    holders: vec![server],
+                }],
             }),
             topic.prop_map(|name| Request::LookupTopic { name }),
         ]

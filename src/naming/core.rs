@@ -1,0 +1,786 @@
+//! Every decision of the naming server, without I/O: liveness, placement, elections and
+//! replica replacement. The driver (`naming::NamingServer`) and the simulator (`crate::sim`)
+//! feed it requests, heartbeats, promise answers and the time, make the [`BookChange`]s it
+//! decides durable, apply them, and carry its promise requests.
+//!
+//! # Liveness
+//! A server is alive while its lease (renewed by heartbeats, on the caller's monotonic clock)
+//! runs. Leases are not durable: after a (re)start every known server is **unknown** for a
+//! grace period long enough to reconnect ([`Settings::grace_ms`]), and an unknown server is
+//! never taken for dead, so a restart of the naming server fails no healthy leader over.
+//!
+//! # Elections
+//! A replicated topic needs an election when its leader is dead; when its leader reports it
+//! will not lead the book's epoch (it held that epoch before a restart, and may have lost
+//! entries its followers hold); when any voter reports a promise newer than the book's epoch
+//! (an election that did not finish: the old leader may be fenced); or when the book records
+//! an election epoch newer than its epoch (the naming server stopped mid-election). An
+//! election bumps the epoch durably, asks the voters to promise it, and picks the most
+//! up-to-date of a majority ([`choose_leader`]). One that cannot gather a majority is retried
+//! with a new epoch after [`Settings::retry_ms`] for as long as the topic needs one.
+//!
+//! # Replacement
+//! A voter dead for longer than [`Settings::replace_after_ms`] is replaced one step at a
+//! time, each in a new epoch under the same leader and only once the leader reported its
+//! current epoch committed (so every committed entry is on a majority of the current voters):
+//! a live spare joins as a **learner**; once the leader reports it holds everything, it
+//! becomes a voter; then the lost voter is removed. Each step changes the voters by one
+//! server, so every majority of the old voters and every majority of the new ones share a
+//! replica: no committed entry is ever held by a minority of the voters that can elect. A
+//! lost voter that returns before its replacement became a voter cancels the replacement.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use super::book::{Book, BookChange, ServerRecord, TopicRecord};
+use crate::error::Error;
+use crate::replication::{choose_leader, majority};
+use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
+use crate::wire::{
+    ReplicaInfo, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport, MAX_RECORD_BYTES_LIMIT,
+};
+
+/// Most replicas a topic may ask for.
+pub const MAX_REPLICAS: u32 = 16;
+
+/// Timing of the naming server's decisions, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// A server is alive this long after its last heartbeat.
+    pub lease_ms: u64,
+    /// A voter dead this long is replaced.
+    pub replace_after_ms: u64,
+    /// After a start, servers not heard from yet are unknown (not dead) this long.
+    pub grace_ms: u64,
+    /// An election waits this long for promises.
+    pub promise_wait_ms: u64,
+    /// Once a majority promised, it waits this much longer for the others (a more
+    /// up-to-date replica truncates less), at most until `promise_wait_ms`.
+    pub promise_settle_ms: u64,
+    /// A failed election is tried again (with a new epoch) after this long.
+    pub retry_ms: u64,
+}
+
+/// How long a topic server may take to reach a restarted naming server: its heartbeat
+/// notices the silence within a third of a lease plus `server::NAMING_ANSWER_GRACE`, then it
+/// dials with `transport::CONNECT_TIMEOUT` and backs off at most
+/// `server::NAMING_BACKOFF_MAX` (with jitter) between dials.
+pub const RECONNECT_BOUND_MS: u64 = 1_000 + 2_000 + 750;
+
+impl Settings {
+    /// The settings for a lease and a replacement delay; the rest follows from them.
+    pub fn new(lease_ms: u64, replace_after_ms: u64) -> Self {
+        Self {
+            lease_ms,
+            replace_after_ms,
+            grace_ms: lease_ms + lease_ms / 3 + RECONNECT_BOUND_MS,
+            promise_wait_ms: 1_000,
+            promise_settle_ms: 50,
+            retry_ms: (lease_ms / 2).max(100),
+        }
+    }
+}
+
+/// What the naming server thinks of a server now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    Dead,
+    /// Not heard from since the naming server started, within the grace period.
+    Unknown,
+}
+
+/// A promise request the driver sends for an election.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromiseAsk {
+    pub topic: TopicId,
+    pub name: TopicName,
+    pub epoch: Epoch,
+    pub server: ServerId,
+    pub addr: SocketAddr,
+}
+
+/// What the driver does for one decision: make `change` durable and apply it, then (only if
+/// that worked) send `asks`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Step {
+    pub change: Option<BookChange>,
+    pub asks: Vec<PromiseAsk>,
+    /// A line for the log.
+    pub note: String,
+    /// This step publishes an election's winner.
+    pub elected: bool,
+}
+
+/// An election under way.
+#[derive(Debug, Clone)]
+struct Election {
+    epoch: Epoch,
+    started_ms: u64,
+    asked: Vec<ServerId>,
+    /// `None`: the server answered with an error.
+    answers: BTreeMap<ServerId, Option<(Epoch, Index)>>,
+    /// When a majority had answered.
+    majority_at: Option<u64>,
+}
+
+/// The naming server's decisions, over the durable book and what it heard lately.
+#[derive(Debug, Clone)]
+pub struct NamingCore {
+    book: Book,
+    settings: Settings,
+    started_ms: u64,
+    /// When each server last heartbeated (ms on the caller's monotonic clock).
+    heard: BTreeMap<ServerId, u64>,
+    /// The newest book version each server applied.
+    applied: BTreeMap<ServerId, u64>,
+    /// Each replica's latest report on each topic.
+    reports: BTreeMap<(TopicId, ServerId), TopicReport>,
+    elections: BTreeMap<TopicId, Election>,
+    /// Topics whose last election failed, and when to try again.
+    retry_at: BTreeMap<TopicId, u64>,
+    /// Leaders elected since the start.
+    pub elected: u64,
+}
+
+impl NamingCore {
+    pub fn new(book: Book, settings: Settings, now_ms: u64) -> Self {
+        Self {
+            book,
+            settings,
+            started_ms: now_ms,
+            heard: BTreeMap::new(),
+            applied: BTreeMap::new(),
+            reports: BTreeMap::new(),
+            elections: BTreeMap::new(),
+            retry_at: BTreeMap::new(),
+            elected: 0,
+        }
+    }
+
+    pub fn book(&self) -> &Book {
+        &self.book
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Applies a change that is durable now.
+    pub fn apply(&mut self, change: &BookChange) {
+        self.book.apply(change);
+    }
+
+    pub fn liveness(&self, server: ServerId, now_ms: u64) -> Liveness {
+        match self.heard.get(&server) {
+            Some(t) if now_ms.saturating_sub(*t) < self.settings.lease_ms => Liveness::Alive,
+            Some(_) => Liveness::Dead,
+            None if now_ms.saturating_sub(self.started_ms) < self.settings.grace_ms => Liveness::Unknown,
+            None => Liveness::Dead,
+        }
+    }
+
+    fn is_alive(&self, server: ServerId, now_ms: u64) -> bool {
+        self.liveness(server, now_ms) == Liveness::Alive
+    }
+
+    /// When a server was last heard from (the naming server's start if never, since then).
+    fn last_seen(&self, server: ServerId) -> u64 {
+        self.heard.get(&server).copied().unwrap_or(self.started_ms)
+    }
+
+    /// A topic server announces itself; returns the change if its address is new.
+    pub fn register(&mut self, now_ms: u64, server: ServerId, addr: SocketAddr) -> Option<BookChange> {
+        self.heard.insert(server, now_ms);
+        let known = self.book.servers.get(&server).is_some_and(|s| s.addr == addr);
+        (!known)
+            .then(|| BookChange { servers: vec![ServerRecord { id: server, addr }], ..BookChange::default() })
+    }
+
+    /// A heartbeat: renews the lease and records the server's reports.
+    pub fn heartbeat(
+        &mut self,
+        now_ms: u64,
+        server: ServerId,
+        applied_version: u64,
+        reports: Vec<TopicReport>,
+    ) -> Result<(), Error> {
+        if !self.book.servers.contains_key(&server) {
+            return Err(Error::Unavailable {
+                detail: format!("server {server} is not registered; register first"),
+            });
+        }
+        self.heard.insert(server, now_ms);
+        let applied = self.applied.entry(server).or_default();
+        *applied = (*applied).max(applied_version);
+        for r in reports {
+            self.reports.insert((r.topic, server), r);
+        }
+        Ok(())
+    }
+
+    /// Whether every replica of `topic` applied book `version`.
+    pub fn applied_by_all(&self, topic: &TopicRecord, version: u64) -> bool {
+        topic.members().all(|r| self.applied.get(&r).copied().unwrap_or(0) >= version)
+    }
+
+    pub fn topic_info(&self, t: &TopicRecord) -> TopicInfo {
+        let info = |ids: &[ServerId]| -> Vec<ReplicaInfo> {
+            ids.iter()
+                .filter_map(|id| {
+                    self.book.servers.get(id).map(|s| ReplicaInfo { server: s.id, addr: s.addr })
+                })
+                .collect()
+        };
+        TopicInfo {
+            id: t.id,
+            name: t.name.clone(),
+            config: t.config.clone(),
+            replicas: info(&t.voters),
+            learners: info(&t.learners),
+            leader: t.leader,
+            epoch: t.epoch,
+            created_ms: t.created_ms,
+        }
+    }
+
+    pub fn lookup(&self, name: &TopicName) -> Result<TopicInfo, Error> {
+        match self.book.topics.get(name.as_str()) {
+            Some(t) => Ok(self.topic_info(t)),
+            None => Err(Error::UnknownTopic { topic: name.to_string() }),
+        }
+    }
+
+    pub fn list_topics(&self) -> Vec<TopicInfo> {
+        self.book.topics.values().map(|t| self.topic_info(t)).collect()
+    }
+
+    pub fn list_servers(&self, now_ms: u64) -> Vec<ServerInfo> {
+        self.book
+            .servers
+            .values()
+            .map(|s| ServerInfo {
+                id: s.id,
+                addr: s.addr,
+                alive: self.is_alive(s.id, now_ms),
+                topics: self.book.topics.values().filter(|t| t.members().any(|r| r == s.id)).count() as u32,
+            })
+            .collect()
+    }
+
+    /// The topics `server` hosts, as it should apply them.
+    pub fn assignments_for(&self, server: ServerId) -> Vec<TopicInfo> {
+        self.book
+            .topics
+            .values()
+            .filter(|t| t.members().any(|r| r == server))
+            .map(|t| self.topic_info(t))
+            .collect()
+    }
+
+    /// Live servers by how many replicas they hold, least loaded first (ties by id).
+    fn by_load(&self, now_ms: u64) -> Vec<ServerId> {
+        let mut load: BTreeMap<ServerId, usize> =
+            self.book.servers.keys().filter(|id| self.is_alive(**id, now_ms)).map(|id| (*id, 0)).collect();
+        for t in self.book.topics.values() {
+            for r in t.members() {
+                if let Some(n) = load.get_mut(&r) {
+                    *n += 1;
+                }
+            }
+        }
+        let mut candidates: Vec<(usize, ServerId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
+        candidates.sort();
+        candidates.into_iter().map(|(_, id)| id).collect()
+    }
+
+    /// Places a new topic on the least loaded live servers; the first leads epoch 1.
+    pub fn create_topic(
+        &self,
+        now_ms: u64,
+        wall_ms: u64,
+        name: TopicName,
+        replicas: u32,
+        config: TopicConfig,
+    ) -> Result<BookChange, Error> {
+        if replicas == 0 || replicas > MAX_REPLICAS {
+            return Err(Error::invalid(format!("--replicas must be 1..={MAX_REPLICAS}, got {replicas}")));
+        }
+        check_config(&config)?;
+        if self.book.topics.contains_key(name.as_str()) {
+            return Err(Error::TopicExists { topic: name.to_string() });
+        }
+        let live = self.by_load(now_ms);
+        if live.len() < replicas as usize {
+            return Err(Error::NotEnoughServers { requested: replicas, live: live.len() as u32 });
+        }
+        let voters: Vec<ServerId> = live.into_iter().take(replicas as usize).collect();
+        let record = TopicRecord {
+            id: self.book.next_topic_id,
+            name,
+            config,
+            factor: replicas,
+            leader: voters[0],
+            voters,
+            learners: Vec::new(),
+            epoch: 1,
+            election_epoch: 1,
+            created_ms: wall_ms,
+            replacing: None,
+        };
+        Ok(BookChange {
+            topics: vec![record],
+            next_topic_id: Some(self.book.next_topic_id + 1),
+            ..BookChange::default()
+        })
+    }
+
+    /// Changes a topic's policies.
+    pub fn alter_topic(&self, name: &TopicName, changes: TopicChanges) -> Result<BookChange, Error> {
+        if let Some(Some(schema)) = &changes.schema {
+            crate::policy::compile_schema(schema)?;
+        }
+        if changes.backlog_limit == Some(Some(0)) {
+            return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
+        }
+        let Some(mut record) = self.book.topics.get(name.as_str()).cloned() else {
+            return Err(Error::UnknownTopic { topic: name.to_string() });
+        };
+        if let Some(schema) = changes.schema {
+            record.config.schema = schema;
+        }
+        if let Some(limit) = changes.backlog_limit {
+            record.config.backlog_limit = limit;
+        }
+        if let Some(policy) = changes.backlog_policy {
+            record.config.backlog_policy = policy;
+        }
+        Ok(BookChange::topic(record))
+    }
+
+    pub fn delete_topic(&self, name: &TopicName) -> Result<BookChange, Error> {
+        if !self.book.topics.contains_key(name.as_str()) {
+            return Err(Error::UnknownTopic { topic: name.to_string() });
+        }
+        Ok(BookChange { removed: vec![name.to_string()], ..BookChange::default() })
+    }
+
+    /// The latest report of `server` on `topic`.
+    fn report(&self, topic: TopicId, server: ServerId) -> Option<&TopicReport> {
+        self.reports.get(&(topic, server))
+    }
+
+    /// Why `t` needs an election now, if it does.
+    fn election_reason(&self, t: &TopicRecord, now_ms: u64) -> Option<String> {
+        if t.voters.len() < 2 {
+            return None; // a single voter is its own majority and resumes its epoch
+        }
+        if self.liveness(t.leader, now_ms) == Liveness::Dead {
+            return Some(format!("leader {} is dead", t.leader));
+        }
+        if let Some(r) = self.report(t.id, t.leader) {
+            if r.refused == Some(t.epoch) {
+                return Some(format!("leader {} will not lead epoch {} again", t.leader, t.epoch));
+            }
+        }
+        for v in &t.voters {
+            if let Some(r) = self.report(t.id, *v).filter(|r| r.promised > t.epoch) {
+                return Some(format!(
+                    "server {v} promised epoch {} after the book's {}",
+                    r.promised, t.epoch
+                ));
+            }
+        }
+        if t.election_epoch > t.epoch {
+            return Some(format!("the election of epoch {} did not finish", t.election_epoch));
+        }
+        None
+    }
+
+    /// Everything due now: elections to start, finish or give up, and replacement steps.
+    pub fn tick(&mut self, now_ms: u64) -> Vec<Step> {
+        let mut steps = Vec::new();
+        let names: Vec<String> = self.book.topics.keys().cloned().collect();
+        for name in names {
+            let t = self.book.topics[&name].clone();
+            if let Some(e) = self.elections.get(&t.id).cloned() {
+                if let Some(step) = self.conclude(&t, &e, now_ms) {
+                    steps.push(step);
+                }
+                continue;
+            }
+            if self.retry_at.get(&t.id).is_some_and(|at| *at > now_ms) {
+                continue;
+            }
+            if let Some(reason) = self.election_reason(&t, now_ms) {
+                if let Some(step) = self.start_election(&t, reason, now_ms) {
+                    steps.push(step);
+                }
+                continue;
+            }
+            if let Some(step) = self.replacement_step(&t, now_ms) {
+                steps.push(step);
+            }
+        }
+        steps
+    }
+
+    fn start_election(&mut self, t: &TopicRecord, reason: String, now_ms: u64) -> Option<Step> {
+        let reachable: Vec<ServerId> =
+            t.voters.iter().copied().filter(|v| self.liveness(*v, now_ms) != Liveness::Dead).collect();
+        if reachable.len() < majority(t.voters.len()) {
+            return None; // no majority could answer: each attempt would only burn an epoch
+        }
+        let promised =
+            t.voters.iter().filter_map(|v| self.report(t.id, *v)).map(|r| r.promised).max().unwrap_or(0);
+        let epoch = t.next_epoch().max(promised + 1);
+        let asks: Vec<PromiseAsk> = reachable
+            .iter()
+            .filter_map(|v| self.book.servers.get(v))
+            .map(|s| PromiseAsk { topic: t.id, name: t.name.clone(), epoch, server: s.id, addr: s.addr })
+            .collect();
+        self.elections.insert(
+            t.id,
+            Election {
+                epoch,
+                started_ms: now_ms,
+                asked: asks.iter().map(|a| a.server).collect(),
+                answers: BTreeMap::new(),
+                majority_at: None,
+            },
+        );
+        let record = TopicRecord { election_epoch: epoch, ..t.clone() };
+        let note = format!("electing {} in epoch {epoch}: {reason}", t.name);
+        Some(Step { change: Some(BookChange::topic(record)), asks, note, elected: false })
+    }
+
+    /// A voter's answer to a promise request (`None`: it failed or timed out).
+    pub fn on_promise(
+        &mut self,
+        now_ms: u64,
+        topic: TopicId,
+        epoch: Epoch,
+        server: ServerId,
+        answer: Option<(Epoch, Index)>,
+    ) {
+        let voters = match self.book.topics.values().find(|t| t.id == topic) {
+            Some(t) => t.voters.clone(),
+            None => return,
+        };
+        let Some(e) = self.elections.get_mut(&topic).filter(|e| e.epoch == epoch) else { return };
+        e.answers.insert(server, answer);
+        let promised = e.answers.iter().filter(|(s, a)| a.is_some() && voters.contains(s)).count();
+        if e.majority_at.is_none() && promised >= majority(voters.len()) {
+            e.majority_at = Some(now_ms);
+        }
+    }
+
+    /// Finishes an election that has its answers, or gives up one that cannot.
+    fn conclude(&mut self, t: &TopicRecord, e: &Election, now_ms: u64) -> Option<Step> {
+        let all_answered = e.asked.iter().all(|s| e.answers.contains_key(s));
+        let settled = e.majority_at.is_some_and(|at| now_ms >= at + self.settings.promise_settle_ms);
+        let timed_out = now_ms >= e.started_ms + self.settings.promise_wait_ms;
+        if !(all_answered || settled || timed_out) {
+            return None;
+        }
+        self.elections.remove(&t.id);
+        if t.election_epoch != e.epoch {
+            return None; // the topic was deleted and made again, or changed meanwhile
+        }
+        let reports: Vec<(ServerId, Epoch, Index)> =
+            e.answers.iter().filter_map(|(s, a)| a.map(|(last, end)| (*s, last, end))).collect();
+        match choose_leader(&t.voters, &reports) {
+            Some(winner) => {
+                self.retry_at.remove(&t.id);
+                self.elected += 1;
+                let record = TopicRecord { leader: winner, epoch: e.epoch, ..t.clone() };
+                let note =
+                    format!("elected {winner} to lead {} in epoch {} from {reports:?}", t.name, e.epoch);
+                Some(Step { change: Some(BookChange::topic(record)), asks: Vec::new(), note, elected: true })
+            }
+            None => {
+                self.retry_at.insert(t.id, now_ms + self.settings.retry_ms);
+                let note = format!(
+                    "no majority of {}'s {} voters promised epoch {} ({} did); trying again in {} ms",
+                    t.name,
+                    t.voters.len(),
+                    e.epoch,
+                    reports.len(),
+                    self.settings.retry_ms
+                );
+                Some(Step { change: None, asks: Vec::new(), note, elected: false })
+            }
+        }
+    }
+
+    /// The next step of replacing a lost voter of `t`, if one is due and safe.
+    fn replacement_step(&self, t: &TopicRecord, now_ms: u64) -> Option<Step> {
+        if t.voters.len() < 2 && t.learners.is_empty() {
+            return None;
+        }
+        // Only when the leader leads the book's epoch and reported it committed: then every
+        // committed entry is on a majority of the current voters.
+        if !self.is_alive(t.leader, now_ms) {
+            return None;
+        }
+        let report = self.report(t.id, t.leader)?;
+        if report.leading != Some(t.epoch) || !report.ready {
+            return None;
+        }
+        let next = TopicRecord { epoch: t.next_epoch(), election_epoch: t.next_epoch(), ..t.clone() };
+        let step = |record: TopicRecord, note: String| {
+            Some(Step { change: Some(BookChange::topic(record)), asks: Vec::new(), note, elected: false })
+        };
+        if let Some(lost) = t.replacing {
+            if t.voters.len() > t.factor as usize && t.voters.contains(&lost) {
+                let voters = t.voters.iter().copied().filter(|v| *v != lost).collect();
+                return step(
+                    TopicRecord { voters, replacing: None, ..next },
+                    format!("{}: removed lost voter {lost} (epoch {})", t.name, t.next_epoch()),
+                );
+            }
+            if !t.learners.is_empty() {
+                if self.is_alive(lost, now_ms) {
+                    return step(
+                        TopicRecord { learners: Vec::new(), replacing: None, ..next },
+                        format!("{}: voter {lost} is back; replacement called off", t.name),
+                    );
+                }
+                if t.learners.iter().all(|l| report.holders.contains(l)) {
+                    let mut voters = t.voters.clone();
+                    voters.extend(&t.learners);
+                    return step(
+                        TopicRecord { voters, learners: Vec::new(), ..next },
+                        format!(
+                            "{}: learner {:?} caught up and votes now (epoch {})",
+                            t.name,
+                            t.learners,
+                            t.next_epoch()
+                        ),
+                    );
+                }
+                return None;
+            }
+            return step(
+                TopicRecord { replacing: None, ..t.clone() },
+                format!("{}: replacement of {lost} done", t.name),
+            );
+        }
+        let lost = t.voters.iter().copied().find(|v| {
+            self.liveness(*v, now_ms) == Liveness::Dead
+                && now_ms.saturating_sub(self.last_seen(*v)) > self.settings.replace_after_ms
+        })?;
+        let members: BTreeSet<ServerId> = t.members().collect();
+        let spare = self.by_load(now_ms).into_iter().find(|s| !members.contains(s))?;
+        step(
+            TopicRecord { learners: vec![spare], replacing: Some(lost), ..next },
+            format!("{}: voter {lost} lost; {spare} joins as a learner (epoch {})", t.name, t.next_epoch()),
+        )
+    }
+}
+
+/// Checks a topic's policies as `topic create` gives them.
+fn check_config(config: &TopicConfig) -> Result<(), Error> {
+    if let Some(schema) = &config.schema {
+        crate::policy::compile_schema(schema)?;
+    }
+    if config.backlog_limit == Some(0) {
+        return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
+    }
+    if config.max_record_bytes == 0 || config.max_record_bytes > MAX_RECORD_BYTES_LIMIT {
+        return Err(Error::invalid(format!(
+            "--max-record-bytes must be 1..={MAX_RECORD_BYTES_LIMIT}, got {}",
+            config.max_record_bytes
+        )));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LEASE: u64 = 1000;
+
+    fn addr(id: ServerId) -> SocketAddr {
+        format!("127.0.0.1:{}", 7400 + id).parse().unwrap()
+    }
+
+    /// A core with `n` registered servers, all heartbeating at `now`.
+    fn core(n: u64, now: u64) -> NamingCore {
+        let mut c = NamingCore::new(Book::default(), Settings::new(LEASE, 3000), now);
+        for id in 1..=n {
+            let change = c.register(now, id, addr(id)).unwrap();
+            c.apply(&change);
+        }
+        c
+    }
+
+    fn beat(c: &mut NamingCore, now: u64, servers: &[ServerId]) {
+        for s in servers {
+            c.heartbeat(now, *s, 0, Vec::new()).unwrap();
+        }
+    }
+
+    fn report(c: &mut NamingCore, now: u64, server: ServerId, r: TopicReport) {
+        c.heartbeat(now, server, 0, vec![r]).unwrap();
+    }
+
+    fn leading(topic: TopicId, epoch: Epoch, holders: &[ServerId]) -> TopicReport {
+        TopicReport {
+            topic,
+            promised: epoch,
+            leading: Some(epoch),
+            refused: None,
+            ready: true,
+            holders: holders.to_vec(),
+        }
+    }
+
+    fn create(c: &mut NamingCore, now: u64) -> TopicRecord {
+        let name = TopicName::new("t").unwrap();
+        let change = c.create_topic(now, 0, name.clone(), 3, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        c.book().topics["t"].clone()
+    }
+
+    /// Runs ticks every 10 ms from `from` to `to`, applying every change and answering every
+    /// promise with `answer`; returns the notes.
+    fn run(
+        c: &mut NamingCore,
+        from: u64,
+        to: u64,
+        alive: &[ServerId],
+        answer: &dyn Fn(ServerId) -> Option<(Epoch, Index)>,
+    ) -> Vec<String> {
+        let mut notes = Vec::new();
+        let mut now = from;
+        while now <= to {
+            beat(c, now, alive);
+            for step in c.tick(now) {
+                if let Some(change) = &step.change {
+                    c.apply(change);
+                }
+                notes.push(step.note);
+                for ask in step.asks {
+                    c.on_promise(now, ask.topic, ask.epoch, ask.server, answer(ask.server));
+                }
+            }
+            now += 10;
+        }
+        notes
+    }
+
+    #[test]
+    fn a_dead_leader_is_replaced_by_the_most_up_to_date_of_a_majority() {
+        let mut c = core(3, 0);
+        let t = create(&mut c, 0);
+        assert_eq!((t.leader, t.epoch), (1, 1));
+        let answer = |s: ServerId| Some((1, if s == 3 { 9 } else { 5 }));
+        let notes = run(&mut c, 0, 3000, &[2, 3], &answer);
+        let t = &c.book().topics["t"];
+        assert_eq!((t.leader, t.epoch), (3, 2), "{notes:?}");
+    }
+
+    #[test]
+    fn a_failed_election_is_retried_with_a_new_epoch_until_a_majority_answers() {
+        let mut c = core(3, 0);
+        let first = create(&mut c, 0);
+        // Leader 1 is gone and 2 does not answer its promise requests: no majority.
+        let silent_two = |s: ServerId| (s == 3).then_some((1, 5));
+        run(&mut c, 0, 3000, &[2, 3], &silent_two);
+        let t = c.book().topics["t"].clone();
+        assert_eq!(t.epoch, 1, "no leader without a majority");
+        assert!(t.election_epoch > 2, "tried more than once: {t:?}");
+        // 3 reports the promise, and 1 comes back heartbeating as if it still led: the
+        // elections go on until one succeeds.
+        report(
+            &mut c,
+            3000,
+            3,
+            TopicReport { promised: t.election_epoch, leading: None, ..leading(first.id, 0, &[]) },
+        );
+        let answer = |_| Some((1, 5));
+        run(&mut c, 3000, 6000, &[1, 2, 3], &answer);
+        let t = &c.book().topics["t"];
+        assert!(t.epoch > 1 && t.epoch == t.election_epoch, "{t:?}");
+    }
+
+    #[test]
+    fn a_leader_that_will_not_lead_its_epoch_again_is_replaced_by_an_election() {
+        let mut c = core(3, 0);
+        let t = create(&mut c, 0);
+        beat(&mut c, 100, &[1, 2, 3]);
+        assert!(c.tick(100).is_empty(), "a healthy leader keeps its epoch");
+        report(&mut c, 200, 1, TopicReport { refused: Some(1), leading: None, ..leading(t.id, 1, &[]) });
+        let answer = |s: ServerId| Some((1, if s == 1 { 3 } else { 5 }));
+        run(&mut c, 200, 1000, &[1, 2, 3], &answer);
+        let t = &c.book().topics["t"];
+        assert_eq!((t.leader, t.epoch), (2, 2), "a new epoch, whoever wins");
+    }
+
+    #[test]
+    fn after_a_restart_unknown_servers_are_given_time_to_report() {
+        let mut c = core(3, 0);
+        create(&mut c, 0);
+        // The naming server restarts at 10 s: it knows the book, not the leases.
+        let mut c = NamingCore::new(c.book().clone(), *c.settings(), 10_000);
+        let grace = c.settings().grace_ms;
+        // Followers report at once; the leader only near the end of the grace period.
+        let notes = run(&mut c, 10_000, 10_000 + grace - 20, &[2, 3], &|_| Some((1, 5)));
+        assert!(notes.is_empty(), "{notes:?}");
+        let notes =
+            run(&mut c, 10_000 + grace - 10, 10_000 + grace + 2 * LEASE, &[1, 2, 3], &|_| Some((1, 5)));
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(c.book().topics["t"].epoch, 1);
+        // A leader that never reports is dead once the grace period ends.
+        let mut c = NamingCore::new(c.book().clone(), *c.settings(), 20_000);
+        run(&mut c, 20_000, 20_000 + grace + 500, &[2, 3], &|_| Some((1, 5)));
+        assert_eq!(c.book().topics["t"].leader, 2);
+    }
+
+    #[test]
+    fn a_lost_voter_is_replaced_one_voter_at_a_time_and_only_once_each_epoch_committed() {
+        let mut c = core(4, 0);
+        create(&mut c, 0);
+        // Voter 3 stops heartbeating; 1 leads on with 2.
+        let mut now = 0;
+        let mut steps = Vec::new();
+        while now < 10_000 {
+            beat(&mut c, now, &[1, 2, 4]);
+            let t = c.book().topics["t"].clone();
+            // The leader reports its epoch committed only a little after each change, and the
+            // learner caught up only after 500 ms.
+            let holders: Vec<ServerId> = if now > 5000 { vec![1, 2, 4] } else { vec![1, 2] };
+            report(&mut c, now, 1, leading(t.id, t.epoch, &holders));
+            for step in c.tick(now) {
+                let change = step.change.unwrap();
+                let before = c.book().topics["t"].clone();
+                c.apply(&change);
+                let after = c.book().topics["t"].clone();
+                assert!(after.epoch > before.epoch, "every change is a new epoch");
+                let added = after.voters.iter().filter(|v| !before.voters.contains(v)).count();
+                let removed = before.voters.iter().filter(|v| !after.voters.contains(v)).count();
+                assert!(added + removed <= 1, "{before:?} -> {after:?}");
+                steps.push((after.voters.clone(), after.learners.clone()));
+            }
+            now += 50;
+        }
+        assert_eq!(
+            steps,
+            vec![(vec![1, 2, 3], vec![4]), (vec![1, 2, 3, 4], vec![]), (vec![1, 2, 4], vec![])],
+            "learner, then voter, then the lost voter leaves"
+        );
+    }
+
+    #[test]
+    fn no_replacement_step_while_the_leader_has_not_committed_its_epoch() {
+        let mut c = core(4, 0);
+        let t = create(&mut c, 0);
+        beat(&mut c, 5000, &[1, 2, 4]);
+        report(&mut c, 5000, 1, TopicReport { ready: false, ..leading(t.id, 1, &[1, 2]) });
+        assert!(c.tick(5000).is_empty(), "the epoch is not committed yet");
+        report(&mut c, 5000, 1, leading(t.id, 1, &[1, 2]));
+        assert_eq!(c.tick(5000).len(), 1);
+    }
+}

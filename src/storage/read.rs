@@ -1,0 +1,296 @@
+//! Reads, each in its own read transaction: never waiting for the writer, and seeing only
+//! committed (durable) data.
+
+use redb::{ReadableTable, ReadableTableMetadata};
+
+use super::state::{LogState, TopicLog, TopicMeta};
+use super::tables::{decode, StoredValue, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
+use super::Store;
+use crate::error::Error;
+use crate::replication::{Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry};
+use crate::types::{Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
+use crate::wire::SubscriptionInfo;
+
+/// Records behind a cursor up to which its lag in bytes is summed exactly.
+pub const LAG_BYTES_SCAN: u64 = 100_000;
+
+impl Store {
+    /// Reads records `from..end` (at most `max_records`, and at most `max_bytes` of payload
+    /// beyond the first record).
+    pub fn read(
+        &self,
+        topic: &TopicLog,
+        from: Offset,
+        end: Offset,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for row in table.range((topic.id, from)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
+            bytes += v.record.size();
+            out.push(StoredRecord { offset: key.value().1, timestamp_ms: v.timestamp_ms, record: v.record });
+            if out.len() >= max_records as usize || bytes >= max_bytes as usize {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Entries `from..end` with their records, for a follower: whole entries, stopping once
+    /// `max_bytes` of records are gathered. A batch whose first records were deleted comes
+    /// with the rest.
+    pub fn read_entries(
+        &self,
+        topic: TopicId,
+        from: Index,
+        end: Index,
+        max_bytes: usize,
+    ) -> Result<Vec<ShippedEntry>, Error> {
+        let txn = self.read_txn()?;
+        let entries = txn.open_table(ENTRIES).map_err(|e| self.storage_err(e))?;
+        let records = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        let mut bytes = 0usize;
+        for row in entries.range((topic, from)..(topic, end)).map_err(|e| self.storage_err(e))? {
+            if bytes >= max_bytes && !out.is_empty() {
+                break;
+            }
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let entry: Entry = decode(value.value()).map_err(|e| self.storage_err(e))?;
+            let mut batch = Vec::new();
+            if let EntryKind::Batch { .. } = entry.kind {
+                for row in records
+                    .range((topic, entry.base())..(topic, entry.end))
+                    .map_err(|e| self.storage_err(e))?
+                {
+                    let (_, value) = row.map_err(|e| self.storage_err(e))?;
+                    let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
+                    bytes += v.record.size();
+                    batch.push(v.record);
+                }
+            }
+            out.push(ShippedEntry { index: key.value().1, entry, records: batch });
+        }
+        Ok(out)
+    }
+
+    /// A follower's restart at this replica's first stored entry: the applied state (cursors,
+    /// log start), the epochs before it and the producers' dedup windows, read together.
+    pub fn reset_snapshot(&self, topic: TopicId) -> Result<ReplicaReset, Error> {
+        let txn = self.read_txn()?;
+        let err = |e: &dyn std::fmt::Display| self.storage_err(e);
+        let topics = txn.open_table(TOPICS).map_err(|e| err(&e))?;
+        let meta: TopicMeta = match topics.get(topic).map_err(|e| err(&e))? {
+            Some(v) => decode(v.value()).map_err(|e| err(&e))?,
+            None => return Err(Error::internal(format!("topic #{topic} is not stored"))),
+        };
+        let mut history = Vec::new();
+        for row in txn
+            .open_table(EPOCHS)
+            .map_err(|e| err(&e))?
+            .range((topic, 0)..=(topic, u64::MAX))
+            .map_err(|e| err(&e))?
+        {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            history.push((k.value().1, v.value()));
+        }
+        let mut cursors = Vec::new();
+        for row in txn
+            .open_table(CURSORS)
+            .map_err(|e| err(&e))?
+            .range((topic, "")..(topic + 1, ""))
+            .map_err(|e| err(&e))?
+        {
+            let (k, v) = row.map_err(|e| err(&e))?;
+            cursors.push((k.value().1.to_string(), decode::<Cursor>(v.value()).map_err(|e| err(&e))?));
+        }
+        Ok(ReplicaReset {
+            start_index: meta.start_index,
+            start_offset: meta.start_offset,
+            history: EpochHistory::new(history).prefix(meta.start_index),
+            applied: meta.applied.max(meta.start_index),
+            log_start: meta.log_start,
+            cursors,
+            producers: self.producer_states_in(&txn, topic)?,
+        })
+    }
+
+    /// A subscription's applied cursor: where a consumer resumes (every acknowledged move is
+    /// applied before its ack is answered).
+    pub fn cursor(&self, topic: TopicId, subscription: &SubscriptionName) -> Result<Option<Cursor>, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
+        let value = table.get((topic, subscription.as_str())).map_err(|e| self.storage_err(e))?;
+        value.map(|v| decode(v.value()).map_err(|e| self.storage_err(e))).transpose()
+    }
+
+    /// Every subscription of a topic with its applied cursor and lag behind the commit
+    /// offset of `state`. Lag in bytes is summed over the records when at most
+    /// [`LAG_BYTES_SCAN`] are behind, and estimated from the topic's average stored record
+    /// beyond that, so a listing or a metrics scrape costs the same however large a backlog
+    /// grows.
+    pub fn subscriptions(&self, topic: TopicId, state: &LogState) -> Result<Vec<SubscriptionInfo>, Error> {
+        let commit = state.commit;
+        let txn = self.read_txn()?;
+        let table = txn.open_table(CURSORS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        for row in table.range((topic, "")..(topic + 1, "")).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let c: Cursor = decode(value.value()).map_err(|e| self.storage_err(e))?;
+            let name = SubscriptionName::new(key.value().1).map_err(|e| self.storage_err(e))?;
+            out.push(SubscriptionInfo {
+                name,
+                cursor: c.next,
+                lag: commit.saturating_sub(c.next),
+                lag_bytes: 0,
+                last_ack_ms: None,
+                consumer: None,
+                evicted: c.evicted,
+                evicted_at_ms: (c.evicted_at_ms > 0).then_some(c.evicted_at_ms),
+            });
+        }
+        drop(table);
+        let records = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let stored = state.log_end.saturating_sub(state.log_start).max(1);
+        for sub in &mut out {
+            if sub.lag > LAG_BYTES_SCAN {
+                sub.lag_bytes = (sub.lag as u128 * state.bytes as u128 / stored as u128) as u64;
+            } else if sub.cursor < commit {
+                for row in
+                    records.range((topic, sub.cursor)..(topic, commit)).map_err(|e| self.storage_err(e))?
+                {
+                    sub.lag_bytes += row.map_err(|e| self.storage_err(e))?.1.value().len() as u64;
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// The dedup state of every producer of a topic.
+    pub fn producer_states(&self, topic: TopicId) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
+        let txn = self.read_txn()?;
+        self.producer_states_in(&txn, topic)
+    }
+
+    fn producer_states_in(
+        &self,
+        txn: &redb::ReadTransaction,
+        topic: TopicId,
+    ) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
+        let table = txn.open_table(PRODUCERS).map_err(|e| self.storage_err(e))?;
+        let mut out = Vec::new();
+        for row in table.range((topic, 0)..=(topic, u64::MAX)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            out.push((key.value().1, decode(value.value()).map_err(|e| self.storage_err(e))?));
+        }
+        Ok(out)
+    }
+
+    /// Number of records stored for all topics (for tests and diagnostics).
+    pub fn record_count(&self) -> Result<u64, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        table.len().map_err(|e| self.storage_err(e))
+    }
+
+    /// Checks every invariant of the stored logs (see the module doc): what a reopened store
+    /// must satisfy after any crash, power cut or failed write, for the replication rules to
+    /// accept it. Returns the first violation found.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        let txn = self.read_txn().map_err(|e| e.to_string())?;
+        let fail = |e: &dyn std::fmt::Display| e.to_string();
+        let topics = txn.open_table(TOPICS).map_err(|e| fail(&e))?;
+        let entries = txn.open_table(ENTRIES).map_err(|e| fail(&e))?;
+        let records = txn.open_table(RECORDS).map_err(|e| fail(&e))?;
+        let cursors = txn.open_table(CURSORS).map_err(|e| fail(&e))?;
+        let epochs = txn.open_table(EPOCHS).map_err(|e| fail(&e))?;
+        for row in topics.iter().map_err(|e| fail(&e))? {
+            let (_, v) = row.map_err(|e| fail(&e))?;
+            let meta: TopicMeta = decode(v.value()).map_err(|e| fail(&e))?;
+            let (id, name) = (meta.id, meta.name.as_str());
+            let mut history = Vec::new();
+            for row in epochs.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))? {
+                let (k, v) = row.map_err(|e| fail(&e))?;
+                history.push((k.value().1, v.value()));
+            }
+            if !history.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 < w[1].1) {
+                return Err(format!("{name}: epoch history out of order: {history:?}"));
+            }
+            let history = EpochHistory::new(history);
+            let (mut next, mut end) = (meta.start_index, meta.start_offset);
+            for row in entries.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))? {
+                let (k, v) = row.map_err(|e| fail(&e))?;
+                let index = k.value().1;
+                let entry: Entry = decode(v.value()).map_err(|e| fail(&e))?;
+                if index != next {
+                    return Err(format!("{name}: entry {index} where {next} was expected"));
+                }
+                if entry.base() != end {
+                    return Err(format!(
+                        "{name}: entry {index} starts at offset {}, the log ended at {end}",
+                        entry.base()
+                    ));
+                }
+                if history.epoch_at(index) != entry.epoch {
+                    return Err(format!(
+                        "{name}: entry {index} of epoch {} but the history says {}",
+                        entry.epoch,
+                        history.epoch_at(index)
+                    ));
+                }
+                if let EntryKind::Batch { .. } = entry.kind {
+                    for o in entry.base().max(meta.log_start)..entry.end {
+                        if records.get((id, o)).map_err(|e| fail(&e))?.is_none() {
+                            return Err(format!("{name}: record {o} of entry {index} is missing"));
+                        }
+                    }
+                }
+                end = entry.end;
+                next += 1;
+            }
+            if let Some(last) = records.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))?.next_back() {
+                let o = last.map_err(|e| fail(&e))?.0.value().1;
+                if o >= end {
+                    return Err(format!("{name}: record {o} past the log end {end}"));
+                }
+            }
+            if let Some(first) = records.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))?.next() {
+                let o = first.map_err(|e| fail(&e))?.0.value().1;
+                if o < meta.log_start {
+                    return Err(format!("{name}: record {o} below the log start {}", meta.log_start));
+                }
+            }
+            if meta.applied < meta.start_index {
+                return Err(format!(
+                    "{name}: applied {} below the first stored entry {}",
+                    meta.applied, meta.start_index
+                ));
+            }
+            for row in cursors.range((id, "")..(id + 1, "")).map_err(|e| fail(&e))? {
+                let (k, v) = row.map_err(|e| fail(&e))?;
+                let c: Cursor = decode(v.value()).map_err(|e| fail(&e))?;
+                if c.next < meta.log_start {
+                    return Err(format!(
+                        "{name}: subscription {} at {} below the log start {}",
+                        k.value().1,
+                        c.next,
+                        meta.log_start
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of entries stored for all topics (for tests and diagnostics).
+    pub fn entry_count(&self) -> Result<u64, Error> {
+        let txn = self.read_txn()?;
+        let table = txn.open_table(ENTRIES).map_err(|e| self.storage_err(e))?;
+        table.len().map_err(|e| self.storage_err(e))
+    }
+}

@@ -1,0 +1,768 @@
+use redb::Database;
+
+use super::faults::SimDisk;
+use super::tables::META;
+use super::*;
+use crate::replication::{Cursor, Entry, EntryKind, ShippedEntry};
+use crate::types::{now_ms, Offset, ProducerId, Sequence, TopicName};
+use crate::wire::{BacklogPolicy, TopicConfig};
+
+fn meta(id: TopicId, name: &str) -> TopicMeta {
+    let config = TopicConfig { max_record_bytes: 64, ..TopicConfig::default() };
+    TopicMeta::new(id, TopicName::new(name).unwrap(), config, vec![1], vec![], 1, 1)
+}
+
+/// A topic of a three-replica set, hosted on a server that follows.
+fn follower_meta(id: TopicId) -> TopicMeta {
+    TopicMeta { voters: vec![1, 2, 3], leader: 2, ..meta(id, "replicated") }
+}
+
+/// Creates a single-replica topic this server leads in epoch 1.
+async fn solo(store: &Store, m: TopicMeta) -> Arc<TopicLog> {
+    let id = m.id;
+    let log = store.create_topic(m).await.unwrap();
+    store.become_leader(id, 1).await.unwrap();
+    log
+}
+
+fn records(values: &[&str]) -> Vec<Record> {
+    values.iter().map(|v| Record { payload: v.as_bytes().to_vec(), ..Record::default() }).collect()
+}
+
+fn sub(name: &str) -> SubscriptionName {
+    SubscriptionName::new(name).unwrap()
+}
+
+fn payloads(store: &Store, log: &TopicLog) -> Vec<(Offset, String)> {
+    let s = log.state();
+    store
+        .read(log, s.log_start, s.log_end, 1000, u32::MAX)
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap()))
+        .collect()
+}
+
+fn begin(index: Index, epoch: Epoch, end: Offset) -> ShippedEntry {
+    ShippedEntry { index, entry: Entry { epoch, end, kind: EntryKind::Begin }, records: vec![] }
+}
+
+fn batch(
+    index: Index,
+    epoch: Epoch,
+    base: Offset,
+    producer: ProducerId,
+    sequence: Sequence,
+    values: &[&str],
+) -> ShippedEntry {
+    let count = values.len() as u32;
+    let kind = EntryKind::Batch { count, timestamp_ms: 5, producer: Some((producer, sequence)) };
+    ShippedEntry {
+        index,
+        entry: Entry { epoch, end: base + count as Offset, kind },
+        records: records(values),
+    }
+}
+
+fn cursor(
+    index: Index,
+    epoch: Epoch,
+    end: Offset,
+    name: &str,
+    next: Offset,
+    log_start: Offset,
+) -> ShippedEntry {
+    let kind = EntryKind::Cursor { subscription: name.into(), cursor: Some(Cursor::at(next)), log_start };
+    ShippedEntry { index, entry: Entry { epoch, end, kind }, records: vec![] }
+}
+
+fn chunk(epoch: Epoch, entries: Vec<ShippedEntry>, commit_index: Index, commit: Offset) -> ReplicaChunk {
+    ReplicaChunk { epoch, entries, commit_index, commit }
+}
+
+#[tokio::test]
+async fn appends_are_dense_and_retries_are_deduplicated() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(7, "t")).await;
+    let a = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
+    let b = store.append(7, 42, 1, records(&["c"])).await.unwrap();
+    assert_eq!((a.base, a.count, b.base, b.count), (0, 2, 2, 1));
+    assert_eq!((a.at.index, b.at.index), (1, 2), "entry 0 is the epoch's Begin");
+    // A retry of batch 0 gets its original offsets and entry, and stores nothing.
+    let again = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
+    assert_eq!((again.base, again.count, again.duplicate, again.at), (0, 2, true, a.at));
+    assert_eq!(log.state().log_end, 3);
+    // A sequence below the window's newest that it does not hold is refused.
+    assert!(store.append(7, 42, 5, records(&["x"])).await.is_ok(), "gaps are accepted");
+    assert!(matches!(store.append(7, 42, 4, records(&["y"])).await, Err(Error::InvalidArgument { .. })));
+    // Another producer interleaves freely.
+    let other = store.append(7, 43, 0, records(&["d"])).await.unwrap();
+    assert_eq!(other.base, 4);
+    let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, ["a", "b", "c", "x", "d"]);
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn only_the_leader_of_the_current_epoch_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    store.create_topic(TopicMeta { voters: vec![1, 2, 3], ..meta(1, "r") }).await.unwrap();
+    assert!(matches!(store.append(1, 1, 0, records(&["a"])).await, Err(Error::NotLeader { .. })));
+    store.become_leader(1, 2).await.unwrap();
+    store.append(1, 1, 0, records(&["a"])).await.unwrap();
+    // A promise of a newer epoch deposes it at once, in storage too.
+    store.promise(1, 3).await.unwrap();
+    assert!(matches!(store.append(1, 1, 1, records(&["b"])).await, Err(Error::NotLeader { .. })));
+    assert!(matches!(store.ack(1, sub("s"), 0).await, Err(Error::NotLeader { .. })));
+}
+
+#[tokio::test]
+async fn queued_appends_share_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    let before = store.commits();
+    // 200 producers queue a batch each before any is awaited.
+    let pending: Vec<_> = (0..200).map(|p| store.append(1, p, 0, records(&["r"]))).collect();
+    for (p, fut) in pending.into_iter().enumerate() {
+        assert_eq!(fut.await.unwrap().base, p as u64, "queue order is offset order");
+    }
+    let commits = store.commits() - before;
+    assert!(commits < 20, "200 appends took {commits} commits: group commit is not grouping");
+    assert_eq!(log.state().commit, 200);
+}
+
+#[tokio::test]
+async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    let big = "x".repeat(65);
+    let err = store.append(1, 9, 0, records(&["ok", &big])).await.unwrap_err();
+    match err {
+        Error::RecordTooLarge { index, size, limit, enforced_by } => {
+            assert_eq!((index, size, limit), (1, 65, 64));
+            assert!(enforced_by.contains("topic server 1"), "{enforced_by}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(log.state().log_end, 0, "nothing of the batch is stored");
+    assert!(matches!(store.append(1, 9, 0, records(&["ok"])).await, Err(Error::InvalidArgument { .. })));
+    assert_eq!(store.append(1, 9, 1, records(&["next"])).await.unwrap().base, 0);
+}
+
+fn limited(id: TopicId, limit: u64, policy: BacklogPolicy) -> TopicMeta {
+    let mut m = meta(id, &format!("limited-{id}"));
+    m.config.max_record_bytes = 1000;
+    m.config.backlog_limit = Some(limit);
+    m.config.backlog_policy = policy;
+    m
+}
+
+fn hundred_bytes(n: usize) -> Vec<Record> {
+    (0..n).map(|_| Record { payload: vec![b'x'; 100], ..Record::default() }).collect()
+}
+
+#[tokio::test]
+async fn the_reject_policy_refuses_at_the_limit_and_keeps_the_sequence_free() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, limited(1, 2000, BacklogPolicy::Reject)).await;
+    store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+    let mut seq = 0;
+    let refusal = loop {
+        match store.append(1, 7, seq, hundred_bytes(3)).await {
+            Ok(_) => seq += 1,
+            Err(e) => break e,
+        }
+        assert!(seq < 100, "never refused");
+    };
+    let stored = log.state().bytes;
+    assert!(stored <= 2000 && stored > 1500, "{stored}");
+    match refusal {
+        Error::BacklogFull { limit, backlog, oldest_held_by, .. } => {
+            assert_eq!((limit, backlog, oldest_held_by.as_deref()), (2000, stored, Some("slow")));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Once the subscription has read, the same batch (same sequence) goes in.
+    let end = log.state().log_end;
+    store.ack(1, sub("slow"), end).await.unwrap();
+    assert_eq!(log.state().bytes, 0);
+    let a = store.append(1, 7, seq, hundred_bytes(3)).await.unwrap();
+    assert_eq!((a.base, a.duplicate), (end, false));
+}
+
+#[tokio::test]
+async fn the_evict_policy_moves_only_the_slow_and_records_what_they_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, limited(1, 2000, BacklogPolicy::Evict)).await;
+    store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+    store.create_subscription(1, sub("fast"), StartFrom::Earliest, false).await.unwrap();
+    for seq in 0..40 {
+        store.append(1, 7, seq, hundred_bytes(3)).await.expect("evict never refuses");
+        store.ack(1, sub("fast"), log.state().log_end).await.unwrap();
+        assert!(log.state().bytes <= 2000 + 3 * 120, "{}", log.state().bytes);
+    }
+    let slow = store.cursor(1, &sub("slow")).unwrap().unwrap();
+    let fast = store.cursor(1, &sub("fast")).unwrap().unwrap();
+    assert!(slow.evicted > 0 && slow.evicted_at_ms > 0);
+    assert_eq!(
+        (slow.next, slow.unreported),
+        (slow.evicted, slow.evicted),
+        "moved by what it lost, not yet told"
+    );
+    assert_eq!((fast.next, fast.evicted), (120, 0));
+    assert_eq!(log.state().log_start, slow.next, "what it lost is freed");
+    // Telling a consumer clears the notice, not the record.
+    store.report_evicted(1, sub("slow"), slow.unreported).await.unwrap();
+    let told = store.cursor(1, &sub("slow")).unwrap().unwrap();
+    assert_eq!((told.unreported, told.evicted, told.next), (0, slow.evicted, slow.next));
+    // Without subscriptions there is nobody to evict from: the limit refuses.
+    let log2 = solo(&store, limited(2, 500, BacklogPolicy::Evict)).await;
+    store.append(2, 7, 0, hundred_bytes(3)).await.unwrap();
+    assert!(matches!(
+        store.append(2, 7, 1, hundred_bytes(3)).await,
+        Err(Error::BacklogFull { oldest_held_by: None, .. })
+    ));
+    assert_eq!(log2.state().log_end, 3);
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn a_replicated_leader_evicts_once_until_the_deletion_is_applied() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    // The limit is ten times a batch, so one eviction (down to 90 %) makes room for more.
+    let meta = TopicMeta { voters: vec![1, 2, 3], ..limited(1, 20_000, BacklogPolicy::Evict) };
+    let log = store.create_topic(meta).await.unwrap();
+    store.become_leader(1, 1).await.unwrap();
+    // Records count as committed here once durable (what replication would decide); cursor
+    // changes are applied only when the test says so.
+    let commit_all = || {
+        let s = log.state();
+        log.set_commit(s.end_index, s.log_end);
+    };
+    store.create_subscription(1, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+    commit_all();
+    store.commit(1, log.state().commit_index).await.unwrap();
+    let evictions = |store: &Store| {
+        let s = log.state();
+        store
+            .read_entries(1, s.applied, s.end_index, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(e.entry.kind, EntryKind::Cursor { .. }))
+            .count()
+    };
+    let mut seq = 0;
+    while evictions(&store) == 0 {
+        seq += 1;
+        store.append(1, 7, seq, hundred_bytes(3)).await.unwrap();
+        commit_all();
+        assert!(seq < 200, "never evicted");
+    }
+    // Until the move is applied and the records go, more batches evict nothing more.
+    for _ in 0..2 {
+        seq += 1;
+        store.append(1, 7, seq, hundred_bytes(3)).await.unwrap();
+    }
+    assert_eq!(evictions(&store), 1);
+    assert_eq!(store.cursor(1, &sub("slow")).unwrap().unwrap().evicted, 0, "applied only once committed");
+    let before = log.state().bytes;
+    commit_all();
+    store.commit(1, log.state().commit_index).await.unwrap();
+    let slow = store.cursor(1, &sub("slow")).unwrap().unwrap();
+    assert!(slow.evicted > 0);
+    assert_eq!(log.state().log_start, slow.next, "what was evicted is deleted");
+    assert!(log.state().bytes < before);
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn silent_producers_are_forgotten_on_every_replica_alike() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    solo(&store, meta(1, "t")).await;
+    store.append(1, 7, 0, records(&["a"])).await.unwrap();
+    store.append(1, 8, 0, records(&["b"])).await.unwrap();
+    let states = store.producer_states(1).unwrap();
+    assert!(states.iter().all(|(_, p)| p.last_ms > 0 && p.last_ms <= now_ms()));
+    assert_eq!(store.expire_producers(1, 0).await.unwrap(), 0, "none is older than the cutoff");
+    assert_eq!(store.expire_producers(1, now_ms() + 1).await.unwrap(), 2);
+    assert!(store.producer_states(1).unwrap().is_empty());
+    // The cost of forgetting: a retry that late is a new batch.
+    assert!(!store.append(1, 7, 0, records(&["a"])).await.unwrap().duplicate);
+    // A follower dates a producer by the batch's timestamp, as the leader did.
+    store.create_topic(follower_meta(2)).await.unwrap();
+    store
+        .replica_append(2, chunk(1, vec![begin(0, 1, 0), batch(1, 1, 0, 9, 0, &["x"])], 0, 0))
+        .await
+        .unwrap();
+    assert_eq!(store.producer_states(2).unwrap()[0].1.last_ms, 5);
+    assert_eq!(store.expire_producers(2, 6).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn lag_in_bytes_is_exact_for_short_lags_and_estimated_for_long_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.create_subscription(1, sub("behind"), StartFrom::Earliest, false).await.unwrap();
+    let n = LAG_BYTES_SCAN as usize + 20_000;
+    let batch: Vec<Record> =
+        (0..n / 4).map(|i| Record { payload: vec![b'x'; 8 + i % 5], ..Record::default() }).collect();
+    for seq in 0..4 {
+        store.append(1, 7, seq, batch.clone()).await.unwrap();
+    }
+    store.create_subscription(1, sub("near"), StartFrom::Latest, false).await.unwrap();
+    store.append(1, 7, 4, records(&["abc", "defgh"])).await.unwrap();
+    let state = log.state();
+    let subs = store.subscriptions(1, &state).unwrap();
+    let by = |name: &str| subs.iter().find(|s| s.name.as_str() == name).unwrap().clone();
+    let near = by("near");
+    assert_eq!(near.lag, 2);
+    let exact: u64 = 8;
+    assert!(near.lag_bytes > exact && near.lag_bytes < exact + 2 * 16, "stored bytes, framing included");
+    let behind = by("behind");
+    assert!(behind.lag > LAG_BYTES_SCAN);
+    // Estimated from the average stored record: within a few percent of the total.
+    let total = state.bytes as f64;
+    assert!((behind.lag_bytes as f64 - total).abs() / total < 0.01, "{} vs {total}", behind.lag_bytes);
+}
+
+#[tokio::test]
+async fn records_are_deleted_only_when_every_subscription_passed_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.append(1, 1, 0, records(&["0", "1", "2", "3", "4"])).await.unwrap();
+    // No subscription: everything is kept, even as records age.
+    assert_eq!(log.state().log_start, 0);
+    store.create_subscription(1, sub("a"), StartFrom::Earliest, false).await.unwrap();
+    let b = store.create_subscription(1, sub("b"), StartFrom::Earliest, false).await.unwrap();
+    assert!(
+        log.state().applied > b.pending.unwrap().index,
+        "a single replica applies cursor changes at once"
+    );
+    assert_eq!(store.ack(1, sub("a"), 4).await.unwrap().cursor, 4);
+    assert_eq!(log.state().log_start, 0, "b still needs offset 0");
+    assert_eq!(store.ack(1, sub("b"), 2).await.unwrap().cursor, 2);
+    assert_eq!(log.state().log_start, 2);
+    assert_eq!(payloads(&store, &log).first().unwrap().0, 2);
+    // Cursors never move backwards, and never past the commit offset.
+    assert_eq!(store.ack(1, sub("a"), 1).await.unwrap().cursor, 4);
+    assert!(matches!(store.ack(1, sub("a"), 6).await, Err(Error::OffsetBeyondEnd { .. })));
+    // Deleting b frees what only it held.
+    store.delete_subscription(1, sub("b")).await.unwrap();
+    assert_eq!(log.state().log_start, 4);
+    // Deleting the last subscription keeps the rest for a later subscriber.
+    store.delete_subscription(1, sub("a")).await.unwrap();
+    assert_eq!(log.state().log_start, 4);
+    assert_eq!(
+        store.create_subscription(1, sub("late"), StartFrom::Earliest, false).await.unwrap().cursor,
+        4
+    );
+    assert_eq!(store.create_subscription(1, sub("new"), StartFrom::Latest, false).await.unwrap().cursor, 5);
+    assert!(
+        store.subscriptions(1, &log.state()).unwrap().iter().all(|s| s.name.as_str() != "a"),
+        "deleted stay deleted"
+    );
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_directory_of_another_storage_format_is_refused_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    drop(Store::open(dir.path(), Some(1)).unwrap());
+    {
+        let db = Database::create(dir.path().join("herald.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(META).unwrap().insert("format", 2).unwrap();
+        txn.commit().unwrap();
+    }
+    let err = Store::open(dir.path(), Some(1)).err().expect("refused").to_string();
+    assert!(err.contains("storage format 2") && err.contains("reads format 3"), "{err}");
+}
+
+#[tokio::test]
+async fn everything_survives_a_reopen_and_a_replica_leads_again_only_in_a_new_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path(), None).unwrap();
+        solo(&store, meta(3, "kept")).await;
+        store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
+        store.create_subscription(3, sub("s"), StartFrom::Earliest, false).await.unwrap();
+        store.create_subscription(3, sub("slow"), StartFrom::Earliest, false).await.unwrap();
+        store.ack(3, sub("s"), 2).await.unwrap();
+        store.ack(3, sub("slow"), 1).await.unwrap();
+        let r =
+            store.create_topic(TopicMeta { voters: vec![1, 2, 3], ..meta(4, "replicated") }).await.unwrap();
+        let id = store.server_id();
+        store.assign(4, vec![id, 2, 3], vec![], id, 7).await.unwrap();
+        store.become_leader(4, 7).await.unwrap();
+        assert_eq!(r.state().leading, Some(7));
+    }
+    let (store, logs) = Store::open(dir.path(), None).unwrap();
+    assert_eq!(logs.len(), 2);
+    let (log, meta) = logs.iter().find(|(l, _)| l.id == 3).unwrap();
+    let state = log.state();
+    assert_eq!((state.log_start, state.log_end, state.commit, state.epoch), (1, 3, 3, 1));
+    assert_eq!(state.leading, None, "no replica leads after a restart until told to");
+    assert_eq!(meta.name.as_str(), "kept");
+    assert_eq!(store.cursor(3, &sub("s")).unwrap(), Some(Cursor::at(2)));
+    // A single replica resumes its epoch; the dedup window survived too.
+    store.become_leader(3, 1).await.unwrap();
+    let again = store.append(3, 5, 0, records(&["a", "b", "c"])).await.unwrap();
+    assert!(again.duplicate);
+    // A replicated topic's restarted leader never leads its old epoch again: it may have lost
+    // unsynced entries that its followers hold.
+    assert!(matches!(store.become_leader(4, 7).await, Err(Error::StaleEpoch { current: 8, .. })));
+    store.become_leader(4, 8).await.unwrap();
+    store.check_consistency().unwrap();
+    // The data directory stays bound to its server id.
+    let id = store.server_id();
+    drop(store);
+    assert!(Store::open(dir.path(), Some(id + 1)).is_err());
+}
+
+#[tokio::test]
+async fn deleting_a_topic_removes_its_data_and_a_new_id_starts_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    solo(&store, meta(1, "t")).await;
+    store.append(1, 1, 0, records(&["a", "b"])).await.unwrap();
+    store.delete_topic(1).await.unwrap();
+    assert_eq!(store.record_count().unwrap(), 0);
+    assert_eq!(store.entry_count().unwrap(), 0);
+    let log = store.create_topic(meta(2, "t")).await.unwrap();
+    assert_eq!(log.state().log_end, 0);
+}
+
+#[tokio::test]
+async fn commits_wake_waiting_readers() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    let mut watch = log.watch();
+    watch.borrow_and_update();
+    store.append(1, 1, 0, records(&["a"])).await.unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), watch.changed()).await.unwrap().unwrap();
+    assert_eq!(watch.borrow().commit, 1);
+}
+
+#[tokio::test]
+async fn a_replicated_leader_commits_only_what_replication_says() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = store.create_topic(TopicMeta { voters: vec![1, 2, 3], ..meta(1, "r") }).await.unwrap();
+    store.become_leader(1, 1).await.unwrap();
+    store.append(1, 1, 0, records(&["a", "b"])).await.unwrap();
+    let s = log.state();
+    assert_eq!((s.log_end, s.end_index, s.commit), (2, 2, 0), "durable but not committed");
+    log.set_commit(5, 9);
+    assert_eq!(log.state().commit, 0, "never past the durable end");
+    log.set_commit(2, 2);
+    assert_eq!(log.state().commit, 2);
+    // Entries read for a follower are whole and carry the producer's numbers.
+    store.append(1, 1, 1, records(&["c"])).await.unwrap();
+    let entries = store.read_entries(1, 0, 3, 1).unwrap();
+    assert_eq!(entries.len(), 2, "whole entries, stopping once over the byte budget");
+    assert_eq!(entries[1].records.len(), 2);
+    assert!(matches!(entries[1].entry.kind, EntryKind::Batch { producer: Some((1, 0)), count: 2, .. }));
+    assert_eq!(store.read_entries(1, 0, 3, 1 << 20).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn staged_entries_are_served_from_an_entry_and_cleared_when_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = store.create_topic(TopicMeta { voters: vec![1, 2, 3], ..meta(1, "r") }).await.unwrap();
+    store.become_leader(1, 1).await.unwrap();
+    // As the writer leaves them between applying a group and its fsync.
+    *log.staged.lock().unwrap() = vec![batch(1, 1, 0, 7, 0, &["a", "b"]), batch(2, 1, 2, 7, 1, &["c"])];
+    assert_eq!(log.staged(1, 1 << 20).len(), 2);
+    assert_eq!(log.staged(2, 1 << 20)[0].index, 2);
+    assert!(log.staged(3, 1 << 20).is_empty(), "nothing past the staged end");
+    assert_eq!(log.staged(1, 1).len(), 1, "stops at an entry once over the byte budget");
+    // The next durable group publishes its state and clears what was staged before.
+    store.append(1, 1, 0, records(&["x"])).await.unwrap();
+    assert!(log.staged(1, 1 << 20).is_empty());
+    let s = log.state();
+    assert_eq!((s.end_index, s.staged_end), (2, 2));
+}
+
+#[tokio::test]
+async fn a_group_that_writes_nothing_is_not_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    let log = store.create_topic(follower_meta(1)).await.unwrap();
+    store
+        .replica_append(1, chunk(1, vec![begin(0, 1, 0), batch(1, 1, 0, 7, 0, &["a", "b"])], 0, 0))
+        .await
+        .unwrap();
+    let commits = store.commits();
+    // A fetch answer carrying only the leader's new commit point.
+    let state = store.replica_append(1, chunk(1, vec![], 2, 2)).await.unwrap();
+    assert_eq!((state.commit_index, state.commit), (2, 2), "the commit point is published");
+    assert_eq!(store.commits(), commits, "without a write transaction (and its fsync)");
+    // Entries still make a commit, and everything survives a reopen.
+    store.replica_append(1, chunk(1, vec![batch(2, 1, 2, 7, 1, &["c"])], 2, 2)).await.unwrap();
+    assert_eq!(store.commits(), commits + 1);
+    drop((store, log));
+    let (store, hosted) = Store::open(dir.path(), None).unwrap();
+    assert_eq!(hosted[0].0.state().log_end, 3);
+    assert_eq!(payloads(&store, &hosted[0].0).len(), 3);
+}
+
+#[tokio::test]
+async fn a_follower_appends_truncates_and_resets_by_the_leaders_word() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    let log = store.create_topic(follower_meta(1)).await.unwrap();
+    assert_eq!(log.state().epoch, 0, "a follower adopts epochs by fetching");
+    let entries = vec![
+        begin(0, 1, 0),
+        batch(1, 1, 0, 7, 0, &["a", "b"]),
+        cursor(2, 1, 2, "s", 1, 1),
+        batch(3, 1, 2, 7, 1, &["c"]),
+    ];
+    let state = store.replica_append(1, chunk(1, entries, 3, 2)).await.unwrap();
+    assert_eq!((state.log_end, state.end_index, state.commit, state.epoch), (3, 4, 2, 1));
+    assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(1)), "applied: committed");
+    assert_eq!(state.log_start, 1, "the deletion the cursor allowed is applied too");
+    // The follower rebuilt the leader's dedup state from the batches.
+    assert_eq!(store.producer_states(1).unwrap()[0].1.last_sequence, 1);
+
+    // A promise fences older epochs and reports (last epoch, log end index).
+    assert_eq!(store.promise(1, 3).await.unwrap(), (1, 4));
+    let stale = chunk(2, vec![], 0, 0);
+    assert!(matches!(store.replica_append(1, stale).await, Err(Error::StaleEpoch { current: 3, .. })));
+
+    // Truncating a divergent tail drops its records and the dedup entries of its batches;
+    // never what is applied.
+    assert!(store.truncate(1, 2).await.is_err(), "entry 2 is applied: committed");
+    let state = store.truncate(1, 3).await.unwrap();
+    assert_eq!((state.end_index, state.log_end), (3, 2));
+    assert_eq!(store.producer_states(1).unwrap()[0].1.last_sequence, 0);
+    // The next leader's entries continue from there.
+    let state = store
+        .replica_append(1, chunk(3, vec![begin(3, 3, 2), batch(4, 3, 2, 8, 0, &["z"])], 5, 3))
+        .await
+        .unwrap();
+    assert_eq!((state.log_start, state.log_end, state.commit, state.epoch), (1, 3, 3, 3));
+    let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
+    assert_eq!(got, ["b", "z"], "the leader's deletion applied, the divergent record replaced");
+    store.check_consistency().unwrap();
+
+    // Behind what the leader compacted: drop everything, restart at its first stored entry
+    // with the state the entries before it built.
+    let reset = ReplicaReset {
+        start_index: 20,
+        start_offset: 10,
+        history: vec![(1, 0), (3, 3)],
+        applied: 22,
+        log_start: 10,
+        cursors: vec![("s".into(), Cursor::at(10))],
+        producers: vec![(8, ProducerState::default())],
+    };
+    let state = store.reset(1, reset).await.unwrap();
+    assert_eq!((state.log_start, state.log_end, state.end_index, state.epoch), (10, 10, 20, 3));
+    assert_eq!(store.record_count().unwrap(), 0);
+    assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(10)));
+    // Entries it gets again below what the leader applied are not applied twice.
+    let again =
+        vec![cursor(20, 3, 10, "s", 5, 10), cursor(21, 3, 10, "s", 10, 10), cursor(22, 3, 10, "t", 10, 10)];
+    store.replica_append(1, chunk(3, again, 23, 10)).await.unwrap();
+    assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(10)));
+    assert_eq!(store.cursor(1, &sub("t")).unwrap(), Some(Cursor::at(10)));
+    // And it all survives a reopen.
+    drop(log);
+    drop(store);
+    let (store, logs) = Store::open(dir.path(), Some(3)).unwrap();
+    let (log, meta) = &logs[0];
+    assert_eq!(meta.promised, 3);
+    assert_eq!((log.state().log_start, log.state().end_index), (10, 23));
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn uncommitted_cursor_changes_are_truncated_with_the_records_and_committed_ones_stay() {
+    // A follower took cursor changes from a leader that was then deposed: the committed one
+    // must stay, the uncommitted one must go with the divergent tail (defect 1 of the safety
+    // issue: they were versions without epochs, never reconciled).
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    store.create_topic(follower_meta(1)).await.unwrap();
+    let entries = vec![
+        begin(0, 1, 0),
+        batch(1, 1, 0, 7, 0, &["a", "b", "c"]),
+        cursor(2, 1, 3, "s", 0, 0),
+        cursor(3, 1, 3, "s", 2, 2),
+        cursor(4, 1, 3, "t", 2, 2),
+    ];
+    store.replica_append(1, chunk(1, entries, 4, 3)).await.unwrap();
+    assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(2)));
+    assert_eq!(store.cursor(1, &sub("t")).unwrap(), None, "not committed, not applied");
+    let state = store.truncate(1, 4).await.unwrap();
+    assert_eq!(state.end_index, 4);
+    store.replica_append(1, chunk(2, vec![begin(4, 2, 3), cursor(5, 2, 3, "u", 2, 2)], 6, 3)).await.unwrap();
+    assert_eq!(store.cursor(1, &sub("t")).unwrap(), None, "t was never committed: gone");
+    assert_eq!(store.cursor(1, &sub("u")).unwrap(), Some(Cursor::at(2)));
+    assert_eq!(store.cursor(1, &sub("s")).unwrap(), Some(Cursor::at(2)), "the committed cursor stays");
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn applied_entries_are_compacted_and_a_follower_restarts_from_the_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.create_subscription(1, sub("s"), StartFrom::Earliest, false).await.unwrap();
+    let n = RETAINED_ENTRIES + 2000;
+    for seq in 0..n / 2 {
+        store.append(1, 7, seq, records(&["r"])).await.unwrap();
+        store.ack(1, sub("s"), log.state().log_end).await.unwrap();
+    }
+    let s = log.state();
+    assert!(s.start_index > 0, "applied entries without records were compacted");
+    assert!(s.end_index - s.start_index <= RETAINED_ENTRIES + 1100, "{s:?}");
+    assert_eq!(store.entry_count().unwrap(), s.end_index - s.start_index);
+    let reset = store.reset_snapshot(1).unwrap();
+    assert_eq!(reset.start_index, s.start_index);
+    assert_eq!(reset.cursors, vec![("s".to_string(), Cursor::at(s.log_end))]);
+    assert!(reset.applied >= reset.start_index);
+    store.check_consistency().unwrap();
+}
+
+/// A store on a [`SimDisk`] with its writer driven by the test.
+fn driven(disk: &SimDisk) -> (Store, Writer, Vec<HostedTopic>) {
+    Store::open_driven(Path::new("sim"), Some(1), &Medium::Sim(disk.clone()), system_clock()).unwrap()
+}
+
+/// Runs one command through the writer, as one group; returns its answer.
+fn run<T>(writer: &mut Writer, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
+    let (reply, mut rx) = oneshot::channel();
+    writer.stage(vec![make(reply)]);
+    writer.finish();
+    rx.try_recv().expect("answered")
+}
+
+#[test]
+fn a_power_cut_mid_group_leaves_a_store_the_rules_accept_and_loses_only_that_group() {
+    let disk = SimDisk::new();
+    let (store, mut writer, _) = driven(&disk);
+    let m = TopicMeta { voters: vec![1, 2, 3], ..meta(1, "r") };
+    run(&mut writer, |reply| Command::CreateTopic { meta: m, reply }).unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
+    for seq in 0..5 {
+        run(&mut writer, |reply| Command::Append {
+            topic: 1,
+            producer: 1,
+            sequence: seq,
+            records: records(&["a", "b"]),
+            reply,
+        })
+        .unwrap();
+    }
+    // The next group is applied and shown to followers; the power goes before its fsync.
+    let (reply, _rx) = oneshot::channel();
+    writer.stage(vec![Command::Append {
+        topic: 1,
+        producer: 1,
+        sequence: 5,
+        records: records(&["lost"]),
+        reply,
+    }]);
+    disk.power_cut();
+    writer.abandon();
+    drop((store, writer));
+    disk.power_on();
+    let (store, _, logs) = driven(&disk);
+    store.check_consistency().unwrap();
+    let state = logs[0].0.state();
+    assert_eq!((state.end_index, state.log_end), (6, 10), "the five durable batches, not the sixth");
+    assert_eq!(state.leading, None, "and it does not lead its old epoch again");
+}
+
+#[test]
+fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
+    let disk = SimDisk::new();
+    let (store, mut writer, _) = driven(&disk);
+    let m = meta(1, "t");
+    run(&mut writer, |reply| Command::CreateTopic { meta: m, reply }).unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
+    disk.fail_syncs(1);
+    let err = run(&mut writer, |reply| Command::Append {
+        topic: 1,
+        producer: 1,
+        sequence: 0,
+        records: records(&["a"]),
+        reply,
+    });
+    assert!(matches!(err, Err(Error::Storage { .. })), "{err:?}");
+    drop((store, writer));
+    let (store, mut writer, _) = driven(&disk);
+    store.check_consistency().unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
+    let a = run(&mut writer, |reply| Command::Append {
+        topic: 1,
+        producer: 1,
+        sequence: 0,
+        records: records(&["a"]),
+        reply,
+    });
+    assert_eq!(a.unwrap().base, 0, "the failed batch was never stored; its retry goes in");
+
+    // A replicated leader whose followers saw the group must not reuse its indexes.
+    let m = TopicMeta { voters: vec![1, 2, 3], ..meta(2, "r") };
+    run(&mut writer, |reply| Command::CreateTopic { meta: m, reply }).unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 1, reply }).unwrap();
+    disk.fail_syncs(1);
+    let (reply, _rx) = oneshot::channel();
+    writer.stage(vec![Command::Append {
+        topic: 2,
+        producer: 1,
+        sequence: 0,
+        records: records(&["a"]),
+        reply,
+    }]);
+    assert_eq!(writer.finish(), GroupOutcome::Fatal);
+    drop((store, writer));
+    let (store, _, _) = driven(&disk);
+    store.check_consistency().unwrap();
+}
+
+#[test]
+fn a_full_disk_fails_the_group_and_the_store_takes_writes_again_once_there_is_room() {
+    let disk = SimDisk::new();
+    let (store, mut writer, _) = driven(&disk);
+    let m = TopicMeta {
+        config: TopicConfig { max_record_bytes: 100_000, ..TopicConfig::default() },
+        ..meta(1, "t")
+    };
+    run(&mut writer, |reply| Command::CreateTopic { meta: m, reply }).unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
+    disk.set_capacity(Some(disk.len()));
+    let big: Vec<Record> = (0..100).map(|_| Record { payload: vec![7; 1000], ..Record::default() }).collect();
+    let err = run(&mut writer, |reply| Command::Append {
+        topic: 1,
+        producer: 1,
+        sequence: 0,
+        records: big.clone(),
+        reply,
+    });
+    assert!(matches!(err, Err(Error::Storage { .. })), "{err:?}");
+    drop((store, writer));
+    disk.set_capacity(None);
+    let (store, mut writer, _) = driven(&disk);
+    store.check_consistency().unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
+    let a =
+        run(&mut writer, |reply| Command::Append { topic: 1, producer: 1, sequence: 0, records: big, reply });
+    assert_eq!(a.unwrap().count, 100);
+    store.check_consistency().unwrap();
+}

@@ -1,0 +1,576 @@
+//! The writer's view of one topic, and every change to it: entries written by the leader or
+//! received by a follower, truncation, restart at the leader's state, applying committed
+//! entries (cursors, deletion, compaction).
+//!
+//! Each change writes its rows in the group's transaction and updates memory at once; if
+//! the group's commit fails the writer reloads memory from disk (see `writer`), so memory
+//! never runs ahead of what is durable for long.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use redb::ReadableTable;
+use tokio::sync::watch;
+use tracing::{error, info};
+
+use super::backlog::Evicting;
+use super::state::{LogState, Pending, TopicLog, TopicMeta};
+use super::tables::{decode, encode, StoredValueRef, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
+use super::writer::{StorageResult, Tx};
+use crate::error::Error;
+use crate::replication::{
+    BatchOutcome, Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ProducerState,
+    ReplicaChunk, ReplicaReset, ShippedEntry,
+};
+use crate::types::{Epoch, Index, Offset, ProducerId, Record, ServerId, TopicId};
+
+/// Applied entries kept below the compaction point for followers a little behind, so they
+/// need not restart from the leader's state. Entries are small once their records are gone.
+pub const RETAINED_ENTRIES: u64 = 4096;
+
+/// Entries compacted at once at least (deleting rows one batch at a time costs less).
+const COMPACT_BATCH: u64 = 1024;
+
+/// A producer silent this long is forgotten (its dedup state is dropped), so the state of
+/// short-lived producers (every `herald produce` is one) does not pile up. A retry after that
+/// long would be appended again; Kafka's default for the same is a day as well.
+pub const PRODUCER_STATE_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+
+/// Batches a topic takes between two sweeps of its expired producers.
+pub(super) const PRODUCER_SWEEP_EVERY: u32 = 4096;
+
+/// The writer's view of one topic.
+pub(super) struct WriterTopic {
+    pub meta: TopicMeta,
+    /// One past the newest entry, and the record end after it.
+    pub end_index: Index,
+    pub log_end: Offset,
+    /// A follower's latest word from the leader on the commit point; published with the
+    /// durable state once this replica's own write has committed.
+    pub leader_commit: (Index, Offset),
+    pub history: EpochHistory,
+    pub cursors: CursorState,
+    pub producers: BTreeMap<ProducerId, ProducerState>,
+    /// The epoch this replica leads, once it wrote that epoch's first entry. Never set on
+    /// load: a restarted replica leads again only in a new epoch.
+    pub leading: Option<Epoch>,
+    pub state: watch::Sender<LogState>,
+    /// Bytes stored for `log_start..log_end`.
+    pub bytes: u64,
+    /// Bytes deleted since the store was opened.
+    pub freed_bytes: u64,
+    /// Records appended, and deleted, since the store was opened.
+    pub appended_records: u64,
+    pub freed_records: u64,
+    /// The last eviction's reach, while its records wait to be deleted (see `backlog`).
+    pub evicting: Option<Evicting>,
+    /// Batches since expired producers were last swept.
+    pub batches_since_sweep: u32,
+    /// Entries written in the group under way, not yet shown to followers (leader only).
+    pub appended: Vec<ShippedEntry>,
+    /// This replica started leading in the group under way: nothing of that group is shown
+    /// before it is durable, so an epoch is never seen by a follower before its leader can
+    /// remember having led it (and refuse to lead it again after a crash).
+    pub begun: bool,
+    /// Entries of the group under way shown to followers (the leader's side of
+    /// [`TopicLog::staged`]); emptied once the group is durable.
+    pub staged: Arc<Mutex<Vec<ShippedEntry>>>,
+}
+
+impl WriterTopic {
+    /// A topic with nothing stored but its meta.
+    pub fn empty(meta: TopicMeta) -> Self {
+        let cursors = CursorState::new(BTreeMap::new(), meta.applied, meta.log_start);
+        let t = Self {
+            end_index: meta.start_index,
+            log_end: meta.start_offset,
+            leader_commit: (meta.start_index, meta.start_offset),
+            history: EpochHistory::default(),
+            cursors,
+            producers: BTreeMap::new(),
+            leading: None,
+            state: watch::Sender::new(LogState {
+                log_start: 0,
+                log_end: 0,
+                start_index: 0,
+                end_index: 0,
+                staged_end: 0,
+                commit_index: 0,
+                commit: 0,
+                applied: 0,
+                epoch: 0,
+                history: Arc::default(),
+                promised: 0,
+                leading: None,
+                bytes: 0,
+                freed_bytes: 0,
+                appended_records: 0,
+                freed_records: 0,
+                first_pending_cursor: None,
+            }),
+            bytes: 0,
+            freed_bytes: 0,
+            appended_records: 0,
+            freed_records: 0,
+            evicting: None,
+            batches_since_sweep: 0,
+            appended: Vec::new(),
+            begun: false,
+            staged: Arc::default(),
+            meta,
+        };
+        t.state.send_replace(t.snapshot(None));
+        t
+    }
+
+    pub fn handle(&self) -> Arc<TopicLog> {
+        Arc::new(TopicLog {
+            id: self.meta.id,
+            name: self.meta.name.clone(),
+            state: self.state.clone(),
+            staged: self.staged.clone(),
+        })
+    }
+
+    pub fn name(&self) -> String {
+        self.meta.name.to_string()
+    }
+
+    /// The state as stored now; `commit` keeps a published commit point that is still valid.
+    pub fn snapshot(&self, published: Option<&LogState>) -> LogState {
+        let commit = if self.meta.is_solo() {
+            (self.end_index, self.log_end)
+        } else {
+            let (mut i, mut o) = self.leader_commit;
+            if let Some(p) = published {
+                if p.commit_index > i {
+                    (i, o) = (p.commit_index, p.commit);
+                }
+            }
+            if i > self.end_index {
+                (i, o) = (self.end_index, self.log_end);
+            }
+            (i, o)
+        };
+        LogState {
+            log_start: self.meta.log_start,
+            log_end: self.log_end,
+            start_index: self.meta.start_index,
+            end_index: self.end_index,
+            staged_end: self.end_index,
+            commit_index: commit.0,
+            commit: commit.1,
+            applied: self.cursors.applied_index(),
+            epoch: self.history.last_epoch(),
+            history: match published {
+                Some(p) if *p.history == self.history => p.history.clone(),
+                _ => Arc::new(self.history.clone()),
+            },
+            promised: self.meta.promised,
+            leading: self.leading,
+            bytes: self.bytes,
+            freed_bytes: self.freed_bytes,
+            appended_records: self.appended_records,
+            freed_records: self.freed_records,
+            first_pending_cursor: self.cursors.first_pending(),
+        }
+    }
+
+    /// Shows followers the entries written in this group before it is durable. Returns
+    /// whether there were any.
+    pub fn stage(&mut self) -> bool {
+        if std::mem::take(&mut self.begun) {
+            self.appended.clear();
+        }
+        if self.appended.is_empty() {
+            return false;
+        }
+        self.staged.lock().expect("staged lock").append(&mut self.appended);
+        let end = self.end_index;
+        self.state.send_modify(|s| s.staged_end = end);
+        true
+    }
+
+    /// Publishes the durable state.
+    pub fn publish(&self) {
+        self.staged.lock().expect("staged lock").clear();
+        self.state.send_modify(|s| *s = self.snapshot(Some(s)));
+    }
+
+    pub fn unknown_subscription(&self, subscription: &str) -> Error {
+        Error::UnknownSubscription { topic: self.name(), subscription: subscription.to_string() }
+    }
+
+    /// `NotLeader` unless this replica leads its current epoch.
+    pub fn check_leading(&self, server: ServerId) -> Result<Epoch, Error> {
+        match self.leading {
+            Some(e) if e == self.history.last_epoch() && e >= self.meta.promised => Ok(e),
+            _ => Err(Error::NotLeader {
+                topic: self.name(),
+                server,
+                leader: (self.meta.leader != server).then_some(self.meta.leader),
+            }),
+        }
+    }
+
+    pub fn save_meta(&self, txn: &Tx) -> StorageResult<()> {
+        txn.open(TOPICS)?.insert(self.meta.id, encode(&self.meta).as_slice())?;
+        Ok(())
+    }
+
+    /// Appends one entry (and a batch's records: the last `records.len()` of it) at the log
+    /// end, whoever wrote it. Returns its index.
+    pub fn write_entry(
+        &mut self,
+        txn: &Tx,
+        entry: Entry,
+        records: &[Record],
+        buf: &mut Vec<u8>,
+        ship: bool,
+    ) -> StorageResult<Index> {
+        let index = self.end_index;
+        let id = self.meta.id;
+        txn.open(ENTRIES)?.insert((id, index), encode(&entry).as_slice())?;
+        if self.history.assign(entry.epoch, index) {
+            txn.open(EPOCHS)?.insert((id, entry.epoch), index)?;
+        }
+        match &entry.kind {
+            EntryKind::Batch { count, timestamp_ms, producer } => {
+                let first = entry.end - records.len() as Offset;
+                self.bytes += write_records(txn, id, first, *timestamp_ms, records, buf)?;
+                self.appended_records += records.len() as u64;
+                if let Some((producer, sequence)) = *producer {
+                    let outcome =
+                        BatchOutcome { sequence, base: entry.base(), count: *count, index, rejected: false };
+                    let state = self.producers.entry(producer).or_default();
+                    state.record(outcome, *timestamp_ms);
+                    txn.open(PRODUCERS)?.insert((id, producer), encode(&*state).as_slice())?;
+                    self.batches_since_sweep += 1;
+                }
+            }
+            // Entries a reset follower receives again were applied in the leader's state.
+            EntryKind::Cursor { subscription, cursor, log_start }
+                if index >= self.cursors.applied_index() =>
+            {
+                let pending = PendingCursor {
+                    subscription: subscription.clone(),
+                    cursor: *cursor,
+                    log_start: *log_start,
+                };
+                self.cursors.push(index, pending);
+            }
+            EntryKind::Cursor { .. } => {}
+            EntryKind::Begin => {}
+        }
+        self.log_end = entry.end;
+        self.end_index = index + 1;
+        if ship {
+            self.appended.push(ShippedEntry { index, entry, records: records.to_vec() });
+        }
+        Ok(index)
+    }
+
+    /// Leader: records a cursor change (`None` deletes the subscription) as an entry, with
+    /// the log start it allows. Returns the entry to wait for.
+    pub fn set_cursor(
+        &mut self,
+        txn: &Tx,
+        subscription: &str,
+        cursor: Option<Cursor>,
+        epoch: Epoch,
+        buf: &mut Vec<u8>,
+    ) -> StorageResult<Pending> {
+        let mut latest = self.cursors.latest_all();
+        match cursor {
+            Some(c) => latest.insert(subscription.to_string(), c),
+            None => latest.remove(subscription),
+        };
+        let log_start = self.cursors.log_start_after(&latest).min(self.log_end);
+        let kind = EntryKind::Cursor { subscription: subscription.to_string(), cursor, log_start };
+        let entry = Entry { epoch, end: self.log_end, kind };
+        let ship = !self.meta.is_solo();
+        let index = self.write_entry(txn, entry, &[], buf, ship)?;
+        Ok(Pending { index, epoch })
+    }
+
+    /// The entry that set a subscription's latest cursor, if it is not applied yet: a caller
+    /// told of that cursor must wait for it.
+    pub fn pending_change(&self, subscription: &str) -> Option<Pending> {
+        let index = self.cursors.pending_index(subscription)?;
+        Some(Pending { index, epoch: self.history.epoch_at(index) })
+    }
+
+    /// Follower: writes what the leader sent. Refuses a stale leader, and entries that do
+    /// not start at its log end.
+    pub fn replicate(
+        &mut self,
+        txn: &Tx,
+        chunk: ReplicaChunk,
+        server: ServerId,
+        buf: &mut Vec<u8>,
+    ) -> StorageResult<Result<(), Error>> {
+        if chunk.epoch < self.meta.promised {
+            return Ok(Err(Error::StaleEpoch {
+                topic: self.name(),
+                server,
+                epoch: chunk.epoch,
+                current: self.meta.promised,
+            }));
+        }
+        if self.leading.is_some() {
+            return Ok(Err(Error::internal(format!("{} leads its epoch; it takes no entries", self.name()))));
+        }
+        if let Some(first) = chunk.entries.first() {
+            if first.index != self.end_index {
+                return Ok(Err(Error::internal(format!(
+                    "replica of {} got entry {} but its log ends at {}",
+                    self.name(),
+                    first.index,
+                    self.end_index
+                ))));
+            }
+        }
+        if chunk.epoch > self.meta.promised {
+            self.meta.promised = chunk.epoch;
+            self.save_meta(txn)?;
+        }
+        for shipped in chunk.entries {
+            self.write_entry(txn, shipped.entry, &shipped.records, buf, false)?;
+        }
+        if self.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
+            // Dated by the log's own timestamps, so every replica forgets the same producers.
+            let newest = self.producers.values().map(|p| p.last_ms).max().unwrap_or(0);
+            self.expire_producers(txn, newest.saturating_sub(PRODUCER_STATE_TTL_MS))?;
+        }
+        let commit = if chunk.commit_index <= self.end_index {
+            (chunk.commit_index, chunk.commit)
+        } else {
+            (self.end_index, self.log_end)
+        };
+        if commit.0 > self.leader_commit.0 {
+            self.leader_commit = commit;
+        }
+        self.apply(txn, self.leader_commit.0)?;
+        Ok(Ok(()))
+    }
+
+    /// Follower: drops the divergent tail from `to` on. Never below what is applied: that
+    /// is committed, and a rule asking for it is a bug to report, not to obey.
+    pub fn truncate(&mut self, txn: &Tx, to: Index) -> StorageResult<Result<(), Error>> {
+        let floor = self.cursors.applied_index().max(self.meta.start_index);
+        if to < floor {
+            error!(topic = %self.meta.name, to, applied = floor, "refusing to truncate applied (committed) entries");
+            return Ok(Err(Error::internal(format!(
+                "{}: truncation to {to} would drop committed entries (applied up to {floor})",
+                self.name()
+            ))));
+        }
+        if to >= self.end_index {
+            return Ok(Ok(()));
+        }
+        let id = self.meta.id;
+        let offset = self.offset_at(txn, to)?;
+        info!(topic = %self.meta.name, from = to, to = self.end_index, records_from = offset, "truncating a divergent tail");
+        txn.open(ENTRIES)?.retain_in((id, to)..(id, u64::MAX), |_, _| false)?;
+        if offset < self.log_end {
+            self.bytes -= delete_records(txn, id, offset..self.log_end)?;
+        }
+        let dropped: Vec<Epoch> =
+            self.history.entries().iter().filter(|(_, s)| *s >= to).map(|(e, _)| *e).collect();
+        self.history.truncate(to);
+        let mut epochs = txn.open(EPOCHS)?;
+        for e in dropped {
+            epochs.remove((id, e))?;
+        }
+        drop(epochs);
+        self.cursors.truncate(to);
+        let mut producers = txn.open(PRODUCERS)?;
+        for (p, state) in self.producers.iter_mut() {
+            if state.truncate(offset) {
+                producers.insert((id, *p), encode(&*state).as_slice())?;
+            }
+        }
+        self.end_index = to;
+        self.log_end = offset;
+        if self.leader_commit.0 > to {
+            self.leader_commit = (to, offset);
+        }
+        self.evicting = None;
+        Ok(Ok(()))
+    }
+
+    /// The record offset where entry `index` starts (the end of the one before it).
+    fn offset_at(&self, txn: &Tx, index: Index) -> StorageResult<Offset> {
+        if index <= self.meta.start_index {
+            return Ok(self.meta.start_offset);
+        }
+        let entries = txn.open(ENTRIES)?;
+        let value = entries.get((self.meta.id, index - 1))?;
+        match value {
+            Some(v) => Ok(decode::<Entry>(v.value()).map_err(corrupt)?.end),
+            None => Ok(self.meta.start_offset),
+        }
+    }
+
+    /// Follower: drops everything and restarts at the leader's first stored entry, with the
+    /// state the entries before it built.
+    pub fn reset(&mut self, txn: &Tx, reset: ReplicaReset) -> StorageResult<()> {
+        info!(topic = %self.meta.name, start = reset.start_index, log_start = reset.log_start, "restarting the replica at the leader's first stored entry");
+        let id = self.meta.id;
+        txn.open(ENTRIES)?.retain_in((id, 0)..(id, u64::MAX), |_, _| false)?;
+        delete_records(txn, id, 0..u64::MAX)?;
+        self.bytes = 0;
+        let mut epochs = txn.open(EPOCHS)?;
+        epochs.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        for (e, s) in &reset.history {
+            epochs.insert((id, *e), *s)?;
+        }
+        drop(epochs);
+        self.history = EpochHistory::new(reset.history);
+        let mut cursors = txn.open(CURSORS)?;
+        cursors.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+        for (name, c) in &reset.cursors {
+            cursors.insert((id, name.as_str()), encode(c).as_slice())?;
+        }
+        drop(cursors);
+        self.cursors.reset(reset.cursors.into_iter().collect(), reset.applied, reset.log_start);
+        let mut producers = txn.open(PRODUCERS)?;
+        producers.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.producers.clear();
+        for (p, state) in reset.producers {
+            producers.insert((id, p), encode(&state).as_slice())?;
+            self.producers.insert(p, state);
+        }
+        drop(producers);
+        self.meta.start_index = reset.start_index;
+        self.meta.start_offset = reset.start_offset;
+        self.meta.log_start = reset.log_start;
+        self.meta.applied = reset.applied;
+        self.end_index = reset.start_index;
+        self.log_end = reset.start_offset;
+        self.leader_commit = (reset.start_index, reset.start_offset);
+        self.evicting = None;
+        self.save_meta(txn)
+    }
+
+    /// Applies committed entries below `upto`: stores the cursors they set, deletes the
+    /// records every subscription passed, and compacts entries nobody needs. Returns how many
+    /// records were deleted.
+    pub fn apply(&mut self, txn: &Tx, upto: Index) -> StorageResult<u64> {
+        let upto = upto.min(self.end_index);
+        let (changes, moved) = self.cursors.apply(upto);
+        let id = self.meta.id;
+        if !changes.is_empty() {
+            let mut table = txn.open(CURSORS)?;
+            for (name, cursor) in &changes {
+                match cursor {
+                    Some(c) => table.insert((id, name.as_str()), encode(c).as_slice())?,
+                    None => table.remove((id, name.as_str()))?,
+                };
+            }
+        }
+        let mut freed = 0;
+        if let Some(new_start) = moved {
+            let target = new_start.min(self.log_end).max(self.meta.log_start);
+            if target > self.meta.log_start {
+                let bytes = delete_records(txn, id, self.meta.log_start..target)?;
+                self.bytes = self.bytes.saturating_sub(bytes);
+                self.freed_bytes += bytes;
+                freed = target - self.meta.log_start;
+                self.freed_records += freed;
+            }
+            self.meta.log_start = new_start.max(self.meta.log_start);
+        }
+        let compacted = self.compact(txn)?;
+        if !changes.is_empty() || moved.is_some() || compacted {
+            self.meta.applied = self.cursors.applied_index();
+            self.save_meta(txn)?;
+        }
+        Ok(freed)
+    }
+
+    /// Drops applied entries whose records are all deleted, in batches, keeping the last
+    /// [`RETAINED_ENTRIES`] of them for followers a little behind.
+    fn compact(&mut self, txn: &Tx) -> StorageResult<bool> {
+        let limit = self.cursors.applied_index().saturating_sub(RETAINED_ENTRIES);
+        if limit < self.meta.start_index + COMPACT_BATCH {
+            return Ok(false);
+        }
+        let id = self.meta.id;
+        let (mut to, mut offset) = (self.meta.start_index, self.meta.start_offset);
+        {
+            let entries = txn.open(ENTRIES)?;
+            for row in entries.range((id, self.meta.start_index)..(id, limit))? {
+                let (key, value) = row?;
+                let entry: Entry = decode(value.value()).map_err(corrupt)?;
+                if entry.end > self.meta.log_start {
+                    break;
+                }
+                (to, offset) = (key.value().1 + 1, entry.end);
+            }
+        }
+        if to == self.meta.start_index {
+            return Ok(false);
+        }
+        txn.open(ENTRIES)?.retain_in((id, self.meta.start_index)..(id, to), |_, _| false)?;
+        self.meta.start_index = to;
+        self.meta.start_offset = offset;
+        Ok(true)
+    }
+
+    /// Forgets the producers whose last batch is older than `cutoff_ms`; returns how many.
+    pub fn expire_producers(&mut self, txn: &Tx, cutoff_ms: u64) -> StorageResult<usize> {
+        self.batches_since_sweep = 0;
+        let expired: Vec<ProducerId> =
+            self.producers.iter().filter(|(_, p)| p.last_ms < cutoff_ms).map(|(id, _)| *id).collect();
+        if !expired.is_empty() {
+            let mut table = txn.open(PRODUCERS)?;
+            for id in &expired {
+                self.producers.remove(id);
+                table.remove((self.meta.id, *id))?;
+            }
+            info!(topic = %self.meta.name, producers = expired.len(), "forgot producers silent for a day");
+        }
+        Ok(expired.len())
+    }
+}
+
+/// A stored value that does not decode: the store is damaged.
+pub(super) fn corrupt(e: postcard::Error) -> redb::Error {
+    redb::Error::Corrupted(format!("a stored value does not decode: {e}"))
+}
+
+/// Writes records at `first..`, all with the batch's timestamp; returns the bytes written.
+fn write_records(
+    txn: &Tx,
+    topic: TopicId,
+    first: Offset,
+    timestamp_ms: u64,
+    records: &[Record],
+    buf: &mut Vec<u8>,
+) -> StorageResult<u64> {
+    if records.is_empty() {
+        return Ok(0);
+    }
+    let mut table = txn.open(RECORDS)?;
+    let mut written = 0;
+    for (i, record) in records.iter().enumerate() {
+        let value = StoredValueRef { timestamp_ms, record };
+        buf.clear();
+        let bytes = postcard::to_extend(&value, std::mem::take(buf)).expect("record encodes");
+        table.insert((topic, first + i as u64), bytes.as_slice())?;
+        written += bytes.len() as u64;
+        *buf = bytes;
+    }
+    Ok(written)
+}
+
+/// Deletes a topic's records in `range`; returns the bytes they took.
+pub(super) fn delete_records(txn: &Tx, topic: TopicId, range: std::ops::Range<Offset>) -> StorageResult<u64> {
+    let mut freed = 0;
+    txn.open(RECORDS)?.retain_in((topic, range.start)..(topic, range.end), |_, v| {
+        freed += v.len() as u64;
+        false
+    })?;
+    Ok(freed)
+}

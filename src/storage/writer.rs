@@ -1,0 +1,950 @@
+//! The group-commit writer: one thread owns every write. It takes all queued commands,
+//! applies them in one write transaction, shows a leader's new entries to its followers,
+//! commits once with `Durability::Immediate` (one fsync), then publishes each touched topic's
+//! state and answers the commands.
+//!
+//! The two halves ([`Writer::stage`] and [`Writer::finish`]) are separate calls so the
+//! simulator can run other servers between them, and crash this one in the middle, exactly
+//! where a real crash loses a group its followers may already hold.
+
+use std::cell::Cell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::metrics::histogram::Histogram;
+use redb::{Database, Key, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info};
+
+use super::backlog::make_room;
+use super::state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
+use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
+use super::topic::{delete_records, WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
+use super::HostedTopic;
+use crate::error::Error;
+use crate::replication::{
+    BatchOutcome, Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ReplicaChunk,
+    ReplicaReset,
+};
+use crate::types::{
+    Epoch, Index, Offset, ProducerId, Record, Sequence, ServerId, StartFrom, SubscriptionName, TopicId,
+};
+use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
+
+/// Commands folded into one write transaction at most; bounds the latency of the first one.
+pub const MAX_COMMANDS_PER_COMMIT: usize = 4096;
+
+/// Milliseconds since the Unix epoch, as the writer reads them (the simulator's are virtual).
+pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
+
+/// How a command is answered.
+pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
+
+/// Everything the writer does, one variant per change.
+pub enum Command {
+    /// Starts hosting a topic (idempotent: an existing id keeps its data).
+    CreateTopic {
+        meta: TopicMeta,
+        reply: Reply<Arc<TopicLog>>,
+    },
+    DeleteTopic {
+        id: TopicId,
+        reply: Reply<()>,
+    },
+    /// Records the naming server's latest assignment.
+    Assign {
+        topic: TopicId,
+        voters: Vec<ServerId>,
+        learners: Vec<ServerId>,
+        leader: ServerId,
+        epoch: Epoch,
+        reply: Reply<()>,
+    },
+    /// Durably promises `epoch`; answers `(last epoch, log end index)` for the election.
+    Promise {
+        topic: TopicId,
+        epoch: Epoch,
+        reply: Reply<(Epoch, Index)>,
+    },
+    /// Writes `epoch`'s first entry as its leader.
+    BecomeLeader {
+        topic: TopicId,
+        epoch: Epoch,
+        reply: Reply<LogState>,
+    },
+    Append {
+        topic: TopicId,
+        producer: ProducerId,
+        sequence: Sequence,
+        records: Vec<Record>,
+        reply: Reply<Appended>,
+    },
+    /// Follower: writes what the leader sent.
+    ReplicaAppend {
+        topic: TopicId,
+        chunk: ReplicaChunk,
+        reply: Reply<LogState>,
+    },
+    /// Follower: drops the divergent tail from this index on.
+    Truncate {
+        topic: TopicId,
+        to: Index,
+        reply: Reply<LogState>,
+    },
+    /// Follower: restarts at the leader's first stored entry.
+    Reset {
+        topic: TopicId,
+        reset: ReplicaReset,
+        reply: Reply<LogState>,
+    },
+    /// Leader: applies the entries below `index` (committed).
+    Commit {
+        topic: TopicId,
+        index: Index,
+        reply: Reply<u64>,
+    },
+    Ack {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        next: Offset,
+        reply: Reply<CursorChange>,
+    },
+    CreateSubscription {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        from: StartFrom,
+        if_missing: bool,
+        reply: Reply<CursorChange>,
+    },
+    DeleteSubscription {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        reply: Reply<CursorChange>,
+    },
+    ResetCursor {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        to: ResetTo,
+        execute: bool,
+        reply: Reply<(ResetOutcome, Option<Pending>)>,
+    },
+    /// Leader: a consumer was told of `records` evicted records.
+    ReportEvicted {
+        topic: TopicId,
+        subscription: SubscriptionName,
+        records: u64,
+        reply: Reply<Option<Pending>>,
+    },
+    ExpireProducers {
+        topic: TopicId,
+        cutoff_ms: u64,
+        reply: Reply<usize>,
+    },
+    SetMeta {
+        key: &'static str,
+        value: u64,
+        reply: Reply<()>,
+    },
+    SetConfig {
+        topic: TopicId,
+        config: TopicConfig,
+        reply: Reply<()>,
+    },
+}
+
+/// A failure of the storage engine; the whole group commit is abandoned.
+pub(super) type StorageResult<T> = Result<T, redb::Error>;
+
+/// A group's write transaction, knowing whether anything was written: a group that wrote
+/// nothing (e.g. a follower told only of a new commit point) is not committed, as a redb
+/// commit costs a write and an fsync even when empty.
+pub(super) struct Tx {
+    txn: WriteTransaction,
+    wrote: Cell<bool>,
+}
+
+impl Tx {
+    pub fn open<K: Key + 'static, V: Value + 'static>(
+        &self,
+        table: TableDefinition<K, V>,
+    ) -> Result<Table<'_, K, V>, redb::TableError> {
+        self.wrote.set(true);
+        self.txn.open_table(table)
+    }
+
+    /// Commits what was written; returns whether there was anything.
+    fn finish(self) -> StorageResult<bool> {
+        if self.wrote.get() {
+            self.txn.commit()?;
+        } else {
+            self.txn.abort()?;
+        }
+        Ok(self.wrote.get())
+    }
+}
+
+/// Answers held back until the group commit is durable.
+type Deferred = Vec<Box<dyn FnOnce(Result<(), Error>) + Send>>;
+
+fn defer<T: Send + 'static>(deferred: &mut Deferred, reply: Reply<T>, result: Result<T, Error>) {
+    deferred.push(Box::new(move |commit| {
+        let _ = reply.send(commit.and(result));
+    }));
+}
+
+/// A reply whose value is the state published after the commit.
+fn defer_state(
+    deferred: &mut Deferred,
+    reply: Reply<LogState>,
+    result: Result<(), Error>,
+    state: watch::Receiver<LogState>,
+) {
+    deferred.push(Box::new(move |commit| {
+        let _ = reply.send(commit.and(result).map(|_| state.borrow().clone()));
+    }));
+}
+
+/// A group between [`Writer::stage`] and [`Writer::finish`].
+struct OpenGroup {
+    /// `Err`: the transaction failed while the commands were applied.
+    txn: StorageResult<Tx>,
+    deferred: Deferred,
+    touched: BTreeSet<TopicId>,
+    /// Followers may have seen entries of this group.
+    shown: bool,
+}
+
+/// How a group ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// Durable (or nothing to write); answers sent, state published.
+    Committed,
+    /// Nothing of it is durable: every command got a `Storage` error, memory was reloaded.
+    Failed,
+    /// The commit failed after followers saw entries of the group: reusing their indexes for
+    /// other entries would fork the log, so the server must stop (the naming server elects a
+    /// replica that holds them, and this one truncates when it returns).
+    Fatal,
+}
+
+/// The writer: the in-memory view of every hosted topic, and the database.
+pub struct Writer {
+    db: Arc<Database>,
+    server: ServerId,
+    topics: BTreeMap<TopicId, WriterTopic>,
+    buf: Vec<u8>,
+    commits: Arc<AtomicU64>,
+    commit_seconds: Histogram,
+    clock: Clock,
+    open: Option<OpenGroup>,
+}
+
+impl Writer {
+    pub(super) fn new(
+        db: Arc<Database>,
+        server: ServerId,
+        commits: Arc<AtomicU64>,
+        commit_seconds: Histogram,
+        clock: Clock,
+    ) -> Self {
+        Self {
+            db,
+            server,
+            topics: BTreeMap::new(),
+            buf: Vec::new(),
+            commits,
+            commit_seconds,
+            clock,
+            open: None,
+        }
+    }
+
+    /// Rebuilds the in-memory view from the committed tables (at open, and after a failed
+    /// commit, so memory never runs ahead of disk). Existing watch channels are kept, so
+    /// handles held by the server stay live.
+    pub fn load(&mut self) -> anyhow::Result<Vec<HostedTopic>> {
+        let txn = self.db.begin_read()?;
+        let topics = txn.open_table(TOPICS)?;
+        let entries = txn.open_table(ENTRIES)?;
+        let records = txn.open_table(RECORDS)?;
+        let cursors = txn.open_table(CURSORS)?;
+        let producers = txn.open_table(PRODUCERS)?;
+        let epochs = txn.open_table(EPOCHS)?;
+        let old = std::mem::take(&mut self.topics);
+        let mut logs = Vec::new();
+        for row in topics.iter()? {
+            let (_, value) = row?;
+            let meta: TopicMeta = decode(value.value())?;
+            let id = meta.id;
+            let mut t = WriterTopic::empty(meta.clone());
+            if let Some(old) = old.get(&id) {
+                t.state = old.state.clone();
+                t.staged = old.staged.clone();
+                t.staged.lock().expect("staged lock").clear();
+            }
+            let mut history = Vec::new();
+            for row in epochs.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = row?;
+                history.push((k.value().1, v.value()));
+            }
+            t.history = EpochHistory::new(history);
+            let mut applied = BTreeMap::new();
+            for row in cursors.range((id, "")..(id + 1, ""))? {
+                let (k, v) = row?;
+                applied.insert(k.value().1.to_string(), decode::<Cursor>(v.value())?);
+            }
+            t.cursors = CursorState::new(applied, meta.applied, meta.log_start);
+            let mut commit_offset = meta.start_offset;
+            for row in entries.range((id, meta.start_index)..(id, u64::MAX))? {
+                let (k, v) = row?;
+                let index = k.value().1;
+                let entry: Entry = decode(v.value())?;
+                if index < meta.applied {
+                    commit_offset = entry.end;
+                }
+                if let EntryKind::Cursor { subscription, cursor, log_start } = entry.kind {
+                    if index >= meta.applied {
+                        t.cursors.push(index, PendingCursor { subscription, cursor, log_start });
+                    }
+                }
+                t.end_index = index + 1;
+                t.log_end = entry.end;
+            }
+            // What this replica applied was committed: a lower bound of the commit point
+            // that survives restarts, so clients never see it move back.
+            let commit_index = meta.applied.clamp(meta.start_index, t.end_index);
+            t.leader_commit = (commit_index, commit_offset.min(t.log_end));
+            for row in records.range((id, 0)..=(id, u64::MAX))? {
+                t.bytes += row?.1.value().len() as u64;
+            }
+            for row in producers.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = row?;
+                t.producers.insert(k.value().1, decode(v.value())?);
+            }
+            // After a failed group (not a restart), a leader whose epoch's first entry is
+            // durable still leads it.
+            if let Some(e) = old.get(&id).and_then(|o| o.leading) {
+                if t.history.last_epoch() == e {
+                    t.leading = Some(e);
+                }
+            }
+            let published = t.state.borrow().clone();
+            let keep = old.contains_key(&id).then_some(&published);
+            t.state.send_replace(t.snapshot(keep));
+            logs.push((t.handle(), t.meta.clone()));
+            self.topics.insert(id, t);
+        }
+        Ok(logs)
+    }
+
+    /// Runs the writer until every [`Store`](super::Store) handle is gone.
+    pub(super) fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut batch = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            batch.push(first);
+            while batch.len() < MAX_COMMANDS_PER_COMMIT {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            self.stage(std::mem::take(&mut batch));
+            if self.finish() == GroupOutcome::Fatal {
+                error!(
+                    server = self.server,
+                    "exiting: followers may hold entries this server could not make durable"
+                );
+                std::process::exit(74);
+            }
+        }
+        info!(server = self.server, "storage writer stopped");
+    }
+
+    /// Applies `commands` in a new write transaction and shows a leader's new entries to its
+    /// followers; nothing is durable or answered until [`finish`](Self::finish).
+    pub fn stage(&mut self, commands: Vec<Command>) {
+        assert!(self.open.is_none(), "a group is already open");
+        let mut deferred: Deferred = Vec::with_capacity(commands.len());
+        let mut touched = BTreeSet::new();
+        let mut shown = false;
+        let mut commands = commands.into_iter();
+        let txn = self.db.begin_write().map_err(redb::Error::from).and_then(|txn| {
+            let txn = Tx { txn, wrote: Cell::new(false) };
+            for cmd in commands.by_ref() {
+                self.apply(&txn, cmd, &mut deferred, &mut touched)?;
+            }
+            for id in &touched {
+                if let Some(t) = self.topics.get_mut(id) {
+                    if t.meta.is_solo() && t.end_index > t.cursors.applied_index() {
+                        // A single replica is its own majority: what it writes is committed.
+                        let end = t.end_index;
+                        t.apply(&txn, end)?;
+                    }
+                    shown |= t.stage();
+                }
+            }
+            Ok(txn)
+        });
+        if let Err(e) = &txn {
+            // The failing command was answered with the error; those after it never ran.
+            for cmd in commands {
+                cmd.fail(storage_error(self.server, e));
+            }
+            for id in &touched {
+                if let Some(t) = self.topics.get_mut(id) {
+                    shown |= t.stage();
+                }
+            }
+        }
+        self.open = Some(OpenGroup { txn, deferred, touched, shown });
+    }
+
+    /// Commits the open group; publishes and answers, or fails every command of it.
+    pub fn finish(&mut self) -> GroupOutcome {
+        let Some(group) = self.open.take() else { return GroupOutcome::Committed };
+        let OpenGroup { txn, deferred, touched, shown } = group;
+        let started = std::time::Instant::now();
+        let outcome = txn.and_then(|txn| txn.finish());
+        match outcome {
+            Ok(committed) => {
+                if committed {
+                    self.commit_seconds.observe(started.elapsed().as_secs_f64());
+                    self.commits.fetch_add(1, Ordering::Relaxed);
+                }
+                for id in touched {
+                    if let Some(t) = self.topics.get(&id) {
+                        t.publish();
+                    }
+                }
+                deferred.into_iter().for_each(|answer| answer(Ok(())));
+                GroupOutcome::Committed
+            }
+            Err(e) if shown => {
+                error!(server = self.server, error = %e, "group commit failed after followers saw it");
+                GroupOutcome::Fatal
+            }
+            Err(e) => {
+                // Nothing of this group is durable: fail every command in it (producers
+                // retry with the same sequence), and forget what memory ran ahead.
+                error!(server = self.server, error = %e, "group commit failed");
+                let err = Error::Storage { server: self.server, detail: e.to_string() };
+                deferred.into_iter().for_each(|answer| answer(Err(err.clone())));
+                if let Err(e) = self.load() {
+                    error!(error = %e, "reloading storage state failed");
+                }
+                GroupOutcome::Failed
+            }
+        }
+    }
+
+    /// Drops the open group without committing it, as a crash would (for the simulator).
+    pub fn abandon(&mut self) {
+        self.open.take();
+    }
+
+    fn now_ms(&self) -> u64 {
+        (self.clock)()
+    }
+
+    fn apply(
+        &mut self,
+        txn: &Tx,
+        cmd: Command,
+        deferred: &mut Deferred,
+        touched: &mut BTreeSet<TopicId>,
+    ) -> StorageResult<()> {
+        let server = self.server;
+        let now = self.now_ms();
+        let buf = &mut self.buf;
+        let topics = &mut self.topics;
+        match cmd {
+            Command::CreateTopic { meta, reply } => {
+                let id = meta.id;
+                let result = (|| -> StorageResult<Result<Arc<TopicLog>, Error>> {
+                    if let std::collections::btree_map::Entry::Vacant(slot) = topics.entry(id) {
+                        txn.open(TOPICS)?.insert(id, encode(&meta).as_slice())?;
+                        slot.insert(WriterTopic::empty(meta));
+                    }
+                    Ok(Ok(topics[&id].handle()))
+                })();
+                touched.insert(id);
+                settle(deferred, reply, result, server)
+            }
+            Command::DeleteTopic { id, reply } => {
+                let result = (|| -> StorageResult<Result<(), Error>> {
+                    if topics.remove(&id).is_some() {
+                        txn.open(TOPICS)?.remove(id)?;
+                        txn.open(ENTRIES)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                        delete_records(txn, id, 0..u64::MAX)?;
+                        txn.open(CURSORS)?.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
+                        txn.open(PRODUCERS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                        txn.open(EPOCHS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+                    }
+                    Ok(Ok(()))
+                })();
+                settle(deferred, reply, result, server)
+            }
+            Command::SetMeta { key, value, reply } => {
+                let result = (|| -> StorageResult<Result<(), Error>> {
+                    txn.open(META)?.insert(key, value)?;
+                    Ok(Ok(()))
+                })();
+                settle(deferred, reply, result, server)
+            }
+            Command::SetConfig { topic, config, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    // The record size limit is fixed at creation; policies may change.
+                    t.meta.config =
+                        TopicConfig { max_record_bytes: t.meta.config.max_record_bytes, ..config };
+                    t.save_meta(txn)?;
+                    Ok(Ok(()))
+                });
+                settle(deferred, reply, result, server)
+            }
+            Command::Assign { topic, voters, learners, leader, epoch, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    if t.leading.is_some_and(|e| leader != server || e != epoch) {
+                        t.leading = None;
+                    }
+                    t.meta.voters = voters;
+                    t.meta.learners = learners;
+                    t.meta.leader = leader;
+                    t.meta.epoch = t.meta.epoch.max(epoch);
+                    t.meta.promised = t.meta.promised.max(epoch);
+                    t.save_meta(txn)?;
+                    Ok(Ok(()))
+                });
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::Promise { topic, epoch, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    if epoch > t.meta.promised {
+                        t.meta.promised = epoch;
+                        t.save_meta(txn)?;
+                    }
+                    if t.leading.is_some_and(|e| e < epoch) {
+                        t.leading = None;
+                    }
+                    Ok(Ok((t.history.last_epoch(), t.end_index)))
+                });
+                // Published at once: the follow task fetches with the new epoch, which fences
+                // the old leader sooner.
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::BecomeLeader { topic, epoch, reply } => {
+                let result = with_topic(topics, topic, server, |t| become_leader(txn, t, epoch, server, buf));
+                touched.insert(topic);
+                settle_state(deferred, reply, result, topics.get(&topic), server)
+            }
+            Command::Append { topic, producer, sequence, records, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    append(txn, t, producer, sequence, records, server, now, buf)
+                });
+                if result.as_ref().is_ok_and(|r| r.as_ref().is_ok_and(|a| !a.duplicate)) {
+                    touched.insert(topic);
+                }
+                settle(deferred, reply, result, server)
+            }
+            Command::ReplicaAppend { topic, chunk, reply } => {
+                let result = with_topic(topics, topic, server, |t| t.replicate(txn, chunk, server, buf));
+                touched.insert(topic);
+                settle_state(deferred, reply, result, topics.get(&topic), server)
+            }
+            Command::Truncate { topic, to, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    if t.leading.is_some() {
+                        return Ok(Err(Error::internal(format!(
+                            "{} leads its epoch; it truncates nothing",
+                            t.name()
+                        ))));
+                    }
+                    t.truncate(txn, to)
+                });
+                touched.insert(topic);
+                settle_state(deferred, reply, result, topics.get(&topic), server)
+            }
+            Command::Reset { topic, reset, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    if t.leading.is_some() {
+                        return Ok(Err(Error::internal(format!(
+                            "{} leads its epoch; it takes no reset",
+                            t.name()
+                        ))));
+                    }
+                    t.reset(txn, reset).map(Ok)
+                });
+                touched.insert(topic);
+                settle_state(deferred, reply, result, topics.get(&topic), server)
+            }
+            Command::Commit { topic, index, reply } => {
+                let result = with_topic(topics, topic, server, |t| t.apply(txn, index).map(Ok));
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::ExpireProducers { topic, cutoff_ms, reply } => {
+                let result =
+                    with_topic(topics, topic, server, |t| t.expire_producers(txn, cutoff_ms).map(Ok));
+                settle(deferred, reply, result, server)
+            }
+            Command::Ack { topic, subscription, next, reply } => {
+                let result =
+                    with_topic(topics, topic, server, |t| ack(txn, t, &subscription, next, server, buf));
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::CreateSubscription { topic, subscription, from, if_missing, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    create_subscription(txn, t, &subscription, from, if_missing, server, buf)
+                });
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::DeleteSubscription { topic, subscription, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    let epoch = match t.check_leading(server) {
+                        Ok(e) => e,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    match t.cursors.latest(subscription.as_str()) {
+                        None => Ok(Err(t.unknown_subscription(subscription.as_str()))),
+                        Some(c) => {
+                            let at = t.set_cursor(txn, subscription.as_str(), None, epoch, buf)?;
+                            Ok(Ok(CursorChange { cursor: c.next, pending: Some(at) }))
+                        }
+                    }
+                });
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::ResetCursor { topic, subscription, to, execute, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    reset_cursor(txn, t, &subscription, to, execute, server, buf)
+                });
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+            Command::ReportEvicted { topic, subscription, records, reply } => {
+                let result = with_topic(topics, topic, server, |t| {
+                    let epoch = match t.check_leading(server) {
+                        Ok(e) => e,
+                        Err(e) => return Ok(Err(e)),
+                    };
+                    match t.cursors.latest(subscription.as_str()) {
+                        Some(c) if c.unreported > 0 => {
+                            let told = Cursor { unreported: c.unreported.saturating_sub(records), ..c };
+                            Ok(Ok(Some(t.set_cursor(txn, subscription.as_str(), Some(told), epoch, buf)?)))
+                        }
+                        _ => Ok(Ok(None)),
+                    }
+                });
+                touched.insert(topic);
+                settle(deferred, reply, result, server)
+            }
+        }
+    }
+}
+
+impl Command {
+    /// Answers the command with `err` without running it (the group failed before it ran).
+    fn fail(self, err: Error) {
+        let e = err;
+        let _ = match self {
+            Command::CreateTopic { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::DeleteTopic { reply, .. }
+            | Command::Assign { reply, .. }
+            | Command::SetMeta { reply, .. }
+            | Command::SetConfig { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::Promise { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::BecomeLeader { reply, .. }
+            | Command::ReplicaAppend { reply, .. }
+            | Command::Truncate { reply, .. }
+            | Command::Reset { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::Append { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::Commit { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::Ack { reply, .. }
+            | Command::CreateSubscription { reply, .. }
+            | Command::DeleteSubscription { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::ResetCursor { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::ReportEvicted { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::ExpireProducers { reply, .. } => reply.send(Err(e)).is_ok(),
+        };
+    }
+}
+
+/// Runs `op` on the topic if this server hosts it.
+fn with_topic<T>(
+    topics: &mut BTreeMap<TopicId, WriterTopic>,
+    id: TopicId,
+    server: ServerId,
+    op: impl FnOnce(&mut WriterTopic) -> StorageResult<Result<T, Error>>,
+) -> StorageResult<Result<T, Error>> {
+    match topics.get_mut(&id) {
+        None => Ok(Err(Error::NotLeader { topic: format!("#{id}"), server, leader: None })),
+        Some(t) => op(t),
+    }
+}
+
+fn storage_error(server: ServerId, e: &redb::Error) -> Error {
+    Error::Storage { server, detail: e.to_string() }
+}
+
+/// Defers the answer of a command until the group commits; a storage failure answers it at
+/// once with the error and abandons the group.
+fn settle<T: Send + 'static>(
+    deferred: &mut Deferred,
+    reply: Reply<T>,
+    result: StorageResult<Result<T, Error>>,
+    server: ServerId,
+) -> StorageResult<()> {
+    match result {
+        Ok(r) => {
+            defer(deferred, reply, r);
+            Ok(())
+        }
+        Err(e) => {
+            let _ = reply.send(Err(storage_error(server, &e)));
+            Err(e)
+        }
+    }
+}
+
+/// [`settle`] for commands answered with the topic's state after the commit.
+fn settle_state(
+    deferred: &mut Deferred,
+    reply: Reply<LogState>,
+    result: StorageResult<Result<(), Error>>,
+    topic: Option<&WriterTopic>,
+    server: ServerId,
+) -> StorageResult<()> {
+    match (result, topic) {
+        (Ok(r), Some(t)) => {
+            defer_state(deferred, reply, r, t.state.subscribe());
+            Ok(())
+        }
+        (Ok(r), None) => {
+            defer(deferred, reply, r.and(Err(Error::internal("topic gone"))));
+            Ok(())
+        }
+        (Err(e), _) => {
+            let _ = reply.send(Err(storage_error(server, &e)));
+            Err(e)
+        }
+    }
+}
+
+/// Starts `epoch` as its leader with a `Begin` entry. Refused for an epoch this replica
+/// promised against, or one it already held: a restarted leader may have lost entries of its
+/// old epoch that its followers hold, and writing others at their indexes would fork the
+/// log. A single replica has no followers to fork from and resumes its epoch.
+fn become_leader(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    epoch: Epoch,
+    server: ServerId,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<(), Error>> {
+    let stale = |current| Error::StaleEpoch { topic: t.name(), server, epoch, current };
+    if epoch < t.meta.promised {
+        return Ok(Err(stale(t.meta.promised)));
+    }
+    if t.leading == Some(epoch) {
+        return Ok(Ok(()));
+    }
+    let resume = t.meta.is_solo() && epoch == t.history.last_epoch();
+    if !resume {
+        if epoch <= t.history.last_epoch() {
+            return Ok(Err(stale(t.history.last_epoch() + 1)));
+        }
+        let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Begin };
+        let ship = !t.meta.is_solo();
+        t.write_entry(txn, entry, &[], buf, ship)?;
+    }
+    t.evicting = None;
+    t.begun = true;
+    t.leading = Some(epoch);
+    t.meta.promised = epoch;
+    t.meta.epoch = epoch;
+    t.meta.leader = server;
+    t.save_meta(txn)?;
+    Ok(Ok(()))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    producer: ProducerId,
+    sequence: Sequence,
+    records: Vec<Record>,
+    server: ServerId,
+    now_ms: u64,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<Appended, Error>> {
+    let epoch = match t.check_leading(server) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(state) = t.producers.get(&producer) {
+        if let Some(seen) = state.find(sequence) {
+            return Ok(if seen.rejected {
+                Err(Error::invalid(format!(
+                    "batch {sequence} of producer {producer:#x} was rejected earlier"
+                )))
+            } else {
+                let at = Pending { index: seen.index, epoch: t.history.epoch_at(seen.index) };
+                Ok(Appended { base: seen.base, count: seen.count, at, duplicate: true })
+            });
+        }
+        // Gaps are accepted: a refused batch uses its number but leaves no entry to
+        // replicate, so a new leader may not know the number after it.
+        if !state.recent.is_empty() && sequence <= state.last_sequence {
+            return Ok(Err(Error::invalid(format!(
+                "batch {sequence} of producer {producer:#x} is older than the dedup window of {} batches",
+                crate::replication::PRODUCER_DEDUP_WINDOW
+            ))));
+        }
+    }
+    let limit = t.meta.config.max_record_bytes as u64;
+    if let Some((index, r)) = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit) {
+        let err = Error::RecordTooLarge {
+            index: index as u32,
+            size: r.size() as u64,
+            limit,
+            enforced_by: format!(
+                "topic server {server} (max_record_bytes of topic {:?})",
+                t.meta.name.as_str()
+            ),
+        };
+        let outcome = BatchOutcome { sequence, base: t.log_end, count: 0, index: 0, rejected: true };
+        let state = t.producers.entry(producer).or_default();
+        state.record(outcome, now_ms);
+        txn.open(PRODUCERS)?.insert((t.meta.id, producer), encode(&*state).as_slice())?;
+        return Ok(Err(err));
+    }
+    // Refused for the backlog: the sequence is not used, so the producer can send the same
+    // batch again once subscriptions have read (and freed) records.
+    if let Err(e) = make_room(txn, t, &records, epoch, now_ms, buf)? {
+        return Ok(Err(e));
+    }
+    let count = records.len() as u32;
+    let base = t.log_end;
+    let kind = EntryKind::Batch { count, timestamp_ms: now_ms, producer: Some((producer, sequence)) };
+    let entry = Entry { epoch, end: base + count as Offset, kind };
+    let ship = !t.meta.is_solo();
+    let index = t.write_entry(txn, entry, &records, buf, ship)?;
+    if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
+        t.expire_producers(txn, now_ms.saturating_sub(PRODUCER_STATE_TTL_MS))?;
+    }
+    Ok(Ok(Appended { base, count, at: Pending { index, epoch }, duplicate: false }))
+}
+
+fn ack(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &SubscriptionName,
+    next: Offset,
+    server: ServerId,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<CursorChange, Error>> {
+    let epoch = match t.check_leading(server) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(cursor) = t.cursors.latest(subscription.as_str()) else {
+        return Ok(Err(t.unknown_subscription(subscription.as_str())));
+    };
+    let commit = t.state.borrow().commit;
+    if next > commit {
+        return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: next, log_end: commit }));
+    }
+    if next <= cursor.next {
+        // Cursors never move backwards; the caller still waits for the change it is told of.
+        return Ok(Ok(CursorChange {
+            cursor: cursor.next,
+            pending: t.pending_change(subscription.as_str()),
+        }));
+    }
+    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor { next, ..cursor }), epoch, buf)?;
+    Ok(Ok(CursorChange { cursor: next, pending: Some(at) }))
+}
+
+fn create_subscription(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &SubscriptionName,
+    from: StartFrom,
+    if_missing: bool,
+    server: ServerId,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<CursorChange, Error>> {
+    let epoch = match t.check_leading(server) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(cursor) = t.cursors.latest(subscription.as_str()) {
+        return Ok(if if_missing {
+            Ok(CursorChange { cursor: cursor.next, pending: t.pending_change(subscription.as_str()) })
+        } else {
+            Err(Error::SubscriptionExists { topic: t.name(), subscription: subscription.to_string() })
+        });
+    }
+    // The log start every entry before this one allows: a new subscription never starts
+    // below what another replica may already have deleted.
+    let cursor = match from {
+        StartFrom::Earliest => t.cursors.latest_log_start().max(t.meta.log_start),
+        StartFrom::Latest => t.state.borrow().commit,
+    };
+    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor::at(cursor)), epoch, buf)?;
+    Ok(Ok(CursorChange { cursor, pending: Some(at) }))
+}
+
+#[allow(clippy::too_many_arguments)]
+fn reset_cursor(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    subscription: &SubscriptionName,
+    to: ResetTo,
+    execute: bool,
+    server: ServerId,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<(ResetOutcome, Option<Pending>), Error>> {
+    let epoch = match t.check_leading(server) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    let Some(before) = t.cursors.latest(subscription.as_str()) else {
+        return Ok(Err(t.unknown_subscription(subscription.as_str())));
+    };
+    let (log_start, commit) = (t.cursors.latest_log_start().max(t.meta.log_start), t.state.borrow().commit);
+    let after = match to {
+        ResetTo::Earliest => log_start,
+        ResetTo::Latest => commit,
+        ResetTo::Offset(o) if o < log_start => {
+            return Ok(Err(Error::CursorBeforeLogStart {
+                topic: t.name(),
+                subscription: None,
+                offset: o,
+                log_start,
+            }))
+        }
+        ResetTo::Offset(o) if o > commit => {
+            return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: o, log_end: commit }))
+        }
+        ResetTo::Offset(o) => o,
+    };
+    let mut pending = None;
+    if execute && after != before.next {
+        pending = Some(t.set_cursor(
+            txn,
+            subscription.as_str(),
+            Some(Cursor { next: after, ..before }),
+            epoch,
+            buf,
+        )?);
+    }
+    let outcome = ResetOutcome { before: before.next, after, log_start, commit, executed: execute };
+    Ok(Ok((outcome, pending)))
+}
