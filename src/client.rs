@@ -442,6 +442,10 @@ struct ProducerTask {
     inflight: VecDeque<InFlight>,
     /// When the oldest unacknowledged batch started failing.
     failing_since: Option<Instant>,
+    /// A batch of this producer id was acknowledged. Until then one batch is in flight at a
+    /// time: a leader that does not know a producer takes its first batch at any sequence,
+    /// and a first batch that failed must not be overtaken by its successor.
+    known: bool,
 }
 
 impl ProducerTask {
@@ -454,6 +458,7 @@ impl ProducerTask {
             next_sequence: 0,
             inflight: VecDeque::new(),
             failing_since: None,
+            known: false,
         }
     }
 
@@ -503,6 +508,7 @@ impl ProducerTask {
         self.producer = fastrand::u64(..);
         self.next_sequence = 0;
         self.failing_since = None;
+        self.known = false;
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<PendingBatch>) {
@@ -533,7 +539,8 @@ impl ProducerTask {
                     }
                 }
             }
-            let can_take = !closed && self.inflight.len() < self.max_inflight;
+            let window = if self.known { self.max_inflight } else { 1 };
+            let can_take = !closed && self.inflight.len() < window;
             let stalled = session.is_some() && !self.inflight.is_empty();
             let next_check = (last_answer + STALL_CHECK).max(last_check + STALL_RECHECK);
             tokio::select! {
@@ -554,6 +561,7 @@ impl ProducerTask {
                 resp = async { session.as_mut().expect("session").responses.recv().await }, if session.is_some() => {
                     match resp {
                         Some(Ok(Response::Produced { base, count, epoch, duplicate })) => {
+                            self.known = true;
                             if let Some(f) = self.inflight.pop_front() {
                                 let _ = f.batch.reply.send(Ok(BatchAck { base, count, epoch, duplicate }));
                             }

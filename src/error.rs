@@ -135,6 +135,7 @@ impl Error {
                 | Error::Unavailable { .. }
                 | Error::Storage { .. }
                 | Error::StaleEpoch { .. }
+                | Error::OutOfOrderSequence { .. }
         )
     }
 

@@ -16,6 +16,7 @@ pub mod policy;
 pub mod replica;
 pub mod replication;
 pub mod server;
+pub mod sim;
 pub mod storage;
 pub mod transport;
 pub mod types;

@@ -208,12 +208,15 @@ impl Replica {
     }
 
     /// `NotLeader` unless this replica leads, `Unavailable` until it is ready (a new leader
-    /// serves cursors once it knows every committed one), and unless it heard from a
+    /// serves cursors once it applied every committed one), and unless it heard from a
     /// majority of its voters within `contact_ms` of `now_ms`: past that a newer leader may
     /// exist without this one knowing, and its consumers should look again.
     pub fn check_serving(&self, now_ms: u64, contact_ms: u64) -> Result<(), Error> {
+        // Ready once every entry before its epoch's first is applied, not only committed:
+        // consumers resume from the applied cursors.
+        let applied = self.log.state().applied;
         match &*self.part.lock().expect("part lock") {
-            Part::Leader(l) if !l.ready() => Err(Error::Unavailable {
+            Part::Leader(l) if !l.ready() || applied <= l.epoch_start => Err(Error::Unavailable {
                 detail: format!("{} has a new leader that is not ready yet", self.log.name),
             }),
             Part::Leader(l) if now_ms.saturating_sub(l.majority_heard_at(now_ms)) > contact_ms => {
@@ -253,6 +256,11 @@ impl Replica {
         assignment.leader == self.me
     }
 
+    /// Serves nothing while storage starts a new epoch as its leader.
+    pub fn await_lead(&self) {
+        *self.part.lock().expect("part lock") = Part::Deposed;
+    }
+
     /// Takes the leader's role for the epoch storage just started (`state` is what
     /// `become_leader` answered).
     pub fn take_lead(&self, assignment: &Assignment, state: &LogState) {
@@ -288,7 +296,7 @@ impl Replica {
             t.abort();
         }
         if self.leads(&assignment) {
-            *self.part.lock().expect("part lock") = Part::Deposed;
+            self.await_lead();
             let state = node.store.become_leader(id, assignment.epoch).await?;
             self.take_lead(&assignment, &state);
             if !assignment.is_solo() {
@@ -368,16 +376,18 @@ impl Replica {
     /// Returns the index below which committed entries should now be applied, if any.
     pub fn advance(&self) -> Option<Index> {
         let state = self.log.state();
-        let commit = {
+        let (commit, epoch_start) = {
             let mut part = self.part.lock().expect("part lock");
             let Part::Leader(l) = &mut *part else { return None };
             l.advance_commit((state.end_index, state.log_end));
-            l.commit()
+            (l.commit(), l.epoch_start)
         };
         self.log.set_commit(commit.0, commit.1);
         let pending_cursor = state.first_pending_cursor.is_some_and(|i| i < commit.0);
-        (commit.0 > state.applied && (pending_cursor || commit.0 - state.applied >= APPLY_EVERY))
-            .then_some(commit.0)
+        // A new leader serves once it applied its epoch's first entry: at once, then.
+        let new_epoch = state.applied <= epoch_start;
+        let due = pending_cursor || new_epoch || commit.0 - state.applied >= APPLY_EVERY;
+        (commit.0 > state.applied && due).then_some(commit.0)
     }
 
     /// Leader: judges a follower's fetch, and on a consistent one recomputes the commit
@@ -410,6 +420,12 @@ impl Replica {
     /// Leader: the entries a follower gets from `from` on, with the commit point: durable ones
     /// from storage, then those of the group commit under way (their fsyncs overlap; commit
     /// still counts durable copies only).
+    ///
+    /// Only while this replica still leads `epoch`, the epoch it judged the fetch in: a
+    /// leader deposed while it held the fetch may have truncated its log and taken another
+    /// leader's entries since, which do not follow the entries the fetch was judged against.
+    /// A leader's log only grows while it leads, so leading before and after the read means
+    /// what was read is its own.
     pub fn chunk(
         store: &Store,
         log: &TopicLog,
@@ -417,7 +433,16 @@ impl Replica {
         from: Index,
         max_bytes: usize,
     ) -> Result<ReplicaChunk, Error> {
+        let deposed = || Error::StaleEpoch {
+            topic: log.name.to_string(),
+            server: 0,
+            epoch,
+            current: log.state().promised,
+        };
         let state = log.state();
+        if state.leading != Some(epoch) {
+            return Err(deposed());
+        }
         let mut entries = if from < state.end_index {
             store.read_entries(log.id, from, state.end_index, max_bytes)?
         } else {
@@ -427,6 +452,9 @@ impl Replica {
         if read_end >= state.end_index && state.staged_end > read_end {
             let read: usize = entries.iter().flat_map(|e| &e.records).map(|r| r.size()).sum();
             entries.extend(log.staged(read_end, max_bytes.saturating_sub(read)));
+        }
+        if log.state().leading != Some(epoch) {
+            return Err(deposed());
         }
         Ok(ReplicaChunk { epoch, entries, commit_index: state.commit_index, commit: state.commit })
     }

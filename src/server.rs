@@ -30,9 +30,9 @@ use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
-use crate::storage::{Medium, Store, TopicLog, TopicMeta};
+use crate::storage::{LogState, Medium, Store, TopicLog, TopicMeta};
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{now_ms, Epoch, Offset, ServerId, SubscriptionName, TopicName};
+use crate::types::{now_ms, Epoch, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
 use crate::wire::{
     ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicReport,
     TopicStatus,
@@ -339,16 +339,19 @@ impl TopicServer {
             Ok(r) => r,
             Err(e) => return ready(Response::Error(e)),
         };
-        if let Err(e) = policy.check(topic.as_str(), &records) {
-            return ready(Response::Error(e));
-        }
+        // A refused batch still uses its sequence number, on every replica: the refusal is an
+        // entry of the log too.
+        let refused = policy.check(topic.as_str(), &records).err();
         // Queued now, in stream order; the future waits for the group commit, then for a
         // majority of the replicas.
-        let appended = self.node.store.append(replica.log.id, producer, sequence, records);
+        let appended = self.node.store.append_or_refuse(replica.log.id, producer, sequence, records, refused);
         Box::pin(async move {
             let result = async {
                 let a = appended.await?;
                 replica.wait_for(a.at, false).await?;
+                if let Some(e) = a.refused {
+                    return Err(e);
+                }
                 Ok(Response::Produced {
                     base: a.base,
                     count: a.count,
@@ -398,35 +401,10 @@ impl TopicServer {
         let mut watch = log.watch();
         loop {
             let state = watch.borrow_and_update().clone();
-            let before_start = || Error::CursorBeforeLogStart {
-                topic: topic.to_string(),
-                subscription: Some(subscription.to_string()),
-                offset: from,
-                log_start: state.log_start,
-            };
-            if from < state.log_start {
-                return Err(before_start());
-            }
-            if from > state.commit {
-                return Err(Error::OffsetBeyondEnd {
-                    topic: topic.to_string(),
-                    offset: from,
-                    log_end: state.commit,
-                });
-            }
-            if from < state.commit {
-                // Reads are short and mostly served from redb's cache, so they run inline.
-                let records = self.node.store.read(&log, from, state.commit, max_records, max_bytes)?;
-                if records.first().map(|r| r.offset) != Some(from) {
-                    // Deleted between the state snapshot and the read.
-                    let log_start = log.state().log_start;
-                    return Err(Error::CursorBeforeLogStart {
-                        topic: topic.to_string(),
-                        subscription: Some(subscription.to_string()),
-                        offset: from,
-                        log_start,
-                    });
-                }
+            // Reads are short and mostly served from redb's cache, so they run inline.
+            let read =
+                read_committed(&self.node.store, &log, &state, subscription, from, max_records, max_bytes)?;
+            if let Some(records) = read {
                 return Ok(Response::Records {
                     records,
                     log_start: state.log_start,
@@ -552,19 +530,7 @@ impl TopicServer {
         let topics = self.topics.read().expect("topics lock");
         topics
             .values()
-            .filter_map(|h| {
-                let refused = *h.refused.lock().expect("refused lock");
-                let leader = h.replica.leader_report();
-                if leader.is_none() && refused.is_none() {
-                    return None;
-                }
-                let (leading, ready, holders) = match leader {
-                    Some((epoch, ready, holders)) => (Some(epoch), ready, holders),
-                    None => (None, false, Vec::new()),
-                };
-                let promised = h.replica.log.state().promised;
-                Some(TopicReport { topic: h.replica.log.id, promised, leading, refused, ready, holders })
-            })
+            .filter_map(|h| topic_report(&h.replica, *h.refused.lock().expect("refused lock")))
             .collect()
     }
 
@@ -761,6 +727,60 @@ impl Service for TopicServer {
             )))),
         }
     }
+}
+
+/// Reads committed records of `log` from `from` (as the state `state` says what is
+/// committed and stored); `None` when there is nothing to read yet.
+pub fn read_committed(
+    store: &Store,
+    log: &TopicLog,
+    state: &LogState,
+    subscription: &SubscriptionName,
+    from: Offset,
+    max_records: u32,
+    max_bytes: u32,
+) -> Result<Option<Vec<StoredRecord>>, Error> {
+    let before_start = |log_start| Error::CursorBeforeLogStart {
+        topic: log.name.to_string(),
+        subscription: Some(subscription.to_string()),
+        offset: from,
+        log_start,
+    };
+    if from < state.log_start {
+        return Err(before_start(state.log_start));
+    }
+    if from > state.commit {
+        return Err(Error::OffsetBeyondEnd {
+            topic: log.name.to_string(),
+            offset: from,
+            log_end: state.commit,
+        });
+    }
+    if from == state.commit {
+        return Ok(None);
+    }
+    let records = store.read(log, from, state.commit, max_records, max_bytes)?;
+    if records.first().map(|r| r.offset) != Some(from) {
+        // Deleted between the state snapshot and the read.
+        return Err(before_start(log.state().log_start));
+    }
+    Ok(Some(records))
+}
+
+/// What a replica tells the naming server about its topic in a heartbeat, if anything: a
+/// topic it leads (epoch committed or not, who holds everything), or one it was told to lead
+/// and would not (`refused`).
+pub fn topic_report(replica: &Replica, refused: Option<Epoch>) -> Option<TopicReport> {
+    let leader = replica.leader_report();
+    if leader.is_none() && refused.is_none() {
+        return None;
+    }
+    let (leading, ready, holders) = match leader {
+        Some((epoch, ready, holders)) => (Some(epoch), ready, holders),
+        None => (None, false, Vec::new()),
+    };
+    let promised = replica.log.state().promised;
+    Some(TopicReport { topic: replica.log.id, promised, leading, refused, ready, holders })
 }
 
 /// Registers with the naming server and follows its book until `shutdown`.

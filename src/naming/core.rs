@@ -531,14 +531,26 @@ impl NamingCore {
         let step = |record: TopicRecord, note: String| {
             Some(Step { change: Some(BookChange::topic(record)), asks: Vec::new(), note, elected: false })
         };
+        if t.voters.len() > t.factor as usize {
+            // One voter too many: the last step of a replacement. The lost voter leaves, or,
+            // if it came back and leads again, a dead voter, else the newest one.
+            let leaving = t
+                .replacing
+                .filter(|l| t.voters.contains(l) && *l != t.leader)
+                .or_else(|| {
+                    t.voters
+                        .iter()
+                        .copied()
+                        .find(|v| *v != t.leader && self.liveness(*v, now_ms) == Liveness::Dead)
+                })
+                .or_else(|| t.voters.iter().rev().copied().find(|v| *v != t.leader))?;
+            let voters = t.voters.iter().copied().filter(|v| *v != leaving).collect();
+            return step(
+                TopicRecord { voters, replacing: None, ..next },
+                format!("{}: voter {leaving} leaves (epoch {})", t.name, t.next_epoch()),
+            );
+        }
         if let Some(lost) = t.replacing {
-            if t.voters.len() > t.factor as usize && t.voters.contains(&lost) {
-                let voters = t.voters.iter().copied().filter(|v| *v != lost).collect();
-                return step(
-                    TopicRecord { voters, replacing: None, ..next },
-                    format!("{}: removed lost voter {lost} (epoch {})", t.name, t.next_epoch()),
-                );
-            }
             if !t.learners.is_empty() {
                 if self.is_alive(lost, now_ms) {
                     return step(

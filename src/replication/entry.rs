@@ -29,6 +29,10 @@ pub enum EntryKind {
         /// Who sent it, so every replica rebuilds the producer's dedup window from the log.
         producer: Option<(ProducerId, Sequence)>,
     },
+    /// A producer's batch refused as a whole (a record over the size limit, a schema
+    /// violation): it stores nothing, but uses its sequence number on every replica, so the
+    /// producer's next batch is in order wherever it lands.
+    Refused { producer: ProducerId, sequence: Sequence },
     /// A subscription's cursor is set (`None`: the subscription is deleted). Once the entry
     /// is applied, records below `log_start` are deleted: it is the lowest cursor after the
     /// change (never lower than the log start before it), so a change and the deletion it

@@ -287,10 +287,12 @@ impl SimDisk {
 
     /// Cuts the power: unsynced writes are gone and every operation fails until
     /// [`power_on`](Self::power_on) (so a database still open cannot write on its way out).
+    /// Injected fsync failures end with it.
     pub fn power_cut(&self) {
         let mut s = self.state.lock().expect("disk lock");
         s.unsynced = Unsynced::default();
         s.off = true;
+        s.failing_syncs = 0;
     }
 
     pub fn power_on(&self) {

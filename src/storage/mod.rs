@@ -305,8 +305,21 @@ impl Store {
         sequence: Sequence,
         records: Vec<Record>,
     ) -> impl std::future::Future<Output = Result<Appended, Error>> + Send + 'static {
+        self.append_or_refuse(topic, producer, sequence, records, None)
+    }
+
+    /// [`append`](Self::append), or with `refused` (the server's policy refused the batch)
+    /// records only that the batch's sequence was used, and answers with the refusal.
+    pub fn append_or_refuse(
+        &self,
+        topic: TopicId,
+        producer: ProducerId,
+        sequence: Sequence,
+        records: Vec<Record>,
+        refused: Option<Error>,
+    ) -> impl std::future::Future<Output = Result<Appended, Error>> + Send + 'static {
         let (reply, rx) = oneshot::channel();
-        let sent = self.send(Command::Append { topic, producer, sequence, records, reply });
+        let sent = self.send(Command::Append { topic, producer, sequence, records, refused, reply });
         async move {
             sent?;
             rx.await.map_err(|_| stopped())?

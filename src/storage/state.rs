@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::error::Error;
 use crate::replication::{EpochHistory, ShippedEntry};
 use crate::types::{Epoch, Index, Offset, ServerId, TopicId, TopicName};
 use crate::wire::TopicConfig;
@@ -168,7 +169,7 @@ impl TopicLog {
 }
 
 /// Outcome of an append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Appended {
     pub base: Offset,
     pub count: u32,
@@ -176,6 +177,9 @@ pub struct Appended {
     pub at: Pending,
     /// A retry answered from the dedup window; nothing was stored.
     pub duplicate: bool,
+    /// The batch was refused, for this reason, once `at` commits: a refusal uses the batch's
+    /// sequence number on every replica (see [`EntryKind::Refused`](crate::replication::EntryKind::Refused)).
+    pub refused: Option<Error>,
 }
 
 /// An entry a caller waits to see committed (and applied): its index, and the epoch it was

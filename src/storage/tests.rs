@@ -93,11 +93,14 @@ async fn appends_are_dense_and_retries_are_deduplicated() {
     let again = store.append(7, 42, 0, records(&["a", "b"])).await.unwrap();
     assert_eq!((again.base, again.count, again.duplicate, again.at), (0, 2, true, a.at));
     assert_eq!(log.state().log_end, 3);
-    // A sequence below the window's newest that it does not hold is refused.
-    assert!(store.append(7, 42, 5, records(&["x"])).await.is_ok(), "gaps are accepted");
-    assert!(matches!(store.append(7, 42, 4, records(&["y"])).await, Err(Error::InvalidArgument { .. })));
-    // Another producer interleaves freely.
-    let other = store.append(7, 43, 0, records(&["d"])).await.unwrap();
+    // A batch that skips a number waits for the missing one (the producer resends in order).
+    assert!(matches!(
+        store.append(7, 42, 5, records(&["x"])).await,
+        Err(Error::OutOfOrderSequence { expected: 2, got: 5, .. })
+    ));
+    assert_eq!(store.append(7, 42, 2, records(&["x"])).await.unwrap().base, 3);
+    // Another producer interleaves freely, starting where it likes.
+    let other = store.append(7, 43, 9, records(&["d"])).await.unwrap();
     assert_eq!(other.base, 4);
     let got: Vec<_> = payloads(&store, &log).into_iter().map(|(_, p)| p).collect();
     assert_eq!(got, ["a", "b", "c", "x", "d"]);
@@ -140,8 +143,8 @@ async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
     let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
     let log = solo(&store, meta(1, "t")).await;
     let big = "x".repeat(65);
-    let err = store.append(1, 9, 0, records(&["ok", &big])).await.unwrap_err();
-    match err {
+    let refused = store.append(1, 9, 0, records(&["ok", &big])).await.unwrap();
+    match refused.refused.expect("refused") {
         Error::RecordTooLarge { index, size, limit, enforced_by } => {
             assert_eq!((index, size, limit), (1, 65, 64));
             assert!(enforced_by.contains("topic server 1"), "{enforced_by}");
@@ -149,8 +152,11 @@ async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
         other => panic!("unexpected {other:?}"),
     }
     assert_eq!(log.state().log_end, 0, "nothing of the batch is stored");
-    assert!(matches!(store.append(1, 9, 0, records(&["ok"])).await, Err(Error::InvalidArgument { .. })));
+    // The refusal is an entry: a retry gets it again, and the next batch is in order.
+    let again = store.append(1, 9, 0, records(&["ok"])).await.unwrap();
+    assert!(again.duplicate && matches!(again.refused, Some(Error::InvalidArgument { .. })));
     assert_eq!(store.append(1, 9, 1, records(&["next"])).await.unwrap().base, 0);
+    store.check_consistency().unwrap();
 }
 
 fn limited(id: TopicId, limit: u64, policy: BacklogPolicy) -> TopicMeta {
@@ -664,6 +670,7 @@ fn a_power_cut_mid_group_leaves_a_store_the_rules_accept_and_loses_only_that_gro
             producer: 1,
             sequence: seq,
             records: records(&["a", "b"]),
+            refused: None,
             reply,
         })
         .unwrap();
@@ -675,6 +682,7 @@ fn a_power_cut_mid_group_leaves_a_store_the_rules_accept_and_loses_only_that_gro
         producer: 1,
         sequence: 5,
         records: records(&["lost"]),
+        refused: None,
         reply,
     }]);
     disk.power_cut();
@@ -701,6 +709,7 @@ fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
         producer: 1,
         sequence: 0,
         records: records(&["a"]),
+        refused: None,
         reply,
     });
     assert!(matches!(err, Err(Error::Storage { .. })), "{err:?}");
@@ -713,6 +722,7 @@ fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
         producer: 1,
         sequence: 0,
         records: records(&["a"]),
+        refused: None,
         reply,
     });
     assert_eq!(a.unwrap().base, 0, "the failed batch was never stored; its retry goes in");
@@ -728,6 +738,7 @@ fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
         producer: 1,
         sequence: 0,
         records: records(&["a"]),
+        refused: None,
         reply,
     }]);
     assert_eq!(writer.finish(), GroupOutcome::Fatal);
@@ -753,6 +764,7 @@ fn a_full_disk_fails_the_group_and_the_store_takes_writes_again_once_there_is_ro
         producer: 1,
         sequence: 0,
         records: big.clone(),
+        refused: None,
         reply,
     });
     assert!(matches!(err, Err(Error::Storage { .. })), "{err:?}");
@@ -761,8 +773,14 @@ fn a_full_disk_fails_the_group_and_the_store_takes_writes_again_once_there_is_ro
     let (store, mut writer, _) = driven(&disk);
     store.check_consistency().unwrap();
     run(&mut writer, |reply| Command::BecomeLeader { topic: 1, epoch: 1, reply }).unwrap();
-    let a =
-        run(&mut writer, |reply| Command::Append { topic: 1, producer: 1, sequence: 0, records: big, reply });
+    let a = run(&mut writer, |reply| Command::Append {
+        topic: 1,
+        producer: 1,
+        sequence: 0,
+        records: big,
+        refused: None,
+        reply,
+    });
     assert_eq!(a.unwrap().count, 100);
     store.check_consistency().unwrap();
 }

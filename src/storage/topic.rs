@@ -248,6 +248,14 @@ impl WriterTopic {
                     self.batches_since_sweep += 1;
                 }
             }
+            EntryKind::Refused { producer, sequence } => {
+                let outcome =
+                    BatchOutcome { sequence: *sequence, base: entry.end, count: 0, index, rejected: true };
+                let state = self.producers.entry(*producer).or_default();
+                let at = state.last_ms;
+                state.record(outcome, at);
+                txn.open(PRODUCERS)?.insert((id, *producer), encode(&*state).as_slice())?;
+            }
             // Entries a reset follower receives again were applied in the leader's state.
             EntryKind::Cursor { subscription, cursor, log_start }
                 if index >= self.cursors.applied_index() =>

@@ -24,8 +24,7 @@ use super::topic::{delete_records, WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_
 use super::HostedTopic;
 use crate::error::Error;
 use crate::replication::{
-    BatchOutcome, Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ReplicaChunk,
-    ReplicaReset,
+    Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ReplicaChunk, ReplicaReset,
 };
 use crate::types::{
     Epoch, Index, Offset, ProducerId, Record, Sequence, ServerId, StartFrom, SubscriptionName, TopicId,
@@ -73,11 +72,14 @@ pub enum Command {
         epoch: Epoch,
         reply: Reply<LogState>,
     },
+    /// Leader: a producer's batch, or its refusal (`refused`: the server's policy check
+    /// failed), which still uses the batch's sequence number.
     Append {
         topic: TopicId,
         producer: ProducerId,
         sequence: Sequence,
         records: Vec<Record>,
+        refused: Option<Error>,
         reply: Reply<Appended>,
     },
     /// Follower: writes what the leader sent.
@@ -222,9 +224,10 @@ pub enum GroupOutcome {
     Committed,
     /// Nothing of it is durable: every command got a `Storage` error, memory was reloaded.
     Failed,
-    /// The commit failed after followers saw entries of the group: reusing their indexes for
-    /// other entries would fork the log, so the server must stop (the naming server elects a
-    /// replica that holds them, and this one truncates when it returns).
+    /// The server must stop and recover from what is durable: the commit failed after
+    /// followers saw entries of the group (reusing their indexes for other entries would fork
+    /// the log; the naming server elects a replica that holds them, and this one truncates
+    /// when it returns), or the storage engine refuses writes until it is reopened.
     Fatal,
 }
 
@@ -430,8 +433,20 @@ impl Writer {
                 error!(server = self.server, error = %e, "group commit failed");
                 let err = Error::Storage { server: self.server, detail: e.to_string() };
                 deferred.into_iter().for_each(|answer| answer(Err(err.clone())));
+                // After a failed fsync redb refuses every write until it is reopened (the
+                // pages' fate is unknown: PostgreSQL's "fsyncgate"). Stop, so a restart
+                // recovers from what is durable and the replicas fail over meanwhile,
+                // rather than stay up unable to write.
+                match self.db.begin_write().map(|t| t.abort()) {
+                    Ok(_) => {}
+                    Err(e) => {
+                        error!(server = self.server, error = %e, "the storage engine needs a restart");
+                        return GroupOutcome::Fatal;
+                    }
+                }
                 if let Err(e) = self.load() {
                     error!(error = %e, "reloading storage state failed");
+                    return GroupOutcome::Fatal;
                 }
                 GroupOutcome::Failed
             }
@@ -539,9 +554,9 @@ impl Writer {
                 touched.insert(topic);
                 settle_state(deferred, reply, result, topics.get(&topic), server)
             }
-            Command::Append { topic, producer, sequence, records, reply } => {
+            Command::Append { topic, producer, sequence, records, refused, reply } => {
                 let result = with_topic(topics, topic, server, |t| {
-                    append(txn, t, producer, sequence, records, server, now, buf)
+                    append(txn, t, Batch { producer, sequence, records, refused }, server, now, buf)
                 });
                 if result.as_ref().is_ok_and(|r| r.as_ref().is_ok_and(|a| !a.duplicate)) {
                     touched.insert(topic);
@@ -772,44 +787,55 @@ fn become_leader(
     Ok(Ok(()))
 }
 
-#[allow(clippy::too_many_arguments)]
-fn append(
-    txn: &Tx,
-    t: &mut WriterTopic,
+/// A producer's batch as the writer takes it.
+struct Batch {
     producer: ProducerId,
     sequence: Sequence,
     records: Vec<Record>,
+    /// The server refused it already (e.g. a schema violation).
+    refused: Option<Error>,
+}
+
+/// Appends a producer's batch, in order of its sequence (G4). A producer's batches are
+/// numbered without gaps: a retry of one in the dedup window gets its first answer back; one
+/// that skips a number waits (`OutOfOrderSequence`, retriable: the producer resends from
+/// the missing one, in order), so a batch that failed can always be sent again. A producer
+/// this replica does not know (new, or forgotten after a day) may start anywhere.
+fn append(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    batch: Batch,
     server: ServerId,
     now_ms: u64,
     buf: &mut Vec<u8>,
 ) -> StorageResult<Result<Appended, Error>> {
+    let Batch { producer, sequence, records, refused } = batch;
     let epoch = match t.check_leading(server) {
         Ok(e) => e,
         Err(e) => return Ok(Err(e)),
     };
-    if let Some(state) = t.producers.get(&producer) {
+    if let Some(state) = t.producers.get(&producer).filter(|s| !s.recent.is_empty()) {
         if let Some(seen) = state.find(sequence) {
-            return Ok(if seen.rejected {
-                Err(Error::invalid(format!(
-                    "batch {sequence} of producer {producer:#x} was rejected earlier"
-                )))
-            } else {
-                let at = Pending { index: seen.index, epoch: t.history.epoch_at(seen.index) };
-                Ok(Appended { base: seen.base, count: seen.count, at, duplicate: true })
+            let at = Pending { index: seen.index, epoch: t.history.epoch_at(seen.index) };
+            let refused = seen.rejected.then(|| {
+                Error::invalid(format!("batch {sequence} of producer {producer:#x} was refused earlier"))
             });
+            return Ok(Ok(Appended { base: seen.base, count: seen.count, at, duplicate: true, refused }));
         }
-        // Gaps are accepted: a refused batch uses its number but leaves no entry to
-        // replicate, so a new leader may not know the number after it.
-        if !state.recent.is_empty() && sequence <= state.last_sequence {
+        if sequence <= state.last_sequence {
             return Ok(Err(Error::invalid(format!(
                 "batch {sequence} of producer {producer:#x} is older than the dedup window of {} batches",
                 crate::replication::PRODUCER_DEDUP_WINDOW
             ))));
         }
+        if sequence > state.last_sequence + 1 {
+            let expected = state.last_sequence + 1;
+            return Ok(Err(Error::OutOfOrderSequence { producer, expected, got: sequence }));
+        }
     }
     let limit = t.meta.config.max_record_bytes as u64;
-    if let Some((index, r)) = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit) {
-        let err = Error::RecordTooLarge {
+    let too_large = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit).map(|(index, r)| {
+        Error::RecordTooLarge {
             index: index as u32,
             size: r.size() as u64,
             limit,
@@ -817,12 +843,14 @@ fn append(
                 "topic server {server} (max_record_bytes of topic {:?})",
                 t.meta.name.as_str()
             ),
-        };
-        let outcome = BatchOutcome { sequence, base: t.log_end, count: 0, index: 0, rejected: true };
-        let state = t.producers.entry(producer).or_default();
-        state.record(outcome, now_ms);
-        txn.open(PRODUCERS)?.insert((t.meta.id, producer), encode(&*state).as_slice())?;
-        return Ok(Err(err));
+        }
+    });
+    let ship = !t.meta.is_solo();
+    if let Some(reason) = refused.or(too_large) {
+        let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Refused { producer, sequence } };
+        let index = t.write_entry(txn, entry, &[], buf, ship)?;
+        let at = Pending { index, epoch };
+        return Ok(Ok(Appended { base: t.log_end, count: 0, at, duplicate: false, refused: Some(reason) }));
     }
     // Refused for the backlog: the sequence is not used, so the producer can send the same
     // batch again once subscriptions have read (and freed) records.
@@ -833,12 +861,11 @@ fn append(
     let base = t.log_end;
     let kind = EntryKind::Batch { count, timestamp_ms: now_ms, producer: Some((producer, sequence)) };
     let entry = Entry { epoch, end: base + count as Offset, kind };
-    let ship = !t.meta.is_solo();
     let index = t.write_entry(txn, entry, &records, buf, ship)?;
     if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
         t.expire_producers(txn, now_ms.saturating_sub(PRODUCER_STATE_TTL_MS))?;
     }
-    Ok(Ok(Appended { base, count, at: Pending { index, epoch }, duplicate: false }))
+    Ok(Ok(Appended { base, count, at: Pending { index, epoch }, duplicate: false, refused: None }))
 }
 
 fn ack(

@@ -1,0 +1,465 @@
+//! Simulated clients: a producer that retries without duplicates, a consumer that acks as it
+//! reads, and an admin that creates, resets and deletes subscriptions. They speak the real
+//! protocol and report what they were told to the [`Checker`].
+
+use std::collections::{BTreeMap, VecDeque};
+
+use super::net::{server_node, Message, NodeId, Payload, NAMING};
+use super::server::{server_of, Ctx};
+use crate::error::Error;
+use crate::types::{Offset, Record, ServerId, StartFrom, SubscriptionName, TopicId, TopicName};
+use crate::wire::{ConsumerSession, Request, ResetTo, Response};
+
+/// How long a client waits for an answer before it takes the server for gone.
+const ANSWER_WAIT_MS: u64 = 2_000;
+
+/// What a client does.
+pub enum Work {
+    /// Sends `batches` batches of up to 3 records, `window` in flight.
+    Produce { producer: u64, batches: u32, window: usize },
+    /// Reads through `subscription` and acknowledges what it read.
+    Consume { subscription: String },
+    /// Creates, resets, deletes and checks the subscriptions `names`.
+    Admin { names: Vec<String> },
+}
+
+/// What an admin believes of one of its subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubState {
+    Exists,
+    Absent,
+    /// An operation on it went unanswered: it may have happened.
+    Unknown,
+}
+
+enum Asked {
+    Lookup,
+    Produce { sequence: u64 },
+    Create { name: String },
+    Fetch,
+    Ack,
+    Delete { name: String },
+    Reset { name: String },
+    Check { name: String },
+}
+
+pub struct SimClient {
+    pub node: NodeId,
+    pub topic: TopicName,
+    pub work: Work,
+    topic_id: Option<TopicId>,
+    leader: Option<ServerId>,
+    asked: BTreeMap<u64, (u64, Asked)>,
+    next_at: u64,
+    /// Producer: batches sent and not acknowledged, oldest first: (sequence, payloads, sent).
+    inflight: VecDeque<(u64, Vec<String>, bool)>,
+    next_sequence: u64,
+    /// Consumer: the subscription exists; where this session reads next.
+    ready: bool,
+    position: Option<Offset>,
+    session: u64,
+    /// Admin: what it believes of each subscription.
+    subs: BTreeMap<String, SubState>,
+    /// Stop sending new work (the run is ending).
+    pub finishing: bool,
+    /// Producer: a batch was acknowledged.
+    known: bool,
+    /// The last error it got (for a failure report).
+    last_error: Option<String>,
+}
+
+impl SimClient {
+    pub fn new(node: NodeId, topic: TopicName, work: Work) -> Self {
+        let subs = match &work {
+            Work::Admin { names } => names.iter().map(|n| (n.clone(), SubState::Absent)).collect(),
+            _ => BTreeMap::new(),
+        };
+        Self {
+            node,
+            topic,
+            work,
+            topic_id: None,
+            leader: None,
+            asked: BTreeMap::new(),
+            next_at: 0,
+            inflight: VecDeque::new(),
+            next_sequence: 0,
+            ready: false,
+            position: None,
+            session: node,
+            subs,
+            finishing: false,
+            known: false,
+            last_error: None,
+        }
+    }
+
+    /// A producer that sent every batch and had each acknowledged.
+    pub fn produced_all(&self) -> bool {
+        matches!(self.work, Work::Produce { batches: 0, .. }) && self.inflight.is_empty()
+    }
+
+    fn batches_left(&self) -> u32 {
+        match self.work {
+            Work::Produce { batches, .. } => batches,
+            _ => 0,
+        }
+    }
+
+    /// What it is doing, for a failure report.
+    pub fn describe(&self) -> String {
+        let asked: Vec<String> = self
+            .asked
+            .values()
+            .map(|(d, a)| {
+                let what = match a {
+                    Asked::Lookup => "lookup".to_string(),
+                    Asked::Produce { sequence } => format!("produce {sequence}"),
+                    Asked::Create { name } => format!("create {name}"),
+                    Asked::Fetch => "fetch".into(),
+                    Asked::Ack => "ack".into(),
+                    Asked::Delete { name } => format!("delete {name}"),
+                    Asked::Reset { name } => format!("reset {name}"),
+                    Asked::Check { name } => format!("check {name}"),
+                };
+                format!("{what} until {d}")
+            })
+            .collect();
+        format!(
+            "{} leader {:?} next at {} ready {} position {:?} inflight {:?} asked {asked:?} last error {:?}",
+            self.topic,
+            self.leader,
+            self.next_at,
+            self.ready,
+            self.position,
+            self.inflight.iter().map(|b| (b.0, b.2)).collect::<Vec<_>>(),
+            self.last_error
+        )
+    }
+
+    /// A consumer whose subscription exists.
+    pub fn is_ready(&self) -> bool {
+        self.ready
+    }
+
+    pub fn subscription(&self) -> Option<&str> {
+        match &self.work {
+            Work::Consume { subscription } => Some(subscription),
+            _ => None,
+        }
+    }
+
+    fn ask(
+        &mut self,
+        ctx: &mut Ctx,
+        to: NodeId,
+        req: Request,
+        asked: Asked,
+        next_id: &mut dyn FnMut() -> u64,
+    ) {
+        let id = next_id();
+        self.asked.insert(id, (ctx.now + ANSWER_WAIT_MS, asked));
+        ctx.send(self.node, to, Payload::Request { id, req: Box::new(req) });
+    }
+
+    fn busy(&self) -> bool {
+        !self.asked.is_empty()
+    }
+
+    pub fn next_timer(&self, now: u64) -> u64 {
+        // Due work, or a look every 50 ms; answers wake the client on their own.
+        let mut at = if self.next_at > now { self.next_at } else { now + 50 };
+        for (d, _) in self.asked.values() {
+            at = at.min(*d);
+        }
+        at.max(now + 1)
+    }
+
+    /// Forgets the leader (it failed, or said it is not the leader).
+    fn lost_leader(&mut self, ctx: &mut Ctx) {
+        self.leader = None;
+        self.asked.retain(|_, (_, a)| matches!(a, Asked::Lookup));
+        for b in self.inflight.iter_mut() {
+            b.2 = false;
+        }
+        self.position = None;
+        self.next_at = ctx.now + 20 + ctx.rng.u64(0..30);
+    }
+
+    pub fn tick(&mut self, ctx: &mut Ctx, next_id: &mut dyn FnMut() -> u64) {
+        let now = ctx.now;
+        let expired: Vec<u64> =
+            self.asked.iter().filter(|(_, (d, _))| *d <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some((_, asked)) = self.asked.remove(&id) {
+                self.answered(ctx, asked, Err(Error::Unavailable { detail: "no answer".into() }));
+            }
+        }
+        if now < self.next_at {
+            return;
+        }
+        let Some(leader) = self.leader else {
+            if !self.asked.values().any(|(_, a)| matches!(a, Asked::Lookup)) {
+                self.ask(
+                    ctx,
+                    NAMING,
+                    Request::LookupTopic { name: self.topic.clone() },
+                    Asked::Lookup,
+                    next_id,
+                );
+            }
+            return;
+        };
+        let to = server_node(leader);
+        let topic = self.topic.clone();
+        let busy = self.busy();
+        match &self.work {
+            Work::Produce { producer, window, .. } => {
+                let (producer, window) = (*producer, *window);
+                // Resend, in order, what a failure left unacknowledged; then new batches.
+                let mut sends = Vec::new();
+                for b in self.inflight.iter_mut().filter(|b| !b.2) {
+                    b.2 = true;
+                    sends.push((b.0, b.1.clone()));
+                }
+                // One batch alone until the producer is known (as `client::Producer` does).
+                let window = if self.known { window } else { 1 };
+                while !self.finishing && self.batches_left() > 0 && self.inflight.len() < window {
+                    if let Work::Produce { batches, .. } = &mut self.work {
+                        *batches -= 1;
+                    }
+                    let sequence = self.next_sequence;
+                    self.next_sequence += 1;
+                    let count = 1 + ctx.rng.usize(0..3);
+                    let payloads: Vec<String> =
+                        (0..count).map(|i| format!("p{producer}-{sequence}-{i}")).collect();
+                    self.inflight.push_back((sequence, payloads.clone(), true));
+                    sends.push((sequence, payloads));
+                }
+                for (sequence, payloads) in sends {
+                    let records =
+                        payloads.into_iter().map(|p| Record { payload: p.into_bytes(), ..Record::default() });
+                    let req = Request::Produce {
+                        topic: topic.clone(),
+                        producer,
+                        sequence,
+                        records: records.collect(),
+                    };
+                    self.ask(ctx, to, req, Asked::Produce { sequence }, next_id);
+                }
+            }
+            Work::Consume { subscription } => {
+                if busy {
+                    return;
+                }
+                let sub = SubscriptionName::new(subscription.clone()).expect("valid name");
+                let name = subscription.clone();
+                if !self.ready {
+                    let req = Request::CreateSubscription {
+                        topic,
+                        subscription: sub,
+                        from: StartFrom::Earliest,
+                        if_missing: true,
+                    };
+                    return self.ask(ctx, to, req, Asked::Create { name }, next_id);
+                }
+                let session =
+                    ConsumerSession { id: self.session, name: format!("sim consumer {}", self.node) };
+                let req = Request::Fetch {
+                    topic,
+                    subscription: sub,
+                    from: self.position,
+                    max_records: 20,
+                    max_bytes: 1 << 20,
+                    max_wait_ms: 0,
+                    session: Some(session),
+                };
+                self.ask(ctx, to, req, Asked::Fetch, next_id);
+            }
+            Work::Admin { names } => {
+                if busy || self.finishing {
+                    return;
+                }
+                let name = names[ctx.rng.usize(0..names.len())].clone();
+                let sub = SubscriptionName::new(name.clone()).expect("valid name");
+                let state = self.subs[&name];
+                let (req, asked) = match (state, ctx.rng.u32(0..4)) {
+                    (SubState::Exists, 0) => {
+                        (Request::DeleteSubscription { topic, subscription: sub }, Asked::Delete { name })
+                    }
+                    (SubState::Exists, 1) => {
+                        let to = if ctx.rng.bool() { ResetTo::Earliest } else { ResetTo::Latest };
+                        (
+                            Request::ResetSubscription { topic, subscription: sub, to, execute: true },
+                            Asked::Reset { name },
+                        )
+                    }
+                    (SubState::Exists, _) => {
+                        let session = ConsumerSession { id: next_id(), name: "sim admin check".into() };
+                        let req = Request::Fetch {
+                            topic,
+                            subscription: sub,
+                            from: None,
+                            max_records: 1,
+                            max_bytes: 1 << 20,
+                            max_wait_ms: 0,
+                            session: Some(session),
+                        };
+                        (req, Asked::Check { name })
+                    }
+                    (SubState::Absent | SubState::Unknown, _) => {
+                        let from = if ctx.rng.bool() { StartFrom::Earliest } else { StartFrom::Latest };
+                        let if_missing = state == SubState::Unknown;
+                        (
+                            Request::CreateSubscription { topic, subscription: sub, from, if_missing },
+                            Asked::Create { name },
+                        )
+                    }
+                };
+                self.ask(ctx, to, req, asked, next_id);
+                self.next_at = now + 50 + ctx.rng.u64(0..200);
+            }
+        }
+    }
+
+    pub fn handle(&mut self, ctx: &mut Ctx, msg: Message, next_id: &mut dyn FnMut() -> u64) {
+        let Payload::Response { id, resp } = msg.payload else { return };
+        let Some((_, asked)) = self.asked.remove(&id) else { return };
+        let result = match *resp {
+            Response::Error(e) => Err(e),
+            other => Ok(other),
+        };
+        self.answered(ctx, asked, result);
+        self.tick(ctx, next_id);
+    }
+
+    fn answered(&mut self, ctx: &mut Ctx, asked: Asked, result: Result<Response, Error>) {
+        let topic = self.topic_id.unwrap_or(0);
+        if let Err(e) = &result {
+            self.last_error = Some(format!("at {}: {e}", ctx.now));
+            if let Asked::Lookup = asked {
+                self.next_at = ctx.now + 50;
+                return;
+            }
+            if let (Asked::Create { name } | Asked::Delete { name } | Asked::Reset { name }, true) =
+                (&asked, e.is_retriable())
+            {
+                if matches!(self.work, Work::Admin { .. }) {
+                    // It may have happened: a create with `if_missing` finds out later.
+                    if !matches!(asked, Asked::Reset { .. }) {
+                        self.subs.insert(name.clone(), SubState::Unknown);
+                        ctx.checker.subscriptions.remove(&(topic, name.clone()));
+                    }
+                    // A reset may have moved the cursor back: unknown until the next answer.
+                    ctx.checker.cursors.remove(&(topic, name.clone()));
+                }
+            }
+            if e.is_retriable() || matches!(e, Error::Unauthorized { .. }) {
+                return self.lost_leader(ctx);
+            }
+        }
+        match (asked, result) {
+            (Asked::Lookup, Ok(Response::Topic(info))) => {
+                self.topic_id = Some(info.id);
+                self.leader = info.leader_addr().map(server_of);
+                self.next_at = ctx.now;
+                if self.leader.is_none() {
+                    self.next_at = ctx.now + 50;
+                }
+            }
+            (Asked::Produce { sequence }, Ok(Response::Produced { base, count, .. })) => {
+                self.known = true;
+                if let Some(pos) = self.inflight.iter().position(|b| b.0 == sequence) {
+                    let (_, payloads, _) = self.inflight.remove(pos).expect("batch");
+                    if payloads.len() as u32 != count {
+                        ctx.checker.violations.push(super::check::Violation(format!(
+                            "batch {sequence} of {} records acked with {count}",
+                            payloads.len()
+                        )));
+                    }
+                    let producer = match self.work {
+                        Work::Produce { producer, .. } => producer,
+                        _ => 0,
+                    };
+                    ctx.checker.produced(topic, producer, sequence, base, &payloads);
+                }
+            }
+            (Asked::Create { name }, Ok(Response::Cursor { cursor })) => {
+                match self.work {
+                    Work::Consume { .. } => self.ready = true,
+                    _ => {
+                        self.subs.insert(name.clone(), SubState::Exists);
+                    }
+                }
+                ctx.checker.subscriptions.insert((topic, name.clone()));
+                ctx.checker.cursors.entry((topic, name)).or_insert(cursor);
+            }
+            (Asked::Delete { name }, Ok(Response::Deleted | Response::Cursor { .. })) => {
+                self.subs.insert(name.clone(), SubState::Absent);
+                ctx.checker.subscriptions.remove(&(topic, name.clone()));
+                ctx.checker.cursors.remove(&(topic, name));
+            }
+            (Asked::Reset { name }, Ok(Response::Reset(outcome))) => {
+                if outcome.executed {
+                    ctx.checker.cursor_acked(topic, &name, outcome.after, true);
+                }
+            }
+            (Asked::Check { .. }, Ok(Response::Records { .. })) => {}
+            (Asked::Check { name }, Err(e)) => {
+                ctx.checker.violations.push(super::check::Violation(format!(
+                    "subscription {name} (created, never deleted) failed a read: {e}"
+                )));
+            }
+            (Asked::Fetch, Ok(Response::Records { records, .. })) => {
+                let sub = self.subscription().unwrap_or_default().to_string();
+                if self.position.is_none() {
+                    if let Some(first) = records.first() {
+                        ctx.checker.resumed(topic, &sub, first.offset);
+                    }
+                }
+                for r in &records {
+                    let expected = self.position.unwrap_or(r.offset);
+                    if r.offset != expected {
+                        ctx.checker.violations.push(super::check::Violation(format!(
+                            "G2: {sub} read offset {} where {expected} was next",
+                            r.offset
+                        )));
+                    }
+                    let payload = String::from_utf8_lossy(&r.record.payload).to_string();
+                    ctx.checker.saw_committed(topic, r.offset, &payload, "a consumer");
+                    ctx.checker.read.insert((topic, r.offset));
+                    self.position = Some(r.offset + 1);
+                }
+                match (records.last(), self.leader) {
+                    (Some(last), Some(leader)) => {
+                        let req = Request::Ack {
+                            topic: self.topic.clone(),
+                            subscription: SubscriptionName::new(sub).expect("valid name"),
+                            next: last.offset + 1,
+                            session: None,
+                        };
+                        let id = ctx.rng.u64(..) | (1 << 62);
+                        self.asked.insert(id, (ctx.now + ANSWER_WAIT_MS, Asked::Ack));
+                        ctx.send(self.node, server_node(leader), Payload::Request { id, req: Box::new(req) });
+                    }
+                    _ => self.next_at = ctx.now + 20 + ctx.rng.u64(0..30),
+                }
+            }
+            (Asked::Ack, Ok(Response::Cursor { cursor })) => {
+                let sub = self.subscription().unwrap_or_default().to_string();
+                ctx.checker.cursor_acked(topic, &sub, cursor, false);
+            }
+            (asked, Err(e)) => {
+                let what = match asked {
+                    Asked::Fetch | Asked::Ack => "a consumer",
+                    Asked::Produce { .. } => "a producer",
+                    _ => "an admin",
+                };
+                ctx.checker.violations.push(super::check::Violation(format!("{what} was refused: {e}")));
+            }
+            (_, Ok(other)) => {
+                ctx.checker.violations.push(super::check::Violation(format!("unexpected answer {other:?}")));
+            }
+        }
+    }
+}

@@ -1,0 +1,895 @@
+//! A deterministic simulation of a whole cluster, run by seed (TigerBeetle's VOPR,
+//! FoundationDB's simulator).
+//!
+//! One thread runs a naming server and 3-5 topic servers made of the production code: the
+//! naming core ([`crate::naming::core`]), the storage writer on redb over a [`SimDisk`](crate::storage::faults::SimDisk)
+//! (storage::faults) that loses unsynced writes when the power goes, and the replicas with
+//! their rules ([`crate::replica`], [`crate::replication`]). Only the carrying is simulated:
+//! a network of in-order links that delays, loses, duplicates and partitions (`net`), time,
+//! and clients that produce with retries, consume and acknowledge, and create, reset and
+//! delete subscriptions (`client`).
+//!
+//! Each seed picks its own cluster and fault mix (swarm testing: crashes with power loss,
+//! restarts within a lease, pauses, partitions, a partition from the naming server only,
+//! naming server crashes, failed fsyncs, replica replacement), runs faults for a while, then
+//! heals everything and requires the cluster to recover. The [`Checker`] looks at every
+//! step: no acked record lost, one value per committed offset on every replica, committed
+//! cursors never back, a subscription once committed never vanishes, nothing deleted before
+//! every subscription passed it, one leader per epoch; and at the end: every topic commits
+//! again and every acked record reaches its consumer.
+//!
+//! A run is a pure function of its seed: [`run`] prints, on failure, the seed, the
+//! violations, the last events, and a one-line command that replays it.
+
+mod check;
+mod client;
+mod naming;
+mod net;
+mod scenarios;
+mod server;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use check::{Checker, Violation};
+pub use net::Weather;
+pub use scenarios::{scenario, SCENARIOS};
+
+use self::client::{SimClient, Work};
+use self::naming::SimNaming;
+use self::net::{server_node, Message, Net, NodeId, Payload, FIRST_CLIENT, NAMING};
+use self::server::{Ctx, SimServer, Timing};
+use crate::naming::core::Settings;
+use crate::types::{ServerId, TopicId, TopicName};
+use crate::wire::{Request, TopicConfig};
+
+/// A fault the simulator injects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The server's process dies and its power goes (unsynced writes are lost).
+    Crash(ServerId),
+    Restart(ServerId),
+    /// SIGSTOP / SIGCONT.
+    Pause(ServerId),
+    Resume(ServerId),
+    /// Cuts a server off everyone (`true`) or heals it.
+    Isolate(ServerId, bool),
+    /// Cuts a server off the naming server only (`true`) or heals that link.
+    CutFromNaming(ServerId, bool),
+    CrashNaming,
+    RestartNaming,
+    /// The server's next fsync fails.
+    FailSync(ServerId),
+}
+
+/// A run's shape, chosen from its seed.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub seed: u64,
+    pub servers: u64,
+    pub replicas: u32,
+    pub topics: usize,
+    pub weather: Weather,
+    pub lease_ms: u64,
+    pub replace_after_ms: u64,
+    /// Faults happen until then (ms of simulated time).
+    pub faults_until_ms: u64,
+    /// After the faults stop, the cluster must recover within this long.
+    pub recovery_ms: u64,
+    /// Mean pause between two random faults (`None`: only `script`).
+    pub fault_every_ms: Option<u64>,
+    /// Which random faults may happen.
+    pub fault_kinds: Vec<&'static str>,
+    /// Faults at fixed times (a scenario).
+    pub script: Vec<(u64, Fault)>,
+    pub batches: u32,
+    pub window: usize,
+    pub admin: bool,
+    /// A group commit's fsync takes up to this long (ms).
+    pub max_fsync_ms: u64,
+}
+
+impl Config {
+    /// A random cluster and fault mix for `seed` (swarm testing: each seed weighs the
+    /// faults differently, so rare combinations come up).
+    pub fn swarm(seed: u64) -> Self {
+        let mut rng = fastrand::Rng::with_seed(seed ^ 0x5eed);
+        let servers = rng.u64(3..=5);
+        let replicas = match rng.u32(0..10) {
+            0 => 1,
+            1 => 2,
+            2 if servers == 5 => 5,
+            _ => 3,
+        };
+        let all = ["crash", "quick-restart", "pause", "isolate", "cut-naming", "naming", "fsync"];
+        let fault_kinds: Vec<&'static str> = all.iter().copied().filter(|_| rng.u32(0..3) > 0).collect();
+        let max_latency = [1, 2, 5, 10, 25][rng.usize(0..5)];
+        // Fields drawn later come last, so older seeds keep their shape.
+        let mut config = Self {
+            seed,
+            servers,
+            replicas,
+            topics: rng.usize(1..=2),
+            weather: Weather {
+                loss: [0.0, 0.0, 0.001, 0.01, 0.03][rng.usize(0..5)],
+                duplication: [0.0, 0.0, 0.005, 0.02][rng.usize(0..4)],
+                min_latency_ms: 1,
+                max_latency_ms: max_latency,
+            },
+            lease_ms: 1_000,
+            replace_after_ms: rng.u64(2_000..=6_000),
+            faults_until_ms: rng.u64(10_000..=25_000),
+            recovery_ms: 30_000,
+            fault_every_ms: (!fault_kinds.is_empty()).then(|| rng.u64(500..=3_000)),
+            fault_kinds,
+            script: Vec::new(),
+            batches: rng.u32(20..=60),
+            window: rng.usize(1..=4),
+            admin: rng.bool(),
+            max_fsync_ms: 3,
+        };
+        config.max_fsync_ms = [1, 3, 10, 30][rng.usize(0..4)];
+        if rng.u32(0..3) > 0 {
+            config.fault_kinds.push("mid-group");
+            config.fault_every_ms.get_or_insert(1_500);
+        }
+        config
+    }
+
+    /// A calm cluster of three running `script`.
+    pub fn scripted(seed: u64, servers: u64, script: Vec<(u64, Fault)>) -> Self {
+        let faults_until_ms = script.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
+        Self {
+            seed,
+            servers,
+            replicas: 3,
+            topics: 1,
+            weather: Weather::calm(),
+            lease_ms: 1_000,
+            replace_after_ms: 3_000,
+            faults_until_ms,
+            recovery_ms: 30_000,
+            fault_every_ms: None,
+            fault_kinds: Vec::new(),
+            script,
+            batches: 40,
+            window: 2,
+            admin: false,
+            max_fsync_ms: 5,
+        }
+    }
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct Outcome {
+    pub seed: u64,
+    pub violations: Vec<Violation>,
+    /// Events handled (a measure of the work done).
+    pub events: u64,
+    /// Simulated time at the end (ms).
+    pub ended_ms: u64,
+    /// The last events, newest last (for a failure report).
+    pub trace: Vec<String>,
+    pub acked: usize,
+    pub elections: u64,
+    /// Each topic's epoch at the end.
+    pub epochs: BTreeMap<String, crate::types::Epoch>,
+}
+
+impl Outcome {
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// A failure report: what broke, the last events, and how to replay it.
+    pub fn report(&self, replay: &str) -> String {
+        let mut out = format!("simulation seed {} failed after {} events:\n", self.seed, self.events);
+        for v in &self.violations {
+            out.push_str(&format!("  - {v}\n"));
+        }
+        out.push_str("last events:\n");
+        for line in &self.trace {
+            out.push_str(&format!("  {line}\n"));
+        }
+        out.push_str(&format!("replay: {replay}\n"));
+        out
+    }
+}
+
+enum Event {
+    Deliver(Message),
+    ServerTimer(ServerId, u64),
+    GroupDone(ServerId, u64),
+    NamingTimer,
+    ClientTimer(usize),
+    Fault(Fault),
+    RandomFault,
+    Heal,
+}
+
+pub static PROFILE: std::sync::Mutex<BTreeMap<String, u64>> = std::sync::Mutex::new(BTreeMap::new());
+
+/// Events of the run kept for a failure report (`HERALD_SIM_TRACE` for more).
+fn trace_len() -> usize {
+    std::env::var("HERALD_SIM_TRACE").ok().and_then(|v| v.parse().ok()).unwrap_or(60)
+}
+
+struct World {
+    config: Config,
+    rng: fastrand::Rng,
+    now: u64,
+    seq: u64,
+    queue: BTreeMap<(u64, u64), Event>,
+    net: Net,
+    naming: SimNaming,
+    servers: BTreeMap<ServerId, SimServer>,
+    clients: Vec<SimClient>,
+    checker: Checker,
+    clock: Arc<AtomicU64>,
+    ids: Arc<AtomicU64>,
+    /// Events for paused nodes, replayed when they resume.
+    stash: BTreeMap<NodeId, Vec<Event>>,
+    /// How far each replica's committed records were compared: (server, topic) -> offset.
+    compared: BTreeMap<(ServerId, TopicId), u64>,
+    trace: std::collections::VecDeque<String>,
+    events: u64,
+    faulting: bool,
+    topics: Vec<TopicName>,
+    /// Servers to crash during their next group commit.
+    crash_mid_group: std::collections::BTreeSet<ServerId>,
+}
+
+/// Runs the simulation of `config` to its end; the result says what broke, if anything.
+pub fn run(config: Config) -> Outcome {
+    let mut world = World::new(config);
+    world.run();
+    world.finish()
+}
+
+impl World {
+    fn new(config: Config) -> Self {
+        let settings = Settings::new(config.lease_ms, config.replace_after_ms);
+        let mut world = Self {
+            rng: fastrand::Rng::with_seed(config.seed),
+            now: 0,
+            seq: 0,
+            queue: BTreeMap::new(),
+            net: Net::new(config.weather),
+            naming: SimNaming::new(settings, 0),
+            servers: (1..=config.servers).map(|id| (id, SimServer::new(id))).collect(),
+            clients: Vec::new(),
+            checker: Checker::default(),
+            clock: Arc::new(AtomicU64::new(0)),
+            ids: Arc::new(AtomicU64::new(1)),
+            stash: BTreeMap::new(),
+            compared: BTreeMap::new(),
+            trace: std::collections::VecDeque::new(),
+            events: 0,
+            faulting: true,
+            crash_mid_group: std::collections::BTreeSet::new(),
+            topics: (0..config.topics).map(|i| TopicName::new(format!("t{i}")).expect("name")).collect(),
+            config,
+        };
+        for id in 1..=world.config.servers {
+            world.start_server(id);
+        }
+        world.at(0, Event::NamingTimer);
+        world.at(0, Event::Fault(Fault::RestartNaming));
+        let script = world.config.script.clone();
+        for (t, f) in script {
+            world.at(t, Event::Fault(f));
+        }
+        if let Some(every) = world.config.fault_every_ms {
+            let first = every + world.rng.u64(0..every);
+            world.at(first, Event::RandomFault);
+        }
+        world.at(world.config.faults_until_ms, Event::Heal);
+        world
+    }
+
+    fn at(&mut self, time: u64, event: Event) {
+        self.seq += 1;
+        self.queue.insert((time.max(self.now), self.seq), event);
+    }
+
+    fn note(&mut self, line: String) {
+        if self.trace.len() == trace_len() {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(format!("{:>7} ms {line}", self.now));
+    }
+
+    fn timing(&self) -> Timing {
+        Timing { lease_ms: self.config.lease_ms, min_fsync_ms: 0, max_fsync_ms: self.config.max_fsync_ms }
+    }
+
+    fn start_server(&mut self, id: ServerId) {
+        let (clock, ids, timing) = (self.clock.clone(), self.ids.clone(), self.timing());
+        let mut out = Vec::new();
+        let server = self.servers.get_mut(&id).expect("server");
+        if server.run.is_some() {
+            return;
+        }
+        let mut ctx = Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+        if let Err(e) = server.start(&mut ctx, clock, ids, timing) {
+            self.checker.violations.push(Violation(e));
+            return;
+        }
+        let inc = server.incarnation;
+        self.note(format!("server {id} starts"));
+        self.send_all(out);
+        self.at(self.now, Event::ServerTimer(id, inc));
+        self.after_server(id);
+    }
+
+    fn run(&mut self) {
+        let end = self.config.faults_until_ms + self.config.recovery_ms;
+        while let Some(((time, _), event)) = self.queue.pop_first() {
+            if time > end || !self.checker.violations.is_empty() {
+                break;
+            }
+            self.now = time;
+            self.clock.store(time, Ordering::Relaxed);
+            self.events += 1;
+            if std::env::var("HERALD_SIM_PROFILE").is_ok() {
+                let kind = match &event {
+                    Event::Deliver(m) => match &m.payload {
+                        Payload::Request { req, .. } => crate::transport::request_name(req).to_string(),
+                        Payload::Response { .. } => format!(
+                            "response to {}",
+                            if m.to >= FIRST_CLIENT {
+                                "client"
+                            } else if m.to == NAMING {
+                                "naming"
+                            } else {
+                                "server"
+                            }
+                        ),
+                    },
+                    Event::ServerTimer(..) => "server timer".into(),
+                    Event::GroupDone(..) => "group".into(),
+                    Event::NamingTimer => "naming timer".into(),
+                    Event::ClientTimer(..) => "client timer".into(),
+                    _ => "other".into(),
+                };
+                *PROFILE.lock().unwrap().entry(kind).or_default() += 1;
+            }
+            self.handle(event);
+            for line in server::NOTES.with(|n| std::mem::take(&mut *n.borrow_mut())) {
+                self.note(line);
+            }
+            if !self.faulting && self.events % 64 == 0 && self.recovered() {
+                break;
+            }
+        }
+    }
+
+    /// Every producer had everything acknowledged, and every consumer read it all.
+    fn recovered(&self) -> bool {
+        let produced =
+            self.clients.iter().all(|c| !matches!(c.work, Work::Produce { .. }) || c.produced_all());
+        produced && self.consumers_caught_up().is_ok()
+    }
+
+    /// Every acked record reached its topic's consumer.
+    fn consumers_caught_up(&self) -> Result<(), String> {
+        for (topic, offset) in self.checker.acked.keys() {
+            if !self.checker.read.contains(&(*topic, *offset)) {
+                return Err(format!("acked offset {offset} of topic {topic} has not reached its consumer"));
+            }
+        }
+        Ok(())
+    }
+
+    fn is_paused(&self, node: NodeId) -> bool {
+        if node == NAMING {
+            return self.naming.paused;
+        }
+        self.servers.get(&node).is_some_and(|s| s.paused)
+    }
+
+    fn handle(&mut self, event: Event) {
+        let target = match &event {
+            Event::Deliver(m) => Some(m.to),
+            Event::ServerTimer(id, _) | Event::GroupDone(id, _) => Some(server_node(*id)),
+            Event::NamingTimer => Some(NAMING),
+            _ => None,
+        };
+        if let Some(node) = target.filter(|n| self.is_paused(*n)) {
+            self.stash.entry(node).or_default().push(event);
+            return;
+        }
+        match event {
+            Event::Deliver(msg) => self.deliver(msg),
+            Event::ServerTimer(id, inc) => {
+                if self.servers[&id].incarnation != inc {
+                    return;
+                }
+                self.with_server(id, |run, ctx| {
+                    run.tick(ctx);
+                    Ok(())
+                });
+                if let Some(run) = self.servers[&id].run.as_ref() {
+                    let next = run.next_timer(self.now);
+                    self.at(next, Event::ServerTimer(id, inc));
+                }
+            }
+            Event::GroupDone(id, inc) => {
+                if self.servers[&id].incarnation != inc {
+                    return;
+                }
+                self.with_server(id, |run, ctx| run.finish_group(ctx));
+                self.compare_committed(id);
+            }
+            Event::NamingTimer => {
+                let mut out = Vec::new();
+                let mut notes = Vec::new();
+                {
+                    let ids = self.ids.clone();
+                    let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
+                    let mut ctx =
+                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+                    self.naming.tick(&mut ctx, &mut next_id, &mut |n| notes.push(n));
+                }
+                for n in notes {
+                    self.note(format!("naming: {n}"));
+                }
+                self.send_all(out);
+                self.at(self.now + 25, Event::NamingTimer);
+            }
+            Event::ClientTimer(i) => {
+                // A producer starts once its topic's consumer has its subscription: every
+                // acked record then has a reader that must get it.
+                let gated = matches!(self.clients[i].work, Work::Produce { .. })
+                    && self.clients.iter().any(|c| {
+                        c.topic == self.clients[i].topic && c.subscription().is_some() && !c.is_ready()
+                    });
+                if gated {
+                    self.at(self.now + 20, Event::ClientTimer(i));
+                    return;
+                }
+                let mut out = Vec::new();
+                {
+                    let ids = self.ids.clone();
+                    let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
+                    let mut ctx =
+                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+                    self.clients[i].tick(&mut ctx, &mut next_id);
+                }
+                self.send_all(out);
+                let next = self.clients[i].next_timer(self.now);
+                self.at(next, Event::ClientTimer(i));
+            }
+            Event::Fault(f) => self.fault(f),
+            Event::RandomFault => {
+                if self.faulting {
+                    if let Some(f) = self.random_fault() {
+                        self.fault(f);
+                    }
+                    let every = self.config.fault_every_ms.unwrap_or(1_000);
+                    let next = self.now + every / 2 + self.rng.u64(0..every);
+                    self.at(next, Event::RandomFault);
+                }
+            }
+            Event::Heal => self.heal(),
+        }
+    }
+
+    /// Runs `f` on a live server with a context, then sends what it sent and starts its next
+    /// group; a server that must stop (a fatal commit failure) crashes.
+    fn with_server(
+        &mut self,
+        id: ServerId,
+        f: impl FnOnce(&mut server::Running, &mut Ctx) -> Result<(), String>,
+    ) {
+        let mut out = Vec::new();
+        let result = {
+            let Some(run) = self.servers.get_mut(&id).and_then(|s| s.run.as_mut()) else { return };
+            let mut ctx =
+                Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+            f(run, &mut ctx)
+        };
+        self.send_all(out);
+        match result {
+            Ok(()) => self.after_server(id),
+            Err(e) => {
+                // The process exits; a supervisor starts it again a little later.
+                self.note(e);
+                self.crash(id);
+                let back = self.now + self.rng.u64(200..2_000);
+                self.at(back, Event::Fault(Fault::Restart(id)));
+            }
+        }
+    }
+
+    fn after_server(&mut self, id: ServerId) {
+        let mut out = Vec::new();
+        let done = {
+            let Some(server) = self.servers.get_mut(&id) else { return };
+            let inc = server.incarnation;
+            let Some(run) = server.run.as_mut() else { return };
+            let mut ctx =
+                Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+            let done = run.start_group(&mut ctx).map(|t| (t, inc));
+            if done.is_some() {
+                // Followers waiting see the group's entries before its fsync (as the state
+                // watch wakes them in the server).
+                run.poll(&mut ctx);
+            }
+            done
+        };
+        self.send_all(out);
+        if let Some((t, inc)) = done {
+            self.at(t, Event::GroupDone(id, inc));
+            if self.crash_mid_group.remove(&id) {
+                // The power goes while the group's fsync is under way; back within a lease.
+                let at = self.now + self.rng.u64(0..=t.saturating_sub(self.now));
+                self.at(at, Event::Fault(Fault::Crash(id)));
+                let back = at + self.rng.u64(10..self.config.lease_ms / 2);
+                self.at(back, Event::Fault(Fault::Restart(id)));
+            }
+        }
+    }
+
+    fn send_all(&mut self, out: Vec<Message>) {
+        for msg in out {
+            for t in self.net.send(&mut self.rng, self.now, &msg) {
+                self.at(t, Event::Deliver(msg.clone()));
+            }
+        }
+    }
+
+    fn deliver(&mut self, msg: Message) {
+        if self.net.is_blocked(msg.from, msg.to) {
+            return;
+        }
+        let ids = self.ids.clone();
+        let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
+        match msg.to {
+            NAMING => {
+                let mut out = Vec::new();
+                {
+                    let mut ctx =
+                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+                    self.naming.handle(&mut ctx, msg, &mut next_id);
+                }
+                self.send_all(out);
+            }
+            to if to >= FIRST_CLIENT => {
+                let i = (to - FIRST_CLIENT) as usize;
+                let mut out = Vec::new();
+                {
+                    let mut ctx =
+                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+                    self.clients[i].handle(&mut ctx, msg, &mut next_id);
+                }
+                self.send_all(out);
+            }
+            to => {
+                if let Payload::Request { req, .. } = &msg.payload {
+                    if !matches!(
+                        **req,
+                        Request::ReplicaFetch { .. }
+                            | Request::Heartbeat { .. }
+                            | Request::Fetch { .. }
+                            | Request::Ack { .. }
+                    ) {
+                        let what = crate::transport::request_name(req);
+                        self.note(format!("{} -> server {to}: {what}", msg.from));
+                    }
+                }
+                self.with_server(to, |run, ctx| {
+                    run.handle(ctx, msg);
+                    Ok(())
+                });
+            }
+        }
+        self.check_setup();
+    }
+
+    /// Creates the topics once enough servers registered, then starts the clients (the
+    /// consumers' subscriptions first, so every acked record has a reader).
+    fn check_setup(&mut self) {
+        if !self.clients.is_empty() || self.naming.core.is_none() {
+            return;
+        }
+        let core = self.naming.core.as_ref().expect("up");
+        let live = core.list_servers(self.now).iter().filter(|s| s.alive).count() as u64;
+        if live < self.config.servers {
+            return;
+        }
+        for name in self.topics.clone() {
+            let replicas = self.config.replicas.min(self.config.servers as u32);
+            let change = {
+                let core = self.naming.core.as_ref().expect("up");
+                core.create_topic(self.now, self.now, name.clone(), replicas, TopicConfig::default())
+            };
+            match change {
+                Ok(change) => {
+                    self.naming.durable.apply(&change);
+                    self.naming.core.as_mut().expect("up").apply(&change);
+                }
+                Err(e) => self.checker.violations.push(Violation(format!("creating {name}: {e}"))),
+            }
+        }
+        for (i, name) in self.topics.clone().into_iter().enumerate() {
+            let producer = 0x1000 + i as u64;
+            self.clients.push(SimClient::new(
+                FIRST_CLIENT + self.clients.len() as NodeId,
+                name.clone(),
+                Work::Consume { subscription: format!("c{i}") },
+            ));
+            self.clients.push(SimClient::new(
+                FIRST_CLIENT + self.clients.len() as NodeId,
+                name.clone(),
+                Work::Produce { producer, batches: self.config.batches, window: self.config.window },
+            ));
+            if self.config.admin {
+                self.clients.push(SimClient::new(
+                    FIRST_CLIENT + self.clients.len() as NodeId,
+                    name,
+                    Work::Admin { names: vec!["a0".into(), "a1".into()] },
+                ));
+            }
+        }
+        for i in 0..self.clients.len() {
+            // Producers start a little after consumers created their subscriptions.
+            let start = if matches!(self.clients[i].work, Work::Produce { .. }) { 300 } else { 0 };
+            self.at(self.now + start, Event::ClientTimer(i));
+        }
+    }
+
+    fn random_fault(&mut self) -> Option<Fault> {
+        let kinds = self.config.fault_kinds.clone();
+        let kind = kinds[self.rng.usize(0..kinds.len())];
+        let server = self.rng.u64(1..=self.config.servers);
+        let up = self.servers[&server].run.is_some();
+        match kind {
+            "crash" if up => {
+                let back = self.now + self.rng.u64(200..4_000);
+                self.at(back, Event::Fault(Fault::Restart(server)));
+                Some(Fault::Crash(server))
+            }
+            "quick-restart" if up => {
+                // Back within a lease: the power-loss case of a leader that must not lead
+                // its old epoch again.
+                let back = self.now + self.rng.u64(10..(self.config.lease_ms / 2));
+                self.at(back, Event::Fault(Fault::Restart(server)));
+                Some(Fault::Crash(server))
+            }
+            "mid-group" if up => {
+                self.crash_mid_group.insert(server);
+                None
+            }
+            "pause" if up && !self.servers[&server].paused => {
+                let back = self.now + self.rng.u64(300..3_000);
+                self.at(back, Event::Fault(Fault::Resume(server)));
+                Some(Fault::Pause(server))
+            }
+            "isolate" => {
+                let back = self.now + self.rng.u64(300..4_000);
+                self.at(back, Event::Fault(Fault::Isolate(server, false)));
+                Some(Fault::Isolate(server, true))
+            }
+            "cut-naming" => {
+                let back = self.now + self.rng.u64(500..(2 * self.config.replace_after_ms));
+                self.at(back, Event::Fault(Fault::CutFromNaming(server, false)));
+                Some(Fault::CutFromNaming(server, true))
+            }
+            "naming" if self.naming.is_up() => {
+                let back = self.now + self.rng.u64(50..3_000);
+                self.at(back, Event::Fault(Fault::RestartNaming));
+                Some(Fault::CrashNaming)
+            }
+            "fsync" if up => Some(Fault::FailSync(server)),
+            _ => None,
+        }
+    }
+
+    fn crash(&mut self, id: ServerId) {
+        if let Some(s) = self.servers.get_mut(&id) {
+            s.crash();
+            s.paused = false;
+        }
+        self.stash.remove(&server_node(id));
+    }
+
+    fn fault(&mut self, f: Fault) {
+        self.note(format!("fault: {f:?}"));
+        match f {
+            Fault::Crash(id) => self.crash(id),
+            Fault::Restart(id) => self.start_server(id),
+            Fault::Pause(id) => {
+                if let Some(s) = self.servers.get_mut(&id).filter(|s| s.run.is_some()) {
+                    s.paused = true;
+                }
+            }
+            Fault::Resume(id) => self.resume(server_node(id)),
+            Fault::Isolate(id, cut) => {
+                let others: Vec<NodeId> = std::iter::once(NAMING)
+                    .chain((1..=self.config.servers).filter(|s| *s != id))
+                    .chain((0..self.clients.len() as NodeId).map(|c| FIRST_CLIENT + c))
+                    .collect();
+                for o in others {
+                    self.net.cut(server_node(id), o, cut);
+                }
+            }
+            Fault::CutFromNaming(id, cut) => self.net.cut(server_node(id), NAMING, cut),
+            Fault::CrashNaming => {
+                self.naming.crash();
+                self.naming.paused = false;
+                self.stash.remove(&NAMING);
+            }
+            Fault::RestartNaming => {
+                if !self.naming.is_up() {
+                    self.naming.restart(self.now);
+                }
+            }
+            Fault::FailSync(id) => {
+                if let Some(s) = self.servers.get(&id) {
+                    s.disk.fail_syncs(1);
+                }
+            }
+        }
+    }
+
+    fn resume(&mut self, node: NodeId) {
+        if node == NAMING {
+            self.naming.paused = false;
+        } else if let Some(s) = self.servers.get_mut(&node) {
+            s.paused = false;
+        }
+        for e in self.stash.remove(&node).unwrap_or_default() {
+            self.at(self.now, e);
+        }
+    }
+
+    /// The faults stop: every process runs again, every link heals.
+    fn heal(&mut self) {
+        self.faulting = false;
+        self.note("faults stop; everything heals".into());
+        self.net.heal();
+        self.net.weather = Weather { loss: 0.0, duplication: 0.0, ..self.net.weather };
+        if !self.naming.is_up() {
+            self.naming.restart(self.now);
+        }
+        self.resume(NAMING);
+        for id in 1..=self.config.servers {
+            self.servers[&id].disk.fail_syncs(0);
+            self.resume(server_node(id));
+            self.start_server(id);
+        }
+        // Every topic must commit again: a new producer's batches must all be acked.
+        if !self.clients.is_empty() {
+            for (i, name) in self.topics.clone().into_iter().enumerate() {
+                let node = FIRST_CLIENT + self.clients.len() as NodeId;
+                let work = Work::Produce { producer: 0x2000 + i as u64, batches: 3, window: 1 };
+                self.clients.push(SimClient::new(node, name, work));
+                self.at(self.now, Event::ClientTimer(self.clients.len() - 1));
+            }
+        }
+    }
+
+    /// Compares the records below a replica's commit point with everything seen committed.
+    fn compare_committed(&mut self, id: ServerId) {
+        let Some(run) = self.servers.get(&id).and_then(|s| s.run.as_ref()) else { return };
+        let mut seen = Vec::new();
+        for (topic, replica) in run.replicas() {
+            let state = replica.log.state();
+            let from = self.compared.get(&(id, topic)).copied().unwrap_or(0).max(state.log_start);
+            if from >= state.commit {
+                continue;
+            }
+            let sub = crate::types::SubscriptionName::new("sim-check").expect("name");
+            match crate::server::read_committed(
+                &run.store,
+                &replica.log,
+                &state,
+                &sub,
+                from,
+                10_000,
+                u32::MAX,
+            ) {
+                Ok(Some(records)) => {
+                    for r in &records {
+                        seen.push((topic, r.offset, String::from_utf8_lossy(&r.record.payload).to_string()));
+                    }
+                    let upto = records.last().map_or(from, |r| r.offset + 1);
+                    self.compared.insert((id, topic), upto);
+                }
+                Ok(None) => {}
+                Err(e) => seen.push((topic, u64::MAX, format!("{e}"))),
+            }
+        }
+        for (topic, offset, payload) in seen {
+            if offset == u64::MAX {
+                continue; // deleted meanwhile
+            }
+            self.checker.saw_committed(topic, offset, &payload, &format!("replica {id}"));
+        }
+    }
+
+    /// The cluster's state, for a failure report.
+    fn dump(&self) -> String {
+        let mut out = String::new();
+        for t in self.naming.durable.topics.values() {
+            out.push_str(&format!(
+                "    book {}: id {} leader {} epoch {} (elections to {}) voters {:?} learners {:?} replacing {:?}\n",
+                t.name, t.id, t.leader, t.epoch, t.election_epoch, t.voters, t.learners, t.replacing
+            ));
+        }
+        for (id, s) in &self.servers {
+            let Some(run) = &s.run else {
+                out.push_str(&format!("    server {id}: down\n"));
+                continue;
+            };
+            for (topic, r) in run.replicas() {
+                let st = r.log.state();
+                out.push_str(&format!(
+                    "    server {id} topic {topic}: {:?} leading {:?} ready {} promised {} epoch {} entries {}..{} commit {}/{} applied {} records {}..{}\n",
+                    r.role(), st.leading, r.ready(), st.promised, st.epoch, st.start_index, st.end_index,
+                    st.commit_index, st.commit, st.applied, st.log_start, st.log_end
+                ));
+            }
+        }
+        for c in &self.clients {
+            out.push_str(&format!("    client {}: {}\n", c.node, c.describe()));
+        }
+        out
+    }
+
+    fn finish(mut self) -> Outcome {
+        if self.checker.violations.is_empty() {
+            if self.faulting {
+                self.checker.violations.push(Violation("the run ended before the faults stopped".into()));
+            } else if !self.recovered() {
+                let stuck: Vec<String> = self
+                    .clients
+                    .iter()
+                    .filter(|c| matches!(c.work, Work::Produce { .. }) && !c.produced_all())
+                    .map(|c| format!("the producer of {}", c.topic))
+                    .collect();
+                let why = match self.consumers_caught_up() {
+                    Err(e) if stuck.is_empty() => e,
+                    _ => format!("{} still waiting for acks", stuck.join(", ")),
+                };
+                self.checker.violations.push(Violation(format!(
+                    "liveness: {} ms after the faults stopped the cluster had not recovered: {why}\n{}",
+                    self.config.recovery_ms,
+                    self.dump()
+                )));
+            }
+        }
+        if self.checker.violations.is_empty() {
+            for (topic, offset) in self.checker.acked.keys() {
+                if !self.checker.read.contains(&(*topic, *offset)) {
+                    self.checker.violations.push(Violation(format!(
+                        "G1: acked offset {offset} of topic {topic} never reached its consumer"
+                    )));
+                    break;
+                }
+            }
+            for (id, s) in &self.servers {
+                if let Some(run) = &s.run {
+                    if let Err(e) = run.store.check_consistency() {
+                        self.checker.violations.push(Violation(format!("server {id}: {e}")));
+                    }
+                }
+            }
+        }
+        let elections = self.naming.core.as_ref().map_or(0, |c| c.elected);
+        let epochs = self.naming.durable.topics.iter().map(|(n, t)| (n.clone(), t.epoch)).collect();
+        Outcome {
+            epochs,
+            seed: self.config.seed,
+            violations: self.checker.violations,
+            events: self.events,
+            ended_ms: self.now,
+            trace: self.trace.into_iter().collect(),
+            acked: self.checker.acked.len(),
+            elections,
+        }
+    }
+}

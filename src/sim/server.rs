@@ -1,0 +1,938 @@
+//! A simulated topic server: the real storage (redb on a [`SimDisk`], its writer driven group
+//! by group), the real replicas ([`Replica`]) and their rules; this file only carries their
+//! messages and waits, as `server.rs` and `replica.rs` do with QUIC and tokio.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use super::check::Checker;
+use super::net::{server_node, Message, NodeId, Payload, NAMING};
+use crate::error::Error;
+use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
+use crate::replication::FetchDecision;
+use crate::server::{read_committed, topic_report};
+use crate::storage::faults::SimDisk;
+use crate::storage::{
+    Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
+};
+use crate::types::{Epoch, ServerId, TopicId, TopicName};
+use crate::wire::{ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
+
+/// What a component does with the world while it handles something.
+pub struct Ctx<'a> {
+    pub now: u64,
+    pub rng: &'a mut fastrand::Rng,
+    pub out: &'a mut Vec<Message>,
+    pub checker: &'a mut Checker,
+}
+
+thread_local! {
+    /// Lines for the run's trace, from inside a server.
+    pub static NOTES: std::cell::RefCell<Vec<String>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Adds a line to the run's trace.
+pub fn note(line: String) {
+    NOTES.with(|n| n.borrow_mut().push(line));
+}
+
+impl Ctx<'_> {
+    pub fn send(&mut self, from: NodeId, to: NodeId, payload: Payload) {
+        self.out.push(Message { from, to, payload });
+    }
+}
+
+/// The made-up address of a simulated server (never bound: messages go by node id).
+pub fn addr(id: ServerId) -> SocketAddr {
+    SocketAddr::from(([10, 0, (id >> 8) as u8, id as u8], 7401))
+}
+
+/// The server whose made-up address is `addr`.
+fn server_at(addr: SocketAddr) -> ServerId {
+    match addr {
+        SocketAddr::V4(a) => {
+            let [_, _, hi, lo] = a.ip().octets();
+            ((hi as u64) << 8) | lo as u64
+        }
+        SocketAddr::V6(_) => 0,
+    }
+}
+
+/// Timing of a simulated server, in milliseconds.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub lease_ms: u64,
+    /// How long a group commit's fsync takes, at least and at most.
+    pub min_fsync_ms: u64,
+    pub max_fsync_ms: u64,
+}
+
+type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
+
+/// A request this server sent and waits the answer of.
+enum Outgoing {
+    Register,
+    Heartbeat,
+    Fetch { topic: TopicId, epoch: Epoch, state: Box<LogState> },
+}
+
+/// A request answered once an entry is committed (and, for cursor changes, applied).
+struct Wait {
+    to: NodeId,
+    id: u64,
+    topic: TopicId,
+    at: Pending,
+    applied: bool,
+    deadline: u64,
+    answer: Response,
+}
+
+/// A follower's fetch the leader holds until there is news.
+struct HeldFetch {
+    to: NodeId,
+    id: u64,
+    topic: TopicId,
+    epoch: Epoch,
+    from: crate::types::Index,
+    known_commit: crate::types::Index,
+    deadline: u64,
+}
+
+/// A follower's loop, as a state machine.
+struct Follow {
+    assignment: Assignment,
+    in_flight: Option<u64>,
+    /// A write of the last answer is under way.
+    writing: bool,
+    next_at: u64,
+    backoff: u64,
+}
+
+/// One hosted topic.
+struct Hosted {
+    replica: Arc<Replica>,
+    applied: Option<Assignment>,
+    refused: Option<Epoch>,
+    follow: Option<Follow>,
+    /// The highest index a `Commit` was asked for.
+    applying: crate::types::Index,
+}
+
+/// A running server process.
+pub struct Running {
+    pub id: ServerId,
+    pub store: Store,
+    writer: Writer,
+    queue: Vec<Command>,
+    thens: Vec<Then>,
+    /// The group under way: when its fsync ends, and what to do then.
+    group: Option<(u64, Vec<Then>)>,
+    hosted: BTreeMap<TopicId, Hosted>,
+    outgoing: BTreeMap<u64, (u64, Outgoing)>,
+    waits: Vec<Wait>,
+    held: Vec<HeldFetch>,
+    naming: NamingLink,
+    next_id: Arc<AtomicU64>,
+    timing: Timing,
+}
+
+struct NamingLink {
+    registered: bool,
+    known: u64,
+    applied: u64,
+    /// Assignment jobs still running from the last heartbeat answer.
+    reconciling: usize,
+    pending_version: u64,
+    next_at: u64,
+    backoff: u64,
+}
+
+/// A simulated server: its disk survives crashes; the process does not.
+pub struct SimServer {
+    pub id: ServerId,
+    pub disk: SimDisk,
+    pub run: Option<Running>,
+    pub paused: bool,
+    /// Bumped by every crash, so events of a dead process are ignored.
+    pub incarnation: u64,
+}
+
+impl SimServer {
+    pub fn new(id: ServerId) -> Self {
+        Self { id, disk: SimDisk::new(), run: None, paused: false, incarnation: 0 }
+    }
+
+    /// Starts the process from its disk (first start, or restart after a crash).
+    pub fn start(
+        &mut self,
+        ctx: &mut Ctx,
+        clock: Arc<AtomicU64>,
+        next_id: Arc<AtomicU64>,
+        timing: Timing,
+    ) -> Result<(), String> {
+        self.disk.power_on();
+        let clock_fn: crate::storage::Clock =
+            Arc::new(move || 1_700_000_000_000 + clock.load(Ordering::Relaxed));
+        let (store, writer, logs) =
+            Store::open_driven(Path::new("sim"), Some(self.id), &Medium::Sim(self.disk.clone()), clock_fn)
+                .map_err(|e| format!("server {} does not open: {e:#}", self.id))?;
+        store.check_consistency().map_err(|e| format!("server {} reopened inconsistent: {e}", self.id))?;
+        let mut run = Running {
+            id: self.id,
+            store,
+            writer,
+            queue: Vec::new(),
+            thens: Vec::new(),
+            group: None,
+            hosted: BTreeMap::new(),
+            outgoing: BTreeMap::new(),
+            waits: Vec::new(),
+            held: Vec::new(),
+            naming: NamingLink {
+                registered: false,
+                known: 0,
+                applied: 0,
+                reconciling: 0,
+                pending_version: 0,
+                next_at: ctx.now,
+                backoff: 50,
+            },
+            next_id,
+            timing,
+        };
+        for (log, meta) in logs {
+            let assignment = assignment_of(&meta);
+            let replica = Replica::new(log, self.id, assignment.clone());
+            let mut hosted = Hosted { replica, applied: None, refused: None, follow: None, applying: 0 };
+            if meta.is_solo() && meta.leader == self.id {
+                // A single replica leads again at once, as `server::run_node` does.
+                hosted.applied = Some(assignment.clone());
+                run.hosted.insert(meta.id, hosted);
+                run.apply_assignment(meta.id, assignment);
+            } else {
+                run.hosted.insert(meta.id, hosted);
+            }
+        }
+        self.run = Some(run);
+        self.incarnation += 1;
+        Ok(())
+    }
+
+    /// The process dies (and the power goes with it: unsynced writes are lost).
+    pub fn crash(&mut self) {
+        if let Some(mut run) = self.run.take() {
+            run.writer.abandon();
+            self.disk.power_cut();
+            drop(run);
+        }
+        self.incarnation += 1;
+    }
+}
+
+fn assignment_of(meta: &TopicMeta) -> Assignment {
+    let info = |ids: &[ServerId]| ids.iter().map(|s| ReplicaInfo { server: *s, addr: addr(*s) }).collect();
+    Assignment {
+        leader: meta.leader,
+        epoch: meta.epoch,
+        voters: info(&meta.voters),
+        learners: info(&meta.learners),
+    }
+}
+
+impl Running {
+    fn node(&self) -> NodeId {
+        server_node(self.id)
+    }
+
+    fn new_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a command for the next group; `then` runs with its answer once it is durable.
+    fn submit<T: 'static>(
+        &mut self,
+        make: impl FnOnce(Reply<T>) -> Command,
+        then: impl FnOnce(&mut Running, &mut Ctx, Result<T, Error>) + 'static,
+    ) {
+        let (reply, mut rx) = oneshot::channel();
+        self.queue.push(make(reply));
+        self.thens.push(Box::new(move |run, ctx| {
+            let result = rx
+                .try_recv()
+                .unwrap_or_else(|_| Err(Error::Unavailable { detail: "writer dropped it".into() }));
+            then(run, ctx, result)
+        }));
+    }
+
+    fn respond(&self, ctx: &mut Ctx, to: NodeId, id: u64, resp: Response) {
+        ctx.send(self.node(), to, Payload::Response { id, resp: Box::new(resp) });
+    }
+
+    fn request(&mut self, ctx: &mut Ctx, to: NodeId, req: Request, timeout: u64, kind: Outgoing) {
+        let id = self.new_id();
+        self.outgoing.insert(id, (ctx.now + timeout, kind));
+        ctx.send(self.node(), to, Payload::Request { id, req: Box::new(req) });
+    }
+
+    /// Starts a group commit if commands wait and none is under way; returns when its fsync
+    /// ends.
+    pub fn start_group(&mut self, ctx: &mut Ctx) -> Option<u64> {
+        if self.group.is_some() || self.queue.is_empty() {
+            return None;
+        }
+        let commands = std::mem::take(&mut self.queue);
+        let thens = std::mem::take(&mut self.thens);
+        self.writer.stage(commands);
+        let t = self.timing;
+        let done = ctx.now + ctx.rng.u64(t.min_fsync_ms..=t.max_fsync_ms.max(t.min_fsync_ms));
+        self.group = Some((done, thens));
+        Some(done)
+    }
+
+    /// The group's fsync ended: publish and answer. `Err` if the server must stop.
+    pub fn finish_group(&mut self, ctx: &mut Ctx) -> Result<(), String> {
+        let Some((_, thens)) = self.group.take() else { return Ok(()) };
+        if self.writer.finish() == GroupOutcome::Fatal {
+            return Err(format!("server {} stops: a group its followers saw failed", self.id));
+        }
+        for then in thens {
+            then(self, ctx);
+        }
+        self.poll(ctx);
+        Ok(())
+    }
+
+    /// Re-checks everything waiting on state: commits, applies, held fetches.
+    pub fn poll(&mut self, ctx: &mut Ctx) {
+        let ids: Vec<TopicId> = self.hosted.keys().copied().collect();
+        for id in ids {
+            let Some(h) = self.hosted.get_mut(&id) else { continue };
+            if let Some(epoch) = h.replica.leading() {
+                ctx.checker.leads(id, epoch, self.id);
+                if let Some(index) = h.replica.advance() {
+                    if index > h.applying {
+                        h.applying = index;
+                        self.submit(|reply| Command::Commit { topic: id, index, reply }, |_, _, _| {});
+                    }
+                }
+            }
+        }
+        let now = ctx.now;
+        let waits = std::mem::take(&mut self.waits);
+        for w in waits {
+            let state = self.hosted.get(&w.topic).map(|h| h.replica.log.state());
+            let verdict = state.map_or(AckState::Failed, |s| Replica::ack_state(&s, w.at, w.applied));
+            match verdict {
+                AckState::Done => self.respond(ctx, w.to, w.id, w.answer),
+                AckState::Failed => {
+                    let e =
+                        Error::NotLeader { topic: format!("#{}", w.topic), server: self.id, leader: None };
+                    self.respond(ctx, w.to, w.id, Response::Error(e));
+                }
+                AckState::Waiting if now >= w.deadline => {
+                    let e = Error::Unavailable { detail: "no majority acknowledged in time".into() };
+                    self.respond(ctx, w.to, w.id, Response::Error(e));
+                }
+                AckState::Waiting => self.waits.push(w),
+            }
+        }
+        let held = std::mem::take(&mut self.held);
+        for f in held {
+            let Some(h) = self.hosted.get(&f.topic) else { continue };
+            let state = h.replica.log.state();
+            if Replica::has_news(&state, f.from, f.known_commit) || now >= f.deadline {
+                let answer = Replica::chunk(
+                    &self.store,
+                    &h.replica.log,
+                    f.epoch,
+                    f.from,
+                    REPLICA_FETCH_BYTES as usize,
+                );
+                let resp = match answer {
+                    Ok(chunk) => Response::Replica(ReplicaAnswer::Chunk(chunk)),
+                    Err(e) => Response::Error(e),
+                };
+                self.respond(ctx, f.to, f.id, resp);
+            } else {
+                self.held.push(f);
+            }
+        }
+    }
+
+    /// Timers: the naming link, followers' fetches, timeouts.
+    pub fn tick(&mut self, ctx: &mut Ctx) {
+        let now = ctx.now;
+        let expired: Vec<u64> =
+            self.outgoing.iter().filter(|(_, (d, _))| *d <= now).map(|(id, _)| *id).collect();
+        for id in expired {
+            if let Some((_, kind)) = self.outgoing.remove(&id) {
+                self.on_answer(ctx, kind, Err(Error::Unavailable { detail: "timed out".into() }));
+            }
+        }
+        if self.naming.next_at <= now && !self.naming_busy() {
+            if !self.naming.registered {
+                let req = Request::Register { server: self.id, addr: addr(self.id) };
+                self.request(ctx, NAMING, req, 2_000, Outgoing::Register);
+            } else if self.naming.reconciling == 0 {
+                self.naming.applied = self.naming.applied.max(self.naming.pending_version);
+                let reports =
+                    self.hosted.values().filter_map(|h| topic_report(&h.replica, h.refused)).collect();
+                let wait_ms = (self.timing.lease_ms / 3) as u32;
+                let req = Request::Heartbeat {
+                    server: self.id,
+                    known_version: self.naming.known,
+                    applied_version: self.naming.applied,
+                    wait_ms,
+                    reports,
+                };
+                let timeout = wait_ms as u64 + 1_000;
+                self.request(ctx, NAMING, req, timeout, Outgoing::Heartbeat);
+            }
+        }
+        let ids: Vec<TopicId> = self.hosted.keys().copied().collect();
+        for id in ids {
+            self.fetch_if_due(ctx, id);
+        }
+        self.poll(ctx);
+    }
+
+    fn naming_busy(&self) -> bool {
+        self.outgoing.values().any(|(_, k)| matches!(k, Outgoing::Register | Outgoing::Heartbeat))
+    }
+
+    fn fetch_if_due(&mut self, ctx: &mut Ctx, id: TopicId) {
+        let Some(h) = self.hosted.get(&id) else { return };
+        let Some(f) = &h.follow else { return };
+        if f.in_flight.is_some() || f.writing || f.next_at > ctx.now {
+            return;
+        }
+        let state = h.replica.log.state();
+        let assignment = f.assignment.clone();
+        let leader = assignment.leader;
+        let req = Request::ReplicaFetch {
+            topic: h.replica.log.name.clone(),
+            topic_id: id,
+            replica: self.id,
+            fetch: Replica::fetch_request(&state, &assignment),
+            known_commit: state.commit_index,
+            max_bytes: REPLICA_FETCH_BYTES,
+            max_wait_ms: REPLICA_FETCH_WAIT.as_millis() as u32,
+        };
+        let timeout = REPLICA_FETCH_WAIT.as_millis() as u64 + 2_000;
+        let epoch = assignment.epoch;
+        let kind = Outgoing::Fetch { topic: id, epoch, state: Box::new(state) };
+        let req_id = self.new_id();
+        self.outgoing.insert(req_id, (ctx.now + timeout, kind));
+        ctx.send(self.node(), server_node(leader), Payload::Request { id: req_id, req: Box::new(req) });
+        if let Some(f) = self.hosted.get_mut(&id).and_then(|h| h.follow.as_mut()) {
+            f.in_flight = Some(req_id);
+        }
+    }
+
+    /// A message for this server.
+    pub fn handle(&mut self, ctx: &mut Ctx, msg: Message) {
+        match msg.payload {
+            Payload::Response { id, resp } => {
+                if let Some((_, kind)) = self.outgoing.remove(&id) {
+                    self.on_answer(ctx, kind, Ok(*resp));
+                }
+            }
+            Payload::Request { id, req } => self.on_request(ctx, msg.from, id, *req),
+        }
+        self.poll(ctx);
+    }
+
+    fn on_answer(&mut self, ctx: &mut Ctx, kind: Outgoing, answer: Result<Response, Error>) {
+        match kind {
+            Outgoing::Register => match answer {
+                Ok(Response::Registered { .. }) => {
+                    self.naming.registered = true;
+                    self.naming.known = 0;
+                    self.naming.backoff = 50;
+                    self.naming.next_at = ctx.now;
+                }
+                _ => self.naming_retry(ctx),
+            },
+            Outgoing::Heartbeat => match answer {
+                Ok(Response::Heartbeat { version, assignments }) => {
+                    if let Some(assignments) = assignments {
+                        self.naming.pending_version = version;
+                        self.reconcile(assignments);
+                    }
+                    self.naming.known = version;
+                    self.naming.next_at = ctx.now;
+                }
+                _ => {
+                    self.naming.registered = false;
+                    self.naming_retry(ctx);
+                }
+            },
+            Outgoing::Fetch { topic, epoch, state } => {
+                let Some(h) = self.hosted.get_mut(&topic) else { return };
+                let current = h.follow.as_ref().is_some_and(|f| f.assignment.epoch == epoch);
+                if !current {
+                    return;
+                }
+                let f = h.follow.as_mut().expect("following");
+                f.in_flight = None;
+                let step = match answer {
+                    Ok(Response::Replica(a)) => Replica::follower_step(&state, a),
+                    _ => {
+                        f.next_at = ctx.now + f.backoff + ctx.rng.u64(0..=f.backoff / 2);
+                        f.backoff = (f.backoff * 2).min(500);
+                        return;
+                    }
+                };
+                f.backoff = 20;
+                let done = move |run: &mut Running, ctx: &mut Ctx, result: Result<LogState, Error>| {
+                    if let Some(f) = run.hosted.get_mut(&topic).and_then(|h| h.follow.as_mut()) {
+                        if f.assignment.epoch == epoch {
+                            f.writing = false;
+                            f.next_at = if result.is_ok() { ctx.now } else { ctx.now + 50 };
+                        }
+                    }
+                };
+                match &step {
+                    FollowerStep::Append(c) if c.entries.is_empty() => {}
+                    FollowerStep::Append(c) => note(format!(
+                        "server {} topic {topic}: append {:?} (had {}..{} epoch {}) commit {}",
+                        self.id,
+                        c.entries.iter().map(|e| (e.index, e.entry.epoch, e.entry.end)).collect::<Vec<_>>(),
+                        state.start_index,
+                        state.end_index,
+                        state.epoch,
+                        c.commit_index
+                    )),
+                    other => note(format!(
+                        "server {} topic {topic}: {other:?} (had {}..{} epoch {})",
+                        self.id, state.start_index, state.end_index, state.epoch
+                    )),
+                }
+                match step {
+                    FollowerStep::Append(chunk) => {
+                        f.writing = true;
+                        self.submit(|reply| Command::ReplicaAppend { topic, chunk, reply }, done);
+                    }
+                    FollowerStep::Truncate(to) => {
+                        f.writing = true;
+                        self.submit(|reply| Command::Truncate { topic, to, reply }, done);
+                    }
+                    FollowerStep::Reset(reset) => {
+                        f.writing = true;
+                        self.submit(|reply| Command::Reset { topic, reset, reply }, done);
+                    }
+                    FollowerStep::Fenced(_) => {
+                        f.next_at = ctx.now + 100;
+                    }
+                }
+            }
+        }
+    }
+
+    fn naming_retry(&mut self, ctx: &mut Ctx) {
+        let b = self.naming.backoff;
+        self.naming.next_at = ctx.now + b + ctx.rng.u64(0..=b / 2);
+        self.naming.backoff = (b * 2).min(crate::server::NAMING_BACKOFF_MAX.as_millis() as u64);
+    }
+
+    /// Makes the hosted topics match the book, as `TopicServer::reconcile` does.
+    fn reconcile(&mut self, assignments: Vec<TopicInfo>) {
+        let listed: Vec<TopicId> = assignments.iter().map(|t| t.id).collect();
+        let gone: Vec<TopicId> = self.hosted.keys().copied().filter(|id| !listed.contains(id)).collect();
+        for id in gone {
+            self.hosted.remove(&id);
+            self.waits.retain(|w| w.topic != id);
+            self.held.retain(|f| f.topic != id);
+            self.submit(|reply| Command::DeleteTopic { id, reply }, |_, _, _| {});
+        }
+        for info in assignments {
+            let assignment = Assignment {
+                leader: info.leader,
+                epoch: info.epoch,
+                voters: info.replicas.clone(),
+                learners: info.learners.clone(),
+            };
+            match self.hosted.get_mut(&info.id) {
+                Some(h) if h.applied.as_ref() == Some(&assignment) => {}
+                Some(h) => {
+                    h.applied = Some(assignment.clone());
+                    self.apply_assignment(info.id, assignment);
+                }
+                None => {
+                    let meta = TopicMeta::new(
+                        info.id,
+                        info.name.clone(),
+                        info.config.clone(),
+                        assignment.voter_ids(),
+                        assignment.learner_ids(),
+                        info.leader,
+                        info.epoch,
+                    );
+                    let id = info.id;
+                    self.naming.reconciling += 1;
+                    self.submit(
+                        |reply| Command::CreateTopic { meta, reply },
+                        move |run, _, result: Result<Arc<TopicLog>, Error>| {
+                            run.naming.reconciling -= 1;
+                            if let Ok(log) = result {
+                                let replica = Replica::new(log, run.id, assignment.clone());
+                                let hosted = Hosted {
+                                    replica,
+                                    applied: Some(assignment.clone()),
+                                    refused: None,
+                                    follow: None,
+                                    applying: 0,
+                                };
+                                run.hosted.insert(id, hosted);
+                                run.apply_assignment(id, assignment);
+                            }
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// `Replica::apply`, step by step.
+    fn apply_assignment(&mut self, id: TopicId, assignment: Assignment) {
+        let (voters, learners) = (assignment.voter_ids(), assignment.learner_ids());
+        let (leader, epoch) = (assignment.leader, assignment.epoch);
+        self.naming.reconciling += 1;
+        self.submit(
+            |reply| Command::Assign { topic: id, voters, learners, leader, epoch, reply },
+            move |run, _, result: Result<(), Error>| {
+                let Some(h) = run.hosted.get_mut(&id) else {
+                    run.naming.reconciling -= 1;
+                    return;
+                };
+                if result.is_err() {
+                    run.naming.reconciling -= 1;
+                    return;
+                }
+                if h.replica.leads(&assignment) {
+                    h.follow = None;
+                    h.replica.await_lead();
+                    run.submit(
+                        |reply| Command::BecomeLeader { topic: id, epoch, reply },
+                        move |run, _, result: Result<LogState, Error>| {
+                            run.naming.reconciling -= 1;
+                            let Some(h) = run.hosted.get_mut(&id) else { return };
+                            if h.applied.as_ref() != Some(&assignment) {
+                                return; // a newer assignment came meanwhile
+                            }
+                            match result {
+                                Ok(state) => {
+                                    note(format!(
+                                        "server {} topic {id}: leads epoch {epoch} from entry {}",
+                                        run.id,
+                                        state.end_index - 1
+                                    ));
+                                    h.replica.take_lead(&assignment, &state);
+                                    h.refused = None;
+                                }
+                                Err(e) => {
+                                    note(format!(
+                                        "server {} topic {id}: will not lead epoch {epoch}: {e}",
+                                        run.id
+                                    ));
+                                    h.refused = Some(epoch);
+                                }
+                            }
+                        },
+                    );
+                } else {
+                    run.naming.reconciling -= 1;
+                    h.replica.take_follow(&assignment);
+                    h.refused = None;
+                    h.follow =
+                        Some(Follow { assignment, in_flight: None, writing: false, next_at: 0, backoff: 20 });
+                }
+            },
+        );
+    }
+
+    fn hosted_by_name(&self, name: &TopicName) -> Option<(TopicId, Arc<Replica>)> {
+        self.hosted.iter().find(|(_, h)| h.replica.log.name == *name).map(|(id, h)| (*id, h.replica.clone()))
+    }
+
+    fn on_request(&mut self, ctx: &mut Ctx, from: NodeId, id: u64, req: Request) {
+        let me = self.id;
+        let not_hosted =
+            |name: &TopicName| Error::NotLeader { topic: name.to_string(), server: me, leader: None };
+        let contact = self.timing.lease_ms * 2;
+        let now = ctx.now;
+        let deadline = now + crate::replica::COMMIT_WAIT.as_millis() as u64;
+        match req {
+            Request::Produce { topic, producer, sequence, records } => {
+                let Some((tid, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if let Err(e) = replica.check_leader() {
+                    return self.respond(ctx, from, id, Response::Error(e));
+                }
+                self.submit(
+                    |reply| Command::Append { topic: tid, producer, sequence, records, refused: None, reply },
+                    move |run, ctx, result| match result {
+                        Ok(a) => {
+                            let answer = Response::Produced {
+                                base: a.base,
+                                count: a.count,
+                                epoch: a.at.epoch,
+                                duplicate: a.duplicate,
+                            };
+                            run.waits.push(Wait {
+                                to: from,
+                                id,
+                                topic: tid,
+                                at: a.at,
+                                applied: false,
+                                deadline,
+                                answer,
+                            });
+                        }
+                        Err(e) => run.respond(ctx, from, id, Response::Error(e)),
+                    },
+                );
+            }
+            Request::Fetch { topic, subscription, from: start, max_records, max_bytes, session, .. } => {
+                let Some((_, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if session.is_some() {
+                    if let Err(e) = replica.check_serving(now, contact) {
+                        return self.respond(ctx, from, id, Response::Error(e));
+                    }
+                }
+                let log = replica.log.clone();
+                let answer = (|| -> Result<Response, Error> {
+                    let unknown = || Error::UnknownSubscription {
+                        topic: topic.to_string(),
+                        subscription: subscription.to_string(),
+                    };
+                    let cursor = self.store.cursor(log.id, &subscription)?.ok_or_else(unknown)?;
+                    let mut at = start.unwrap_or(cursor.next);
+                    if session.is_some() {
+                        at = at.max(cursor.next);
+                    }
+                    let state = log.state();
+                    let records =
+                        read_committed(&self.store, &log, &state, &subscription, at, max_records, max_bytes)?
+                            .unwrap_or_default();
+                    Ok(Response::Records {
+                        records,
+                        log_start: state.log_start,
+                        commit: state.commit,
+                        evicted: None,
+                    })
+                })();
+                self.respond(ctx, from, id, answer.unwrap_or_else(Response::Error));
+            }
+            Request::Ack { topic, subscription, next, .. } => {
+                let Some((tid, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if let Err(e) = replica.check_serving(now, contact) {
+                    return self.respond(ctx, from, id, Response::Error(e));
+                }
+                self.submit(
+                    |reply| Command::Ack { topic: tid, subscription, next, reply },
+                    move |run, ctx, result| run.answer_change(ctx, from, id, tid, deadline, result),
+                );
+            }
+            Request::CreateSubscription { topic, subscription, from: start, if_missing } => {
+                let Some((tid, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if let Err(e) = replica.check_serving(now, contact) {
+                    return self.respond(ctx, from, id, Response::Error(e));
+                }
+                self.submit(
+                    |reply| Command::CreateSubscription {
+                        topic: tid,
+                        subscription,
+                        from: start,
+                        if_missing,
+                        reply,
+                    },
+                    move |run, ctx, result| run.answer_change(ctx, from, id, tid, deadline, result),
+                );
+            }
+            Request::DeleteSubscription { topic, subscription } => {
+                let Some((tid, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if let Err(e) = replica.check_serving(now, contact) {
+                    return self.respond(ctx, from, id, Response::Error(e));
+                }
+                self.submit(
+                    |reply| Command::DeleteSubscription { topic: tid, subscription, reply },
+                    move |run, ctx, result| run.answer_change(ctx, from, id, tid, deadline, result),
+                );
+            }
+            Request::ResetSubscription { topic, subscription, to, execute } => {
+                let Some((tid, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                if let Err(e) = replica.check_serving(now, contact) {
+                    return self.respond(ctx, from, id, Response::Error(e));
+                }
+                self.submit(
+                    |reply| Command::ResetCursor { topic: tid, subscription, to, execute, reply },
+                    move |run, ctx, result| match result {
+                        Ok((outcome, Some(at))) => {
+                            let answer = Response::Reset(outcome);
+                            run.waits.push(Wait {
+                                to: from,
+                                id,
+                                topic: tid,
+                                at,
+                                applied: true,
+                                deadline,
+                                answer,
+                            });
+                        }
+                        Ok((outcome, None)) => run.respond(ctx, from, id, Response::Reset(outcome)),
+                        Err(e) => run.respond(ctx, from, id, Response::Error(e)),
+                    },
+                );
+            }
+            Request::ReplicaFetch {
+                topic_id, replica: follower, fetch, known_commit, max_wait_ms, ..
+            } => {
+                let Some(h) = self.hosted.get(&topic_id) else {
+                    let e = Error::NotLeader { topic: format!("#{topic_id}"), server: me, leader: None };
+                    return self.respond(ctx, from, id, Response::Error(e));
+                };
+                let replica = h.replica.clone();
+                let judged = match replica.judge_fetch(follower, &fetch, now) {
+                    Ok(j) => j,
+                    Err(e) => return self.respond(ctx, from, id, Response::Error(e)),
+                };
+                if std::env::var("HERALD_SIM_DEBUG").is_ok() {
+                    let st = replica.log.state();
+                    note(format!(
+                        "server {} topic {topic_id}: judged {fetch:?} from {follower}: {:?} (history {:?}, entries ..{} staged ..{})",
+                        self.id, judged.decision, st.history.entries(), st.end_index, st.staged_end
+                    ));
+                }
+                if let Some(index) = judged.apply {
+                    let h = self.hosted.get_mut(&topic_id).expect("hosted");
+                    if index > h.applying {
+                        h.applying = index;
+                        self.submit(|reply| Command::Commit { topic: topic_id, index, reply }, |_, _, _| {});
+                    }
+                }
+                let answer = match judged.decision {
+                    FetchDecision::Fenced { epoch } => Response::Replica(ReplicaAnswer::Fenced { epoch }),
+                    FetchDecision::NotReplica => Response::Error(Error::Unauthorized {
+                        detail: format!("{follower} is not a replica"),
+                    }),
+                    FetchDecision::Diverging { end_epoch, end_index } => {
+                        Response::Replica(ReplicaAnswer::Diverging { end_epoch, end_index })
+                    }
+                    FetchDecision::Reset { .. } => match self.store.reset_snapshot(topic_id) {
+                        Ok(r) => Response::Replica(ReplicaAnswer::Reset(r)),
+                        Err(e) => Response::Error(e),
+                    },
+                    FetchDecision::Serve { from: at } => {
+                        let wait = (max_wait_ms as u64).min(REPLICA_FETCH_WAIT.as_millis() as u64);
+                        self.held.push(HeldFetch {
+                            to: from,
+                            id,
+                            topic: topic_id,
+                            epoch: judged.epoch,
+                            from: at,
+                            known_commit,
+                            deadline: now + wait,
+                        });
+                        return;
+                    }
+                };
+                self.respond(ctx, from, id, answer);
+            }
+            Request::Promise { topic_id, epoch, .. } => {
+                let Some(h) = self.hosted.get(&topic_id) else {
+                    let e = Error::NotLeader { topic: format!("#{topic_id}"), server: me, leader: None };
+                    return self.respond(ctx, from, id, Response::Error(e));
+                };
+                h.replica.depose(epoch);
+                self.submit(
+                    |reply| Command::Promise { topic: topic_id, epoch, reply },
+                    move |run, ctx, result| {
+                        let resp = match result {
+                            Ok((last_epoch, log_end)) => Response::Promised { last_epoch, log_end },
+                            Err(e) => Response::Error(e),
+                        };
+                        run.respond(ctx, from, id, resp);
+                    },
+                );
+            }
+            other => {
+                let e = Error::invalid(format!(
+                    "the simulated server does not serve {}",
+                    crate::transport::request_name(&other)
+                ));
+                self.respond(ctx, from, id, Response::Error(e));
+            }
+        }
+    }
+
+    /// Answers a cursor change once its entry is applied.
+    fn answer_change(
+        &mut self,
+        ctx: &mut Ctx,
+        to: NodeId,
+        id: u64,
+        topic: TopicId,
+        deadline: u64,
+        result: Result<crate::storage::CursorChange, Error>,
+    ) {
+        match result {
+            Ok(change) => {
+                let answer = Response::Cursor { cursor: change.cursor };
+                match change.pending {
+                    Some(at) => self.waits.push(Wait { to, id, topic, at, applied: true, deadline, answer }),
+                    None => self.respond(ctx, to, id, answer),
+                }
+            }
+            Err(e) => self.respond(ctx, to, id, Response::Error(e)),
+        }
+    }
+
+    /// Every hosted replica, for the checks.
+    pub fn replicas(&self) -> impl Iterator<Item = (TopicId, &Arc<Replica>)> {
+        self.hosted.iter().map(|(id, h)| (*id, &h.replica))
+    }
+
+    /// When the next timer of this server is due.
+    pub fn next_timer(&self, now: u64) -> u64 {
+        let mut at = now + 50;
+        for (d, _) in self.outgoing.values() {
+            at = at.min(*d);
+        }
+        for f in &self.held {
+            at = at.min(f.deadline);
+        }
+        if !self.naming_busy() && self.naming.reconciling == 0 {
+            at = at.min(self.naming.next_at.max(now + 1));
+        }
+        for h in self.hosted.values() {
+            if let Some(f) = &h.follow {
+                if f.in_flight.is_none() && !f.writing {
+                    at = at.min(f.next_at.max(now + 1));
+                }
+            }
+        }
+        at.max(now + 1)
+    }
+}
+
+/// The server a made-up address names (used by clients that resolve leaders).
+pub fn server_of(addr: SocketAddr) -> ServerId {
+    server_at(addr)
+}
