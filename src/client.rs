@@ -343,6 +343,7 @@ impl Client {
             subscription,
             session: ConsumerSession { id: fastrand::u64(1..), name },
             evicted: None,
+            told: 0,
             stream: None,
             conn: None,
             acks_in_flight: VecDeque::new(),
@@ -637,6 +638,9 @@ pub struct Consumer {
     session: ConsumerSession,
     /// Evictions reported by the server and not yet taken by the caller.
     evicted: Option<Evicted>,
+    /// Evicted records the server's notices counted so far (it repeats a notice until an
+    /// ack moves the cursor on, which clears its count).
+    told: u64,
     stream: Option<FramedStream>,
     /// The connection `stream` runs on; acks sent ahead use their own streams on it.
     conn: Option<Connection>,
@@ -771,12 +775,17 @@ impl Consumer {
         match resp {
             Response::Records { records, commit, evicted, .. } => {
                 if let Some(e) = evicted {
-                    // The backlog policy moved the subscription past what we had read.
+                    // The backlog policy moved the subscription past what we had read. The
+                    // server repeats the notice until we ack past it: count each record once.
                     self.position = self.position.map(|p| p.max(e.resume_at));
-                    self.evicted = Some(match self.evicted {
-                        Some(before) => Evicted { records: before.records + e.records, ..e },
-                        None => e,
-                    });
+                    let new = e.records.saturating_sub(self.told);
+                    self.told = self.told.max(e.records);
+                    if new > 0 {
+                        self.evicted = Some(match self.evicted {
+                            Some(before) => Evicted { records: before.records + new, ..e },
+                            None => Evicted { records: new, ..e },
+                        });
+                    }
                 }
                 // Until a record arrives, keep reading from the subscription's cursor.
                 if let Some(last) = records.last() {
@@ -790,7 +799,7 @@ impl Consumer {
     }
 
     /// Records the topic's backlog policy skipped for this subscription before it read them,
-    /// reported since the last call (the server tells each eviction to one consumer).
+    /// reported since the last call.
     pub fn take_evicted(&mut self) -> Option<Evicted> {
         self.evicted.take()
     }

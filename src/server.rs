@@ -383,17 +383,7 @@ impl TopicServer {
         let mut from = from.unwrap_or(cursor.next);
         let mut evicted = None;
         if consumer {
-            // The backlog policy (or a reset while no one held the subscription) moved it
-            // past this consumer: go on from there, and say what was skipped.
-            from = from.max(cursor.next);
-            if cursor.unreported > 0 {
-                evicted = Some(Evicted {
-                    records: cursor.unreported,
-                    at_ms: cursor.evicted_at_ms,
-                    resume_at: cursor.next,
-                });
-                self.node.store.report_evicted(log.id, subscription.clone(), cursor.unreported).await?;
-            }
+            from = self.catch_up(&log, subscription, from, cursor, &mut evicted).await?;
         }
         let max_records = max_records.clamp(1, MAX_FETCH_RECORDS);
         let max_bytes = max_bytes.clamp(1, MAX_FETCH_BYTES);
@@ -402,8 +392,32 @@ impl TopicServer {
         loop {
             let state = watch.borrow_and_update().clone();
             // Reads are short and mostly served from redb's cache, so they run inline.
-            let read =
-                read_committed(&self.node.store, &log, &state, subscription, from, max_records, max_bytes)?;
+            let read = match read_committed(
+                &self.node.store,
+                &log,
+                &state,
+                subscription,
+                from,
+                max_records,
+                max_bytes,
+            ) {
+                // The backlog policy moved this consumer's subscription on (and deleted
+                // what it skipped) while it read: go on from its cursor.
+                Err(Error::CursorBeforeLogStart { .. }) if consumer => {
+                    let cursor = self.node.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
+                    if cursor.next <= from {
+                        return Err(Error::CursorBeforeLogStart {
+                            topic: topic.to_string(),
+                            subscription: Some(subscription.to_string()),
+                            offset: from,
+                            log_start: state.log_start,
+                        });
+                    }
+                    from = self.catch_up(&log, subscription, from, cursor, &mut evicted).await?;
+                    continue;
+                }
+                other => other?,
+            };
             if let Some(records) = read {
                 return Ok(Response::Records {
                     records,
@@ -421,6 +435,28 @@ impl TopicServer {
                 });
             }
         }
+    }
+
+    /// A consumer reads from `from`, or from its subscription's cursor if the backlog policy
+    /// (or a reset while no one held it) moved the cursor past that. What the policy skipped
+    /// goes into `evicted`: told with every read until the consumer acknowledges past it, so
+    /// a lost answer does not lose the notice.
+    async fn catch_up(
+        &self,
+        _log: &TopicLog,
+        _subscription: &SubscriptionName,
+        from: Offset,
+        cursor: crate::storage::Cursor,
+        evicted: &mut Option<Evicted>,
+    ) -> Result<Offset, Error> {
+        if cursor.unreported > 0 {
+            *evicted = Some(Evicted {
+                records: cursor.unreported,
+                at_ms: cursor.evicted_at_ms,
+                resume_at: cursor.next,
+            });
+        }
+        Ok(from.max(cursor.next))
     }
 
     fn status(&self, topic: &TopicName) -> Result<Response, Error> {

@@ -4,6 +4,7 @@
 //!
 //! `make sim SEEDS=N` runs more seeds (in release); `HERALD_SIM_SEED=S` replays one.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -17,10 +18,12 @@ fn replay_command(seed: u64) -> String {
     format!("HERALD_SIM_SEED={seed} cargo test --release --test simulation replay -- --nocapture")
 }
 
-/// Runs seeds `first..first + count` on every core; returns the failures' reports.
-fn run_seeds(first: u64, count: u64) -> Vec<String> {
+/// Runs seeds `first..first + count` on every core; returns the failures' reports and what
+/// the runs covered, summed.
+fn run_seeds(first: u64, count: u64) -> (Vec<String>, BTreeMap<&'static str, u64>) {
     let next = AtomicU64::new(first);
     let failures = Mutex::new(Vec::new());
+    let totals = Mutex::new(BTreeMap::new());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     std::thread::scope(|s| {
         for _ in 0..threads {
@@ -30,13 +33,18 @@ fn run_seeds(first: u64, count: u64) -> Vec<String> {
                     return;
                 }
                 let outcome = run(Config::swarm(seed));
+                let mut totals = totals.lock().unwrap();
+                for (what, n) in &outcome.stats {
+                    *totals.entry(*what).or_default() += n;
+                }
+                drop(totals);
                 if !outcome.passed() {
                     failures.lock().unwrap().push(outcome.report(&replay_command(seed)));
                 }
             });
         }
     });
-    failures.into_inner().unwrap()
+    (failures.into_inner().unwrap(), totals.into_inner().unwrap())
 }
 
 #[test]
@@ -44,9 +52,10 @@ fn seeds_run_clean() {
     let count = std::env::var("HERALD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEEDS);
     let first = std::env::var("HERALD_SIM_FIRST").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let started = Instant::now();
-    let failures = run_seeds(first, count);
+    let (failures, totals) = run_seeds(first, count);
     let secs = started.elapsed().as_secs_f64();
     eprintln!("simulation: {count} seeds from {first} in {secs:.1} s ({:.1} seeds/s)", count as f64 / secs);
+    eprintln!("covered: {totals:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
 
@@ -55,6 +64,7 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (1952, "a new leader served consumers before it applied the cursors its epoch's first entry committed: a resume went back to an older cursor"),
     (3411, "a replacement removed the lost voter after it had come back and been elected: the leader was no voter"),
     (2551, "a leader deposed while it held a follower's fetch answered it with entries it took as a follower since: the follower's log forked"),
+    (2215, "a follower restarted from a leader's state took the dedup outcome of an uncommitted batch; as the next leader it acked a retry of that batch at an offset another batch took"),
 ];
 
 #[test]

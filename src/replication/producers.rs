@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::types::{Index, Offset, Sequence};
+use crate::types::{Epoch, Index, Offset, Sequence};
 
 /// Batches a producer may have unacknowledged and still be deduplicated on retry. The client
 /// keeps its in-flight window below this (`client::MAX_INFLIGHT`).
@@ -28,8 +28,10 @@ pub struct BatchOutcome {
     pub sequence: Sequence,
     pub base: Offset,
     pub count: u32,
-    /// The batch's entry in the log (0 for a refused batch, which has none).
+    /// The entry that recorded the batch (or its refusal): an ack of a retry waits for
+    /// this very entry to commit.
     pub index: Index,
+    pub epoch: Epoch,
     /// The batch was refused (e.g. a record over the size limit); it still used its sequence
     /// number so the batches after it are not out of order.
     pub rejected: bool,
@@ -50,11 +52,12 @@ impl ProducerState {
         self.recent.iter().find(|b| b.sequence == sequence)
     }
 
-    /// Forgets the batches at or after `offset` (the log was truncated there); returns
-    /// whether anything changed.
-    pub fn truncate(&mut self, offset: Offset) -> bool {
+    /// Forgets the batches whose entries are at or after `index` (the log was truncated
+    /// there, or a replica restarts there from a leader's state); returns whether anything
+    /// changed.
+    pub fn truncate(&mut self, index: Index) -> bool {
         let before = self.recent.len();
-        self.recent.retain(|b| b.base < offset || (b.count == 0 && b.base <= offset));
+        self.recent.retain(|b| b.index < index);
         if self.recent.len() == before {
             return false;
         }

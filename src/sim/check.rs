@@ -32,6 +32,8 @@ pub struct Checker {
     pub leaders: BTreeMap<(TopicId, Epoch), ServerId>,
     /// Offsets consumers read.
     pub read: BTreeSet<(TopicId, Offset)>,
+    /// Below these offsets, records a consumer did not read were evicted, and it was told.
+    pub evicted_below: BTreeMap<TopicId, Offset>,
     pub violations: Vec<Violation>,
 }
 
@@ -116,6 +118,17 @@ impl Checker {
                 "G3: {subscription} resumed at {from}, below its committed cursor {committed}"
             ));
         }
+    }
+
+    /// A consumer was told the backlog policy moved its subscription to `resume_at`.
+    pub fn evicted(&mut self, topic: TopicId, resume_at: Offset) {
+        let below = self.evicted_below.entry(topic).or_default();
+        *below = (*below).max(resume_at);
+    }
+
+    /// An acked record its consumer may not have read: it was evicted, and it was told.
+    pub fn excused(&self, topic: TopicId, offset: Offset) -> bool {
+        self.evicted_below.get(&topic).is_some_and(|b| offset < *b)
     }
 
     /// `server` leads `epoch` of `topic`.

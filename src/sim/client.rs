@@ -17,8 +17,8 @@ const ANSWER_WAIT_MS: u64 = 2_000;
 pub enum Work {
     /// Sends `batches` batches of up to 3 records, `window` in flight.
     Produce { producer: u64, batches: u32, window: usize },
-    /// Reads through `subscription` and acknowledges what it read.
-    Consume { subscription: String },
+    /// Reads through `subscription` and acknowledges what it read, pausing between reads.
+    Consume { subscription: String, pause_ms: u64 },
     /// Creates, resets, deletes and checks the subscriptions `names`.
     Admin { names: Vec<String> },
 }
@@ -144,7 +144,7 @@ impl SimClient {
 
     pub fn subscription(&self) -> Option<&str> {
         match &self.work {
-            Work::Consume { subscription } => Some(subscription),
+            Work::Consume { subscription, .. } => Some(subscription),
             _ => None,
         }
     }
@@ -248,7 +248,7 @@ impl SimClient {
                     self.ask(ctx, to, req, Asked::Produce { sequence }, next_id);
                 }
             }
-            Work::Consume { subscription } => {
+            Work::Consume { subscription, .. } => {
                 if busy {
                     return;
                 }
@@ -357,6 +357,15 @@ impl SimClient {
             if e.is_retriable() || matches!(e, Error::Unauthorized { .. }) {
                 return self.lost_leader(ctx);
             }
+            if let (Error::BacklogFull { .. }, Asked::Produce { .. }) = (e, &asked) {
+                // Refused for room: the same batch goes again once readers freed some.
+                for b in self.inflight.iter_mut() {
+                    b.2 = false;
+                }
+                self.asked.retain(|_, (_, a)| !matches!(a, Asked::Produce { .. }));
+                self.next_at = ctx.now + 100;
+                return;
+            }
         }
         match (asked, result) {
             (Asked::Lookup, Ok(Response::Topic(info))) => {
@@ -367,7 +376,13 @@ impl SimClient {
                     self.next_at = ctx.now + 50;
                 }
             }
-            (Asked::Produce { sequence }, Ok(Response::Produced { base, count, .. })) => {
+            (Asked::Produce { sequence }, Ok(Response::Produced { base, count, epoch, duplicate })) => {
+                if std::env::var("HERALD_SIM_DEBUG").is_ok() {
+                    super::server::note(format!(
+                        "client {}: batch {sequence} acked at {base}+{count} in epoch {epoch} (duplicate {duplicate}) by {:?}",
+                        self.node, self.leader
+                    ));
+                }
                 self.known = true;
                 if let Some(pos) = self.inflight.iter().position(|b| b.0 == sequence) {
                     let (_, payloads, _) = self.inflight.remove(pos).expect("batch");
@@ -410,8 +425,12 @@ impl SimClient {
                     "subscription {name} (created, never deleted) failed a read: {e}"
                 )));
             }
-            (Asked::Fetch, Ok(Response::Records { records, .. })) => {
+            (Asked::Fetch, Ok(Response::Records { records, evicted, .. })) => {
                 let sub = self.subscription().unwrap_or_default().to_string();
+                if let Some(e) = evicted {
+                    ctx.checker.evicted(topic, e.resume_at);
+                    self.position = self.position.map(|p| p.max(e.resume_at));
+                }
                 if self.position.is_none() {
                     if let Some(first) = records.first() {
                         ctx.checker.resumed(topic, &sub, first.offset);
@@ -430,6 +449,11 @@ impl SimClient {
                     ctx.checker.read.insert((topic, r.offset));
                     self.position = Some(r.offset + 1);
                 }
+                let pause = match self.work {
+                    Work::Consume { pause_ms, .. } => pause_ms,
+                    _ => 0,
+                };
+                self.next_at = ctx.now + pause;
                 match (records.last(), self.leader) {
                     (Some(last), Some(leader)) => {
                         let req = Request::Ack {
@@ -442,7 +466,7 @@ impl SimClient {
                         self.asked.insert(id, (ctx.now + ANSWER_WAIT_MS, Asked::Ack));
                         ctx.send(self.node, server_node(leader), Payload::Request { id, req: Box::new(req) });
                     }
-                    _ => self.next_at = ctx.now + 20 + ctx.rng.u64(0..30),
+                    _ => self.next_at = ctx.now + pause + 20 + ctx.rng.u64(0..30),
                 }
             }
             (Asked::Ack, Ok(Response::Cursor { cursor })) => {

@@ -21,7 +21,7 @@ use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
 };
 use crate::types::{Epoch, ServerId, TopicId, TopicName};
-use crate::wire::{ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
+use crate::wire::{Evicted, ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
 
 /// What a component does with the world while it handles something.
 pub struct Ctx<'a> {
@@ -70,6 +70,8 @@ pub struct Timing {
     /// How long a group commit's fsync takes, at least and at most.
     pub min_fsync_ms: u64,
     pub max_fsync_ms: u64,
+    /// Applied entries kept (small in a simulation, so followers restart from snapshots).
+    pub retention: crate::storage::Retention,
 }
 
 type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
@@ -178,9 +180,10 @@ impl SimServer {
         self.disk.power_on();
         let clock_fn: crate::storage::Clock =
             Arc::new(move || 1_700_000_000_000 + clock.load(Ordering::Relaxed));
-        let (store, writer, logs) =
+        let (store, mut writer, logs) =
             Store::open_driven(Path::new("sim"), Some(self.id), &Medium::Sim(self.disk.clone()), clock_fn)
                 .map_err(|e| format!("server {} does not open: {e:#}", self.id))?;
+        writer.set_retention(timing.retention);
         store.check_consistency().map_err(|e| format!("server {} reopened inconsistent: {e}", self.id))?;
         let mut run = Running {
             id: self.id,
@@ -709,27 +712,42 @@ impl Running {
                     }
                 }
                 let log = replica.log.clone();
-                let answer = (|| -> Result<Response, Error> {
-                    let unknown = || Error::UnknownSubscription {
-                        topic: topic.to_string(),
-                        subscription: subscription.to_string(),
-                    };
-                    let cursor = self.store.cursor(log.id, &subscription)?.ok_or_else(unknown)?;
-                    let mut at = start.unwrap_or(cursor.next);
-                    if session.is_some() {
-                        at = at.max(cursor.next);
+                let cursor = match self.store.cursor(log.id, &subscription) {
+                    Ok(Some(c)) => c,
+                    Ok(None) => {
+                        let e = Error::UnknownSubscription {
+                            topic: topic.to_string(),
+                            subscription: subscription.to_string(),
+                        };
+                        return self.respond(ctx, from, id, Response::Error(e));
                     }
-                    let state = log.state();
-                    let records =
-                        read_committed(&self.store, &log, &state, &subscription, at, max_records, max_bytes)?
-                            .unwrap_or_default();
-                    Ok(Response::Records {
-                        records,
-                        log_start: state.log_start,
-                        commit: state.commit,
-                        evicted: None,
-                    })
-                })();
+                    Err(e) => return self.respond(ctx, from, id, Response::Error(e)),
+                };
+                let consumer = session.is_some();
+                let mut at = start.unwrap_or(cursor.next);
+                let mut evicted = None;
+                if consumer {
+                    // As `TopicServer::fetch`: the backlog policy may have moved the cursor past
+                    // this consumer; it goes on from there and is told until it acks past it.
+                    if cursor.unreported > 0 {
+                        evicted = Some(Evicted {
+                            records: cursor.unreported,
+                            at_ms: cursor.evicted_at_ms,
+                            resume_at: cursor.next,
+                        });
+                    }
+                    at = at.max(cursor.next);
+                }
+                let state = log.state();
+                let answer =
+                    read_committed(&self.store, &log, &state, &subscription, at, max_records, max_bytes).map(
+                        |records| Response::Records {
+                            records: records.unwrap_or_default(),
+                            log_start: state.log_start,
+                            commit: state.commit,
+                            evicted,
+                        },
+                    );
                 self.respond(ctx, from, id, answer.unwrap_or_else(Response::Error));
             }
             Request::Ack { topic, subscription, next, .. } => {
@@ -864,6 +882,12 @@ impl Running {
                 self.submit(
                     |reply| Command::Promise { topic: topic_id, epoch, reply },
                     move |run, ctx, result| {
+                        if std::env::var("HERALD_SIM_DEBUG").is_ok() {
+                            note(format!(
+                                "server {} topic {topic_id}: promised epoch {epoch}: {result:?}",
+                                run.id
+                            ));
+                        }
                         let resp = match result {
                             Ok((last_epoch, log_end)) => Response::Promised { last_epoch, log_end },
                             Err(e) => Response::Error(e),

@@ -245,6 +245,8 @@ struct DiskState {
     failing_syncs: u32,
     /// Most bytes the storage may grow to (`ENOSPC` beyond).
     capacity: Option<u64>,
+    /// Writes until the power goes (a write torn by a power cut in the middle of a commit).
+    writes_left: Option<u64>,
     syncs: u64,
 }
 
@@ -293,6 +295,7 @@ impl SimDisk {
         s.unsynced = Unsynced::default();
         s.off = true;
         s.failing_syncs = 0;
+        s.writes_left = None;
     }
 
     pub fn power_on(&self) {
@@ -302,6 +305,17 @@ impl SimDisk {
     /// The next `n` fsyncs fail with `EIO`.
     pub fn fail_syncs(&self, n: u32) {
         self.state.lock().expect("disk lock").failing_syncs = n;
+    }
+
+    /// The power goes during the `n`-th write from now (that write is lost with everything
+    /// else unsynced): a power cut in the middle of a commit.
+    pub fn cut_after_writes(&self, n: u64) {
+        self.state.lock().expect("disk lock").writes_left = Some(n);
+    }
+
+    /// Takes back [`cut_after_writes`](Self::cut_after_writes) not yet reached.
+    pub fn disarm(&self) {
+        self.state.lock().expect("disk lock").writes_left = None;
     }
 
     /// The storage may grow to `bytes` at most (`None`: no limit).
@@ -381,6 +395,15 @@ impl StorageBackend for SimDiskBackend {
 
     fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
         self.with(|s| {
+            if let Some(left) = s.writes_left.as_mut() {
+                *left = left.saturating_sub(1);
+                if *left == 0 {
+                    s.unsynced = Unsynced::default();
+                    s.off = true;
+                    s.writes_left = None;
+                    return Err(powered_off());
+                }
+            }
             let end = offset + data.len() as u64;
             if let Some(cap) = s.capacity.filter(|cap| end > *cap) {
                 return Err(no_space(cap));
@@ -431,6 +454,23 @@ mod tests {
         let db = open(&disk);
         assert_eq!(get(&db, 1), Some(10));
         assert_eq!(get(&db, 2), None);
+    }
+
+    #[test]
+    fn a_power_cut_in_the_middle_of_a_commit_recovers_to_the_last_commit() {
+        for n in 1..12 {
+            let disk = SimDisk::new();
+            let db = open(&disk);
+            put(&db, 1, 10).unwrap();
+            disk.cut_after_writes(n);
+            let torn = put(&db, 2, 20);
+            drop(db);
+            disk.power_on();
+            let db = open(&disk);
+            assert_eq!(get(&db, 1), Some(10), "cut after {n} writes");
+            // The commit either happened whole or not at all.
+            assert_eq!(get(&db, 2), torn.ok().map(|_| 20), "cut after {n} writes");
+        }
     }
 
     #[test]

@@ -63,7 +63,7 @@ use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
 pub use crate::replication::{BatchOutcome, Cursor, ProducerState, PRODUCER_DEDUP_WINDOW};
 pub use read::LAG_BYTES_SCAN;
 pub use state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
-pub use topic::{PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
+pub use topic::{Retention, COMPACT_BATCH, PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
 pub use writer::{Clock, Command, GroupOutcome, Reply, Writer, MAX_COMMANDS_PER_COMMIT};
 
 use tables::{CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
@@ -373,16 +373,6 @@ impl Store {
     /// its own every few thousand batches with [`PRODUCER_STATE_TTL_MS`]); returns how many.
     pub async fn expire_producers(&self, topic: TopicId, cutoff_ms: u64) -> Result<usize, Error> {
         self.call(|reply| Command::ExpireProducers { topic, cutoff_ms, reply }).await
-    }
-
-    /// Leader: notes that a consumer was told of `records` evicted records.
-    pub async fn report_evicted(
-        &self,
-        topic: TopicId,
-        subscription: SubscriptionName,
-        records: u64,
-    ) -> Result<Option<Pending>, Error> {
-        self.call(|reply| Command::ReportEvicted { topic, subscription, records, reply }).await
     }
 
     /// Leader: creates a subscription.

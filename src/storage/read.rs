@@ -116,7 +116,16 @@ impl Store {
             applied: meta.applied.max(meta.start_index),
             log_start: meta.log_start,
             cursors,
-            producers: self.producer_states_in(&txn, topic)?,
+            // Only what the entries before the restart point built: the follower takes the
+            // rest from the entries themselves (some may never commit).
+            producers: self
+                .producer_states_in(&txn, topic)?
+                .into_iter()
+                .filter_map(|(p, mut s)| {
+                    s.truncate(meta.start_index);
+                    (!s.recent.is_empty()).then_some((p, s))
+                })
+                .collect(),
         })
     }
 

@@ -3,7 +3,7 @@ use redb::Database;
 use super::faults::SimDisk;
 use super::tables::META;
 use super::*;
-use crate::replication::{Cursor, Entry, EntryKind, ShippedEntry};
+use crate::replication::{BatchOutcome, Cursor, Entry, EntryKind, ShippedEntry};
 use crate::types::{now_ms, Offset, ProducerId, Sequence, TopicName};
 use crate::wire::{BacklogPolicy, TopicConfig};
 
@@ -223,10 +223,11 @@ async fn the_evict_policy_moves_only_the_slow_and_records_what_they_lost() {
     );
     assert_eq!((fast.next, fast.evicted), (120, 0));
     assert_eq!(log.state().log_start, slow.next, "what it lost is freed");
-    // Telling a consumer clears the notice, not the record.
-    store.report_evicted(1, sub("slow"), slow.unreported).await.unwrap();
+    // An ack past the eviction (the consumer read on, so a read told it) clears the notice,
+    // not the record.
+    store.ack(1, sub("slow"), slow.next + 1).await.unwrap();
     let told = store.cursor(1, &sub("slow")).unwrap().unwrap();
-    assert_eq!((told.unreported, told.evicted, told.next), (0, slow.evicted, slow.next));
+    assert_eq!((told.unreported, told.evicted, told.next), (0, slow.evicted, slow.next + 1));
     // Without subscriptions there is nobody to evict from: the limit refuses.
     let log2 = solo(&store, limited(2, 500, BacklogPolicy::Evict)).await;
     store.append(2, 7, 0, hundred_bytes(3)).await.unwrap();
@@ -593,6 +594,36 @@ async fn a_follower_appends_truncates_and_resets_by_the_leaders_word() {
     assert_eq!(meta.promised, 3);
     assert_eq!((log.state().log_start, log.state().end_index), (10, 23));
     store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_from_the_leaders_state_takes_only_the_dedup_outcomes_before_it() {
+    // A leader's producer table also holds batches it wrote past the restart point, which may
+    // never commit: a follower that took them would, as the next leader, answer a retry of
+    // such a batch as a duplicate at offsets another batch takes.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    store.create_topic(follower_meta(1)).await.unwrap();
+    let outcome =
+        |sequence, base, index| BatchOutcome { sequence, base, count: 1, index, epoch: 1, rejected: false };
+    let mut state = ProducerState::default();
+    state.record(outcome(0, 0, 1), 5);
+    state.record(outcome(1, 1, 2), 5);
+    let reset = ReplicaReset {
+        start_index: 2,
+        start_offset: 1,
+        history: vec![(1, 0)],
+        applied: 2,
+        log_start: 1,
+        cursors: vec![],
+        producers: vec![(7, state)],
+    };
+    store.reset(1, reset).await.unwrap();
+    let producers = store.producer_states(1).unwrap();
+    assert_eq!(producers[0].1.last_sequence, 0, "batch 1 (entry 2) comes with its entry, if ever");
+    // With the entry, the outcome comes back.
+    store.replica_append(1, chunk(1, vec![batch(2, 1, 1, 7, 1, &["b"])], 3, 2)).await.unwrap();
+    assert_eq!(store.producer_states(1).unwrap()[0].1.last_sequence, 1);
 }
 
 #[tokio::test]

@@ -29,7 +29,20 @@ use crate::types::{Epoch, Index, Offset, ProducerId, Record, ServerId, TopicId};
 pub const RETAINED_ENTRIES: u64 = 4096;
 
 /// Entries compacted at once at least (deleting rows one batch at a time costs less).
-const COMPACT_BATCH: u64 = 1024;
+pub const COMPACT_BATCH: u64 = 1024;
+
+/// How many applied entries a topic keeps, and compacts at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub retained: u64,
+    pub batch: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Self { retained: RETAINED_ENTRIES, batch: COMPACT_BATCH }
+    }
+}
 
 /// A producer silent this long is forgotten (its dedup state is dropped), so the state of
 /// short-lived producers (every `herald produce` is one) does not pile up. A retry after that
@@ -68,6 +81,7 @@ pub(super) struct WriterTopic {
     pub batches_since_sweep: u32,
     /// Entries written in the group under way, not yet shown to followers (leader only).
     pub appended: Vec<ShippedEntry>,
+    pub retention: Retention,
     /// This replica started leading in the group under way: nothing of that group is shown
     /// before it is durable, so an epoch is never seen by a follower before its leader can
     /// remember having led it (and refuse to lead it again after a crash).
@@ -79,7 +93,7 @@ pub(super) struct WriterTopic {
 
 impl WriterTopic {
     /// A topic with nothing stored but its meta.
-    pub fn empty(meta: TopicMeta) -> Self {
+    pub fn empty(meta: TopicMeta, retention: Retention) -> Self {
         let cursors = CursorState::new(BTreeMap::new(), meta.applied, meta.log_start);
         let t = Self {
             end_index: meta.start_index,
@@ -115,6 +129,7 @@ impl WriterTopic {
             evicting: None,
             batches_since_sweep: 0,
             appended: Vec::new(),
+            retention,
             begun: false,
             staged: Arc::default(),
             meta,
@@ -240,8 +255,14 @@ impl WriterTopic {
                 self.bytes += write_records(txn, id, first, *timestamp_ms, records, buf)?;
                 self.appended_records += records.len() as u64;
                 if let Some((producer, sequence)) = *producer {
-                    let outcome =
-                        BatchOutcome { sequence, base: entry.base(), count: *count, index, rejected: false };
+                    let outcome = BatchOutcome {
+                        sequence,
+                        base: entry.base(),
+                        count: *count,
+                        index,
+                        epoch: entry.epoch,
+                        rejected: false,
+                    };
                     let state = self.producers.entry(producer).or_default();
                     state.record(outcome, *timestamp_ms);
                     txn.open(PRODUCERS)?.insert((id, producer), encode(&*state).as_slice())?;
@@ -249,8 +270,14 @@ impl WriterTopic {
                 }
             }
             EntryKind::Refused { producer, sequence } => {
-                let outcome =
-                    BatchOutcome { sequence: *sequence, base: entry.end, count: 0, index, rejected: true };
+                let outcome = BatchOutcome {
+                    sequence: *sequence,
+                    base: entry.end,
+                    count: 0,
+                    index,
+                    epoch: entry.epoch,
+                    rejected: true,
+                };
                 let state = self.producers.entry(*producer).or_default();
                 let at = state.last_ms;
                 state.record(outcome, at);
@@ -394,7 +421,7 @@ impl WriterTopic {
         self.cursors.truncate(to);
         let mut producers = txn.open(PRODUCERS)?;
         for (p, state) in self.producers.iter_mut() {
-            if state.truncate(offset) {
+            if state.truncate(to) {
                 producers.insert((id, *p), encode(&*state).as_slice())?;
             }
         }
@@ -445,7 +472,12 @@ impl WriterTopic {
         let mut producers = txn.open(PRODUCERS)?;
         producers.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
         self.producers.clear();
-        for (p, state) in reset.producers {
+        for (p, mut state) in reset.producers {
+            // Outcomes of entries from the restart point on come again with those entries.
+            state.truncate(reset.start_index);
+            if state.recent.is_empty() {
+                continue;
+            }
             producers.insert((id, p), encode(&state).as_slice())?;
             self.producers.insert(p, state);
         }
@@ -489,6 +521,13 @@ impl WriterTopic {
             }
             self.meta.log_start = new_start.max(self.meta.log_start);
         }
+        debug_assert!(
+            self.cursors.applied_all().values().all(|c| c.next >= self.meta.log_start),
+            "{}: applied cursors {:?} below the log start {} after applying to {upto}",
+            self.meta.name,
+            self.cursors.applied_all(),
+            self.meta.log_start
+        );
         let compacted = self.compact(txn)?;
         if !changes.is_empty() || moved.is_some() || compacted {
             self.meta.applied = self.cursors.applied_index();
@@ -500,8 +539,8 @@ impl WriterTopic {
     /// Drops applied entries whose records are all deleted, in batches, keeping the last
     /// [`RETAINED_ENTRIES`] of them for followers a little behind.
     fn compact(&mut self, txn: &Tx) -> StorageResult<bool> {
-        let limit = self.cursors.applied_index().saturating_sub(RETAINED_ENTRIES);
-        if limit < self.meta.start_index + COMPACT_BATCH {
+        let limit = self.cursors.applied_index().saturating_sub(self.retention.retained);
+        if limit < self.meta.start_index + self.retention.batch {
             return Ok(false);
         }
         let id = self.meta.id;

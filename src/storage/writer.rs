@@ -20,7 +20,7 @@ use tracing::{error, info};
 use super::backlog::make_room;
 use super::state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
-use super::topic::{delete_records, WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
+use super::topic::{delete_records, Retention, WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
 use super::HostedTopic;
 use crate::error::Error;
 use crate::replication::{
@@ -131,13 +131,6 @@ pub enum Command {
         execute: bool,
         reply: Reply<(ResetOutcome, Option<Pending>)>,
     },
-    /// Leader: a consumer was told of `records` evicted records.
-    ReportEvicted {
-        topic: TopicId,
-        subscription: SubscriptionName,
-        records: u64,
-        reply: Reply<Option<Pending>>,
-    },
     ExpireProducers {
         topic: TopicId,
         cutoff_ms: u64,
@@ -241,6 +234,7 @@ pub struct Writer {
     commit_seconds: Histogram,
     clock: Clock,
     open: Option<OpenGroup>,
+    retention: Retention,
 }
 
 impl Writer {
@@ -260,6 +254,16 @@ impl Writer {
             commit_seconds,
             clock,
             open: None,
+            retention: Retention::default(),
+        }
+    }
+
+    /// Keeps fewer (or more) applied entries than [`RETAINED_ENTRIES`](super::RETAINED_ENTRIES)
+    /// (the simulator compacts early, so followers restart from snapshots often).
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+        for t in self.topics.values_mut() {
+            t.retention = retention;
         }
     }
 
@@ -280,7 +284,7 @@ impl Writer {
             let (_, value) = row?;
             let meta: TopicMeta = decode(value.value())?;
             let id = meta.id;
-            let mut t = WriterTopic::empty(meta.clone());
+            let mut t = WriterTopic::empty(meta.clone(), self.retention);
             if let Some(old) = old.get(&id) {
                 t.state = old.state.clone();
                 t.staged = old.staged.clone();
@@ -473,13 +477,14 @@ impl Writer {
         let now = self.now_ms();
         let buf = &mut self.buf;
         let topics = &mut self.topics;
+        let retention = self.retention;
         match cmd {
             Command::CreateTopic { meta, reply } => {
                 let id = meta.id;
                 let result = (|| -> StorageResult<Result<Arc<TopicLog>, Error>> {
                     if let std::collections::btree_map::Entry::Vacant(slot) = topics.entry(id) {
                         txn.open(TOPICS)?.insert(id, encode(&meta).as_slice())?;
-                        slot.insert(WriterTopic::empty(meta));
+                        slot.insert(WriterTopic::empty(meta, retention));
                     }
                     Ok(Ok(topics[&id].handle()))
                 })();
@@ -641,23 +646,6 @@ impl Writer {
                 touched.insert(topic);
                 settle(deferred, reply, result, server)
             }
-            Command::ReportEvicted { topic, subscription, records, reply } => {
-                let result = with_topic(topics, topic, server, |t| {
-                    let epoch = match t.check_leading(server) {
-                        Ok(e) => e,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    match t.cursors.latest(subscription.as_str()) {
-                        Some(c) if c.unreported > 0 => {
-                            let told = Cursor { unreported: c.unreported.saturating_sub(records), ..c };
-                            Ok(Ok(Some(t.set_cursor(txn, subscription.as_str(), Some(told), epoch, buf)?)))
-                        }
-                        _ => Ok(Ok(None)),
-                    }
-                });
-                touched.insert(topic);
-                settle(deferred, reply, result, server)
-            }
         }
     }
 }
@@ -683,7 +671,6 @@ impl Command {
             | Command::CreateSubscription { reply, .. }
             | Command::DeleteSubscription { reply, .. } => reply.send(Err(e)).is_ok(),
             Command::ResetCursor { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::ReportEvicted { reply, .. } => reply.send(Err(e)).is_ok(),
             Command::ExpireProducers { reply, .. } => reply.send(Err(e)).is_ok(),
         };
     }
@@ -816,7 +803,7 @@ fn append(
     };
     if let Some(state) = t.producers.get(&producer).filter(|s| !s.recent.is_empty()) {
         if let Some(seen) = state.find(sequence) {
-            let at = Pending { index: seen.index, epoch: t.history.epoch_at(seen.index) };
+            let at = Pending { index: seen.index, epoch: seen.epoch };
             let refused = seen.rejected.then(|| {
                 Error::invalid(format!("batch {sequence} of producer {producer:#x} was refused earlier"))
             });
@@ -894,7 +881,10 @@ fn ack(
             pending: t.pending_change(subscription.as_str()),
         }));
     }
-    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor { next, ..cursor }), epoch, buf)?;
+    // A consumer acks past an eviction only after a read that told it of the eviction (a
+    // notice rides on every read until then): the notice is delivered.
+    let moved = Cursor { next, unreported: 0, ..cursor };
+    let at = t.set_cursor(txn, subscription.as_str(), Some(moved), epoch, buf)?;
     Ok(Ok(CursorChange { cursor: next, pending: Some(at) }))
 }
 
