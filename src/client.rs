@@ -47,6 +47,8 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 const STALL_CHECK: Duration = Duration::from_millis(500);
 /// Once stalled, how often the producer asks again (an election takes about a lease).
 const STALL_RECHECK: Duration = Duration::from_millis(50);
+/// How long one such question may take: the producer takes no acks while it waits.
+const STALL_LOOKUP_LIMIT: Duration = Duration::from_millis(500);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
 const POLL_GRACE: Duration = Duration::from_secs(2);
 
@@ -184,6 +186,24 @@ impl Client {
         match self.naming_call(&Request::DeleteTopic { name: name.clone() }).await? {
             Response::Deleted => Ok(()),
             other => Err(unexpected(other)),
+        }
+    }
+
+    /// One attempt to look a topic up, within `limit`: for a producer that wonders whether
+    /// its leader changed, and must not stop taking acks meanwhile if the naming server is
+    /// slow or down.
+    pub async fn lookup_once(&self, name: &TopicName, limit: Duration) -> Result<TopicInfo, Error> {
+        let call = async {
+            let conn = self.naming_conn().await?;
+            conn.call(&Request::LookupTopic { name: name.clone() }).await
+        };
+        match tokio::time::timeout(limit, call).await {
+            Ok(Ok(Response::Topic(t))) => Ok(t),
+            Ok(Ok(Response::Error(e))) | Ok(Err(e)) => Err(e),
+            Ok(Ok(other)) => Err(unexpected(other)),
+            Err(_) => {
+                Err(Error::Unavailable { detail: format!("no answer from the naming server in {limit:?}") })
+            }
         }
     }
 
@@ -549,7 +569,7 @@ impl ProducerTask {
                     // No answer for a while: if the book names another leader now, move there.
                     last_check = tokio::time::Instant::now();
                     let peer = session.as_ref().map(|s| s.stream_writer.peer());
-                    if let Ok(info) = self.client.lookup(&self.topic).await {
+                    if let Ok(info) = self.client.lookup_once(&self.topic, STALL_LOOKUP_LIMIT).await {
                         if info.leader_addr().is_some() && info.leader_addr() != peer {
                             debug!(topic = %self.topic, "the leader changed while batches were in flight");
                             if let Some(addr) = peer {
@@ -713,8 +733,12 @@ impl Consumer {
                     }
                 }
             }
+            // A consumer reads and acks committed offsets only: one beyond the end is a new
+            // leader whose commit point has not caught up yet (it does within a round trip to
+            // its followers). Retried like a lost leader, not fatal to the consumer.
+            let catching_up = matches!(result, Err(Error::OffsetBeyondEnd { .. }));
             match result {
-                Err(e) if e.is_retriable() => {
+                Err(e) if e.is_retriable() || catching_up => {
                     debug!(error = %e, "consumer retrying");
                     if !backoff.wait().await {
                         return Err(e);
