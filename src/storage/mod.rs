@@ -19,6 +19,13 @@
 //! once with `Durability::Immediate` (one fsync), then answers each command. Readers use
 //! their own read transactions (`read`) and never wait for the writer.
 //!
+//! # Files
+//! - `writer`: the group commit; `command`: what it takes; `state`: what it publishes;
+//! - `topic`: one topic's log in the writer (entries, apply, compaction, follower writes);
+//! - `epochs`, `producers`, `cursors`, `backlog`: the leader's rules for epoch starts,
+//!   producers' batches, subscriptions' cursors and backlog limits;
+//! - `tables`: the redb tables; `read`: readers; `faults`: backends that fail on purpose.
+//!
 //! # Who decides what
 //! Storage keeps the log durable and consistent; the replication rules
 //! ([`crate::replication`]) decide. The commit point is theirs: the writer publishes the
@@ -38,7 +45,11 @@
 //! - The published [`LogState`] only ever describes durable (fsynced) data.
 
 mod backlog;
+mod command;
+mod cursors;
+mod epochs;
 pub mod faults;
+mod producers;
 mod read;
 mod state;
 mod tables;
@@ -61,10 +72,11 @@ use crate::types::{
 use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
 
 pub use crate::replication::{BatchOutcome, Cursor, ProducerState, PRODUCER_DEDUP_WINDOW};
+pub use command::{Command, Reply};
 pub use read::LAG_BYTES_SCAN;
 pub use state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
 pub use topic::{Retention, COMPACT_BATCH, PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
-pub use writer::{Clock, Command, GroupOutcome, Reply, Writer, MAX_COMMANDS_PER_COMMIT};
+pub use writer::{Clock, GroupOutcome, Writer, MAX_COMMANDS_PER_COMMIT};
 
 use tables::{CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
 

@@ -14,139 +14,27 @@ use std::sync::Arc;
 
 use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, Key, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info};
 
-use super::backlog::make_room;
-use super::state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
+use super::command::{Command, Reply};
+use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor};
+use super::epochs::{become_leader, promise};
+use super::producers::{append, Batch};
+use super::state::{LogState, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
-use super::topic::{delete_records, Retention, WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
+use super::topic::{delete_records, Retention, WriterTopic};
 use super::HostedTopic;
 use crate::error::Error;
-use crate::replication::{
-    Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ReplicaChunk, ReplicaReset,
-};
-use crate::types::{
-    Epoch, Index, Offset, ProducerId, Record, Sequence, ServerId, StartFrom, SubscriptionName, TopicId,
-};
-use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
+use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor};
+use crate::types::{ServerId, TopicId};
+use crate::wire::TopicConfig;
 
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
 pub const MAX_COMMANDS_PER_COMMIT: usize = 4096;
 
 /// Milliseconds since the Unix epoch, as the writer reads them (the simulator's are virtual).
 pub type Clock = Arc<dyn Fn() -> u64 + Send + Sync>;
-
-/// How a command is answered.
-pub type Reply<T> = oneshot::Sender<Result<T, Error>>;
-
-/// Everything the writer does, one variant per change.
-pub enum Command {
-    /// Starts hosting a topic (idempotent: an existing id keeps its data).
-    CreateTopic {
-        meta: TopicMeta,
-        reply: Reply<Arc<TopicLog>>,
-    },
-    DeleteTopic {
-        id: TopicId,
-        reply: Reply<()>,
-    },
-    /// Records the naming server's latest assignment.
-    Assign {
-        topic: TopicId,
-        voters: Vec<ServerId>,
-        learners: Vec<ServerId>,
-        leader: ServerId,
-        epoch: Epoch,
-        reply: Reply<()>,
-    },
-    /// Durably promises `epoch`; answers `(last epoch, log end index)` for the election.
-    Promise {
-        topic: TopicId,
-        epoch: Epoch,
-        reply: Reply<(Epoch, Index)>,
-    },
-    /// Writes `epoch`'s first entry as its leader.
-    BecomeLeader {
-        topic: TopicId,
-        epoch: Epoch,
-        reply: Reply<LogState>,
-    },
-    /// Leader: a producer's batch, or its refusal (`refused`: the server's policy check
-    /// failed), which still uses the batch's sequence number.
-    Append {
-        topic: TopicId,
-        producer: ProducerId,
-        sequence: Sequence,
-        records: Vec<Record>,
-        refused: Option<Error>,
-        reply: Reply<Appended>,
-    },
-    /// Follower: writes what the leader sent.
-    ReplicaAppend {
-        topic: TopicId,
-        chunk: ReplicaChunk,
-        reply: Reply<LogState>,
-    },
-    /// Follower: drops the divergent tail from this index on.
-    Truncate {
-        topic: TopicId,
-        to: Index,
-        reply: Reply<LogState>,
-    },
-    /// Follower: restarts at the leader's first stored entry.
-    Reset {
-        topic: TopicId,
-        reset: ReplicaReset,
-        reply: Reply<LogState>,
-    },
-    /// Leader: applies the entries below `index` (committed).
-    Commit {
-        topic: TopicId,
-        index: Index,
-        reply: Reply<u64>,
-    },
-    Ack {
-        topic: TopicId,
-        subscription: SubscriptionName,
-        next: Offset,
-        reply: Reply<CursorChange>,
-    },
-    CreateSubscription {
-        topic: TopicId,
-        subscription: SubscriptionName,
-        from: StartFrom,
-        if_missing: bool,
-        reply: Reply<CursorChange>,
-    },
-    DeleteSubscription {
-        topic: TopicId,
-        subscription: SubscriptionName,
-        reply: Reply<CursorChange>,
-    },
-    ResetCursor {
-        topic: TopicId,
-        subscription: SubscriptionName,
-        to: ResetTo,
-        execute: bool,
-        reply: Reply<(ResetOutcome, Option<Pending>)>,
-    },
-    ExpireProducers {
-        topic: TopicId,
-        cutoff_ms: u64,
-        reply: Reply<usize>,
-    },
-    SetMeta {
-        key: &'static str,
-        value: u64,
-        reply: Reply<()>,
-    },
-    SetConfig {
-        topic: TopicId,
-        config: TopicConfig,
-        reply: Reply<()>,
-    },
-}
 
 /// A failure of the storage engine; the whole group commit is abandoned.
 pub(super) type StorageResult<T> = Result<T, redb::Error>;
@@ -539,16 +427,7 @@ impl Writer {
                 settle(deferred, reply, result, server)
             }
             Command::Promise { topic, epoch, reply } => {
-                let result = with_topic(topics, topic, server, |t| {
-                    if epoch > t.meta.promised {
-                        t.meta.promised = epoch;
-                        t.save_meta(txn)?;
-                    }
-                    if t.leading.is_some_and(|e| e < epoch) {
-                        t.leading = None;
-                    }
-                    Ok(Ok((t.history.last_epoch(), t.end_index)))
-                });
+                let result = with_topic(topics, topic, server, |t| promise(txn, t, epoch).map(Ok));
                 // Published at once: the follow task fetches with the new epoch, which fences
                 // the old leader sooner.
                 touched.insert(topic);
@@ -624,17 +503,7 @@ impl Writer {
             }
             Command::DeleteSubscription { topic, subscription, reply } => {
                 let result = with_topic(topics, topic, server, |t| {
-                    let epoch = match t.check_leading(server) {
-                        Ok(e) => e,
-                        Err(e) => return Ok(Err(e)),
-                    };
-                    match t.cursors.latest(subscription.as_str()) {
-                        None => Ok(Err(t.unknown_subscription(subscription.as_str()))),
-                        Some(c) => {
-                            let at = t.set_cursor(txn, subscription.as_str(), None, epoch, buf)?;
-                            Ok(Ok(CursorChange { cursor: c.next, pending: Some(at) }))
-                        }
-                    }
+                    delete_subscription(txn, t, &subscription, server, buf)
                 });
                 touched.insert(topic);
                 settle(deferred, reply, result, server)
@@ -647,32 +516,6 @@ impl Writer {
                 settle(deferred, reply, result, server)
             }
         }
-    }
-}
-
-impl Command {
-    /// Answers the command with `err` without running it (the group failed before it ran).
-    fn fail(self, err: Error) {
-        let e = err;
-        let _ = match self {
-            Command::CreateTopic { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::DeleteTopic { reply, .. }
-            | Command::Assign { reply, .. }
-            | Command::SetMeta { reply, .. }
-            | Command::SetConfig { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::Promise { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::BecomeLeader { reply, .. }
-            | Command::ReplicaAppend { reply, .. }
-            | Command::Truncate { reply, .. }
-            | Command::Reset { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::Append { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::Commit { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::Ack { reply, .. }
-            | Command::CreateSubscription { reply, .. }
-            | Command::DeleteSubscription { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::ResetCursor { reply, .. } => reply.send(Err(e)).is_ok(),
-            Command::ExpireProducers { reply, .. } => reply.send(Err(e)).is_ok(),
-        };
     }
 }
 
@@ -735,233 +578,4 @@ fn settle_state(
             Err(e)
         }
     }
-}
-
-/// Starts `epoch` as its leader with a `Begin` entry. Refused for an epoch this replica
-/// promised against, or one it already held: a restarted leader may have lost entries of its
-/// old epoch that its followers hold, and writing others at their indexes would fork the
-/// log. A single replica has no followers to fork from and resumes its epoch.
-fn become_leader(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    epoch: Epoch,
-    server: ServerId,
-    buf: &mut Vec<u8>,
-) -> StorageResult<Result<(), Error>> {
-    let stale = |current| Error::StaleEpoch { topic: t.name(), server, epoch, current };
-    if epoch < t.meta.promised {
-        return Ok(Err(stale(t.meta.promised)));
-    }
-    if t.leading == Some(epoch) {
-        return Ok(Ok(()));
-    }
-    let resume = t.meta.is_solo() && epoch == t.history.last_epoch();
-    if !resume {
-        if epoch <= t.history.last_epoch() {
-            return Ok(Err(stale(t.history.last_epoch() + 1)));
-        }
-        let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Begin };
-        let ship = !t.meta.is_solo();
-        t.write_entry(txn, entry, &[], buf, ship)?;
-    }
-    t.evicting = None;
-    t.begun = true;
-    t.leading = Some(epoch);
-    t.meta.promised = epoch;
-    t.meta.epoch = epoch;
-    t.meta.leader = server;
-    t.save_meta(txn)?;
-    Ok(Ok(()))
-}
-
-/// A producer's batch as the writer takes it.
-struct Batch {
-    producer: ProducerId,
-    sequence: Sequence,
-    records: Vec<Record>,
-    /// The server refused it already (e.g. a schema violation).
-    refused: Option<Error>,
-}
-
-/// Appends a producer's batch, in order of its sequence (G4). A producer's batches are
-/// numbered without gaps: a retry of one in the dedup window gets its first answer back; one
-/// that skips a number waits (`OutOfOrderSequence`, retriable: the producer resends from
-/// the missing one, in order), so a batch that failed can always be sent again. A producer
-/// this replica does not know (new, or forgotten after a day) may start anywhere.
-fn append(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    batch: Batch,
-    server: ServerId,
-    now_ms: u64,
-    buf: &mut Vec<u8>,
-) -> StorageResult<Result<Appended, Error>> {
-    let Batch { producer, sequence, records, refused } = batch;
-    let epoch = match t.check_leading(server) {
-        Ok(e) => e,
-        Err(e) => return Ok(Err(e)),
-    };
-    if let Some(state) = t.producers.get(&producer).filter(|s| !s.recent.is_empty()) {
-        if let Some(seen) = state.find(sequence) {
-            let at = Pending { index: seen.index, epoch: seen.epoch };
-            let refused = seen.rejected.then(|| {
-                Error::invalid(format!("batch {sequence} of producer {producer:#x} was refused earlier"))
-            });
-            return Ok(Ok(Appended { base: seen.base, count: seen.count, at, duplicate: true, refused }));
-        }
-        if sequence <= state.last_sequence {
-            return Ok(Err(Error::invalid(format!(
-                "batch {sequence} of producer {producer:#x} is older than the dedup window of {} batches",
-                crate::replication::PRODUCER_DEDUP_WINDOW
-            ))));
-        }
-        if sequence > state.last_sequence + 1 {
-            let expected = state.last_sequence + 1;
-            return Ok(Err(Error::OutOfOrderSequence { producer, expected, got: sequence }));
-        }
-    }
-    let limit = t.meta.config.max_record_bytes as u64;
-    let too_large = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit).map(|(index, r)| {
-        Error::RecordTooLarge {
-            index: index as u32,
-            size: r.size() as u64,
-            limit,
-            enforced_by: format!(
-                "topic server {server} (max_record_bytes of topic {:?})",
-                t.meta.name.as_str()
-            ),
-        }
-    });
-    let ship = !t.meta.is_solo();
-    if let Some(reason) = refused.or(too_large) {
-        let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Refused { producer, sequence } };
-        let index = t.write_entry(txn, entry, &[], buf, ship)?;
-        let at = Pending { index, epoch };
-        return Ok(Ok(Appended { base: t.log_end, count: 0, at, duplicate: false, refused: Some(reason) }));
-    }
-    // Refused for the backlog: the sequence is not used, so the producer can send the same
-    // batch again once subscriptions have read (and freed) records.
-    if let Err(e) = make_room(txn, t, &records, epoch, now_ms, buf)? {
-        return Ok(Err(e));
-    }
-    let count = records.len() as u32;
-    let base = t.log_end;
-    let kind = EntryKind::Batch { count, timestamp_ms: now_ms, producer: Some((producer, sequence)) };
-    let entry = Entry { epoch, end: base + count as Offset, kind };
-    let index = t.write_entry(txn, entry, &records, buf, ship)?;
-    if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
-        t.expire_producers(txn, now_ms.saturating_sub(PRODUCER_STATE_TTL_MS))?;
-    }
-    Ok(Ok(Appended { base, count, at: Pending { index, epoch }, duplicate: false, refused: None }))
-}
-
-fn ack(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    subscription: &SubscriptionName,
-    next: Offset,
-    server: ServerId,
-    buf: &mut Vec<u8>,
-) -> StorageResult<Result<CursorChange, Error>> {
-    let epoch = match t.check_leading(server) {
-        Ok(e) => e,
-        Err(e) => return Ok(Err(e)),
-    };
-    let Some(cursor) = t.cursors.latest(subscription.as_str()) else {
-        return Ok(Err(t.unknown_subscription(subscription.as_str())));
-    };
-    let commit = t.state.borrow().commit;
-    if next > commit {
-        return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: next, log_end: commit }));
-    }
-    if next <= cursor.next {
-        // Cursors never move backwards; the caller still waits for the change it is told of.
-        return Ok(Ok(CursorChange {
-            cursor: cursor.next,
-            pending: t.pending_change(subscription.as_str()),
-        }));
-    }
-    // A consumer acks past an eviction only after a read that told it of the eviction (a
-    // notice rides on every read until then): the notice is delivered.
-    let moved = Cursor { next, unreported: 0, ..cursor };
-    let at = t.set_cursor(txn, subscription.as_str(), Some(moved), epoch, buf)?;
-    Ok(Ok(CursorChange { cursor: next, pending: Some(at) }))
-}
-
-fn create_subscription(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    subscription: &SubscriptionName,
-    from: StartFrom,
-    if_missing: bool,
-    server: ServerId,
-    buf: &mut Vec<u8>,
-) -> StorageResult<Result<CursorChange, Error>> {
-    let epoch = match t.check_leading(server) {
-        Ok(e) => e,
-        Err(e) => return Ok(Err(e)),
-    };
-    if let Some(cursor) = t.cursors.latest(subscription.as_str()) {
-        return Ok(if if_missing {
-            Ok(CursorChange { cursor: cursor.next, pending: t.pending_change(subscription.as_str()) })
-        } else {
-            Err(Error::SubscriptionExists { topic: t.name(), subscription: subscription.to_string() })
-        });
-    }
-    // The log start every entry before this one allows: a new subscription never starts
-    // below what another replica may already have deleted.
-    let cursor = match from {
-        StartFrom::Earliest => t.cursors.latest_log_start().max(t.meta.log_start),
-        StartFrom::Latest => t.state.borrow().commit,
-    };
-    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor::at(cursor)), epoch, buf)?;
-    Ok(Ok(CursorChange { cursor, pending: Some(at) }))
-}
-
-#[allow(clippy::too_many_arguments)]
-fn reset_cursor(
-    txn: &Tx,
-    t: &mut WriterTopic,
-    subscription: &SubscriptionName,
-    to: ResetTo,
-    execute: bool,
-    server: ServerId,
-    buf: &mut Vec<u8>,
-) -> StorageResult<Result<(ResetOutcome, Option<Pending>), Error>> {
-    let epoch = match t.check_leading(server) {
-        Ok(e) => e,
-        Err(e) => return Ok(Err(e)),
-    };
-    let Some(before) = t.cursors.latest(subscription.as_str()) else {
-        return Ok(Err(t.unknown_subscription(subscription.as_str())));
-    };
-    let (log_start, commit) = (t.cursors.latest_log_start().max(t.meta.log_start), t.state.borrow().commit);
-    let after = match to {
-        ResetTo::Earliest => log_start,
-        ResetTo::Latest => commit,
-        ResetTo::Offset(o) if o < log_start => {
-            return Ok(Err(Error::CursorBeforeLogStart {
-                topic: t.name(),
-                subscription: None,
-                offset: o,
-                log_start,
-            }))
-        }
-        ResetTo::Offset(o) if o > commit => {
-            return Ok(Err(Error::OffsetBeyondEnd { topic: t.name(), offset: o, log_end: commit }))
-        }
-        ResetTo::Offset(o) => o,
-    };
-    let mut pending = None;
-    if execute && after != before.next {
-        pending = Some(t.set_cursor(
-            txn,
-            subscription.as_str(),
-            Some(Cursor { next: after, ..before }),
-            epoch,
-            buf,
-        )?);
-    }
-    let outcome = ResetOutcome { before: before.next, after, log_start, commit, executed: execute };
-    Ok(Ok((outcome, pending)))
 }

@@ -1,0 +1,90 @@
+//! Producers' batches: ordering by sequence, deduplication, refusals, room in the backlog.
+
+use super::backlog::make_room;
+use super::state::{Appended, Pending};
+use super::topic::{WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
+use super::writer::{StorageResult, Tx};
+use crate::error::Error;
+use crate::replication::{Entry, EntryKind};
+use crate::types::{Offset, ProducerId, Record, Sequence, ServerId};
+
+/// A producer's batch as the writer takes it.
+pub(super) struct Batch {
+    pub producer: ProducerId,
+    pub sequence: Sequence,
+    pub records: Vec<Record>,
+    /// The server refused it already (e.g. a schema violation).
+    pub refused: Option<Error>,
+}
+
+/// Appends a producer's batch, in order of its sequence (G4). A producer's batches are
+/// numbered without gaps: a retry of one in the dedup window gets its first answer back; one
+/// that skips a number waits (`OutOfOrderSequence`, retriable: the producer resends from
+/// the missing one, in order), so a batch that failed can always be sent again. A producer
+/// this replica does not know (new, or forgotten after a day) may start anywhere.
+pub(super) fn append(
+    txn: &Tx,
+    t: &mut WriterTopic,
+    batch: Batch,
+    server: ServerId,
+    now_ms: u64,
+    buf: &mut Vec<u8>,
+) -> StorageResult<Result<Appended, Error>> {
+    let Batch { producer, sequence, records, refused } = batch;
+    let epoch = match t.check_leading(server) {
+        Ok(e) => e,
+        Err(e) => return Ok(Err(e)),
+    };
+    if let Some(state) = t.producers.get(&producer).filter(|s| !s.recent.is_empty()) {
+        if let Some(seen) = state.find(sequence) {
+            let at = Pending { index: seen.index, epoch: seen.epoch };
+            let refused = seen.rejected.then(|| {
+                Error::invalid(format!("batch {sequence} of producer {producer:#x} was refused earlier"))
+            });
+            return Ok(Ok(Appended { base: seen.base, count: seen.count, at, duplicate: true, refused }));
+        }
+        if sequence <= state.last_sequence {
+            return Ok(Err(Error::invalid(format!(
+                "batch {sequence} of producer {producer:#x} is older than the dedup window of {} batches",
+                crate::replication::PRODUCER_DEDUP_WINDOW
+            ))));
+        }
+        if sequence > state.last_sequence + 1 {
+            let expected = state.last_sequence + 1;
+            return Ok(Err(Error::OutOfOrderSequence { producer, expected, got: sequence }));
+        }
+    }
+    let limit = t.meta.config.max_record_bytes as u64;
+    let too_large = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit).map(|(index, r)| {
+        Error::RecordTooLarge {
+            index: index as u32,
+            size: r.size() as u64,
+            limit,
+            enforced_by: format!(
+                "topic server {server} (max_record_bytes of topic {:?})",
+                t.meta.name.as_str()
+            ),
+        }
+    });
+    let ship = !t.meta.is_solo();
+    if let Some(reason) = refused.or(too_large) {
+        let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Refused { producer, sequence } };
+        let index = t.write_entry(txn, entry, &[], buf, ship)?;
+        let at = Pending { index, epoch };
+        return Ok(Ok(Appended { base: t.log_end, count: 0, at, duplicate: false, refused: Some(reason) }));
+    }
+    // Refused for the backlog: the sequence is not used, so the producer can send the same
+    // batch again once subscriptions have read (and freed) records.
+    if let Err(e) = make_room(txn, t, &records, epoch, now_ms, buf)? {
+        return Ok(Err(e));
+    }
+    let count = records.len() as u32;
+    let base = t.log_end;
+    let kind = EntryKind::Batch { count, timestamp_ms: now_ms, producer: Some((producer, sequence)) };
+    let entry = Entry { epoch, end: base + count as Offset, kind };
+    let index = t.write_entry(txn, entry, &records, buf, ship)?;
+    if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
+        t.expire_producers(txn, now_ms.saturating_sub(PRODUCER_STATE_TTL_MS))?;
+    }
+    Ok(Ok(Appended { base, count, at: Pending { index, epoch }, duplicate: false, refused: None }))
+}
