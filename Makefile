@@ -2,7 +2,7 @@
 CARGO ?= cargo
 HERALD := ./target/release/herald
 
-.PHONY: all build release run certs test lint fmt doc bench clean
+.PHONY: all build release run certs test sim lint fmt doc bench clean
 
 all: build
 
@@ -23,6 +23,12 @@ run: certs
 ## Unit, property and integration tests (integration tests start real herald processes).
 test:
 	$(CARGO) test --all-targets
+
+## More simulator seeds than `make test` runs, in release: `make sim SEEDS=100000 FIRST=0`.
+SEEDS ?= 20000
+FIRST ?= 0
+sim:
+	HERALD_SIM_SEEDS=$(SEEDS) HERALD_SIM_FIRST=$(FIRST) $(CARGO) test --release --test simulation seeds_run_clean -- --exact --nocapture
 
 ## The standard benchmark set on a fresh release cluster (see docs/performance.md).
 bench: release
