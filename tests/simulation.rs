@@ -65,6 +65,8 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (3411, "a replacement removed the lost voter after it had come back and been elected: the leader was no voter"),
     (2551, "a leader deposed while it held a follower's fetch answered it with entries it took as a follower since: the follower's log forked"),
     (2215, "a follower restarted from a leader's state took the dedup outcome of an uncommitted batch; as the next leader it acked a retry of that batch at an offset another batch took"),
+    (37874, "a follower restarted from a leader's state stored the records below its log start that a newer leader, applied less far, shipped with the next entries"),
+    (47501, "the same on a follower that later led: records left below the log start for good"),
 ];
 
 #[test]

@@ -627,6 +627,36 @@ async fn a_restart_from_the_leaders_state_takes_only_the_dedup_outcomes_before_i
 }
 
 #[tokio::test]
+async fn a_follower_restarted_past_its_first_entries_records_never_stores_records_below_its_log_start() {
+    // Simulator seed 37874: restarted from a leader's state with the log start (45) inside the
+    // records of the entries it then copies (from 30), from a newer leader that had not
+    // applied as far and so still shipped them: records 30..44 were stored below the log start.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    store.create_topic(follower_meta(1)).await.unwrap();
+    let reset = ReplicaReset {
+        start_index: 4,
+        start_offset: 2,
+        history: vec![(1, 0)],
+        applied: 6,
+        log_start: 5,
+        cursors: vec![("s".into(), Cursor::at(5))],
+        producers: vec![],
+    };
+    store.reset(1, reset).await.unwrap();
+    let entries = vec![
+        batch(4, 1, 2, 7, 2, &["c", "d"]),
+        batch(5, 1, 4, 7, 3, &["e", "f", "g"]),
+        cursor(6, 1, 7, "s", 6, 6),
+    ];
+    let state = store.replica_append(1, chunk(1, entries, 7, 7)).await.unwrap();
+    assert_eq!((state.log_start, state.log_end), (6, 7));
+    assert_eq!(store.record_count().unwrap(), 1, "only g is at or past the log start");
+    assert_eq!(store.producer_states(1).unwrap()[0].1.last_sequence, 3, "the dedup outcomes still count");
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
 async fn uncommitted_cursor_changes_are_truncated_with_the_records_and_committed_ones_stay() {
     // A follower took cursor changes from a leader that was then deposed: the committed one
     // must stay, the uncommitted one must go with the divergent tail (defect 1 of the safety

@@ -251,9 +251,14 @@ impl WriterTopic {
         }
         match &entry.kind {
             EntryKind::Batch { count, timestamp_ms, producer } => {
+                // A follower restarted from a leader's state may already have its log start
+                // past the first records of the entries it copies next (a newer leader that
+                // has not applied as far ships them): those are deleted here already.
                 let first = entry.end - records.len() as Offset;
-                self.bytes += write_records(txn, id, first, *timestamp_ms, records, buf)?;
-                self.appended_records += records.len() as u64;
+                let skip = self.meta.log_start.saturating_sub(first).min(records.len() as Offset);
+                let kept = &records[skip as usize..];
+                self.bytes += write_records(txn, id, first + skip, *timestamp_ms, kept, buf)?;
+                self.appended_records += kept.len() as u64;
                 if let Some((producer, sequence)) = *producer {
                     let outcome = BatchOutcome {
                         sequence,
