@@ -14,14 +14,32 @@ use herald::sim::{run, scenario, Config, SCENARIOS};
 /// Seeds `make test` runs (override with `HERALD_SIM_SEEDS`).
 const DEFAULT_SEEDS: u64 = 3000;
 
+/// A seed slower than this is named as it finishes (most take milliseconds).
+const SLOW_SEED: std::time::Duration = std::time::Duration::from_secs(5);
+
 fn replay_command(seed: u64) -> String {
     format!("HERALD_SIM_SEED={seed} cargo test --release --test simulation replay -- --nocapture")
 }
 
-/// Runs seeds `first..first + count` on every core; returns the failures' reports and what
-/// the runs covered, summed.
-fn run_seeds(first: u64, count: u64) -> (Vec<String>, BTreeMap<&'static str, u64>) {
+/// A run stops taking new seeds after this many failures (each report is long).
+const MAX_FAILURES: usize = 3;
+
+/// Seeds between two progress lines of a long run.
+const PROGRESS_EVERY: u64 = 10_000;
+
+/// What a run of many seeds found.
+struct Seeds {
+    /// Seeds that ran to the end (fewer than asked once `MAX_FAILURES` failed).
+    ran: u64,
+    failures: Vec<String>,
+    /// What the runs covered, summed.
+    totals: BTreeMap<&'static str, u64>,
+}
+
+/// Runs seeds `first..first + count` on every core.
+fn run_seeds(first: u64, count: u64) -> Seeds {
     let next = AtomicU64::new(first);
+    let ran = AtomicU64::new(0);
     let failures = Mutex::new(Vec::new());
     let totals = Mutex::new(BTreeMap::new());
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -29,22 +47,34 @@ fn run_seeds(first: u64, count: u64) -> (Vec<String>, BTreeMap<&'static str, u64
         for _ in 0..threads {
             s.spawn(|| loop {
                 let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= first + count || failures.lock().unwrap().len() >= 3 {
+                if seed >= first + count || failures.lock().unwrap().len() >= MAX_FAILURES {
                     return;
                 }
+                let started = Instant::now();
                 let outcome = run(Config::swarm(seed));
+                if started.elapsed() > SLOW_SEED {
+                    eprintln!("seed {seed} took {:.1?} ({} events)", started.elapsed(), outcome.events);
+                }
                 let mut totals = totals.lock().unwrap();
                 for (what, n) in &outcome.stats {
                     *totals.entry(*what).or_default() += n;
                 }
                 drop(totals);
+                let done = ran.fetch_add(1, Ordering::Relaxed) + 1;
+                if done % PROGRESS_EVERY == 0 {
+                    eprintln!("simulation: {done} seeds run");
+                }
                 if !outcome.passed() {
                     failures.lock().unwrap().push(outcome.report(&replay_command(seed)));
                 }
             });
         }
     });
-    (failures.into_inner().unwrap(), totals.into_inner().unwrap())
+    Seeds {
+        ran: ran.into_inner(),
+        failures: failures.into_inner().unwrap(),
+        totals: totals.into_inner().unwrap(),
+    }
 }
 
 #[test]
@@ -52,9 +82,13 @@ fn seeds_run_clean() {
     let count = std::env::var("HERALD_SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(DEFAULT_SEEDS);
     let first = std::env::var("HERALD_SIM_FIRST").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
     let started = Instant::now();
-    let (failures, totals) = run_seeds(first, count);
+    let Seeds { ran, failures, totals } = run_seeds(first, count);
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("simulation: {count} seeds from {first} in {secs:.1} s ({:.1} seeds/s)", count as f64 / secs);
+    eprintln!(
+        "simulation: {ran} of {count} seeds from {first} in {secs:.1} s ({:.1} seeds/s), {} failed",
+        ran as f64 / secs,
+        failures.len()
+    );
     eprintln!("covered: {totals:?}");
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }

@@ -65,6 +65,10 @@ pub enum Fault {
     TornWrite(ServerId, u64),
 }
 
+/// Events a run may take: seeds take thousands to tens of thousands, so far more means the
+/// cluster loops (a livelock, or events that never let time pass) and the run must fail.
+pub const MAX_EVENTS: u64 = 2_000_000;
+
 /// A run's shape, chosen from its seed.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -386,6 +390,12 @@ impl World {
         let end = self.config.faults_until_ms + self.config.recovery_ms;
         while let Some(((time, _), event)) = self.queue.pop_first() {
             if time > end || !self.checker.violations.is_empty() {
+                break;
+            }
+            if self.events >= MAX_EVENTS {
+                self.checker.violations.push(Violation(format!(
+                    "over {MAX_EVENTS} events by {time} ms: something loops (a livelock, or events that never let time pass)"
+                )));
                 break;
             }
             self.now = time;
