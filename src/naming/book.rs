@@ -65,7 +65,7 @@ impl TopicRecord {
 }
 
 /// The durable book.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Book {
     pub servers: BTreeMap<ServerId, ServerRecord>,
     pub topics: BTreeMap<String, TopicRecord>,
@@ -77,7 +77,7 @@ pub struct Book {
 }
 
 /// One step from a book version to the next.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BookChange {
     pub servers: Vec<ServerRecord>,
     pub topics: Vec<TopicRecord>,
