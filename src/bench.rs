@@ -28,7 +28,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::certs;
 use crate::client::{self, BatchAck, Client};
 use crate::error::Error;
-use crate::types::{ServerId, StartFrom, SubscriptionName, TopicName};
+use crate::types::{NamingAddrs, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{Record, TopicConfig};
 
 /// Linux reports process CPU time in clock ticks of 1/100 s (USER_HZ, fixed by the ABI).
@@ -380,7 +380,7 @@ struct Target {
 }
 
 impl Target {
-    async fn new(args: &BenchArgs, naming: SocketAddr, certs: &Path, lease_ms: u64) -> Result<Target> {
+    async fn new(args: &BenchArgs, naming: NamingAddrs, certs: &Path, lease_ms: u64) -> Result<Target> {
         if args.dev {
             let cluster = DevCluster::start(3, lease_ms).await?;
             Ok(Target { client: cluster.client()?, cluster: Some(cluster) })
@@ -604,7 +604,7 @@ fn report(outcome: &Outcome, json: bool) -> Result<()> {
 }
 
 /// Runs `herald bench ...`.
-pub async fn run(cmd: BenchCommand, naming: SocketAddr, certs: &Path) -> Result<()> {
+pub async fn run(cmd: BenchCommand, naming: NamingAddrs, certs: &Path) -> Result<()> {
     // Benchmarks use a one-second lease so `failover` measures Herald, not a long default.
     let lease_ms = crate::naming::DEFAULT_LEASE.as_millis() as u64;
     match cmd {
@@ -618,7 +618,7 @@ pub async fn run(cmd: BenchCommand, naming: SocketAddr, certs: &Path) -> Result<
             report(&bench_latency(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)
         }
         BenchCommand::Failover(a) => {
-            let mut t = Target::new(&a, naming, certs, lease_ms).await?;
+            let mut t = Target::new(&a, naming.clone(), certs, lease_ms).await?;
             report(&bench_failover(&mut t, &a).await?, a.json)
         }
         BenchCommand::Suite(a) => suite(a, naming, certs, lease_ms).await,
@@ -626,9 +626,9 @@ pub async fn run(cmd: BenchCommand, naming: SocketAddr, certs: &Path) -> Result<
 }
 
 /// The standard set of issue 4 / DESIGN.md section 5, printed as a Markdown table.
-async fn suite(a: BenchArgs, naming: SocketAddr, certs: &Path, lease_ms: u64) -> Result<()> {
+async fn suite(a: BenchArgs, naming: NamingAddrs, certs: &Path, lease_ms: u64) -> Result<()> {
     let mut results = Vec::new();
-    let t = Target::new(&a, naming, certs, lease_ms).await?;
+    let t = Target::new(&a, naming.clone(), certs, lease_ms).await?;
     for (replicas, size, records) in
         [(3, 100, 500_000), (1, 100, 500_000), (3, 1000, 100_000), (1, 1000, 100_000)]
     {
@@ -643,7 +643,7 @@ async fn suite(a: BenchArgs, naming: SocketAddr, certs: &Path, lease_ms: u64) ->
     report(results.last().expect("result"), a.json)?;
     drop(t);
     if a.dev {
-        let mut t = Target::new(&a, naming, certs, lease_ms).await?;
+        let mut t = Target::new(&a, naming.clone(), certs, lease_ms).await?;
         results.push(bench_failover(&mut t, &BenchArgs { runs: 5, ..a.clone() }).await?);
         report(results.last().expect("result"), a.json)?;
     }

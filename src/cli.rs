@@ -23,7 +23,7 @@ use crate::error::Error;
 use crate::naming::{self, NamingConfig};
 use crate::server::{self, ServerConfig};
 use crate::storage::Medium;
-use crate::types::{Offset, ServerId, StartFrom, SubscriptionName, TopicName};
+use crate::types::{NamingAddrs, Offset, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
     BacklogPolicy, Header, Record, ResetTo, StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig,
     TopicInfo, DEFAULT_MAX_RECORD_BYTES,
@@ -44,9 +44,10 @@ pub struct Cli {
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Address of the naming server.
+    /// Naming servers, as HOST:PORT[,HOST:PORT...] (tried in turn; `herald dev` listens on
+    /// the first).
     #[arg(long, global = true, env = "HERALD_NAMING", default_value = "127.0.0.1:7400")]
-    naming: SocketAddr,
+    naming: NamingAddrs,
     /// Directory with the cluster certificates (made by `herald certs`).
     #[arg(long, global = true, env = "HERALD_CERTS", default_value = "certs")]
     certs: PathBuf,
@@ -453,7 +454,7 @@ where
     F: FnOnce(Arc<Client>) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode>>,
 {
-    let client = Client::new(common.naming, &common.certs)?;
+    let client = Client::new(common.naming.clone(), &common.certs)?;
     let result = f(client.clone()).await;
     client.close().await;
     result
@@ -1201,7 +1202,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         eprintln!("made certificates in {}", common.certs.display());
     }
     let shutdown = shutdown_on_signal();
-    let naming_addr = common.naming;
+    let naming_addr = common.naming.first();
     let mut tasks = tokio::task::JoinSet::new();
     let naming_config = NamingConfig {
         listen: naming_addr,
@@ -1218,7 +1219,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
             id: Some(i as ServerId),
             listen,
             advertise: None,
-            naming: naming_addr,
+            naming: naming_addr.into(),
             data_dir: dir.join(format!("server-{i}")),
             certs_dir: common.certs.clone(),
             session_lease: server::DEFAULT_SESSION_LEASE,

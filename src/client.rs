@@ -13,6 +13,7 @@
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
 use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
-use crate::types::{Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
+use crate::types::{NamingAddrs, Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
     ConsumerSession, Evicted, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
     SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
@@ -79,25 +80,29 @@ impl Backoff {
 /// A connection to a Herald cluster.
 pub struct Client {
     endpoint: Endpoint,
-    naming_addr: SocketAddr,
+    naming_addrs: NamingAddrs,
+    /// Index in `naming_addrs` of the naming server that answered last: tried first.
+    naming_preferred: AtomicUsize,
     naming: Mutex<Option<Connection>>,
     servers: transport::Pool,
     retry_deadline: Duration,
 }
 
 impl Client {
-    /// A client of the cluster whose naming server is `naming`, with the client certificate
-    /// from `certs_dir`. Connects lazily.
-    pub fn new(naming: SocketAddr, certs_dir: &Path) -> anyhow::Result<Arc<Self>> {
+    /// A client of the cluster whose naming servers are `naming`, with the client
+    /// certificate from `certs_dir`. Connects lazily.
+    pub fn new(naming: impl Into<NamingAddrs>, certs_dir: &Path) -> anyhow::Result<Arc<Self>> {
         let identity = certs::load(certs_dir, CertRole::Client)?;
         Self::with_identity(naming, &identity)
     }
 
-    pub fn with_identity(naming: SocketAddr, identity: &Identity) -> anyhow::Result<Arc<Self>> {
-        let endpoint = transport::client_endpoint(naming, transport::client_config(identity)?)?;
+    pub fn with_identity(naming: impl Into<NamingAddrs>, identity: &Identity) -> anyhow::Result<Arc<Self>> {
+        let naming = naming.into();
+        let endpoint = transport::client_endpoint(naming.first(), transport::client_config(identity)?)?;
         Ok(Arc::new(Self {
             endpoint: endpoint.clone(),
-            naming_addr: naming,
+            naming_addrs: naming,
+            naming_preferred: AtomicUsize::new(0),
             naming: Mutex::new(None),
             servers: transport::Pool::new(endpoint.clone()),
             retry_deadline: DEFAULT_RETRY_DEADLINE,
@@ -116,7 +121,7 @@ impl Client {
         if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let conn = Connection::connect(&self.endpoint, self.naming_addr).await?;
+        let conn = connect_any(&self.endpoint, &self.naming_addrs, &self.naming_preferred).await?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -143,7 +148,7 @@ impl Client {
                     if !warned {
                         warn!(
                             "naming server {} unreachable ({detail}); retrying for up to {:?}",
-                            self.naming_addr, self.retry_deadline
+                            self.naming_addrs, self.retry_deadline
                         );
                         warned = true;
                     }
@@ -152,7 +157,7 @@ impl Client {
                         return Err(Error::Unavailable {
                             detail: format!(
                                 "no answer from the naming server at {} ({detail}); is it running? `herald dev` or `make run` starts one, --naming / HERALD_NAMING points elsewhere",
-                                self.naming_addr
+                                self.naming_addrs
                             ),
                         });
                     }
@@ -880,4 +885,27 @@ impl Consumer {
         let _ =
             tokio::time::timeout(Duration::from_secs(2), self.client.leader_call(&self.topic, &req)).await;
     }
+}
+
+/// Connects to one of `addrs`, trying them in turn from the one that answered last (a
+/// naming server that is down costs one connect timeout, then the next is asked).
+pub(crate) async fn connect_any(
+    endpoint: &Endpoint,
+    addrs: &NamingAddrs,
+    preferred: &AtomicUsize,
+) -> Result<Connection, Error> {
+    let list = addrs.list();
+    let start = preferred.load(Ordering::Relaxed) % list.len();
+    let mut failures = Vec::new();
+    for i in 0..list.len() {
+        let at = (start + i) % list.len();
+        match Connection::connect(endpoint, list[at]).await {
+            Ok(conn) => {
+                preferred.store(at, Ordering::Relaxed);
+                return Ok(conn);
+            }
+            Err(e) => failures.push(format!("{}: {e}", list[at])),
+        }
+    }
+    Err(Error::Unavailable { detail: failures.join("; ") })
 }

@@ -31,8 +31,8 @@ use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLab
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{LogState, Medium, Store, TopicLog, TopicMeta};
-use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{now_ms, Epoch, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
+use crate::transport::{self, ready, Peer, ResponseFuture, Service};
+use crate::types::{now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
 use crate::wire::{
     ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicReport,
     TopicStatus,
@@ -53,7 +53,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// The address other processes reach this server at (defaults to `listen`).
     pub advertise: Option<SocketAddr>,
-    pub naming: SocketAddr,
+    pub naming: NamingAddrs,
     pub data_dir: PathBuf,
     pub certs_dir: PathBuf,
     /// How long a consumer keeps its subscription after its last request.
@@ -823,14 +823,15 @@ pub fn topic_report(replica: &Replica, refused: Option<Epoch>) -> Option<TopicRe
 async fn follow_naming(
     server: Arc<TopicServer>,
     endpoint: Endpoint,
-    naming: SocketAddr,
+    naming: NamingAddrs,
     advertise: SocketAddr,
     shutdown: CancellationToken,
 ) {
     let mut backoff = Duration::from_millis(50);
+    let preferred = std::sync::atomic::AtomicUsize::new(0);
     while !shutdown.is_cancelled() {
         let session = async {
-            let conn = Connection::connect(&endpoint, naming).await?;
+            let conn = crate::client::connect_any(&endpoint, &naming, &preferred).await?;
             let (lease_ms, cluster) = match conn
                 .call(&Request::Register { server: server.node.id, addr: advertise })
                 .await?

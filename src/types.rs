@@ -184,6 +184,64 @@ pub struct StoredRecord {
     pub record: Record,
 }
 
+/// The naming servers a client or a topic server may ask (`--naming A,B,C`; host names are
+/// resolved once, at start). They are tried in turn, from the last one that answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamingAddrs(Vec<std::net::SocketAddr>);
+
+impl NamingAddrs {
+    /// Every address, in the order given (never empty).
+    pub fn list(&self) -> &[std::net::SocketAddr] {
+        &self.0
+    }
+
+    pub fn first(&self) -> std::net::SocketAddr {
+        self.0[0]
+    }
+}
+
+impl From<std::net::SocketAddr> for NamingAddrs {
+    fn from(addr: std::net::SocketAddr) -> Self {
+        Self(vec![addr])
+    }
+}
+
+impl std::str::FromStr for NamingAddrs {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        use std::net::ToSocketAddrs;
+        let mut addrs = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let resolved: Vec<std::net::SocketAddr> = part
+                .to_socket_addrs()
+                .map_err(|e| format!("naming server address {part:?}: {e} (expected HOST:PORT)"))?
+                .collect();
+            // One family, IPv4 first: a client socket is bound for one, and servers listen
+            // on IPv4 loopback by default while `localhost` may resolve to `::1` first.
+            let v4: Vec<_> = resolved.iter().copied().filter(|a| a.is_ipv4()).collect();
+            let chosen = if v4.is_empty() { resolved } else { v4 };
+            let Some(addr) = chosen.first() else {
+                return Err(format!("naming server address {part:?} resolves to nothing"));
+            };
+            if !addrs.contains(addr) {
+                addrs.push(*addr);
+            }
+        }
+        if addrs.is_empty() {
+            return Err("no naming server address given (expected HOST:PORT[,HOST:PORT...])".into());
+        }
+        Ok(Self(addrs))
+    }
+}
+
+impl fmt::Display for NamingAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let list: Vec<String> = self.0.iter().map(|a| a.to_string()).collect();
+        f.write_str(&list.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -205,5 +263,17 @@ mod tests {
         assert!(postcard::from_bytes::<TopicName>(&bytes).is_err());
         let bytes = postcard::to_stdvec(&"good".to_string()).unwrap();
         assert_eq!(postcard::from_bytes::<TopicName>(&bytes).unwrap().as_str(), "good");
+    }
+
+    #[test]
+    fn naming_addresses_take_lists_and_host_names() {
+        let list: NamingAddrs = "127.0.0.1:7400, 127.0.0.1:7500,127.0.0.1:7400".parse().unwrap();
+        assert_eq!(list.to_string(), "127.0.0.1:7400,127.0.0.1:7500", "duplicates dropped, order kept");
+        let host: NamingAddrs = "localhost:7400".parse().unwrap();
+        assert_eq!(host.first(), "127.0.0.1:7400".parse().unwrap(), "IPv4 first");
+        for bad in ["", " , ", "127.0.0.1", "nohost.invalid:7400", "127.0.0.1:99999"] {
+            let err = bad.parse::<NamingAddrs>().unwrap_err();
+            assert!(err.contains("naming server address"), "{bad:?}: {err}");
+        }
     }
 }

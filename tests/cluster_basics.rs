@@ -96,3 +96,21 @@ async fn json_logs_carry_the_node_and_the_topic() {
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["spans"][0]["node"], "naming", "{line}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_take_a_list_of_naming_servers_by_name_and_skip_one_that_is_down() {
+    let cluster = Cluster::start(1).await;
+    let down = format!("127.0.0.1:{}", common::free_port());
+    let list = format!("{down},localhost:{}", cluster.naming_addr.port());
+    cluster.cli_ok(&["--naming", &list, "topic", "create", "listed", "--replicas", "1"], None);
+    cluster.cli_ok(&["--naming", &list, "produce", "listed"], Some(b"a\nb\n"));
+    let read = cluster
+        .cli_ok(&["--naming", &list, "consume", "listed", "--subscription", "s", "--count", "2"], None);
+    assert_eq!(read, "a\nb\n");
+
+    // An address that is no address is a usage error that names it.
+    let bad = cluster.cli(&["--naming", "127.0.0.1", "topic", "list"], None);
+    assert_eq!(bad.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("naming server address \"127.0.0.1\""), "{stderr}");
+}
