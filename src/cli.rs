@@ -357,12 +357,25 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// `word` for one, `words` for any other count.
+fn plural(n: impl Into<u64>, word: &str) -> String {
+    if n.into() == 1 {
+        word.to_string()
+    } else {
+        format!("{word}s")
+    }
+}
+
 fn init_logging(filter: &str, format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|e| {
         eprintln!("warning: bad --log-level {filter:?} ({e}); using info");
         tracing_subscriber::EnvFilter::new("info")
     });
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    // Colour only for a person at a terminal: log files and pipes get plain text (and
+    // NO_COLOR, https://no-color.org, turns it off there too).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => {
@@ -1029,7 +1042,7 @@ async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
         (Some(a), Some(b)) => format!(" (offsets {a}..{b})"),
         _ => String::new(),
     };
-    eprintln!("produced {acked} records to {topic}{range}");
+    eprintln!("produced {acked} {} to {topic}{range}", plural(acked, "record"));
     let not_acked = failed + rejected;
     if not_acked > 0 {
         eprintln!("error: {not_acked} records were not acknowledged");
@@ -1186,7 +1199,10 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
             _ => String::new(),
         };
         let secs = started.elapsed().as_secs_f64();
-        eprintln!("consumed {written} records from {topic} via {subscription}{range} in {secs:.2}s");
+        eprintln!(
+            "consumed {written} {} from {topic} via {subscription}{range} in {secs:.2}s",
+            plural(written, "record")
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

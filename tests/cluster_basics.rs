@@ -114,3 +114,21 @@ async fn clients_take_a_list_of_naming_servers_by_name_and_skip_one_that_is_down
     let stderr = String::from_utf8_lossy(&bad.stderr);
     assert!(stderr.contains("naming server address \"127.0.0.1\""), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_in_files_and_pipes_carry_no_colour_codes_and_summaries_count_right() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("one");
+    let out = cluster.cli(&["produce", "one"], Some(b"only\n"));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("produced 1 record to one (offsets 0..0)"), "{stderr}");
+    let out = cluster.cli(&["consume", "one", "--subscription", "s", "--count", "1"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("consumed 1 record from one"), "{stderr}");
+
+    // The servers log to files here: plain text, as a log collector wants it.
+    for log in [cluster.naming.log_text(), cluster.servers[0].2.log_text()] {
+        assert!(log.contains("INFO"), "{log}");
+        assert!(!log.contains('\u{1b}'), "an escape code in a log file:\n{log}");
+    }
+}

@@ -94,6 +94,11 @@ impl Proc {
         self.child = Some(child);
     }
 
+    /// What the process wrote to stdout and stderr so far.
+    pub fn log_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.log).unwrap_or_default()).into_owned()
+    }
+
     /// `kill -9`.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
