@@ -697,6 +697,8 @@ impl Service for TopicServer {
             Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
                 let result = async {
                     let replica = me.serving(&topic).await?;
+                    // Like a reset: the holder would go on reading a subscription that is gone.
+                    me.hosted(&topic)?.refuse_if_held(subscription.as_str())?;
                     let before = replica.log.state();
                     let name = subscription.to_string();
                     let change = me.node.store.delete_subscription(replica.log.id, subscription).await?;

@@ -129,6 +129,10 @@ async fn a_subscription_has_one_consumer_at_a_time_before_and_after_failover() {
     assert!(subs(&cluster, "jobs")["workers"]["consumer"].as_str().unwrap().contains("pid"));
     let out = cluster.cli(&["subscription", "reset", "jobs", "workers", "--to-earliest", "--execute"], None);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by"));
+    // So is a delete: the holder would read on from a subscription that is gone.
+    let out = cluster.cli(&["subscription", "delete", "jobs", "workers"], None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by"));
+    assert!(subs(&cluster, "jobs").contains_key("workers"), "still there");
 
     // After a failover the holder keeps reading at the new leader, and still holds it.
     fail_over(&mut cluster, &topic).await;
