@@ -1121,6 +1121,16 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
     let topic = topic_name(&args.topic)?;
     let subscription = subscription_name(&args.subscription)?;
     let formatter = Formatter::new(&args.format)?;
+    // Created here from the earliest record, past records already deleted: say why it starts
+    // where it does, or a second subscriber sees nothing and no word of it.
+    match client.create_subscription(&topic, &subscription, args.from, false).await {
+        Ok(start) if start > 0 && args.from == StartFrom::Earliest => eprintln!(
+            "subscription {subscription} starts at offset {start}: offsets 0..{} of {topic} were deleted once every subscription had read them (records are kept for the subscriptions that exist when they are produced)",
+            start - 1
+        ),
+        Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
     let mut consumer = client.consumer(topic.clone(), subscription.clone(), args.from).await?;
     let stop = shutdown_on_signal();
     let stdout = std::io::stdout();

@@ -64,3 +64,25 @@ async fn deleting_a_topic_removes_it_everywhere() {
     let d = cluster.describe("gone");
     assert_eq!((d["log_start"].as_u64(), d["log_end"].as_u64()), (Some(0), Some(0)));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscription_created_after_everything_was_read_says_why_it_starts_late() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("late");
+    cluster.cli_ok(&["produce", "late"], Some(b"a\nb\nc\n"));
+    cluster.cli_ok(&["consume", "late", "--subscription", "first", "--count", "3"], None);
+    common::wait_for("the read records to be deleted", || async {
+        (cluster.describe("late")["log_start"] == 3).then_some(())
+    })
+    .await;
+    let out = cluster.cli(&["consume", "late", "--subscription", "second"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("subscription second starts at offset 3: offsets 0..2 of late were deleted once every subscription had read them"),
+        "{stderr}"
+    );
+    // Said once, when it is created: the next read resumes quietly.
+    let again = cluster.cli(&["consume", "late", "--subscription", "second"], None);
+    assert!(!String::from_utf8_lossy(&again.stderr).contains("starts at offset"));
+}
