@@ -42,14 +42,20 @@ pub struct Cli {
     command: Command,
 }
 
+/// Where clients look for the naming server unless told (`herald dev` listens there).
+const DEFAULT_NAMING: &str = "127.0.0.1:7400";
+
+/// Where every command looks for certificates unless told.
+const DEFAULT_CERTS: &str = "certs";
+
 #[derive(Args, Debug, Clone)]
 struct Common {
     /// Naming servers, as HOST:PORT[,HOST:PORT...] (tried in turn; `herald dev` listens on
     /// the first).
-    #[arg(long, global = true, env = "HERALD_NAMING", default_value = "127.0.0.1:7400")]
+    #[arg(long, global = true, env = "HERALD_NAMING", default_value = DEFAULT_NAMING)]
     naming: NamingAddrs,
     /// Directory with the cluster certificates (made by `herald certs`).
-    #[arg(long, global = true, env = "HERALD_CERTS", default_value = "certs")]
+    #[arg(long, global = true, env = "HERALD_CERTS", default_value = DEFAULT_CERTS)]
     certs: PathBuf,
     /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for
     /// `naming` and `server`, warn for everything else).
@@ -1217,6 +1223,28 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Checks that `herald dev` can have its ports and data directory before it starts anything:
+/// a second dev cluster must fail at once and say why, not print a banner for the first one.
+fn dev_preflight(dir: &Path, naming: SocketAddr, servers: u16) -> Result<()> {
+    for i in 0..=servers {
+        let addr = SocketAddr::new(naming.ip(), naming.port() + i);
+        if let Err(e) = std::net::UdpSocket::bind(addr) {
+            bail!("cannot listen on {addr} ({e}): is another `herald dev` running? Stop it, or give this one other ports with --naming HOST:PORT");
+        }
+    }
+    let files = std::iter::once(dir.join("naming").join("naming.redb"))
+        .chain((1..=servers).map(|i| dir.join(format!("server-{i}")).join("herald.redb")));
+    for file in files.filter(|f| f.exists()) {
+        if let Err(redb::DatabaseError::DatabaseAlreadyOpen) = redb::Database::open(&file) {
+            bail!(
+                "{} is in use by another herald process (another `herald dev`?): stop it, or give this one another --dir",
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `herald dev`: a naming server and `servers` topic servers on loopback, in this process.
 async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
     if servers == 0 {
@@ -1227,8 +1255,9 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
             .with_context(|| format!("making certificates in {}", common.certs.display()))?;
         eprintln!("made certificates in {}", common.certs.display());
     }
-    let shutdown = shutdown_on_signal();
     let naming_addr = common.naming.first();
+    dev_preflight(dir, naming_addr, servers)?;
+    let shutdown = shutdown_on_signal();
     let mut tasks = tokio::task::JoinSet::new();
     let naming_config = NamingConfig {
         listen: naming_addr,
@@ -1280,6 +1309,13 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         common.certs.display()
     );
     eprintln!("Try, in another terminal (with ./target/release on your PATH):");
+    if naming_addr != DEFAULT_NAMING.parse::<SocketAddr>().expect("static address") {
+        eprintln!("  export HERALD_NAMING={naming_addr}");
+    }
+    if common.certs != Path::new(DEFAULT_CERTS) {
+        let certs = std::fs::canonicalize(&common.certs).unwrap_or_else(|_| common.certs.clone());
+        eprintln!("  export HERALD_CERTS={}", certs.display());
+    }
     eprintln!("  herald topic create demo");
     eprintln!("  seq 1 100000 | herald produce demo");
     eprintln!("  herald consume demo --subscription s1 --count 100000");

@@ -7,18 +7,13 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 
-use common::{free_port, numbered_lines, BIN};
+use common::{free_ports, numbered_lines, BIN};
 
 #[test]
 fn the_dev_cluster_serves_the_readme_commands_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
     // Four consecutive free ports: naming, then servers at +1..+3.
-    let port = loop {
-        let p = free_port();
-        if (1..=3).all(|i| std::net::UdpSocket::bind(("127.0.0.1", p + i)).is_ok()) {
-            break p;
-        }
-    };
+    let port = free_ports(4);
     let naming = format!("127.0.0.1:{port}");
     let certs = dir.path().join("certs");
     let mut dev = Command::new(BIN)
@@ -81,4 +76,46 @@ fn the_dev_cluster_serves_the_readme_commands_and_stops_on_ctrl_c() {
     let rest = drain.join().unwrap();
     assert!(status.success(), "dev exited with {status}: {rest}");
     assert!(rest.contains("dev cluster stopped"), "{rest}");
+}
+
+#[test]
+fn a_second_dev_cluster_fails_at_once_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = dir.path().join("certs");
+    let data = dir.path().join("data");
+    let dev = |naming: &str| {
+        Command::new(BIN)
+            .args(["dev", "--dir"])
+            .arg(&data)
+            .env("HERALD_NAMING", naming)
+            .env("HERALD_CERTS", &certs)
+            .env("HERALD_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let naming = format!("127.0.0.1:{}", free_ports(4));
+    let mut first = dev(&naming);
+    let mut stderr = BufReader::new(first.stderr.take().unwrap());
+    let mut banner = String::new();
+    while !banner.contains("Ctrl-C stops") {
+        assert!(stderr.read_line(&mut banner).unwrap() > 0, "dev exited early: {banner}");
+    }
+    // Its hints carry what a new terminal needs to reach it.
+    assert!(banner.contains(&format!("export HERALD_NAMING={naming}")), "{banner}");
+    assert!(banner.contains("export HERALD_CERTS=/"), "{banner}");
+
+    // The same ports: refused before anything starts, and no banner.
+    let same = dev(&naming).wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&same.stderr);
+    assert!(!same.status.success() && said.contains("is another `herald dev` running"), "{said}");
+    assert!(!said.contains("Try, in another terminal"), "{said}");
+    // Other ports, the same data directory: refused too.
+    let other = dev(&format!("127.0.0.1:{}", free_ports(4))).wait_with_output().unwrap();
+    let said = String::from_utf8_lossy(&other.stderr);
+    assert!(!other.status.success() && said.contains("in use by another herald process"), "{said}");
+
+    first.kill().unwrap();
+    first.wait().unwrap();
 }

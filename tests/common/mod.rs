@@ -49,6 +49,17 @@ pub fn free_port() -> u16 {
     }
 }
 
+/// `n` consecutive free ports, the first returned (each taken through [`free_port`], so no
+/// other test of this process gets one of them).
+pub fn free_ports(n: u16) -> u16 {
+    loop {
+        let first = free_port();
+        if (1..n).all(|i| free_port() == first + i) {
+            return first;
+        }
+    }
+}
+
 /// Waits until `check` returns `Some`, polling every 20 ms, up to [`DEADLINE`].
 pub async fn wait_for<T, F, Fut>(what: &str, mut check: F) -> T
 where
