@@ -175,7 +175,11 @@ pub fn load(dir: &Path, role: CertRole) -> Result<Identity> {
         CertRole::Node => (&paths.node_cert, &paths.node_key),
         CertRole::Client => (&paths.client_cert, &paths.client_key),
     };
-    let hint = format!("run `herald certs --dir {}` to make them", dir.display());
+    let shown = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let hint = format!(
+        "certificates are looked for in {}, from --certs or HERALD_CERTS (default ./certs); point it at the certs directory of the cluster you reach. Only for a new cluster: `herald certs --dir DIR` makes a new CA, which a running cluster will not accept",
+        shown.display()
+    );
     let read_certs = |p: &Path| -> Result<Vec<CertificateDer<'static>>> {
         let certs = CertificateDer::pem_file_iter(p)
             .with_context(|| format!("reading {} ({hint})", p.display()))?

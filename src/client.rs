@@ -904,7 +904,9 @@ pub(crate) async fn connect_any(
                 preferred.store(at, Ordering::Relaxed);
                 return Ok(conn);
             }
-            Err(e) => failures.push(format!("{}: {e}", list[at])),
+            Err(Error::Unavailable { detail }) => failures.push(format!("{}: {detail}", list[at])),
+            // Refused certificates and the like: asking elsewhere or again will not help.
+            Err(e) => return Err(e),
         }
     }
     Err(Error::Unavailable { detail: failures.join("; ") })

@@ -173,9 +173,16 @@ pub fn client_endpoint(target: SocketAddr, config: quinn::ClientConfig) -> anyho
 pub fn connection_error(addr: SocketAddr, err: &quinn::ConnectionError) -> Error {
     let tls_code = |code: quinn::TransportErrorCode| (0x100..0x200).contains(&u64::from(code));
     match err {
-        quinn::ConnectionError::TransportError(e) if tls_code(e.code) => Error::Unauthorized {
-            detail: format!("TLS handshake with {addr} failed: {e}"),
-        },
+        quinn::ConnectionError::TransportError(e) if tls_code(e.code) => {
+            let text = e.to_string();
+            // The peer's certificate is not signed by our CA: two clusters' certificates.
+            let why = if text.contains("BadSignature") || text.contains("UnknownIssuer") {
+                "; its certificate is not from the CA in use here, so these certificates belong to another cluster: point --certs / HERALD_CERTS at this cluster's certs directory"
+            } else {
+                ""
+            };
+            Error::Unauthorized { detail: format!("TLS handshake with {addr} failed: {e}{why}") }
+        }
         quinn::ConnectionError::ConnectionClosed(c) if tls_code(c.error_code) => Error::Unauthorized {
             detail: format!(
                 "{addr} refused the TLS handshake ({c}); is the certificate from the cluster CA and the protocol herald/1?"

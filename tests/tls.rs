@@ -87,7 +87,21 @@ async fn only_certificates_from_the_cluster_ca_get_in() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("TLS"), "{stderr}");
+    assert!(stderr.contains("TLS") && stderr.contains("belong to another cluster"), "{stderr}");
+    assert!(!stderr.contains("retrying"), "a refused certificate is final, not retried: {stderr}");
+
+    // Without certificates, it says where it looked and warns against a new CA.
+    let missing = cluster.dir.path().join("no-certs-here");
+    let out = std::process::Command::new(common::BIN)
+        .args(["topic", "list"])
+        .env("HERALD_NAMING", cluster.naming_addr.to_string())
+        .env("HERALD_CERTS", &missing)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("looked for in {}", missing.display())), "{stderr}");
+    assert!(stderr.contains("a running cluster will not accept"), "{stderr}");
 
     // The naming server still serves a proper client.
     let client = Client::with_identity(cluster.naming_addr, &ours).unwrap();
