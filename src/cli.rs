@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::certs;
 use crate::client::{self, BatchAck, Client};
 use crate::error::Error;
+use crate::naming::core::MAX_REPLICAS;
 use crate::naming::{self, NamingConfig};
 use crate::server::{self, ServerConfig};
 use crate::storage::Medium;
@@ -165,10 +166,12 @@ enum Command {
 enum TopicCommand {
     /// Create a topic.
     Create {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         name: String,
         /// Replication factor: the topic lives on this many servers and a record is committed
         /// once a majority of them has it on disk.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = parse_replicas)]
         replicas: u32,
         /// Largest record (key + headers + payload) the topic accepts, in bytes.
         #[arg(long, default_value_t = DEFAULT_MAX_RECORD_BYTES)]
@@ -184,6 +187,8 @@ enum TopicCommand {
     },
     /// Change a topic's backlog limit or policy (see also `herald schema set`).
     Alter {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         name: String,
         #[command(flatten)]
         backlog: BacklogArgs,
@@ -200,12 +205,16 @@ enum TopicCommand {
     },
     /// Show a topic's replicas, leader, epoch, log range and subscriptions.
     Describe {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         name: String,
         #[arg(long)]
         json: bool,
     },
     /// Delete a topic and all its records.
     Delete {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         name: String,
         #[arg(long)]
         json: bool,
@@ -228,6 +237,8 @@ struct BacklogArgs {
 enum SchemaCommand {
     /// Print a topic's schema (nothing, and a note on stderr, if it has none).
     Get {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
         #[arg(long)]
         json: bool,
@@ -235,6 +246,8 @@ enum SchemaCommand {
     /// Set a topic's schema from a file (it applies to records produced afterwards), or
     /// remove it with --none.
     Set {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
         #[arg(required_unless_present = "none", conflicts_with = "none")]
         file: Option<PathBuf>,
@@ -250,13 +263,19 @@ enum SchemaCommand {
 enum SubscriptionCommand {
     /// List a topic's subscriptions with cursor and lag.
     List {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
         #[arg(long)]
         json: bool,
     },
     /// Create a subscription.
     Create {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
+        /// Subscription name.
+        #[arg(value_parser = valid_subscription)]
         name: String,
         #[arg(long, default_value = "earliest")]
         from: StartFrom,
@@ -265,7 +284,11 @@ enum SubscriptionCommand {
     },
     /// Delete a subscription (frees the records only it held, and says how much).
     Delete {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
+        /// Subscription name.
+        #[arg(value_parser = valid_subscription)]
         name: String,
         #[arg(long)]
         json: bool,
@@ -274,7 +297,11 @@ enum SubscriptionCommand {
     /// would do unless --execute is given; refused while a consumer holds the subscription.
     #[command(group(clap::ArgGroup::new("to").required(true).args(["to_earliest", "to_latest", "to_offset"])))]
     Reset {
+        /// Topic name.
+        #[arg(value_parser = valid_topic)]
         topic: String,
+        /// Subscription name.
+        #[arg(value_parser = valid_subscription)]
         name: String,
         /// To the oldest record still stored.
         #[arg(long)]
@@ -295,6 +322,8 @@ enum SubscriptionCommand {
 
 #[derive(Args, Debug)]
 struct ProduceArgs {
+    /// Topic name.
+    #[arg(value_parser = valid_topic)]
     topic: String,
     /// Key of every record.
     #[arg(long)]
@@ -312,8 +341,10 @@ struct ProduceArgs {
 
 #[derive(Args, Debug)]
 struct ConsumeArgs {
+    /// Topic name.
+    #[arg(value_parser = valid_topic)]
     topic: String,
-    #[arg(long)]
+    #[arg(long, value_parser = valid_subscription)]
     subscription: String,
     /// Where a new subscription starts (an existing one resumes at its cursor).
     #[arg(long, default_value = "earliest")]
@@ -325,7 +356,7 @@ struct ConsumeArgs {
     #[arg(long)]
     follow: bool,
     /// Output template: {offset}, {timestamp}, {key}, {value}; \t and \n are escapes.
-    #[arg(long, default_value = "{value}")]
+    #[arg(long, default_value = "{value}", value_parser = valid_format)]
     format: String,
     /// One JSON object per record instead of --format.
     #[arg(long)]
@@ -356,11 +387,27 @@ pub fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(USAGE_EXIT)
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// Exit status of a command called wrongly (as clap's own usage errors exit).
+const USAGE_EXIT: u8 = 2;
+
+/// A mistake in how a command was called, found after clap parsed it: exit status 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct UsageError(String);
+
+fn usage(e: impl std::fmt::Display) -> anyhow::Error {
+    UsageError(e.to_string()).into()
 }
 
 /// `word` for one, `words` for any other count.
@@ -479,12 +526,35 @@ where
     result
 }
 
+/// clap's check of `--format`.
+fn valid_format(s: &str) -> Result<String, String> {
+    Formatter::new(s).map(|_| s.to_string()).map_err(|e| format!("{e:#}"))
+}
+
+/// clap's check of `--replicas`.
+fn parse_replicas(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if (1..=MAX_REPLICAS).contains(&n) => Ok(n),
+        _ => Err(format!("must be a whole number between 1 and {MAX_REPLICAS}")),
+    }
+}
+
+/// clap's check of a topic name: a bad one is a usage error before anything connects.
+fn valid_topic(s: &str) -> Result<String, String> {
+    TopicName::new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
+/// clap's check of a subscription name.
+fn valid_subscription(s: &str) -> Result<String, String> {
+    SubscriptionName::new(s).map(|_| s.to_string()).map_err(|e| e.to_string())
+}
+
 fn topic_name(s: &str) -> Result<TopicName> {
-    Ok(TopicName::new(s)?)
+    TopicName::new(s).map_err(usage)
 }
 
 fn subscription_name(s: &str) -> Result<SubscriptionName> {
-    Ok(SubscriptionName::new(s)?)
+    SubscriptionName::new(s).map_err(usage)
 }
 
 fn print_json(value: &serde_json::Value) -> Result<()> {
@@ -627,9 +697,9 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
             let name = topic_name(&name)?;
             let backlog_limit = if no_backlog_limit { Some(None) } else { backlog.backlog_limit.map(Some) };
             if backlog_limit.is_none() && backlog.backlog_policy.is_none() {
-                bail!(
-                    "nothing to change: give --backlog-limit BYTES, --no-backlog-limit or --backlog-policy"
-                );
+                return Err(usage(
+                    "nothing to change: give --backlog-limit BYTES, --no-backlog-limit or --backlog-policy",
+                ));
             }
             let changes =
                 TopicChanges { backlog_limit, backlog_policy: backlog.backlog_policy, schema: None };
@@ -828,7 +898,7 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
                 (true, _, _) => ResetTo::Earliest,
                 (_, true, _) => ResetTo::Latest,
                 (_, _, Some(o)) => ResetTo::Offset(o),
-                _ => bail!("say where: --to-earliest, --to-latest or --to-offset N"),
+                _ => return Err(usage("say where: --to-earliest, --to-latest or --to-offset N")),
             };
             let r = client.reset_subscription(&topic, &name, to, execute).await?;
             let moved = if r.after >= r.before {
@@ -1079,15 +1149,20 @@ impl Formatter {
             if open > 0 {
                 parts.push(Part::Text(rest.as_bytes()[..open].to_vec()));
             }
-            let close =
-                rest[open..].find('}').ok_or_else(|| anyhow!("--format: unclosed '{{' in {template:?}"))?
-                    + open;
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| usage(format!("--format: unclosed '{{' in {template:?}")))?
+                + open;
             parts.push(match &rest[open + 1..close] {
                 "offset" => Part::Offset,
                 "timestamp" => Part::Timestamp,
                 "key" => Part::Key,
                 "value" => Part::Value,
-                other => bail!("--format: unknown field {{{other}}}; use {{offset}}, {{timestamp}}, {{key}} or {{value}}"),
+                other => {
+                    return Err(usage(format!(
+                        "--format: unknown field {{{other}}}; use {{offset}}, {{timestamp}}, {{key}} or {{value}}"
+                    )))
+                }
             });
             rest = &rest[close + 1..];
         }
@@ -1248,7 +1323,7 @@ fn dev_preflight(dir: &Path, naming: SocketAddr, servers: u16) -> Result<()> {
 /// `herald dev`: a naming server and `servers` topic servers on loopback, in this process.
 async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
     if servers == 0 {
-        bail!("--servers must be at least 1");
+        return Err(usage("--servers must be at least 1"));
     }
     if !certs::exist(&common.certs) {
         certs::generate(&common.certs, &certs::default_hosts(), false)

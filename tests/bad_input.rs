@@ -31,10 +31,23 @@ async fn raw_exchange(conn: &Connection, bytes: &[u8]) -> Response {
 async fn invalid_names_unknown_topics_and_subscriptions_get_typed_errors() {
     let cluster = Cluster::start(1).await;
     for bad in ["_internal", ".dot", "white space", "x/y", &"n".repeat(129)] {
+        // A bad name is a usage error (status 2), found before anything connects.
         let out = cluster.cli(&["topic", "create", bad], None);
-        assert_eq!(out.status.code(), Some(1), "{bad}");
+        assert_eq!(out.status.code(), Some(2), "{bad}");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains("invalid topic name") && stderr.contains("[A-Za-z0-9._-]"), "{stderr}");
+    }
+    // So are the other ways to call a command wrongly.
+    for (args, says) in [
+        (&["consume", "t", "--subscription", "x/y"][..], "invalid subscription name"),
+        (&["topic", "create", "t", "--replicas", "0"], "between 1 and 16"),
+        (&["consume", "t", "--subscription", "s", "--format", "{foo}"], "unknown field {foo}"),
+        (&["topic", "alter", "t"], "nothing to change"),
+    ] {
+        let out = cluster.cli(args, None);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
     let out = cluster.cli(&["produce", "missing"], Some(b"x\n"));
     assert!(!out.status.success());

@@ -304,7 +304,9 @@ impl NamingCore {
         config: TopicConfig,
     ) -> Result<BookChange, Error> {
         if replicas == 0 || replicas > MAX_REPLICAS {
-            return Err(Error::invalid(format!("--replicas must be 1..={MAX_REPLICAS}, got {replicas}")));
+            return Err(Error::invalid(format!(
+                "--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}"
+            )));
         }
         check_config(&config)?;
         if self.book.topics.contains_key(name.as_str()) {
