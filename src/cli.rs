@@ -344,6 +344,7 @@ struct ConsumeArgs {
     /// Topic name.
     #[arg(value_parser = valid_topic)]
     topic: String,
+    /// The durable subscription to read through (created if missing, see --from).
     #[arg(long, value_parser = valid_subscription)]
     subscription: String,
     /// Where a new subscription starts (an existing one resumes at its cursor).
@@ -359,7 +360,7 @@ struct ConsumeArgs {
     #[arg(long, default_value = "{value}", value_parser = valid_format)]
     format: String,
     /// One JSON object per record instead of --format.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "format")]
     json: bool,
 }
 

@@ -43,6 +43,7 @@ async fn invalid_names_unknown_topics_and_subscriptions_get_typed_errors() {
         (&["topic", "create", "t", "--replicas", "0"], "between 1 and 16"),
         (&["consume", "t", "--subscription", "s", "--format", "{foo}"], "unknown field {foo}"),
         (&["topic", "alter", "t"], "nothing to change"),
+        (&["consume", "t", "--subscription", "s", "--json", "--format", "{offset}"], "cannot be used with"),
     ] {
         let out = cluster.cli(args, None);
         let stderr = String::from_utf8_lossy(&out.stderr);
