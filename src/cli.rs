@@ -399,6 +399,12 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Exit status after Ctrl-C (128 + SIGINT, as shells report it).
+const INTERRUPTED_EXIT: u8 = 130;
+
+/// How long an interrupted `produce` still waits for the acknowledgements of what it sent.
+const INTERRUPTED_ACK_WAIT: Duration = Duration::from_secs(5);
+
 /// Exit status of a command called wrongly (as clap's own usage errors exit).
 const USAGE_EXIT: u8 = 2;
 
@@ -1092,7 +1098,14 @@ async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
     });
     let mut rejected = 0u64;
     let mut rejections = Vec::new();
-    while let Some(batch) = batches.recv().await {
+    // Ctrl-C stops reading input; what was sent is still waited for (a while) and counted.
+    let stop = shutdown_on_signal();
+    loop {
+        let batch = tokio::select! {
+            b = batches.recv() => b,
+            _ = stop.cancelled() => None,
+        };
+        let Some(batch) = batch else { break };
         match batch {
             Ok(records) => {
                 let n = records.len();
@@ -1108,8 +1121,24 @@ async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
         }
     }
     drop(acks_tx);
-    producer.close().await;
-    let (acked, failed, first, last, mut errors) = collector.await?;
+    let interrupted = stop.is_cancelled();
+    let drained = async {
+        producer.close().await;
+        collector.await
+    };
+    let (acked, failed, first, last, mut errors) = if interrupted {
+        match tokio::time::timeout(INTERRUPTED_ACK_WAIT, drained).await {
+            Ok(outcome) => outcome?,
+            Err(_) => {
+                eprintln!(
+                    "interrupted: gave up waiting for acknowledgements after {INTERRUPTED_ACK_WAIT:?}; records sent but not acknowledged may or may not be stored"
+                );
+                return Ok(ExitCode::from(INTERRUPTED_EXIT));
+            }
+        }
+    } else {
+        drained.await?
+    };
     errors.extend(rejections);
     errors.dedup();
     for e in errors.iter().take(5) {
@@ -1120,6 +1149,10 @@ async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
         _ => String::new(),
     };
     eprintln!("produced {acked} {} to {topic}{range}", plural(acked, "record"));
+    if interrupted {
+        eprintln!("interrupted: input after these was not read");
+        return Ok(ExitCode::from(INTERRUPTED_EXIT));
+    }
     let not_acked = failed + rejected;
     if not_acked > 0 {
         eprintln!("error: {not_acked} records were not acknowledged");
@@ -1295,6 +1328,11 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
             "consumed {written} {} from {topic} via {subscription}{range} in {secs:.2}s",
             plural(written, "record")
         );
+    }
+    // Stopped by Ctrl-C before --count was reached: not the success a script may wait for.
+    if stop.is_cancelled() && args.count.is_some_and(|c| written < c) {
+        eprintln!("interrupted before {} records", args.count.unwrap_or_default());
+        return Ok(ExitCode::from(INTERRUPTED_EXIT));
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -221,3 +221,56 @@ async fn consume_output_formats_and_head_exits_quietly() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "alpha\n");
     assert_eq!(String::from_utf8_lossy(&out.stderr), "");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_stops_produce_and_consume_with_a_summary_and_status_130() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("stop");
+    let herald = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("HERALD_NAMING", cluster.naming_addr.to_string())
+            .env("HERALD_CERTS", &cluster.certs)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let interrupt = |child: &std::process::Child| {
+        assert!(Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap().success());
+    };
+
+    // A producer whose input never ends: stopped by Ctrl-C, it says how many were acked.
+    let mut producer = herald(&["produce", "stop"]);
+    let mut input = producer.stdin.take().unwrap();
+    std::io::Write::write_all(&mut input, b"a\nb\nc\n").unwrap();
+    wait_for("three records", || async { (cluster.describe("stop")["log_end"] == 3).then_some(()) }).await;
+    interrupt(&producer);
+    let out = producer.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("produced 3 records to stop (offsets 0..2)") && stderr.contains("interrupted"),
+        "{stderr}"
+    );
+    drop(input);
+
+    // A consumer waiting for more than there is: interrupted, it is no success.
+    let mut consumer = herald(&["consume", "stop", "--subscription", "s", "--count", "10"]);
+    let mut stdout = BufReader::new(consumer.stdout.take().unwrap());
+    let mut line = String::new();
+    for _ in 0..3 {
+        line.clear();
+        stdout.read_line(&mut line).unwrap();
+    }
+    assert_eq!(line, "c\n");
+    interrupt(&consumer);
+    let out = consumer.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("consumed 3 records") && stderr.contains("interrupted before 10 records"),
+        "{stderr}"
+    );
+}
