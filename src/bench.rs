@@ -93,6 +93,13 @@ struct Outcome {
     extra: Option<serde_json::Value>,
 }
 
+/// `x` to `digits` decimals: measured figures carry no more precision than that, and JSON
+/// readers should not see float noise (0.30000000000000004).
+fn rounded(x: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (x * scale).round() / scale
+}
+
 impl Outcome {
     fn records_per_sec(&self) -> f64 {
         self.records as f64 / self.seconds.max(1e-9)
@@ -104,16 +111,17 @@ impl Outcome {
             "replicas": self.replicas,
             "records": self.records,
             "size": self.size,
-            "seconds": self.seconds,
-            "records_per_sec": self.records_per_sec(),
-            "mb_per_sec": self.records_per_sec() * self.size as f64 / 1e6,
+            "seconds": rounded(self.seconds, 3),
+            "records_per_sec": rounded(self.records_per_sec(), 0),
+            "mb_per_sec": rounded(self.records_per_sec() * self.size as f64 / 1e6, 2),
         });
         if let Some((p50, p99, p999)) = self.latency_ms {
-            v["latency_ms"] = json!({ "p50": p50, "p99": p99, "p999": p999 });
+            v["latency_ms"] =
+                json!({ "p50": rounded(p50, 3), "p99": rounded(p99, 3), "p999": rounded(p999, 3) });
         }
         if let Some(cpu) = self.cpu_seconds {
-            v["cpu_seconds"] = json!(cpu);
-            v["cpu_us_per_record"] = json!(cpu * 1e6 / self.records.max(1) as f64);
+            v["cpu_seconds"] = json!(rounded(cpu, 3));
+            v["cpu_us_per_record"] = json!(rounded(cpu * 1e6 / self.records.max(1) as f64, 2));
         }
         if !self.server_rss_mb.is_empty() {
             let rss: serde_json::Map<String, serde_json::Value> =
@@ -301,8 +309,12 @@ fn total_cpu(pids: &[u32]) -> f64 {
 fn progress(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     let style = ProgressStyle::default_bar()
-        .template("{msg:>10} [{bar:30}] {pos}/{len} {per_sec} eta {eta}")
+        .template("{msg:>10} [{bar:30}] {human_pos}/{human_len} {rate} eta {eta}")
         .expect("static template")
+        // indicatif's own {per_sec} prints fractions of a record ("59,125.0059/s").
+        .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{}/s", indicatif::HumanCount(state.per_sec() as u64));
+        })
         .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(what.to_string());

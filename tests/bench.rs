@@ -28,6 +28,11 @@ fn produce_consume_and_latency_report_their_figures() {
     assert_eq!(produce["workload"], "produce");
     assert_eq!(produce["records"], 20000);
     assert!(produce["records_per_sec"].as_f64().unwrap() > 0.0);
+    // Figures carry the precision they have, no float noise.
+    let rate = produce["records_per_sec"].as_f64().unwrap();
+    assert_eq!(rate, rate.round(), "{rate}");
+    let p50 = produce["latency_ms"]["p50"].as_f64().unwrap();
+    assert!(p50.to_string().split('.').nth(1).is_none_or(|d| d.len() <= 3), "{p50}");
     assert!(produce["latency_ms"]["p99"].as_f64().unwrap() > 0.0);
     assert!(produce["cpu_us_per_record"].as_f64().is_some(), "CPU of the server processes is counted");
     assert_eq!(produce["server_rss_mb"].as_object().unwrap().len(), 3);
