@@ -62,6 +62,29 @@ pub struct Assignment {
 }
 
 impl Assignment {
+    /// What the naming server assigned in `info`.
+    pub fn of(info: &crate::wire::TopicInfo) -> Self {
+        Self {
+            leader: info.leader,
+            epoch: info.epoch,
+            voters: info.replicas.clone(),
+            learners: info.learners.clone(),
+        }
+    }
+
+    /// The stored meta of a topic first hosted with this assignment.
+    pub fn new_meta(&self, info: &crate::wire::TopicInfo) -> crate::storage::TopicMeta {
+        crate::storage::TopicMeta::new(
+            info.id,
+            info.name.clone(),
+            info.config.clone(),
+            self.voter_ids(),
+            self.learner_ids(),
+            info.leader,
+            info.epoch,
+        )
+    }
+
     pub fn voter_ids(&self) -> Vec<ServerId> {
         self.voters.iter().map(|r| r.server).collect()
     }

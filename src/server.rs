@@ -30,7 +30,7 @@ use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
-use crate::storage::{LogState, Medium, Store, TopicLog, TopicMeta};
+use crate::storage::{LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
 use crate::wire::{
@@ -504,12 +504,7 @@ impl TopicServer {
             }
         }
         for info in assignments {
-            let assignment = Assignment {
-                leader: info.leader,
-                epoch: info.epoch,
-                voters: info.replicas.clone(),
-                learners: info.learners.clone(),
-            };
+            let assignment = Assignment::of(&info);
             let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
             let hosted = match current {
                 Some(h) if h.replica.log.id == info.id => {
@@ -524,15 +519,7 @@ impl TopicServer {
                     h
                 }
                 _ => {
-                    let meta = TopicMeta::new(
-                        info.id,
-                        info.name.clone(),
-                        info.config.clone(),
-                        assignment.voter_ids(),
-                        assignment.learner_ids(),
-                        info.leader,
-                        info.epoch,
-                    );
+                    let meta = assignment.new_meta(&info);
                     let log = self.node.store.create_topic(meta).await?;
                     info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
                     let config = info.config.clone();

@@ -554,12 +554,7 @@ impl Running {
             self.submit(|reply| Command::DeleteTopic { id, reply }, |_, _, _| {});
         }
         for info in assignments {
-            let assignment = Assignment {
-                leader: info.leader,
-                epoch: info.epoch,
-                voters: info.replicas.clone(),
-                learners: info.learners.clone(),
-            };
+            let assignment = Assignment::of(&info);
             match self.hosted.get_mut(&info.id) {
                 Some(h) if h.applied.as_ref() == Some(&assignment) => {}
                 Some(h) => {
@@ -567,15 +562,7 @@ impl Running {
                     self.apply_assignment(info.id, assignment);
                 }
                 None => {
-                    let meta = TopicMeta::new(
-                        info.id,
-                        info.name.clone(),
-                        info.config.clone(),
-                        assignment.voter_ids(),
-                        assignment.learner_ids(),
-                        info.leader,
-                        info.epoch,
-                    );
+                    let meta = assignment.new_meta(&info);
                     let id = info.id;
                     self.naming.reconciling += 1;
                     self.submit(
