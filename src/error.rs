@@ -89,6 +89,9 @@ pub enum Error {
     /// The topic's backlog is at its limit under the `reject` policy; nothing was appended.
     #[error("topic {topic:?} is at its backlog limit of {limit} bytes ({backlog} bytes stored); {}", match oldest_held_by { Some(s) => format!("subscription {s:?} holds the oldest records: consume or reset it, or delete it if unused"), None => "no subscription reads it: its records are kept for future subscribers; create one and consume, or raise the limit".to_string() })]
     BacklogFull { topic: String, limit: u64, backlog: u64, oldest_held_by: Option<String> },
+    /// A naming member that does not lead its group: ask the leader (`leader`, if known).
+    #[error("naming member {member} does not lead the naming group{}", leader.map(|l| format!(" (the leader is at {l})")).unwrap_or_else(|| " (no leader known yet: an election is under way)".into()))]
+    NamingNotLeader { member: u64, leader: Option<std::net::SocketAddr> },
 }
 
 impl Error {
@@ -118,6 +121,7 @@ impl Error {
             Error::SchemaViolation { .. } => "schema_violation",
             Error::SubscriptionBusy { .. } => "subscription_busy",
             Error::BacklogFull { .. } => "backlog_full",
+            Error::NamingNotLeader { .. } => "naming_not_leader",
         }
     }
 
@@ -132,6 +136,7 @@ impl Error {
         matches!(
             self,
             Error::NotLeader { .. }
+                | Error::NamingNotLeader { .. }
                 | Error::Unavailable { .. }
                 | Error::Storage { .. }
                 | Error::StaleEpoch { .. }
@@ -169,6 +174,7 @@ mod tests {
             (Error::SchemaViolation { topic: s(), index: 0, detail: s() }, 20),
             (Error::SubscriptionBusy { topic: s(), subscription: s(), holder: s(), expires_in_ms: 0 }, 21),
             (Error::BacklogFull { topic: s(), limit: 0, backlog: 0, oldest_held_by: None }, 22),
+            (Error::NamingNotLeader { member: 1, leader: None }, 23),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

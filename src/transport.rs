@@ -605,6 +605,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::TopicStatus { .. } => "TopicStatus",
         Request::ReplicaFetch { .. } => "ReplicaFetch",
         Request::Promise { .. } => "Promise",
+        Request::NamingRaft { .. } => "NamingRaft",
+        Request::NamingStatus => "NamingStatus",
     }
 }
 

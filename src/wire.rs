@@ -347,6 +347,50 @@ pub enum Request {
         to: ResetTo,
         execute: bool,
     },
+    /// Raft messages from naming member `from` to the member called (naming servers only,
+    /// with the node certificate).
+    NamingRaft {
+        from: u64,
+        messages: Vec<Vec<u8>>,
+    },
+    /// How this naming member sees its group.
+    NamingStatus,
+}
+
+/// A naming member's role in its group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberRole {
+    /// Leads, and has applied everything committed before its term: it decides.
+    Leader,
+    Follower,
+    /// Knows no leader (an election is under way, or it is cut off), or leads but has not
+    /// caught up yet.
+    Candidate,
+}
+
+impl MemberRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberRole::Leader => "leader",
+            MemberRole::Follower => "follower",
+            MemberRole::Candidate => "candidate",
+        }
+    }
+}
+
+/// One naming member as it sees itself, for `herald naming status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub id: u64,
+    pub role: MemberRole,
+    pub term: u64,
+    /// The last entry of its Raft log.
+    pub last_index: u64,
+    /// The last entry it applied to its book.
+    pub applied: u64,
+    /// The member it takes for leader.
+    pub leader: Option<u64>,
+    pub book_version: u64,
 }
 
 /// The leader's answer to a [`Request::ReplicaFetch`].
@@ -451,6 +495,9 @@ pub enum Response {
     },
     /// What a reset did (or, unexecuted, would do).
     Reset(ResetOutcome),
+    /// Raft messages were handed to the member.
+    RaftDelivered,
+    NamingStatus(MemberStatus),
 }
 
 impl Response {

@@ -83,6 +83,8 @@ pub struct BookChange {
     pub topics: Vec<TopicRecord>,
     pub removed: Vec<String>,
     pub next_topic_id: Option<TopicId>,
+    /// Set once, by the group's first leader.
+    pub cluster_id: Option<u64>,
 }
 
 impl BookChange {
@@ -105,6 +107,9 @@ impl Book {
         }
         if let Some(id) = change.next_topic_id {
             self.next_topic_id = id;
+        }
+        if let Some(id) = change.cluster_id {
+            self.cluster_id = id;
         }
         self.version += 1;
     }

@@ -15,6 +15,7 @@
 
 pub mod book;
 pub mod core;
+pub mod member;
 pub mod raft;
 
 use std::net::SocketAddr;

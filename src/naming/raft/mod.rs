@@ -17,7 +17,7 @@ mod tests;
 pub use log::{LogError, Persist, RaftLog};
 
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message};
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
 use raft::{RawNode, StateRole};
 
 use super::book::BookChange;
@@ -35,13 +35,16 @@ pub struct GroupSettings {
     pub randomized: bool,
 }
 
-/// The driver's tick: with the defaults below a leader is missed after 1-2 s, the naming
-/// server's own lease.
-pub const TICK_MS: u64 = 100;
+/// The driver's tick, which also paces the naming core's decisions (an election starts
+/// within a tick of a lease's end). With the defaults below a lost naming leader is missed
+/// after 0.8-1.6 s, under the failover goal of 2 s, and a leader sends heartbeats every
+/// 150 ms, so a follower misses 5 in a row before it campaigns (pre-vote then keeps a
+/// member that was only slow from deposing a healthy leader).
+pub const TICK_MS: u64 = 50;
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        Self { election_ticks: 10, heartbeat_ticks: 2, randomized: true }
+        Self { election_ticks: 16, heartbeat_ticks: 3, randomized: true }
     }
 }
 
@@ -65,8 +68,18 @@ pub struct Output {
     /// A snapshot to install as the book before `committed` (a member far behind): its
     /// index and the encoded book.
     pub snapshot: Option<(u64, Vec<u8>)>,
-    /// Committed changes, in log order, with their index.
-    pub committed: Vec<(u64, BookChange)>,
+    /// Committed changes, in log order.
+    pub committed: Vec<Committed>,
+}
+
+/// A committed change and where it sits in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Committed {
+    pub index: u64,
+    /// The term of the leader that proposed it: a proposer compares it with its own to tell
+    /// its change from another leader's at the same index.
+    pub term: u64,
+    pub change: BookChange,
 }
 
 /// One member of the naming group.
@@ -128,6 +141,24 @@ impl BookNode {
         self.raw.raft.term
     }
 
+    /// Whether this member leads and has applied every entry committed before its term (its
+    /// first entry of the term is applied): only then does its book hold every decision.
+    pub fn leader_ready(&self) -> bool {
+        self.is_leader() && self.raw.raft.raft_log.term(self.applied).ok() == Some(self.term())
+    }
+
+    /// Starts an election at once (a group of one need not wait for a timeout).
+    pub fn campaign(&mut self) -> Result<(), GroupError> {
+        Ok(self.raw.campaign()?)
+    }
+
+    /// Proposes `change` and returns the (index, term) it will commit at if this member
+    /// stays leader.
+    pub fn propose_at(&mut self, change: &BookChange) -> Result<(u64, u64), GroupError> {
+        self.propose(change)?;
+        Ok((self.raw.raft.raft_log.last_index(), self.term()))
+    }
+
     /// Last index in this member's log, and the last applied.
     pub fn indexes(&self) -> (u64, u64) {
         (self.raw.raft.raft_log.last_index(), self.applied)
@@ -140,8 +171,38 @@ impl BookNode {
 
     /// A message from another member; [`advance`](Self::advance) afterwards. Messages for
     /// another member or from a past term are dropped by raft-rs itself.
-    pub fn step(&mut self, message: Message) -> Result<(), GroupError> {
+    pub fn step(&mut self, mut message: Message) -> Result<(), GroupError> {
+        // A member rebuilt from an empty data directory has less than the leader remembers
+        // it matched, and raft-rs panics on a heartbeat that commits past its log. Such a
+        // heartbeat moves nothing; the appends that follow carry the entries with their
+        // consistency check, and their commit.
+        let last = self.raw.raft.raft_log.last_index();
+        if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last {
+            message.commit = self.raw.raft.raft_log.committed;
+        }
         Ok(self.raw.step(message)?)
+    }
+
+    /// Whether this member's log is empty (a first start, or a data directory lost).
+    pub fn log_is_empty(&self) -> bool {
+        self.raw.raft.raft_log.last_index() == 0
+    }
+
+    /// Leader: `member` reports an empty log although it had matched some of ours (its data
+    /// directory was lost). raft-rs would wait for an answer that never comes; sending it
+    /// everything again, from a snapshot if the log was compacted, rebuilds it.
+    pub fn rebuild(&mut self, member: u64) {
+        if !self.is_leader() {
+            return;
+        }
+        let Some(pr) = self.raw.raft.mut_prs().get_mut(member) else { return };
+        if pr.matched == 0 {
+            return;
+        }
+        pr.matched = 0;
+        pr.pending_snapshot = 0;
+        pr.become_probe();
+        self.raw.raft.send_append(member);
     }
 
     /// Proposes `change` (leader only). It is decided once it comes back from
@@ -198,7 +259,7 @@ impl BookNode {
                 EntryType::EntryNormal => {
                     let change =
                         postcard::from_bytes(&entry.data).map_err(|e| GroupError::Corrupt(e.to_string()))?;
-                    out.committed.push((entry.index, change));
+                    out.committed.push(Committed { index: entry.index, term: entry.term, change });
                 }
                 EntryType::EntryConfChange => {
                     let cc = ConfChange::parse_from_bytes(&entry.data)

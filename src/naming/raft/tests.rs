@@ -100,7 +100,7 @@ impl Group {
                 if let Some((_, data)) = out.snapshot {
                     (m.book, m.order) = postcard::from_bytes(&data).unwrap();
                 }
-                for (_, change) in out.committed {
+                for Committed { change, .. } in out.committed {
                     m.order.extend(change.servers.iter().map(|s| s.id));
                     m.book.apply(&change);
                 }
