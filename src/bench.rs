@@ -3,10 +3,13 @@
 //! Workloads (DESIGN.md section 5): `produce` (one producer, N records of S bytes, W batches
 //! in flight; records/s, MB/s, ack latency), `consume` (one subscription reading N records
 //! back with acks), `latency` (a fixed produce rate while a consumer follows; end-to-end
-//! latency), `failover` (kill -9 of the leader under load; time to the first ack from the new
-//! leader; `--dev` only). `suite` runs the standard set and prints a table.
+//! latency), `failover` (kill -9 of the leader under load, with `--kill-naming-leader` the
+//! naming group's leader at the same instant; time to the first ack from the new leader;
+//! `--dev` only), `create` (time to create topics, one after another). `suite` runs the
+//! standard set and prints a table.
 //!
-//! With `--dev` the naming server and three topic servers run as separate processes of this
+//! With `--dev` the naming group (`--naming-servers`, default 3) and three topic servers run
+//! as separate processes of this
 //! binary in a temporary directory (removed afterwards), so the CPU time (user + sys, from
 //! `/proc/PID/stat`) and RSS of each server can be reported. Against a running cluster, the
 //! CPU of every local process whose command line is a `herald naming|server|dev` is counted.
@@ -44,15 +47,26 @@ pub enum BenchCommand {
     Latency(BenchArgs),
     /// kill -9 the leader under load and time the first ack from the new one (--dev only).
     Failover(BenchArgs),
+    /// Create --topics topics of --replicas replicas, one after another, and time each.
+    Create(BenchArgs),
     /// The standard set (what `make bench` runs), as a table.
     Suite(BenchArgs),
 }
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
-    /// Start a naming server and three topic servers (release binary, temp dir) for the run.
+    /// Start a naming group and three topic servers (release binary, temp dir) for the run.
     #[arg(long)]
     dev: bool,
+    /// Naming servers of the --dev cluster (1, 3 or 5).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=5))]
+    naming_servers: u16,
+    /// `failover`: kill -9 the naming group's leader at the same instant as the topic leader.
+    #[arg(long)]
+    kill_naming_leader: bool,
+    /// Topics for `create`.
+    #[arg(long, default_value_t = 20)]
+    topics: usize,
     /// Replication factor of the benchmark topic.
     #[arg(long, default_value_t = 3)]
     replicas: u32,
@@ -158,15 +172,18 @@ impl Outcome {
 struct DevCluster {
     dir: PathBuf,
     certs: PathBuf,
-    naming_addr: SocketAddr,
-    naming: Child,
+    naming_addrs: NamingAddrs,
+    /// Naming members: id, address, the arguments they run with, the process.
+    naming: Vec<(u64, SocketAddr, Vec<String>, Child)>,
     servers: Vec<(ServerId, SocketAddr, Child)>,
 }
 
 impl Drop for DevCluster {
     fn drop(&mut self) {
-        let _ = self.naming.kill();
-        let _ = self.naming.wait();
+        for (_, _, _, c) in &mut self.naming {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         for (_, _, c) in &mut self.servers {
             let _ = c.kill();
             let _ = c.wait();
@@ -193,21 +210,30 @@ fn spawn(dir: &Path, certs: &Path, name: &str, args: &[String]) -> Result<Child>
 }
 
 impl DevCluster {
-    async fn start(servers: usize, lease_ms: u64) -> Result<DevCluster> {
+    async fn start(servers: usize, naming_servers: u16, lease_ms: u64) -> Result<DevCluster> {
         let dir =
             std::env::temp_dir().join(format!("herald-bench-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir)?;
         let certs = dir.join("certs");
         certs::generate(&certs, &certs::default_hosts(), false)?;
-        let naming_addr = loopback_port()?;
-        let args: Vec<String> =
-            ["naming", "--listen", &naming_addr.to_string(), "--lease-ms", &lease_ms.to_string()]
-                .iter()
-                .map(|s| s.to_string())
-                .chain(["--data".to_string(), dir.join("naming").display().to_string()])
-                .collect();
-        let naming = spawn(&dir, &certs, "naming", &args)?;
-        let mut cluster = DevCluster { dir, certs, naming_addr, naming, servers: Vec::new() };
+        let addrs: Vec<SocketAddr> = (0..naming_servers).map(|_| loopback_port()).collect::<Result<_>>()?;
+        let peers: Vec<String> = (1..).zip(&addrs).map(|(id, a)| format!("{id}={a}")).collect();
+        let mut naming = Vec::new();
+        for (id, addr) in (1u64..).zip(addrs.iter().copied()) {
+            let mut args: Vec<String> =
+                ["naming", "--listen", &addr.to_string(), "--lease-ms", &lease_ms.to_string()]
+                    .iter()
+                    .map(|s| s.to_string())
+                    .chain(["--data".to_string(), dir.join(format!("naming-{id}")).display().to_string()])
+                    .collect();
+            if naming_servers > 1 {
+                args.extend(["--id".into(), id.to_string(), "--peers".into(), peers.join(",")]);
+            }
+            let child = spawn(&dir, &certs, &format!("naming-{id}"), &args)?;
+            naming.push((id, addr, args, child));
+        }
+        let naming_addrs = NamingAddrs::new(addrs).context("--naming-servers is at least 1")?;
+        let mut cluster = DevCluster { dir, certs, naming_addrs, naming, servers: Vec::new() };
         for id in 1..=servers as ServerId {
             cluster.start_server(id, loopback_port()?)?;
         }
@@ -233,7 +259,7 @@ impl DevCluster {
             "--listen",
             &addr.to_string(),
             "--naming",
-            &self.naming_addr.to_string(),
+            &self.naming_addrs.to_string(),
             "--data",
             &data.display().to_string(),
         ]
@@ -247,11 +273,33 @@ impl DevCluster {
     }
 
     fn client(&self) -> Result<Arc<Client>> {
-        Client::new(self.naming_addr, &self.certs)
+        Client::new(self.naming_addrs.clone(), &self.certs)
     }
 
     fn pids(&self) -> Vec<u32> {
-        std::iter::once(self.naming.id()).chain(self.servers.iter().map(|(_, _, c)| c.id())).collect()
+        self.naming.iter().map(|n| n.3.id()).chain(self.servers.iter().map(|(_, _, c)| c.id())).collect()
+    }
+
+    /// kill -9 of the naming member that leads now; returns its id.
+    async fn kill_naming_leader(&mut self, client: &Client) -> Result<u64> {
+        let leader = client
+            .naming_members()
+            .await
+            .into_iter()
+            .find_map(|(_, s)| s.ok().filter(|s| s.role == crate::wire::MemberRole::Leader).map(|s| s.id))
+            .context("no naming member leads")?;
+        let (_, _, _, child) = self.naming.iter_mut().find(|n| n.0 == leader).context("naming member")?;
+        let _ = child.kill();
+        let _ = child.wait();
+        Ok(leader)
+    }
+
+    /// Starts naming member `id` again with its data directory.
+    fn restart_naming(&mut self, id: u64) -> Result<()> {
+        let (dir, certs) = (self.dir.clone(), self.certs.clone());
+        let (_, _, args, child) = self.naming.iter_mut().find(|n| n.0 == id).context("naming member")?;
+        *child = spawn(&dir, &certs, &format!("naming-{id}"), args)?;
+        Ok(())
     }
 
     fn kill(&mut self, id: ServerId) -> Option<SocketAddr> {
@@ -394,7 +442,7 @@ struct Target {
 impl Target {
     async fn new(args: &BenchArgs, naming: NamingAddrs, certs: &Path, lease_ms: u64) -> Result<Target> {
         if args.dev {
-            let cluster = DevCluster::start(3, lease_ms).await?;
+            let cluster = DevCluster::start(3, args.naming_servers, lease_ms).await?;
             Ok(Target { client: cluster.client()?, cluster: Some(cluster) })
         } else {
             Ok(Target { client: Client::new(naming, certs)?, cluster: None })
@@ -554,12 +602,16 @@ async fn bench_failover(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
         });
         let started = Instant::now();
         let mut killed_at = None;
+        let mut naming_killed = None;
         // Small batches at a steady pace, so the first ack after the failover is prompt.
         while started.elapsed() < Duration::from_secs(6) {
             let batch =
                 (0..10).map(|_| Record { payload: vec![b'x'; a.size], ..Record::default() }).collect();
             tx.send(producer.send(batch).await?).ok();
             if killed_at.is_none() && started.elapsed() > Duration::from_secs(1) {
+                if a.kill_naming_leader {
+                    naming_killed = Some(cluster.kill_naming_leader(&client).await?);
+                }
                 cluster.kill(info.leader);
                 killed_at = Some(Instant::now());
             }
@@ -576,6 +628,9 @@ async fn bench_failover(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
         let addr =
             cluster.servers.iter().find(|(i, _, _)| *i == info.leader).map(|(_, a, _)| *a).expect("server");
         cluster.start_server(info.leader, addr)?;
+        if let Some(id) = naming_killed {
+            cluster.restart_naming(id)?;
+        }
         client.close().await;
         let c = cluster.client()?;
         while c.list_servers().await.map(|s| s.iter().filter(|s| s.alive).count()).unwrap_or(0) < 3 {
@@ -594,14 +649,45 @@ async fn bench_failover(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
         size: a.size,
         seconds: median,
         extra: Some(
-            json!({ "median_ms": median * 1000.0, "runs_ms": times.iter().map(|t| t * 1000.0).collect::<Vec<_>>() }),
+            json!({ "median_ms": median * 1000.0, "runs_ms": times.iter().map(|t| t * 1000.0).collect::<Vec<_>>(), "naming_leader_killed": a.kill_naming_leader }),
+        ),
+        ..Outcome::default()
+    })
+}
+
+/// Creates `a.topics` topics one after another; the time is the median of one create.
+async fn bench_create(t: &Target, a: &BenchArgs) -> Result<Outcome> {
+    let mut times = Vec::new();
+    for _ in 0..a.topics {
+        let started = Instant::now();
+        new_topic(&t.client, a.replicas, false).await?;
+        times.push(started.elapsed().as_secs_f64());
+    }
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let max = sorted.last().copied().unwrap_or_default();
+    Ok(Outcome {
+        workload: "create".into(),
+        replicas: a.replicas,
+        records: 0,
+        size: 0,
+        seconds: median,
+        extra: Some(
+            json!({ "topics": a.topics, "median_ms": rounded(median * 1000.0, 2), "max_ms": rounded(max * 1000.0, 2) }),
         ),
         ..Outcome::default()
     })
 }
 
 fn report(outcome: &Outcome, json: bool) -> Result<()> {
-    if outcome.workload == "failover" {
+    if outcome.workload == "create" {
+        eprintln!(
+            "create    one `topic create` (R={}): median {:.1} ms",
+            outcome.replicas,
+            outcome.seconds * 1000.0
+        );
+    } else if outcome.workload == "failover" {
         eprintln!(
             "failover  kill -9 of the leader to the first ack from the new leader: median {:.0} ms",
             outcome.seconds * 1000.0
@@ -632,6 +718,9 @@ pub async fn run(cmd: BenchCommand, naming: NamingAddrs, certs: &Path) -> Result
         BenchCommand::Failover(a) => {
             let mut t = Target::new(&a, naming.clone(), certs, lease_ms).await?;
             report(&bench_failover(&mut t, &a).await?, a.json)
+        }
+        BenchCommand::Create(a) => {
+            report(&bench_create(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)
         }
         BenchCommand::Suite(a) => suite(a, naming, certs, lease_ms).await,
     }

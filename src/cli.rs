@@ -4,6 +4,7 @@
 //! stderr. Exit status: 0 on success, 1 on failure (for `produce`: any record not
 //! acknowledged), 2 on a usage error.
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -43,8 +44,12 @@ pub struct Cli {
     command: Command,
 }
 
-/// Where clients look for the naming server unless told (`herald dev` listens there).
-const DEFAULT_NAMING: &str = "127.0.0.1:7400";
+/// Where clients look for the naming group unless told (`herald dev` listens there).
+const DEFAULT_NAMING: &str = "127.0.0.1:7400,127.0.0.1:7410,127.0.0.1:7420";
+
+/// `herald dev` puts naming member `i` (from 0) at the first --naming port plus this times
+/// `i`, and topic servers on the ports right after the first: up to 9 of them fit between.
+const DEV_NAMING_PORT_STEP: u16 = 10;
 
 /// Where every command looks for certificates unless told.
 const DEFAULT_CERTS: &str = "certs";
@@ -67,6 +72,66 @@ struct Common {
     log_format: LogFormat,
 }
 
+#[derive(Args, Debug, Clone)]
+struct NamingRunArgs {
+    #[arg(long, default_value = "127.0.0.1:7400")]
+    listen: SocketAddr,
+    /// Data directory (the Raft log and snapshots of the book, in DIR/book.redb).
+    #[arg(long, required = true)]
+    data: Option<PathBuf>,
+    /// This member's id in the naming group (one of --peers).
+    #[arg(long, default_value_t = 1)]
+    id: u64,
+    /// Every member of the naming group, this one included, as ID=HOST:PORT,... (e.g.
+    /// 1=10.0.0.1:7400,2=10.0.0.2:7400,3=10.0.0.3:7400). The same list on every member;
+    /// three or five members survive one or two failures. Without it, this naming server
+    /// is a group of one.
+    #[arg(long, value_parser = parse_peers, value_name = "ID=ADDR,...")]
+    peers: Option<BTreeMap<u64, SocketAddr>>,
+    /// Liveness lease of topic servers, in milliseconds: a leader silent this long is
+    /// replaced by an election.
+    #[arg(long, default_value_t = naming::DEFAULT_LEASE.as_millis() as u64)]
+    lease_ms: u64,
+    /// A replica dead this long is replaced by another live server, which copies the
+    /// topic from the leader (milliseconds).
+    #[arg(long, default_value_t = naming::DEFAULT_REPLACE_AFTER.as_millis() as u64)]
+    replace_after_ms: u64,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<SocketAddr>,
+}
+
+#[derive(Subcommand, Debug)]
+enum NamingAction {
+    /// Show each member of the naming group (those given with --naming): role, term, last
+    /// log index, applied index, and which one leads.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Parses `--peers`: `ID=HOST:PORT` pairs separated by commas.
+fn parse_peers(s: &str) -> std::result::Result<BTreeMap<u64, SocketAddr>, String> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| format!("{part:?} is not ID=HOST:PORT"))?;
+        let id: u64 =
+            id.trim().parse().map_err(|_| format!("{id:?} is not a member id (a number above 0)"))?;
+        if id == 0 {
+            return Err("member ids start at 1".into());
+        }
+        let addr: crate::types::NamingAddrs = addr.trim().parse()?;
+        if peers.insert(id, addr.first()).is_some() {
+            return Err(format!("member {id} is listed twice"));
+        }
+    }
+    if peers.is_empty() {
+        return Err("no members given".into());
+    }
+    Ok(peers)
+}
+
 #[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 enum LogFormat {
     Text,
@@ -87,24 +152,13 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
-    /// Run the naming server.
+    /// Run a naming server (one member of the naming group), or ask the group how it is.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Naming {
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: SocketAddr,
-        /// Data directory (the book is kept in DIR/naming.redb).
-        #[arg(long)]
-        data: PathBuf,
-        /// Liveness lease of topic servers, in milliseconds: a leader silent this long is
-        /// replaced by an election.
-        #[arg(long, default_value_t = naming::DEFAULT_LEASE.as_millis() as u64)]
-        lease_ms: u64,
-        /// A replica dead this long is replaced by another live server, which copies the
-        /// topic from the leader (milliseconds).
-        #[arg(long, default_value_t = naming::DEFAULT_REPLACE_AFTER.as_millis() as u64)]
-        replace_after_ms: u64,
-        /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
-        #[arg(long, value_name = "ADDR")]
-        metrics_listen: Option<SocketAddr>,
+        #[command(subcommand)]
+        action: Option<NamingAction>,
+        #[command(flatten)]
+        run: NamingRunArgs,
     },
     /// Run a topic server.
     Server {
@@ -131,10 +185,14 @@ enum Command {
         #[arg(long, hide = true)]
         volatile_writes: bool,
     },
-    /// Run a naming server and N topic servers on loopback, in the foreground (Ctrl-C stops).
+    /// Run a naming group and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
         #[arg(long, default_value_t = 3)]
         servers: u16,
+        /// Naming servers (members of the naming group): 3 survive the loss of one; 1 is
+        /// the smallest cluster.
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=5))]
+        naming_servers: u16,
         /// Data directory of the dev cluster.
         #[arg(long, default_value = ".herald")]
         dir: PathBuf,
@@ -473,14 +531,27 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote the cluster CA, node and client certificates to {}", dir.display());
             Ok(ExitCode::SUCCESS)
         }
-        Command::Naming { listen, data, lease_ms, replace_after_ms, metrics_listen } => {
+        Command::Naming { action: Some(NamingAction::Status { json }), .. } => {
+            naming_status(&common, json).await
+        }
+        Command::Naming { action: None, run } => {
+            let peers = run.peers.unwrap_or_else(|| BTreeMap::from([(run.id, run.listen)]));
+            if !peers.contains_key(&run.id) {
+                return Err(usage(format!(
+                    "--id {} is not one of --peers ({})",
+                    run.id,
+                    peers.keys().map(u64::to_string).collect::<Vec<_>>().join(", ")
+                )));
+            }
             let config = NamingConfig {
-                listen,
-                data_dir: data,
+                id: run.id,
+                peers,
+                listen: run.listen,
+                data_dir: run.data.expect("clap requires --data"),
                 certs_dir: common.certs,
-                lease: Duration::from_millis(lease_ms),
-                replace_after: Duration::from_millis(replace_after_ms),
-                metrics_listen,
+                lease: Duration::from_millis(run.lease_ms),
+                replace_after: Duration::from_millis(run.replace_after_ms),
+                metrics_listen: run.metrics_listen,
             };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -508,7 +579,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dev { servers, dir } => dev(&common, servers, &dir).await,
+        Command::Dev { servers, naming_servers, dir } => dev(&common, servers, naming_servers, &dir).await,
         Command::Servers { json } => with_client(&common, |c| list_servers(c, json)).await,
         Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
@@ -651,6 +722,68 @@ async fn schema(client: Arc<Client>, cmd: SchemaCommand) -> Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `herald naming status`: asks every address of --naming how its member sees the group.
+async fn naming_status(common: &Common, json: bool) -> Result<ExitCode> {
+    let client = Client::new(common.naming.clone(), &common.certs)?;
+    let answers = client.naming_members().await;
+    // The member that says it leads, else the leader the others name (not every member
+    // need be asked).
+    let leader = answers
+        .iter()
+        .find_map(|(_, a)| {
+            a.as_ref().ok().filter(|s| s.role == crate::wire::MemberRole::Leader).map(|s| s.id)
+        })
+        .or_else(|| answers.iter().find_map(|(_, a)| a.as_ref().ok().and_then(|s| s.leader)));
+    if json {
+        let members: Vec<serde_json::Value> = answers
+            .iter()
+            .map(|(addr, a)| match a {
+                Ok(s) => json!({
+                    "id": s.id, "address": addr.to_string(), "role": s.role.as_str(), "term": s.term,
+                    "last_index": s.last_index, "applied": s.applied, "leader": s.leader,
+                    "book_version": s.book_version, "rebuilding": s.rebuilding,
+                }),
+                Err(e) => json!({ "address": addr.to_string(), "role": "down", "error": e.to_string() }),
+            })
+            .collect();
+        print_json(&json!({ "leader": leader, "members": members }))?;
+    } else {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{:>6} {:<22} {:<10} {:>6} {:>10} {:>10} {:>7}",
+            "MEMBER", "ADDRESS", "ROLE", "TERM", "LAST", "APPLIED", "LEADER"
+        )?;
+        for (addr, a) in &answers {
+            match a {
+                Ok(s) => writeln!(
+                    out,
+                    "{:>6} {:<22} {:<10} {:>6} {:>10} {:>10} {:>7}",
+                    s.id,
+                    addr.to_string(),
+                    if s.rebuilding && s.role != crate::wire::MemberRole::Leader {
+                        "rebuilding"
+                    } else {
+                        s.role.as_str()
+                    },
+                    s.term,
+                    s.last_index,
+                    s.applied,
+                    s.leader.map_or("-".to_string(), |l| l.to_string())
+                )?,
+                Err(e) => writeln!(out, "{:>6} {:<22} {:<10} ({e})", "?", addr.to_string(), "down")?,
+            }
+        }
+        match leader {
+            Some(id) => writeln!(out, "leader: member {id}")?,
+            None => {
+                writeln!(out, "leader: none answering (an election may be under way, or a majority is down)")?
+            }
+        }
+    }
+    Ok(if leader.is_some() { ExitCode::SUCCESS } else { ExitCode::from(1) })
 }
 
 async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
@@ -1337,16 +1470,23 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The addresses of `herald dev`'s naming members, from the first --naming address.
+fn dev_naming_addrs(first: SocketAddr, members: u16) -> Vec<SocketAddr> {
+    (0..members).map(|i| SocketAddr::new(first.ip(), first.port() + i * DEV_NAMING_PORT_STEP)).collect()
+}
+
 /// Checks that `herald dev` can have its ports and data directory before it starts anything:
 /// a second dev cluster must fail at once and say why, not print a banner for the first one.
-fn dev_preflight(dir: &Path, naming: SocketAddr, servers: u16) -> Result<()> {
-    for i in 0..=servers {
-        let addr = SocketAddr::new(naming.ip(), naming.port() + i);
+fn dev_preflight(dir: &Path, naming: &[SocketAddr], servers: u16) -> Result<()> {
+    let first = naming[0];
+    let topic_servers = (1..=servers).map(|i| SocketAddr::new(first.ip(), first.port() + i));
+    for addr in naming.iter().copied().chain(topic_servers) {
         if let Err(e) = std::net::UdpSocket::bind(addr) {
             bail!("cannot listen on {addr} ({e}): is another `herald dev` running? Stop it, or give this one other ports with --naming HOST:PORT");
         }
     }
-    let files = std::iter::once(dir.join("naming").join("naming.redb"))
+    let files = (1..=naming.len())
+        .map(|i| dir.join(format!("naming-{i}")).join(naming::BOOK_FILE))
         .chain((1..=servers).map(|i| dir.join(format!("server-{i}")).join("herald.redb")));
     for file in files.filter(|f| f.exists()) {
         if let Err(redb::DatabaseError::DatabaseAlreadyOpen) = redb::Database::open(&file) {
@@ -1359,36 +1499,39 @@ fn dev_preflight(dir: &Path, naming: SocketAddr, servers: u16) -> Result<()> {
     Ok(())
 }
 
-/// `herald dev`: a naming server and `servers` topic servers on loopback, in this process.
-async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
-    if servers == 0 {
-        return Err(usage("--servers must be at least 1"));
+/// `herald dev`: a naming group of `naming_servers` members and `servers` topic servers on
+/// loopback, in this process.
+async fn dev(common: &Common, servers: u16, naming_servers: u16, dir: &Path) -> Result<ExitCode> {
+    if servers == 0 || servers >= DEV_NAMING_PORT_STEP {
+        return Err(usage(format!("--servers must be 1..={}", DEV_NAMING_PORT_STEP - 1)));
     }
     if !certs::exist(&common.certs) {
         certs::generate(&common.certs, &certs::default_hosts(), false)
             .with_context(|| format!("making certificates in {}", common.certs.display()))?;
         eprintln!("made certificates in {}", common.certs.display());
     }
-    let naming_addr = common.naming.first();
-    dev_preflight(dir, naming_addr, servers)?;
+    let first = common.naming.first();
+    let naming_addrs = dev_naming_addrs(first, naming_servers);
+    dev_preflight(dir, &naming_addrs, servers)?;
+    let naming_list = NamingAddrs::new(naming_addrs.clone()).context("--naming-servers is at least 1")?;
     let shutdown = shutdown_on_signal();
     let mut tasks = tokio::task::JoinSet::new();
-    let naming_config = NamingConfig {
-        listen: naming_addr,
-        data_dir: dir.join("naming"),
-        certs_dir: common.certs.clone(),
-        lease: naming::DEFAULT_LEASE,
-        replace_after: naming::DEFAULT_REPLACE_AFTER,
-        metrics_listen: None,
-    };
-    tasks.spawn(naming::run(naming_config, shutdown.clone()));
+    let peers: BTreeMap<u64, SocketAddr> = (1..).zip(naming_addrs.iter().copied()).collect();
+    for (&id, &listen) in &peers {
+        let naming_config = NamingConfig {
+            id,
+            peers: peers.clone(),
+            ..NamingConfig::alone(listen, dir.join(format!("naming-{id}")), common.certs.clone())
+        };
+        tasks.spawn(naming::run(naming_config, shutdown.clone()));
+    }
     for i in 1..=servers {
-        let listen = SocketAddr::new(naming_addr.ip(), naming_addr.port() + i);
+        let listen = SocketAddr::new(first.ip(), first.port() + i);
         let config = ServerConfig {
             id: Some(i as ServerId),
             listen,
             advertise: None,
-            naming: naming_addr.into(),
+            naming: naming_list.clone(),
             data_dir: dir.join(format!("server-{i}")),
             certs_dir: common.certs.clone(),
             session_lease: server::DEFAULT_SESSION_LEASE,
@@ -1398,7 +1541,7 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         tasks.spawn(server::run(config, shutdown.clone()));
     }
     // Wait until every server has registered, so the printed commands work right away.
-    let client = Client::new(naming_addr, &common.certs)?;
+    let client = Client::new(naming_list.clone(), &common.certs)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let alive = client.list_servers().await.map(|s| s.iter().filter(|s| s.alive).count()).unwrap_or(0);
@@ -1414,17 +1557,18 @@ async fn dev(common: &Common, servers: u16, dir: &Path) -> Result<ExitCode> {
         }
     }
     client.close().await;
-    let last = naming_addr.port() + servers;
+    let last = first.port() + servers;
     eprintln!(
-        "Herald dev cluster: naming server {naming_addr}, topic servers {}:{}-{last}; data in {}, certificates in {}",
-        naming_addr.ip(),
-        naming_addr.port() + 1,
+        "Herald dev cluster: naming {} {naming_list}, topic servers {}:{}-{last}; data in {}, certificates in {}",
+        if naming_servers == 1 { "server" } else { "group" },
+        first.ip(),
+        first.port() + 1,
         dir.display(),
         common.certs.display()
     );
     eprintln!("Try, in another terminal (with ./target/release on your PATH):");
-    if naming_addr != DEFAULT_NAMING.parse::<SocketAddr>().expect("static address") {
-        eprintln!("  export HERALD_NAMING={naming_addr}");
+    if naming_list.to_string() != DEFAULT_NAMING.parse::<NamingAddrs>().map_err(|e| anyhow!(e))?.to_string() {
+        eprintln!("  export HERALD_NAMING={naming_list}");
     }
     if common.certs != Path::new(DEFAULT_CERTS) {
         let certs = std::fs::canonicalize(&common.certs).unwrap_or_else(|_| common.certs.clone());

@@ -10,10 +10,10 @@
 //! unacknowledged batch, in order, with the same numbers, and the leader answers the ones it
 //! already stored from its dedup window: a retry never makes a second copy (G4).
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -80,10 +80,11 @@ impl Backoff {
 /// A connection to a Herald cluster.
 pub struct Client {
     endpoint: Endpoint,
-    naming_addrs: NamingAddrs,
-    /// Index in `naming_addrs` of the naming server that answered last: tried first.
-    naming_preferred: AtomicUsize,
+    naming_route: NamingRoute,
     naming: Mutex<Option<Connection>>,
+    /// Each topic's leader as last looked up, and whether a failure made it suspect since:
+    /// a topic whose leader is healthy needs no naming server at all.
+    routes: std::sync::Mutex<HashMap<TopicName, Route>>,
     servers: transport::Pool,
     retry_deadline: Duration,
 }
@@ -101,8 +102,8 @@ impl Client {
         let endpoint = transport::client_endpoint(naming.first(), transport::client_config(identity)?)?;
         Ok(Arc::new(Self {
             endpoint: endpoint.clone(),
-            naming_addrs: naming,
-            naming_preferred: AtomicUsize::new(0),
+            naming_route: NamingRoute::new(naming),
+            routes: std::sync::Mutex::new(HashMap::new()),
             naming: Mutex::new(None),
             servers: transport::Pool::new(endpoint.clone()),
             retry_deadline: DEFAULT_RETRY_DEADLINE,
@@ -121,7 +122,7 @@ impl Client {
         if let Some(c) = guard.as_ref().filter(|c| !c.is_closed()) {
             return Ok(c.clone());
         }
-        let conn = connect_any(&self.endpoint, &self.naming_addrs, &self.naming_preferred).await?;
+        let conn = self.naming_route.connect(&self.endpoint).await?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -134,35 +135,77 @@ impl Client {
         self.servers.forget(addr).await;
     }
 
-    /// Calls the naming server, retrying while it is unreachable.
+    /// How each naming address sees its group (one call each, no retries).
+    pub async fn naming_members(&self) -> Vec<(SocketAddr, Result<crate::wire::MemberStatus, Error>)> {
+        let mut calls = tokio::task::JoinSet::new();
+        for (i, addr) in self.naming_route.addrs().list().iter().copied().enumerate() {
+            let endpoint = self.endpoint.clone();
+            calls.spawn(async move {
+                let answer = async {
+                    let conn = Connection::connect(&endpoint, addr).await?;
+                    let answer = conn.call(&Request::NamingStatus).await;
+                    conn.close();
+                    match answer? {
+                        Response::NamingStatus(s) => Ok(s),
+                        other => {
+                            Err(Error::internal(format!("unexpected answer to NamingStatus: {other:?}")))
+                        }
+                    }
+                };
+                (i, addr, answer.await)
+            });
+        }
+        let mut answers: Vec<_> = calls.join_all().await;
+        answers.sort_by_key(|(i, _, _)| *i);
+        answers.into_iter().map(|(_, addr, a)| (addr, a)).collect()
+    }
+
+    /// Calls the naming group's leader, following redirects and retrying while no member
+    /// answers (an election, a restart) for up to the retry deadline. A process that never
+    /// reached any member fails at once instead, naming every address it tried.
     pub async fn naming_call(&self, req: &Request) -> Result<Response, Error> {
         let mut backoff = Backoff::new(self.retry_deadline);
         let mut warned = false;
         loop {
-            let result = match self.naming_conn().await {
+            let connected = self.naming_conn().await;
+            let never_reached = connected.is_err() && !self.naming_route.reached();
+            let result = match connected {
                 Ok(conn) => conn.call(req).await,
                 Err(e) => Err(e),
             };
-            match result {
+            let detail = match result {
+                Err(e) if self.naming_route.redirected(&e) => {
+                    *self.naming.lock().await = None;
+                    e.to_string()
+                }
+                Err(Error::Unavailable { detail }) if never_reached => {
+                    return Err(Error::Unavailable {
+                        detail: format!(
+                            "no naming server answered ({detail}); is the cluster running? `herald dev` or `make run` starts one, --naming / HERALD_NAMING points elsewhere"
+                        ),
+                    });
+                }
                 Err(Error::Unavailable { detail }) => {
                     if !warned {
                         warn!(
                             "naming server {} unreachable ({detail}); retrying for up to {:?}",
-                            self.naming_addrs, self.retry_deadline
+                            self.naming_route.addrs(),
+                            self.retry_deadline
                         );
                         warned = true;
                     }
                     *self.naming.lock().await = None;
-                    if !backoff.wait().await {
-                        return Err(Error::Unavailable {
-                            detail: format!(
-                                "no answer from the naming server at {} ({detail}); is it running? `herald dev` or `make run` starts one, --naming / HERALD_NAMING points elsewhere",
-                                self.naming_addrs
-                            ),
-                        });
-                    }
+                    detail
                 }
                 other => return other,
+            };
+            if !backoff.wait().await {
+                return Err(Error::Unavailable {
+                    detail: format!(
+                        "no answer from the naming group at {} ({detail}); is a majority of its members running?",
+                        self.naming_route.addrs()
+                    ),
+                });
             }
         }
     }
@@ -199,8 +242,18 @@ impl Client {
     /// slow or down.
     pub async fn lookup_once(&self, name: &TopicName, limit: Duration) -> Result<TopicInfo, Error> {
         let call = async {
-            let conn = self.naming_conn().await?;
-            conn.call(&Request::LookupTopic { name: name.clone() }).await
+            // Follows redirects to the naming leader, a few at most (a member names the
+            // leader it knows; during an election, none).
+            let mut answer = Err(Error::Unavailable { detail: "no naming member asked".into() });
+            for _ in 0..MAX_REDIRECTS {
+                let conn = self.naming_conn().await?;
+                answer = conn.call(&Request::LookupTopic { name: name.clone() }).await;
+                match &answer {
+                    Err(e) if self.naming_route.redirected(e) => *self.naming.lock().await = None,
+                    _ => break,
+                }
+            }
+            answer
         };
         match tokio::time::timeout(limit, call).await {
             Ok(Ok(Response::Topic(t))) => Ok(t),
@@ -233,9 +286,51 @@ impl Client {
         }
     }
 
+    fn routes(&self) -> std::sync::MutexGuard<'_, HashMap<TopicName, Route>> {
+        self.routes.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn remember(&self, info: &TopicInfo) {
+        let mut routes = self.routes();
+        if routes.len() >= MAX_ROUTES && !routes.contains_key(&info.name) {
+            routes.clear();
+        }
+        routes.insert(info.name.clone(), Route { info: info.clone(), suspect: false });
+    }
+
+    /// A call to `topic`'s leader failed in a way a new leader may explain (`NotLeader`, a
+    /// stale epoch, a lost connection): its leader is looked up again before the next call.
+    pub(crate) fn suspect(&self, topic: &TopicName) {
+        if let Some(route) = self.routes().get_mut(topic) {
+            route.suspect = true;
+        }
+    }
+
+    /// `topic`'s leader: as last looked up unless a failure made it suspect; then looked up
+    /// again, or, while the naming group does not answer, the last known one (it may well
+    /// still lead).
+    async fn leader_info(&self, topic: &TopicName) -> Result<TopicInfo, Error> {
+        let cached = self.routes().get(topic).cloned();
+        let info = match cached {
+            Some(Route { info, suspect: false }) => info,
+            Some(Route { info: known, suspect: true }) => match self.lookup_once(topic, RELOOKUP_LIMIT).await
+            {
+                Ok(info) => info,
+                Err(e) if e.is_retriable() => {
+                    debug!(%topic, error = %e, "naming group unreachable; trying the last known leader");
+                    known
+                }
+                Err(e) => return Err(e),
+            },
+            None => self.lookup(topic).await?,
+        };
+        self.remember(&info);
+        Ok(info)
+    }
+
     /// Connects to the current leader of `topic`.
     async fn leader(&self, topic: &TopicName) -> Result<Connection, Error> {
-        let info = self.lookup(topic).await?;
+        let info = self.leader_info(topic).await?;
         let addr = info.leader_addr().ok_or_else(|| Error::Unavailable {
             detail: format!("topic {topic:?} has no reachable leader (server {})", info.leader),
         })?;
@@ -253,6 +348,7 @@ impl Client {
             };
             match result {
                 Err(e) if e.is_retriable() => {
+                    self.suspect(topic);
                     if let Ok(conn) = &conn {
                         if matches!(e, Error::Unavailable { .. }) {
                             self.forget_server(conn.addr()).await;
@@ -499,11 +595,18 @@ impl ProducerTask {
 
     /// Opens a stream to the leader and resends everything unacknowledged, in order.
     async fn open_session(&mut self) -> Result<Session, Error> {
-        let conn = self.client.leader(&self.topic).await?;
+        let conn = match self.client.leader(&self.topic).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.client.suspect(&self.topic);
+                return Err(e);
+            }
+        };
         let stream = conn.open().await;
         let stream = match stream {
             Ok(s) => s,
             Err(e) => {
+                self.client.suspect(&self.topic);
                 self.client.forget_server(conn.addr()).await;
                 return Err(e);
             }
@@ -576,6 +679,7 @@ impl ProducerTask {
                     let peer = session.as_ref().map(|s| s.stream_writer.peer());
                     if let Ok(info) = self.client.lookup_once(&self.topic, STALL_LOOKUP_LIMIT).await {
                         if info.leader_addr().is_some() && info.leader_addr() != peer {
+                            self.client.remember(&info);
                             debug!(topic = %self.topic, "the leader changed while batches were in flight");
                             if let Some(addr) = peer {
                                 self.client.forget_server(addr).await;
@@ -602,6 +706,7 @@ impl ProducerTask {
                         }
                         Some(Err(e)) if e.is_retriable() => {
                             debug!(error = %e, topic = %self.topic, "produce failed; resending through the leader");
+                            self.client.suspect(&self.topic);
                             if let Some(s) = session.take() {
                                 if matches!(e, Error::Unavailable { .. }) {
                                     let addr = s.stream_writer.peer();
@@ -621,7 +726,10 @@ impl ProducerTask {
                                 let _ = f.batch.reply.send(Err(e));
                             }
                         }
-                        None => session = None,
+                        None => {
+                            self.client.suspect(&self.topic);
+                            session = None;
+                        }
                     }
                 }
                 batch = rx.recv(), if can_take => match batch {
@@ -635,6 +743,7 @@ impl ProducerTask {
                                 Err(e) => Err(e),
                             };
                             if sent.is_err() {
+                                self.client.suspect(&self.topic);
                                 session = None;
                             }
                         }
@@ -727,6 +836,10 @@ impl Consumer {
                     detail: format!("no answer from the leader of {} in {limit:?}", self.topic),
                 }),
             };
+            if result.as_ref().is_err_and(|e| e.is_retriable() || matches!(e, Error::OffsetBeyondEnd { .. }))
+            {
+                self.client.suspect(&self.topic);
+            }
             if result.is_err() {
                 // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
                 // Ack): never reuse it.
@@ -887,27 +1000,130 @@ impl Consumer {
     }
 }
 
-/// Connects to one of `addrs`, trying them in turn from the one that answered last (a
-/// naming server that is down costs one connect timeout, then the next is asked).
-pub(crate) async fn connect_any(
-    endpoint: &Endpoint,
-    addrs: &NamingAddrs,
-    preferred: &AtomicUsize,
-) -> Result<Connection, Error> {
-    let list = addrs.list();
-    let start = preferred.load(Ordering::Relaxed) % list.len();
-    let mut failures = Vec::new();
-    for i in 0..list.len() {
-        let at = (start + i) % list.len();
-        match Connection::connect(endpoint, list[at]).await {
-            Ok(conn) => {
-                preferred.store(at, Ordering::Relaxed);
-                return Ok(conn);
-            }
-            Err(Error::Unavailable { detail }) => failures.push(format!("{}: {detail}", list[at])),
-            // Refused certificates and the like: asking elsewhere or again will not help.
-            Err(e) => return Err(e),
+/// A topic's leader as the client last learned it.
+#[derive(Debug, Clone)]
+struct Route {
+    info: TopicInfo,
+    /// A call failed since: look the leader up again before the next.
+    suspect: bool,
+}
+
+/// Redirects one lookup follows at most (one is the rule: a follower names the leader).
+const MAX_REDIRECTS: usize = 3;
+
+/// Topics whose leader a client remembers at most (a client of more starts over).
+const MAX_ROUTES: usize = 4_096;
+
+/// How long a suspect leader's new lookup may take before the client tries the last known
+/// leader anyway (the naming group may be down while the topic's leader is fine).
+const RELOOKUP_LIMIT: Duration = Duration::from_secs(2);
+
+/// How long a naming dial waits for the member that answered last once another answered.
+const PREFERRED_GRACE: Duration = Duration::from_millis(20);
+
+/// How a client or a topic server finds the naming group's leader: the address a member
+/// named as leader, if any, else every --naming address at once (the one that answered last
+/// preferred).
+pub(crate) struct NamingRoute {
+    addrs: NamingAddrs,
+    preferred: AtomicUsize,
+    /// The leader's address, as the last redirect named it.
+    leader: std::sync::Mutex<Option<SocketAddr>>,
+    /// Some member answered once: failures after that are worth retrying.
+    reached: AtomicBool,
+}
+
+impl NamingRoute {
+    pub(crate) fn new(addrs: NamingAddrs) -> Self {
+        Self {
+            addrs,
+            preferred: AtomicUsize::new(0),
+            leader: std::sync::Mutex::new(None),
+            reached: AtomicBool::new(false),
         }
     }
-    Err(Error::Unavailable { detail: failures.join("; ") })
+
+    pub(crate) fn addrs(&self) -> &NamingAddrs {
+        &self.addrs
+    }
+
+    /// Whether any naming member ever answered this process.
+    pub(crate) fn reached(&self) -> bool {
+        self.reached.load(Ordering::Relaxed)
+    }
+
+    fn leader_hint(&self) -> Option<SocketAddr> {
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Connects to the leader if one was named, else to one of the addresses.
+    pub(crate) async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, Error> {
+        let mut failures = Vec::new();
+        if let Some(addr) = self.leader_hint() {
+            match Connection::connect(endpoint, addr).await {
+                Ok(conn) => {
+                    self.reached.store(true, Ordering::Relaxed);
+                    return Ok(conn);
+                }
+                Err(Error::Unavailable { detail }) => {
+                    *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    failures.push(format!("{addr}: {detail}"));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        // The others at once, in parallel: a member that is down costs no more than the
+        // connect timeout, however many are down. The one that answered last is preferred
+        // when several answer.
+        let list = self.addrs.list();
+        let preferred = self.preferred.load(Ordering::Relaxed) % list.len();
+        let mut dials = tokio::task::JoinSet::new();
+        for (at, addr) in list.iter().copied().enumerate() {
+            let endpoint = endpoint.clone();
+            dials.spawn(async move { (at, addr, Connection::connect(&endpoint, addr).await) });
+        }
+        let mut connected: Option<(usize, Connection)> = None;
+        while let Some(joined) = dials.join_next().await {
+            let Ok((at, addr, result)) = joined else { continue };
+            match result {
+                Ok(conn) => {
+                    if connected.is_none() || at == preferred {
+                        connected = Some((at, conn));
+                    }
+                    if at == preferred || dials.is_empty() {
+                        break;
+                    }
+                    // Give the preferred member a moment to answer too.
+                    if let Ok(Some(Ok((at, _, Ok(conn))))) =
+                        tokio::time::timeout(PREFERRED_GRACE, dials.join_next()).await
+                    {
+                        if at == preferred {
+                            connected = Some((at, conn));
+                        }
+                    }
+                    break;
+                }
+                Err(Error::Unavailable { detail }) => failures.push(format!("{addr}: {detail}")),
+                // Refused certificates and the like: asking elsewhere or again will not help.
+                Err(e) => return Err(e),
+            }
+        }
+        if let Some((at, conn)) = connected {
+            self.preferred.store(at, Ordering::Relaxed);
+            self.reached.store(true, Ordering::Relaxed);
+            return Ok(conn);
+        }
+        Err(Error::Unavailable { detail: failures.join("; ") })
+    }
+
+    /// Takes note of an answer that said another member leads (or that none is known yet,
+    /// then the next address is asked). Returns whether `e` was such an answer.
+    pub(crate) fn redirected(&self, e: &Error) -> bool {
+        let Error::NamingNotLeader { leader, .. } = e else { return false };
+        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = *leader;
+        if leader.is_none() {
+            self.preferred.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
 }

@@ -71,6 +71,10 @@ pub const NAMING_ANSWER_GRACE: Duration = Duration::from_secs(1);
 /// Longest pause between two dials of the naming server (plus up to half of it in jitter).
 pub const NAMING_BACKOFF_MAX: Duration = Duration::from_millis(500);
 
+/// The first pause before dialing the naming group again (after a redirect, the next dial
+/// goes to the leader it named).
+pub const NAMING_BACKOFF_MIN: Duration = Duration::from_millis(50);
+
 /// How long a consumer keeps its subscription after its last request, by default.
 pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(10);
 
@@ -809,6 +813,36 @@ pub fn topic_report(replica: &Replica, refused: Option<Epoch>) -> Option<TopicRe
 }
 
 /// Registers with the naming server and follows its book until `shutdown`.
+/// Tells naming member `addr` every third of a lease that this server is alive, so a member
+/// that becomes leader knows which servers are (and takes one that died with the old leader
+/// for dead a lease after it went silent, not after a grace period).
+async fn ping_naming(
+    server: Arc<TopicServer>,
+    endpoint: Endpoint,
+    addr: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let mut conn: Option<crate::transport::Connection> = None;
+    loop {
+        let every = Duration::from_millis(server.lease_ms.load(Ordering::Relaxed) / 3);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let req = Request::NamingAlive { server: server.node.id };
+        let sent = tokio::time::timeout(every.max(Duration::from_millis(100)), async {
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                conn = Some(crate::transport::Connection::connect(&endpoint, addr).await?);
+            }
+            conn.as_ref().expect("connected").call(&req).await
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(_))) {
+            conn = None;
+        }
+    }
+}
+
 async fn follow_naming(
     server: Arc<TopicServer>,
     endpoint: Endpoint,
@@ -816,11 +850,17 @@ async fn follow_naming(
     advertise: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    let mut backoff = Duration::from_millis(50);
-    let preferred = std::sync::atomic::AtomicUsize::new(0);
+    let mut backoff = NAMING_BACKOFF_MIN;
+    if naming.list().len() > 1 {
+        for addr in naming.list().iter().copied() {
+            let ping = ping_naming(server.clone(), endpoint.clone(), addr, shutdown.clone());
+            tokio::spawn(ping.in_current_span());
+        }
+    }
+    let route = crate::client::NamingRoute::new(naming.clone());
     while !shutdown.is_cancelled() {
         let session = async {
-            let conn = crate::client::connect_any(&endpoint, &naming, &preferred).await?;
+            let conn = route.connect(&endpoint).await?;
             let (lease_ms, cluster) = match conn
                 .call(&Request::Register { server: server.node.id, addr: advertise })
                 .await?
@@ -843,7 +883,7 @@ async fn follow_naming(
                 error!(naming = %naming, "this data directory belongs to another naming server's book; topics it does not list are kept");
             }
             info!(naming = %naming, "registered with the naming server");
-            backoff = Duration::from_millis(50);
+            backoff = NAMING_BACKOFF_MIN;
             let (mut known, mut applied) = (0u64, 0u64);
             loop {
                 if !server.node.store.is_writing() {
@@ -886,6 +926,10 @@ async fn follow_naming(
             _ = shutdown.cancelled() => return,
             result = session => if let Err(e) = result {
                 debug!(error = %e, "naming session ended; retrying");
+                if route.redirected(&e) {
+                    // Another member leads (or an election is under way): ask again soon.
+                    backoff = NAMING_BACKOFF_MIN;
+                }
             },
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=backoff.as_millis() as u64 / 2));

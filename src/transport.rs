@@ -607,6 +607,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::Promise { .. } => "Promise",
         Request::NamingRaft { .. } => "NamingRaft",
         Request::NamingStatus => "NamingStatus",
+        Request::NamingAlive { .. } => "NamingAlive",
     }
 }
 

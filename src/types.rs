@@ -185,11 +185,17 @@ pub struct StoredRecord {
 }
 
 /// The naming servers a client or a topic server may ask (`--naming A,B,C`; host names are
-/// resolved once, at start). They are tried in turn, from the last one that answered.
+/// resolved once, at start). All are dialled at once; the one that answered last is
+/// preferred, and a redirect names the leader.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamingAddrs(Vec<std::net::SocketAddr>);
 
 impl NamingAddrs {
+    /// The addresses given (`None` if there are none).
+    pub fn new(addrs: Vec<std::net::SocketAddr>) -> Option<Self> {
+        (!addrs.is_empty()).then_some(Self(addrs))
+    }
+
     /// Every address, in the order given (never empty).
     pub fn list(&self) -> &[std::net::SocketAddr] {
         &self.0

@@ -352,9 +352,17 @@ pub enum Request {
     NamingRaft {
         from: u64,
         messages: Vec<Vec<u8>>,
+        /// The sender's log is empty: if the leader had matched entries with it, its data
+        /// directory was lost and it must be sent everything again.
+        sender_empty: bool,
     },
     /// How this naming member sees its group.
     NamingStatus,
+    /// A topic server is alive (sent to every naming member, so one that becomes leader
+    /// knows at once which servers are; node certificate).
+    NamingAlive {
+        server: ServerId,
+    },
 }
 
 /// A naming member's role in its group.
@@ -391,6 +399,9 @@ pub struct MemberStatus {
     /// The member it takes for leader.
     pub leader: Option<u64>,
     pub book_version: u64,
+    /// It started with an empty log (a new member, or a lost data directory) and has not
+    /// caught up yet: until then it votes for no member that has a log.
+    pub rebuilding: bool,
 }
 
 /// The leader's answer to a [`Request::ReplicaFetch`].
@@ -498,6 +509,8 @@ pub enum Response {
     /// Raft messages were handed to the member.
     RaftDelivered,
     NamingStatus(MemberStatus),
+    /// A [`Request::NamingAlive`] was taken.
+    Noted,
 }
 
 impl Response {

@@ -1,6 +1,6 @@
 //! `herald dev`, the first thing a new user runs: it makes certificates, starts a naming
-//! server and three topic servers, prints how to use them, serves the README's commands, and
-//! stops cleanly on Ctrl-C.
+//! group of three and three topic servers, prints how to use them, serves the README's
+//! commands, and stops cleanly on Ctrl-C.
 
 mod common;
 
@@ -12,8 +12,8 @@ use common::{free_ports, numbered_lines, BIN};
 #[test]
 fn the_dev_cluster_serves_the_readme_commands_and_stops_on_ctrl_c() {
     let dir = tempfile::tempdir().unwrap();
-    // Four consecutive free ports: naming, then servers at +1..+3.
-    let port = free_ports(4);
+    // Naming members at +0, +10 and +20, servers at +1..+3.
+    let port = free_ports(21);
     let naming = format!("127.0.0.1:{port}");
     let certs = dir.path().join("certs");
     let mut dev = Command::new(BIN)
@@ -59,6 +59,15 @@ fn the_dev_cluster_serves_the_readme_commands_and_stops_on_ctrl_c() {
         assert!(out.status.success(), "herald {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         out
     };
+    let status = herald(&["naming", "status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status["members"].as_array().unwrap().len(), 1, "only the address given is asked: {status}");
+    let all = format!("127.0.0.1:{port},127.0.0.1:{},127.0.0.1:{}", port + 10, port + 20);
+    let status = herald(&["--naming", &all, "naming", "status", "--json"], None);
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let members = status["members"].as_array().unwrap();
+    assert_eq!(members.len(), 3, "{status}");
+    assert_eq!(members.iter().filter(|m| m["role"] == "leader").count(), 1, "{status}");
     let servers = herald(&["servers", "--json"], None);
     let servers: serde_json::Value = serde_json::from_slice(&servers.stdout).unwrap();
     assert_eq!(servers.as_array().unwrap().len(), 3);
@@ -95,7 +104,8 @@ fn a_second_dev_cluster_fails_at_once_and_says_why() {
             .spawn()
             .unwrap()
     };
-    let naming = format!("127.0.0.1:{}", free_ports(4));
+    let port = free_ports(21);
+    let naming = format!("127.0.0.1:{port}");
     let mut first = dev(&naming);
     let mut stderr = BufReader::new(first.stderr.take().unwrap());
     let mut banner = String::new();
@@ -103,7 +113,8 @@ fn a_second_dev_cluster_fails_at_once_and_says_why() {
         assert!(stderr.read_line(&mut banner).unwrap() > 0, "dev exited early: {banner}");
     }
     // Its hints carry what a new terminal needs to reach it.
-    assert!(banner.contains(&format!("export HERALD_NAMING={naming}")), "{banner}");
+    let all = format!("{naming},127.0.0.1:{},127.0.0.1:{}", port + 10, port + 20);
+    assert!(banner.contains(&format!("export HERALD_NAMING={all}")), "{banner}");
     assert!(banner.contains("export HERALD_CERTS=/"), "{banner}");
 
     // The same ports: refused before anything starts, and no banner.
@@ -112,7 +123,7 @@ fn a_second_dev_cluster_fails_at_once_and_says_why() {
     assert!(!same.status.success() && said.contains("is another `herald dev` running"), "{said}");
     assert!(!said.contains("Try, in another terminal"), "{said}");
     // Other ports, the same data directory: refused too.
-    let other = dev(&format!("127.0.0.1:{}", free_ports(4))).wait_with_output().unwrap();
+    let other = dev(&format!("127.0.0.1:{}", free_ports(21))).wait_with_output().unwrap();
     let said = String::from_utf8_lossy(&other.stderr);
     assert!(!other.status.success() && said.contains("in use by another herald process"), "{said}");
 

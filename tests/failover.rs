@@ -3,23 +3,12 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::history::{check, Load, Reader};
-use common::{read_all, wait_for, Cluster};
-use herald::client::Client;
-use herald::types::{StartFrom, SubscriptionName, TopicName};
-use herald::wire::{Record, TopicConfig};
-
-/// Creates a three-replica topic with a subscription that holds every record.
-async fn replicated_topic(client: &Arc<Client>, name: &str) -> TopicName {
-    let topic = TopicName::new(name).unwrap();
-    client.create_topic(&topic, 3, TopicConfig::default()).await.unwrap();
-    let keep = SubscriptionName::new("keep").unwrap();
-    client.create_subscription(&topic, &keep, StartFrom::Earliest, false).await.unwrap();
-    topic
-}
+use common::{read_all, replicated_topic, wait_for, Cluster};
+use herald::types::{StartFrom, SubscriptionName};
+use herald::wire::Record;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_leader_mid_produce_loses_no_acked_record() {

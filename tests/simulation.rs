@@ -128,6 +128,9 @@ fn replay() {
 
 fn scenario_passes(name: &str) -> herald::sim::Outcome {
     let outcome = run(scenario(name, 1).expect("a scenario"));
+    if std::env::var("HERALD_SIM_SHOW").is_ok() {
+        eprintln!("{}\n{:?}", outcome.report("-"), outcome.stats);
+    }
     assert!(
         outcome.passed(),
         "{}",
@@ -169,4 +172,38 @@ fn power_cut_quick_restart() {
 fn naming_restart_grace() {
     let outcome = scenario_passes("naming-restart-grace");
     assert_eq!(outcome.epochs["t0"], 1, "no failover of a healthy leader");
+}
+
+#[test]
+fn naming_leader_dies_with_topic_leader() {
+    let outcome = scenario_passes("naming-leader-dies-with-topic-leader");
+    assert!(outcome.epochs["t0"] > 1, "the topic failed over under the next naming leader");
+    assert!(outcome.stats["naming leaders"] >= 2, "{:?}", outcome.stats);
+}
+
+#[test]
+fn naming_leader_dies_mid_election() {
+    let outcome = scenario_passes("naming-leader-dies-mid-election");
+    assert!(outcome.epochs["t0"] > 1, "the election was finished or redone");
+    assert!(outcome.stats["naming leaders"] >= 3, "{:?}", outcome.stats);
+}
+
+#[test]
+fn naming_minority_partition() {
+    let outcome = scenario_passes("naming-minority-partition");
+    assert!(outcome.epochs["t0"] > 1, "the majority failed the topic over");
+    assert!(outcome.stats["naming leaders"] >= 2, "{:?}", outcome.stats);
+}
+
+#[test]
+fn naming_member_wiped() {
+    let outcome = scenario_passes("naming-member-wiped");
+    assert_eq!(outcome.stats["naming member wipes"], 1);
+    assert!(outcome.epochs["t0"] > 1, "the topic failed over with the rebuilt member in the majority");
+}
+
+#[test]
+fn naming_wiped_member_elects_no_stale_one() {
+    let outcome = scenario_passes("naming-wiped-member-elects-no-stale-one");
+    assert!(outcome.epochs["t0"] > 1, "the topic failed over before and stays failed over");
 }

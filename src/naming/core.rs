@@ -8,6 +8,9 @@
 //! runs. Leases are not durable: after a (re)start every known server is **unknown** for a
 //! grace period long enough to reconnect ([`Settings::grace_ms`]), and an unknown server is
 //! never taken for dead, so a restart of the naming server fails no healthy leader over.
+//! Topic servers also ping every naming member, so a member that becomes leader starts
+//! with what it heard as a follower ([`NamingCore::with_heard`]) and needs no grace for
+//! those servers.
 //!
 //! # Elections
 //! A replicated topic needs an election when its leader is dead; when its leader reports it
@@ -155,6 +158,24 @@ impl NamingCore {
             elections: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             elected: 0,
+        }
+    }
+
+    /// A core that starts knowing when each server was last heard from (by a naming
+    /// member that becomes leader, from the liveness pings it took as a follower): those
+    /// servers need no grace period, so a server that died with the old naming leader is
+    /// taken for dead one lease after it went silent.
+    pub fn with_heard(book: Book, settings: Settings, now_ms: u64, heard: &BTreeMap<ServerId, u64>) -> Self {
+        let mut core = Self::new(book, settings, now_ms);
+        core.heard = heard.clone();
+        core
+    }
+
+    /// A topic server said it is alive (a ping, not a heartbeat: it carries no reports).
+    pub fn alive(&mut self, now_ms: u64, server: ServerId) {
+        if self.book.servers.contains_key(&server) {
+            let t = self.heard.entry(server).or_default();
+            *t = (*t).max(now_ms);
         }
     }
 

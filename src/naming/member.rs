@@ -31,6 +31,10 @@ use crate::wire::{MemberRole, MemberStatus, TopicChanges, TopicConfig, TopicRepo
 /// that was away catches up from a snapshot and at most this many entries.
 pub const COMPACT_EVERY: u64 = 1_000;
 
+/// Topic servers whose pings a member keeps at most (only registered servers count with
+/// the core; this bounds what unregistered ids can make a follower keep).
+pub const MAX_HEARD: usize = 4_096;
+
 /// Requests waiting for the leader's decision at most; beyond, new ones are refused as
 /// unavailable (retried by clients) rather than held without bound.
 pub const MAX_QUEUED: usize = 1_024;
@@ -104,6 +108,9 @@ pub struct NamingMember<R> {
     decide_due: bool,
     /// A cluster id for the book, if this member is the first to lead it.
     cluster_candidate: u64,
+    /// When each topic server was last heard from, whatever this member's role: a member
+    /// that becomes leader starts its core with it.
+    heard: BTreeMap<ServerId, u64>,
     applied_since_compact: u64,
 }
 
@@ -140,6 +147,7 @@ impl<R> NamingMember<R> {
             in_flight: None,
             decide_due: false,
             cluster_candidate: cluster_candidate.max(1),
+            heard: BTreeMap::new(),
             applied_since_compact: 0,
         })
     }
@@ -192,6 +200,7 @@ impl<R> NamingMember<R> {
             applied,
             leader: self.node.leader(),
             book_version: self.book.version,
+            rebuilding: self.node.rebuilding(),
         }
     }
 
@@ -242,6 +251,16 @@ impl<R> NamingMember<R> {
         self.pump(now_ms)
     }
 
+    /// A topic server's liveness ping (any member).
+    pub fn alive(&mut self, now_ms: u64, server: ServerId) {
+        if self.heard.len() < MAX_HEARD || self.heard.contains_key(&server) {
+            self.heard.insert(server, now_ms);
+        }
+        if let Some(core) = self.core.as_mut() {
+            core.alive(now_ms, server);
+        }
+    }
+
     /// A topic server's heartbeat (leader only).
     pub fn heartbeat(
         &mut self,
@@ -250,6 +269,7 @@ impl<R> NamingMember<R> {
         applied_version: u64,
         reports: Vec<TopicReport>,
     ) -> Result<(), Error> {
+        self.alive(now_ms, server);
         let not_leader = self.not_leader();
         self.core.as_mut().ok_or(not_leader)?.heartbeat(now_ms, server, applied_version, reports)
     }
@@ -318,7 +338,7 @@ impl<R> NamingMember<R> {
     fn follow_role(&mut self, now_ms: u64, fx: &mut Effects<R>) {
         let ready = self.node.leader_ready();
         if ready && self.core.is_none() {
-            self.core = Some(NamingCore::new(self.book.clone(), self.settings, now_ms));
+            self.core = Some(NamingCore::with_heard(self.book.clone(), self.settings, now_ms, &self.heard));
             fx.notes.push(format!(
                 "naming member {} leads the group in term {} (book version {})",
                 self.id(),

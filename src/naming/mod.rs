@@ -1,44 +1,55 @@
-//! The naming server: the book of topic servers and topics.
+//! The naming server: one member of the naming group that keeps the book of topic servers
+//! and topics.
 //!
-//! It knows which topic servers exist (id, address) and which are alive (a lease renewed by
-//! heartbeats, measured on the monotonic clock), which topics exist, and for each its voters,
-//! learners, leader and epoch. The book lives in redb (`book`) and survives restarts; leases
-//! do not (after a restart every server has a grace period to report in before it can be
-//! taken for dead). Every decision is made by the core without I/O (`core`); this module
-//! carries its requests, makes its changes durable before anyone hears of them, and sends its
-//! promise requests.
+//! The book (servers, topics, each topic's voters, learners, leader and epochs) is
+//! replicated on the group's members with Raft ([`raft`]: raft-rs over a redb log), so it
+//! survives the loss of a minority of them. One member leads; only it decides ([`member`]:
+//! its naming core, [`core`], proposes each change and applies it once committed) and only
+//! it answers topic servers and clients; the others redirect them with
+//! [`Error::NamingNotLeader`] and the leader's address. Leases are not replicated: a
+//! member that becomes leader gives every server a grace period to report in before it can
+//! be taken for dead.
 //!
-//! Servers learn what they host from heartbeat answers: a heartbeat is a long poll that
-//! returns at once when the book changed since the version the server knows, so a created
-//! topic reaches its servers within a round trip, and a server that was down catches up on
-//! its first heartbeat. `CreateTopic` answers once every replica has applied the change.
+//! This module carries: requests in, Raft messages between members over QUIC (one sender
+//! task per member, batched, dropped when the member is unreachable: Raft resends), the
+//! clock, and the promise requests of elections. Servers learn what they host from
+//! heartbeat answers: a heartbeat is a long poll that returns at once when the book changed
+//! since the version the server knows. `CreateTopic` answers once every replica has
+//! applied the change.
 
 pub mod book;
 pub mod core;
 pub mod member;
 pub mod raft;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use ::raft::eraftpb::Message;
 use anyhow::Context;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use prometheus_client::registry::Registry;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use self::book::{BookChange, BookStore};
-use self::core::{Liveness, NamingCore, PromiseAsk, Settings, Step};
+use self::core::{Liveness, NamingCore, PromiseAsk, Settings};
+use self::member::{Admin, Done, Effects, NamingMember};
+use self::raft::{decode_message, encode_message, GroupError, GroupSettings, RaftLog, TICK_MS};
 use crate::certs::{self, CertRole};
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{mono_ms, now_ms, ServerId, TopicName};
-use crate::wire::{Request, Response, TopicChanges, TopicConfig, TopicReport};
+use crate::wire::{MemberRole, Request, Response, TopicReport};
+
+/// The file in the data directory holding this member's Raft log and book snapshots.
+pub const BOOK_FILE: &str = "book.redb";
 
 /// How long a server counts as alive after its last heartbeat, by default. Failover takes
 /// about this long; heartbeats come every third of it, so a server must stall for about two
@@ -54,6 +65,11 @@ const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
 /// Settings of `herald naming`.
 #[derive(Debug, Clone)]
 pub struct NamingConfig {
+    /// This member's id in its group.
+    pub id: u64,
+    /// Every member of the group and its address, this one included; one entry: a naming
+    /// server on its own.
+    pub peers: BTreeMap<u64, SocketAddr>,
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
     pub certs_dir: PathBuf,
@@ -64,81 +80,215 @@ pub struct NamingConfig {
     pub metrics_listen: Option<SocketAddr>,
 }
 
+impl NamingConfig {
+    /// A naming server on its own (member 1 of a group of one).
+    pub fn alone(listen: SocketAddr, data_dir: PathBuf, certs_dir: PathBuf) -> Self {
+        Self {
+            id: 1,
+            peers: BTreeMap::from([(1, listen)]),
+            listen,
+            data_dir,
+            certs_dir,
+            lease: DEFAULT_LEASE,
+            replace_after: DEFAULT_REPLACE_AFTER,
+            metrics_listen: None,
+        }
+    }
+}
+
+/// The receiving ends of the Raft messages for each other member.
+type Outboxes = BTreeMap<u64, mpsc::Receiver<Message>>;
+
+/// Where an [`Admin`] request's answer goes.
+type Reply = oneshot::Sender<Result<Done, Error>>;
+
+/// How long an admin request waits for its change to commit before it is answered as
+/// unavailable (a group without a majority commits nothing).
+const COMMIT_WAIT: Duration = Duration::from_secs(10);
+
+/// Raft messages queued for one member at most; beyond, they are dropped (Raft sends
+/// again what was lost).
+const RAFT_OUTBOX: usize = 1_024;
+
+/// Raft messages sent in one request at most.
+const RAFT_BATCH: usize = 256;
+
+/// How long one batch of Raft messages may take to be handed over: a member that does
+/// not take them within it is treated as unreachable, and its connection is dialed again.
+const RAFT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
 pub struct NamingServer {
-    store: BookStore,
-    core: Mutex<NamingCore>,
+    member: Mutex<NamingMember<Reply>>,
+    /// The committed book's version.
     version: watch::Sender<u64>,
     applied: watch::Sender<()>,
     lease: Duration,
     metrics: Arc<EndpointMetrics>,
     elections: Counter,
+    /// Raft messages for each other member.
+    outboxes: BTreeMap<u64, mpsc::Sender<Message>>,
+    /// This member's log is empty (sent with its Raft messages).
+    log_empty: AtomicBool,
+    endpoint: quinn::Endpoint,
+    /// Cancelled when the book can no longer be written: the server stops.
+    fatal: CancellationToken,
 }
 
 impl NamingServer {
-    /// Opens the book in `dir` (creating it on first start).
-    pub fn open(dir: &std::path::Path, lease: Duration, replace_after: Duration) -> anyhow::Result<Self> {
-        let (store, book) = BookStore::open(dir)?;
+    /// Opens this member's log in `config.data_dir` (creating it on first start).
+    fn open(config: &NamingConfig, endpoint: quinn::Endpoint) -> anyhow::Result<(Arc<Self>, Outboxes)> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let old = config.data_dir.join("naming.redb");
+        if old.exists() {
+            anyhow::bail!(
+                "{} holds the book of an earlier Herald (one naming server, no Raft log); this Herald keeps the book in a Raft log in {}: use a new --data directory",
+                old.display(),
+                BOOK_FILE
+            );
+        }
+        let path = config.data_dir.join(BOOK_FILE);
+        let db =
+            redb::Database::create(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        let log = RaftLog::open(Arc::new(db)).with_context(|| format!("reading {}", path.display()))?;
+        let ids: Vec<u64> = config.peers.keys().copied().collect();
+        let voters = log.voters();
+        if !voters.is_empty() && voters != ids {
+            anyhow::bail!(
+                "{} belongs to a naming group of members {voters:?}; --peers names {ids:?} (a data directory serves one group)",
+                path.display()
+            );
+        }
+        let settings =
+            Settings::new(config.lease.as_millis() as u64, config.replace_after.as_millis() as u64);
+        let member = NamingMember::open(
+            config.id,
+            config.peers.clone(),
+            log,
+            GroupSettings::default(),
+            settings,
+            fastrand::u64(1..u64::MAX),
+        )?;
         info!(
-            servers = book.servers.len(),
-            topics = book.topics.len(),
-            version = book.version,
+            member = config.id,
+            members = ids.len(),
+            book_version = member.book().version,
             "naming book loaded"
         );
-        let version = book.version;
-        let settings = Settings::new(lease.as_millis() as u64, replace_after.as_millis() as u64);
-        Ok(Self {
-            store,
-            core: Mutex::new(NamingCore::new(book, settings, mono_ms())),
-            version: watch::Sender::new(version),
+        let mut outboxes = BTreeMap::new();
+        let mut inboxes = BTreeMap::new();
+        for id in ids.into_iter().filter(|id| *id != config.id) {
+            let (tx, rx) = mpsc::channel(RAFT_OUTBOX);
+            outboxes.insert(id, tx);
+            inboxes.insert(id, rx);
+        }
+        let server = Arc::new(Self {
+            version: watch::Sender::new(member.book().version),
+            log_empty: AtomicBool::new(member.log_is_empty()),
+            member: Mutex::new(member),
             applied: watch::Sender::new(()),
-            lease,
+            lease: config.lease,
             metrics: Arc::default(),
             elections: Counter::default(),
-        })
+            outboxes,
+            endpoint,
+            fatal: CancellationToken::new(),
+        });
+        Ok((server, inboxes))
     }
 
-    fn core(&self) -> std::sync::MutexGuard<'_, NamingCore> {
-        self.core.lock().expect("core lock")
+    fn member(&self) -> std::sync::MutexGuard<'_, NamingMember<Reply>> {
+        self.member.lock().expect("member lock")
     }
 
     /// Everything `--metrics-listen` shows, read now.
     pub fn render_metrics(&self) -> String {
         let mut registry = Registry::default();
         self.metrics.register(&mut registry);
-        registry.register("herald_elections", "Leaders elected by the naming server", self.elections.clone());
+        registry.register(
+            "herald_elections",
+            "Leaders elected by this naming member",
+            self.elections.clone(),
+        );
         let servers = Family::<StateLabels, Gauge>::default();
         let topics = Gauge::<i64>::default();
+        let leading = Gauge::<i64>::default();
+        let term = Gauge::<i64>::default();
         {
-            let core = self.core();
-            let now = mono_ms();
-            for id in core.book().servers.keys() {
-                let state = match core.liveness(*id, now) {
-                    Liveness::Alive => "alive",
-                    Liveness::Dead => "dead",
-                    Liveness::Unknown => "unknown",
-                };
-                servers.get_or_create(&StateLabels { state }).inc();
+            let member = self.member();
+            let status = member.status();
+            leading.set(i64::from(status.role == MemberRole::Leader));
+            term.set(status.term as i64);
+            topics.set(member.book().topics.len() as i64);
+            if let Some(core) = member.core() {
+                let now = mono_ms();
+                for id in core.book().servers.keys() {
+                    let state = match core.liveness(*id, now) {
+                        Liveness::Alive => "alive",
+                        Liveness::Dead => "dead",
+                        Liveness::Unknown => "unknown",
+                    };
+                    servers.get_or_create(&StateLabels { state }).inc();
+                }
             }
-            topics.set(core.book().topics.len() as i64);
         }
         registry.register(
             "herald_topic_servers",
-            "Registered topic servers, alive, dead or unknown",
+            "Registered topic servers, alive, dead or unknown (on the naming leader)",
             servers,
         );
         registry.register("herald_topics", "Topics in the book", topics);
+        registry.register("herald_naming_leader", "1 while this member leads the naming group", leading);
+        registry.register("herald_naming_term", "This member's Raft term", term);
         crate::metrics::encode(&registry)
     }
 
-    /// Makes `change` durable, then applies it and tells the servers (in that order).
-    fn commit(&self, core: &mut NamingCore, change: &BookChange) -> Result<u64, Error> {
-        let version = core.book().version + 1;
-        self.store
-            .save(change, version)
-            .map_err(|e| Error::Storage { server: 0, detail: format!("naming server book: {e}") })?;
-        core.apply(change);
-        self.version.send_replace(version);
-        Ok(version)
+    /// Carries what the member produced: Raft messages, answers, promise requests, notes.
+    fn carry(self: &Arc<Self>, fx: Result<Effects<Reply>, GroupError>) {
+        let fx = match fx {
+            Ok(fx) => fx,
+            Err(e) => {
+                error!(error = %e, "the naming book cannot be kept; stopping this member");
+                self.fatal.cancel();
+                return;
+            }
+        };
+        {
+            let member = self.member();
+            self.log_empty.store(member.log_is_empty(), Ordering::Relaxed);
+            let version = member.book().version;
+            self.version.send_if_modified(|v| std::mem::replace(v, version) != version);
+        }
+        for m in fx.messages {
+            if let Some(out) = self.outboxes.get(&m.to) {
+                let _ = out.try_send(m); // full: Raft sends it again
+            }
+        }
+        for (reply, result) in fx.replies {
+            let _ = reply.send(result);
+        }
+        for note in fx.notes {
+            info!("{note}");
+        }
+        self.elections.inc_by(fx.elected);
+        for ask in fx.asks {
+            tokio::spawn(ask_promise(self.clone(), ask).in_current_span());
+        }
+    }
+
+    /// Hands `admin` to the member and waits until its change committed.
+    async fn submit(self: &Arc<Self>, admin: Admin) -> Result<Done, Error> {
+        let (tx, rx) = oneshot::channel();
+        let fx = self.member().submit(mono_ms(), admin, tx);
+        self.carry(fx);
+        match tokio::time::timeout(COMMIT_WAIT, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Error::Unavailable { detail: "the naming member stopped".into() }),
+            Err(_) => Err(Error::Unavailable {
+                detail: format!(
+                    "the naming group did not commit the change within {COMMIT_WAIT:?} (is a majority of its members up?); it may still be made: look before trying again"
+                ),
+            }),
+        }
     }
 
     fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
@@ -154,14 +304,22 @@ impl NamingServer {
         }
     }
 
-    fn register(&self, peer: &Peer, server: ServerId, addr: SocketAddr) -> Result<Response, Error> {
-        Self::require_node(peer, "registering a topic server")?;
-        let mut core = self.core();
-        if let Some(change) = core.register(mono_ms(), server, addr) {
-            self.commit(&mut core, &change)?;
-            info!(server, %addr, "topic server registered");
+    fn register(self: &Arc<Self>, peer: &Peer, server: ServerId, addr: SocketAddr) -> ResponseFuture {
+        if let Err(e) = Self::require_node(peer, "registering a topic server") {
+            return ready(Response::Error(e));
         }
-        Ok(Response::Registered { lease_ms: self.lease.as_millis() as u32, cluster: core.book().cluster_id })
+        let me = self.clone();
+        let lease_ms = self.lease.as_millis() as u32;
+        Box::pin(async move {
+            match me.submit(Admin::Register { server, addr }).await {
+                Ok(Done::Registered { cluster }) => {
+                    debug!(server, %addr, "topic server registered");
+                    Response::Registered { lease_ms, cluster }
+                }
+                Ok(other) => Response::Error(Error::internal(format!("register ended as {other:?}"))),
+                Err(e) => Response::Error(e),
+            }
+        })
     }
 
     fn heartbeat(
@@ -176,7 +334,7 @@ impl NamingServer {
         if let Err(e) = Self::require_node(peer, "heartbeating") {
             return ready(Response::Error(e));
         }
-        if let Err(e) = self.core().heartbeat(mono_ms(), server, applied_version, reports) {
+        if let Err(e) = self.member().heartbeat(mono_ms(), server, applied_version, reports) {
             return ready(Response::Error(e));
         }
         self.applied.send_replace(());
@@ -187,105 +345,112 @@ impl NamingServer {
             if *version.borrow_and_update() == known_version {
                 let _ = tokio::time::timeout(wait, version.changed()).await;
             }
-            let core = me.core();
+            let member = me.member();
+            let core = match member.serving() {
+                Ok(core) => core,
+                Err(e) => return Response::Error(e),
+            };
             let current = core.book().version;
             let assignments = (current != known_version).then(|| core.assignments_for(server));
             Response::Heartbeat { version: current, assignments }
         })
     }
 
-    /// Applies a change a request decided, then answers once its topic's replicas applied it
-    /// (or after [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
-    fn change_topic(
-        self: &Arc<Self>,
-        name: TopicName,
-        decide: impl FnOnce(&NamingCore) -> Result<BookChange, Error>,
-    ) -> ResponseFuture {
-        let committed = {
-            let mut core = self.core();
-            decide(&core).and_then(|change| self.commit(&mut core, &change))
-        };
-        let version = match committed {
-            Ok(v) => v,
-            Err(e) => return ready(Response::Error(e)),
-        };
+    /// Commits a change to a topic, then answers once its replicas applied it (or after
+    /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
+    fn change_topic(self: &Arc<Self>, admin: Admin, what: &'static str) -> ResponseFuture {
         let me = self.clone();
         Box::pin(async move {
+            let (name, version) = match me.submit(admin).await {
+                Ok(Done::TopicChanged { name, version }) => {
+                    if let Some(t) = me.member().book().topics.get(name.as_str()) {
+                        info!(topic = %name, voters = ?t.voters, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "{what}");
+                    }
+                    (name, version)
+                }
+                Ok(other) => {
+                    return Response::Error(Error::internal(format!("topic change ended as {other:?}")))
+                }
+                Err(e) => return Response::Error(e),
+            };
             let mut applied = me.applied.subscribe();
             let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
             loop {
                 let done = {
-                    let core = me.core();
-                    match core.book().topics.get(name.as_str()) {
-                        Some(t) => core.applied_by_all(t, version),
-                        None => true,
+                    let member = me.member();
+                    match (member.core(), member.book().topics.get(name.as_str())) {
+                        (Some(core), Some(t)) => core.applied_by_all(t, version),
+                        _ => true,
                     }
                 };
                 if done || tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
                     break;
                 }
             }
-            me.core().lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error)
-        })
-    }
-
-    fn create_topic(self: &Arc<Self>, name: TopicName, replicas: u32, config: TopicConfig) -> ResponseFuture {
-        let topic = name.clone();
-        self.change_topic(topic, move |core| {
-            let change = core.create_topic(mono_ms(), now_ms(), name.clone(), replicas, config)?;
-            let voters = change.topics.first().map(|t| t.voters.clone()).unwrap_or_default();
-            info!(topic = %name, ?voters, "topic created");
-            Ok(change)
-        })
-    }
-
-    /// Changes a topic's policies; they apply to batches produced after the answer.
-    fn alter_topic(self: &Arc<Self>, name: TopicName, changes: TopicChanges) -> ResponseFuture {
-        let topic = name.clone();
-        self.change_topic(topic, move |core| {
-            let change = core.alter_topic(&name, changes)?;
-            if let Some(t) = change.topics.first() {
-                info!(topic = %name, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "topic altered");
+            let member = me.member();
+            match member.serving() {
+                Ok(core) => core.lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error),
+                Err(e) => Response::Error(e),
             }
-            Ok(change)
         })
     }
 
-    fn delete_topic(&self, name: &TopicName) -> Result<Response, Error> {
-        let mut core = self.core();
-        let change = core.delete_topic(name)?;
-        self.commit(&mut core, &change)?;
-        info!(topic = %name, "topic deleted");
-        Ok(Response::Deleted)
+    fn delete_topic(self: &Arc<Self>, name: TopicName) -> ResponseFuture {
+        let me = self.clone();
+        Box::pin(async move {
+            match me.submit(Admin::DeleteTopic { name: name.clone() }).await {
+                Ok(_) => {
+                    info!(topic = %name, "topic deleted");
+                    Response::Deleted
+                }
+                Err(e) => Response::Error(e),
+            }
+        })
     }
 
-    /// Carries out one decision of the core: durable change first, then its promise requests.
-    fn run_step(self: &Arc<Self>, endpoint: &quinn::Endpoint, step: Step) {
-        if let Some(change) = &step.change {
-            let mut core = self.core();
-            if let Err(e) = self.commit(&mut core, change) {
-                warn!(error = %e, decision = %step.note, "could not make a decision durable; it is dropped");
-                return;
-            }
+    /// Raft messages from another member.
+    fn raft(
+        self: &Arc<Self>,
+        peer: &Peer,
+        from: u64,
+        messages: Vec<Vec<u8>>,
+        sender_empty: bool,
+    ) -> Response {
+        if let Err(e) = Self::require_node(peer, "naming group traffic") {
+            return Response::Error(e);
         }
-        if step.elected {
-            self.elections.inc();
+        if !self.outboxes.contains_key(&from) {
+            return Response::Error(Error::invalid(format!("naming member {from} is not in this group")));
         }
-        if !step.note.is_empty() {
-            info!("{}", step.note);
+        let now = mono_ms();
+        for bytes in messages {
+            let message = match decode_message(&bytes) {
+                Ok(m) if m.from == from => m,
+                Ok(m) => {
+                    warn!(from, claimed = m.from, "a raft message from another member than its sender");
+                    continue;
+                }
+                Err(e) => return Response::Error(Error::invalid(format!("raft message: {e}"))),
+            };
+            let fx = self.member().step(now, message, sender_empty);
+            self.carry(fx);
         }
-        for ask in step.asks {
-            tokio::spawn(ask_promise(self.clone(), endpoint.clone(), ask).in_current_span());
-        }
+        Response::RaftDelivered
+    }
+
+    /// Answers a read of the book (leader only: a follower's book may lag).
+    fn read(&self, f: impl FnOnce(&NamingCore) -> Result<Response, Error>) -> ResponseFuture {
+        let member = self.member();
+        ready(member.serving().and_then(f).unwrap_or_else(Response::Error))
     }
 }
 
-/// Asks one voter to promise an epoch, and hands its answer to the core.
-async fn ask_promise(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, ask: PromiseAsk) {
-    let wait = Duration::from_millis(naming.core().settings().promise_wait_ms);
+/// Asks one voter to promise an epoch, and hands its answer to the member.
+async fn ask_promise(naming: Arc<NamingServer>, ask: PromiseAsk) {
+    let wait = Duration::from_millis(naming.member().settings().promise_wait_ms);
     let req = Request::Promise { topic: ask.name.clone(), topic_id: ask.topic, epoch: ask.epoch };
     let call = async {
-        let conn = Connection::connect(&endpoint, ask.addr).await?;
+        let conn = Connection::connect(&naming.endpoint, ask.addr).await?;
         let answer = conn.call(&req).await;
         conn.close();
         answer
@@ -302,21 +467,64 @@ async fn ask_promise(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, ask: 
         }
         Err(_) => None,
     };
-    naming.core().on_promise(mono_ms(), ask.topic, ask.epoch, ask.server, answer);
+    naming.member().on_promise(mono_ms(), ask.topic, ask.epoch, ask.server, answer);
 }
 
-/// Runs the core's periodic decisions: elections and replacements.
-async fn decide(naming: Arc<NamingServer>, endpoint: quinn::Endpoint, shutdown: CancellationToken) {
-    // Fine-grained, so an election starts within ~5 % of a lease of the expiry.
-    let tick = (naming.lease / 20).max(Duration::from_millis(10));
+/// Ticks the member: Raft's clock and the leader's periodic decisions.
+async fn tick(naming: Arc<NamingServer>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(Duration::from_millis(TICK_MS));
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(tick) => {}
+            _ = interval.tick() => {}
         }
-        let steps = naming.core().tick(mono_ms());
-        for step in steps {
-            naming.run_step(&endpoint, step);
+        let fx = naming.member().tick(mono_ms());
+        naming.carry(fx);
+    }
+}
+
+/// Carries Raft messages to member `to`, in batches, over one connection at a time.
+async fn send_raft(
+    naming: Arc<NamingServer>,
+    from: u64,
+    to: u64,
+    addr: SocketAddr,
+    mut outbox: mpsc::Receiver<Message>,
+    shutdown: CancellationToken,
+) {
+    let mut conn: Option<Connection> = None;
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = outbox.recv() => match m { Some(m) => m, None => return },
+        };
+        let mut messages = vec![encode_message(&first)];
+        while messages.len() < RAFT_BATCH {
+            match outbox.try_recv() {
+                Ok(m) => messages.push(encode_message(&m)),
+                Err(_) => break,
+            }
+        }
+        let sender_empty = naming.log_empty.load(Ordering::Relaxed);
+        let req = Request::NamingRaft { from, messages, sender_empty };
+        let sent = tokio::time::timeout(RAFT_SEND_TIMEOUT, async {
+            if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                conn = Some(Connection::connect(&naming.endpoint, addr).await?);
+            }
+            conn.as_ref().expect("connected").call(&req).await
+        })
+        .await;
+        match sent {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                debug!(member = to, error = %e, "raft messages not delivered");
+                conn = None;
+            }
+            Err(_) => {
+                debug!(member = to, "raft messages not delivered in time");
+                conn = None;
+            }
         }
     }
 }
@@ -340,19 +548,34 @@ impl Service for NamingServer {
     }
 
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
-        let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
-            Request::Register { server, addr } => answer(self.register(peer, server, addr)),
+            Request::Register { server, addr } => self.register(peer, server, addr),
             Request::Heartbeat { server, known_version, applied_version, wait_ms, reports } => {
                 self.heartbeat(peer, server, known_version, applied_version, wait_ms, reports)
             }
-            Request::CreateTopic { name, replicas, config } => self.create_topic(name, replicas, config),
-            Request::DeleteTopic { name } => answer(self.delete_topic(&name)),
-            Request::AlterTopic { name, changes } => self.alter_topic(name, changes),
-            Request::LookupTopic { name } => answer(self.core().lookup(&name).map(Response::Topic)),
-            Request::ListTopics => ready(Response::Topics(self.core().list_topics())),
-            Request::ListServers => ready(Response::Servers(self.core().list_servers(mono_ms()))),
-            other => answer(Err(Error::invalid(format!(
+            Request::CreateTopic { name, replicas, config } => self.change_topic(
+                Admin::CreateTopic { name, replicas, config, wall_ms: now_ms() },
+                "topic created",
+            ),
+            Request::DeleteTopic { name } => self.delete_topic(name),
+            Request::AlterTopic { name, changes } => {
+                self.change_topic(Admin::AlterTopic { name, changes }, "topic altered")
+            }
+            Request::LookupTopic { name } => self.read(|core| core.lookup(&name).map(Response::Topic)),
+            Request::ListTopics => self.read(|core| Ok(Response::Topics(core.list_topics()))),
+            Request::ListServers => self.read(|core| Ok(Response::Servers(core.list_servers(mono_ms())))),
+            Request::NamingRaft { from, messages, sender_empty } => {
+                ready(self.raft(peer, from, messages, sender_empty))
+            }
+            Request::NamingStatus => ready(Response::NamingStatus(self.member().status())),
+            Request::NamingAlive { server } => ready(match Self::require_node(peer, "a liveness ping") {
+                Ok(()) => {
+                    self.member().alive(mono_ms(), server);
+                    Response::Noted
+                }
+                Err(e) => Response::Error(e),
+            }),
+            other => ready(Response::Error(Error::invalid(format!(
                 "{} is a topic server request; the naming server answers lookups and admin only",
                 transport::request_name(&other)
             )))),
@@ -368,17 +591,39 @@ pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::R
 
 async fn run_node(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let identity = certs::load(&config.certs_dir, CertRole::Node)?;
-    let service = Arc::new(NamingServer::open(&config.data_dir, config.lease, config.replace_after)?);
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
-    info!(listen = %config.listen, data = %config.data_dir.display(), "naming server ready");
-    let decisions =
-        tokio::spawn(decide(service.clone(), endpoint.clone(), shutdown.clone()).in_current_span());
+    let (service, inboxes) = NamingServer::open(&config, endpoint.clone())?;
+    info!(
+        listen = %config.listen,
+        data = %config.data_dir.display(),
+        member = config.id,
+        members = config.peers.len(),
+        "naming server ready"
+    );
+    let stop = CancellationToken::new();
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(tick(service.clone(), stop.clone()).in_current_span());
+    for (to, outbox) in inboxes {
+        let addr = config.peers[&to];
+        let task = send_raft(service.clone(), config.id, to, addr, outbox, stop.clone());
+        tasks.spawn(task.in_current_span());
+    }
     if let Some(addr) = config.metrics_listen {
         let naming = service.clone();
-        crate::metrics::spawn(addr, Arc::new(move || naming.render_metrics()), shutdown.clone());
+        crate::metrics::spawn(addr, Arc::new(move || naming.render_metrics()), stop.clone());
     }
-    transport::serve(endpoint, service, shutdown).await;
-    let _ = decisions.await;
+    let fatal = service.fatal.clone();
+    let serving = tokio::spawn(transport::serve(endpoint, service, stop.clone()).in_current_span());
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        _ = fatal.cancelled() => {}
+    }
+    stop.cancel();
+    let _ = serving.await;
+    while tasks.join_next().await.is_some() {}
+    if fatal.is_cancelled() {
+        anyhow::bail!("the naming book could not be written (see the error above)");
+    }
     Ok(())
 }

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use super::net::{server_node, Message, NodeId, Payload, NAMING};
+use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use super::server::{server_of, Ctx};
 use crate::error::Error;
 use crate::types::{Offset, Record, ServerId, StartFrom, SubscriptionName, TopicId, TopicName};
@@ -45,6 +45,8 @@ enum Asked {
 
 pub struct SimClient {
     pub node: NodeId,
+    /// The naming member asked for lookups.
+    naming: NamingTarget,
     pub topic: TopicName,
     pub work: Work,
     topic_id: Option<TopicId>,
@@ -69,13 +71,14 @@ pub struct SimClient {
 }
 
 impl SimClient {
-    pub fn new(node: NodeId, topic: TopicName, work: Work) -> Self {
+    pub fn new(node: NodeId, naming_members: u64, topic: TopicName, work: Work) -> Self {
         let subs = match &work {
             Work::Admin { names } => names.iter().map(|n| (n.clone(), SubState::Absent)).collect(),
             _ => BTreeMap::new(),
         };
         Self {
             node,
+            naming: NamingTarget::new(naming_members),
             topic,
             work,
             topic_id: None,
@@ -200,13 +203,8 @@ impl SimClient {
         }
         let Some(leader) = self.leader else {
             if !self.asked.values().any(|(_, a)| matches!(a, Asked::Lookup)) {
-                self.ask(
-                    ctx,
-                    NAMING,
-                    Request::LookupTopic { name: self.topic.clone() },
-                    Asked::Lookup,
-                    next_id,
-                );
+                let to = self.naming.node();
+                self.ask(ctx, to, Request::LookupTopic { name: self.topic.clone() }, Asked::Lookup, next_id);
             }
             return;
         };
@@ -338,6 +336,7 @@ impl SimClient {
         if let Err(e) = &result {
             self.last_error = Some(format!("at {}: {e}", ctx.now));
             if let Asked::Lookup = asked {
+                self.naming.failed(e);
                 self.next_at = ctx.now + 50;
                 return;
             }

@@ -1,8 +1,9 @@
 //! A deterministic simulation of a whole cluster, run by seed (TigerBeetle's VOPR,
 //! FoundationDB's simulator).
 //!
-//! One thread runs a naming server and 3-5 topic servers made of the production code: the
-//! naming core ([`crate::naming::core`]), the storage writer on redb over a [`SimDisk`](crate::storage::faults::SimDisk)
+//! One thread runs a naming group of one or three members and 3-5 topic servers made of the
+//! production code: the naming members ([`crate::naming::member`]: raft-rs, its redb log and
+//! the naming core), the storage writer on redb over a [`SimDisk`](crate::storage::faults::SimDisk)
 //! (storage::faults) that loses unsynced writes when the power goes, and the replicas with
 //! their rules ([`crate::replica`], [`crate::replication`]). Only the carrying is simulated:
 //! a network of in-order links that delays, loses, duplicates and partitions (`net`), time,
@@ -10,8 +11,9 @@
 //! delete subscriptions (`client`).
 //!
 //! Each seed picks its own cluster and fault mix (swarm testing: crashes with power loss,
-//! restarts within a lease, pauses, partitions, a partition from the naming server only,
-//! naming server crashes, failed fsyncs, replica replacement), runs faults for a while, then
+//! restarts within a lease, pauses, partitions, a partition from the naming group only,
+//! naming member crashes (the leader's too, mid-election), partitions and lost data
+//! directories, failed fsyncs, replica replacement), runs faults for a while, then
 //! heals everything and requires the cluster to recover. The [`Checker`] looks at every
 //! step: no acked record lost, one value per committed offset on every replica, committed
 //! cursors never back, a subscription once committed never vanishes, nothing deleted before
@@ -38,7 +40,9 @@ pub use scenarios::{scenario, SCENARIOS};
 
 use self::client::{SimClient, Work};
 use self::naming::SimNaming;
-use self::net::{server_node, Message, Net, NodeId, Payload, FIRST_CLIENT, NAMING};
+use self::net::{
+    is_naming, naming_node, server_node, Message, Net, NodeId, Payload, FIRST_CLIENT, NAMING_BASE,
+};
 use self::server::{Ctx, SimServer, Timing};
 use crate::naming::core::Settings;
 use crate::types::{ServerId, TopicId, TopicName};
@@ -55,10 +59,17 @@ pub enum Fault {
     Resume(ServerId),
     /// Cuts a server off everyone (`true`) or heals it.
     Isolate(ServerId, bool),
-    /// Cuts a server off the naming server only (`true`) or heals that link.
+    /// Cuts a server off the naming group only (`true`) or heals those links.
     CutFromNaming(ServerId, bool),
-    CrashNaming,
-    RestartNaming,
+    /// Naming member `m` crashes (0: whichever leads the group now).
+    CrashNaming(u64),
+    /// Naming member `m` starts again (0: every member that is down).
+    RestartNaming(u64),
+    /// Cuts naming member `m` off everyone (`true`) or heals it (0: the leader now when
+    /// cutting, every member when healing).
+    IsolateNaming(u64, bool),
+    /// Naming member `m` crashes and loses its data directory.
+    WipeNaming(u64),
     /// The server's next fsync fails.
     FailSync(ServerId),
     /// The power goes during the server's n-th write from now (mid-commit).
@@ -101,6 +112,8 @@ pub struct Config {
     /// Applied entries a replica keeps before it compacts (small, so followers restart from
     /// the leader's state often).
     pub retention: crate::storage::Retention,
+    /// Members of the naming group (1 or 3).
+    pub naming_members: u64,
 }
 
 impl Config {
@@ -144,6 +157,7 @@ impl Config {
             backlog: None,
             consumer_pause_ms: 0,
             retention: crate::storage::Retention::default(),
+            naming_members: 1,
         };
         config.max_fsync_ms = [1, 3, 10, 30][rng.usize(0..4)];
         if rng.u32(0..3) > 0 {
@@ -158,11 +172,20 @@ impl Config {
         }
         let retained = [0, 4, 16, 64][rng.usize(0..4)];
         config.retention = crate::storage::Retention { retained, batch: 1 + retained / 2 };
+        config.naming_members = if rng.u32(0..4) == 0 { 1 } else { 3 };
+        if config.naming_members > 1 {
+            for kind in ["naming-isolate", "naming-wipe"] {
+                if rng.u32(0..3) > 0 {
+                    config.fault_kinds.push(kind);
+                    config.fault_every_ms.get_or_insert(1_500);
+                }
+            }
+        }
         config
     }
 
     /// A calm cluster of three running `script`.
-    pub fn scripted(seed: u64, servers: u64, script: Vec<(u64, Fault)>) -> Self {
+    pub fn scripted(seed: u64, servers: u64, naming_members: u64, script: Vec<(u64, Fault)>) -> Self {
         let faults_until_ms = script.iter().map(|(t, _)| *t).max().unwrap_or(0) + 1;
         Self {
             seed,
@@ -184,6 +207,7 @@ impl Config {
             backlog: None,
             consumer_pause_ms: 0,
             retention: crate::storage::Retention { retained: 8, batch: 4 },
+            naming_members,
         }
     }
 }
@@ -231,7 +255,8 @@ enum Event {
     Deliver(Message),
     ServerTimer(ServerId, u64),
     GroupDone(ServerId, u64),
-    NamingTimer,
+    /// Naming member `m`'s clock, for its incarnation.
+    NamingTimer(u64, u64),
     ClientTimer(usize),
     Fault(Fault),
     RandomFault,
@@ -268,6 +293,12 @@ struct World {
     topics: Vec<TopicName>,
     /// Servers to crash during their next group commit.
     crash_mid_group: std::collections::BTreeSet<ServerId>,
+    /// Topics the naming group created for the run.
+    created: std::collections::BTreeSet<TopicName>,
+    /// When the run last asked the naming group to create its topics.
+    setup_asked_at: Option<u64>,
+    /// The newest book version any naming leader applied: no later leader may hold less.
+    book_seen: u64,
     stats: BTreeMap<&'static str, u64>,
 }
 
@@ -287,7 +318,7 @@ impl World {
             seq: 0,
             queue: BTreeMap::new(),
             net: Net::new(config.weather),
-            naming: SimNaming::new(settings, 0),
+            naming: SimNaming::new(settings, config.naming_members),
             servers: (1..=config.servers).map(|id| (id, SimServer::new(id))).collect(),
             clients: Vec::new(),
             checker: Checker::default(),
@@ -299,6 +330,9 @@ impl World {
             events: 0,
             faulting: true,
             crash_mid_group: std::collections::BTreeSet::new(),
+            created: std::collections::BTreeSet::new(),
+            setup_asked_at: None,
+            book_seen: 0,
             stats: BTreeMap::new(),
             topics: (0..config.topics).map(|i| TopicName::new(format!("t{i}")).expect("name")).collect(),
             config,
@@ -306,8 +340,9 @@ impl World {
         for id in 1..=world.config.servers {
             world.start_server(id);
         }
-        world.at(0, Event::NamingTimer);
-        world.at(0, Event::Fault(Fault::RestartNaming));
+        for m in 1..=world.config.naming_members {
+            world.start_naming(m);
+        }
         let script = world.config.script.clone();
         for (t, f) in script {
             world.at(t, Event::Fault(f));
@@ -342,6 +377,7 @@ impl World {
             ("Reset(", "follower resets"),
             ("will not lead", "old epochs refused"),
             ("stops:", "fatal group failures"),
+            ("leads the group", "naming leaders"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -364,6 +400,7 @@ impl World {
             min_fsync_ms: 0,
             max_fsync_ms: self.config.max_fsync_ms,
             retention: self.config.retention,
+            naming_members: self.config.naming_members,
         }
     }
 
@@ -384,6 +421,51 @@ impl World {
         self.send_all(out);
         self.at(self.now, Event::ServerTimer(id, inc));
         self.after_server(id);
+    }
+
+    fn start_naming(&mut self, m: u64) {
+        if self.naming.is_up(m) {
+            return;
+        }
+        if let Err(e) = self.naming.start(m, self.now) {
+            self.checker.violations.push(Violation(e));
+            return;
+        }
+        self.note(format!("naming member {m} starts"));
+        let inc = self.naming.members[&m].incarnation;
+        self.at(self.now, Event::NamingTimer(m, inc));
+    }
+
+    /// Takes what the naming group said back.
+    fn heard(&mut self, heard: naming::Heard, member: u64) {
+        if let Some(leader) = self.naming.leader() {
+            let version = self.naming.members[&leader].member.as_ref().expect("up").book().version;
+            if version < self.book_seen {
+                self.checker.violations.push(Violation(format!(
+                    "the naming book went back: leader {leader} holds version {version}, an earlier leader held {}",
+                    self.book_seen
+                )));
+            }
+            self.book_seen = self.book_seen.max(version);
+        }
+        for n in heard.notes {
+            self.note(n);
+        }
+        for (name, result) in heard.created {
+            match result {
+                Ok(()) => {
+                    self.created.insert(name);
+                }
+                Err(e) => self.note(format!("creating {name}: {e}")),
+            }
+        }
+        if let Some(e) = heard.fatal {
+            // The process exits; a supervisor starts it again a little later.
+            self.note(e);
+            self.naming.crash(member);
+            let back = self.now + self.rng.u64(200..2_000);
+            self.at(back, Event::Fault(Fault::RestartNaming(member)));
+        }
     }
 
     fn run(&mut self) {
@@ -409,16 +491,17 @@ impl World {
                             "response to {}",
                             if m.to >= FIRST_CLIENT {
                                 "client"
-                            } else if m.to == NAMING {
+                            } else if is_naming(m.to) {
                                 "naming"
                             } else {
                                 "server"
                             }
                         ),
+                        Payload::Raft { .. } => "raft".into(),
                     },
                     Event::ServerTimer(..) => "server timer".into(),
                     Event::GroupDone(..) => "group".into(),
-                    Event::NamingTimer => "naming timer".into(),
+                    Event::NamingTimer(..) => "naming timer".into(),
                     Event::ClientTimer(..) => "client timer".into(),
                     _ => "other".into(),
                 };
@@ -452,8 +535,8 @@ impl World {
     }
 
     fn is_paused(&self, node: NodeId) -> bool {
-        if node == NAMING {
-            return self.naming.paused;
+        if is_naming(node) {
+            return self.naming.members.get(&(node - NAMING_BASE)).is_some_and(|m| m.paused);
         }
         self.servers.get(&node).is_some_and(|s| s.paused)
     }
@@ -462,7 +545,7 @@ impl World {
         let target = match &event {
             Event::Deliver(m) => Some(m.to),
             Event::ServerTimer(id, _) | Event::GroupDone(id, _) => Some(server_node(*id)),
-            Event::NamingTimer => Some(NAMING),
+            Event::NamingTimer(m, _) => Some(naming_node(*m)),
             _ => None,
         };
         if let Some(node) = target.filter(|n| self.is_paused(*n)) {
@@ -492,21 +575,26 @@ impl World {
                 self.with_server(id, |run, ctx| run.finish_group(ctx));
                 self.compare_committed(id);
             }
-            Event::NamingTimer => {
+            Event::NamingTimer(m, inc) => {
+                if self.naming.members[&m].incarnation != inc {
+                    return;
+                }
                 let mut out = Vec::new();
-                let mut notes = Vec::new();
-                {
+                let heard = {
                     let ids = self.ids.clone();
                     let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
                     let mut ctx =
                         Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
-                    self.naming.tick(&mut ctx, &mut next_id, &mut |n| notes.push(n));
-                }
-                for n in notes {
-                    self.note(format!("naming: {n}"));
-                }
+                    self.naming.tick(&mut ctx, m, &mut next_id)
+                };
                 self.send_all(out);
-                self.at(self.now + 25, Event::NamingTimer);
+                self.heard(heard, m);
+                // Uneven clocks: election timeouts are not randomized in a run (it stays a
+                // function of its seed), so the ticks are.
+                let tick = crate::naming::raft::TICK_MS;
+                let next = self.now + tick - tick / 5 + self.rng.u64(0..=2 * tick / 5);
+                self.at(next, Event::NamingTimer(m, inc));
+                self.check_setup();
             }
             Event::ClientTimer(i) => {
                 // A producer starts once its topic's consumer has its subscription: every
@@ -617,14 +705,16 @@ impl World {
         let ids = self.ids.clone();
         let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
         match msg.to {
-            NAMING => {
+            to if is_naming(to) => {
+                let member = to - NAMING_BASE;
                 let mut out = Vec::new();
-                {
+                let heard = {
                     let mut ctx =
                         Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
-                    self.naming.handle(&mut ctx, msg, &mut next_id);
-                }
+                    self.naming.handle(&mut ctx, member, msg, &mut next_id)
+                };
                 self.send_all(out);
+                self.heard(heard, member);
             }
             to if to >= FIRST_CLIENT => {
                 let i = (to - FIRST_CLIENT) as usize;
@@ -661,48 +751,61 @@ impl World {
     /// Creates the topics once enough servers registered, then starts the clients (the
     /// consumers' subscriptions first, so every acked record has a reader).
     fn check_setup(&mut self) {
-        if !self.clients.is_empty() || self.naming.core.is_none() {
+        if !self.clients.is_empty() {
             return;
         }
-        let core = self.naming.core.as_ref().expect("up");
-        let live = core.list_servers(self.now).iter().filter(|s| s.alive).count() as u64;
-        if live < self.config.servers {
-            return;
-        }
-        for name in self.topics.clone() {
-            let replicas = self.config.replicas.min(self.config.servers as u32);
-            let change = {
-                let core = self.naming.core.as_ref().expect("up");
+        if self.created.len() < self.topics.len() {
+            let Some(leader) = self.naming.leader() else { return };
+            if self.setup_asked_at.is_some_and(|t| self.now < t + 500) {
+                return;
+            }
+            let core = self.naming.members[&leader].member.as_ref().and_then(|m| m.core()).expect("leads");
+            let live = core.list_servers(self.now).iter().filter(|s| s.alive).count() as u64;
+            if live < self.config.servers {
+                return;
+            }
+            self.setup_asked_at = Some(self.now);
+            let ids = self.ids.clone();
+            let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
+            let missing: Vec<TopicName> =
+                self.topics.iter().filter(|n| !self.created.contains(*n)).cloned().collect();
+            for name in missing {
+                let replicas = self.config.replicas.min(self.config.servers as u32);
                 let config = TopicConfig {
                     backlog_limit: self.config.backlog,
                     backlog_policy: crate::wire::BacklogPolicy::Evict,
                     ..TopicConfig::default()
                 };
-                core.create_topic(self.now, self.now, name.clone(), replicas, config)
-            };
-            match change {
-                Ok(change) => {
-                    self.naming.durable.apply(&change);
-                    self.naming.core.as_mut().expect("up").apply(&change);
-                }
-                Err(e) => self.checker.violations.push(Violation(format!("creating {name}: {e}"))),
+                let mut out = Vec::new();
+                let heard = {
+                    let mut ctx =
+                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+                    self.naming.create(&mut ctx, name, replicas, config, &mut next_id)
+                };
+                self.send_all(out);
+                self.heard(heard, leader);
             }
+            return;
         }
         for (i, name) in self.topics.clone().into_iter().enumerate() {
             let producer = 0x1000 + i as u64;
+            let members = self.config.naming_members;
             self.clients.push(SimClient::new(
                 FIRST_CLIENT + self.clients.len() as NodeId,
+                members,
                 name.clone(),
                 Work::Consume { subscription: format!("c{i}"), pause_ms: self.config.consumer_pause_ms },
             ));
             self.clients.push(SimClient::new(
                 FIRST_CLIENT + self.clients.len() as NodeId,
+                members,
                 name.clone(),
                 Work::Produce { producer, batches: self.config.batches, window: self.config.window },
             ));
             if self.config.admin {
                 self.clients.push(SimClient::new(
                     FIRST_CLIENT + self.clients.len() as NodeId,
+                    members,
                     name,
                     Work::Admin { names: vec!["a0".into(), "a1".into()] },
                 ));
@@ -752,10 +855,42 @@ impl World {
                 self.at(back, Event::Fault(Fault::CutFromNaming(server, false)));
                 Some(Fault::CutFromNaming(server, true))
             }
-            "naming" if self.naming.is_up() => {
+            "naming" => {
+                // The leader half the time (the hardest case: mid-election, mid-commit).
+                let m = if self.rng.bool() { 0 } else { self.rng.u64(1..=self.config.naming_members) };
                 let back = self.now + self.rng.u64(50..3_000);
-                self.at(back, Event::Fault(Fault::RestartNaming));
-                Some(Fault::CrashNaming)
+                let restart = if m == 0 { self.naming.leader().unwrap_or(1) } else { m };
+                self.at(back, Event::Fault(Fault::RestartNaming(restart)));
+                Some(Fault::CrashNaming(restart))
+            }
+            "naming-isolate" => {
+                let m = self.rng.u64(1..=self.config.naming_members);
+                let back = self.now + self.rng.u64(300..4_000);
+                self.at(back, Event::Fault(Fault::IsolateNaming(m, false)));
+                Some(Fault::IsolateNaming(m, true))
+            }
+            "naming-wipe" => {
+                // Only while the others are up: a group that lost a majority's disks is lost.
+                // Only one disk at a time: the others must be up and hold the whole book (a
+                // group that lost a majority's disks has lost the book, in any Raft system).
+                let m = self.rng.u64(1..=self.config.naming_members);
+                let versions: Vec<Option<(u64, bool)>> = (1..=self.config.naming_members)
+                    .filter(|o| *o != m)
+                    .map(|o| {
+                        self.naming.members[&o].member.as_ref().map(|n| {
+                            let s = n.status();
+                            (s.book_version, s.rebuilding)
+                        })
+                    })
+                    .collect();
+                let whole = versions.iter().all(|v| v.is_some_and(|(_, rebuilding)| !rebuilding))
+                    && versions.windows(2).all(|w| w[0].map(|v| v.0) == w[1].map(|v| v.0));
+                if !whole {
+                    return None;
+                }
+                let back = self.now + self.rng.u64(50..2_000);
+                self.at(back, Event::Fault(Fault::RestartNaming(m)));
+                Some(Fault::WipeNaming(m))
             }
             "fsync" if up => Some(Fault::FailSync(server)),
             "torn" if up => Some(Fault::TornWrite(server, self.rng.u64(1..40))),
@@ -779,8 +914,10 @@ impl World {
             Fault::Pause(_) => "pauses",
             Fault::Resume(_) => "resumes",
             Fault::Isolate(_, true) => "isolations",
-            Fault::CutFromNaming(_, true) => "cuts from the naming server",
-            Fault::CrashNaming => "naming crashes",
+            Fault::CutFromNaming(_, true) => "cuts from the naming group",
+            Fault::CrashNaming(_) => "naming member crashes",
+            Fault::IsolateNaming(_, true) => "naming member isolations",
+            Fault::WipeNaming(_) => "naming member wipes",
             Fault::FailSync(_) => "failed fsyncs",
             Fault::TornWrite(..) => "torn writes",
             _ => "heals",
@@ -796,7 +933,8 @@ impl World {
             }
             Fault::Resume(id) => self.resume(server_node(id)),
             Fault::Isolate(id, cut) => {
-                let others: Vec<NodeId> = std::iter::once(NAMING)
+                let others: Vec<NodeId> = (1..=self.config.naming_members)
+                    .map(naming_node)
                     .chain((1..=self.config.servers).filter(|s| *s != id))
                     .chain((0..self.clients.len() as NodeId).map(|c| FIRST_CLIENT + c))
                     .collect();
@@ -804,15 +942,44 @@ impl World {
                     self.net.cut(server_node(id), o, cut);
                 }
             }
-            Fault::CutFromNaming(id, cut) => self.net.cut(server_node(id), NAMING, cut),
-            Fault::CrashNaming => {
-                self.naming.crash();
-                self.naming.paused = false;
-                self.stash.remove(&NAMING);
+            Fault::CutFromNaming(id, cut) => {
+                for m in 1..=self.config.naming_members {
+                    self.net.cut(server_node(id), naming_node(m), cut);
+                }
             }
-            Fault::RestartNaming => {
-                if !self.naming.is_up() {
-                    self.naming.restart(self.now);
+            Fault::CrashNaming(m) => {
+                let m = if m == 0 { self.naming.leader().unwrap_or(1) } else { m };
+                self.naming.crash(m);
+                self.stash.remove(&naming_node(m));
+            }
+            Fault::WipeNaming(m) => {
+                self.naming.wipe(m);
+                self.stash.remove(&naming_node(m));
+            }
+            Fault::RestartNaming(0) => {
+                for m in 1..=self.config.naming_members {
+                    self.start_naming(m);
+                }
+            }
+            Fault::RestartNaming(m) => self.start_naming(m),
+            Fault::IsolateNaming(0, false) => {
+                for m in 1..=self.config.naming_members {
+                    self.fault(Fault::IsolateNaming(m, false));
+                }
+            }
+            Fault::IsolateNaming(0, true) => {
+                let m = self.naming.leader().unwrap_or(1);
+                self.fault(Fault::IsolateNaming(m, true));
+            }
+            Fault::IsolateNaming(m, cut) => {
+                let others: Vec<NodeId> = (1..=self.config.naming_members)
+                    .filter(|o| *o != m)
+                    .map(naming_node)
+                    .chain((1..=self.config.servers).map(server_node))
+                    .chain((0..self.clients.len() as NodeId).map(|c| FIRST_CLIENT + c))
+                    .collect();
+                for o in others {
+                    self.net.cut(naming_node(m), o, cut);
                 }
             }
             Fault::FailSync(id) => {
@@ -829,8 +996,10 @@ impl World {
     }
 
     fn resume(&mut self, node: NodeId) {
-        if node == NAMING {
-            self.naming.paused = false;
+        if is_naming(node) {
+            if let Some(m) = self.naming.members.get_mut(&(node - NAMING_BASE)) {
+                m.paused = false;
+            }
         } else if let Some(s) = self.servers.get_mut(&node) {
             s.paused = false;
         }
@@ -845,10 +1014,10 @@ impl World {
         self.note("faults stop; everything heals".into());
         self.net.heal();
         self.net.weather = Weather { loss: 0.0, duplication: 0.0, ..self.net.weather };
-        if !self.naming.is_up() {
-            self.naming.restart(self.now);
+        for m in 1..=self.config.naming_members {
+            self.start_naming(m);
+            self.resume(naming_node(m));
         }
-        self.resume(NAMING);
         for id in 1..=self.config.servers {
             self.servers[&id].disk.fail_syncs(0);
             self.servers[&id].disk.disarm();
@@ -860,7 +1029,7 @@ impl World {
             for (i, name) in self.topics.clone().into_iter().enumerate() {
                 let node = FIRST_CLIENT + self.clients.len() as NodeId;
                 let work = Work::Produce { producer: 0x2000 + i as u64, batches: 3, window: 1 };
-                self.clients.push(SimClient::new(node, name, work));
+                self.clients.push(SimClient::new(node, self.config.naming_members, name, work));
                 self.at(self.now, Event::ClientTimer(self.clients.len() - 1));
             }
         }
@@ -908,7 +1077,7 @@ impl World {
     /// The cluster's state, for a failure report.
     fn dump(&self) -> String {
         let mut out = String::new();
-        for t in self.naming.durable.topics.values() {
+        for t in self.naming.book().map(|b| b.topics.values().collect::<Vec<_>>()).unwrap_or_default() {
             out.push_str(&format!(
                 "    book {}: id {} leader {} epoch {} (elections to {}) voters {:?} learners {:?} replacing {:?}\n",
                 t.name, t.id, t.leader, t.epoch, t.election_epoch, t.voters, t.learners, t.replacing
@@ -973,8 +1142,12 @@ impl World {
                 }
             }
         }
-        let elections = self.naming.core.as_ref().map_or(0, |c| c.elected);
-        let epochs = self.naming.durable.topics.iter().map(|(n, t)| (n.clone(), t.epoch)).collect();
+        let elections = self.naming.elected;
+        let epochs = self
+            .naming
+            .book()
+            .map(|b| b.topics.iter().map(|(n, t)| (n.clone(), t.epoch)).collect())
+            .unwrap_or_default();
         self.stats.insert("records acked", self.checker.acked.len() as u64);
         self.stats.insert("evictions told", self.checker.evicted_below.len() as u64);
         Outcome {

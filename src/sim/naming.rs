@@ -1,15 +1,30 @@
-//! The simulated naming server: the real [`NamingCore`], its book kept "durable" across
-//! crashes (what the driver would have saved in redb), and its messages.
+//! The simulated naming group: one to three members made of the production code
+//! ([`NamingMember`]: raft-rs, the redb Raft log over a [`SimDisk`] that loses unsynced
+//! writes when the power goes, and the naming core), and their messages.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
 
-use super::net::{server_node, Message, NodeId, Payload, NAMING};
+use super::net::{member_addr, naming_node, server_node, Message, NodeId, Payload};
 use super::server::{addr, Ctx};
 use crate::error::Error;
-use crate::naming::book::{Book, BookChange};
-use crate::naming::core::{NamingCore, Settings};
-use crate::types::{Epoch, ServerId, TopicId};
+use crate::naming::book::Book;
+use crate::naming::core::Settings;
+use crate::naming::member::{Admin, Done, Effects, NamingMember};
+use crate::naming::raft::{GroupSettings, RaftLog};
+use crate::storage::faults::SimDisk;
+use crate::types::{Epoch, ServerId, TopicId, TopicName};
 use crate::wire::{Request, Response};
+
+/// Who waits for an [`Admin`] request's answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pending {
+    /// A topic server's registration.
+    Register { to: NodeId, id: u64 },
+    /// The run's own topic creation (before the clients start).
+    Setup(TopicName),
+}
 
 /// A heartbeat held until the book changes (the long poll).
 struct Held {
@@ -20,93 +35,202 @@ struct Held {
     deadline: u64,
 }
 
-/// The naming server: a process that may crash, and its durable book.
-pub struct SimNaming {
-    pub durable: Book,
-    pub core: Option<NamingCore>,
+/// One naming member: a process that may crash, and its disk.
+pub struct SimMember {
+    pub id: u64,
+    pub disk: SimDisk,
+    pub member: Option<NamingMember<Pending>>,
     pub paused: bool,
-    settings: Settings,
+    /// Bumped by every crash, so timers of a dead process are ignored.
+    pub incarnation: u64,
     held: Vec<Held>,
-    /// Promise requests out: id -> (topic, epoch, server).
+    /// Promise requests out: id -> (topic, epoch, server, sent at).
     asks: BTreeMap<u64, (TopicId, Epoch, ServerId, u64)>,
 }
 
+/// What the world hears back from the group.
+#[derive(Debug, Default)]
+pub struct Heard {
+    pub notes: Vec<String>,
+    /// Setup creations that ended (`Err`: to try again).
+    pub created: Vec<(TopicName, Result<(), Error>)>,
+    /// A member could not write its log: it stops, as the real one exits.
+    pub fatal: Option<String>,
+}
+
+/// The naming group.
+pub struct SimNaming {
+    pub members: BTreeMap<u64, SimMember>,
+    settings: Settings,
+    peers: BTreeMap<u64, SocketAddr>,
+    /// Topic leaders elected, by every leader the group had.
+    pub elected: u64,
+}
+
 impl SimNaming {
-    pub fn new(settings: Settings, now: u64) -> Self {
-        let durable = Book { next_topic_id: 1, cluster_id: 7, ..Book::default() };
-        Self {
-            core: Some(NamingCore::new(durable.clone(), settings, now)),
-            durable,
-            paused: false,
-            settings,
-            held: Vec::new(),
-            asks: BTreeMap::new(),
+    pub fn new(settings: Settings, members: u64) -> Self {
+        let peers = (1..=members).map(|m| (m, member_addr(m))).collect();
+        let members = (1..=members)
+            .map(|id| {
+                let m = SimMember {
+                    id,
+                    disk: SimDisk::new(),
+                    member: None,
+                    paused: false,
+                    incarnation: 0,
+                    held: Vec::new(),
+                    asks: BTreeMap::new(),
+                };
+                (id, m)
+            })
+            .collect();
+        Self { members, settings, peers, elected: 0 }
+    }
+
+    pub fn is_up(&self, member: u64) -> bool {
+        self.members.get(&member).is_some_and(|m| m.member.is_some())
+    }
+
+    /// The member that leads and decides now, if any.
+    pub fn leader(&self) -> Option<u64> {
+        self.members.values().find(|m| m.member.as_ref().is_some_and(|n| n.core().is_some())).map(|m| m.id)
+    }
+
+    /// The newest book any running member applied (for reports).
+    pub fn book(&self) -> Option<&Book> {
+        self.members.values().filter_map(|m| m.member.as_ref()).map(|n| n.book()).max_by_key(|b| b.version)
+    }
+
+    /// Starts (or restarts) member `id` from its disk.
+    pub fn start(&mut self, id: u64, now: u64) -> Result<(), String> {
+        let m = self.members.get_mut(&id).expect("member");
+        if m.member.is_some() {
+            return Ok(());
         }
+        m.disk.power_on();
+        let db = redb::Database::builder()
+            .create_with_backend(m.disk.backend())
+            .map_err(|e| format!("naming member {id} does not open: {e}"))?;
+        let log = RaftLog::open(Arc::new(db)).map_err(|e| format!("naming member {id}'s log: {e}"))?;
+        let group = GroupSettings { randomized: false, ..GroupSettings::default() };
+        let member = NamingMember::open(id, self.peers.clone(), log, group, self.settings, 7)
+            .map_err(|e| format!("naming member {id} does not start: {e}"))?;
+        m.member = Some(member);
+        m.incarnation += 1;
+        let _ = now;
+        Ok(())
     }
 
-    pub fn crash(&mut self) {
-        self.core = None;
-        self.held.clear();
-        self.asks.clear();
-    }
-
-    pub fn restart(&mut self, now: u64) {
-        self.core = Some(NamingCore::new(self.durable.clone(), self.settings, now));
-    }
-
-    pub fn is_up(&self) -> bool {
-        self.core.is_some()
-    }
-
-    /// Makes `change` durable, then applies it.
-    fn commit(&mut self, change: &BookChange) {
-        self.durable.apply(change);
-        if let Some(core) = self.core.as_mut() {
-            core.apply(change);
+    /// The process dies and its power goes (unsynced writes are lost).
+    pub fn crash(&mut self, id: u64) {
+        let m = self.members.get_mut(&id).expect("member");
+        if m.member.take().is_some() {
+            m.disk.power_cut();
         }
+        m.held.clear();
+        m.asks.clear();
+        m.paused = false;
+        m.incarnation += 1;
     }
 
-    fn respond(ctx: &mut Ctx, to: NodeId, id: u64, resp: Response) {
-        ctx.send(NAMING, to, Payload::Response { id, resp: Box::new(resp) });
+    /// Loses member `id`'s disk (its data directory): it restarts empty.
+    pub fn wipe(&mut self, id: u64) {
+        self.crash(id);
+        self.members.get_mut(&id).expect("member").disk = SimDisk::new();
     }
 
-    pub fn handle(&mut self, ctx: &mut Ctx, msg: Message, next_id: &mut dyn FnMut() -> u64) {
-        let Some(core) = self.core.as_mut() else { return };
+    /// The world's own topic creation, through the leader.
+    pub fn create(
+        &mut self,
+        ctx: &mut Ctx,
+        name: TopicName,
+        replicas: u32,
+        config: crate::wire::TopicConfig,
+        next_id: &mut dyn FnMut() -> u64,
+    ) -> Heard {
+        let Some(leader) = self.leader() else { return Heard::default() };
+        let admin = Admin::CreateTopic { name: name.clone(), replicas, config, wall_ms: ctx.now };
+        let m = self.members.get_mut(&leader).expect("member");
+        let fx = m.member.as_mut().expect("up").submit(ctx.now, admin, Pending::Setup(name));
+        self.carry(ctx, leader, fx, next_id)
+    }
+
+    /// A tick of member `id`'s clock.
+    pub fn tick(&mut self, ctx: &mut Ctx, id: u64, next_id: &mut dyn FnMut() -> u64) -> Heard {
         let now = ctx.now;
+        let Some(member) = self.members.get_mut(&id).and_then(|m| m.member.as_mut()) else {
+            return Heard::default();
+        };
+        let fx = member.tick(now);
+        let mut heard = self.carry(ctx, id, fx, next_id);
+        // Promise requests nobody answered in time count as refusals.
+        let m = self.members.get_mut(&id).expect("member");
+        let wait = self.settings.promise_wait_ms;
+        let late: Vec<u64> = m.asks.iter().filter(|(_, a)| now >= a.3 + wait).map(|(id, _)| *id).collect();
+        for ask in late {
+            let (topic, epoch, server, _) = m.asks.remove(&ask).expect("ask");
+            if let Some(member) = m.member.as_mut() {
+                member.on_promise(now, topic, epoch, server, None);
+            }
+        }
+        self.answer_held(ctx, id, true);
+        heard.notes.retain(|n| !n.is_empty());
+        heard
+    }
+
+    /// A message for member `id`.
+    pub fn handle(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        msg: Message,
+        next_id: &mut dyn FnMut() -> u64,
+    ) -> Heard {
+        let now = ctx.now;
+        let me = naming_node(id);
+        let Some(m) = self.members.get_mut(&id) else { return Heard::default() };
+        let Some(member) = m.member.as_mut() else { return Heard::default() };
+        let mut heard = Heard::default();
         match msg.payload {
-            Payload::Response { id, resp } => {
-                if let Some((topic, epoch, server, _)) = self.asks.remove(&id) {
+            Payload::Raft { msg, sender_empty } => {
+                let fx = member.step(now, *msg, sender_empty);
+                heard = self.carry(ctx, id, fx, next_id);
+            }
+            Payload::Response { id: req, resp } => {
+                if let Some((topic, epoch, server, _)) = m.asks.remove(&req) {
                     let answer = match *resp {
                         Response::Promised { last_epoch, log_end } => Some((last_epoch, log_end)),
                         _ => None,
                     };
-                    core.on_promise(now, topic, epoch, server, answer);
+                    member.on_promise(now, topic, epoch, server, answer);
                 }
             }
-            Payload::Request { id, req } => {
-                let answer = match *req {
+            Payload::Request { id: req, req: request } => {
+                let answer = match *request {
                     Request::Register { server, addr } => {
-                        if let Some(change) = core.register(now, server, addr) {
-                            self.commit(&change);
-                        }
-                        let core = self.core.as_ref().expect("up");
-                        Some(Response::Registered {
-                            lease_ms: self.settings.lease_ms as u32,
-                            cluster: core.book().cluster_id,
-                        })
+                        let fx = member.submit(
+                            now,
+                            Admin::Register { server, addr },
+                            Pending::Register { to: msg.from, id: req },
+                        );
+                        heard = self.carry(ctx, id, fx, next_id);
+                        None
                     }
                     Request::Heartbeat { server, known_version, applied_version, wait_ms, reports } => {
-                        match core.heartbeat(now, server, applied_version, reports) {
+                        match member.heartbeat(now, server, applied_version, reports) {
                             Err(e) => Some(Response::Error(e)),
-                            Ok(()) if core.book().version != known_version => Some(Response::Heartbeat {
-                                version: core.book().version,
-                                assignments: Some(core.assignments_for(server)),
-                            }),
+                            Ok(()) if member.book().version != known_version => {
+                                let core = member.core().expect("a member that took a heartbeat leads");
+                                Some(Response::Heartbeat {
+                                    version: member.book().version,
+                                    assignments: Some(core.assignments_for(server)),
+                                })
+                            }
                             Ok(()) => {
                                 let deadline = now + (wait_ms as u64).min(self.settings.lease_ms / 3);
-                                self.held.push(Held {
+                                m.held.push(Held {
                                     to: msg.from,
-                                    id,
+                                    id: req,
                                     server,
                                     known: known_version,
                                     deadline,
@@ -115,85 +239,111 @@ impl SimNaming {
                             }
                         }
                     }
-                    Request::CreateTopic { name, replicas, config } => {
-                        match core.create_topic(now, now, name.clone(), replicas, config) {
-                            Ok(change) => {
-                                self.commit(&change);
-                                Some(
-                                    self.core
-                                        .as_ref()
-                                        .expect("up")
-                                        .lookup(&name)
-                                        .map(Response::Topic)
-                                        .unwrap_or_else(Response::Error),
-                                )
-                            }
-                            Err(e) => Some(Response::Error(e)),
-                        }
+                    Request::NamingAlive { server } => {
+                        member.alive(now, server);
+                        Some(Response::Noted)
                     }
-                    Request::LookupTopic { name } => {
-                        Some(core.lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error))
-                    }
-                    Request::ListServers => Some(Response::Servers(core.list_servers(now))),
+                    Request::LookupTopic { name } => Some(
+                        member
+                            .serving()
+                            .and_then(|core| core.lookup(&name))
+                            .map(Response::Topic)
+                            .unwrap_or_else(Response::Error),
+                    ),
+                    Request::ListServers => Some(
+                        member
+                            .serving()
+                            .map(|core| Response::Servers(core.list_servers(now)))
+                            .unwrap_or_else(Response::Error),
+                    ),
                     other => Some(Response::Error(Error::invalid(format!(
-                        "the simulated naming server does not serve {}",
+                        "the simulated naming member does not serve {}",
                         crate::transport::request_name(&other)
                     )))),
                 };
                 if let Some(answer) = answer {
-                    Self::respond(ctx, msg.from, id, answer);
+                    ctx.send(me, msg.from, Payload::Response { id: req, resp: Box::new(answer) });
                 }
             }
         }
-        self.answer_held(ctx, false);
-        let _ = next_id;
+        self.answer_held(ctx, id, false);
+        heard
     }
 
-    /// Answers held heartbeats whose book changed or whose wait is over.
-    fn answer_held(&mut self, ctx: &mut Ctx, expire: bool) {
-        let Some(core) = self.core.as_ref() else { return };
-        let version = core.book().version;
-        let held = std::mem::take(&mut self.held);
+    /// Carries what member `id` produced.
+    fn carry(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        fx: Result<Effects<Pending>, crate::naming::raft::GroupError>,
+        next_id: &mut dyn FnMut() -> u64,
+    ) -> Heard {
+        let mut heard = Heard::default();
+        let fx = match fx {
+            Ok(fx) => fx,
+            Err(e) => {
+                heard.fatal = Some(format!("naming member {id} stops: {e}"));
+                return heard;
+            }
+        };
+        let me = naming_node(id);
+        let m = self.members.get_mut(&id).expect("member");
+        let member = m.member.as_ref().expect("up");
+        let sender_empty = member.log_is_empty();
+        for msg in fx.messages {
+            let to = naming_node(msg.to);
+            ctx.send(me, to, Payload::Raft { msg: Box::new(msg), sender_empty });
+        }
+        for (pending, result) in fx.replies {
+            match pending {
+                Pending::Register { to, id: req } => {
+                    let resp = match result {
+                        Ok(Done::Registered { cluster }) => {
+                            Response::Registered { lease_ms: self.settings.lease_ms as u32, cluster }
+                        }
+                        Ok(other) => Response::Error(Error::internal(format!("register ended as {other:?}"))),
+                        Err(e) => Response::Error(e),
+                    };
+                    ctx.send(me, to, Payload::Response { id: req, resp: Box::new(resp) });
+                }
+                Pending::Setup(name) => heard.created.push((name, result.map(|_| ()))),
+            }
+        }
+        for ask in fx.asks {
+            let req_id = next_id();
+            m.asks.insert(req_id, (ask.topic, ask.epoch, ask.server, ctx.now));
+            let req = Request::Promise { topic: ask.name, topic_id: ask.topic, epoch: ask.epoch };
+            ctx.send(me, server_node(ask.server), Payload::Request { id: req_id, req: Box::new(req) });
+            debug_assert_eq!(ask.addr, addr(ask.server));
+        }
+        self.elected += fx.elected;
+        heard.notes = fx.notes.into_iter().map(|n| format!("naming {id}: {n}")).collect();
+        heard
+    }
+
+    /// Answers member `id`'s held heartbeats whose book changed or whose wait is over, and
+    /// fails them if it no longer leads.
+    fn answer_held(&mut self, ctx: &mut Ctx, id: u64, expire: bool) {
+        let Some(m) = self.members.get_mut(&id) else { return };
+        let Some(member) = m.member.as_ref() else { return };
+        let me = naming_node(id);
+        let version = member.book().version;
+        let held = std::mem::take(&mut m.held);
         for h in held {
-            if h.known != version {
-                let resp = Response::Heartbeat { version, assignments: Some(core.assignments_for(h.server)) };
-                Self::respond(ctx, h.to, h.id, resp);
-            } else if expire && ctx.now >= h.deadline {
-                Self::respond(ctx, h.to, h.id, Response::Heartbeat { version, assignments: None });
-            } else {
-                self.held.push(h);
+            let resp = match member.serving() {
+                Err(e) => Some(Response::Error(e)),
+                Ok(core) if h.known != version => {
+                    Some(Response::Heartbeat { version, assignments: Some(core.assignments_for(h.server)) })
+                }
+                Ok(_) if expire && ctx.now >= h.deadline => {
+                    Some(Response::Heartbeat { version, assignments: None })
+                }
+                Ok(_) => None,
+            };
+            match resp {
+                Some(resp) => ctx.send(me, h.to, Payload::Response { id: h.id, resp: Box::new(resp) }),
+                None => m.held.push(h),
             }
         }
-    }
-
-    /// The naming server's periodic decisions: elections and replacements.
-    pub fn tick(&mut self, ctx: &mut Ctx, next_id: &mut dyn FnMut() -> u64, log: &mut dyn FnMut(String)) {
-        let Some(core) = self.core.as_mut() else { return };
-        let now = ctx.now;
-        for step in core.tick(now) {
-            if let Some(change) = &step.change {
-                self.commit(change);
-            }
-            if !step.note.is_empty() {
-                log(step.note.clone());
-            }
-            for ask in step.asks {
-                let id = next_id();
-                self.asks.insert(id, (ask.topic, ask.epoch, ask.server, now));
-                let req = Request::Promise { topic: ask.name, topic_id: ask.topic, epoch: ask.epoch };
-                ctx.send(NAMING, server_node(ask.server), Payload::Request { id, req: Box::new(req) });
-                debug_assert_eq!(ask.addr, addr(ask.server));
-            }
-        }
-        // Promise requests nobody answered in time count as refusals.
-        let wait = self.settings.promise_wait_ms;
-        let late: Vec<u64> = self.asks.iter().filter(|(_, a)| now >= a.3 + wait).map(|(id, _)| *id).collect();
-        for id in late {
-            let (topic, epoch, server, _) = self.asks.remove(&id).expect("ask");
-            if let Some(core) = self.core.as_mut() {
-                core.on_promise(now, topic, epoch, server, None);
-            }
-        }
-        self.answer_held(ctx, true);
     }
 }

@@ -3,14 +3,17 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use std::net::SocketAddr;
+
+use crate::error::Error;
 use crate::types::ServerId;
 use crate::wire::{Request, Response};
 
 /// A node of the simulated cluster: the naming server, a topic server, or a client.
 pub type NodeId = u64;
 
-/// The naming server's node id.
-pub const NAMING: NodeId = 0;
+/// Naming member `m`'s node id is this plus `m` (members are numbered from 1).
+pub const NAMING_BASE: NodeId = 900;
 
 /// Client node ids start here (topic servers are `1..`).
 pub const FIRST_CLIENT: NodeId = 1000;
@@ -20,11 +23,67 @@ pub fn server_node(id: ServerId) -> NodeId {
     id
 }
 
+/// The node id of naming member `member`.
+pub fn naming_node(member: u64) -> NodeId {
+    NAMING_BASE + member
+}
+
+/// Whether `node` is a naming member.
+pub fn is_naming(node: NodeId) -> bool {
+    node > NAMING_BASE && node < FIRST_CLIENT
+}
+
+/// The made-up address of naming member `member` (redirects name it).
+pub fn member_addr(member: u64) -> SocketAddr {
+    SocketAddr::from(([10, 9, 0, member as u8], 7400))
+}
+
+/// Which naming member a server or client asks: the leader a redirect named, else the
+/// members in turn (as `client::NamingRoute` does).
+#[derive(Debug, Clone)]
+pub struct NamingTarget {
+    pub member: u64,
+    members: u64,
+}
+
+impl NamingTarget {
+    pub fn new(members: u64) -> Self {
+        Self { member: 1, members }
+    }
+
+    pub fn node(&self) -> NodeId {
+        naming_node(self.member)
+    }
+
+    /// After a failed call: go where a redirect points, else to the next member.
+    pub fn failed(&mut self, e: &Error) {
+        match e {
+            Error::NamingNotLeader { leader: Some(addr), .. } => {
+                if let std::net::IpAddr::V4(ip) = addr.ip() {
+                    self.member = u64::from(ip.octets()[3]);
+                }
+            }
+            _ => self.member = self.member % self.members + 1,
+        }
+    }
+}
+
 /// What travels.
 #[derive(Debug, Clone)]
 pub enum Payload {
-    Request { id: u64, req: Box<Request> },
-    Response { id: u64, resp: Box<Response> },
+    Request {
+        id: u64,
+        req: Box<Request>,
+    },
+    Response {
+        id: u64,
+        resp: Box<Response>,
+    },
+    /// Raft messages between naming members (`sender_empty`: the sender's log is empty).
+    Raft {
+        msg: Box<raft::eraftpb::Message>,
+        sender_empty: bool,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -1,6 +1,7 @@
-//! The five defects the fault tests found, as scripted runs of the simulator (each also a
-//! real-process test in `tests/safety.rs`). The first topic's voters are servers 1, 2 and 3,
-//! led by 1 (placement is predictable).
+//! The five defects the fault tests found, and the naming group's hardest moments, as
+//! scripted runs of the simulator (the defects are also real-process tests in
+//! `tests/safety.rs`, the naming group's in `tests/naming_group.rs`). The first topic's
+//! voters are servers 1, 2 and 3, led by 1 (placement is predictable).
 
 use super::{Config, Fault};
 
@@ -11,6 +12,11 @@ pub const SCENARIOS: &[&str] = &[
     "failed-election-retried",
     "power-cut-quick-restart",
     "naming-restart-grace",
+    "naming-leader-dies-with-topic-leader",
+    "naming-leader-dies-mid-election",
+    "naming-minority-partition",
+    "naming-member-wiped",
+    "naming-wiped-member-elects-no-stale-one",
 ];
 
 /// The scripted run called `name`.
@@ -51,15 +57,63 @@ pub fn scenario(name: &str, seed: u64) -> Option<Config> {
             (11_000, Crash(1)),
             (11_050, Restart(1)),
         ],
-        // The naming server restarts and the leader of every topic reconnects last.
+        // The naming server (a group of one) restarts and the leader of every topic
+        // reconnects last.
         "naming-restart-grace" => vec![
             (3_000, CutFromNaming(1, true)),
-            (3_000, CrashNaming),
-            (3_050, RestartNaming),
+            (3_000, CrashNaming(1)),
+            (3_050, RestartNaming(1)),
             (4_500, CutFromNaming(1, false)),
+        ],
+        // The naming leader and a topic leader die at the same instant.
+        "naming-leader-dies-with-topic-leader" => {
+            vec![(3_000, Crash(1)), (3_000, CrashNaming(0)), (9_000, Restart(1)), (9_000, RestartNaming(0))]
+        }
+        // The topic leader dies; the naming leader dies once the election is under way (its
+        // epoch committed, promises asked), and again under its successor.
+        "naming-leader-dies-mid-election" => vec![
+            (3_000, Crash(1)),
+            (4_100, CrashNaming(0)),
+            (6_500, CrashNaming(0)),
+            (7_000, RestartNaming(0)),
+            (9_000, Restart(1)),
+        ],
+        // The naming leader is cut off from everyone: the majority elects another and goes
+        // on (a topic leader dies meanwhile); the old one changes nothing.
+        "naming-minority-partition" => vec![
+            (3_000, IsolateNaming(0, true)),
+            (4_000, Crash(1)),
+            (8_000, IsolateNaming(0, false)),
+            (9_000, Restart(1)),
+        ],
+        // A naming member loses its data directory and is rebuilt from the others, then the
+        // topic leader dies (the rebuilt member must count toward the naming majority).
+        "naming-member-wiped" => vec![
+            (3_000, WipeNaming(2)),
+            (3_500, RestartNaming(2)),
+            (6_000, CrashNaming(3)),
+            (6_500, Crash(1)),
+            (10_000, RestartNaming(3)),
+            (10_000, Restart(1)),
+        ],
+        // Member 3 falls behind (cut off while a topic fails over); member 2 loses its disk;
+        // the leader dies. Member 2, rebuilding, must not elect the stale member 3: the
+        // group waits for member 1 and the book never goes back.
+        "naming-wiped-member-elects-no-stale-one" => vec![
+            (2_000, IsolateNaming(3, true)),
+            (3_000, Crash(1)),
+            (7_000, WipeNaming(2)),
+            (7_000, Crash(2)),
+            (7_500, IsolateNaming(3, false)),
+            (7_500, CrashNaming(1)),
+            (7_500, RestartNaming(2)),
+            (7_600, Restart(1)),
+            (12_000, RestartNaming(1)),
+            (13_000, Restart(2)),
         ],
         _ => return None,
     };
     let servers = if name == "replacement-keeps-a-majority" { 4 } else { 3 };
-    Some(Config::scripted(seed, servers, script))
+    let naming_members = if name.starts_with("naming-") && name != "naming-restart-grace" { 3 } else { 1 };
+    Some(Config::scripted(seed, servers, naming_members, script))
 }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use super::check::Checker;
-use super::net::{server_node, Message, NodeId, Payload, NAMING};
+use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use crate::error::Error;
 use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
 use crate::replication::FetchDecision;
@@ -72,6 +72,8 @@ pub struct Timing {
     pub max_fsync_ms: u64,
     /// Applied entries kept (small in a simulation, so followers restart from snapshots).
     pub retention: crate::storage::Retention,
+    /// Members of the naming group.
+    pub naming_members: u64,
 }
 
 type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
@@ -144,6 +146,8 @@ pub struct Running {
 }
 
 struct NamingLink {
+    /// The naming member asked.
+    target: NamingTarget,
     registered: bool,
     known: u64,
     applied: u64,
@@ -152,6 +156,8 @@ struct NamingLink {
     pending_version: u64,
     next_at: u64,
     backoff: u64,
+    /// When to ping every naming member next (`server::ping_naming`).
+    alive_at: u64,
 }
 
 /// A simulated server: its disk survives crashes; the process does not.
@@ -197,6 +203,7 @@ impl SimServer {
             waits: Vec::new(),
             held: Vec::new(),
             naming: NamingLink {
+                target: NamingTarget::new(timing.naming_members),
                 registered: false,
                 known: 0,
                 applied: 0,
@@ -204,6 +211,7 @@ impl SimServer {
                 pending_version: 0,
                 next_at: ctx.now,
                 backoff: 50,
+                alive_at: ctx.now,
             },
             next_id,
             timing,
@@ -377,10 +385,23 @@ impl Running {
                 self.on_answer(ctx, kind, Err(Error::Unavailable { detail: "timed out".into() }));
             }
         }
+        if self.timing.naming_members > 1 && self.naming.alive_at <= now {
+            self.naming.alive_at = now + self.timing.lease_ms / 3;
+            for m in 1..=self.timing.naming_members {
+                let req = Request::NamingAlive { server: self.id };
+                let id = self.new_id();
+                ctx.send(
+                    self.node(),
+                    super::net::naming_node(m),
+                    Payload::Request { id, req: Box::new(req) },
+                );
+            }
+        }
         if self.naming.next_at <= now && !self.naming_busy() {
             if !self.naming.registered {
                 let req = Request::Register { server: self.id, addr: addr(self.id) };
-                self.request(ctx, NAMING, req, 2_000, Outgoing::Register);
+                let to = self.naming.target.node();
+                self.request(ctx, to, req, 2_000, Outgoing::Register);
             } else if self.naming.reconciling == 0 {
                 self.naming.applied = self.naming.applied.max(self.naming.pending_version);
                 let reports =
@@ -394,7 +415,8 @@ impl Running {
                     reports,
                 };
                 let timeout = wait_ms as u64 + 1_000;
-                self.request(ctx, NAMING, req, timeout, Outgoing::Heartbeat);
+                let to = self.naming.target.node();
+                self.request(ctx, to, req, timeout, Outgoing::Heartbeat);
             }
         }
         let ids: Vec<TopicId> = self.hosted.keys().copied().collect();
@@ -446,6 +468,7 @@ impl Running {
                 }
             }
             Payload::Request { id, req } => self.on_request(ctx, msg.from, id, *req),
+            Payload::Raft { .. } => {} // only naming members speak Raft
         }
         self.poll(ctx);
     }
@@ -459,7 +482,8 @@ impl Running {
                     self.naming.backoff = 50;
                     self.naming.next_at = ctx.now;
                 }
-                _ => self.naming_retry(ctx),
+                Ok(Response::Error(e)) | Err(e) => self.naming_failed(ctx, &e),
+                Ok(_) => self.naming_retry(ctx),
             },
             Outgoing::Heartbeat => match answer {
                 Ok(Response::Heartbeat { version, assignments }) => {
@@ -470,7 +494,11 @@ impl Running {
                     self.naming.known = version;
                     self.naming.next_at = ctx.now;
                 }
-                _ => {
+                Ok(Response::Error(e)) | Err(e) => {
+                    self.naming.registered = false;
+                    self.naming_failed(ctx, &e);
+                }
+                Ok(_) => {
                     self.naming.registered = false;
                     self.naming_retry(ctx);
                 }
@@ -535,6 +563,15 @@ impl Running {
                 }
             }
         }
+    }
+
+    /// A naming call failed: ask the leader it named (soon), or the next member.
+    fn naming_failed(&mut self, ctx: &mut Ctx, e: &Error) {
+        self.naming.target.failed(e);
+        if matches!(e, Error::NamingNotLeader { .. }) {
+            self.naming.backoff = crate::server::NAMING_BACKOFF_MIN.as_millis() as u64;
+        }
+        self.naming_retry(ctx);
     }
 
     fn naming_retry(&mut self, ctx: &mut Ctx) {

@@ -151,14 +151,21 @@ pub struct Options {
     /// Topic servers hold writes in memory until fsynced (`--volatile-writes`): `kill -9`
     /// then loses what a power cut would.
     pub volatile_writes: bool,
+    /// Members of the naming group (0 or 1: one naming server without `--peers`).
+    pub naming_members: usize,
 }
 
 /// A naming server and `n` topic servers, each in its own process.
 pub struct Cluster {
     pub dir: tempfile::TempDir,
     pub certs: PathBuf,
+    /// Naming member 1 (the only one, without [`Options::naming_members`]).
     pub naming_addr: SocketAddr,
     pub naming: Proc,
+    /// Naming members 2.. of a group.
+    pub naming_peers: Vec<(u64, SocketAddr, Proc)>,
+    /// Every naming member's address, as `--naming` takes them.
+    pub naming_list: String,
     pub servers: Vec<(ServerId, SocketAddr, Proc)>,
     /// Proxies that can cut server 1 off (see [`Cluster::start_isolatable`]).
     pub proxies: Vec<proxy::UdpProxy>,
@@ -182,31 +189,53 @@ impl Cluster {
         let certs = dir.path().join("certs");
         let out = Command::new(BIN).args(["certs", "--dir"]).arg(&certs).output().unwrap();
         assert!(out.status.success(), "herald certs: {}", String::from_utf8_lossy(&out.stderr));
-        let naming_addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let data = dir.path().join("naming").display().to_string();
+        let members = options.naming_members.max(1) as u64;
+        let addrs: Vec<SocketAddr> =
+            (0..members).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
+        let peers: Vec<String> = addrs.iter().zip(1..).map(|(a, id)| format!("{id}={a}")).collect();
         let naming_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let args = vec![
-            "naming".into(),
-            "--listen".into(),
-            naming_addr.to_string(),
-            "--data".into(),
-            data,
-            "--lease-ms".into(),
-            LEASE_MS.to_string(),
-            "--replace-after-ms".into(),
-            REPLACE_AFTER_MS.to_string(),
-            "--metrics-listen".into(),
-            naming_metrics.to_string(),
-            // The naming server logs JSON lines (checked by a test); topic servers log text.
-            "--log-format".into(),
-            "json".into(),
-        ];
-        let naming = Proc::start("naming", args, dir.path(), &certs);
+        let naming_args = |id: u64| -> Vec<String> {
+            let dir_name = if members == 1 { "naming".to_string() } else { format!("naming-{id}") };
+            let mut args: Vec<String> = vec![
+                "naming".into(),
+                "--listen".into(),
+                addrs[id as usize - 1].to_string(),
+                "--data".into(),
+                dir.path().join(dir_name).display().to_string(),
+                "--lease-ms".into(),
+                LEASE_MS.to_string(),
+                "--replace-after-ms".into(),
+                REPLACE_AFTER_MS.to_string(),
+                // The naming server logs JSON lines (checked by a test); topic servers log text.
+                "--log-format".into(),
+                "json".into(),
+            ];
+            if id == 1 {
+                args.extend(["--metrics-listen".into(), naming_metrics.to_string()]);
+            }
+            if members > 1 {
+                args.extend(["--id".into(), id.to_string(), "--peers".into(), peers.join(",")]);
+            }
+            args
+        };
+        let naming = Proc::start("naming", naming_args(1), dir.path(), &certs);
+        let naming_peers = (2..=members)
+            .map(|id| {
+                (
+                    id,
+                    addrs[id as usize - 1],
+                    Proc::start(&format!("naming-{id}"), naming_args(id), dir.path(), &certs),
+                )
+            })
+            .collect();
+        let naming_list = addrs.iter().map(SocketAddr::to_string).collect::<Vec<_>>().join(",");
         let mut cluster = Cluster {
             dir,
             certs,
-            naming_addr,
+            naming_addr: addrs[0],
             naming,
+            naming_peers,
+            naming_list,
             servers: Vec::new(),
             proxies: Vec::new(),
             naming_metrics,
@@ -280,9 +309,9 @@ impl Cluster {
         let naming = if self.options.naming_proxies {
             let front: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
             self.naming_links.push((id, proxy::UdpProxy::start(front, self.naming_addr).await));
-            front
+            front.to_string()
         } else {
-            self.naming_addr
+            self.naming_list.clone()
         };
         let mut args = vec![
             "server".into(),
@@ -324,6 +353,32 @@ impl Cluster {
         p.spawn(&certs);
     }
 
+    /// Naming member `id`'s process (1: [`Cluster::naming`]).
+    pub fn naming_member(&mut self, id: u64) -> &mut Proc {
+        if id == 1 {
+            return &mut self.naming;
+        }
+        &mut self.naming_peers.iter_mut().find(|(i, _, _)| *i == id).expect("naming member").2
+    }
+
+    /// Starts naming member `id` again after [`Proc::kill`] (same data and port).
+    pub fn start_naming_member(&mut self, id: u64) {
+        let certs = self.certs.clone();
+        self.naming_member(id).spawn(&certs);
+    }
+
+    /// How each naming member sees the group, by `herald naming status --json`.
+    pub fn naming_status(&self) -> serde_json::Value {
+        let out = self.cli(&["naming", "status", "--json"], None);
+        serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("naming status: {e}: {}", String::from_utf8_lossy(&out.stderr)))
+    }
+
+    /// The naming member that leads now, once one does.
+    pub async fn naming_leader(&self) -> u64 {
+        wait_for("a naming leader", || async { self.naming_status()["leader"].as_u64() }).await
+    }
+
     /// Starts the naming server again after [`Proc::kill`] (same data and port).
     pub fn start_naming(&mut self) {
         let certs = self.certs.clone();
@@ -356,7 +411,7 @@ impl Cluster {
 
     /// A client library handle on this cluster.
     pub fn client(&self) -> Arc<Client> {
-        Client::new(self.naming_addr, &self.certs).unwrap()
+        Client::new(self.naming_list.parse::<herald::types::NamingAddrs>().unwrap(), &self.certs).unwrap()
     }
 
     /// Waits until the naming server counts `n` live servers.
@@ -379,7 +434,7 @@ impl Cluster {
     pub fn cli_spawn(&self, args: &[&str], stdin: Option<&[u8]>) -> Child {
         let mut cmd = Command::new(BIN);
         cmd.args(args)
-            .env("HERALD_NAMING", self.naming_addr.to_string())
+            .env("HERALD_NAMING", &self.naming_list)
             .env("HERALD_CERTS", &self.certs)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -479,11 +534,24 @@ impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!("---- naming log ----\n{}", self.naming.log_tail());
+            for (id, _, p) in &self.naming_peers {
+                eprintln!("---- naming {id} log ----\n{}", p.log_tail());
+            }
             for (id, _, p) in &self.servers {
                 eprintln!("---- server {id} log ----\n{}", p.log_tail());
             }
         }
     }
+}
+
+/// Creates a three-replica topic with a subscription (`keep`) that holds every record.
+pub async fn replicated_topic(client: &Arc<Client>, name: &str) -> TopicName {
+    use herald::types::{StartFrom, SubscriptionName};
+    let topic = TopicName::new(name).unwrap();
+    client.create_topic(&topic, 3, herald::wire::TopicConfig::default()).await.unwrap();
+    let keep = SubscriptionName::new("keep").unwrap();
+    client.create_subscription(&topic, &keep, StartFrom::Earliest, false).await.unwrap();
+    topic
 }
 
 /// Reads a whole topic through a new (or existing) subscription, from its cursor to the

@@ -213,6 +213,32 @@ impl RaftLog {
         Ok(())
     }
 
+    /// The index a member rebuilding from an empty log must apply before it votes again
+    /// (see `BookNode`), if it is rebuilding; kept across restarts.
+    pub fn rebuilding(&self) -> Result<Option<u64>, LogError> {
+        let txn = self.db.begin_read()?;
+        let state = txn.open_table(STATE)?;
+        Ok(state.get("rebuilding")?.map(|v| u64::from_le_bytes(v.value().try_into().unwrap_or([0; 8]))))
+    }
+
+    pub fn set_rebuilding(&self, until: Option<u64>) -> Result<(), LogError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut state = txn.open_table(STATE)?;
+            match until {
+                Some(i) => state.insert("rebuilding", i.to_le_bytes().as_slice())?,
+                None => state.remove("rebuilding")?,
+            };
+        }
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// The voters of the configuration this log holds (empty before the first start).
+    pub fn voters(&self) -> Vec<u64> {
+        self.read().conf_state.voters.clone()
+    }
+
     /// Entries stored after the snapshot (for tests and diagnostics).
     pub fn entry_count(&self) -> usize {
         self.read().entries.len()

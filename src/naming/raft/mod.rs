@@ -83,11 +83,26 @@ pub struct Committed {
 }
 
 /// One member of the naming group.
+///
+/// # A member that lost its data directory
+/// Raft counts on a member never forgetting what it acknowledged or whom it voted for. A
+/// member that starts with an empty log may be one whose disk was lost: it holds nothing
+/// of what it once helped commit, so its vote could elect a member that lacks committed
+/// entries. Such a member is **rebuilding**: it grants no vote to a candidate with a log
+/// until it has applied everything the leader had committed when it first heard from it
+/// (then it holds what it had before, and more). Every member of a new group starts this
+/// way too; its first leader is elected by members with empty logs, which lose nothing.
+/// The leader, told with each message that the sender's log is empty, sends it everything
+/// again ([`rebuild`](Self::rebuild)). Losing a majority's disks loses the book, as in any
+/// Raft group.
 pub struct BookNode {
     raw: RawNode<RaftLog>,
     log: RaftLog,
     /// Index of the last entry handed out as committed (or installed with a snapshot).
     applied: u64,
+    /// Rebuilding from an empty log: `Some(0)` until a leader is heard from, then
+    /// `Some(k)` until entry `k` is applied.
+    rebuilding: Option<u64>,
 }
 
 impl BookNode {
@@ -121,7 +136,45 @@ impl BookNode {
         config.validate()?;
         let logger = slog::Logger::root(TracingDrain { id }, slog::o!());
         let raw = RawNode::new(&config, log.clone(), &logger)?;
-        Ok(Self { raw, log, applied })
+        let empty = raw.raft.raft_log.last_index() == 0;
+        let rebuilding = if empty { Some(0) } else { log.rebuilding()? };
+        Ok(Self { raw, log, applied, rebuilding })
+    }
+
+    /// Whether this member is rebuilding from an empty log (and votes for no one with a log).
+    pub fn rebuilding(&self) -> bool {
+        self.rebuilding.is_some()
+    }
+
+    /// Notes what a leader's message says about a rebuilding member's goal; drops the
+    /// vote requests it must not answer. Returns whether to step `message`.
+    fn screen(&mut self, message: &Message) -> Result<bool, GroupError> {
+        let Some(until) = self.rebuilding else { return Ok(true) };
+        match message.get_msg_type() {
+            MessageType::MsgRequestVote | MessageType::MsgRequestPreVote => Ok(message.index == 0),
+            MessageType::MsgAppend | MessageType::MsgHeartbeat | MessageType::MsgSnapshot if until == 0 => {
+                let commit = message.commit.max(message.get_snapshot().get_metadata().index).max(1);
+                self.rebuilding = Some(commit);
+                self.log.set_rebuilding(Some(commit))?;
+                Ok(true)
+            }
+            _ => Ok(true),
+        }
+    }
+
+    /// Ends rebuilding once the goal is applied (or this member was elected: then a
+    /// majority found its log up to date).
+    fn check_rebuilt(&mut self) -> Result<(), GroupError> {
+        let done = match self.rebuilding {
+            Some(0) => self.is_leader() && self.applied > 0,
+            Some(until) => self.applied >= until,
+            None => false,
+        };
+        if done {
+            self.rebuilding = None;
+            self.log.set_rebuilding(None)?;
+        }
+        Ok(())
     }
 
     pub fn id(&self) -> u64 {
@@ -179,6 +232,9 @@ impl BookNode {
         let last = self.raw.raft.raft_log.last_index();
         if message.get_msg_type() == MessageType::MsgHeartbeat && message.commit > last {
             message.commit = self.raw.raft.raft_log.committed;
+        }
+        if !self.screen(&message)? {
+            return Ok(());
         }
         Ok(self.raw.step(message)?)
     }
@@ -248,6 +304,7 @@ impl BookNode {
         out.messages.extend(light.take_messages());
         self.apply(light.take_committed_entries(), &mut out)?;
         self.raw.advance_apply();
+        self.check_rebuilt()?;
         Ok(out)
     }
 
