@@ -297,8 +297,9 @@ struct World {
     created: std::collections::BTreeSet<TopicName>,
     /// When the run last asked the naming group to create its topics.
     setup_asked_at: Option<u64>,
-    /// The newest book version any naming leader applied: no later leader may hold less.
-    book_seen: u64,
+    /// The newest book version a naming leader of each term applied: no leader of a later
+    /// term may hold less.
+    book_seen: BTreeMap<u64, u64>,
     stats: BTreeMap<&'static str, u64>,
 }
 
@@ -332,7 +333,7 @@ impl World {
             crash_mid_group: std::collections::BTreeSet::new(),
             created: std::collections::BTreeSet::new(),
             setup_asked_at: None,
-            book_seen: 0,
+            book_seen: BTreeMap::new(),
             stats: BTreeMap::new(),
             topics: (0..config.topics).map(|i| TopicName::new(format!("t{i}")).expect("name")).collect(),
             config,
@@ -438,15 +439,18 @@ impl World {
 
     /// Takes what the naming group said back.
     fn heard(&mut self, heard: naming::Heard, member: u64) {
-        if let Some(leader) = self.naming.leader() {
-            let version = self.naming.members[&leader].member.as_ref().expect("up").book().version;
-            if version < self.book_seen {
+        // A leader of term T holds every change a leader of an earlier term applied (they
+        // were committed): the book never goes back.
+        let leaders: Vec<(u64, u64, u64)> = self.naming.leaders().collect();
+        for (leader, term, version) in leaders {
+            let earlier = self.book_seen.range(..term).map(|(_, v)| *v).max().unwrap_or(0);
+            if version < earlier {
                 self.checker.violations.push(Violation(format!(
-                    "the naming book went back: leader {leader} holds version {version}, an earlier leader held {}",
-                    self.book_seen
+                    "the naming book went back: leader {leader} of term {term} holds version {version}, a leader of an earlier term held {earlier}"
                 )));
             }
-            self.book_seen = self.book_seen.max(version);
+            let seen = self.book_seen.entry(term).or_default();
+            *seen = (*seen).max(version);
         }
         for n in heard.notes {
             self.note(n);

@@ -91,9 +91,18 @@ impl SimNaming {
         self.members.get(&member).is_some_and(|m| m.member.is_some())
     }
 
-    /// The member that leads and decides now, if any.
+    /// The member that leads and decides now, if any (of the newest term: a leader cut off
+    /// may not know yet that another replaced it).
     pub fn leader(&self) -> Option<u64> {
-        self.members.values().find(|m| m.member.as_ref().is_some_and(|n| n.core().is_some())).map(|m| m.id)
+        self.leaders().max_by_key(|(_, term, _)| *term).map(|(id, _, _)| id)
+    }
+
+    /// Every member that takes itself for leader: id, term, book version.
+    pub fn leaders(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
+        self.members.values().filter_map(|m| {
+            let n = m.member.as_ref().filter(|n| n.core().is_some())?;
+            Some((m.id, n.status().term, n.book().version))
+        })
     }
 
     /// The newest book any running member applied (for reports).
