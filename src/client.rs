@@ -255,14 +255,18 @@ impl Client {
             }
             answer
         };
-        match tokio::time::timeout(limit, call).await {
-            Ok(Ok(Response::Topic(t))) => Ok(t),
-            Ok(Ok(Response::Error(e))) | Ok(Err(e)) => Err(e),
-            Ok(Ok(other)) => Err(unexpected(other)),
-            Err(_) => {
-                Err(Error::Unavailable { detail: format!("no answer from the naming server in {limit:?}") })
-            }
+        let answer = match tokio::time::timeout(limit, call).await {
+            Ok(Ok(Response::Topic(t))) => return Ok(t),
+            Ok(Ok(Response::Error(e))) | Ok(Err(e)) => e,
+            Ok(Ok(other)) => return Err(unexpected(other)),
+            Err(_) => Error::Unavailable { detail: format!("no answer from the naming server in {limit:?}") },
+        };
+        if matches!(answer, Error::Unavailable { .. }) {
+            // A naming server killed without a word keeps its connection open until the idle
+            // timeout: dial again (every member at once) next time instead of waiting it out.
+            *self.naming.lock().await = None;
         }
+        Err(answer)
     }
 
     pub async fn lookup(&self, name: &TopicName) -> Result<TopicInfo, Error> {
@@ -1056,64 +1060,59 @@ impl NamingRoute {
         *self.leader.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connects to the leader if one was named, else to one of the addresses.
+    /// Connects to the leader if one was named, else to one of the addresses. Every
+    /// candidate is dialled at once (a member that is down, the named leader included,
+    /// costs no more than the connect timeout, however many are down); the named leader, else
+    /// the member that answered last, is preferred when several answer.
     pub(crate) async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, Error> {
-        let mut failures = Vec::new();
-        if let Some(addr) = self.leader_hint() {
-            match Connection::connect(endpoint, addr).await {
-                Ok(conn) => {
-                    self.reached.store(true, Ordering::Relaxed);
-                    return Ok(conn);
-                }
-                Err(Error::Unavailable { detail }) => {
-                    *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                    failures.push(format!("{addr}: {detail}"));
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        // The others at once, in parallel: a member that is down costs no more than the
-        // connect timeout, however many are down. The one that answered last is preferred
-        // when several answer.
         let list = self.addrs.list();
-        let preferred = self.preferred.load(Ordering::Relaxed) % list.len();
+        let hint = self.leader_hint();
+        let preferred = hint.unwrap_or(list[self.preferred.load(Ordering::Relaxed) % list.len()]);
+        let mut candidates: Vec<SocketAddr> = hint.into_iter().collect();
+        candidates.extend(list.iter().copied().filter(|a| Some(*a) != hint));
         let mut dials = tokio::task::JoinSet::new();
-        for (at, addr) in list.iter().copied().enumerate() {
+        for addr in candidates {
             let endpoint = endpoint.clone();
-            dials.spawn(async move { (at, addr, Connection::connect(&endpoint, addr).await) });
+            dials.spawn(async move { (addr, Connection::connect(&endpoint, addr).await) });
         }
-        let mut connected: Option<(usize, Connection)> = None;
+        let mut failures = Vec::new();
+        let mut connected: Option<(SocketAddr, Connection)> = None;
         while let Some(joined) = dials.join_next().await {
-            let Ok((at, addr, result)) = joined else { continue };
+            let Ok((addr, result)) = joined else { continue };
             match result {
                 Ok(conn) => {
-                    if connected.is_none() || at == preferred {
-                        connected = Some((at, conn));
-                    }
-                    if at == preferred || dials.is_empty() {
+                    connected = Some((addr, conn));
+                    if addr == preferred || dials.is_empty() {
                         break;
                     }
                     // Give the preferred member a moment to answer too.
-                    if let Ok(Some(Ok((at, _, Ok(conn))))) =
+                    if let Ok(Some(Ok((addr, Ok(conn))))) =
                         tokio::time::timeout(PREFERRED_GRACE, dials.join_next()).await
                     {
-                        if at == preferred {
-                            connected = Some((at, conn));
+                        if addr == preferred {
+                            connected = Some((addr, conn));
                         }
                     }
                     break;
                 }
-                Err(Error::Unavailable { detail }) => failures.push(format!("{addr}: {detail}")),
+                Err(Error::Unavailable { detail }) => {
+                    if Some(addr) == hint {
+                        *self.leader.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                    }
+                    failures.push(format!("{addr}: {detail}"));
+                }
                 // Refused certificates and the like: asking elsewhere or again will not help.
                 Err(e) => return Err(e),
             }
         }
-        if let Some((at, conn)) = connected {
+        let Some((addr, conn)) = connected else {
+            return Err(Error::Unavailable { detail: failures.join("; ") });
+        };
+        if let Some(at) = list.iter().position(|a| *a == addr) {
             self.preferred.store(at, Ordering::Relaxed);
-            self.reached.store(true, Ordering::Relaxed);
-            return Ok(conn);
         }
-        Err(Error::Unavailable { detail: failures.join("; ") })
+        self.reached.store(true, Ordering::Relaxed);
+        Ok(conn)
     }
 
     /// Takes note of an answer that said another member leads (or that none is known yet,
