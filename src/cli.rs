@@ -56,8 +56,8 @@ const DEFAULT_CERTS: &str = "certs";
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// Naming servers, as HOST:PORT[,HOST:PORT...] (tried in turn; `herald dev` listens on
-    /// the first).
+    /// The naming group's members, as HOST:PORT[,HOST:PORT...] (all dialled at once: the
+    /// leader answers, the others name it; the default is where `herald dev` starts them).
     #[arg(long, global = true, env = "HERALD_NAMING", default_value = DEFAULT_NAMING)]
     naming: NamingAddrs,
     /// Directory with the cluster certificates (made by `herald certs`).
@@ -74,6 +74,7 @@ struct Common {
 
 #[derive(Args, Debug, Clone)]
 struct NamingRunArgs {
+    /// Address to serve clients, topic servers and the other members on (UDP, QUIC).
     #[arg(long, default_value = "127.0.0.1:7400")]
     listen: SocketAddr,
     /// Data directory (the Raft log and snapshots of the book, in DIR/book.redb).
