@@ -71,10 +71,7 @@ async fn killing_the_naming_leader_under_load_loses_nothing_and_admin_comes_back
     // The old leader comes back as a follower and catches up.
     cluster.start_naming_member(naming_leader);
     wait_for("the old naming leader to catch up", || async {
-        let s = cluster.naming_status();
-        let members = s["members"].as_array()?.clone();
-        let versions: Vec<u64> = members.iter().filter_map(|m| m["book_version"].as_u64()).collect();
-        (versions.len() == 3 && versions.iter().all(|v| *v == versions[0])).then_some(())
+        Cluster::naming_books_agree(&cluster.naming_status()).then_some(())
     })
     .await;
     client.close().await;
@@ -185,10 +182,7 @@ async fn a_wiped_naming_member_rejoins_and_catches_up() {
     cluster.create_topic("t2");
     cluster.start_naming_member(wiped);
     wait_for("the wiped member to hold the book again", || async {
-        let s = cluster.naming_status();
-        let members = s["members"].as_array()?.clone();
-        let versions: Vec<u64> = members.iter().filter_map(|m| m["book_version"].as_u64()).collect();
-        (versions.len() == 3 && versions.iter().all(|v| *v == versions[0] && *v > 0)).then_some(())
+        Cluster::naming_books_agree(&cluster.naming_status()).then_some(())
     })
     .await;
     // It counts toward the majority again: with the third member down, the book still moves.
@@ -211,11 +205,9 @@ async fn a_frozen_naming_leader_is_replaced_and_changes_nothing_when_it_wakes() 
     cluster.naming_member(old).signal("CONT");
     wait_for("the old leader to follow the new one", || async {
         let s = cluster.naming_status();
-        let members = s["members"].as_array()?.clone();
         let leader = s["leader"].as_u64().filter(|l| *l != old)?;
-        let versions: Vec<u64> = members.iter().filter_map(|m| m["book_version"].as_u64()).collect();
-        let agree = members.iter().all(|m| m["leader"].as_u64() == Some(leader));
-        (agree && versions.len() == 3 && versions.iter().all(|v| *v == versions[0])).then_some(())
+        let follow = s["members"].as_array()?.iter().all(|m| m["leader"].as_u64() == Some(leader));
+        (follow && Cluster::naming_books_agree(&s)).then_some(())
     })
     .await;
     let listed = cluster.cli_ok(&["topic", "list"], None);

@@ -253,11 +253,15 @@ impl<R> NamingMember<R> {
 
     /// A topic server's liveness ping (any member).
     pub fn alive(&mut self, now_ms: u64, server: ServerId) {
-        if self.heard.len() < MAX_HEARD || self.heard.contains_key(&server) {
-            self.heard.insert(server, now_ms);
-        }
+        self.heard_from(now_ms, server);
         if let Some(core) = self.core.as_mut() {
             core.alive(now_ms, server);
+        }
+    }
+
+    fn heard_from(&mut self, now_ms: u64, server: ServerId) {
+        if self.heard.len() < MAX_HEARD || self.heard.contains_key(&server) {
+            self.heard.insert(server, now_ms);
         }
     }
 
@@ -269,7 +273,7 @@ impl<R> NamingMember<R> {
         applied_version: u64,
         reports: Vec<TopicReport>,
     ) -> Result<(), Error> {
-        self.alive(now_ms, server);
+        self.heard_from(now_ms, server); // the core's own heartbeat renews its lease
         let not_leader = self.not_leader();
         self.core.as_mut().ok_or(not_leader)?.heartbeat(now_ms, server, applied_version, reports)
     }

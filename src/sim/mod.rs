@@ -428,7 +428,7 @@ impl World {
         if self.naming.is_up(m) {
             return;
         }
-        if let Err(e) = self.naming.start(m, self.now) {
+        if let Err(e) = self.naming.start(m) {
             self.checker.violations.push(Violation(e));
             return;
         }

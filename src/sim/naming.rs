@@ -111,7 +111,7 @@ impl SimNaming {
     }
 
     /// Starts (or restarts) member `id` from its disk.
-    pub fn start(&mut self, id: u64, now: u64) -> Result<(), String> {
+    pub fn start(&mut self, id: u64) -> Result<(), String> {
         let m = self.members.get_mut(&id).expect("member");
         if m.member.is_some() {
             return Ok(());
@@ -126,7 +126,6 @@ impl SimNaming {
             .map_err(|e| format!("naming member {id} does not start: {e}"))?;
         m.member = Some(member);
         m.incarnation += 1;
-        let _ = now;
         Ok(())
     }
 

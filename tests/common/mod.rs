@@ -374,6 +374,13 @@ impl Cluster {
             .unwrap_or_else(|e| panic!("naming status: {e}: {}", String::from_utf8_lossy(&out.stderr)))
     }
 
+    /// Whether every naming member answered `naming status` with the same, non-empty book.
+    pub fn naming_books_agree(status: &serde_json::Value) -> bool {
+        let Some(members) = status["members"].as_array() else { return false };
+        let versions: Vec<u64> = members.iter().filter_map(|m| m["book_version"].as_u64()).collect();
+        versions.len() == members.len() && versions.iter().all(|v| *v == versions[0] && *v > 0)
+    }
+
     /// The naming member that leads now, once one does.
     pub async fn naming_leader(&self) -> u64 {
         wait_for("a naming leader", || async { self.naming_status()["leader"].as_u64() }).await
