@@ -2,7 +2,7 @@
 CARGO ?= cargo
 HERALD := ./target/release/herald
 
-.PHONY: all build release run certs test sim lint fmt doc bench clean
+.PHONY: all build release run certs test sim fuzz lint fmt doc bench clean
 
 all: build
 
@@ -29,6 +29,12 @@ SEEDS ?= 20000
 FIRST ?= 0
 sim:
 	HERALD_SIM_SEEDS=$(SEEDS) HERALD_SIM_FIRST=$(FIRST) $(CARGO) test --release --test simulation seeds_run_clean -- --exact --nocapture
+
+## The wire decoders under many more random and mutated frames than `make test` tries
+## (proptest, stable toolchain): `make fuzz CASES=1000000`.
+CASES ?= 200000
+fuzz:
+	PROPTEST_CASES=$(CASES) $(CARGO) test --release --lib fuzz_ -- --nocapture
 
 ## The standard benchmark set on a fresh release cluster (see docs/performance.md).
 bench: release

@@ -80,7 +80,7 @@ pub fn generate(dir: &Path, hosts: &[String], force: bool) -> Result<()> {
             paths.ca_cert.display()
         );
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    crate::files::private_dir(dir).with_context(|| format!("creating {}", dir.display()))?;
 
     let now = time::OffsetDateTime::now_utc();
     let validity = |p: &mut CertificateParams| {
@@ -151,6 +151,8 @@ fn write_secret(path: &Path, pem: &str) -> Result<()> {
     #[cfg(unix)]
     opts.mode(0o600);
     let mut f = opts.open(path).with_context(|| format!("writing {}", path.display()))?;
+    // An existing file keeps its mode when opened: set it.
+    crate::files::private_file(path)?;
     f.write_all(pem.as_bytes())?;
     Ok(())
 }

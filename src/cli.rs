@@ -100,6 +100,8 @@ struct NamingRunArgs {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    limits: crate::transport::limits::LimitArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -185,6 +187,8 @@ enum Command {
         /// power cut would.
         #[arg(long, hide = true)]
         volatile_writes: bool,
+        #[command(flatten)]
+        limits: crate::transport::limits::LimitArgs,
     },
     /// Run a naming group and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
@@ -553,6 +557,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 lease: Duration::from_millis(run.lease_ms),
                 replace_after: Duration::from_millis(run.replace_after_ms),
                 metrics_listen: run.metrics_listen,
+                limits: (&run.limits).into(),
             };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -565,6 +570,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             session_lease_ms,
             metrics_listen,
             volatile_writes,
+            limits,
         } => {
             let config = ServerConfig {
                 id,
@@ -576,6 +582,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 session_lease: Duration::from_millis(session_lease_ms),
                 metrics_listen,
                 medium: if volatile_writes { Medium::VolatileFile } else { Medium::File },
+                limits: (&limits).into(),
             };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -1152,10 +1159,10 @@ fn read_stdin_batches(
             let record = make(line);
             carry.clear();
             data = &data[pos + 1..];
-            if record.size() > max_record_bytes {
+            if record.encoded_size() > max_record_bytes {
                 let err = Error::RecordTooLarge {
                     index: taken as u32,
-                    size: record.size() as u64,
+                    size: record.encoded_size() as u64,
                     limit: max_record_bytes as u64,
                     enforced_by: "the client (the topic's max_record_bytes)".into(),
                 };
@@ -1163,7 +1170,7 @@ fn read_stdin_batches(
                     return;
                 }
             } else {
-                batch_bytes += record.size();
+                batch_bytes += record.encoded_size();
                 batch.push(record);
             }
             taken += 1;
@@ -1538,6 +1545,7 @@ async fn dev(common: &Common, servers: u16, naming_servers: u16, dir: &Path) -> 
             session_lease: server::DEFAULT_SESSION_LEASE,
             metrics_listen: None,
             medium: Medium::File,
+            limits: Default::default(),
         };
         tasks.spawn(server::run(config, shutdown.clone()));
     }

@@ -474,6 +474,7 @@ impl Client {
             acks_in_flight: VecDeque::new(),
             position: None,
             commit: 0,
+            fetch_bytes: FETCH_BYTES,
         })
     }
 
@@ -532,6 +533,9 @@ impl Producer {
         &self,
         records: Vec<Record>,
     ) -> Result<oneshot::Receiver<Result<BatchAck, Error>>, Error> {
+        if records.is_empty() {
+            return Err(Error::invalid("a produce batch needs at least one record"));
+        }
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(PendingBatch { records, reply })
@@ -789,10 +793,18 @@ pub struct Consumer {
     /// the subscription's committed cursor.
     position: Option<Offset>,
     commit: Offset,
+    /// `max_bytes` of the next fetch: [`FETCH_BYTES`], raised to the size of a larger record
+    /// when the server says one does not fit.
+    fetch_bytes: u32,
 }
 
 /// Acks a consumer keeps in flight before it waits for the oldest.
 const MAX_ACKS_IN_FLIGHT: usize = 32;
+
+/// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its
+/// connection's memory budget at the server while it waits (`transport::CONNECTION_BUDGET`),
+/// so it is kept well below the largest fetch; ~1 MiB is thousands of typical records.
+pub const FETCH_BYTES: u32 = 1024 * 1024;
 
 impl Consumer {
     /// The next offset this consumer will read, once known.
@@ -907,17 +919,29 @@ impl Consumer {
                 None => piggyback = Some(next),
             }
         }
-        let resp = self
-            .exchange(piggyback, wait, |from| Request::Fetch {
-                topic: topic.clone(),
-                subscription: subscription.clone(),
-                from,
-                max_records,
-                max_bytes: crate::server::MAX_FETCH_BYTES,
-                max_wait_ms: wait_ms,
-                session: session.clone(),
-            })
-            .await?;
+        let resp = loop {
+            let max_bytes = self.fetch_bytes;
+            let result = self
+                .exchange(piggyback, wait, |from| Request::Fetch {
+                    topic: topic.clone(),
+                    subscription: subscription.clone(),
+                    from,
+                    max_records,
+                    max_bytes,
+                    max_wait_ms: wait_ms,
+                    session: session.clone(),
+                })
+                .await;
+            match result {
+                // The next record is larger than we asked for: ask again with room for it.
+                Err(Error::FetchTooSmall { size, .. })
+                    if size > max_bytes as u64 && size <= crate::server::MAX_FETCH_BYTES as u64 =>
+                {
+                    self.fetch_bytes = size as u32;
+                }
+                other => break other?,
+            }
+        };
         match resp {
             Response::Records { records, commit, evicted, .. } => {
                 if let Some(e) = evicted {

@@ -92,6 +92,13 @@ pub enum Error {
     /// A naming member that does not lead its group: ask the leader (`leader`, if known).
     #[error("naming member {member} does not lead the naming group{}", leader.map(|l| format!(" (the leader is at {l})")).unwrap_or_else(|| " (no leader known yet: an election is under way)".into()))]
     NamingNotLeader { member: u64, leader: Option<std::net::SocketAddr> },
+    /// 24: the next record does not fit in the fetch's `max_bytes`; fetch again with at
+    /// least `size` (our client does so by itself).
+    #[error("the record at offset {offset} of topic {topic:?} is {size} bytes as encoded, more than this fetch's max_bytes of {max_bytes}: fetch again with max_bytes of at least {size}")]
+    FetchTooSmall { topic: String, offset: Offset, size: u64, max_bytes: u64 },
+    /// 25: a count or size limit was reached; nothing was changed.
+    #[error("{what}: the limit is {limit}{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
+    LimitReached { what: String, limit: u64, hint: String },
 }
 
 impl Error {
@@ -122,6 +129,8 @@ impl Error {
             Error::SubscriptionBusy { .. } => "subscription_busy",
             Error::BacklogFull { .. } => "backlog_full",
             Error::NamingNotLeader { .. } => "naming_not_leader",
+            Error::FetchTooSmall { .. } => "fetch_too_small",
+            Error::LimitReached { .. } => "limit_reached",
         }
     }
 
@@ -175,6 +184,8 @@ mod tests {
             (Error::SubscriptionBusy { topic: s(), subscription: s(), holder: s(), expires_in_ms: 0 }, 21),
             (Error::BacklogFull { topic: s(), limit: 0, backlog: 0, oldest_held_by: None }, 22),
             (Error::NamingNotLeader { member: 1, leader: None }, 23),
+            (Error::FetchTooSmall { topic: s(), offset: 0, size: 0, max_bytes: 0 }, 24),
+            (Error::LimitReached { what: s(), limit: 0, hint: s() }, 25),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -10,6 +10,7 @@ pub mod certs;
 pub mod cli;
 pub mod client;
 pub mod error;
+pub mod files;
 pub mod metrics;
 pub mod naming;
 pub mod policy;

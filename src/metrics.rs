@@ -50,6 +50,10 @@ pub struct ReplicaLabels {
 pub struct EndpointMetrics {
     pub open_connections: Gauge,
     pub handshake_failures: Counter,
+    /// Connections refused at a connection limit, before their handshake.
+    pub refused_connections: Counter,
+    /// Bytes client connections hold now in frames being read and answers not yet sent.
+    pub budget_bytes: Gauge,
     pub requests: Family<RequestLabels, Counter>,
 }
 
@@ -72,6 +76,16 @@ impl EndpointMetrics {
             "herald_tls_handshake_failures",
             "Incoming connections whose QUIC/TLS handshake failed",
             self.handshake_failures.clone(),
+        );
+        registry.register(
+            "herald_refused_connections",
+            "Connections refused at a connection limit (--max-connections, --max-connections-per-ip)",
+            self.refused_connections.clone(),
+        );
+        registry.register(
+            "herald_budget_bytes",
+            "Bytes client connections hold in frames being read and answers not yet sent",
+            self.budget_bytes.clone(),
         );
         registry.register(
             "herald_requests",

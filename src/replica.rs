@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 use crate::error::Error;
 use crate::replication::{
     committed, truncation_point, FetchDecision, FetchRequest, Leader, LogView, ReplicaChunk, ReplicaReset,
+    ShippedEntry,
 };
 use crate::storage::{LogState, Pending, Store, TopicLog};
 use crate::transport::Pool;
@@ -473,8 +474,10 @@ impl Replica {
         };
         let read_end = entries.last().map_or(from, |e| e.index + 1);
         if read_end >= state.end_index && state.staged_end > read_end {
-            let read: usize = entries.iter().flat_map(|e| &e.records).map(|r| r.size()).sum();
-            entries.extend(log.staged(read_end, max_bytes.saturating_sub(read)));
+            let read: usize = entries.iter().map(ShippedEntry::encoded_size).sum();
+            if read < max_bytes || entries.is_empty() {
+                entries.extend(log.staged(read_end, max_bytes.saturating_sub(read)));
+            }
         }
         if log.state().leading != Some(epoch) {
             return Err(deposed());
@@ -587,7 +590,30 @@ impl Replica {
         let state = self.log.state();
         let part = self.part.lock().expect("part lock");
         let Part::Leader(l) = &*part else { return None };
+        if state.leading != Some(l.epoch) {
+            return None;
+        }
         Some((l.epoch, l.ready(), l.caught_up(state.end_index)))
+    }
+
+    /// Leader (also one whose storage gave its epoch up): the replicas holding all it has.
+    pub fn holders(&self) -> Vec<ServerId> {
+        let state = self.log.state();
+        match &*self.part.lock().expect("part lock") {
+            Part::Leader(l) => l.caught_up(state.end_index),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The epoch this replica leads and its storage gave up: a group followers may have seen
+    /// could not be written (e.g. the disk is full). Reported as refused, so the naming
+    /// server elects anew.
+    pub fn given_up(&self) -> Option<Epoch> {
+        let state = self.log.state();
+        match &*self.part.lock().expect("part lock") {
+            Part::Leader(l) if state.leading != Some(l.epoch) => Some(l.epoch),
+            _ => None,
+        }
     }
 }
 

@@ -40,9 +40,9 @@ use crate::wire::{
 
 /// Most records one fetch returns.
 pub const MAX_FETCH_RECORDS: u32 = 10_000;
-/// Most payload bytes one fetch returns (beyond its first record), so an answer always fits a
-/// frame next to one maximal record.
-pub const MAX_FETCH_BYTES: u32 = 4 * 1024 * 1024;
+/// Most record bytes (as encoded) one fetch may ask for: a whole frame, so every stored
+/// record can be fetched (a record is at most `MAX_RECORD_BYTES_LIMIT`, half a frame).
+pub const MAX_FETCH_BYTES: u32 = (crate::wire::MAX_FRAME_BYTES - crate::wire::RECORDS_ANSWER_OVERHEAD) as u32;
 /// Longest a fetch waits for records.
 pub const MAX_FETCH_WAIT: Duration = Duration::from_secs(30);
 
@@ -62,6 +62,8 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// What the store is kept on (a file, or for power-loss tests a volatile one).
     pub medium: Medium,
+    /// What clients may hold of this server.
+    pub limits: transport::Limits,
 }
 
 /// How long past a heartbeat's long poll the server waits for the answer before it takes the
@@ -339,6 +341,9 @@ impl TopicServer {
         sequence: u64,
         records: Vec<crate::wire::Record>,
     ) -> ResponseFuture {
+        if let Err(e) = check_batch(&records) {
+            return ready(Response::Error(e));
+        }
         let (replica, policy) = match self.leader_and_policy(topic) {
             Ok(r) => r,
             Err(e) => return ready(Response::Error(e)),
@@ -557,7 +562,10 @@ impl TopicServer {
         let topics = self.topics.read().expect("topics lock");
         topics
             .values()
-            .filter_map(|h| topic_report(&h.replica, *h.refused.lock().expect("refused lock")))
+            .filter_map(|h| {
+                let refused = *h.refused.lock().expect("refused lock");
+                topic_report(&h.replica, refused, self.node.store.low_on_space())
+            })
             .collect()
     }
 
@@ -584,6 +592,12 @@ impl Service for TopicServer {
     }
 
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
+        if let Request::Fetch { session: Some(s), .. } | Request::Ack { session: Some(s), .. } = &req {
+            let name = "consumer session name";
+            if let Err(e) = crate::types::check_text(name, &s.name, crate::types::MAX_SESSION_NAME_BYTES) {
+                return ready(Response::Error(e));
+            }
+        }
         let me = self.clone();
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
@@ -758,6 +772,23 @@ impl Service for TopicServer {
     }
 }
 
+/// Refuses a batch no honest producer sends, before it takes a sequence number: an empty one
+/// (it would keep producer state for a day and store nothing) or one over
+/// [`MAX_PRODUCE_BATCH_BYTES`](crate::wire::MAX_PRODUCE_BATCH_BYTES).
+fn check_batch(records: &[crate::wire::Record]) -> Result<(), Error> {
+    if records.is_empty() {
+        return Err(Error::invalid("a produce batch needs at least one record"));
+    }
+    let bytes: usize = records.iter().map(crate::wire::Record::encoded_size).sum();
+    if bytes > crate::wire::MAX_PRODUCE_BATCH_BYTES {
+        return Err(Error::invalid(format!(
+            "a produce batch of {bytes} bytes is over the limit of {} bytes: send smaller batches",
+            crate::wire::MAX_PRODUCE_BATCH_BYTES
+        )));
+    }
+    Ok(())
+}
+
 /// Reads committed records of `log` from `from` (as the state `state` says what is
 /// committed and stored); `None` when there is nothing to read yet.
 pub fn read_committed(
@@ -799,14 +830,34 @@ pub fn read_committed(
 /// What a replica tells the naming server about its topic in a heartbeat, if anything: a
 /// topic it leads (epoch committed or not, who holds everything), or one it was told to lead
 /// and would not (`refused`).
-pub fn topic_report(replica: &Replica, refused: Option<Epoch>) -> Option<TopicReport> {
-    let leader = replica.leader_report();
+///
+/// A leader on a full disk (`low_space`) hands its epoch on once a majority holds all it has:
+/// it reports the epoch refused, and the naming server elects one of them instead.
+pub fn topic_report(replica: &Replica, refused: Option<Epoch>, low_space: bool) -> Option<TopicReport> {
+    let mut leader = replica.leader_report();
+    let mut refused = refused;
+    // Handing the epoch on: refused, with who holds everything, so the naming server elects
+    // one of them rather than this replica again.
+    let mut handing_on = Vec::new();
+    if let Some(epoch) = replica.given_up() {
+        refused = Some(epoch);
+        handing_on = replica.holders();
+    }
+    if let Some((epoch, true, holders)) = &leader {
+        let voters = replica.assignment().voter_ids();
+        let holding = holders.iter().filter(|h| voters.contains(h)).count();
+        if low_space && holding >= crate::replication::majority(voters.len()) {
+            refused = Some(*epoch);
+            handing_on = holders.clone();
+            leader = None;
+        }
+    }
     if leader.is_none() && refused.is_none() {
         return None;
     }
     let (leading, ready, holders) = match leader {
         Some((epoch, ready, holders)) => (Some(epoch), ready, holders),
-        None => (None, false, Vec::new()),
+        None => (None, false, handing_on),
     };
     let promised = replica.log.state().promised;
     Some(TopicReport { topic: replica.log.id, promised, leading, refused, ready, holders })
@@ -838,6 +889,7 @@ async fn ping_naming(
         })
         .await;
         if !matches!(sent, Ok(Ok(_))) {
+            debug!(naming = %addr, outcome = ?sent.map(|r| r.map(|_| ())), "naming member not told this server is alive");
             conn = None;
         }
     }
@@ -925,7 +977,12 @@ async fn follow_naming(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             result = session => if let Err(e) = result {
-                debug!(error = %e, "naming session ended; retrying");
+                if matches!(e, Error::Unauthorized { .. }) {
+                    // Retrying will not help: the operator must fix the certificates.
+                    warn!(error = %e, "the naming server refused this server's certificate; retrying");
+                } else {
+                    debug!(error = %e, "naming session ended; retrying");
+                }
                 if route.redirected(&e) {
                     // Another member leads (or an election is under way): ask again soon.
                     backoff = NAMING_BACKOFF_MIN;
@@ -998,7 +1055,7 @@ async fn run_node(
         follow_naming(server.clone(), endpoint.clone(), config.naming, advertise, shutdown.clone())
             .in_current_span(),
     );
-    transport::serve(endpoint, server, shutdown).await;
+    transport::serve(endpoint, server, config.limits, shutdown).await;
     let _ = naming.await;
     Ok(())
 }

@@ -112,6 +112,26 @@ validated_name!(
     "subscription"
 );
 
+/// Longest consumer session name, in bytes (it is shown as a subscription's holder).
+pub const MAX_SESSION_NAME_BYTES: usize = 256;
+
+/// Checks text a peer sends that people later read in logs, errors and `topic describe`:
+/// at most `max` bytes, and no control characters (a newline would forge a log line, an ESC
+/// would drive the reader's terminal).
+pub fn check_text(what: &str, text: &str, max: usize) -> Result<(), Error> {
+    if text.len() > max {
+        return Err(Error::invalid(format!("the {what} is {} bytes, over the limit of {max}", text.len())));
+    }
+    if let Some(c) = text.chars().find(|c| c.is_control()) {
+        return Err(Error::invalid(format!(
+            "the {what} {:?} contains the control character {:?}: only printable text is taken",
+            text.escape_debug().to_string(),
+            c
+        )));
+    }
+    Ok(())
+}
+
 /// Where a new subscription starts reading.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum StartFrom {
@@ -148,11 +168,25 @@ pub fn mono_ms() -> u64 {
     START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64
 }
 
+/// Most headers one record may carry. Checked while decoding, before anything is allocated
+/// for them: an empty header costs 2 bytes on the wire but ~48 in memory, so without a cap a
+/// 16 MiB frame of empty headers would take ~400 MB to decode.
+pub const MAX_HEADERS_PER_RECORD: usize = 128;
+/// Longest header name, in bytes (names are labels such as `trace-id`).
+pub const MAX_HEADER_NAME_BYTES: usize = 256;
+/// Longest record key, in bytes (keys identify; the payload carries the data).
+pub const MAX_KEY_BYTES: usize = 64 * 1024;
+/// Most records in one produce batch, checked while decoding for the same reason as
+/// [`MAX_HEADERS_PER_RECORD`] (an empty record is 3 bytes on the wire, ~72 in memory). Four
+/// times what our client sends (`client::MAX_BATCH_RECORDS`).
+pub const MAX_RECORDS_PER_BATCH: usize = 16 * 1024;
+
 /// A record as a producer sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Record {
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    #[serde(deserialize_with = "bounded::headers")]
     pub headers: Vec<Header>,
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
@@ -166,12 +200,95 @@ pub struct Header {
     pub value: Vec<u8>,
 }
 
+/// Bytes postcard takes for the length or integer `n` (a varint: 7 bits per byte).
+pub fn varint_len(n: u64) -> usize {
+    (64 - (n | 1).leading_zeros() as usize).div_ceil(7)
+}
+
+fn bytes_len(n: usize) -> usize {
+    varint_len(n as u64) + n
+}
+
 impl Record {
-    /// Bytes this record counts against the topic's `max_record_bytes`: key, headers, payload.
-    pub fn size(&self) -> usize {
-        self.key.len()
-            + self.payload.len()
-            + self.headers.iter().map(|h| h.name.len() + h.value.len()).sum::<usize>()
+    /// The record's size as encoded on the wire and on disk: key, headers (each with its
+    /// length fields) and payload. Every byte limit counts this: `max_record_bytes`, batch and
+    /// fetch sizes, replication chunks. (Counting only the bytes of names and values let a
+    /// record of millions of empty headers through a 1,000-byte limit.)
+    pub fn encoded_size(&self) -> usize {
+        bytes_len(self.key.len())
+            + varint_len(self.headers.len() as u64)
+            + self.headers.iter().map(|h| bytes_len(h.name.len()) + bytes_len(h.value.len())).sum::<usize>()
+            + bytes_len(self.payload.len())
+    }
+
+    /// Checks the caps on key and header sizes (the header count is checked when decoding).
+    pub fn check_shape(&self) -> Result<(), String> {
+        if self.key.len() > MAX_KEY_BYTES {
+            return Err(format!("its key is {} bytes, over the limit of {MAX_KEY_BYTES}", self.key.len()));
+        }
+        if self.headers.len() > MAX_HEADERS_PER_RECORD {
+            return Err(format!(
+                "it has {} headers, over the limit of {MAX_HEADERS_PER_RECORD}",
+                self.headers.len()
+            ));
+        }
+        if let Some(h) = self.headers.iter().find(|h| h.name.len() > MAX_HEADER_NAME_BYTES) {
+            return Err(format!(
+                "a header name is {} bytes, over the limit of {MAX_HEADER_NAME_BYTES}",
+                h.name.len()
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl StoredRecord {
+    /// Its size as encoded in a fetch answer (the record, its offset and timestamp).
+    pub fn encoded_size(&self) -> usize {
+        varint_len(self.offset) + varint_len(self.timestamp_ms) + self.record.encoded_size()
+    }
+}
+
+/// Deserializers that refuse a sequence longer than its cap before allocating for it.
+pub mod bounded {
+    use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess, Visitor};
+    use std::marker::PhantomData;
+
+    use super::{Header, Record, MAX_HEADERS_PER_RECORD, MAX_RECORDS_PER_BATCH};
+
+    struct AtMost<T, const N: usize>(PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for AtMost<T, N> {
+        type Value = Vec<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a sequence of at most {N} items")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+            if let Some(n) = seq.size_hint().filter(|n| *n > N) {
+                return Err(A::Error::custom(format!("{n} items, over the limit of {N}")));
+            }
+            // Grows as items arrive: the announced length alone reserves nothing.
+            let mut out = Vec::new();
+            while let Some(item) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(A::Error::custom(format!("more than {N} items")));
+                }
+                out.push(item);
+            }
+            Ok(out)
+        }
+    }
+
+    /// A record's headers: at most [`MAX_HEADERS_PER_RECORD`].
+    pub fn headers<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Header>, D::Error> {
+        d.deserialize_seq(AtMost::<Header, MAX_HEADERS_PER_RECORD>(PhantomData))
+    }
+
+    /// A batch's records: at most [`MAX_RECORDS_PER_BATCH`].
+    pub fn records<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Record>, D::Error> {
+        d.deserialize_seq(AtMost::<Record, MAX_RECORDS_PER_BATCH>(PhantomData))
     }
 }
 
@@ -269,6 +386,59 @@ mod tests {
         assert!(postcard::from_bytes::<TopicName>(&bytes).is_err());
         let bytes = postcard::to_stdvec(&"good".to_string()).unwrap();
         assert_eq!(postcard::from_bytes::<TopicName>(&bytes).unwrap().as_str(), "good");
+    }
+
+    proptest::proptest! {
+        /// Every byte limit counts `encoded_size`: it must be what postcard writes.
+        #[test]
+        fn encoded_size_is_the_encoding(
+            key in proptest::collection::vec(0u8.., 0..300),
+            headers in proptest::collection::vec(("[a-z]{0,200}", proptest::collection::vec(0u8.., 0..200)), 0..6),
+            payload in proptest::collection::vec(0u8.., 0..20_000),
+            offset: u64,
+            timestamp_ms: u64,
+        ) {
+            let record = Record {
+                key,
+                headers: headers.into_iter().map(|(name, value)| Header { name, value }).collect(),
+                payload,
+            };
+            proptest::prop_assert_eq!(record.encoded_size(), postcard::to_stdvec(&record).unwrap().len());
+            let stored = StoredRecord { offset, timestamp_ms, record };
+            proptest::prop_assert_eq!(stored.encoded_size(), postcard::to_stdvec(&stored).unwrap().len());
+        }
+    }
+
+    #[test]
+    fn empty_headers_count_and_are_capped_while_decoding() {
+        let many = |n: usize| Record {
+            headers: vec![Header { name: String::new(), value: Vec::new() }; n],
+            ..Record::default()
+        };
+        let ok = many(MAX_HEADERS_PER_RECORD);
+        let bytes = postcard::to_stdvec(&ok).unwrap();
+        assert_eq!(ok.encoded_size(), bytes.len());
+        assert!(ok.encoded_size() > 2 * MAX_HEADERS_PER_RECORD, "2 bytes per empty header");
+        assert_eq!(postcard::from_bytes::<Record>(&bytes).unwrap(), ok);
+        let bytes = postcard::to_stdvec(&many(MAX_HEADERS_PER_RECORD + 1)).unwrap();
+        let err = postcard::from_bytes::<Record>(&bytes).unwrap_err();
+        assert!(err.to_string().contains("limit") || matches!(err, postcard::Error::SerdeDeCustom), "{err}");
+        // A count announced far beyond the bytes sent is refused before anything is allocated.
+        let lie = [0u8, 0xff, 0xff, 0xff, 0xff, 0x0f];
+        assert!(postcard::from_bytes::<Record>(&lie).is_err());
+    }
+
+    #[test]
+    fn record_shape_caps() {
+        let mut r = Record { key: vec![0; MAX_KEY_BYTES], ..Record::default() };
+        assert!(r.check_shape().is_ok());
+        r.key.push(0);
+        assert!(r.check_shape().unwrap_err().contains("key"));
+        let r = Record {
+            headers: vec![Header { name: "n".repeat(MAX_HEADER_NAME_BYTES + 1), value: vec![] }],
+            ..Record::default()
+        };
+        assert!(r.check_shape().unwrap_err().contains("header name"));
     }
 
     #[test]

@@ -38,6 +38,16 @@ pub const DEFAULT_MAX_RECORD_BYTES: u32 = 1024 * 1024;
 /// Upper bound for a topic's `max_record_bytes`, so one record always fits in a frame.
 pub const MAX_RECORD_BYTES_LIMIT: u32 = 8 * 1024 * 1024;
 
+/// Largest produce batch a server takes (its records, as encoded): room for the largest
+/// record and some small ones. Half a frame, so a batch always fits in one replication chunk
+/// and in one fetch answer with room to spare (our client sends at most
+/// `client::MAX_BATCH_BYTES`).
+pub const MAX_PRODUCE_BATCH_BYTES: usize = MAX_RECORD_BYTES_LIMIT as usize + 1024 * 1024;
+
+/// Bytes a `Records` answer takes beyond its records' [`StoredRecord::encoded_size`]
+/// (variant, counts, offsets, an eviction notice), rounded up.
+pub const RECORDS_ANSWER_OVERHEAD: usize = 128;
+
 /// Per-topic settings chosen at creation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicConfig {
@@ -270,6 +280,7 @@ pub enum Request {
         topic: TopicName,
         producer: ProducerId,
         sequence: Sequence,
+        #[serde(deserialize_with = "crate::types::bounded::records")]
         records: Vec<Record>,
     },
     /// Read committed records from `from` (or, if `None`, from the subscription's cursor),
@@ -432,7 +443,8 @@ pub struct TopicReport {
     pub refused: Option<Epoch>,
     /// Leading: its epoch's first entry is committed.
     pub ready: bool,
-    /// Leading: the replicas (voters and learners, itself included) holding everything it has.
+    /// Leading, or handing its epoch on (refused because its disk is full): the replicas
+    /// (voters and learners, itself included) holding everything it has.
     pub holders: Vec<ServerId>,
 }
 
@@ -649,6 +661,17 @@ mod tests {
         ]
     }
 
+    fn check_decodes_or_refuses<T: serde::de::DeserializeOwned>(
+        bytes: &[u8],
+    ) -> Result<(), proptest::test_runner::TestCaseError> {
+        match decode_frame::<T>(bytes, "test") {
+            Ok(Some((_, used))) => prop_assert!(used <= bytes.len()),
+            Ok(None) | Err(Error::Malformed { .. }) | Err(Error::FrameTooLarge { .. }) => {}
+            Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+        }
+        Ok(())
+    }
+
     proptest! {
         #[test]
         fn frames_round_trip(reqs in proptest::collection::vec(request(), 1..6)) {
@@ -663,14 +686,38 @@ mod tests {
             prop_assert_eq!(at, buf.len());
         }
 
-        /// Arbitrary bytes never panic the decoder, and never make it read past the buffer.
+        /// Fuzz (longer with `make fuzz`): arbitrary bytes never panic the request decoder,
+        /// and never make it read past the buffer.
         #[test]
-        fn garbage_is_rejected_not_panicking(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-            match decode_frame::<Request>(&bytes, "test") {
-                Ok(Some((_, used))) => prop_assert!(used <= bytes.len()),
-                Ok(None) | Err(Error::Malformed { .. }) | Err(Error::FrameTooLarge { .. }) => {}
-                Err(other) => prop_assert!(false, "unexpected error {other:?}"),
+        fn fuzz_request_decoder_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            check_decodes_or_refuses::<Request>(&bytes)?;
+        }
+
+        /// Fuzz: the same for the response decoder (what a client reads from a server).
+        #[test]
+        fn fuzz_response_decoder_takes_any_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            check_decodes_or_refuses::<Response>(&bytes)?;
+        }
+
+        /// Fuzz: valid frames with bytes changed, inserted or removed (lengths and counts
+        /// that lie, cut strings, bad variants) are refused or decoded, never a panic.
+        #[test]
+        fn fuzz_mutated_frames_are_refused_or_decoded(
+            req in request(),
+            edits in proptest::collection::vec((any::<usize>(), any::<u8>(), 0u8..3), 1..8),
+        ) {
+            let mut buf = Vec::new();
+            encode_frame(&req, &mut buf).unwrap();
+            for (at, byte, kind) in edits {
+                let at = at % (buf.len() + 1);
+                match kind {
+                    0 if at < buf.len() => buf[at] = byte,
+                    1 => buf.insert(at, byte),
+                    _ if at < buf.len() => { buf.remove(at); }
+                    _ => {}
+                }
             }
+            check_decodes_or_refuses::<Request>(&buf)?;
         }
 
         /// A truncated frame is never decoded as a message.

@@ -89,13 +89,14 @@ async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
     cluster.cli_ok(&["topic", "create", "small", "--replicas", "1", "--max-record-bytes", "100"], None);
     cluster.cli_ok(&["subscription", "create", "small", "s"], None);
 
-    // The CLI refuses the record before sending it, and counts it as not acknowledged.
+    // The CLI refuses the record before sending it, and counts it as not acknowledged. Sizes
+    // are as encoded: 150 bytes of payload, its 2-byte length, and the empty key and headers.
     let input = format!("ok-1\n{}\nok-2\n", "x".repeat(150));
     let out = cluster.cli(&["produce", "small"], Some(input.as_bytes()));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.contains("150 bytes") && stderr.contains("limit of 100 bytes") && stderr.contains("client"),
+        stderr.contains("154 bytes") && stderr.contains("limit of 100 bytes") && stderr.contains("client"),
         "{stderr}"
     );
     assert!(
@@ -112,7 +113,7 @@ async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
     let req = Request::Produce { topic: TopicName::new("small").unwrap(), producer: 5, sequence: 0, records };
     match conn.call(&req).await.unwrap_err() {
         Error::RecordTooLarge { index, size, limit, enforced_by } => {
-            assert_eq!((index, size, limit), (1, 101, 100));
+            assert_eq!((index, size, limit), (1, 104, 100));
             assert!(enforced_by.contains("topic server 1"), "{enforced_by}");
         }
         other => panic!("{other}"),

@@ -46,6 +46,17 @@ use crate::wire::{
 /// Most replicas a topic may ask for.
 pub const MAX_REPLICAS: u32 = 16;
 
+/// Topics one cluster holds. The whole book travels in single frames (a `topic list` answer,
+/// a server's heartbeat answer, a Raft snapshot): 10,000 topics of up to ~1.2 KB each (a
+/// 128-byte name and 16 replicas' addresses) and every schema together stay within a frame.
+pub const MAX_TOPICS: usize = 10_000;
+
+/// Longest schema of one topic, in bytes (JSON Schemas are small: 64 KiB is a large one).
+pub const MAX_SCHEMA_BYTES: usize = 64 * 1024;
+
+/// All schemas of a cluster together, in bytes (see [`MAX_TOPICS`]).
+pub const MAX_TOTAL_SCHEMA_BYTES: usize = 2 * 1024 * 1024;
+
 /// Timing of the naming server's decisions, in milliseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
@@ -333,6 +344,14 @@ impl NamingCore {
         if self.book.topics.contains_key(name.as_str()) {
             return Err(Error::TopicExists { topic: name.to_string() });
         }
+        if self.book.topics.len() >= MAX_TOPICS {
+            return Err(Error::LimitReached {
+                what: format!("the cluster has {} topics", self.book.topics.len()),
+                limit: MAX_TOPICS as u64,
+                hint: "delete unused ones with `herald topic delete`".into(),
+            });
+        }
+        self.check_schema_room(config.schema.as_deref(), None)?;
         let live = self.by_load(now_ms);
         if live.len() < replicas as usize {
             return Err(Error::NotEnoughServers { requested: replicas, live: live.len() as u32 });
@@ -358,10 +377,31 @@ impl NamingCore {
         })
     }
 
+    /// Checks that `schema` (replacing `replaced`'s, if given) keeps the cluster's schemas
+    /// within [`MAX_TOTAL_SCHEMA_BYTES`].
+    fn check_schema_room(&self, schema: Option<&str>, replaced: Option<&TopicName>) -> Result<(), Error> {
+        let Some(schema) = schema else { return Ok(()) };
+        let others: usize = self
+            .book
+            .topics
+            .values()
+            .filter(|t| Some(&t.name) != replaced)
+            .filter_map(|t| t.config.schema.as_ref().map(String::len))
+            .sum();
+        if others + schema.len() > MAX_TOTAL_SCHEMA_BYTES {
+            return Err(Error::LimitReached {
+                what: format!("the cluster's schemas would take {} bytes", others + schema.len()),
+                limit: MAX_TOTAL_SCHEMA_BYTES as u64,
+                hint: "remove schemas of unused topics".into(),
+            });
+        }
+        Ok(())
+    }
+
     /// Changes a topic's policies.
     pub fn alter_topic(&self, name: &TopicName, changes: TopicChanges) -> Result<BookChange, Error> {
         if let Some(Some(schema)) = &changes.schema {
-            crate::policy::compile_schema(schema)?;
+            check_schema(schema)?;
         }
         if changes.backlog_limit == Some(Some(0)) {
             return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
@@ -369,6 +409,9 @@ impl NamingCore {
         let Some(mut record) = self.book.topics.get(name.as_str()).cloned() else {
             return Err(Error::UnknownTopic { topic: name.to_string() });
         };
+        if let Some(Some(schema)) = &changes.schema {
+            self.check_schema_room(Some(schema), Some(name))?;
+        }
         if let Some(schema) = changes.schema {
             record.config.schema = schema;
         }
@@ -512,7 +555,11 @@ impl NamingCore {
         }
         let reports: Vec<(ServerId, Epoch, Index)> =
             e.answers.iter().filter_map(|(s, a)| a.map(|(last, end)| (*s, last, end))).collect();
-        match choose_leader(&t.voters, &reports) {
+        // A leader that hands its epoch on (it cannot write) is chosen again only if no
+        // replica as up to date answered.
+        let handing_on =
+            self.report(t.id, t.leader).is_some_and(|r| r.refused.is_some() && !r.holders.is_empty());
+        match choose_leader(&t.voters, &reports, handing_on.then_some(t.leader)) {
             Some(winner) => {
                 self.retry_at.remove(&t.id);
                 self.elected += 1;
@@ -614,10 +661,22 @@ impl NamingCore {
     }
 }
 
+/// Checks a schema's size, then that it compiles.
+fn check_schema(schema: &str) -> Result<(), Error> {
+    if schema.len() > MAX_SCHEMA_BYTES {
+        return Err(Error::LimitReached {
+            what: format!("the schema is {} bytes", schema.len()),
+            limit: MAX_SCHEMA_BYTES as u64,
+            hint: "split it, or move shared parts out of it".into(),
+        });
+    }
+    crate::policy::compile_schema(schema).map(|_| ())
+}
+
 /// Checks a topic's policies as `topic create` gives them.
 fn check_config(config: &TopicConfig) -> Result<(), Error> {
     if let Some(schema) = &config.schema {
-        crate::policy::compile_schema(schema)?;
+        check_schema(schema)?;
     }
     if config.backlog_limit == Some(0) {
         return Err(Error::invalid("--backlog-limit must be at least 1 byte"));
@@ -677,6 +736,40 @@ mod tests {
         let change = c.create_topic(now, 0, name.clone(), 3, TopicConfig::default()).unwrap();
         c.apply(&change);
         c.book().topics["t"].clone()
+    }
+
+    #[test]
+    fn the_book_is_bounded_in_topics_and_schema_bytes() {
+        let mut c = core(1, 0);
+        let with_schema = |len: usize| TopicConfig {
+            // A valid schema padded with a description to `len` bytes.
+            schema: Some(format!(r#"{{"description":"{}"}}"#, "d".repeat(len - 18))),
+            ..TopicConfig::default()
+        };
+        let name = |i: usize| TopicName::new(format!("t{i}")).unwrap();
+        let big = c.create_topic(0, 0, name(0), 1, with_schema(MAX_SCHEMA_BYTES + 1)).unwrap_err();
+        assert!(
+            matches!(big, Error::LimitReached { limit, .. } if limit == MAX_SCHEMA_BYTES as u64),
+            "{big}"
+        );
+        // Schemas of at most 64 KiB each, until the cluster's 2 MiB are used.
+        let fit = MAX_TOTAL_SCHEMA_BYTES / MAX_SCHEMA_BYTES;
+        for i in 0..fit {
+            let change = c.create_topic(0, 0, name(i), 1, with_schema(MAX_SCHEMA_BYTES)).unwrap();
+            c.apply(&change);
+        }
+        let full = c.create_topic(0, 0, name(fit), 1, with_schema(100)).unwrap_err();
+        assert!(matches!(full, Error::LimitReached { .. }), "{full}");
+        // Replacing a topic's schema counts the new one instead of the old.
+        let smaller = TopicChanges { schema: Some(with_schema(1000).schema), ..TopicChanges::default() };
+        c.alter_topic(&name(0), smaller).unwrap();
+        // And the number of topics is bounded.
+        for i in fit..MAX_TOPICS {
+            let change = c.create_topic(0, 0, name(i), 1, TopicConfig::default()).unwrap();
+            c.apply(&change);
+        }
+        let many = c.create_topic(0, 0, name(MAX_TOPICS), 1, TopicConfig::default()).unwrap_err();
+        assert!(matches!(many, Error::LimitReached { limit, .. } if limit == MAX_TOPICS as u64), "{many}");
     }
 
     /// Runs ticks every 10 ms from `from` to `to`, applying every change and answering every

@@ -78,6 +78,8 @@ pub struct NamingConfig {
     pub replace_after: Duration,
     /// Where to serve Prometheus metrics (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
+    /// What clients may hold of this member.
+    pub limits: transport::Limits,
 }
 
 impl NamingConfig {
@@ -92,6 +94,7 @@ impl NamingConfig {
             lease: DEFAULT_LEASE,
             replace_after: DEFAULT_REPLACE_AFTER,
             metrics_listen: None,
+            limits: transport::Limits::default(),
         }
     }
 }
@@ -137,7 +140,7 @@ pub struct NamingServer {
 impl NamingServer {
     /// Opens this member's log in `config.data_dir` (creating it on first start).
     fn open(config: &NamingConfig, endpoint: quinn::Endpoint) -> anyhow::Result<(Arc<Self>, Outboxes)> {
-        std::fs::create_dir_all(&config.data_dir)?;
+        crate::files::private_dir(&config.data_dir)?;
         let old = config.data_dir.join("naming.redb");
         if old.exists() {
             anyhow::bail!(
@@ -149,6 +152,7 @@ impl NamingServer {
         let path = config.data_dir.join(BOOK_FILE);
         let db =
             redb::Database::create(&path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        crate::files::private_file(&path)?;
         let log = RaftLog::open(Arc::new(db)).with_context(|| format!("reading {}", path.display()))?;
         let ids: Vec<u64> = config.peers.keys().copied().collect();
         let voters = log.voters();
@@ -614,7 +618,8 @@ async fn run_node(config: NamingConfig, shutdown: CancellationToken) -> anyhow::
         crate::metrics::spawn(addr, Arc::new(move || naming.render_metrics()), stop.clone());
     }
     let fatal = service.fatal.clone();
-    let serving = tokio::spawn(transport::serve(endpoint, service, stop.clone()).in_current_span());
+    let serving =
+        tokio::spawn(transport::serve(endpoint, service, config.limits, stop.clone()).in_current_span());
     tokio::select! {
         _ = shutdown.cancelled() => {}
         _ = fatal.cancelled() => {}

@@ -70,6 +70,10 @@ impl Cursor {
     }
 }
 
+/// Bytes a shipped entry takes beyond its records' own (index, entry header, counts): an
+/// upper bound, for sizing replication chunks.
+pub const SHIPPED_ENTRY_OVERHEAD: usize = 96;
+
 /// An entry as the leader ships it. A batch carries its records, or only the last ones when
 /// the leader already deleted the first (they are below the log start everywhere the entry
 /// is applied).
@@ -78,6 +82,13 @@ pub struct ShippedEntry {
     pub index: Index,
     pub entry: Entry,
     pub records: Vec<Record>,
+}
+
+impl ShippedEntry {
+    /// Its size in a replication chunk (at most; see [`SHIPPED_ENTRY_OVERHEAD`]).
+    pub fn encoded_size(&self) -> usize {
+        SHIPPED_ENTRY_OVERHEAD + self.records.iter().map(Record::encoded_size).sum::<usize>()
+    }
 }
 
 /// A leader's answer with entries: what a follower writes in one transaction.

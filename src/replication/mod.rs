@@ -75,7 +75,7 @@ mod leader;
 mod producers;
 
 pub use cursors::{CursorState, PendingCursor};
-pub use entry::{Cursor, Entry, EntryKind, ReplicaChunk, ReplicaReset, ShippedEntry};
+pub use entry::{Cursor, Entry, EntryKind, ReplicaChunk, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD};
 pub use history::{truncation_point, EpochHistory, LogView};
 pub use leader::{FetchDecision, FetchRequest, Leader, Progress};
 pub use producers::{BatchOutcome, ProducerState, PRODUCER_DEDUP_WINDOW};
@@ -90,12 +90,21 @@ pub fn majority(n: usize) -> usize {
 /// The naming server's choice: among `reports` (server, last epoch, log end index) from a
 /// majority of `voters`, the most up-to-date, ties to the lowest id. `None` without a
 /// majority.
-pub fn choose_leader(voters: &[ServerId], reports: &[(ServerId, Epoch, Index)]) -> Option<ServerId> {
+///
+/// Among equally up-to-date replicas, `avoid` (a leader that gave its epoch up, e.g. its
+/// disk is full) comes last: any of them is safe, and it would only refuse again. One that
+/// holds more than every other is still chosen, as only it may hold every committed entry.
+pub fn choose_leader(
+    voters: &[ServerId],
+    reports: &[(ServerId, Epoch, Index)],
+    avoid: Option<ServerId>,
+) -> Option<ServerId> {
     let members: Vec<_> = reports.iter().filter(|r| voters.contains(&r.0)).collect();
     if members.len() < majority(voters.len()) {
         return None;
     }
-    members.iter().max_by(|a, b| (a.1, a.2).cmp(&(b.1, b.2)).then(b.0.cmp(&a.0))).map(|r| r.0)
+    let rank = |r: &(ServerId, Epoch, Index)| (r.1, r.2, Some(r.0) != avoid, std::cmp::Reverse(r.0));
+    members.iter().max_by_key(|r| rank(r)).map(|r| r.0)
 }
 
 /// Whether the entry a leader of `epoch` wrote at `index` is committed, as seen by a replica
@@ -220,7 +229,7 @@ mod tests {
                 r.promised = r.promised.max(epoch);
                 reports.push((r.id, r.history.last_epoch(), r.end()));
             }
-            let winner = choose_leader(&self.ids(), &reports)?;
+            let winner = choose_leader(&self.ids(), &reports, None)?;
             let ids = self.ids();
             let r = self.r(winner);
             let start = r.end();
@@ -514,10 +523,18 @@ mod tests {
     #[test]
     fn elections_need_a_majority_and_pick_the_most_up_to_date() {
         let voters = [1, 2, 3];
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100)]), None);
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100), (2, 6, 10)]), Some(2));
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100), (3, 5, 100)]), Some(1), "ties go to the lowest id");
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100), (9, 9, 999)]), None, "non-voters do not count");
+        assert_eq!(choose_leader(&voters, &[(1, 5, 100)], None), None);
+        assert_eq!(choose_leader(&voters, &[(1, 5, 100), (2, 6, 10)], None), Some(2));
+        let tie = [(1, 5, 100), (3, 5, 100)];
+        assert_eq!(choose_leader(&voters, &tie, None), Some(1), "ties go to the lowest id");
+        assert_eq!(choose_leader(&voters, &tie, Some(1)), Some(3), "unless it gave its epoch up");
+        let ahead = [(1, 5, 101), (3, 5, 100)];
+        assert_eq!(choose_leader(&voters, &ahead, Some(1)), Some(1), "the only one with everything");
+        assert_eq!(
+            choose_leader(&voters, &[(1, 5, 100), (9, 9, 999)], None),
+            None,
+            "non-voters do not count"
+        );
     }
 
     #[test]

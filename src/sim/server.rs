@@ -405,7 +405,7 @@ impl Running {
             } else if self.naming.reconciling == 0 {
                 self.naming.applied = self.naming.applied.max(self.naming.pending_version);
                 let reports =
-                    self.hosted.values().filter_map(|h| topic_report(&h.replica, h.refused)).collect();
+                    self.hosted.values().filter_map(|h| topic_report(&h.replica, h.refused, false)).collect();
                 let wait_ms = (self.timing.lease_ms / 3) as u32;
                 let req = Request::Heartbeat {
                     server: self.id,

@@ -42,7 +42,7 @@ pub(super) fn make_room(
     buf: &mut Vec<u8>,
 ) -> StorageResult<Result<(), Error>> {
     let Some(limit) = t.meta.config.backlog_limit else { return Ok(Ok(())) };
-    let incoming: u64 = records.iter().map(|r| r.size() as u64 + STORED_OVERHEAD).sum();
+    let incoming: u64 = records.iter().map(|r| r.encoded_size() as u64 + STORED_OVERHEAD).sum();
     if t.bytes + incoming <= limit {
         return Ok(Ok(()));
     }

@@ -125,6 +125,13 @@ pub enum Command {
 
 impl Command {
     /// Answers the command with `err` without running it (the group failed before it ran).
+    /// Only adds data (a producer's batch, a follower's copy): refused while the disk is
+    /// full, unlike cursor moves and deletions, which free space, and a new epoch's small
+    /// first entry (a leader that alone holds some entries must lead to hand them on).
+    pub(super) fn adds_data(&self) -> bool {
+        matches!(self, Command::Append { .. } | Command::ReplicaAppend { .. })
+    }
+
     pub(super) fn fail(self, err: Error) {
         let e = err;
         let _ = match self {

@@ -44,6 +44,11 @@ pub(super) fn ack(
 }
 
 /// Creates a subscription at the log start or the commit point.
+/// Subscriptions one topic may have. Every record is kept until each has read it, every
+/// subscription's cursor travels in a replica reset (with its name, up to 128 bytes), and
+/// `topic describe` lists them all in one answer.
+pub const MAX_SUBSCRIPTIONS_PER_TOPIC: usize = 1024;
+
 pub(super) fn create_subscription(
     txn: &Tx,
     t: &mut WriterTopic,
@@ -63,6 +68,14 @@ pub(super) fn create_subscription(
         } else {
             Err(Error::SubscriptionExists { topic: t.name(), subscription: subscription.to_string() })
         });
+    }
+    let subscriptions = t.cursors.latest_all().len();
+    if subscriptions >= MAX_SUBSCRIPTIONS_PER_TOPIC {
+        return Ok(Err(Error::LimitReached {
+            what: format!("topic {:?} has {subscriptions} subscriptions", t.name()),
+            limit: MAX_SUBSCRIPTIONS_PER_TOPIC as u64,
+            hint: "delete unused ones with `herald subscription delete`".into(),
+        }));
     }
     // The log start every entry before this one allows: a new subscription never starts
     // below what another replica may already have deleted.

@@ -51,6 +51,7 @@ mod epochs;
 pub mod faults;
 mod producers;
 mod read;
+pub mod recovery;
 mod state;
 mod tables;
 mod topic;
@@ -105,13 +106,14 @@ pub enum Medium {
 
 /// A server's storage: the redb database and the writer thread in front of it.
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<recovery::DbHandle>,
     /// `None` only while dropping, or for a store whose writer the caller drives.
     tx: Option<mpsc::UnboundedSender<Command>>,
     writer: Option<std::thread::JoinHandle<()>>,
     server: ServerId,
     commits: Arc<AtomicU64>,
     commit_seconds: Histogram,
+    low_space: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Store {
@@ -180,11 +182,11 @@ impl Store {
         builder.set_cache_size(CACHE_BYTES);
         let opened = match medium {
             Medium::File => {
-                std::fs::create_dir_all(dir)?;
+                crate::files::private_dir(dir)?;
                 builder.create(&path)
             }
             Medium::VolatileFile => {
-                std::fs::create_dir_all(dir)?;
+                crate::files::private_dir(dir)?;
                 let file = std::fs::OpenOptions::new()
                     .read(true)
                     .write(true)
@@ -196,13 +198,26 @@ impl Store {
             Medium::Sim(disk) => builder.create_with_backend(disk.backend()),
         };
         let db = opened.map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+        if !matches!(medium, Medium::Sim(_)) {
+            crate::files::private_file(&path)?;
+        }
         let server = Self::check_format(&db, dir, requested)?;
-        let db = Arc::new(db);
+        let db = recovery::DbHandle::new(db);
         let commits = Arc::new(AtomicU64::new(0));
         let commit_seconds = crate::metrics::commit_histogram();
         let mut writer = Writer::new(db.clone(), server, commits.clone(), commit_seconds.clone(), clock);
+        if let Medium::File = medium {
+            // Reopened with the same settings after an I/O error (see `recovery`).
+            let opener: recovery::Opener = Box::new(move || {
+                let mut builder = Database::builder();
+                builder.set_cache_size(CACHE_BYTES);
+                builder.create(&path)
+            });
+            writer.set_recovery(dir.to_path_buf(), opener);
+        }
         let logs = writer.load()?;
-        let store = Store { db, tx: None, writer: None, server, commits, commit_seconds };
+        let low_space = writer.low_space_flag();
+        let store = Store { db, tx: None, writer: None, server, commits, commit_seconds, low_space };
         Ok((store, writer, logs))
     }
 
@@ -246,6 +261,11 @@ impl Store {
 
     pub fn server_id(&self) -> ServerId {
         self.server
+    }
+
+    /// The disk is full: new data is refused until space is freed (see `recovery`).
+    pub fn low_on_space(&self) -> bool {
+        self.low_space.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// How long group commits (write transaction and fsync) take, in seconds.
@@ -430,7 +450,11 @@ impl Store {
     }
 
     fn read_txn(&self) -> Result<ReadTransaction, Error> {
-        self.db.begin_read().map_err(|e| self.storage_err(e))
+        let db = self
+            .db
+            .get()
+            .ok_or_else(|| self.storage_err("the database is being reopened after an I/O error"))?;
+        db.begin_read().map_err(|e| self.storage_err(e))
     }
 }
 

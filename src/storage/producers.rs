@@ -8,6 +8,16 @@ use crate::error::Error;
 use crate::replication::{Entry, EntryKind};
 use crate::types::{Offset, ProducerId, Record, Sequence, ServerId};
 
+/// Producers one topic keeps dedup state for. Every producer's window (up to
+/// `PRODUCER_DEDUP_WINDOW` outcomes of at most 46 bytes) travels in one replica reset: 2,048
+/// of them take at most ~12 MiB of a 16 MiB frame.
+pub const MAX_PRODUCERS_PER_TOPIC: usize = 2048;
+
+/// At the producer limit, the producer silent the longest is forgotten for a new one if it
+/// has been silent this long: far past any retry of a batch, so forgetting it cannot let a
+/// retry in twice.
+pub const PRODUCER_EVICT_IDLE_MS: u64 = 10 * 60 * 1000;
+
 /// A producer's batch as the writer takes it.
 pub(super) struct Batch {
     pub producer: ProducerId,
@@ -54,17 +64,34 @@ pub(super) fn append(
             return Ok(Err(Error::OutOfOrderSequence { producer, expected, got: sequence }));
         }
     }
-    let limit = t.meta.config.max_record_bytes as u64;
-    let too_large = records.iter().enumerate().find(|(_, r)| r.size() as u64 > limit).map(|(index, r)| {
-        Error::RecordTooLarge {
-            index: index as u32,
-            size: r.size() as u64,
-            limit,
-            enforced_by: format!(
-                "topic server {server} (max_record_bytes of topic {:?})",
-                t.meta.name.as_str()
-            ),
+    if !t.producers.contains_key(&producer) && t.producers.len() >= MAX_PRODUCERS_PER_TOPIC {
+        // Room for a new producer only by forgetting one silent for long enough that it
+        // cannot be retrying a batch (its retries end after `client::DEFAULT_RETRY_DEADLINE`).
+        let silent_longest = t.producers.values().map(|p| p.last_ms).min().unwrap_or(now_ms);
+        if now_ms.saturating_sub(silent_longest) < PRODUCER_EVICT_IDLE_MS {
+            return Ok(Err(Error::LimitReached {
+                what: format!("topic {:?} keeps dedup state for {} producers", t.name(), t.producers.len()),
+                limit: MAX_PRODUCERS_PER_TOPIC as u64,
+                hint: "a new producer may start once one has been silent for 10 minutes; reuse producers rather than start one per batch".into(),
+            }));
         }
+    }
+    let limit = t.meta.config.max_record_bytes as u64;
+    let enforced_by =
+        || format!("topic server {server} (max_record_bytes of topic {:?})", t.meta.name.as_str());
+    let too_large = records.iter().enumerate().find_map(|(index, r)| {
+        let size = r.encoded_size() as u64;
+        if size > limit {
+            return Some(Error::RecordTooLarge {
+                index: index as u32,
+                size,
+                limit,
+                enforced_by: enforced_by(),
+            });
+        }
+        r.check_shape()
+            .err()
+            .map(|why| Error::invalid(format!("record {index} of the batch is refused: {why}")))
     });
     let ship = !t.meta.is_solo();
     if let Some(reason) = refused.or(too_large) {

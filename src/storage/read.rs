@@ -7,16 +7,21 @@ use super::state::{LogState, TopicLog, TopicMeta};
 use super::tables::{decode, StoredValue, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
 use super::Store;
 use crate::error::Error;
-use crate::replication::{Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry};
-use crate::types::{Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
+use crate::replication::{
+    Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD,
+};
+use crate::types::{varint_len, Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
 use crate::wire::SubscriptionInfo;
 
 /// Records behind a cursor up to which its lag in bytes is summed exactly.
 pub const LAG_BYTES_SCAN: u64 = 100_000;
 
 impl Store {
-    /// Reads records `from..end` (at most `max_records`, and at most `max_bytes` of payload
-    /// beyond the first record).
+    /// Reads records `from..end`: at most `max_records`, and at most `max_bytes` as encoded
+    /// in a fetch answer ([`StoredRecord::encoded_size`]), so an answer always fits the budget
+    /// it was given. Sizes are taken from the stored bytes, before decoding. When the first
+    /// record alone is larger, the answer is [`Error::FetchTooSmall`] with its size, so the
+    /// reader can ask again with room for it: no record can block a subscription.
     pub fn read(
         &self,
         topic: &TopicLog,
@@ -31,19 +36,35 @@ impl Store {
         let mut bytes = 0usize;
         for row in table.range((topic.id, from)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let offset = key.value().1;
+            // A stored value is the timestamp and the record: the answer adds the offset.
+            let size = value.value().len() + varint_len(offset);
+            if bytes + size > max_bytes as usize {
+                if out.is_empty() {
+                    return Err(Error::FetchTooSmall {
+                        topic: topic.name.to_string(),
+                        offset,
+                        size: size as u64,
+                        max_bytes: max_bytes as u64,
+                    });
+                }
+                break;
+            }
+            bytes += size;
             let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
-            bytes += v.record.size();
-            out.push(StoredRecord { offset: key.value().1, timestamp_ms: v.timestamp_ms, record: v.record });
-            if out.len() >= max_records as usize || bytes >= max_bytes as usize {
+            out.push(StoredRecord { offset, timestamp_ms: v.timestamp_ms, record: v.record });
+            if out.len() >= max_records as usize {
                 break;
             }
         }
         Ok(out)
     }
 
-    /// Entries `from..end` with their records, for a follower: whole entries, stopping once
-    /// `max_bytes` of records are gathered. A batch whose first records were deleted comes
-    /// with the rest.
+    /// Entries `from..end` with their records, for a follower: whole entries, as many as fit
+    /// in `max_bytes` as encoded (stored sizes), and always the first, so an entry larger
+    /// than a chunk's budget still moves (a batch is at most
+    /// [`MAX_PRODUCE_BATCH_BYTES`](crate::wire::MAX_PRODUCE_BATCH_BYTES), which fits in a frame).
+    /// A batch whose first records were deleted comes with the rest.
     pub fn read_entries(
         &self,
         topic: TopicId,
@@ -57,22 +78,28 @@ impl Store {
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for row in entries.range((topic, from)..(topic, end)).map_err(|e| self.storage_err(e))? {
-            if bytes >= max_bytes && !out.is_empty() {
-                break;
-            }
             let (key, value) = row.map_err(|e| self.storage_err(e))?;
             let entry: Entry = decode(value.value()).map_err(|e| self.storage_err(e))?;
-            let mut batch = Vec::new();
+            let mut size = SHIPPED_ENTRY_OVERHEAD;
+            let mut rows = Vec::new();
             if let EntryKind::Batch { .. } = entry.kind {
                 for row in records
                     .range((topic, entry.base())..(topic, entry.end))
                     .map_err(|e| self.storage_err(e))?
                 {
                     let (_, value) = row.map_err(|e| self.storage_err(e))?;
-                    let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
-                    bytes += v.record.size();
-                    batch.push(v.record);
+                    size += value.value().len();
+                    rows.push(value);
                 }
+            }
+            if bytes + size > max_bytes && !out.is_empty() {
+                break;
+            }
+            bytes += size;
+            let mut batch = Vec::with_capacity(rows.len());
+            for value in rows {
+                let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
+                batch.push(v.record);
             }
             out.push(ShippedEntry { index: key.value().1, entry, records: batch });
         }

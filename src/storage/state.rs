@@ -130,10 +130,11 @@ impl TopicLog {
         let mut bytes = 0;
         let mut out = Vec::new();
         for e in &staged[first..] {
-            if bytes >= max_bytes && !out.is_empty() {
+            let size = e.encoded_size();
+            if bytes + size > max_bytes && !out.is_empty() {
                 break;
             }
-            bytes += e.records.iter().map(|r| r.size()).sum::<usize>();
+            bytes += size;
             out.push(e.clone());
         }
         out

@@ -4,7 +4,9 @@ use super::faults::SimDisk;
 use super::tables::META;
 use super::*;
 use crate::replication::{BatchOutcome, Cursor, Entry, EntryKind, ShippedEntry};
-use crate::types::{now_ms, Offset, ProducerId, Sequence, TopicName};
+use crate::types::{
+    now_ms, Offset, ProducerId, Sequence, StartFrom, StoredRecord, SubscriptionName, TopicName,
+};
 use crate::wire::{BacklogPolicy, TopicConfig};
 
 fn meta(id: TopicId, name: &str) -> TopicMeta {
@@ -138,6 +140,59 @@ async fn queued_appends_share_one_commit() {
 }
 
 #[tokio::test]
+async fn reads_stop_before_their_byte_budget_and_name_a_record_that_does_not_fit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.append(1, 1, 0, records(&["aaaa", "bbbb", &"c".repeat(40)])).await.unwrap();
+    let state = log.state();
+    let sized = |n: usize| store.read(&log, 0, state.commit, 100, n as u32).unwrap();
+    let all = sized(10_000);
+    let sizes: Vec<usize> = all.iter().map(StoredRecord::encoded_size).collect();
+    assert_eq!(sized(sizes[0] + sizes[1]).len(), 2, "exactly at the budget");
+    assert_eq!(sized(sizes[0] + sizes[1] - 1).len(), 1, "never over it");
+    match store.read(&log, 2, state.commit, 100, 20) {
+        Err(Error::FetchTooSmall { offset: 2, size, max_bytes: 20, .. }) => {
+            assert_eq!(size as usize, sizes[2])
+        }
+        other => panic!("expected FetchTooSmall, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_and_producers_per_topic_are_bounded() {
+    use super::cursors::MAX_SUBSCRIPTIONS_PER_TOPIC;
+    use super::producers::MAX_PRODUCERS_PER_TOPIC;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let _log = solo(&store, meta(1, "t")).await;
+    let name = |i: usize| SubscriptionName::new(format!("s{i}")).unwrap();
+    let created: Vec<_> = (0..MAX_SUBSCRIPTIONS_PER_TOPIC)
+        .map(|i| store.create_subscription(1, name(i), StartFrom::Earliest, false))
+        .collect();
+    for c in created {
+        c.await.unwrap();
+    }
+    let err = store.create_subscription(1, name(9999), StartFrom::Earliest, false).await.unwrap_err();
+    assert!(matches!(err, Error::LimitReached { .. }), "{err}");
+    // An existing one is still found.
+    store.create_subscription(1, name(0), StartFrom::Earliest, true).await.unwrap();
+
+    let pending: Vec<_> =
+        (0..MAX_PRODUCERS_PER_TOPIC as u64).map(|p| store.append(1, p, 0, records(&["r"]))).collect();
+    for p in pending {
+        p.await.unwrap();
+    }
+    let refused = store.append(1, 1 << 40, 0, records(&["new"])).await.unwrap_err();
+    assert!(matches!(refused, Error::LimitReached { .. }), "{refused}");
+    // Producers the topic knows go on.
+    assert_eq!(
+        store.append(1, 7, 1, records(&["again"])).await.unwrap().base,
+        MAX_PRODUCERS_PER_TOPIC as u64
+    );
+}
+
+#[tokio::test]
 async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
@@ -146,7 +201,7 @@ async fn an_oversize_record_rejects_its_batch_whole_and_uses_its_sequence() {
     let refused = store.append(1, 9, 0, records(&["ok", &big])).await.unwrap();
     match refused.refused.expect("refused") {
         Error::RecordTooLarge { index, size, limit, enforced_by } => {
-            assert_eq!((index, size, limit), (1, 65, 64));
+            assert_eq!((index, size, limit), (1, 68, 64), "sized as encoded: 65 bytes and 3 length fields");
             assert!(enforced_by.contains("topic server 1"), "{enforced_by}");
         }
         other => panic!("unexpected {other:?}"),
@@ -476,10 +531,11 @@ async fn a_replicated_leader_commits_only_what_replication_says() {
     assert_eq!(log.state().commit, 2);
     // Entries read for a follower are whole and carry the producer's numbers.
     store.append(1, 1, 1, records(&["c"])).await.unwrap();
-    let entries = store.read_entries(1, 0, 3, 1).unwrap();
-    assert_eq!(entries.len(), 2, "whole entries, stopping once over the byte budget");
-    assert_eq!(entries[1].records.len(), 2);
-    assert!(matches!(entries[1].entry.kind, EntryKind::Batch { producer: Some((1, 0)), count: 2, .. }));
+    assert_eq!(store.read_entries(1, 0, 3, 1).unwrap().len(), 1, "the first entry always, even over budget");
+    let entries = store.read_entries(1, 1, 3, 1).unwrap();
+    assert_eq!(entries.len(), 1, "whole entries, stopping before the byte budget");
+    assert_eq!(entries[0].records.len(), 2);
+    assert!(matches!(entries[0].entry.kind, EntryKind::Batch { producer: Some((1, 0)), count: 2, .. }));
     assert_eq!(store.read_entries(1, 0, 3, 1 << 20).unwrap().len(), 3);
 }
 

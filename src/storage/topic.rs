@@ -14,6 +14,7 @@ use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::backlog::Evicting;
+use super::producers::MAX_PRODUCERS_PER_TOPIC;
 use super::state::{LogState, Pending, TopicLog, TopicMeta};
 use super::tables::{decode, encode, StoredValueRef, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
 use super::writer::{StorageResult, Tx};
@@ -272,6 +273,7 @@ impl WriterTopic {
                     state.record(outcome, *timestamp_ms);
                     txn.open(PRODUCERS)?.insert((id, producer), encode(&*state).as_slice())?;
                     self.batches_since_sweep += 1;
+                    self.keep_producers_within_limit(txn, producer)?;
                 }
             }
             EntryKind::Refused { producer, sequence } => {
@@ -568,6 +570,27 @@ impl WriterTopic {
         self.meta.start_index = to;
         self.meta.start_offset = offset;
         Ok(true)
+    }
+
+    /// Over [`MAX_PRODUCERS_PER_TOPIC`] (after `added` joined), forgets the producer silent
+    /// the longest. Every replica does so as it applies the same entries (silence is measured
+    /// in entry timestamps), and a leader admits a new producer only when that one has been
+    /// silent for [`PRODUCER_EVICT_IDLE_MS`](super::producers::PRODUCER_EVICT_IDLE_MS).
+    fn keep_producers_within_limit(&mut self, txn: &Tx, added: ProducerId) -> StorageResult<()> {
+        if self.producers.len() <= MAX_PRODUCERS_PER_TOPIC {
+            return Ok(());
+        }
+        let oldest = self
+            .producers
+            .iter()
+            .filter(|(id, _)| **id != added)
+            .min_by_key(|(id, p)| (p.last_ms, **id))
+            .map(|(id, _)| *id);
+        if let Some(id) = oldest {
+            self.producers.remove(&id);
+            txn.open(PRODUCERS)?.remove((self.meta.id, id))?;
+        }
+        Ok(())
     }
 
     /// Forgets the producers whose last batch is older than `cutoff_ms`; returns how many.

@@ -9,18 +9,20 @@
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use prometheus_client::metrics::histogram::Histogram;
 use redb::{Database, Key, ReadableDatabase, ReadableTable, Table, TableDefinition, Value, WriteTransaction};
 use tokio::sync::{mpsc, watch};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::command::{Command, Reply};
 use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor};
 use super::epochs::{become_leader, promise};
 use super::producers::{append, Batch};
+use super::recovery::{is_no_space, DbHandle, Opener, Reserve, REOPEN_BACKOFF_MAX, SPACE_CHECK_EVERY};
 use super::state::{LogState, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
 use super::topic::{delete_records, Retention, WriterTopic};
@@ -105,6 +107,9 @@ pub enum GroupOutcome {
     Committed,
     /// Nothing of it is durable: every command got a `Storage` error, memory was reloaded.
     Failed,
+    /// The database refuses writes until it is reopened (after an I/O error); every command
+    /// of the group was answered. The writer thread reopens it.
+    Broken,
     /// The server must stop and recover from what is durable: the commit failed after
     /// followers saw entries of the group (reusing their indexes for other entries would fork
     /// the log; the naming server elects a replica that holds them, and this one truncates
@@ -114,7 +119,17 @@ pub enum GroupOutcome {
 
 /// The writer: the in-memory view of every hosted topic, and the database.
 pub struct Writer {
-    db: Arc<Database>,
+    db: Arc<DbHandle>,
+    /// Reopens the database after an I/O error; `None` (the simulator's disk): such an error
+    /// stops the server, as a crash would.
+    opener: Option<Opener>,
+    reserve: Reserve,
+    /// Low on space since a write found the disk full; when the writer last looked for room.
+    low_space: Option<Instant>,
+    /// `low_space.is_some()`, for the server (a leader low on space hands its topics on).
+    low_space_flag: Arc<AtomicBool>,
+    /// Topics whose leader gave up its epoch: a group that followers may have seen failed.
+    given_up: BTreeSet<TopicId>,
     server: ServerId,
     topics: BTreeMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
@@ -127,7 +142,7 @@ pub struct Writer {
 
 impl Writer {
     pub(super) fn new(
-        db: Arc<Database>,
+        db: Arc<DbHandle>,
         server: ServerId,
         commits: Arc<AtomicU64>,
         commit_seconds: Histogram,
@@ -135,6 +150,11 @@ impl Writer {
     ) -> Self {
         Self {
             db,
+            opener: None,
+            reserve: Reserve::new(None),
+            low_space: None,
+            low_space_flag: Arc::new(AtomicBool::new(false)),
+            given_up: BTreeSet::new(),
             server,
             topics: BTreeMap::new(),
             buf: Vec::new(),
@@ -144,6 +164,25 @@ impl Writer {
             open: None,
             retention: Retention::default(),
         }
+    }
+
+    /// Lets the writer reopen the database in `dir` after an I/O error, and keep a reserve
+    /// of space there (see `recovery`).
+    pub(super) fn set_recovery(&mut self, dir: std::path::PathBuf, opener: Opener) {
+        self.reserve = Reserve::new(Some(dir));
+        if let Err(e) = self.reserve.ensure() {
+            warn!(dir = %self.reserve.dir(), error = %e, "no room for the space reserve; a full disk will need space freed before writes resume");
+        }
+        self.opener = Some(opener);
+    }
+
+    /// Set while the disk is full (see `recovery`).
+    pub(super) fn low_space_flag(&self) -> Arc<AtomicBool> {
+        self.low_space_flag.clone()
+    }
+
+    fn database(&self) -> StorageResult<Arc<Database>> {
+        self.db.get().ok_or_else(|| redb::Error::Io(std::io::Error::other("the database is being reopened")))
     }
 
     /// Keeps fewer (or more) applied entries than [`RETAINED_ENTRIES`](super::RETAINED_ENTRIES)
@@ -159,7 +198,7 @@ impl Writer {
     /// commit, so memory never runs ahead of disk). Existing watch channels are kept, so
     /// handles held by the server stay live.
     pub fn load(&mut self) -> anyhow::Result<Vec<HostedTopic>> {
-        let txn = self.db.begin_read()?;
+        let txn = self.database()?.begin_read()?;
         let topics = txn.open_table(TOPICS)?;
         let entries = txn.open_table(ENTRIES)?;
         let records = txn.open_table(RECORDS)?;
@@ -218,9 +257,9 @@ impl Writer {
                 t.producers.insert(k.value().1, decode(v.value())?);
             }
             // After a failed group (not a restart), a leader whose epoch's first entry is
-            // durable still leads it.
+            // durable still leads it, unless followers may have seen what was lost.
             if let Some(e) = old.get(&id).and_then(|o| o.leading) {
-                if t.history.last_epoch() == e {
+                if t.history.last_epoch() == e && !self.given_up.contains(&id) {
                     t.leading = Some(e);
                 }
             }
@@ -245,12 +284,16 @@ impl Writer {
                 }
             }
             self.stage(std::mem::take(&mut batch));
-            if self.finish() == GroupOutcome::Fatal {
-                error!(
-                    server = self.server,
-                    "exiting: followers may hold entries this server could not make durable"
-                );
-                std::process::exit(74);
+            match self.finish() {
+                GroupOutcome::Fatal => {
+                    error!(
+                        server = self.server,
+                        "exiting: followers may hold entries this server could not make durable"
+                    );
+                    std::process::exit(74);
+                }
+                GroupOutcome::Broken => self.reopen(&mut rx),
+                GroupOutcome::Committed | GroupOutcome::Failed => {}
             }
         }
         info!(server = self.server, "storage writer stopped");
@@ -260,27 +303,34 @@ impl Writer {
     /// followers; nothing is durable or answered until [`finish`](Self::finish).
     pub fn stage(&mut self, commands: Vec<Command>) {
         assert!(self.open.is_none(), "a group is already open");
+        self.look_for_space();
+        let (commands, refused): (Vec<Command>, Vec<Command>) =
+            commands.into_iter().partition(|c| self.low_space.is_none() || !c.adds_data());
+        for cmd in refused {
+            cmd.fail(self.no_space());
+        }
         let mut deferred: Deferred = Vec::with_capacity(commands.len());
         let mut touched = BTreeSet::new();
         let mut shown = false;
         let mut commands = commands.into_iter();
-        let txn = self.db.begin_write().map_err(redb::Error::from).and_then(|txn| {
-            let txn = Tx { txn, wrote: Cell::new(false) };
-            for cmd in commands.by_ref() {
-                self.apply(&txn, cmd, &mut deferred, &mut touched)?;
-            }
-            for id in &touched {
-                if let Some(t) = self.topics.get_mut(id) {
-                    if t.meta.is_solo() && t.end_index > t.cursors.applied_index() {
-                        // A single replica is its own majority: what it writes is committed.
-                        let end = t.end_index;
-                        t.apply(&txn, end)?;
-                    }
-                    shown |= t.stage();
+        let txn =
+            self.database().and_then(|db| db.begin_write().map_err(redb::Error::from)).and_then(|txn| {
+                let txn = Tx { txn, wrote: Cell::new(false) };
+                for cmd in commands.by_ref() {
+                    self.apply(&txn, cmd, &mut deferred, &mut touched)?;
                 }
-            }
-            Ok(txn)
-        });
+                for id in &touched {
+                    if let Some(t) = self.topics.get_mut(id) {
+                        if t.meta.is_solo() && t.end_index > t.cursors.applied_index() {
+                            // A single replica is its own majority: what it writes is committed.
+                            let end = t.end_index;
+                            t.apply(&txn, end)?;
+                        }
+                        shown |= t.stage();
+                    }
+                }
+                Ok(txn)
+            });
         if let Err(e) = &txn {
             // The failing command was answered with the error; those after it never ran.
             for cmd in commands {
@@ -315,34 +365,143 @@ impl Writer {
                 deferred.into_iter().for_each(|answer| answer(Ok(())));
                 GroupOutcome::Committed
             }
-            Err(e) if shown => {
-                error!(server = self.server, error = %e, "group commit failed after followers saw it");
-                GroupOutcome::Fatal
-            }
             Err(e) => {
+                error!(server = self.server, error = %e, followers_saw_it = shown, "group commit failed");
+                let err = self.failure(&e);
+                if shown && self.opener.is_none() {
+                    return GroupOutcome::Fatal;
+                }
                 // Nothing of this group is durable: fail every command in it (producers
                 // retry with the same sequence), and forget what memory ran ahead.
-                error!(server = self.server, error = %e, "group commit failed");
-                let err = Error::Storage { server: self.server, detail: e.to_string() };
                 deferred.into_iter().for_each(|answer| answer(Err(err.clone())));
-                // After a failed fsync redb refuses every write until it is reopened (the
-                // pages' fate is unknown: PostgreSQL's "fsyncgate"). Stop, so a restart
-                // recovers from what is durable and the replicas fail over meanwhile,
-                // rather than stay up unable to write.
-                match self.db.begin_write().map(|t| t.abort()) {
-                    Ok(_) => {}
-                    Err(e) => {
+                if shown {
+                    // Followers may hold entries of this group that this replica lost: it
+                    // must not go on in their epochs. It gives them up; the naming server
+                    // elects anew, and the entries are kept or truncated by the usual rule.
+                    for id in &touched {
+                        if self.topics.get(id).is_some_and(|t| t.leading.is_some()) {
+                            self.given_up.insert(*id);
+                        }
+                    }
+                }
+                // After a failed write redb refuses every write until it is reopened (the
+                // pages' fate is unknown: PostgreSQL's "fsyncgate").
+                let usable = self.database().and_then(|db| db.begin_write().map_err(redb::Error::from));
+                match usable {
+                    Ok(txn) => {
+                        let _ = txn.abort();
+                    }
+                    Err(e) if self.opener.is_none() => {
                         error!(server = self.server, error = %e, "the storage engine needs a restart");
                         return GroupOutcome::Fatal;
                     }
+                    Err(_) => return GroupOutcome::Broken,
                 }
                 if let Err(e) = self.load() {
                     error!(error = %e, "reloading storage state failed");
-                    return GroupOutcome::Fatal;
+                    return if self.opener.is_some() { GroupOutcome::Broken } else { GroupOutcome::Fatal };
                 }
                 GroupOutcome::Failed
             }
         }
+    }
+
+    /// The error every command of a failed group gets: the directory and the cause. A full
+    /// disk also starts low-space mode.
+    fn failure(&mut self, e: &redb::Error) -> Error {
+        if is_no_space(e) {
+            if self.low_space.is_none() {
+                warn!(dir = %self.reserve.dir(), "the disk is full: producing stops until space is freed; reads, acks and deletions go on");
+                self.reserve.release();
+            }
+            self.low_space = Some(Instant::now());
+            self.low_space_flag.store(true, Ordering::Relaxed);
+            return self.no_space();
+        }
+        Error::Storage {
+            server: self.server,
+            detail: format!("writing in {} failed: {e}", self.reserve.dir()),
+        }
+    }
+
+    fn no_space(&self) -> Error {
+        Error::Storage {
+            server: self.server,
+            detail: format!(
+                "no space left on {}: nothing more is stored until space is freed (reads, acks and deletions go on)",
+                self.reserve.dir()
+            ),
+        }
+    }
+
+    /// Low on space: at most every [`SPACE_CHECK_EVERY`], tries to write the reserve again
+    /// with as much room to spare; once it can, writes resume.
+    fn look_for_space(&mut self) {
+        let Some(at) = self.low_space else { return };
+        if at.elapsed() < SPACE_CHECK_EVERY {
+            return;
+        }
+        match self.reserve.take_back() {
+            Ok(()) => {
+                info!(dir = %self.reserve.dir(), "space is available again: writes resume");
+                self.low_space = None;
+                self.low_space_flag.store(false, Ordering::Relaxed);
+            }
+            Err(_) => self.low_space = Some(Instant::now()),
+        }
+    }
+
+    /// Opens the database again after an I/O error, retrying with backoff; commands that
+    /// arrive meanwhile are answered with the error at once.
+    fn reopen(&mut self, rx: &mut mpsc::UnboundedReceiver<Command>) {
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            match self.try_reopen() {
+                Ok(()) => {
+                    info!(server = self.server, dir = %self.reserve.dir(), "storage reopened after an I/O error");
+                    return;
+                }
+                Err(e) => warn!(server = self.server, error = %e, "reopening storage failed; retrying"),
+            }
+            let err = self.low_space.map_or_else(
+                || Error::Storage {
+                    server: self.server,
+                    detail: format!("storage in {} is being reopened after an I/O error", self.reserve.dir()),
+                },
+                |_| self.no_space(),
+            );
+            while let Ok(cmd) = rx.try_recv() {
+                cmd.fail(err.clone());
+            }
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(REOPEN_BACKOFF_MAX);
+        }
+    }
+
+    fn try_reopen(&mut self) -> anyhow::Result<()> {
+        let Some(opener) = &self.opener else { anyhow::bail!("this store cannot be reopened") };
+        if let Some(old) = self.db.take() {
+            // Readers hold the handle only for a read: wait for them, so the file is closed.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let mut old = old;
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(still) if Instant::now() < deadline => {
+                        old = still;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(_) => anyhow::bail!("readers still hold the database"),
+                }
+            }
+        }
+        let db = opener()?;
+        self.db.put(db);
+        self.load()?;
+        Ok(())
     }
 
     /// Drops the open group without committing it, as a crash would (for the simulator).

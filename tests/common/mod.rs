@@ -125,6 +125,19 @@ impl Proc {
         assert!(status.success(), "kill -{sig} {pid}");
     }
 
+    /// Resident memory of the process now, in bytes (`VmRSS` of `/proc/PID/status`).
+    pub fn rss(&self) -> u64 {
+        let pid = self.child.as_ref().expect("running").id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let kb: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        kb * 1024
+    }
+
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
     }
@@ -153,6 +166,8 @@ pub struct Options {
     pub volatile_writes: bool,
     /// Members of the naming group (0 or 1: one naming server without `--peers`).
     pub naming_members: usize,
+    /// More arguments for every topic server (e.g. limits).
+    pub server_args: &'static [&'static str],
 }
 
 /// A naming server and `n` topic servers, each in its own process.
@@ -331,6 +346,7 @@ impl Cluster {
         if self.options.volatile_writes {
             args.push("--volatile-writes".into());
         }
+        args.extend(self.options.server_args.iter().map(|a| a.to_string()));
         self.metrics.push((id, metrics));
         let proc = Proc::start(&format!("server-{id}"), args, self.dir.path(), &self.certs);
         self.servers.push((id, addr, proc));

@@ -11,40 +11,29 @@
 //! TLS: TLS 1.3 only, ring provider (FACTS.md: aws-lc-rs handshakes were 10x slower here),
 //! ALPN [`ALPN`], both sides present a certificate from the cluster CA (see `certs`).
 
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use quinn::{Endpoint, RecvStream, SendStream, VarInt};
-use rustls::pki_types::CertificateDer;
 use rustls::RootCertStore;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
 
-use crate::certs::{self, Identity};
-use tracing::Instrument;
+use crate::certs::Identity;
 
 use crate::error::Error;
-use crate::metrics::EndpointMetrics;
 use crate::types::ServerId;
 use crate::wire::{self, Request, Response, LENGTH_PREFIX, PROTOCOL_VERSION};
 
+pub mod limits;
+mod serve;
+
+pub use limits::{Limits, MAX_PIPELINED_PER_STREAM, MAX_STREAMS_PER_CONNECTION};
+pub use serve::{ready, request_name, serve, Peer, ResponseFuture, Service};
+
 /// Application protocol name; the `1` is the wire protocol version.
 pub const ALPN: &[u8] = b"herald/1";
-
-/// Concurrent bidirectional streams a peer may open on one connection. Well above any
-/// pipelining depth, so opening a stream never waits for credit (see FACTS.md traps).
-pub const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-
-/// Requests a server works on at once for one stream; the reader stops reading further frames
-/// past this, which pushes back on the client through QUIC flow control.
-pub const MAX_PIPELINED_PER_STREAM: usize = 256;
 
 /// A connection with no traffic for this long is dead (keep-alives are sent well within it).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -54,9 +43,6 @@ const KEEP_ALIVE: Duration = Duration::from_secs(1);
 /// at all, so without this a dial would wait out the idle timeout.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Responses are gathered up to this many bytes per write.
-const WRITE_COALESCE_BYTES: usize = 256 * 1024;
-
 /// Connection close codes.
 pub mod close {
     /// Normal close by a client that is done.
@@ -65,6 +51,8 @@ pub mod close {
     pub const SHUTDOWN: u32 = 1;
     /// The peer broke the protocol (bad handshake).
     pub const PROTOCOL: u32 = 2;
+    /// The connection had no stream open for `limits::IDLE_CONNECTION_LIMIT`.
+    pub const IDLE: u32 = 3;
 }
 
 /// Stream reset code used when a stream is closed because of a bad frame.
@@ -82,6 +70,7 @@ fn roots(identity: &Identity) -> anyhow::Result<Arc<RootCertStore>> {
 
 fn transport_config() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
+    // Raised per connection for servers (`limits::NODE_MAX_STREAMS`).
     t.max_concurrent_bidi_streams(VarInt::from_u32(MAX_STREAMS_PER_CONNECTION));
     t.max_concurrent_uni_streams(VarInt::from_u32(0));
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().expect("idle timeout fits")));
@@ -213,6 +202,19 @@ pub async fn read_frame<T: DeserializeOwned>(
     peer: SocketAddr,
     enforced_by: &str,
 ) -> Result<Option<T>, Error> {
+    let Some(len) = read_length(recv, peer, enforced_by).await? else { return Ok(None) };
+    read_body(recv, buf, len, peer, enforced_by).await?;
+    let msg = wire::decode_body(buf, enforced_by);
+    release_large(buf);
+    msg.map(Some)
+}
+
+/// Reads and checks a frame's length prefix: `Ok(None)` at a clean end of stream.
+pub async fn read_length(
+    recv: &mut RecvStream,
+    peer: SocketAddr,
+    enforced_by: &str,
+) -> Result<Option<usize>, Error> {
     let mut prefix = [0u8; LENGTH_PREFIX];
     match recv.read_exact(&mut prefix).await {
         Ok(()) => {}
@@ -225,20 +227,42 @@ pub async fn read_frame<T: DeserializeOwned>(
         }
         Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(peer, e)),
     }
-    let len = wire::frame_length(prefix, enforced_by)?;
+    wire::frame_length(prefix, enforced_by).map(Some)
+}
+
+/// Reads a `len`-byte frame body into `buf`. The buffer grows as bytes arrive, never ahead of
+/// them: a length prefix alone reserves nothing.
+pub async fn read_body(
+    recv: &mut RecvStream,
+    buf: &mut Vec<u8>,
+    len: usize,
+    peer: SocketAddr,
+    enforced_by: &str,
+) -> Result<(), Error> {
     buf.clear();
-    buf.resize(len, 0);
-    match recv.read_exact(buf).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(Error::Malformed {
-                detail: format!("stream ended {n} bytes into a {len}-byte frame"),
-                enforced_by: enforced_by.into(),
-            })
+    while buf.len() < len {
+        match recv.read_chunk(len - buf.len(), true).await {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk.bytes),
+            Ok(None) => {
+                return Err(Error::Malformed {
+                    detail: format!("stream ended {} bytes into a {len}-byte frame", buf.len()),
+                    enforced_by: enforced_by.into(),
+                })
+            }
+            Err(e) => return Err(read_error(peer, e)),
         }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(read_error(peer, e)),
     }
-    wire::decode_body(buf, enforced_by).map(Some)
+    Ok(())
+}
+
+/// A frame buffer kept between frames of a stream is kept small: a large one is given back
+/// once its frame is decoded (a long-lived stream must not pin its largest frame).
+const KEEP_BUFFER_BYTES: usize = 64 * 1024;
+
+pub fn release_large(buf: &mut Vec<u8>) {
+    if buf.capacity() > KEEP_BUFFER_BYTES {
+        *buf = Vec::new();
+    }
 }
 
 /// The writing half of a client stream: requests are queued, then flushed in one write.
@@ -454,232 +478,5 @@ impl Pool {
         for (_, c) in self.conns.lock().await.drain() {
             c.close();
         }
-    }
-}
-
-/// What a server knows about the peer of a connection.
-#[derive(Debug, Clone)]
-pub struct Peer {
-    pub addr: SocketAddr,
-    /// The peer presented the cluster's node certificate (it is a Herald server).
-    pub is_node: bool,
-}
-
-/// A boxed response future.
-pub type ResponseFuture = Pin<Box<dyn Future<Output = Response> + Send + 'static>>;
-
-/// Something that answers requests: the naming server or a topic server.
-pub trait Service: Send + Sync + 'static {
-    /// How this server names itself in errors ("topic server 2", "naming server").
-    fn describe(&self) -> String;
-    /// The id announced in the handshake.
-    fn server_id(&self) -> Option<ServerId>;
-    /// Starts handling `req`. Work that must happen in stream order (a producer's append)
-    /// happens before this returns; the future then waits for the outcome.
-    fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture;
-    /// Where connections, handshakes and requests are counted.
-    fn metrics(&self) -> &Arc<EndpointMetrics>;
-}
-
-/// A response that is ready now.
-pub fn ready(resp: Response) -> ResponseFuture {
-    Box::pin(std::future::ready(resp))
-}
-
-/// Accepts connections on `endpoint` until `shutdown`, serving each with `service`.
-pub async fn serve<S: Service>(endpoint: Endpoint, service: Arc<S>, shutdown: CancellationToken) {
-    let tasks = tokio_util::task::TaskTracker::new();
-    loop {
-        let incoming = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            incoming = endpoint.accept() => match incoming {
-                Some(incoming) => incoming,
-                None => break,
-            },
-        };
-        let service = service.clone();
-        let shutdown = shutdown.clone();
-        let span = tracing::info_span!("connection", peer = %incoming.remote_address());
-        tasks.spawn(
-            async move {
-                let addr = incoming.remote_address();
-                match incoming.await {
-                    Ok(conn) => {
-                        let metrics = service.metrics().clone();
-                        metrics.open_connections.inc();
-                        tokio::select! {
-                            _ = shutdown.cancelled() => {}
-                            _ = serve_connection(conn, service) => {}
-                        }
-                        metrics.open_connections.dec();
-                    }
-                    Err(e) => {
-                        service.metrics().handshake_failures.inc();
-                        warn!(peer = %addr, error = %e, "TLS handshake failed");
-                    }
-                }
-            }
-            .instrument(span),
-        );
-    }
-    endpoint.close(VarInt::from_u32(close::SHUTDOWN), b"server shutting down");
-    tasks.close();
-    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
-}
-
-fn peer_is_node(conn: &quinn::Connection) -> bool {
-    conn.peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().and_then(certs::common_name))
-        .is_some_and(|cn| cn == certs::NODE_COMMON_NAME)
-}
-
-async fn serve_connection<S: Service>(conn: quinn::Connection, service: Arc<S>) {
-    let peer = Peer { addr: conn.remote_address(), is_node: peer_is_node(&conn) };
-    let me = service.describe();
-    // The first stream is the version handshake.
-    let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
-    let mut buf = Vec::new();
-    let answer = match read_frame::<Request>(&mut recv, &mut buf, peer.addr, &me).await {
-        Ok(Some(Request::Hello { min_version, max_version, .. })) => {
-            if (min_version..=max_version).contains(&PROTOCOL_VERSION) {
-                Ok(Response::Hello { version: PROTOCOL_VERSION, server: service.server_id() })
-            } else {
-                Err(Error::UnsupportedVersion {
-                    offered_min: min_version,
-                    offered_max: max_version,
-                    supported: PROTOCOL_VERSION,
-                    enforced_by: me.clone(),
-                })
-            }
-        }
-        Ok(Some(other)) => Err(Error::Malformed {
-            detail: format!("expected Hello as the first request, got {}", request_name(&other)),
-            enforced_by: me.clone(),
-        }),
-        Ok(None) => return,
-        Err(e) => Err(e),
-    };
-    let ok = answer.is_ok();
-    let mut out = Vec::new();
-    let resp = answer.unwrap_or_else(Response::Error);
-    if wire::encode_frame(&resp, &mut out).is_ok() {
-        let _ = send.write_all(&out).await;
-        let _ = send.finish();
-    }
-    if !ok {
-        let _ = send.stopped().await;
-        conn.close(VarInt::from_u32(close::PROTOCOL), b"handshake failed");
-        return;
-    }
-    debug!(peer = %peer.addr, node = peer.is_node, "connection ready");
-    loop {
-        match conn.accept_bi().await {
-            Ok((send, recv)) => {
-                tokio::spawn(serve_stream(service.clone(), peer.clone(), send, recv).in_current_span());
-            }
-            Err(_) => return,
-        }
-    }
-}
-
-/// Short name of a request, for logs and errors.
-pub fn request_name(req: &Request) -> &'static str {
-    match req {
-        Request::Hello { .. } => "Hello",
-        Request::Register { .. } => "Register",
-        Request::Heartbeat { .. } => "Heartbeat",
-        Request::CreateTopic { .. } => "CreateTopic",
-        Request::DeleteTopic { .. } => "DeleteTopic",
-        Request::AlterTopic { .. } => "AlterTopic",
-        Request::LookupTopic { .. } => "LookupTopic",
-        Request::ListTopics => "ListTopics",
-        Request::ListServers => "ListServers",
-        Request::Produce { .. } => "Produce",
-        Request::Fetch { .. } => "Fetch",
-        Request::Ack { .. } => "Ack",
-        Request::Release { .. } => "Release",
-        Request::ResetSubscription { .. } => "ResetSubscription",
-        Request::CreateSubscription { .. } => "CreateSubscription",
-        Request::DeleteSubscription { .. } => "DeleteSubscription",
-        Request::TopicStatus { .. } => "TopicStatus",
-        Request::ReplicaFetch { .. } => "ReplicaFetch",
-        Request::Promise { .. } => "Promise",
-        Request::NamingRaft { .. } => "NamingRaft",
-        Request::NamingStatus => "NamingStatus",
-        Request::NamingAlive { .. } => "NamingAlive",
-    }
-}
-
-/// Serves one stream: reads requests, runs them concurrently, answers in order.
-async fn serve_stream<S: Service>(service: Arc<S>, peer: Peer, mut send: SendStream, mut recv: RecvStream) {
-    let (tx, mut rx) = mpsc::channel::<JoinHandle<Response>>(MAX_PIPELINED_PER_STREAM);
-    let writer = tokio::spawn(async move {
-        let mut out = Vec::new();
-        let mut next = None;
-        loop {
-            let handle = match next.take() {
-                Some(h) => h,
-                None => match rx.recv().await {
-                    Some(h) => h,
-                    None => break,
-                },
-            };
-            encode_response(handle.await, &mut out);
-            // Coalesce answers that are already done into the same write.
-            while out.len() < WRITE_COALESCE_BYTES {
-                match rx.try_recv() {
-                    Ok(h) if h.is_finished() => encode_response(h.await, &mut out),
-                    Ok(h) => {
-                        next = Some(h);
-                        break;
-                    }
-                    Err(_) => break,
-                }
-            }
-            if send.write_all(&out).await.is_err() {
-                return;
-            }
-            out.clear();
-        }
-        let _ = send.finish();
-    });
-    let me = service.describe();
-    let mut buf = Vec::new();
-    loop {
-        match read_frame::<Request>(&mut recv, &mut buf, peer.addr, &me).await {
-            Ok(Some(req)) => {
-                let operation = request_name(&req);
-                let fut = service.dispatch(req, &peer);
-                let metrics = service.metrics().clone();
-                let counted = async move {
-                    let resp = fut.await;
-                    metrics.count(operation, &resp);
-                    resp
-                };
-                if tx.send(tokio::spawn(counted.in_current_span())).await.is_err() {
-                    break;
-                }
-            }
-            Ok(None) => break,
-            Err(e @ (Error::Malformed { .. } | Error::FrameTooLarge { .. })) => {
-                // Answer with the typed error, then close only this stream.
-                debug!(peer = %peer.addr, error = %e, "bad frame; closing the stream");
-                let _ = tx.send(tokio::spawn(ready(Response::Error(e)))).await;
-                let _ = recv.stop(VarInt::from_u32(STREAM_BAD_FRAME));
-                break;
-            }
-            Err(_) => break,
-        }
-    }
-    drop(tx);
-    let _ = writer.await;
-}
-
-fn encode_response(joined: Result<Response, tokio::task::JoinError>, out: &mut Vec<u8>) {
-    let resp =
-        joined.unwrap_or_else(|e| Response::Error(Error::internal(format!("request handler failed: {e}"))));
-    if let Err(e) = wire::encode_frame(&resp, out) {
-        let _ = wire::encode_frame(&Response::Error(e), out);
     }
 }
