@@ -367,7 +367,7 @@ async fn names_people_read_are_printable_and_files_are_private() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn honest_throughput_beside_an_attacker() {
-    const RECORDS: usize = 20_000;
+    const RECORDS: usize = 200_000;
     let cluster = Cluster::start(1).await;
     let topic = cluster.create_topic("honest");
     let client = cluster.client();
