@@ -276,10 +276,22 @@ impl Client {
         }
     }
 
+    /// Every topic, in name order, read a page at a time.
     pub async fn list_topics(&self) -> Result<Vec<TopicInfo>, Error> {
-        match self.naming_call(&Request::ListTopics).await? {
-            Response::Topics(t) => Ok(t),
-            other => Err(unexpected(other)),
+        let mut topics = Vec::new();
+        let mut after = None;
+        loop {
+            let req = Request::ListTopicsPage { after: after.take(), limit: TOPIC_PAGE_SIZE };
+            match self.naming_call(&req).await? {
+                Response::TopicPage { topics: page, next } => {
+                    topics.extend(page);
+                    match next {
+                        Some(n) => after = Some(n),
+                        None => return Ok(topics),
+                    }
+                }
+                other => return Err(unexpected(other)),
+            }
         }
     }
 
@@ -797,6 +809,9 @@ pub struct Consumer {
     /// when the server says one does not fit.
     fetch_bytes: u32,
 }
+
+/// Topics asked for per page of [`Client::list_topics`].
+const TOPIC_PAGE_SIZE: u32 = 1000;
 
 /// Acks a consumer keeps in flight before it waits for the oldest.
 const MAX_ACKS_IN_FLIGHT: usize = 32;

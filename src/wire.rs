@@ -374,6 +374,12 @@ pub enum Request {
     NamingAlive {
         server: ServerId,
     },
+    /// Topics after `after` in name order, a page at a time (at most `limit`, and
+    /// `naming::core::TOPIC_PAGE_BYTES`).
+    ListTopicsPage {
+        after: Option<TopicName>,
+        limit: u32,
+    },
 }
 
 /// A naming member's role in its group.
@@ -523,6 +529,11 @@ pub enum Response {
     NamingStatus(MemberStatus),
     /// A [`Request::NamingAlive`] was taken.
     Noted,
+    /// A page of topics; `next`: ask again with `after: next` for more.
+    TopicPage {
+        topics: Vec<TopicInfo>,
+        next: Option<TopicName>,
+    },
 }
 
 impl Response {

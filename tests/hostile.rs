@@ -439,3 +439,35 @@ async fn honest_throughput_beside_an_attacker() {
         median(attacked.clone())
     );
 }
+
+/// A frame whose body stops coming is answered `Malformed` and its stream closed after the
+/// frame timeout; a connection left without streams is closed after the idle limit, while
+/// one with a stream open stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_frames_and_idle_connections_time_out() {
+    let options = Options {
+        server_args: &["--frame-timeout-secs", "1", "--idle-connection-secs", "2"],
+        ..Options::default()
+    };
+    let cluster = Cluster::start_with(1, options).await;
+    let addr = cluster.server_addr(1);
+    let conn = connect(&cluster, addr).await.unwrap();
+    let (mut send, mut recv) = conn.raw().open_bi().await.unwrap();
+    send.write_all(&100u32.to_be_bytes()).await.unwrap();
+    send.write_all(b"only part of it").await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(30), recv.read_to_end(MAX_FRAME_BYTES))
+        .await
+        .expect("answered within the frame timeout")
+        .unwrap();
+    let (resp, _): (herald::wire::Response, usize) = wire::decode_frame(&answer, "test").unwrap().unwrap();
+    let err = resp.into_result().unwrap_err();
+    assert!(matches!(err, Error::Malformed { .. }) && err.to_string().contains("did not arrive"), "{err}");
+    drop((send, recv));
+
+    // `busy` keeps a stream open; `conn` has none left and is closed.
+    let busy = connect(&cluster, addr).await.unwrap();
+    let (mut held, _held_recv) = busy.raw().open_bi().await.unwrap();
+    held.write_all(&[0, 0]).await.unwrap();
+    wait_for("the idle connection to be closed", || async { conn.is_closed().then_some(()) }).await;
+    assert!(!busy.is_closed(), "a connection with a stream open is not idle");
+}

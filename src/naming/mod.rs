@@ -567,6 +567,11 @@ impl Service for NamingServer {
             }
             Request::LookupTopic { name } => self.read(|core| core.lookup(&name).map(Response::Topic)),
             Request::ListTopics => self.read(|core| Ok(Response::Topics(core.list_topics()))),
+            Request::ListTopicsPage { after, limit } => self.read(|core| {
+                let limit = (limit as usize).clamp(1, core::TOPIC_PAGE_LIMIT);
+                let (topics, next) = core.list_topics_page(after.as_ref(), limit, core::TOPIC_PAGE_BYTES);
+                Ok(Response::TopicPage { topics, next })
+            }),
             Request::ListServers => self.read(|core| Ok(Response::Servers(core.list_servers(mono_ms())))),
             Request::NamingRaft { from, messages, sender_empty } => {
                 ready(self.raft(peer, from, messages, sender_empty))

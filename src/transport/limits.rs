@@ -95,6 +95,9 @@ pub struct LimitArgs {
     /// Seconds a client connection may stay open with no stream before it is closed.
     #[arg(long, default_value_t = IDLE_CONNECTION_LIMIT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
     pub idle_connection_secs: u64,
+    /// Seconds a frame's body may take to arrive once its length did.
+    #[arg(long, default_value_t = FRAME_BODY_TIMEOUT.as_secs(), value_parser = clap::value_parser!(u64).range(1..))]
+    pub frame_timeout_secs: u64,
 }
 
 impl From<&LimitArgs> for Limits {
@@ -105,6 +108,7 @@ impl From<&LimitArgs> for Limits {
             connection_budget: (a.connection_budget_mib << 20) as usize,
             server_budget: (a.server_budget_mib << 20) as usize,
             idle_connection: Duration::from_secs(a.idle_connection_secs),
+            frame_timeout: Duration::from_secs(a.frame_timeout_secs),
         }
     }
 }
@@ -117,6 +121,7 @@ pub struct Limits {
     pub connection_budget: usize,
     pub server_budget: usize,
     pub idle_connection: Duration,
+    pub frame_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -127,6 +132,7 @@ impl Default for Limits {
             connection_budget: CONNECTION_BUDGET,
             server_budget: SERVER_BUDGET,
             idle_connection: IDLE_CONNECTION_LIMIT,
+            frame_timeout: FRAME_BODY_TIMEOUT,
         }
     }
 }

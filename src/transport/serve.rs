@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
 use super::limits::{
-    answer_bound, Budget, Charge, ConnectionCount, Limits, LogLimiter, FRAME_BODY_TIMEOUT,
-    HANDSHAKE_LOG_EVERY, MAX_PIPELINED_PER_STREAM, NODE_MAX_STREAMS, SMALL_ANSWER_BYTES,
+    answer_bound, Budget, Charge, ConnectionCount, Limits, LogLimiter, HANDSHAKE_LOG_EVERY,
+    MAX_PIPELINED_PER_STREAM, NODE_MAX_STREAMS, SMALL_ANSWER_BYTES,
 };
 use super::{close, read_body, read_frame, read_length, release_large, STREAM_BAD_FRAME};
 use crate::certs;
@@ -239,7 +239,9 @@ async fn serve_connection<S: Service>(conn: quinn::Connection, shared: Arc<Share
         match accepted {
             Ok((send, recv)) => {
                 let guard = StreamGuard::new(&activity);
-                let stream = serve_stream(service.clone(), peer.clone(), budget.clone(), send, recv);
+                let (peer, budget) = (peer.clone(), budget.clone());
+                let stream =
+                    serve_stream(service.clone(), peer, budget, shared.limits.frame_timeout, send, recv);
                 tokio::spawn(
                     async move {
                         stream.await;
@@ -278,6 +280,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::NamingRaft { .. } => "NamingRaft",
         Request::NamingStatus => "NamingStatus",
         Request::NamingAlive { .. } => "NamingAlive",
+        Request::ListTopicsPage { .. } => "ListTopicsPage",
     }
 }
 
@@ -293,19 +296,18 @@ async fn next_request(
     metrics: &EndpointMetrics,
     peer: &Peer,
     me: &str,
+    frame_timeout: Duration,
 ) -> Result<Option<(Request, Option<Charge>)>, Error> {
     let Some(len) = read_length(recv, peer.addr, me).await? else { return Ok(None) };
     let mut charge = match budget {
         Some(b) => Some(b.charge(LENGTH_PREFIX + len + SMALL_ANSWER_BYTES, metrics).await),
         None => None,
     };
-    match tokio::time::timeout(FRAME_BODY_TIMEOUT, read_body(recv, buf, len, peer.addr, me)).await {
+    match tokio::time::timeout(frame_timeout, read_body(recv, buf, len, peer.addr, me)).await {
         Ok(read) => read?,
         Err(_) => {
             return Err(Error::Malformed {
-                detail: format!(
-                    "the {len}-byte frame announced did not arrive within {FRAME_BODY_TIMEOUT:?}"
-                ),
+                detail: format!("the {len}-byte frame announced did not arrive within {frame_timeout:?}"),
                 enforced_by: me.to_string(),
             })
         }
@@ -328,6 +330,7 @@ async fn serve_stream<S: Service>(
     service: Arc<S>,
     peer: Peer,
     budget: Option<Budget>,
+    frame_timeout: Duration,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
@@ -374,7 +377,7 @@ async fn serve_stream<S: Service>(
     let metrics = service.metrics().clone();
     let mut buf = Vec::new();
     loop {
-        match next_request(&mut recv, &mut buf, budget.as_ref(), &metrics, &peer, &me).await {
+        match next_request(&mut recv, &mut buf, budget.as_ref(), &metrics, &peer, &me, frame_timeout).await {
             Ok(Some((req, charge))) => {
                 let operation = request_name(&req);
                 let fut = service.dispatch(req, &peer);
