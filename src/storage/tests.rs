@@ -865,6 +865,46 @@ fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
 }
 
 #[test]
+fn a_leader_whose_shown_group_fails_gives_its_epoch_up_and_the_store_is_reopened_in_process() {
+    let disk = SimDisk::new();
+    let reserve = tempfile::tempdir().unwrap();
+    let (store, mut writer, _) = driven(&disk);
+    let reopen = disk.clone();
+    writer.set_recovery(
+        reserve.path().to_path_buf(),
+        Box::new(move || Database::builder().create_with_backend(reopen.backend())),
+    );
+    let m = TopicMeta { voters: vec![1, 2, 3], ..meta(2, "r") };
+    let log = run(&mut writer, |reply| Command::CreateTopic { meta: m, reply }).unwrap();
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 1, reply }).unwrap();
+    disk.fail_syncs(1);
+    let (reply, mut rx) = oneshot::channel();
+    writer.stage(vec![Command::Append {
+        topic: 2,
+        producer: 1,
+        sequence: 0,
+        records: records(&["a"]),
+        refused: None,
+        reply,
+    }]);
+    let outcome = writer.finish();
+    assert_ne!(outcome, GroupOutcome::Fatal, "a store that can be reopened goes on");
+    assert!(matches!(rx.try_recv().unwrap(), Err(Error::Storage { .. })), "answered, never acked");
+    if outcome == GroupOutcome::Broken {
+        writer.try_reopen().unwrap();
+    }
+    assert_eq!(log.state().leading, None, "the epoch its followers may hold more of is given up");
+    let again = run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 1, reply });
+    assert!(matches!(again, Err(Error::StaleEpoch { .. })), "never led again: {again:?}");
+    // A new epoch is fine, and the store writes again.
+    run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 2, reply }).unwrap();
+    assert_eq!(log.state().leading, Some(2));
+    drop((store, writer));
+    let (store, _, _) = driven(&disk);
+    store.check_consistency().unwrap();
+}
+
+#[test]
 fn a_full_disk_fails_the_group_and_the_store_takes_writes_again_once_there_is_room() {
     let disk = SimDisk::new();
     let (store, mut writer, _) = driven(&disk);

@@ -29,7 +29,7 @@ use super::topic::{delete_records, Retention, WriterTopic};
 use super::HostedTopic;
 use crate::error::Error;
 use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor};
-use crate::types::{ServerId, TopicId};
+use crate::types::{Epoch, ServerId, TopicId};
 use crate::wire::TopicConfig;
 
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
@@ -128,8 +128,8 @@ pub struct Writer {
     low_space: Option<Instant>,
     /// `low_space.is_some()`, for the server (a leader low on space hands its topics on).
     low_space_flag: Arc<AtomicBool>,
-    /// Topics whose leader gave up its epoch: a group that followers may have seen failed.
-    given_up: BTreeSet<TopicId>,
+    /// The epoch each topic's leader gave up: a group of it that followers may have seen failed.
+    given_up: BTreeMap<TopicId, Epoch>,
     server: ServerId,
     topics: BTreeMap<TopicId, WriterTopic>,
     buf: Vec<u8>,
@@ -154,7 +154,7 @@ impl Writer {
             reserve: Reserve::new(None),
             low_space: None,
             low_space_flag: Arc::new(AtomicBool::new(false)),
-            given_up: BTreeSet::new(),
+            given_up: BTreeMap::new(),
             server,
             topics: BTreeMap::new(),
             buf: Vec::new(),
@@ -259,7 +259,7 @@ impl Writer {
             // After a failed group (not a restart), a leader whose epoch's first entry is
             // durable still leads it, unless followers may have seen what was lost.
             if let Some(e) = old.get(&id).and_then(|o| o.leading) {
-                if t.history.last_epoch() == e && !self.given_up.contains(&id) {
+                if t.history.last_epoch() == e && self.given_up.get(&id) != Some(&e) {
                     t.leading = Some(e);
                 }
             }
@@ -379,8 +379,8 @@ impl Writer {
                     // must not go on in their epochs. It gives them up; the naming server
                     // elects anew, and the entries are kept or truncated by the usual rule.
                     for id in &touched {
-                        if self.topics.get(id).is_some_and(|t| t.leading.is_some()) {
-                            self.given_up.insert(*id);
+                        if let Some(e) = self.topics.get(id).and_then(|t| t.leading) {
+                            self.given_up.insert(*id, e);
                         }
                     }
                 }
@@ -478,7 +478,7 @@ impl Writer {
         }
     }
 
-    fn try_reopen(&mut self) -> anyhow::Result<()> {
+    pub(super) fn try_reopen(&mut self) -> anyhow::Result<()> {
         let Some(opener) = &self.opener else { anyhow::bail!("this store cannot be reopened") };
         if let Some(old) = self.db.take() {
             // Readers hold the handle only for a read: wait for them, so the file is closed.
