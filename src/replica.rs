@@ -584,37 +584,29 @@ impl Replica {
             .collect()
     }
 
-    /// Leader: the replicas holding every entry it has, and whether its epoch is committed
-    /// (for the naming server, which changes replica sets only then).
-    pub fn leader_report(&self) -> Option<(Epoch, bool, Vec<ServerId>)> {
+    /// Leader: its epoch, whether the epoch is committed (for the naming server, which
+    /// changes replica sets only then), the replicas holding every entry it has, and whether
+    /// its storage gave the epoch up (a group followers may have seen could not be written,
+    /// e.g. the disk is full).
+    pub fn leader_report(&self) -> Option<LeaderReport> {
         let state = self.log.state();
         let part = self.part.lock().expect("part lock");
         let Part::Leader(l) = &*part else { return None };
-        if state.leading != Some(l.epoch) {
-            return None;
-        }
-        Some((l.epoch, l.ready(), l.caught_up(state.end_index)))
+        Some(LeaderReport {
+            epoch: l.epoch,
+            ready: l.ready(),
+            holders: l.caught_up(state.end_index),
+            given_up: state.leading != Some(l.epoch),
+        })
     }
+}
 
-    /// Leader (also one whose storage gave its epoch up): the replicas holding all it has.
-    pub fn holders(&self) -> Vec<ServerId> {
-        let state = self.log.state();
-        match &*self.part.lock().expect("part lock") {
-            Part::Leader(l) => l.caught_up(state.end_index),
-            _ => Vec::new(),
-        }
-    }
-
-    /// The epoch this replica leads and its storage gave up: a group followers may have seen
-    /// could not be written (e.g. the disk is full). Reported as refused, so the naming
-    /// server elects anew.
-    pub fn given_up(&self) -> Option<Epoch> {
-        let state = self.log.state();
-        match &*self.part.lock().expect("part lock") {
-            Part::Leader(l) if state.leading != Some(l.epoch) => Some(l.epoch),
-            _ => None,
-        }
-    }
+/// What a leader tells the naming server of its topic (see [`Replica::leader_report`]).
+pub struct LeaderReport {
+    pub epoch: Epoch,
+    pub ready: bool,
+    pub holders: Vec<ServerId>,
+    pub given_up: bool,
 }
 
 /// Leader: recomputes the commit point whenever the leader's own log moves (its group commit

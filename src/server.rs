@@ -834,31 +834,23 @@ pub fn read_committed(
 /// A leader on a full disk (`low_space`) hands its epoch on once a majority holds all it has:
 /// it reports the epoch refused, and the naming server elects one of them instead.
 pub fn topic_report(replica: &Replica, refused: Option<Epoch>, low_space: bool) -> Option<TopicReport> {
-    let mut leader = replica.leader_report();
-    let mut refused = refused;
-    // Handing the epoch on: refused, with who holds everything, so the naming server elects
-    // one of them rather than this replica again.
-    let mut handing_on = Vec::new();
-    if let Some(epoch) = replica.given_up() {
-        refused = Some(epoch);
-        handing_on = replica.holders();
-    }
-    if let Some((epoch, true, holders)) = &leader {
+    let (mut leading, mut ready, mut holders, mut refused) = (None, false, Vec::new(), refused);
+    if let Some(l) = replica.leader_report() {
         let voters = replica.assignment().voter_ids();
-        let holding = holders.iter().filter(|h| voters.contains(h)).count();
-        if low_space && holding >= crate::replication::majority(voters.len()) {
-            refused = Some(*epoch);
-            handing_on = holders.clone();
-            leader = None;
+        let holding = l.holders.iter().filter(|h| voters.contains(h)).count();
+        let hand_on = low_space && l.ready && holding >= crate::replication::majority(voters.len());
+        if l.given_up || hand_on {
+            // Refused, with who holds everything, so the naming server elects one of them
+            // rather than this replica again.
+            refused = Some(l.epoch);
+        } else {
+            (leading, ready) = (Some(l.epoch), l.ready);
         }
+        holders = l.holders;
     }
-    if leader.is_none() && refused.is_none() {
+    if leading.is_none() && refused.is_none() {
         return None;
     }
-    let (leading, ready, holders) = match leader {
-        Some((epoch, ready, holders)) => (Some(epoch), ready, holders),
-        None => (None, false, handing_on),
-    };
     let promised = replica.log.state().promised;
     Some(TopicReport { topic: replica.log.id, promised, leading, refused, ready, holders })
 }

@@ -105,6 +105,16 @@ async fn produce(client: &Arc<Client>, topic: &TopicName, from: usize, to: usize
     Ok(acked)
 }
 
+/// Waits until each of the 3 replicas of topic `t` holds `n` records.
+async fn every_replica_holds(cluster: &Cluster, n: u64) {
+    wait_for(&format!("every replica to hold {n} records"), || async {
+        let d = cluster.describe("t");
+        let replicas = d["replicas"].as_array().cloned().unwrap_or_default();
+        (replicas.len() == 3 && replicas.iter().all(|r| r["log_end"].as_u64() == Some(n))).then_some(())
+    })
+    .await;
+}
+
 fn assert_read(read: &[(u64, String)], n: usize) {
     assert_eq!(read.len(), n, "every acknowledged record is read");
     for (i, (offset, payload)) in read.iter().enumerate() {
@@ -134,12 +144,7 @@ async fn a_leader_whose_disk_fills_gives_way_and_catches_up_once_space_is_freed(
 
     // Space returns: the full replica catches up as a follower, without a restart.
     mounts[full as usize - 1].free();
-    wait_for("the full replica to catch up", || async {
-        let d = cluster.describe("t");
-        let replicas = d["replicas"].as_array().cloned().unwrap_or_default();
-        (replicas.len() == 3 && replicas.iter().all(|r| r["log_end"].as_u64() == Some(400))).then_some(())
-    })
-    .await;
+    every_replica_holds(&cluster, 400).await;
     assert_read(&read_all(&client, &topic, "s").await, 400);
 }
 
@@ -161,12 +166,7 @@ async fn a_follower_whose_disk_fills_stops_copying_and_catches_up_once_space_is_
     assert!(log.contains("the disk is full"), "{log}");
 
     mounts[full as usize - 1].free();
-    wait_for("the full follower to catch up", || async {
-        let d = cluster.describe("t");
-        let replicas = d["replicas"].as_array().cloned().unwrap_or_default();
-        (replicas.len() == 3 && replicas.iter().all(|r| r["log_end"].as_u64() == Some(400))).then_some(())
-    })
-    .await;
+    every_replica_holds(&cluster, 400).await;
     assert!(cluster.server(full).is_running(), "no restart");
     assert_read(&read_all(&client, &topic, "s").await, 400);
 }

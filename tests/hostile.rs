@@ -43,6 +43,63 @@ async fn honest_round(client: &Arc<Client>, topic: &TopicName, n: usize, expect_
     assert_eq!(offsets, (0..expect_total as u64).collect::<Vec<_>>(), "every acked record, in order, once");
 }
 
+/// A fetch through `subscription` that answers at once (a read that does not take the
+/// subscription, unless `session` is given).
+fn fetch(topic: &TopicName, subscription: &str, from: Option<u64>, max_bytes: u32) -> Request {
+    fetch_as(topic, subscription, from, max_bytes, None)
+}
+
+fn fetch_as(
+    topic: &TopicName,
+    subscription: &str,
+    from: Option<u64>,
+    max_bytes: u32,
+    session: Option<herald::wire::ConsumerSession>,
+) -> Request {
+    Request::Fetch {
+        topic: topic.clone(),
+        subscription: SubscriptionName::new(subscription).unwrap(),
+        from,
+        max_records: 10_000,
+        max_bytes,
+        max_wait_ms: 0,
+        session,
+    }
+}
+
+type RawStream = (quinn::SendStream, quinn::RecvStream);
+
+/// Opens `streams` streams that each announce a 16 MiB frame and send nothing more.
+async fn announce_lengths(conn: &Connection, streams: usize) -> Vec<RawStream> {
+    let mut held = Vec::new();
+    for _ in 0..streams {
+        let (mut send, recv) = conn.raw().open_bi().await.unwrap();
+        send.write_all(&(MAX_FRAME_BYTES as u32).to_be_bytes()).await.unwrap();
+        held.push((send, recv));
+    }
+    held
+}
+
+/// Pipelines `per_stream` copies of `req` on each of `streams` streams, never reading answers.
+async fn pipeline_unread(
+    conn: &Connection,
+    req: &Request,
+    streams: usize,
+    per_stream: usize,
+) -> Vec<RawStream> {
+    let mut frames = Vec::new();
+    for _ in 0..per_stream {
+        wire::encode_frame(req, &mut frames).unwrap();
+    }
+    let mut held = Vec::new();
+    for _ in 0..streams {
+        let (mut send, recv) = conn.raw().open_bi().await.unwrap();
+        send.write_all(&frames).await.unwrap();
+        held.push((send, recv));
+    }
+    held
+}
+
 fn rss_line(what: &str, before: u64, peak: u64, after: u64) {
     eprintln!(
         "RSS under {what}: before {} MiB, peak {} MiB, after {} MiB",
@@ -70,11 +127,7 @@ async fn frames_never_finished_hold_at_most_the_budget() {
     for _ in 0..3 {
         let conn = connect(&cluster, addr).await.unwrap();
         // Lengths only: 100 streams, 1.6 GB announced, 400 bytes sent.
-        for _ in 0..100 {
-            let (mut send, recv) = conn.raw().open_bi().await.unwrap();
-            send.write_all(&(MAX_FRAME_BYTES as u32).to_be_bytes()).await.unwrap();
-            held.push((send, recv));
-        }
+        held.extend(announce_lengths(&conn, 100).await);
         attackers.push(conn);
     }
     // Bodies sent but for their last byte, as fast as the server takes them.
@@ -191,16 +244,7 @@ async fn byte_limits_count_encoded_sizes_and_no_record_blocks_a_reader() {
     assert!(got.iter().enumerate().all(|(i, r)| r.record.payload == vec![i as u8; 7 * MIB as usize]));
     let big_leader = cluster.leader_of(&big).await;
     let conn = connect(&cluster, cluster.server_addr(big_leader)).await.unwrap();
-    let fetch = Request::Fetch {
-        topic: big.clone(),
-        subscription: SubscriptionName::new("hold").unwrap(),
-        from: Some(1),
-        max_records: 10,
-        max_bytes: 1000,
-        max_wait_ms: 0,
-        session: None,
-    };
-    match conn.call(&fetch).await.unwrap_err() {
+    match conn.call(&fetch(&big, "hold", Some(1), 1000)).await.unwrap_err() {
         Error::FetchTooSmall { offset: 1, size, max_bytes: 1000, .. } => assert!(size > 7 * MIB, "{size}"),
         other => panic!("{other}"),
     }
@@ -239,26 +283,8 @@ async fn unread_answers_hold_at_most_the_budget() {
     let before = cluster.server(1).rss();
 
     let conn = connect(&cluster, cluster.server_addr(1)).await.unwrap();
-    let fetch = Request::Fetch {
-        topic: big.clone(),
-        subscription: SubscriptionName::new("s").unwrap(),
-        from: Some(0),
-        max_records: 10,
-        max_bytes: 16 * MIB as u32,
-        max_wait_ms: 0,
-        session: None,
-    };
-    let mut frames = Vec::new();
-    for _ in 0..50 {
-        wire::encode_frame(&fetch, &mut frames).unwrap();
-    }
     // 8 streams x 50 fetches of 12 MiB answers: 4.8 GB if all were served.
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        let (mut send, recv) = conn.raw().open_bi().await.unwrap();
-        send.write_all(&frames).await.unwrap();
-        held.push((send, recv));
-    }
+    let held = pipeline_unread(&conn, &fetch(&big, "s", Some(0), 16 * MIB as u32), 8, 50).await;
     wait_for("the attacker to fill its budget", || async {
         let held = sample(&cluster.scrape(Some(1)), "herald_budget_bytes", "").unwrap_or(0.0);
         (held >= 48.0 * MIB as f64).then_some(())
@@ -318,29 +344,14 @@ async fn names_people_read_are_printable_and_files_are_private() {
     cluster.cli_ok(&["subscription", "create", "t", "s"], None);
     let conn = connect(&cluster, cluster.server_addr(1)).await.unwrap();
     let forged = "x\n2026-12-01T00:00:00.000000Z ERROR herald::naming: FORGED LINE \u{1b}[2J";
-    let fetch = Request::Fetch {
-        topic: topic.clone(),
-        subscription: SubscriptionName::new("s").unwrap(),
-        from: None,
-        max_records: 10,
-        max_bytes: 1000,
-        max_wait_ms: 0,
-        session: Some(ConsumerSession { id: 1, name: forged.into() }),
-    };
-    let err = conn.call(&fetch).await.unwrap_err();
+    let with_session =
+        |name: String| fetch_as(&topic, "s", None, 1000, Some(ConsumerSession { id: 1, name }));
+    let err = conn.call(&with_session(forged.into())).await.unwrap_err();
     assert!(
         matches!(err, Error::InvalidArgument { .. }) && err.to_string().contains("control character"),
         "{err}"
     );
-    let long = Request::Fetch {
-        topic: topic.clone(),
-        subscription: SubscriptionName::new("s").unwrap(),
-        from: None,
-        max_records: 10,
-        max_bytes: 1000,
-        max_wait_ms: 0,
-        session: Some(ConsumerSession { id: 1, name: "n".repeat(10_000) }),
-    };
+    let long = with_session("n".repeat(10_000));
     assert!(matches!(conn.call(&long).await.unwrap_err(), Error::InvalidArgument { .. }));
     let log = cluster.server(1).log_text();
     assert!(!log.contains("FORGED LINE") && !log.contains('\u{1b}'), "{log}");
@@ -395,39 +406,18 @@ async fn honest_throughput_beside_an_attacker() {
     for _ in 0..3 {
         alone.push(run(client.clone(), topic.clone()).await);
     }
-    // The attacker: lengths without bodies, bodies without their last byte, unread fetches.
+    // The attacker: lengths without bodies, and fetches whose answers it never reads.
     let addr = cluster.server_addr(1);
     let mut held = Vec::new();
     let mut conns = Vec::new();
     for _ in 0..3 {
         let conn = connect(&cluster, addr).await.unwrap();
-        for _ in 0..100 {
-            let (mut send, recv) = conn.raw().open_bi().await.unwrap();
-            send.write_all(&(MAX_FRAME_BYTES as u32).to_be_bytes()).await.unwrap();
-            held.push((send, recv));
-        }
+        held.extend(announce_lengths(&conn, 100).await);
         conns.push(conn);
     }
     cluster.cli_ok(&["subscription", "create", "honest", "s"], None);
     let conn = connect(&cluster, addr).await.unwrap();
-    let fetch = Request::Fetch {
-        topic: topic.clone(),
-        subscription: SubscriptionName::new("s").unwrap(),
-        from: Some(0),
-        max_records: 10_000,
-        max_bytes: 16 * MIB as u32,
-        max_wait_ms: 0,
-        session: None,
-    };
-    let mut frames = Vec::new();
-    for _ in 0..50 {
-        wire::encode_frame(&fetch, &mut frames).unwrap();
-    }
-    for _ in 0..8 {
-        let (mut send, recv) = conn.raw().open_bi().await.unwrap();
-        send.write_all(&frames).await.unwrap();
-        held.push((send, recv));
-    }
+    held.extend(pipeline_unread(&conn, &fetch(&topic, "s", Some(0), 16 * MIB as u32), 8, 50).await);
     conns.push(conn);
     let mut attacked = Vec::new();
     for _ in 0..3 {

@@ -178,12 +178,21 @@ impl Store {
         clock: Clock,
     ) -> anyhow::Result<(Store, Writer, Vec<HostedTopic>)> {
         let path = dir.join("herald.redb");
+        // Also how the writer reopens the file after an I/O error (see `recovery`).
+        let file_opener = {
+            let path = path.clone();
+            move || {
+                let mut builder = Database::builder();
+                builder.set_cache_size(CACHE_BYTES);
+                builder.create(&path)
+            }
+        };
         let mut builder = Database::builder();
         builder.set_cache_size(CACHE_BYTES);
         let opened = match medium {
             Medium::File => {
                 crate::files::private_dir(dir)?;
-                builder.create(&path)
+                file_opener()
             }
             Medium::VolatileFile => {
                 crate::files::private_dir(dir)?;
@@ -207,13 +216,7 @@ impl Store {
         let commit_seconds = crate::metrics::commit_histogram();
         let mut writer = Writer::new(db.clone(), server, commits.clone(), commit_seconds.clone(), clock);
         if let Medium::File = medium {
-            // Reopened with the same settings after an I/O error (see `recovery`).
-            let opener: recovery::Opener = Box::new(move || {
-                let mut builder = Database::builder();
-                builder.set_cache_size(CACHE_BYTES);
-                builder.create(&path)
-            });
-            writer.set_recovery(dir.to_path_buf(), opener);
+            writer.set_recovery(dir.to_path_buf(), Box::new(file_opener));
         }
         let logs = writer.load()?;
         let low_space = writer.low_space_flag();

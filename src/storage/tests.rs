@@ -766,6 +766,11 @@ fn driven(disk: &SimDisk) -> (Store, Writer, Vec<HostedTopic>) {
     Store::open_driven(Path::new("sim"), Some(1), &Medium::Sim(disk.clone()), system_clock()).unwrap()
 }
 
+/// Producer 1's first batch, of one record, to `topic`.
+fn first_batch(topic: TopicId, reply: Reply<Appended>) -> Command {
+    Command::Append { topic, producer: 1, sequence: 0, records: records(&["a"]), refused: None, reply }
+}
+
 /// Runs one command through the writer, as one group; returns its answer.
 fn run<T>(writer: &mut Writer, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, Error> {
     let (reply, mut rx) = oneshot::channel();
@@ -850,14 +855,7 @@ fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
     run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 1, reply }).unwrap();
     disk.fail_syncs(1);
     let (reply, _rx) = oneshot::channel();
-    writer.stage(vec![Command::Append {
-        topic: 2,
-        producer: 1,
-        sequence: 0,
-        records: records(&["a"]),
-        refused: None,
-        reply,
-    }]);
+    writer.stage(vec![first_batch(2, reply)]);
     assert_eq!(writer.finish(), GroupOutcome::Fatal);
     drop((store, writer));
     let (store, _, _) = driven(&disk);
@@ -879,14 +877,7 @@ fn a_leader_whose_shown_group_fails_gives_its_epoch_up_and_the_store_is_reopened
     run(&mut writer, |reply| Command::BecomeLeader { topic: 2, epoch: 1, reply }).unwrap();
     disk.fail_syncs(1);
     let (reply, mut rx) = oneshot::channel();
-    writer.stage(vec![Command::Append {
-        topic: 2,
-        producer: 1,
-        sequence: 0,
-        records: records(&["a"]),
-        refused: None,
-        reply,
-    }]);
+    writer.stage(vec![first_batch(2, reply)]);
     let outcome = writer.finish();
     assert_ne!(outcome, GroupOutcome::Fatal, "a store that can be reopened goes on");
     assert!(matches!(rx.try_recv().unwrap(), Err(Error::Storage { .. })), "answered, never acked");

@@ -414,8 +414,7 @@ impl Writer {
                 warn!(dir = %self.reserve.dir(), "the disk is full: producing stops until space is freed; reads, acks and deletions go on");
                 self.reserve.release();
             }
-            self.low_space = Some(Instant::now());
-            self.low_space_flag.store(true, Ordering::Relaxed);
+            self.set_low_space(Some(Instant::now()));
             return self.no_space();
         }
         Error::Storage {
@@ -444,11 +443,16 @@ impl Writer {
         match self.reserve.take_back() {
             Ok(()) => {
                 info!(dir = %self.reserve.dir(), "space is available again: writes resume");
-                self.low_space = None;
-                self.low_space_flag.store(false, Ordering::Relaxed);
+                self.set_low_space(None);
             }
-            Err(_) => self.low_space = Some(Instant::now()),
+            Err(_) => self.set_low_space(Some(Instant::now())),
         }
+    }
+
+    /// Low on space since (or when last checked), or not; the server reads the flag.
+    fn set_low_space(&mut self, since: Option<Instant>) {
+        self.low_space = since;
+        self.low_space_flag.store(since.is_some(), Ordering::Relaxed);
     }
 
     /// Opens the database again after an I/O error, retrying with backoff; commands that
