@@ -99,6 +99,11 @@ pub enum Error {
     /// 25: a count or size limit was reached; nothing was changed.
     #[error("{what}: the limit is {limit}{}", if hint.is_empty() { String::new() } else { format!(" ({hint})") })]
     LimitReached { what: String, limit: u64, hint: String },
+    /// 26: the topic is in the book, but not enough of its replicas took it on in time to
+    /// commit anything (`hosting` of `replicas`, its leader among them or not). It stays in
+    /// the book and becomes usable once they do; delete it if it was a mistake.
+    #[error("topic {topic:?} was created, but only {hosting} of its {replicas} replicas took it on within {waited_ms} ms{}: they may be unreachable or failing (`herald servers`); it becomes usable once a majority, its leader among them, do (`herald topic describe {topic}`)", if *leader_hosts { "" } else { ", its leader not among them" })]
+    NotPlaced { topic: String, hosting: u32, replicas: u32, leader_hosts: bool, waited_ms: u64 },
 }
 
 impl Error {
@@ -131,6 +136,7 @@ impl Error {
             Error::NamingNotLeader { .. } => "naming_not_leader",
             Error::FetchTooSmall { .. } => "fetch_too_small",
             Error::LimitReached { .. } => "limit_reached",
+            Error::NotPlaced { .. } => "not_placed",
         }
     }
 
@@ -186,6 +192,7 @@ mod tests {
             (Error::NamingNotLeader { member: 1, leader: None }, 23),
             (Error::FetchTooSmall { topic: s(), offset: 0, size: 0, max_bytes: 0 }, 24),
             (Error::LimitReached { what: s(), limit: 0, hint: s() }, 25),
+            (Error::NotPlaced { topic: s(), hosting: 0, replicas: 0, leader_hosts: false, waited_ms: 0 }, 26),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -34,8 +34,8 @@ use crate::storage::{LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
 use crate::wire::{
-    ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo, TopicReport,
-    TopicStatus,
+    Assignments, ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo,
+    TopicReport, TopicStatus,
 };
 
 /// Most records one fetch returns.
@@ -493,23 +493,31 @@ impl TopicServer {
         }))
     }
 
-    /// Makes the hosted topics match the book's assignments for this server.
-    async fn reconcile(&self, assignments: Vec<TopicInfo>, may_delete: bool) -> Result<(), Error> {
-        let assigned: HashSet<u64> = assignments.iter().map(|t| t.id).collect();
+    /// Makes the hosted topics match the book's assignments for this server: all of them, or
+    /// what changed since the version it knew.
+    async fn reconcile(&self, assignments: Assignments, may_delete: bool) -> Result<(), Error> {
         let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
-        for h in hosted {
+        let (gone, assignments): (Vec<Arc<Hosted>>, Vec<TopicInfo>) = match assignments {
+            Assignments::All(all) => {
+                let assigned: HashSet<u64> = all.iter().map(|t| t.id).collect();
+                (hosted.into_iter().filter(|h| !assigned.contains(&h.replica.log.id)).collect(), all)
+            }
+            Assignments::Since { changed, dropped, .. } => {
+                let dropped: HashSet<u64> = dropped.into_iter().collect();
+                (hosted.into_iter().filter(|h| dropped.contains(&h.replica.log.id)).collect(), changed)
+            }
+        };
+        for h in gone {
             let log = &h.replica.log;
-            if !assigned.contains(&log.id) {
-                if !may_delete {
-                    warn!(topic = %log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
-                    continue;
-                }
-                info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
-                self.node.store.delete_topic(log.id).await?;
-                let mut topics = self.topics.write().expect("topics lock");
-                if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
-                    topics.remove(&log.name);
-                }
+            if !may_delete {
+                warn!(topic = %log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
+                continue;
+            }
+            info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
+            self.node.store.delete_topic(log.id).await?;
+            let mut topics = self.topics.write().expect("topics lock");
+            if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
+                topics.remove(&log.name);
             }
         }
         for info in assignments {
@@ -953,6 +961,13 @@ async fn follow_naming(
                 match answer {
                     Response::Heartbeat { version, assignments } => {
                         if let Some(assignments) = assignments {
+                            if let Assignments::Since { known: since, .. } = &assignments {
+                                if *since != known {
+                                    return Err(Error::internal(format!(
+                                        "heartbeat answer has the changes since version {since}, this server knows {known}"
+                                    )));
+                                }
+                            }
                             server.reconcile(assignments, may_delete).await?;
                             applied = version;
                         }

@@ -22,8 +22,9 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// The protocol version this build speaks, agreed in the `Hello` handshake (the ALPN,
 /// `herald/1`, names the protocol family). Version 2 added topic policies, consumer
 /// sessions, subscription resets and eviction notices. Version 3 replicates a log of
-/// entries (cursor changes among them) and names learners.
-pub const PROTOCOL_VERSION: u16 = 3;
+/// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
+/// what changed since the server's version ([`Assignments`]).
+pub const PROTOCOL_VERSION: u16 = 4;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -173,6 +174,17 @@ pub struct TopicInfo {
     pub leader: ServerId,
     pub epoch: Epoch,
     pub created_ms: u64,
+}
+
+/// A server's topics in a heartbeat answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Assignments {
+    /// Every topic whose replica set holds the server; it drops any other topic it hosts.
+    All(Vec<TopicInfo>),
+    /// What changed since version `known` (the `known_version` of the heartbeat): the
+    /// server's topics that changed or are new to it, and the ids of topics it left since
+    /// `known` (one it never took on, having come and gone in between, is simply not there).
+    Since { known: u64, changed: Vec<TopicInfo>, dropped: Vec<TopicId> },
 }
 
 impl TopicInfo {
@@ -480,11 +492,11 @@ pub enum Response {
         lease_ms: u32,
         cluster: u64,
     },
-    /// The book's version and, when it changed since the caller's version, the topics whose
-    /// replica set holds the caller.
+    /// The book's version and, when it changed since the caller's version, the caller's
+    /// topics: what changed since then, or all of them when the naming leader cannot tell.
     Heartbeat {
         version: u64,
-        assignments: Option<Vec<TopicInfo>>,
+        assignments: Option<Assignments>,
     },
     Topic(TopicInfo),
     Topics(Vec<TopicInfo>),

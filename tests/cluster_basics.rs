@@ -78,6 +78,40 @@ async fn a_dead_server_gets_no_new_topics_and_too_few_servers_is_an_error() {
     client.close().await;
 }
 
+/// A topic its replicas never take on (here: a paused server, still within its lease) is an
+/// error naming what happened, not a success; it becomes usable once they do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topic_no_replica_takes_on_is_an_error_until_they_do() {
+    let mut cluster = Cluster::start(1).await;
+    let client = cluster.client();
+    // Placement needs the server alive in the book: pause it right after a heartbeat renewed
+    // its lease. A loaded machine may take longer than the lease to create the topic; try
+    // again then (a few times, each with a new name).
+    let mut placed = None;
+    for attempt in 0..5 {
+        let name = TopicName::new(format!("unplaced-{attempt}")).unwrap();
+        cluster.wait_alive(1).await;
+        cluster.server(1).signal("STOP");
+        let result = client.create_topic(&name, 1, TopicConfig::default()).await;
+        cluster.server(1).signal("CONT");
+        match result {
+            Err(herald::Error::NotEnoughServers { .. }) => continue,
+            Err(herald::Error::NotPlaced { topic, hosting: 0, replicas: 1, leader_hosts: false, .. }) => {
+                assert_eq!(topic, name.as_str());
+                placed = Some(name);
+                break;
+            }
+            other => panic!("expected NotPlaced, got {other:?}"),
+        }
+    }
+    let name = placed.expect("the server stayed paused within its lease in one of 5 attempts");
+    // It stays in the book, and takes records once the server hosts it.
+    client.lookup(&name).await.unwrap();
+    let acked = common::produce_in_order(&client, &name, 3, 2).await;
+    assert_eq!(acked, 6);
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn json_logs_carry_the_node_and_the_topic() {
     let cluster = Cluster::start(1).await;

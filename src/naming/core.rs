@@ -36,18 +36,20 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
 use super::book::{Book, BookChange, ServerRecord, TopicRecord};
+use super::changes::ChangeLog;
 use crate::error::Error;
 use crate::replication::{choose_leader, majority};
 use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
 use crate::wire::{
-    ReplicaInfo, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport, MAX_RECORD_BYTES_LIMIT,
+    Assignments, ReplicaInfo, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport,
+    MAX_RECORD_BYTES_LIMIT,
 };
 
 /// Most replicas a topic may ask for.
 pub const MAX_REPLICAS: u32 = 16;
 
 /// Topics one cluster holds. The whole book travels in single frames (a `topic list` answer,
-/// a server's heartbeat answer, a Raft snapshot): 10,000 topics of up to ~1.2 KB each (a
+/// a full heartbeat answer to a server that holds every topic, a Raft snapshot): 10,000 topics of up to ~1.2 KB each (a
 /// 128-byte name and 16 replicas' addresses) and every schema together stay within a frame.
 pub const MAX_TOPICS: usize = 10_000;
 
@@ -163,6 +165,8 @@ pub struct NamingCore {
     retry_at: BTreeMap<TopicId, u64>,
     /// Leaders elected since the start.
     pub elected: u64,
+    /// What changed at which version since this core started, for heartbeat answers.
+    changes: ChangeLog,
 }
 
 impl NamingCore {
@@ -177,6 +181,7 @@ impl NamingCore {
             elections: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             elected: 0,
+            changes: ChangeLog::default(),
         }
     }
 
@@ -208,6 +213,7 @@ impl NamingCore {
 
     /// Applies a change that is durable now.
     pub fn apply(&mut self, change: &BookChange) {
+        self.changes.record(&self.book, change);
         self.book.apply(change);
     }
 
@@ -262,6 +268,25 @@ impl NamingCore {
     /// Whether every replica of `topic` applied book `version`.
     pub fn applied_by_all(&self, topic: &TopicRecord, version: u64) -> bool {
         topic.members().all(|r| self.applied.get(&r).copied().unwrap_or(0) >= version)
+    }
+
+    /// Whether enough replicas of a topic took on book `version` to commit: a majority of
+    /// its voters, its leader among them. `waited` is for the error.
+    pub fn placed(&self, name: &TopicName, version: u64, waited: std::time::Duration) -> Result<(), Error> {
+        let Some(t) = self.book.topics.get(name.as_str()) else { return Ok(()) };
+        let took = |r: &ServerId| self.applied.get(r).copied().unwrap_or(0) >= version;
+        let hosting = t.voters.iter().filter(|r| took(r)).count();
+        let leader_hosts = took(&t.leader);
+        if leader_hosts && hosting >= majority(t.voters.len()) {
+            return Ok(());
+        }
+        Err(Error::NotPlaced {
+            topic: name.to_string(),
+            hosting: hosting as u32,
+            replicas: t.voters.len() as u32,
+            leader_hosts,
+            waited_ms: waited.as_millis() as u64,
+        })
     }
 
     pub fn topic_info(&self, t: &TopicRecord) -> TopicInfo {
@@ -334,6 +359,19 @@ impl NamingCore {
     }
 
     /// The topics `server` hosts, as it should apply them.
+    /// What a heartbeat answer tells `server`, which knows book version `known`: what
+    /// changed since then when this core saw every change since, else all its topics.
+    pub fn assignments_since(&self, server: ServerId, known: u64) -> Assignments {
+        match self.changes.since(&self.book, server, known) {
+            Some(delta) => Assignments::Since {
+                known,
+                changed: delta.changed.iter().map(|name| self.topic_info(&self.book.topics[name])).collect(),
+                dropped: delta.dropped,
+            },
+            None => Assignments::All(self.assignments_for(server)),
+        }
+    }
+
     pub fn assignments_for(&self, server: ServerId) -> Vec<TopicInfo> {
         self.book
             .topics
@@ -769,6 +807,35 @@ mod tests {
         let change = c.create_topic(now, 0, name.clone(), 3, TopicConfig::default()).unwrap();
         c.apply(&change);
         c.book().topics["t"].clone()
+    }
+
+    #[test]
+    fn heartbeat_answers_carry_changes_since_the_servers_version() {
+        let mut c = core(4, 0);
+        let registered = c.book().version;
+        let t = create(&mut c, 0);
+        let holder = t.voters[0];
+        let outsider = (1..=4).find(|s| !t.voters.contains(s)).unwrap();
+        // Since a version this core saw: only what changed, and nothing for a non-replica.
+        match c.assignments_since(holder, registered) {
+            Assignments::Since { known, changed, dropped } => {
+                assert_eq!((known, changed.len(), dropped.len()), (registered, 1, 0));
+                assert_eq!(changed[0].id, t.id);
+            }
+            other => panic!("{other:?}"),
+        }
+        let nothing = Assignments::Since { known: registered, changed: vec![], dropped: vec![] };
+        assert_eq!(c.assignments_since(outsider, registered), nothing);
+        let change = BookChange { removed: vec!["t".into()], ..BookChange::default() };
+        c.apply(&change);
+        let before = c.book().version - 1;
+        assert_eq!(
+            c.assignments_since(holder, before),
+            Assignments::Since { known: before, changed: vec![], dropped: vec![t.id] }
+        );
+        // A core that did not see the versions since (a new naming leader) lists everything.
+        let fresh = NamingCore::new(c.book().clone(), Settings::new(LEASE, 3000), 0);
+        assert_eq!(fresh.assignments_since(holder, before), Assignments::All(vec![]));
     }
 
     #[test]

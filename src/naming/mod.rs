@@ -14,10 +14,12 @@
 //! task per member, batched, dropped when the member is unreachable: Raft resends), the
 //! clock, and the promise requests of elections. Servers learn what they host from
 //! heartbeat answers: a heartbeat is a long poll that returns at once when the book changed
-//! since the version the server knows. `CreateTopic` answers once every replica has
-//! applied the change.
+//! since the version the server knows, with what changed since then ([`changes`]).
+//! `CreateTopic` answers once every replica has applied the change (or `NotPlaced` when too
+//! few did in time).
 
 pub mod book;
+pub mod changes;
 pub mod core;
 pub mod member;
 pub mod raft;
@@ -355,14 +357,17 @@ impl NamingServer {
                 Err(e) => return Response::Error(e),
             };
             let current = core.book().version;
-            let assignments = (current != known_version).then(|| core.assignments_for(server));
+            let assignments =
+                (current != known_version).then(|| core.assignments_since(server, known_version));
             Response::Heartbeat { version: current, assignments }
         })
     }
 
     /// Commits a change to a topic, then answers once its replicas applied it (or after
     /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
+    /// A new topic that not enough replicas took on in that time is a [`Error::NotPlaced`].
     fn change_topic(self: &Arc<Self>, admin: Admin, what: &'static str) -> ResponseFuture {
+        let creating = matches!(admin, Admin::CreateTopic { .. });
         let me = self.clone();
         Box::pin(async move {
             let (name, version) = match me.submit(admin).await {
@@ -392,10 +397,17 @@ impl NamingServer {
                 }
             }
             let member = me.member();
-            match member.serving() {
-                Ok(core) => core.lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error),
-                Err(e) => Response::Error(e),
+            let core = match member.serving() {
+                Ok(core) => core,
+                Err(e) => return Response::Error(e),
+            };
+            if creating {
+                if let Err(e) = core.placed(&name, version, PLACEMENT_WAIT) {
+                    warn!(topic = %name, error = %e, "topic not placed");
+                    return Response::Error(e);
+                }
             }
+            core.lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error)
         })
     }
 

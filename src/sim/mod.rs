@@ -45,8 +45,9 @@ use self::net::{
 };
 use self::server::{Ctx, SimServer, Timing};
 use crate::naming::core::Settings;
+use crate::replica::Assignment;
 use crate::types::{ServerId, TopicId, TopicName};
-use crate::wire::{Request, TopicConfig};
+use crate::wire::{ReplicaInfo, Request, TopicConfig};
 
 /// A fault the simulator injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -379,6 +380,8 @@ impl World {
             ("will not lead", "old epochs refused"),
             ("stops:", "fatal group failures"),
             ("leads the group", "naming leaders"),
+            ("told all its topics", "full assignment lists"),
+            ("told the changes since", "assignment changes"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -515,13 +518,45 @@ impl World {
             for line in server::NOTES.with(|n| std::mem::take(&mut *n.borrow_mut())) {
                 self.note(line);
             }
-            if !self.faulting && self.events % 64 == 0 && self.recovered() {
+            if !self.faulting
+                && self.events % 64 == 0
+                && self.recovered()
+                && self.assignments_converged().is_ok()
+            {
                 break;
             }
         }
     }
 
     /// Every producer had everything acknowledged, and every consumer read it all.
+    /// Long after the faults stopped, every running server hosts exactly its topics of the
+    /// book, as the book assigns them (heartbeat answers that carry changes lose none).
+    fn assignments_converged(&self) -> Result<(), String> {
+        let Some(book) = self.naming.book() else { return Ok(()) };
+        let replica = |id: &ServerId| ReplicaInfo { server: *id, addr: book.servers[id].addr };
+        for (id, s) in &self.servers {
+            let Some(run) = &s.run else { continue };
+            let hosted = run.assignments();
+            let mut expected = BTreeMap::new();
+            for t in book.topics.values().filter(|t| t.members().any(|r| r == *id)) {
+                let assignment = Assignment {
+                    leader: t.leader,
+                    epoch: t.epoch,
+                    voters: t.voters.iter().map(replica).collect(),
+                    learners: t.learners.iter().map(replica).collect(),
+                };
+                expected.insert(t.id, Some(assignment));
+            }
+            if hosted != expected {
+                return Err(format!(
+                    "server {id} hosts {hosted:?}, but book version {} assigns it {expected:?}",
+                    book.version
+                ));
+            }
+        }
+        Ok(())
+    }
+
     fn recovered(&self) -> bool {
         let produced =
             self.clients.iter().all(|c| !matches!(c.work, Work::Produce { .. }) || c.produced_all());
@@ -1126,6 +1161,11 @@ impl World {
                     "liveness: {} ms after the faults stopped the cluster had not recovered: {why}\n{}",
                     self.config.recovery_ms,
                     self.dump()
+                )));
+            } else if let Err(e) = self.assignments_converged() {
+                self.checker.violations.push(Violation(format!(
+                    "liveness: {} ms after the faults stopped the servers had not taken the book on: {e}",
+                    self.config.recovery_ms,
                 )));
             }
         }

@@ -231,7 +231,7 @@ impl SimNaming {
                                 let core = member.core().expect("a member that took a heartbeat leads");
                                 Some(Response::Heartbeat {
                                     version: member.book().version,
-                                    assignments: Some(core.assignments_for(server)),
+                                    assignments: Some(core.assignments_since(server, known_version)),
                                 })
                             }
                             Ok(()) => {
@@ -340,9 +340,10 @@ impl SimNaming {
         for h in held {
             let resp = match member.serving() {
                 Err(e) => Some(Response::Error(e)),
-                Ok(core) if h.known != version => {
-                    Some(Response::Heartbeat { version, assignments: Some(core.assignments_for(h.server)) })
-                }
+                Ok(core) if h.known != version => Some(Response::Heartbeat {
+                    version,
+                    assignments: Some(core.assignments_since(h.server, h.known)),
+                }),
                 Ok(_) if expire && ctx.now >= h.deadline => {
                     Some(Response::Heartbeat { version, assignments: None })
                 }

@@ -21,7 +21,7 @@ use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
 };
 use crate::types::{Epoch, ServerId, TopicId, TopicName};
-use crate::wire::{Evicted, ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
+use crate::wire::{Assignments, Evicted, ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
 
 /// What a component does with the world while it handles something.
 pub struct Ctx<'a> {
@@ -426,6 +426,11 @@ impl Running {
         self.poll(ctx);
     }
 
+    /// The assignment each hosted topic last took on (`None`: still being created).
+    pub fn assignments(&self) -> BTreeMap<TopicId, Option<Assignment>> {
+        self.hosted.iter().map(|(id, h)| (*id, h.applied.clone())).collect()
+    }
+
     fn naming_busy(&self) -> bool {
         self.outgoing.values().any(|(_, k)| matches!(k, Outgoing::Register | Outgoing::Heartbeat))
     }
@@ -487,7 +492,29 @@ impl Running {
             },
             Outgoing::Heartbeat => match answer {
                 Ok(Response::Heartbeat { version, assignments }) => {
+                    if let Some(Assignments::Since { known, .. }) = &assignments {
+                        assert_eq!(
+                            *known, self.naming.known,
+                            "server {}: changes since another version",
+                            self.id
+                        );
+                    }
                     if let Some(assignments) = assignments {
+                        note(match &assignments {
+                            Assignments::All(all) => {
+                                format!(
+                                    "server {}: told all its topics ({}) at version {version}",
+                                    self.id,
+                                    all.len()
+                                )
+                            }
+                            Assignments::Since { known, changed, dropped } => format!(
+                                "server {}: told the changes since version {known} ({} changed, {} dropped)",
+                                self.id,
+                                changed.len(),
+                                dropped.len()
+                            ),
+                        });
                         self.naming.pending_version = version;
                         self.reconcile(assignments);
                     }
@@ -581,9 +608,16 @@ impl Running {
     }
 
     /// Makes the hosted topics match the book, as `TopicServer::reconcile` does.
-    fn reconcile(&mut self, assignments: Vec<TopicInfo>) {
-        let listed: Vec<TopicId> = assignments.iter().map(|t| t.id).collect();
-        let gone: Vec<TopicId> = self.hosted.keys().copied().filter(|id| !listed.contains(id)).collect();
+    fn reconcile(&mut self, assignments: Assignments) {
+        let (gone, assignments): (Vec<TopicId>, Vec<TopicInfo>) = match assignments {
+            Assignments::All(all) => {
+                let listed: Vec<TopicId> = all.iter().map(|t| t.id).collect();
+                (self.hosted.keys().copied().filter(|id| !listed.contains(id)).collect(), all)
+            }
+            Assignments::Since { changed, dropped, .. } => {
+                (dropped.into_iter().filter(|id| self.hosted.contains_key(id)).collect(), changed)
+            }
+        };
         for id in gone {
             self.hosted.remove(&id);
             self.waits.retain(|w| w.topic != id);
@@ -606,6 +640,11 @@ impl Running {
                         |reply| Command::CreateTopic { meta, reply },
                         move |run, _, result: Result<Arc<TopicLog>, Error>| {
                             run.naming.reconciling -= 1;
+                            if result.is_err() {
+                                // Changes since a version would not bring this topic again:
+                                // ask for every topic next time.
+                                run.naming.known = 0;
+                            }
                             if let Ok(log) = result {
                                 let replica = Replica::new(log, run.id, assignment.clone());
                                 let hosted = Hosted {
