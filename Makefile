@@ -14,7 +14,7 @@ release:
 
 ## Generate certs/ (cluster CA, node and client certificates) if missing.
 certs: release
-	@test -f certs/ca.pem || $(HERALD) certs --dir certs
+	@test -f certs/ca/ca.key || $(HERALD) certs --dir certs $$(test -f certs/ca.pem && echo --force)
 
 ## Build, make certificates, and run a naming server + 3 topic servers on loopback (Ctrl-C stops).
 run: certs

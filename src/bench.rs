@@ -215,7 +215,7 @@ impl DevCluster {
             std::env::temp_dir().join(format!("herald-bench-{}-{}", std::process::id(), fastrand::u32(..)));
         std::fs::create_dir_all(&dir)?;
         let certs = dir.join("certs");
-        certs::generate(&certs, &certs::default_hosts(), false)?;
+        certs::generate(&certs, &certs::default_hosts(), servers as u16, false)?;
         let addrs: Vec<SocketAddr> = (0..naming_servers).map(|_| loopback_port()).collect::<Result<_>>()?;
         let peers: Vec<String> = (1..).zip(&addrs).map(|(id, a)| format!("{id}={a}")).collect();
         let mut naming = Vec::new();

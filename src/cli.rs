@@ -105,6 +105,38 @@ struct NamingRunArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum CertsAction {
+    /// Sign a certificate for one identity with the CA kept in --dir (its `ca/` directory),
+    /// into a directory that works as `--certs` for that identity.
+    Issue {
+        #[command(subcommand)]
+        who: IssueWho,
+        /// The directory `herald certs` made, where the CA key is (default: the --certs directory).
+        #[arg(long, global = true)]
+        dir: Option<PathBuf>,
+        /// Where to write (default: DIR/client-NAME, DIR/node-ID or DIR/naming).
+        #[arg(long, global = true)]
+        out: Option<PathBuf>,
+        /// Comma-separated host names and IP addresses a server certificate is valid for.
+        #[arg(long, global = true, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
+        hosts: Vec<String>,
+        /// Replace that identity's certificate if it is there (never the CA).
+        #[arg(long, global = true)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum IssueWho {
+    /// An application or person: the principal NAME that ACLs grant to.
+    Client { name: String },
+    /// The topic server with this id: it may register only as that id.
+    Node { id: ServerId },
+    /// The naming group's members.
+    Naming,
+}
+
+#[derive(Subcommand, Debug)]
 enum NamingAction {
     /// Show each member of the naming group (those given with --naming): role, term, last
     /// log index, applied index, and which one leads.
@@ -143,15 +175,22 @@ enum LogFormat {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Generate the cluster CA, the node certificate and the client certificate.
+    /// Make a new cluster CA with the quick-start identities (the `admin` client, the naming
+    /// group, topic servers 1..=N), or issue another identity with the existing CA.
+    #[command(args_conflicts_with_subcommands = true)]
     Certs {
+        #[command(subcommand)]
+        action: Option<CertsAction>,
         /// Where to write them (default: the --certs directory).
         #[arg(long)]
         dir: Option<PathBuf>,
-        /// Comma-separated host names and IP addresses the node certificate is valid for.
+        /// Comma-separated host names and IP addresses the server certificates are valid for.
         #[arg(long, value_delimiter = ',', default_value = "localhost,127.0.0.1")]
         hosts: Vec<String>,
-        /// Replace an existing CA.
+        /// Topic server identities to make (node-1 ... node-N).
+        #[arg(long, default_value_t = certs::DEFAULT_DEV_SERVERS)]
+        servers: u16,
+        /// Replace an existing CA (every process must then get new files).
         #[arg(long)]
         force: bool,
     },
@@ -530,10 +569,33 @@ fn shutdown_on_signal() -> CancellationToken {
 async fn run(cli: Cli) -> Result<ExitCode> {
     let common = cli.common;
     match cli.command {
-        Command::Certs { dir, hosts, force } => {
+        Command::Certs { action: None, dir, hosts, servers, force } => {
             let dir = dir.unwrap_or(common.certs.clone());
-            certs::generate(&dir, &hosts, force)?;
-            eprintln!("wrote the cluster CA, node and client certificates to {}", dir.display());
+            certs::generate(&dir, &hosts, servers, force)?;
+            eprintln!(
+                "wrote to {}: the cluster CA (its key in ca/: keep it off servers and clients), the `{}` client, naming/ and node-1/..node-{servers}/",
+                dir.display(),
+                certs::ADMIN_CLIENT
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Certs { action: Some(CertsAction::Issue { who, dir, out, hosts, force }), .. } => {
+            let dir = dir.unwrap_or(common.certs.clone());
+            let who = match who {
+                IssueWho::Client { name } => {
+                    certs::check_client_name(&name)?;
+                    certs::Principal::Client(name)
+                }
+                IssueWho::Node { id: 0 } => return Err(usage("server ids start at 1".to_string())),
+                IssueWho::Node { id } => certs::Principal::Node(id),
+                IssueWho::Naming => certs::Principal::Naming,
+            };
+            let written = certs::issue(&dir, &who, &hosts, out.as_deref(), force)?;
+            eprintln!(
+                "wrote {who}'s certificate to {} (use it as --certs {})",
+                written.display(),
+                written.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Naming { action: Some(NamingAction::Status { json }), .. } => {
@@ -1513,9 +1575,10 @@ async fn dev(common: &Common, servers: u16, naming_servers: u16, dir: &Path) -> 
     if servers == 0 || servers >= DEV_NAMING_PORT_STEP {
         return Err(usage(format!("--servers must be 1..={}", DEV_NAMING_PORT_STEP - 1)));
     }
-    if !certs::exist(&common.certs) {
-        certs::generate(&common.certs, &certs::default_hosts(), false)
-            .with_context(|| format!("making certificates in {}", common.certs.display()))?;
+    let made = !certs::exist(&common.certs);
+    certs::ensure_dev(&common.certs, servers)
+        .with_context(|| format!("making certificates in {}", common.certs.display()))?;
+    if made {
         eprintln!("made certificates in {}", common.certs.display());
     }
     let first = common.naming.first();

@@ -104,6 +104,19 @@ pub enum Error {
     /// the book and becomes usable once they do; delete it if it was a mistake.
     #[error("topic {topic:?} was created, but only {hosting} of its {replicas} replicas took it on within {waited_ms} ms{}: they may be unreachable or failing (`herald servers`); it becomes usable once a majority, its leader among them, do (`herald topic describe {topic}`)", if *leader_hosts { "" } else { ", its leader not among them" })]
     NotPlaced { topic: String, hosting: u32, replicas: u32, leader_hosts: bool, waited_ms: u64 },
+    /// 27: the principal may not do this (no grant covers it; see `herald acl`).
+    #[error("{principal} may not {} {topic} ({hint})", operation_phrase(operation))]
+    NotAuthorized { principal: String, operation: String, topic: String, hint: String },
+}
+
+/// How a refusal reads: "produce to", "consume from", "describe", "administer".
+fn operation_phrase(operation: &str) -> &str {
+    match operation {
+        "produce" => "produce to",
+        "consume" => "consume from",
+        "admin" => "administer",
+        other => other,
+    }
 }
 
 impl Error {
@@ -137,6 +150,7 @@ impl Error {
             Error::FetchTooSmall { .. } => "fetch_too_small",
             Error::LimitReached { .. } => "limit_reached",
             Error::NotPlaced { .. } => "not_placed",
+            Error::NotAuthorized { .. } => "not_authorized",
         }
     }
 
@@ -193,6 +207,7 @@ mod tests {
             (Error::FetchTooSmall { topic: s(), offset: 0, size: 0, max_bytes: 0 }, 24),
             (Error::LimitReached { what: s(), limit: 0, hint: s() }, 25),
             (Error::NotPlaced { topic: s(), hosting: 0, replicas: 0, leader_hosts: false, waited_ms: 0 }, 26),
+            (Error::NotAuthorized { principal: s(), operation: s(), topic: s(), hint: s() }, 27),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

@@ -5,6 +5,7 @@
 //! [`naming`] (the book of servers and topics), [`server`] (a topic server), [`client`]
 //! (producer, consumer, admin) and [`cli`] (the `herald` command).
 
+pub mod acl;
 pub mod bench;
 pub mod certs;
 pub mod cli;

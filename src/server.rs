@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{debug, error, info, warn};
 
-use crate::certs::{self, CertRole};
+use crate::certs::{self, CertRole, Principal};
 use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
@@ -576,14 +576,6 @@ impl TopicServer {
             })
             .collect()
     }
-
-    fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
-        if peer.is_node {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized { detail: format!("{what} needs the cluster's node certificate") })
-        }
-    }
 }
 
 impl Service for TopicServer {
@@ -744,7 +736,7 @@ impl Service for TopicServer {
                 max_bytes,
                 max_wait_ms,
             } => {
-                if let Err(e) = Self::require_node(peer, "replicating") {
+                if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
                     return ready(Response::Error(e));
                 }
                 Box::pin(async move {
@@ -760,7 +752,7 @@ impl Service for TopicServer {
                 })
             }
             Request::Promise { topic, topic_id, epoch } => {
-                if let Err(e) = Self::require_node(peer, "an election") {
+                if let Err(e) = peer.require(&Principal::Naming, "an election") {
                     return ready(Response::Error(e));
                 }
                 Box::pin(async move {
@@ -1007,8 +999,8 @@ async fn follow_naming(
 
 /// Runs a topic server until `shutdown`.
 pub async fn run(config: ServerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let identity = certs::load(&config.certs_dir, CertRole::Node)?;
     let (store, logs) = Store::open_on(&config.data_dir, config.id, &config.medium)?;
+    let identity = certs::load(&config.certs_dir, CertRole::Node(store.server_id()))?;
     // Every log line of this server (its tasks included) carries `node`.
     let span = tracing::info_span!("node", node = %format!("server-{}", store.server_id()));
     run_node(config, shutdown, identity, store, logs).instrument(span).await

@@ -15,7 +15,7 @@ use herald::Error;
 
 fn foreign_certs(cluster: &Cluster) -> std::path::PathBuf {
     let dir = cluster.dir.path().join("foreign-certs");
-    certs::generate(&dir, &certs::default_hosts(), false).unwrap();
+    certs::generate(&dir, &certs::default_hosts(), 1, false).unwrap();
     dir
 }
 
@@ -109,17 +109,73 @@ async fn only_certificates_from_the_cluster_ca_get_in() {
     client.close().await;
 }
 
+/// A server acts only as the identity its certificate names: a client certificate cannot
+/// register, heartbeat or replicate; server 2's cannot register as server 3 or move server
+/// 1's address; a certificate naming no identity gets nothing at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_certificate_cannot_register_as_a_topic_server() {
+async fn a_certificate_acts_only_as_the_identity_it_names() {
     let cluster = Cluster::start(1).await;
-    let ours = certs::load(&cluster.certs, CertRole::Client).unwrap();
-    let conn = connect_with(&cluster, transport::client_config(&ours).unwrap()).await.unwrap();
-    let err =
-        conn.call(&Request::Register { server: 99, addr: "127.0.0.1:1".parse().unwrap() }).await.unwrap_err();
-    assert!(matches!(err, Error::Unauthorized { .. }), "{err}");
-    let servers = match conn.call(&Request::ListServers).await.unwrap() {
+    let connect = |role| {
+        let identity = certs::load(&cluster.certs, role).unwrap();
+        connect_with(&cluster, transport::client_config(&identity).unwrap())
+    };
+    let impostor = |server| Request::Register { server, addr: "127.0.0.1:1".parse().unwrap() };
+    let refused = |result: Result<Response, Error>, what: &str| match result {
+        Err(Error::Unauthorized { detail }) => {
+            assert!(detail.contains("needs the certificate of"), "{what}: {detail}")
+        }
+        other => panic!("{what}: expected Unauthorized, got {other:?}"),
+    };
+
+    let client = connect(CertRole::Client).await.unwrap();
+    refused(client.call(&impostor(99)).await, "a client registering");
+    let beat =
+        Request::Heartbeat { server: 1, known_version: 0, applied_version: 0, wait_ms: 0, reports: vec![] };
+    refused(client.call(&beat).await, "a client heartbeating");
+    let server2 = connect(CertRole::Node(2)).await.unwrap();
+    refused(server2.call(&impostor(3)).await, "server 2 registering as 3");
+    refused(server2.call(&impostor(1)).await, "server 2 moving server 1");
+    // Server 1's own certificate is not enough to replicate as another follower.
+    let server1 = herald::transport::client_endpoint(cluster.server_addr(1), {
+        let identity = certs::load(&cluster.certs, CertRole::Node(2)).unwrap();
+        transport::client_config(&identity).unwrap()
+    })
+    .unwrap();
+    let to_server1 = Connection::connect(&server1, cluster.server_addr(1)).await.unwrap();
+    let promise =
+        Request::Promise { topic: herald::types::TopicName::new("t").unwrap(), topic_id: 1, epoch: 9 };
+    refused(to_server1.call(&promise).await, "server 2 asking for a promise");
+
+    let servers = match client.call(&Request::ListServers).await.unwrap() {
         Response::Servers(s) => s,
         other => panic!("{other:?}"),
     };
-    assert!(servers.iter().all(|s| s.id != 99), "the impostor was not registered");
+    let ids: Vec<u64> = servers.iter().map(|s| s.id).collect();
+    assert_eq!(ids, [1], "no impostor registered");
+    assert_eq!(servers[0].addr, cluster.server_addr(1), "server 1's address unchanged");
+
+    // A certificate from the cluster CA that names nobody is refused right after the handshake.
+    let nobody_dir = cluster.dir.path().join("nobody");
+    std::fs::create_dir_all(&nobody_dir).unwrap();
+    let ca_key =
+        rcgen::KeyPair::from_pem(&std::fs::read_to_string(cluster.certs.join("ca/ca.key")).unwrap()).unwrap();
+    let ca_pem = std::fs::read_to_string(cluster.certs.join("ca.pem")).unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&ca_pem, ca_key).unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let ours = certs::load(&cluster.certs, CertRole::Client).unwrap();
+    let nobody = Identity {
+        ca: ours.ca.clone(),
+        chain: vec![cert.der().clone()],
+        key: rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap(),
+    };
+    match connect_with(&cluster, transport::client_config(&nobody).unwrap()).await {
+        Err(Error::Unauthorized { detail }) => {
+            assert!(detail.contains("names no Herald identity"), "{detail}")
+        }
+        Err(other) => panic!("expected Unauthorized, got {other}"),
+        Ok(_) => panic!("a certificate naming nobody got in"),
+    }
 }

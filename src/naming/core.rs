@@ -838,6 +838,30 @@ mod tests {
         assert_eq!(fresh.assignments_since(holder, before), Assignments::All(vec![]));
     }
 
+    /// With many topics, one change costs each server a few hundred bytes, not its whole list.
+    #[test]
+    fn one_change_among_many_topics_answers_with_that_topic_only() {
+        let mut c = core(3, 0);
+        for i in 0..2_000 {
+            let name = TopicName::new(format!("topic-{i:05}")).unwrap();
+            c.apply(&c.create_topic(0, 0, name, 3, TopicConfig::default()).unwrap());
+        }
+        let known = c.book().version;
+        c.apply(
+            &c.create_topic(0, 0, TopicName::new("one-more").unwrap(), 3, TopicConfig::default()).unwrap(),
+        );
+        let size = |a: &Assignments| postcard::to_stdvec(a).unwrap().len();
+        let delta = c.assignments_since(1, known);
+        let full = Assignments::All(c.assignments_for(1));
+        assert!(matches!(&delta, Assignments::Since { changed, .. } if changed.len() == 1), "{delta:?}");
+        println!(
+            "answer to one change among 2,001 topics: {} bytes, all topics: {} bytes",
+            size(&delta),
+            size(&full)
+        );
+        assert!(size(&delta) * 1000 < size(&full), "{} vs {}", size(&delta), size(&full));
+    }
+
     #[test]
     fn topic_pages_cover_the_book_once_in_name_order() {
         let mut c = core(1, 0);

@@ -43,7 +43,7 @@ use tracing::{debug, error, info, warn};
 use self::core::{Liveness, NamingCore, PromiseAsk, Settings};
 use self::member::{Admin, Done, Effects, NamingMember};
 use self::raft::{decode_message, encode_message, GroupError, GroupSettings, RaftLog, TICK_MS};
-use crate::certs::{self, CertRole};
+use crate::certs::{self, CertRole, Principal};
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
@@ -297,21 +297,8 @@ impl NamingServer {
         }
     }
 
-    fn require_node(peer: &Peer, what: &str) -> Result<(), Error> {
-        if peer.is_node {
-            Ok(())
-        } else {
-            Err(Error::Unauthorized {
-                detail: format!(
-                    "{what} needs the cluster's node certificate; {} presented another",
-                    peer.addr
-                ),
-            })
-        }
-    }
-
     fn register(self: &Arc<Self>, peer: &Peer, server: ServerId, addr: SocketAddr) -> ResponseFuture {
-        if let Err(e) = Self::require_node(peer, "registering a topic server") {
+        if let Err(e) = peer.require(&Principal::Node(server), "registering a topic server") {
             return ready(Response::Error(e));
         }
         let me = self.clone();
@@ -337,7 +324,7 @@ impl NamingServer {
         wait_ms: u32,
         reports: Vec<TopicReport>,
     ) -> ResponseFuture {
-        if let Err(e) = Self::require_node(peer, "heartbeating") {
+        if let Err(e) = peer.require(&Principal::Node(server), "heartbeating") {
             return ready(Response::Error(e));
         }
         if let Err(e) = self.member().heartbeat(mono_ms(), server, applied_version, reports) {
@@ -432,7 +419,7 @@ impl NamingServer {
         messages: Vec<Vec<u8>>,
         sender_empty: bool,
     ) -> Response {
-        if let Err(e) = Self::require_node(peer, "naming group traffic") {
+        if let Err(e) = peer.require(&Principal::Naming, "naming group traffic") {
             return Response::Error(e);
         }
         if !self.outboxes.contains_key(&from) {
@@ -589,13 +576,15 @@ impl Service for NamingServer {
                 ready(self.raft(peer, from, messages, sender_empty))
             }
             Request::NamingStatus => ready(Response::NamingStatus(self.member().status())),
-            Request::NamingAlive { server } => ready(match Self::require_node(peer, "a liveness ping") {
-                Ok(()) => {
-                    self.member().alive(mono_ms(), server);
-                    Response::Noted
-                }
-                Err(e) => Response::Error(e),
-            }),
+            Request::NamingAlive { server } => {
+                ready(match peer.require(&Principal::Node(server), "a liveness ping") {
+                    Ok(()) => {
+                        self.member().alive(mono_ms(), server);
+                        Response::Noted
+                    }
+                    Err(e) => Response::Error(e),
+                })
+            }
             other => ready(Response::Error(Error::invalid(format!(
                 "{} is a topic server request; the naming server answers lookups and admin only",
                 transport::request_name(&other)
@@ -611,7 +600,7 @@ pub async fn run(config: NamingConfig, shutdown: CancellationToken) -> anyhow::R
 }
 
 async fn run_node(config: NamingConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let identity = certs::load(&config.certs_dir, CertRole::Node)?;
+    let identity = certs::load(&config.certs_dir, CertRole::Naming)?;
     let endpoint = transport::server_endpoint(config.listen, &identity)
         .with_context(|| format!("starting the naming server on {}", config.listen))?;
     let (service, inboxes) = NamingServer::open(&config, endpoint.clone())?;

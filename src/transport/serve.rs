@@ -19,7 +19,7 @@ use super::limits::{
     MAX_PIPELINED_PER_STREAM, NODE_MAX_STREAMS, SMALL_ANSWER_BYTES,
 };
 use super::{close, read_body, read_frame, read_length, release_large, STREAM_BAD_FRAME};
-use crate::certs;
+use crate::certs::Principal;
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::types::{mono_ms, ServerId};
@@ -32,8 +32,28 @@ const WRITE_COALESCE_BYTES: usize = 256 * 1024;
 #[derive(Debug, Clone)]
 pub struct Peer {
     pub addr: std::net::SocketAddr,
-    /// The peer presented the cluster's node certificate (it is a Herald server).
-    pub is_node: bool,
+    /// Who the peer's certificate names, read once per connection.
+    pub principal: Principal,
+}
+
+impl Peer {
+    /// A Herald server (a topic server or a naming member), trusted with cluster traffic.
+    pub fn is_server(&self) -> bool {
+        self.principal.is_server()
+    }
+
+    /// Refuses `what` unless the peer is `who`: a server acts only as itself.
+    pub fn require(&self, who: &Principal, what: &str) -> Result<(), Error> {
+        if self.principal == *who {
+            return Ok(());
+        }
+        Err(Error::Unauthorized {
+            detail: format!(
+                "{what} needs the certificate of {who}; {} presented the certificate of {}",
+                self.addr, self.principal
+            ),
+        })
+    }
 }
 
 /// A boxed response future.
@@ -134,11 +154,11 @@ pub async fn serve<S: Service>(
     let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
 }
 
-fn peer_is_node(conn: &quinn::Connection) -> bool {
+/// Who the peer's leaf certificate names (the handshake already checked it against the CA).
+fn principal_of(conn: &quinn::Connection) -> Option<Principal> {
     conn.peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-        .and_then(|chain| chain.first().and_then(certs::common_name))
-        .is_some_and(|cn| cn == certs::NODE_COMMON_NAME)
+        .and_then(|chain| chain.first().and_then(Principal::of_certificate))
 }
 
 /// Streams open on a connection and when the last one closed, to close idle connections.
@@ -179,10 +199,11 @@ async fn idle(activity: &Activity, limit: Duration) {
 
 async fn serve_connection<S: Service>(conn: quinn::Connection, shared: Arc<Shared<S>>) {
     let service = &shared.service;
-    let peer = Peer { addr: conn.remote_address(), is_node: peer_is_node(&conn) };
+    let addr = conn.remote_address();
+    let principal = principal_of(&conn);
     // Servers replicate over one long-polling stream per topic and are not budgeted; clients
     // get the default stream limit and a byte budget.
-    let budget = if peer.is_node {
+    let budget = if principal.as_ref().is_some_and(Principal::is_server) {
         conn.set_max_concurrent_bi_streams(VarInt::from_u32(NODE_MAX_STREAMS));
         None
     } else {
@@ -192,7 +213,12 @@ async fn serve_connection<S: Service>(conn: quinn::Connection, shared: Arc<Share
     // The first stream is the version handshake.
     let Ok((mut send, mut recv)) = conn.accept_bi().await else { return };
     let mut buf = Vec::new();
-    let answer = match read_frame::<Request>(&mut recv, &mut buf, peer.addr, &me).await {
+    let answer = match read_frame::<Request>(&mut recv, &mut buf, addr, &me).await {
+        Ok(Some(Request::Hello { .. })) if principal.is_none() => Err(Error::Unauthorized {
+            detail: format!(
+                "the certificate presented to {me} names no Herald identity (a herald:client:NAME, herald:node:ID or herald:naming URI): `herald certs issue` makes one"
+            ),
+        }),
         Ok(Some(Request::Hello { min_version, max_version, .. })) => {
             if (min_version..=max_version).contains(&PROTOCOL_VERSION) {
                 Ok(Response::Hello { version: PROTOCOL_VERSION, server: service.server_id() })
@@ -219,18 +245,22 @@ async fn serve_connection<S: Service>(conn: quinn::Connection, shared: Arc<Share
         let _ = send.write_all(&out).await;
         let _ = send.finish();
     }
-    if !ok {
-        let _ = send.stopped().await;
-        conn.close(VarInt::from_u32(close::PROTOCOL), b"handshake failed");
-        return;
-    }
-    debug!(peer = %peer.addr, node = peer.is_node, "connection ready");
+    let principal = match principal {
+        Some(p) if ok => p,
+        _ => {
+            let _ = send.stopped().await;
+            conn.close(VarInt::from_u32(close::PROTOCOL), b"handshake failed");
+            return;
+        }
+    };
+    let peer = Peer { addr, principal };
+    debug!(peer = %peer.addr, principal = %peer.principal, "connection ready");
     let activity = Arc::new(Activity { open: AtomicUsize::new(0), last_ms: AtomicU64::new(mono_ms()) });
     let idle_limit = shared.limits.idle_connection;
     loop {
         let accepted = tokio::select! {
             accepted = conn.accept_bi() => accepted,
-            _ = idle(&activity, idle_limit), if !peer.is_node => {
+            _ = idle(&activity, idle_limit), if !peer.is_server() => {
                 debug!(peer = %peer.addr, "closing a connection idle for {idle_limit:?}");
                 conn.close(VarInt::from_u32(close::IDLE), b"idle");
                 return;

@@ -202,7 +202,7 @@ impl Cluster {
     pub async fn start_with(n: usize, options: Options) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let certs = dir.path().join("certs");
-        let out = Command::new(BIN).args(["certs", "--dir"]).arg(&certs).output().unwrap();
+        let out = Command::new(BIN).args(["certs", "--servers", "8", "--dir"]).arg(&certs).output().unwrap();
         assert!(out.status.success(), "herald certs: {}", String::from_utf8_lossy(&out.stderr));
         let members = options.naming_members.max(1) as u64;
         let addrs: Vec<SocketAddr> =
