@@ -646,8 +646,11 @@ impl Service for TopicServer {
                         // Cursors move at the leader, which replicates them.
                         let replica = me.serving(&topic).await?;
                         let hosted = me.hosted(&topic)?;
-                        if let Some(s) = &session {
-                            hosted.claim(&subscription, s, peer, me.session_lease)?;
+                        match &session {
+                            Some(s) => hosted.claim(&subscription, s, peer, me.session_lease)?,
+                            // An ack from no consumer must not move a held cursor past records
+                            // its holder has not seen.
+                            None => hosted.refuse_if_held(subscription.as_str())?,
                         }
                         let sub = subscription.to_string();
                         let change = me.node.store.ack(replica.log.id, subscription, next).await?;

@@ -133,6 +133,17 @@ async fn a_subscription_has_one_consumer_at_a_time_before_and_after_failover() {
     let out = cluster.cli(&["subscription", "delete", "jobs", "workers"], None);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by"));
     assert!(subs(&cluster, "jobs").contains_key("workers"), "still there");
+    // Nor may anyone else move its cursor: an ack with no session, or another session.
+    let cursor_before = subs(&cluster, "jobs")["workers"]["cursor"].clone();
+    for session in [None, Some(herald::wire::ConsumerSession { id: 7, name: "intruder".into() })] {
+        let ack =
+            herald::wire::Request::Ack { topic: topic.clone(), subscription: sub.clone(), next: 50, session };
+        match client.leader_call(&topic, &ack).await {
+            Err(Error::SubscriptionBusy { holder, .. }) => assert!(holder.contains("pid"), "{holder}"),
+            other => panic!("expected SubscriptionBusy, got {other:?}"),
+        }
+    }
+    assert_eq!(subs(&cluster, "jobs")["workers"]["cursor"], cursor_before, "the cursor did not move");
 
     // After a failover the holder keeps reading at the new leader, and still holds it.
     fail_over(&mut cluster, &topic).await;
