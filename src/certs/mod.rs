@@ -411,6 +411,20 @@ mod tests {
     }
 
     #[test]
+    fn the_dev_cluster_gets_an_identity_for_every_server_and_keeps_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        ensure_dev(d, 2).unwrap();
+        let ca = std::fs::read(d.join("ca.pem")).unwrap();
+        ensure_dev(d, 4).unwrap();
+        assert_eq!(std::fs::read(d.join("ca.pem")).unwrap(), ca, "the CA stays");
+        for id in 1..=4 {
+            assert_eq!(load(d, CertRole::Node(id)).unwrap().principal(), Some(Principal::Node(id)));
+        }
+        assert!(!node_dir(d, 5).exists());
+    }
+
+    #[test]
     fn missing_files_name_the_fix() {
         let dir = tempfile::tempdir().unwrap();
         let err = load(dir.path(), CertRole::Client).err().unwrap();
