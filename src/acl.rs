@@ -117,8 +117,10 @@ impl fmt::Display for Grant {
     }
 }
 
-/// Most grants a cluster keeps (they travel with the book in heartbeat answers).
-pub const MAX_GRANTS: usize = 10_000;
+/// Most grants a cluster keeps. They travel with the book in heartbeat answers, which must
+/// fit in a frame beside the largest book (`naming::core::MAX_TOPICS`): 4,096 grants of at
+/// most ~200 bytes each add under 1 MB.
+pub const MAX_GRANTS: usize = 4_096;
 
 /// The grants of a cluster.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -179,6 +181,24 @@ impl Acl {
             topic: topic.to_string(),
             hint,
         })
+    }
+}
+
+/// The grants with the superusers: what a server checks requests against.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclView {
+    pub acl: Acl,
+    /// Clients that may do everything (`herald naming --superusers`).
+    pub superusers: BTreeSet<String>,
+}
+
+impl AclView {
+    pub fn check(&self, who: &Principal, operation: Operation, topic: &str) -> Result<(), Error> {
+        self.acl.check(&self.superusers, who, operation, topic)
+    }
+
+    pub fn is_superuser(&self, who: &Principal) -> bool {
+        matches!(who, Principal::Client(name) if self.superusers.contains(name))
     }
 }
 

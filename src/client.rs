@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
+use crate::acl::{AclView, Grant};
 use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
 use crate::storage::PRODUCER_DEDUP_WINDOW;
@@ -226,6 +227,22 @@ impl Client {
     pub async fn alter_topic(&self, name: &TopicName, changes: TopicChanges) -> Result<TopicInfo, Error> {
         match self.naming_call(&Request::AlterTopic { name: name.clone(), changes }).await? {
             Response::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Gives and takes back grants (superusers only); returns every grant after the change.
+    pub async fn change_acl(&self, grant: Vec<Grant>, revoke: Vec<Grant>) -> Result<AclView, Error> {
+        match self.naming_call(&Request::ChangeAcl { grant, revoke }).await? {
+            Response::Grants(view) => Ok(view),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every grant and the superusers (superusers only).
+    pub async fn list_grants(&self) -> Result<AclView, Error> {
+        match self.naming_call(&Request::ListGrants).await? {
+            Response::Grants(view) => Ok(view),
             other => Err(unexpected(other)),
         }
     }

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{debug, error, info, warn};
 
+use crate::acl::{AclView, Operation};
 use crate::certs::{self, CertRole, Principal};
 use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
@@ -208,6 +209,8 @@ pub struct TopicServer {
     metrics: Arc<EndpointMetrics>,
     /// The naming server's liveness lease, as it last said (ms).
     lease_ms: AtomicU64,
+    /// Who may do what, as the last heartbeat answer that carried it said (`None`: not heard).
+    acl: RwLock<Option<Arc<AclView>>>,
 }
 
 /// Leases a leader may go without hearing from a majority of its replicas and still serve
@@ -578,6 +581,44 @@ impl TopicServer {
     }
 }
 
+/// What a client request does to which topic, for the grants; `None` for server requests.
+fn client_operation(req: &Request) -> Option<(Operation, &TopicName)> {
+    match req {
+        Request::Produce { topic, .. } => Some((Operation::Produce, topic)),
+        Request::Fetch { topic, .. }
+        | Request::Ack { topic, .. }
+        | Request::Release { topic, .. }
+        | Request::CreateSubscription { topic, .. } => Some((Operation::Consume, topic)),
+        Request::ResetSubscription { topic, .. } | Request::DeleteSubscription { topic, .. } => {
+            Some((Operation::Admin, topic))
+        }
+        Request::TopicStatus { topic } => Some((Operation::Describe, topic)),
+        _ => None,
+    }
+}
+
+impl TopicServer {
+    /// Refuses a client request its principal was not granted (servers act only as servers:
+    /// their requests are checked where they are handled). Until the first heartbeat answer
+    /// brings the grants, clients are asked to retry.
+    fn allow(&self, peer: &Peer, req: &Request) -> Result<(), Error> {
+        if peer.is_server() {
+            return Ok(());
+        }
+        let Some((operation, topic)) = client_operation(req) else { return Ok(()) };
+        let acl = self.acl.read().expect("acl lock").clone();
+        match acl {
+            Some(view) => view.check(&peer.principal, operation, topic.as_str()),
+            None => Err(Error::Unavailable {
+                detail: format!(
+                    "topic server {} has not heard the cluster's grants from the naming server yet",
+                    self.node.id
+                ),
+            }),
+        }
+    }
+}
+
 impl Service for TopicServer {
     fn describe(&self) -> String {
         format!("topic server {}", self.node.id)
@@ -592,6 +633,9 @@ impl Service for TopicServer {
     }
 
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
+        if let Err(e) = self.allow(peer, &req) {
+            return ready(Response::Error(e));
+        }
         if let Request::Fetch { session: Some(s), .. } | Request::Ack { session: Some(s), .. } = &req {
             let name = "consumer session name";
             if let Err(e) = crate::types::check_text(name, &s.name, crate::types::MAX_SESSION_NAME_BYTES) {
@@ -954,7 +998,10 @@ async fn follow_naming(
                     Error::Unavailable { detail: format!("no heartbeat answer in {limit:?}") }
                 })??;
                 match answer {
-                    Response::Heartbeat { version, assignments } => {
+                    Response::Heartbeat { version, assignments, acl } => {
+                        if let Some(view) = acl {
+                            *server.acl.write().expect("acl lock") = Some(Arc::new(view));
+                        }
                         if let Some(assignments) = assignments {
                             if let Assignments::Since { known: since, .. } = &assignments {
                                 if *since != known {
@@ -1047,6 +1094,7 @@ async fn run_node(
         session_lease: config.session_lease,
         metrics: Arc::default(),
         lease_ms: AtomicU64::new(crate::naming::DEFAULT_LEASE.as_millis() as u64),
+        acl: RwLock::new(None),
     });
     if let Some(addr) = config.metrics_listen {
         let me = server.clone();

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::{AclView, Grant};
 use crate::error::Error;
 use crate::replication::{FetchRequest, ReplicaChunk, ReplicaReset};
 use crate::types::{
@@ -392,6 +393,13 @@ pub enum Request {
         after: Option<TopicName>,
         limit: u32,
     },
+    /// Gives and takes back grants (superusers only); answered with all grants.
+    ChangeAcl {
+        grant: Vec<Grant>,
+        revoke: Vec<Grant>,
+    },
+    /// The grants and superusers (superusers only).
+    ListGrants,
 }
 
 /// A naming member's role in its group.
@@ -497,6 +505,8 @@ pub enum Response {
     Heartbeat {
         version: u64,
         assignments: Option<Assignments>,
+        /// Who may do what, when it changed since the caller's version (or with `All`).
+        acl: Option<AclView>,
     },
     Topic(TopicInfo),
     Topics(Vec<TopicInfo>),
@@ -546,6 +556,7 @@ pub enum Response {
         topics: Vec<TopicInfo>,
         next: Option<TopicName>,
     },
+    Grants(AclView),
 }
 
 impl Response {

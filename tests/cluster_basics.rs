@@ -127,6 +127,7 @@ async fn json_logs_carry_the_node_and_the_topic() {
     })
     .await;
     assert_eq!(line["topic"], "logged");
+    assert_eq!(line["principal"], "admin", "admin changes name who made them");
     assert_eq!(line["level"], "INFO");
     assert_eq!(line["spans"][0]["node"], "naming", "{line}");
 }

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::{Acl, Grant};
 use crate::types::{Epoch, ServerId, TopicId, TopicName};
 use crate::wire::TopicConfig;
 
@@ -65,6 +66,8 @@ pub struct Book {
     pub next_topic_id: TopicId,
     /// Identifies this book, so a server never deletes data on the word of another.
     pub cluster_id: u64,
+    /// Who may do what (fields are only ever appended: see [`Book::decode`]).
+    pub acl: Acl,
 }
 
 /// One step from a book version to the next.
@@ -76,6 +79,15 @@ pub struct BookChange {
     pub next_topic_id: Option<TopicId>,
     /// Set once, by the group's first leader.
     pub cluster_id: Option<u64>,
+    /// Grants given and taken back.
+    pub acl: Option<AclChange>,
+}
+
+/// A change to the grants: `revoke` is applied first, then `grant`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AclChange {
+    pub grant: Vec<Grant>,
+    pub revoke: Vec<Grant>,
 }
 
 impl BookChange {
@@ -102,6 +114,133 @@ impl Book {
         if let Some(id) = change.cluster_id {
             self.cluster_id = id;
         }
+        if let Some(acl) = &change.acl {
+            for g in &acl.revoke {
+                self.acl.revoke(g);
+            }
+            for g in &acl.grant {
+                // The leader's core checked the bound before it proposed the change.
+                let _ = self.acl.grant(g.clone());
+            }
+        }
         self.version += 1;
+    }
+
+    /// Reads a book from a snapshot, also one written before grants existed (postcard
+    /// reads fields in order and has no optional trailing ones, so older layouts are tried
+    /// after the current one).
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| {
+            let old: legacy::BookV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+            Ok(old.into())
+        })
+    }
+}
+
+impl BookChange {
+    /// Reads a change from the log, also one written before grants existed.
+    pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
+        postcard::from_bytes(bytes).or_else(|e| {
+            let old: legacy::BookChangeV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
+            Ok(old.into())
+        })
+    }
+}
+
+/// The layouts of naming data written before grants were added.
+mod legacy {
+    use super::*;
+
+    #[derive(Deserialize)]
+    pub struct BookV1 {
+        servers: BTreeMap<ServerId, ServerRecord>,
+        topics: BTreeMap<String, TopicRecord>,
+        version: u64,
+        next_topic_id: TopicId,
+        cluster_id: u64,
+    }
+
+    impl From<BookV1> for Book {
+        fn from(b: BookV1) -> Self {
+            let BookV1 { servers, topics, version, next_topic_id, cluster_id } = b;
+            Book { servers, topics, version, next_topic_id, cluster_id, acl: Acl::default() }
+        }
+    }
+
+    #[derive(Deserialize)]
+    pub struct BookChangeV1 {
+        servers: Vec<ServerRecord>,
+        topics: Vec<TopicRecord>,
+        removed: Vec<String>,
+        next_topic_id: Option<TopicId>,
+        cluster_id: Option<u64>,
+    }
+
+    impl From<BookChangeV1> for BookChange {
+        fn from(c: BookChangeV1) -> Self {
+            let BookChangeV1 { servers, topics, removed, next_topic_id, cluster_id } = c;
+            BookChange { servers, topics, removed, next_topic_id, cluster_id, acl: None }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::acl::{Grantee, Operation};
+
+    /// Books and changes written before grants existed still read, as they were.
+    #[test]
+    fn data_written_before_grants_still_reads() {
+        #[derive(Serialize)]
+        struct OldChange<'a> {
+            servers: &'a [ServerRecord],
+            topics: &'a [TopicRecord],
+            removed: &'a [String],
+            next_topic_id: Option<TopicId>,
+            cluster_id: Option<u64>,
+        }
+        let server = ServerRecord { id: 3, addr: "127.0.0.1:7401".parse().unwrap() };
+        let old = OldChange {
+            servers: std::slice::from_ref(&server),
+            topics: &[],
+            removed: &["gone".to_string()],
+            next_topic_id: Some(9),
+            cluster_id: Some(77),
+        };
+        let change = BookChange::decode(&postcard::to_stdvec(&old).unwrap()).unwrap();
+        assert_eq!(change.servers, vec![server]);
+        assert_eq!((change.next_topic_id, change.cluster_id, change.acl.clone()), (Some(9), Some(77), None));
+
+        let mut book = Book::default();
+        book.apply(&change);
+        #[derive(Serialize)]
+        struct OldBook<'a> {
+            servers: &'a BTreeMap<ServerId, ServerRecord>,
+            topics: &'a BTreeMap<String, TopicRecord>,
+            version: u64,
+            next_topic_id: TopicId,
+            cluster_id: u64,
+        }
+        let old = OldBook {
+            servers: &book.servers,
+            topics: &book.topics,
+            version: book.version,
+            next_topic_id: book.next_topic_id,
+            cluster_id: book.cluster_id,
+        };
+        assert_eq!(Book::decode(&postcard::to_stdvec(&old).unwrap()).unwrap(), book);
+
+        // And the current layout round-trips with its grants.
+        let grant = Grant { grantee: Grantee::Everyone, operation: Operation::Consume, prefix: "a.".into() };
+        let change = BookChange {
+            acl: Some(AclChange { grant: vec![grant.clone()], revoke: vec![] }),
+            ..BookChange::default()
+        };
+        assert_eq!(BookChange::decode(&postcard::to_stdvec(&change).unwrap()).unwrap(), change);
+        book.apply(&change);
+        let again = Book::decode(&postcard::to_stdvec(&book).unwrap()).unwrap();
+        assert_eq!(again, book);
+        assert!(again.acl.grants().any(|g| *g == grant));
     }
 }

@@ -49,6 +49,8 @@ pub struct ChangeLog {
     /// scanning every topic.
     by_version: BTreeSet<(u64, String)>,
     departures: VecDeque<Departure>,
+    /// The version of the last change to the grants, since the floor.
+    acl_at: Option<u64>,
 }
 
 impl ChangeLog {
@@ -61,6 +63,9 @@ impl ChangeLog {
     pub fn record(&mut self, book: &Book, change: &BookChange) {
         let version = book.version + 1;
         self.floor.get_or_insert(book.version);
+        if change.acl.is_some() {
+            self.acl_at = Some(version);
+        }
         // A new address for a server changes what every topic holding it tells its replicas.
         for s in &change.servers {
             if book.servers.get(&s.id).is_some_and(|old| old.addr == s.addr) {
@@ -114,6 +119,17 @@ impl ChangeLog {
             // A server at a version before `gone` might miss it: deltas start after it now.
             let floor = self.floor.get_or_insert(gone.version);
             *floor = (*floor).max(gone.version);
+        }
+    }
+
+    /// Whether the grants changed between version `known` and `book` (`true` when the log
+    /// cannot tell).
+    pub fn acl_changed_since(&self, book: &Book, known: u64) -> bool {
+        match self.floor {
+            Some(floor) if floor <= known && known <= book.version => {
+                self.acl_at.is_some_and(|at| at > known)
+            }
+            _ => true,
         }
     }
 
@@ -278,6 +294,23 @@ mod tests {
         assert_eq!(log.since(&book, 1, 7).unwrap().changed, vec!["a".to_string()]);
         assert_eq!(log.since(&book, 3, 7).unwrap(), Delta::default(), "not a replica");
         assert_eq!(log.since(&book, 1, 8).unwrap(), Delta::default(), "up to date");
+    }
+
+    #[test]
+    fn grant_changes_are_told_once_past_them() {
+        let mut book = Book { version: 3, ..Book::default() };
+        let mut log = ChangeLog::default();
+        assert!(log.acl_changed_since(&book, 3), "nothing recorded: cannot tell");
+        let change = BookChange::topic(topic("a", 1, &[1], &[], 1));
+        log.record(&book, &change);
+        book.apply(&change);
+        assert!(!log.acl_changed_since(&book, 3));
+        let change = BookChange { acl: Some(Default::default()), ..BookChange::default() };
+        log.record(&book, &change);
+        book.apply(&change);
+        assert!(log.acl_changed_since(&book, 4));
+        assert!(!log.acl_changed_since(&book, 5));
+        assert!(log.acl_changed_since(&book, 2), "before the floor");
     }
 
     #[test]

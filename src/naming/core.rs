@@ -35,13 +35,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 
-use super::book::{Book, BookChange, ServerRecord, TopicRecord};
+use super::book::{AclChange, Book, BookChange, ServerRecord, TopicRecord};
 use super::changes::ChangeLog;
+use crate::acl::AclView;
 use crate::error::Error;
 use crate::replication::{choose_leader, majority};
 use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
 use crate::wire::{
-    Assignments, ReplicaInfo, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport,
+    Assignments, ReplicaInfo, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport,
     MAX_RECORD_BYTES_LIMIT,
 };
 
@@ -359,6 +360,48 @@ impl NamingCore {
     }
 
     /// The topics `server` hosts, as it should apply them.
+    /// Gives and takes back grants (revokes first). Refuses a change that would pass
+    /// [`crate::acl::MAX_GRANTS`] and one that changes nothing.
+    pub fn change_acl(&self, change: AclChange) -> Result<BookChange, Error> {
+        let mut acl = self.book.acl.clone();
+        let mut changed = false;
+        for g in &change.revoke {
+            changed |= acl.revoke(g);
+        }
+        for g in &change.grant {
+            changed |= acl.grant(g.clone())?;
+        }
+        if !changed {
+            return Err(Error::invalid(if change.grant.is_empty() {
+                "no such grant to revoke (`herald acl list` shows the grants)"
+            } else {
+                "every one of those grants is already given"
+            }));
+        }
+        Ok(BookChange { acl: Some(change), ..BookChange::default() })
+    }
+
+    /// Whether the grants changed since book version `known` (or this core cannot tell).
+    pub fn acl_changed_since(&self, known: u64) -> bool {
+        self.changes.acl_changed_since(&self.book, known)
+    }
+
+    /// The answer to a heartbeat of `server`, which knows book version `known`: nothing new
+    /// when the book is at that version, else its assignments ([`Self::assignments_since`])
+    /// and, when they changed since (or with a full list, or to a server that knows
+    /// nothing yet), the grants with `superusers`.
+    pub fn heartbeat_answer(&self, server: ServerId, known: u64, superusers: &BTreeSet<String>) -> Response {
+        let version = self.book.version;
+        if version == known {
+            return Response::Heartbeat { version, assignments: None, acl: None };
+        }
+        let assignments = self.assignments_since(server, known);
+        let first = known == 0 || matches!(assignments, Assignments::All(_));
+        let acl = (first || self.acl_changed_since(known))
+            .then(|| AclView { acl: self.book.acl.clone(), superusers: superusers.clone() });
+        Response::Heartbeat { version, assignments: Some(assignments), acl }
+    }
+
     /// What a heartbeat answer tells `server`, which knows book version `known`: what
     /// changed since then when this core saw every change since, else all its topics.
     pub fn assignments_since(&self, server: ServerId, known: u64) -> Assignments {
@@ -807,6 +850,31 @@ mod tests {
         let change = c.create_topic(now, 0, name.clone(), 3, TopicConfig::default()).unwrap();
         c.apply(&change);
         c.book().topics["t"].clone()
+    }
+
+    /// A server that knows nothing yet gets the grants with its first answer; later ones
+    /// carry them only when they changed.
+    #[test]
+    fn heartbeat_answers_carry_the_grants_first_and_when_they_change() {
+        use crate::acl::{Grant, Grantee, Operation};
+        let mut c = core(3, 0);
+        let supers: BTreeSet<String> = ["admin".to_string()].into();
+        let acl_of = |r: Response| match r {
+            Response::Heartbeat { acl, .. } => acl,
+            other => panic!("{other:?}"),
+        };
+        let first = acl_of(c.heartbeat_answer(1, 0, &supers)).expect("the first answer has the grants");
+        assert_eq!(first.superusers, supers);
+        let known = c.book().version;
+        create(&mut c, 0);
+        assert_eq!(acl_of(c.heartbeat_answer(1, known, &supers)), None, "unchanged grants");
+        let known = c.book().version;
+        let grant =
+            Grant { grantee: Grantee::Everyone, operation: Operation::Describe, prefix: String::new() };
+        c.apply(&c.change_acl(AclChange { grant: vec![grant.clone()], revoke: vec![] }).unwrap());
+        let told = acl_of(c.heartbeat_answer(1, known, &supers)).expect("changed grants");
+        assert!(told.acl.grants().any(|g| *g == grant));
+        assert!(c.change_acl(AclChange { grant: vec![grant], revoke: vec![] }).is_err(), "nothing to change");
     }
 
     #[test]

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 
 use raft::eraftpb::Message;
 
-use super::book::{Book, BookChange};
+use super::book::{AclChange, Book, BookChange};
 use super::core::{NamingCore, PromiseAsk, Settings};
 use super::raft::{BookNode, Committed, GroupError, GroupSettings, RaftLog};
 use crate::error::Error;
@@ -46,6 +46,7 @@ pub enum Admin {
     CreateTopic { name: TopicName, replicas: u32, config: TopicConfig, wall_ms: u64 },
     AlterTopic { name: TopicName, changes: TopicChanges },
     DeleteTopic { name: TopicName },
+    ChangeAcl { change: AclChange },
 }
 
 /// How an [`Admin`] request ended, once its change (if any) committed.
@@ -60,6 +61,7 @@ pub enum Done {
         version: u64,
     },
     Deleted,
+    AclChanged,
 }
 
 /// What one call produced, for the driver to carry.
@@ -130,7 +132,7 @@ impl<R> NamingMember<R> {
         let book = if snapshot.data.is_empty() {
             empty_book()
         } else {
-            postcard::from_bytes(&snapshot.data).map_err(|e| GroupError::Corrupt(e.to_string()))?
+            Book::decode(&snapshot.data).map_err(|e| GroupError::Corrupt(e.to_string()))?
         };
         let ids: Vec<u64> = peers.keys().copied().collect();
         let mut node = BookNode::open(id, &ids, log, group)?;
@@ -300,7 +302,7 @@ impl<R> NamingMember<R> {
             let out = self.node.advance()?;
             fx.messages.extend(out.messages);
             if let Some((_, data)) = out.snapshot {
-                self.book = postcard::from_bytes(&data).map_err(|e| GroupError::Corrupt(e.to_string()))?;
+                self.book = Book::decode(&data).map_err(|e| GroupError::Corrupt(e.to_string()))?;
                 self.core = None;
             }
             for c in out.committed {
@@ -413,6 +415,7 @@ impl<R> NamingMember<R> {
                     .alter_topic(&name, changes)
                     .map(|c| (c, Done::TopicChanged { name, version: self.book.version + 1 })),
                 Admin::DeleteTopic { name } => core.delete_topic(&name).map(|c| (c, Done::Deleted)),
+                Admin::ChangeAcl { change } => core.change_acl(change).map(|c| (c, Done::AclChanged)),
             };
             match decided {
                 Ok((change, done)) => {

@@ -24,7 +24,7 @@ pub mod core;
 pub mod member;
 pub mod raft;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -40,15 +40,17 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use tracing::{debug, error, info, warn};
 
+use self::book::AclChange;
 use self::core::{Liveness, NamingCore, PromiseAsk, Settings};
 use self::member::{Admin, Done, Effects, NamingMember};
 use self::raft::{decode_message, encode_message, GroupError, GroupSettings, RaftLog, TICK_MS};
+use crate::acl::{AclView, Operation};
 use crate::certs::{self, CertRole, Principal};
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{mono_ms, now_ms, ServerId, TopicName};
-use crate::wire::{MemberRole, Request, Response, TopicReport};
+use crate::wire::{MemberRole, Request, Response, TopicInfo, TopicReport};
 
 /// The file in the data directory holding this member's Raft log and book snapshots.
 pub const BOOK_FILE: &str = "book.redb";
@@ -82,6 +84,8 @@ pub struct NamingConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// What clients may hold of this member.
     pub limits: transport::Limits,
+    /// Clients that may do everything; every other client only what it was granted.
+    pub superusers: BTreeSet<String>,
 }
 
 impl NamingConfig {
@@ -97,8 +101,14 @@ impl NamingConfig {
             replace_after: DEFAULT_REPLACE_AFTER,
             metrics_listen: None,
             limits: transport::Limits::default(),
+            superusers: default_superusers(),
         }
     }
+}
+
+/// The superusers when none are named: the `admin` client `herald certs` makes.
+pub fn default_superusers() -> BTreeSet<String> {
+    [certs::ADMIN_CLIENT.to_string()].into()
 }
 
 /// The receiving ends of the Raft messages for each other member.
@@ -137,6 +147,8 @@ pub struct NamingServer {
     endpoint: quinn::Endpoint,
     /// Cancelled when the book can no longer be written: the server stops.
     fatal: CancellationToken,
+    /// Clients that may do everything (`--superusers`).
+    superusers: BTreeSet<String>,
 }
 
 impl NamingServer {
@@ -193,6 +205,7 @@ impl NamingServer {
             member: Mutex::new(member),
             applied: watch::Sender::new(()),
             lease: config.lease,
+            superusers: config.superusers.clone(),
             metrics: Arc::default(),
             elections: Counter::default(),
             outboxes,
@@ -343,24 +356,22 @@ impl NamingServer {
                 Ok(core) => core,
                 Err(e) => return Response::Error(e),
             };
-            let current = core.book().version;
-            let assignments =
-                (current != known_version).then(|| core.assignments_since(server, known_version));
-            Response::Heartbeat { version: current, assignments }
+            core.heartbeat_answer(server, known_version, &me.superusers)
         })
     }
 
     /// Commits a change to a topic, then answers once its replicas applied it (or after
     /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
     /// A new topic that not enough replicas took on in that time is a [`Error::NotPlaced`].
-    fn change_topic(self: &Arc<Self>, admin: Admin, what: &'static str) -> ResponseFuture {
+    fn change_topic(self: &Arc<Self>, peer: &Peer, admin: Admin, what: &'static str) -> ResponseFuture {
+        let principal = peer.principal.to_string();
         let creating = matches!(admin, Admin::CreateTopic { .. });
         let me = self.clone();
         Box::pin(async move {
             let (name, version) = match me.submit(admin).await {
                 Ok(Done::TopicChanged { name, version }) => {
                     if let Some(t) = me.member().book().topics.get(name.as_str()) {
-                        info!(topic = %name, voters = ?t.voters, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "{what}");
+                        info!(%principal, topic = %name, voters = ?t.voters, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "{what}");
                     }
                     (name, version)
                 }
@@ -398,12 +409,13 @@ impl NamingServer {
         })
     }
 
-    fn delete_topic(self: &Arc<Self>, name: TopicName) -> ResponseFuture {
+    fn delete_topic(self: &Arc<Self>, peer: &Peer, name: TopicName) -> ResponseFuture {
+        let principal = peer.principal.to_string();
         let me = self.clone();
         Box::pin(async move {
             match me.submit(Admin::DeleteTopic { name: name.clone() }).await {
                 Ok(_) => {
-                    info!(topic = %name, "topic deleted");
+                    info!(%principal, topic = %name, "topic deleted");
                     Response::Deleted
                 }
                 Err(e) => Response::Error(e),
@@ -442,9 +454,58 @@ impl NamingServer {
     }
 
     /// Answers a read of the book (leader only: a follower's book may lag).
+    /// Refuses `operation` on `topic` unless the peer is a superuser or was granted it.
+    fn allow(&self, peer: &Peer, operation: Operation, topic: &str) -> Result<(), Error> {
+        self.member().book().acl.check(&self.superusers, &peer.principal, operation, topic)
+    }
+
+    /// Grants are given, taken back and shown by superusers only.
+    fn require_superuser(&self, peer: &Peer) -> Result<(), Error> {
+        if matches!(&peer.principal, Principal::Client(name) if self.superusers.contains(name)) {
+            return Ok(());
+        }
+        Err(Error::NotAuthorized {
+            principal: peer.principal.to_string(),
+            operation: Operation::Admin.as_str().into(),
+            topic: "the cluster's grants".into(),
+            hint: "only superusers (herald naming --superusers) change or list grants".into(),
+        })
+    }
+
+    fn change_acl(self: &Arc<Self>, peer: &Peer, change: AclChange) -> ResponseFuture {
+        if let Err(e) = self.require_superuser(peer) {
+            return ready(Response::Error(e));
+        }
+        let me = self.clone();
+        let principal = peer.principal.to_string();
+        Box::pin(async move {
+            let shown: Vec<String> = change
+                .revoke
+                .iter()
+                .map(|g| format!("revoke: {g}"))
+                .chain(change.grant.iter().map(|g| format!("grant: {g}")))
+                .collect();
+            match me.submit(Admin::ChangeAcl { change }).await {
+                Ok(_) => {
+                    info!(%principal, changes = ?shown, "grants changed");
+                    me.read_now(|core| Ok(Response::Grants(me.acl_view(core))))
+                }
+                Err(e) => Response::Error(e),
+            }
+        })
+    }
+
+    fn acl_view(&self, core: &NamingCore) -> AclView {
+        AclView { acl: core.book().acl.clone(), superusers: self.superusers.clone() }
+    }
+
     fn read(&self, f: impl FnOnce(&NamingCore) -> Result<Response, Error>) -> ResponseFuture {
+        ready(self.read_now(f))
+    }
+
+    fn read_now(&self, f: impl FnOnce(&NamingCore) -> Result<Response, Error>) -> Response {
         let member = self.member();
-        ready(member.serving().and_then(f).unwrap_or_else(Response::Error))
+        member.serving().and_then(f).unwrap_or_else(Response::Error)
     }
 }
 
@@ -551,26 +612,53 @@ impl Service for NamingServer {
     }
 
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
+        let topic_op = match &req {
+            Request::CreateTopic { name, .. }
+            | Request::DeleteTopic { name }
+            | Request::AlterTopic { name, .. } => Some((Operation::Admin, name.as_str())),
+            Request::LookupTopic { name } => Some((Operation::Describe, name.as_str())),
+            _ => None,
+        };
+        if let Some((operation, topic)) = topic_op {
+            if let Err(e) = self.allow(peer, operation, topic) {
+                return ready(Response::Error(e));
+            }
+        }
+        // Lists show only the topics the peer may describe.
+        let who = peer.principal.clone();
+        let superusers = self.superusers.clone();
+        let visible = move |core: &NamingCore, t: &TopicInfo| {
+            core.book().acl.check(&superusers, &who, Operation::Describe, t.name.as_str()).is_ok()
+        };
         match req {
             Request::Register { server, addr } => self.register(peer, server, addr),
             Request::Heartbeat { server, known_version, applied_version, wait_ms, reports } => {
                 self.heartbeat(peer, server, known_version, applied_version, wait_ms, reports)
             }
             Request::CreateTopic { name, replicas, config } => self.change_topic(
+                peer,
                 Admin::CreateTopic { name, replicas, config, wall_ms: now_ms() },
                 "topic created",
             ),
-            Request::DeleteTopic { name } => self.delete_topic(name),
+            Request::DeleteTopic { name } => self.delete_topic(peer, name),
             Request::AlterTopic { name, changes } => {
-                self.change_topic(Admin::AlterTopic { name, changes }, "topic altered")
+                self.change_topic(peer, Admin::AlterTopic { name, changes }, "topic altered")
             }
             Request::LookupTopic { name } => self.read(|core| core.lookup(&name).map(Response::Topic)),
-            Request::ListTopics => self.read(|core| Ok(Response::Topics(core.list_topics()))),
+            Request::ListTopics => self.read(|core| {
+                Ok(Response::Topics(core.list_topics().into_iter().filter(|t| visible(core, t)).collect()))
+            }),
             Request::ListTopicsPage { after, limit } => self.read(|core| {
                 let limit = (limit as usize).clamp(1, core::TOPIC_PAGE_LIMIT);
                 let (topics, next) = core.list_topics_page(after.as_ref(), limit, core::TOPIC_PAGE_BYTES);
+                let topics = topics.into_iter().filter(|t| visible(core, t)).collect();
                 Ok(Response::TopicPage { topics, next })
             }),
+            Request::ChangeAcl { grant, revoke } => self.change_acl(peer, AclChange { grant, revoke }),
+            Request::ListGrants => match self.require_superuser(peer) {
+                Ok(()) => self.read(|core| Ok(Response::Grants(self.acl_view(core)))),
+                Err(e) => ready(Response::Error(e)),
+            },
             Request::ListServers => self.read(|core| Ok(Response::Servers(core.list_servers(mono_ms())))),
             Request::NamingRaft { from, messages, sender_empty } => {
                 ready(self.raft(peer, from, messages, sender_empty))

@@ -229,10 +229,7 @@ impl SimNaming {
                             Err(e) => Some(Response::Error(e)),
                             Ok(()) if member.book().version != known_version => {
                                 let core = member.core().expect("a member that took a heartbeat leads");
-                                Some(Response::Heartbeat {
-                                    version: member.book().version,
-                                    assignments: Some(core.assignments_since(server, known_version)),
-                                })
+                                Some(core.heartbeat_answer(server, known_version, &sim_superusers()))
                             }
                             Ok(()) => {
                                 let deadline = now + (wait_ms as u64).min(self.settings.lease_ms / 3);
@@ -340,12 +337,11 @@ impl SimNaming {
         for h in held {
             let resp = match member.serving() {
                 Err(e) => Some(Response::Error(e)),
-                Ok(core) if h.known != version => Some(Response::Heartbeat {
-                    version,
-                    assignments: Some(core.assignments_since(h.server, h.known)),
-                }),
+                Ok(core) if h.known != version => {
+                    Some(core.heartbeat_answer(h.server, h.known, &sim_superusers()))
+                }
                 Ok(_) if expire && ctx.now >= h.deadline => {
-                    Some(Response::Heartbeat { version, assignments: None })
+                    Some(Response::Heartbeat { version, assignments: None, acl: None })
                 }
                 Ok(_) => None,
             };
@@ -355,4 +351,10 @@ impl SimNaming {
             }
         }
     }
+}
+
+/// The superusers the simulated naming group names (its clients are not authenticated: the
+/// simulator drives the replication rules, not the transport).
+fn sim_superusers() -> std::collections::BTreeSet<String> {
+    [crate::certs::ADMIN_CLIENT.to_string()].into()
 }

@@ -491,7 +491,7 @@ impl Running {
                 Ok(_) => self.naming_retry(ctx),
             },
             Outgoing::Heartbeat => match answer {
-                Ok(Response::Heartbeat { version, assignments }) => {
+                Ok(Response::Heartbeat { version, assignments, .. }) => {
                     if let Some(Assignments::Since { known, .. }) = &assignments {
                         assert_eq!(
                             *known, self.naming.known,

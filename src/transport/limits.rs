@@ -75,6 +75,11 @@ pub const METADATA_ANSWER_BYTES: usize = 1024 * 1024;
 /// logged: anyone who can reach the port can cause them.
 pub const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// At most one WARN line per this long for refused requests (`NotAuthorized`), with how many
+/// were held back: a client retrying a refused request must not flood the log. Every refusal
+/// is counted in `herald_requests_total{result="not_authorized"}`.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_millis(100);
+
 /// The limits an operator may size to the machine, as `herald server` and `herald naming`
 /// flags.
 #[derive(Debug, Clone, clap::Args)]
@@ -145,11 +150,15 @@ pub fn answer_bound(req: &Request) -> usize {
             let records = (*max_bytes).clamp(1, crate::server::MAX_FETCH_BYTES) as usize;
             records + RECORDS_ANSWER_OVERHEAD + LENGTH_PREFIX
         }
-        // The whole book fits in a frame (`naming::core::MAX_TOPICS`), and is asked for rarely.
-        Request::ListTopics => crate::wire::MAX_FRAME_BYTES + LENGTH_PREFIX,
-        Request::TopicStatus { .. } | Request::ListServers | Request::LookupTopic { .. } => {
-            METADATA_ANSWER_BYTES
+        // The whole book (or every grant) fits in a frame (`naming::core::MAX_TOPICS`,
+        // `acl::MAX_GRANTS`), and is asked for rarely.
+        Request::ListTopics | Request::ChangeAcl { .. } | Request::ListGrants => {
+            crate::wire::MAX_FRAME_BYTES + LENGTH_PREFIX
         }
+        Request::TopicStatus { .. }
+        | Request::ListServers
+        | Request::LookupTopic { .. }
+        | Request::ListTopicsPage { .. } => METADATA_ANSWER_BYTES,
         _ => SMALL_ANSWER_BYTES,
     }
 }

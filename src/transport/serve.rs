@@ -16,7 +16,7 @@ use tracing::{debug, warn, Instrument};
 
 use super::limits::{
     answer_bound, Budget, Charge, ConnectionCount, Limits, LogLimiter, HANDSHAKE_LOG_EVERY,
-    MAX_PIPELINED_PER_STREAM, NODE_MAX_STREAMS, SMALL_ANSWER_BYTES,
+    MAX_PIPELINED_PER_STREAM, NODE_MAX_STREAMS, REFUSAL_LOG_EVERY, SMALL_ANSWER_BYTES,
 };
 use super::{close, read_body, read_frame, read_length, release_large, STREAM_BAD_FRAME};
 use crate::certs::Principal;
@@ -83,6 +83,8 @@ struct Shared<S> {
     limits: Limits,
     /// The server's total budget, which every client connection's budget draws on too.
     server_budget: Arc<Semaphore>,
+    /// Refused requests are logged at most this often (all are counted in the metrics).
+    refusal_log: LogLimiter,
 }
 
 /// Accepts connections on `endpoint` until `shutdown`, serving each with `service` within
@@ -99,6 +101,7 @@ pub async fn serve<S: Service>(
         service: service.clone(),
         limits,
         server_budget: Arc::new(Semaphore::new(limits.server_budget)),
+        refusal_log: LogLimiter::new(REFUSAL_LOG_EVERY),
     });
     let handshake_log = Arc::new(LogLimiter::new(HANDSHAKE_LOG_EVERY));
     let refusal_log = LogLimiter::new(HANDSHAKE_LOG_EVERY);
@@ -270,8 +273,7 @@ async fn serve_connection<S: Service>(conn: quinn::Connection, shared: Arc<Share
             Ok((send, recv)) => {
                 let guard = StreamGuard::new(&activity);
                 let (peer, budget) = (peer.clone(), budget.clone());
-                let stream =
-                    serve_stream(service.clone(), peer, budget, shared.limits.frame_timeout, send, recv);
+                let stream = serve_stream(shared.clone(), peer, budget, send, recv);
                 tokio::spawn(
                     async move {
                         stream.await;
@@ -311,6 +313,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::NamingStatus => "NamingStatus",
         Request::NamingAlive { .. } => "NamingAlive",
         Request::ListTopicsPage { .. } => "ListTopicsPage",
+        Request::ChangeAcl { .. } => "ChangeAcl",
+        Request::ListGrants => "ListGrants",
     }
 }
 
@@ -357,13 +361,13 @@ async fn next_request(
 
 /// Serves one stream: reads requests, runs them concurrently, answers in order.
 async fn serve_stream<S: Service>(
-    service: Arc<S>,
+    shared: Arc<Shared<S>>,
     peer: Peer,
     budget: Option<Budget>,
-    frame_timeout: Duration,
     mut send: SendStream,
     mut recv: RecvStream,
 ) {
+    let (service, frame_timeout) = (&shared.service, shared.limits.frame_timeout);
     let (tx, mut rx) = mpsc::channel::<Pending>(MAX_PIPELINED_PER_STREAM);
     let writer = tokio::spawn(async move {
         let mut out = Vec::new();
@@ -412,9 +416,16 @@ async fn serve_stream<S: Service>(
                 let operation = request_name(&req);
                 let fut = service.dispatch(req, &peer);
                 let metrics = metrics.clone();
+                let (shared, who) = (shared.clone(), peer.principal.clone());
                 let counted = async move {
                     let resp = fut.await;
                     metrics.count(operation, &resp);
+                    if let Response::Error(Error::NotAuthorized { operation: op, topic, .. }) = &resp {
+                        // The audit trail of refusals (every one is in the request counter).
+                        if let Some(held_back) = shared.refusal_log.allow() {
+                            warn!(principal = %who, operation = %op, %topic, request = operation, held_back, "refused");
+                        }
+                    }
                     resp
                 };
                 if tx.send((tokio::spawn(counted.in_current_span()), charge)).await.is_err() {

@@ -315,7 +315,7 @@ impl BookNode {
                 EntryType::EntryNormal if entry.data.is_empty() => {} // a new leader's first entry
                 EntryType::EntryNormal => {
                     let change =
-                        postcard::from_bytes(&entry.data).map_err(|e| GroupError::Corrupt(e.to_string()))?;
+                        BookChange::decode(&entry.data).map_err(|e| GroupError::Corrupt(e.to_string()))?;
                     out.committed.push(Committed { index: entry.index, term: entry.term, change });
                 }
                 EntryType::EntryConfChange => {

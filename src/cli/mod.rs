@@ -4,6 +4,8 @@
 //! stderr. Exit status: 0 on success, 1 on failure (for `produce`: any record not
 //! acknowledged), 2 on a usage error.
 
+mod acl;
+
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -100,6 +102,10 @@ struct NamingRunArgs {
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
+    /// Comma-separated clients that may do everything; every other client may do only what
+    /// `herald acl grant` gave it.
+    #[arg(long, value_delimiter = ',', default_value = crate::certs::ADMIN_CLIENT)]
+    superusers: Vec<String>,
     #[command(flatten)]
     limits: crate::transport::limits::LimitArgs,
 }
@@ -255,6 +261,9 @@ enum Command {
     /// Show or change the JSON Schema a topic's records must follow.
     #[command(subcommand)]
     Schema(SchemaCommand),
+    /// Give, take back and show who may do what (superusers only).
+    #[command(subcommand)]
+    Acl(acl::AclCommand),
     /// Publish one record per line of stdin.
     Produce(ProduceArgs),
     /// Read records through a durable subscription, one per line on stdout.
@@ -620,6 +629,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 replace_after: Duration::from_millis(run.replace_after_ms),
                 metrics_listen: run.metrics_listen,
                 limits: (&run.limits).into(),
+                superusers: superusers(&run.superusers)?,
             };
             naming::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
@@ -654,6 +664,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
         Command::Schema(cmd) => with_client(&common, |c| schema(c, cmd)).await,
+        Command::Acl(cmd) => with_client(&common, |c| acl::acl(c, cmd)).await,
         Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
         Command::Consume(args) => with_client(&common, |c| consume(c, args)).await,
         Command::Bench(cmd) => {
@@ -1567,6 +1578,16 @@ fn dev_preflight(dir: &Path, naming: &[SocketAddr], servers: u16) -> Result<()> 
         }
     }
     Ok(())
+}
+
+/// `--superusers`: client names (empty entries skipped).
+fn superusers(names: &[String]) -> Result<std::collections::BTreeSet<String>> {
+    let mut set = std::collections::BTreeSet::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        certs::check_client_name(name).map_err(|e| usage(format!("--superusers: {e}")))?;
+        set.insert(name.to_string());
+    }
+    Ok(set)
 }
 
 /// `herald dev`: a naming group of `naming_servers` members and `servers` topic servers on
