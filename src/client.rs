@@ -27,7 +27,7 @@ use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
 use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
-use crate::types::{NamingAddrs, Offset, ProducerId, StartFrom, SubscriptionName, TopicName};
+use crate::types::{NamingAddrs, Offset, ProducerId, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{
     ConsumerSession, Evicted, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
     SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
@@ -239,6 +239,14 @@ impl Client {
         }
     }
 
+    /// Retires a dead server that holds no replica (superusers only).
+    pub async fn remove_server(&self, server: ServerId) -> Result<(), Error> {
+        match self.naming_call(&Request::RemoveServer { server }).await? {
+            Response::Deleted => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Every grant and the superusers (superusers only).
     pub async fn list_grants(&self) -> Result<AclView, Error> {
         match self.naming_call(&Request::ListGrants).await? {
@@ -443,27 +451,32 @@ impl Client {
         &self,
         topic: &TopicName,
         subscription: &SubscriptionName,
+        force: bool,
     ) -> Result<(u64, u64), Error> {
-        let req = Request::DeleteSubscription { topic: topic.clone(), subscription: subscription.clone() };
+        let req =
+            Request::DeleteSubscription { topic: topic.clone(), subscription: subscription.clone(), force };
         match self.leader_call(topic, &req).await? {
             Response::SubscriptionDeleted { freed_records, freed_bytes } => Ok((freed_records, freed_bytes)),
             other => Err(unexpected(other)),
         }
     }
 
-    /// Moves a subscription's cursor (or, without `execute`, says where it would go).
+    /// Moves a subscription's cursor (or, without `execute`, says where it would go);
+    /// `force` even while a consumer holds it.
     pub async fn reset_subscription(
         &self,
         topic: &TopicName,
         subscription: &SubscriptionName,
         to: ResetTo,
         execute: bool,
+        force: bool,
     ) -> Result<ResetOutcome, Error> {
         let req = Request::ResetSubscription {
             topic: topic.clone(),
             subscription: subscription.clone(),
             to,
             execute,
+            force,
         };
         match self.leader_call(topic, &req).await? {
             Response::Reset(outcome) => Ok(outcome),

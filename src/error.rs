@@ -107,6 +107,10 @@ pub enum Error {
     /// 27: the principal may not do this (no grant covers it; see `herald acl`).
     #[error("{principal} may not {} {topic} ({hint})", operation_phrase(operation))]
     NotAuthorized { principal: String, operation: String, topic: String, hint: String },
+    /// 28: this consumer held the subscription until someone reset or deleted it with
+    /// `--force`; its position is gone, so it must start again (not retried).
+    #[error("subscription {subscription:?} of topic {topic:?} was taken from this consumer by {by} (a reset or delete with --force): its position no longer holds; start the consumer again")]
+    SubscriptionTakenOver { topic: String, subscription: String, by: String },
 }
 
 /// How a refusal reads: "produce to", "consume from", "describe", "administer".
@@ -151,6 +155,7 @@ impl Error {
             Error::LimitReached { .. } => "limit_reached",
             Error::NotPlaced { .. } => "not_placed",
             Error::NotAuthorized { .. } => "not_authorized",
+            Error::SubscriptionTakenOver { .. } => "subscription_taken_over",
         }
     }
 
@@ -208,6 +213,7 @@ mod tests {
             (Error::LimitReached { what: s(), limit: 0, hint: s() }, 25),
             (Error::NotPlaced { topic: s(), hosting: 0, replicas: 0, leader_hosts: false, waited_ms: 0 }, 26),
             (Error::NotAuthorized { principal: s(), operation: s(), topic: s(), hint: s() }, 27),
+            (Error::SubscriptionTakenOver { topic: s(), subscription: s(), by: s() }, 28),
         ];
         for (err, code) in cases {
             assert_eq!(err.code(), code, "{err:?}");

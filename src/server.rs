@@ -105,6 +105,10 @@ struct Holder {
     session: u64,
     name: String,
     expires: Instant,
+    /// Who took the subscription from this consumer with `--force`: the consumer's later
+    /// requests are refused (`SubscriptionTakenOver`) while it keeps trying, and anyone else
+    /// may take the subscription.
+    taken_by: Option<String>,
 }
 
 impl Holder {
@@ -142,8 +146,17 @@ impl Hosted {
     ) -> Result<(), Error> {
         let now = Instant::now();
         let mut holders = self.holders.lock().expect("holders lock");
-        if let Some(h) = holders.get(subscription.as_str()) {
-            if h.session != session.id && h.expires > now {
+        if let Some(h) = holders.get_mut(subscription.as_str()) {
+            if let (true, Some(by)) = (h.session == session.id, &h.taken_by) {
+                // Fenced for as long as it keeps coming back.
+                h.expires = now + hold;
+                return Err(Error::SubscriptionTakenOver {
+                    topic: self.replica.log.name.to_string(),
+                    subscription: subscription.to_string(),
+                    by: by.clone(),
+                });
+            }
+            if h.session != session.id && h.expires > now && h.taken_by.is_none() {
                 return Err(h.busy(&self.replica.log.name, subscription.as_str(), now));
             }
         }
@@ -157,7 +170,10 @@ impl Hosted {
             _ => {
                 info!(topic = %self.replica.log.name, subscription = %subscription, consumer = %session.name, %peer, "a consumer took the subscription");
                 let name = format!("{} ({peer})", session.name);
-                holders.insert(subscription.to_string(), Holder { session: session.id, name, expires });
+                holders.insert(
+                    subscription.to_string(),
+                    Holder { session: session.id, name, expires, taken_by: None },
+                );
             }
         }
         Ok(())
@@ -166,7 +182,7 @@ impl Hosted {
     /// Ends `session`'s hold `lease` from now (after a long poll that held it longer).
     fn renew(&self, subscription: &SubscriptionName, session: u64, lease: Duration) {
         if let Some(h) = self.holders.lock().expect("holders lock").get_mut(subscription.as_str()) {
-            if h.session == session {
+            if h.session == session && h.taken_by.is_none() {
                 h.expires = Instant::now() + lease;
             }
         }
@@ -184,17 +200,32 @@ impl Hosted {
     fn holder(&self, subscription: &str) -> Option<String> {
         let now = Instant::now();
         let holders = self.holders.lock().expect("holders lock");
-        holders.get(subscription).filter(|h| h.expires > now).map(|h| h.name.clone())
+        holders.get(subscription).filter(|h| h.expires > now && h.taken_by.is_none()).map(|h| h.name.clone())
     }
 
     /// `SubscriptionBusy` if a consumer holds `subscription` now.
     fn refuse_if_held(&self, subscription: &str) -> Result<(), Error> {
         let now = Instant::now();
         let holders = self.holders.lock().expect("holders lock");
-        match holders.get(subscription).filter(|h| h.expires > now) {
+        match holders.get(subscription).filter(|h| h.expires > now && h.taken_by.is_none()) {
             Some(h) => Err(h.busy(&self.replica.log.name, subscription, now)),
             None => Ok(()),
         }
+    }
+
+    /// Before a reset or delete: refused while held, unless `force` (by `by`), which fences
+    /// the holder so its stale position cannot undo the change.
+    fn take_over(&self, subscription: &str, force: bool, by: &str) -> Result<(), Error> {
+        if !force {
+            return self.refuse_if_held(subscription);
+        }
+        let now = Instant::now();
+        let mut holders = self.holders.lock().expect("holders lock");
+        if let Some(h) = holders.get_mut(subscription).filter(|h| h.expires > now && h.taken_by.is_none()) {
+            warn!(topic = %self.replica.log.name, subscription, consumer = %h.name, by, "a subscription was taken from its consumer with --force");
+            h.taken_by = Some(by.to_string());
+        }
+        Ok(())
     }
 
     fn policy(&self) -> Arc<Policy> {
@@ -643,6 +674,7 @@ impl Service for TopicServer {
             }
         }
         let me = self.clone();
+        let by = peer.principal.to_string();
         let answer = |r: Result<Response, Error>| ready(r.unwrap_or_else(Response::Error));
         match req {
             Request::Produce { topic, producer, sequence, records } => {
@@ -711,13 +743,13 @@ impl Service for TopicServer {
                 h.release(&subscription, session);
                 Response::Deleted
             })),
-            Request::ResetSubscription { topic, subscription, to, execute } => Box::pin(async move {
+            Request::ResetSubscription { topic, subscription, to, execute, force } => Box::pin(async move {
                 let result = async {
                     let replica = me.serving(&topic).await?;
                     let hosted = me.hosted(&topic)?;
                     if execute {
                         // The consumer would ack from its own position right after the move.
-                        hosted.refuse_if_held(subscription.as_str())?;
+                        hosted.take_over(subscription.as_str(), force, &by)?;
                     }
                     let name = subscription.to_string();
                     let (outcome, pending) =
@@ -746,17 +778,22 @@ impl Service for TopicServer {
                 };
                 result.await.unwrap_or_else(Response::Error)
             }),
-            Request::DeleteSubscription { topic, subscription } => Box::pin(async move {
+            Request::DeleteSubscription { topic, subscription, force } => Box::pin(async move {
                 let result = async {
                     let replica = me.serving(&topic).await?;
                     // Like a reset: the holder would go on reading a subscription that is gone.
-                    me.hosted(&topic)?.refuse_if_held(subscription.as_str())?;
+                    me.hosted(&topic)?.take_over(subscription.as_str(), force, &by)?;
                     let before = replica.log.state();
                     let name = subscription.to_string();
                     let change = me.node.store.delete_subscription(replica.log.id, subscription).await?;
                     if let Ok(h) = me.hosted(&topic) {
                         h.last_acks.lock().expect("acks lock").remove(&name);
-                        h.holders.lock().expect("holders lock").remove(&name);
+                        // A fenced holder stays fenced: a subscription made again under the
+                        // name must not take its stale acks.
+                        let mut holders = h.holders.lock().expect("holders lock");
+                        if holders.get(&name).is_some_and(|h| h.taken_by.is_none()) {
+                            holders.remove(&name);
+                        }
                     }
                     if let Some(at) = change.pending {
                         replica.wait_for(at, true).await?;

@@ -326,6 +326,8 @@ pub enum Request {
     DeleteSubscription {
         topic: TopicName,
         subscription: SubscriptionName,
+        /// Even while a consumer holds it (that consumer is told `SubscriptionTakenOver`).
+        force: bool,
     },
     TopicStatus {
         topic: TopicName,
@@ -370,6 +372,8 @@ pub enum Request {
         subscription: SubscriptionName,
         to: ResetTo,
         execute: bool,
+        /// Even while a consumer holds it (that consumer is told `SubscriptionTakenOver`).
+        force: bool,
     },
     /// Raft messages from naming member `from` to the member called (naming servers only,
     /// with the node certificate).
@@ -400,6 +404,10 @@ pub enum Request {
     },
     /// The grants and superusers (superusers only).
     ListGrants,
+    /// Retires a dead server that holds no replica (superusers only); answered `Deleted`.
+    RemoveServer {
+        server: ServerId,
+    },
 }
 
 /// A naming member's role in its group.
@@ -674,7 +682,13 @@ mod tests {
             ),
             (topic.clone(), sub, any::<u64>(), any::<bool>()).prop_map(
                 |(topic, subscription, o, execute)| {
-                    Request::ResetSubscription { topic, subscription, to: ResetTo::Offset(o), execute }
+                    Request::ResetSubscription {
+                        topic,
+                        subscription,
+                        to: ResetTo::Offset(o),
+                        execute,
+                        force: false,
+                    }
                 }
             ),
             (any::<u64>(), any::<u64>()).prop_map(|(server, v)| Request::Heartbeat {

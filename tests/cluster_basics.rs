@@ -167,3 +167,24 @@ async fn logs_in_files_and_pipes_carry_no_colour_codes_and_summaries_count_right
         assert!(!log.contains('\u{1b}'), "an escape code in a log file:\n{log}");
     }
 }
+
+/// `herald servers remove` retires a server gone for good: refused while it is alive, done
+/// once it is dead (and holds no replica), after which the book no longer lists it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_gone_for_good_is_retired_once_dead() {
+    let mut cluster = Cluster::start(2).await;
+    let out = cluster.cli(&["servers", "remove", "2"], None);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("server 2 is alive"), "{stderr}");
+    cluster.server(2).kill();
+    let client = cluster.client();
+    wait_for("server 2 to lose its lease", || async {
+        let servers = client.list_servers().await.ok()?;
+        servers.iter().any(|s| s.id == 2 && !s.alive).then_some(())
+    })
+    .await;
+    cluster.cli_ok(&["servers", "remove", "2"], None);
+    let ids: Vec<u64> = client.list_servers().await.unwrap().iter().map(|s| s.id).collect();
+    assert_eq!(ids, [1]);
+    client.close().await;
+}

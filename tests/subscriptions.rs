@@ -176,3 +176,50 @@ async fn a_subscription_has_one_consumer_at_a_time_before_and_after_failover() {
     busy(second.poll(10, Duration::ZERO, None).await);
     client.close().await;
 }
+
+/// An admin may reset or delete a held subscription with `--force`: the holder is stopped
+/// (`SubscriptionTakenOver`) and its stale acks cannot undo the reset; another consumer
+/// takes over from the new position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn force_takes_a_held_subscription_and_fences_its_consumer() {
+    let cluster = Cluster::start(1).await;
+    let topic = cluster.create_topic("forced");
+    // A second subscription keeps the records read through the first (reset goes back to them).
+    cluster.cli_ok(&["subscription", "create", "forced", "keeper"], None);
+    cluster.cli_ok(&["produce", "forced"], Some(&numbered_lines("f", 30)));
+    let client = cluster.client();
+    let sub = SubscriptionName::new("workers").unwrap();
+    let taken = |r: Result<Vec<herald::wire::StoredRecord>, Error>| match r {
+        Err(Error::SubscriptionTakenOver { by, .. }) => assert_eq!(by, "admin"),
+        other => panic!("expected SubscriptionTakenOver, got {other:?}"),
+    };
+
+    let mut holder = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+    let got = holder.poll(10, Duration::from_secs(1), None).await.unwrap();
+    holder.ack(got.last().unwrap().offset + 1).await.unwrap();
+    let reset = ["subscription", "reset", "forced", "workers", "--to-earliest", "--execute"];
+    let out = cluster.cli(&reset, None);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("in use by"));
+    let mut forced = reset.to_vec();
+    forced.push("--force");
+    cluster.cli_ok(&forced, None);
+    assert_eq!(subs(&cluster, "forced")["workers"]["cursor"], 0);
+
+    // The old holder is stopped, and its ack does not move the cursor past the reset.
+    match holder.ack(20).await {
+        Err(Error::SubscriptionTakenOver { .. }) => {}
+        other => panic!("expected SubscriptionTakenOver, got {other:?}"),
+    }
+    taken(holder.poll(10, Duration::ZERO, None).await);
+    assert_eq!(subs(&cluster, "forced")["workers"]["cursor"], 0);
+
+    // Another consumer takes over at once, from the reset position.
+    let mut next = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+    let got = next.poll(10, Duration::from_secs(1), None).await.unwrap();
+    assert_eq!(got.first().unwrap().offset, 0);
+    // Delete with --force while it holds: gone, and its holder is told.
+    cluster.cli_ok(&["subscription", "delete", "forced", "workers", "--force"], None);
+    assert!(!subs(&cluster, "forced").contains_key("workers"));
+    taken(next.poll(10, Duration::ZERO, None).await);
+    client.close().await;
+}

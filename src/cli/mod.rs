@@ -111,6 +111,13 @@ struct NamingRunArgs {
 }
 
 #[derive(Subcommand, Debug)]
+enum ServersAction {
+    /// Retire a server gone for good (superusers only): it must be dead and hold no replica
+    /// any more (they move to live servers --replace-after-ms after it died).
+    Remove { id: ServerId },
+}
+
+#[derive(Subcommand, Debug)]
 enum CertsAction {
     /// Sign a certificate for one identity with the CA kept in --dir (its `ca/` directory),
     /// into a directory that works as `--certs` for that identity.
@@ -247,8 +254,12 @@ enum Command {
         #[arg(long, default_value = ".herald")]
         dir: PathBuf,
     },
-    /// List the topic servers the naming server knows, with liveness and topic count.
+    /// List the topic servers the naming server knows, with liveness and topic count; or
+    /// retire one gone for good.
+    #[command(args_conflicts_with_subcommands = true)]
     Servers {
+        #[command(subcommand)]
+        action: Option<ServersAction>,
         #[arg(long)]
         json: bool,
     },
@@ -401,11 +412,15 @@ enum SubscriptionCommand {
         /// Subscription name.
         #[arg(value_parser = valid_subscription)]
         name: String,
+        /// Even while a consumer holds it: that consumer is stopped with an error.
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
     /// Move a subscription's cursor: back to read again, or forward to skip. Shows what it
-    /// would do unless --execute is given; refused while a consumer holds the subscription.
+    /// would do unless --execute is given; refused while a consumer holds the subscription
+    /// unless --force.
     #[command(group(clap::ArgGroup::new("to").required(true).args(["to_earliest", "to_latest", "to_offset"])))]
     Reset {
         /// Topic name.
@@ -426,6 +441,10 @@ enum SubscriptionCommand {
         /// Do it (without this, only show what it would do).
         #[arg(long)]
         execute: bool,
+        /// With --execute, even while a consumer holds the subscription: that consumer is
+        /// stopped with an error, so its position cannot undo the move.
+        #[arg(long, requires = "execute")]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -660,7 +679,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev { servers, naming_servers, dir } => dev(&common, servers, naming_servers, &dir).await,
-        Command::Servers { json } => with_client(&common, |c| list_servers(c, json)).await,
+        Command::Servers { action: None, json } => with_client(&common, |c| list_servers(c, json)).await,
+        Command::Servers { action: Some(ServersAction::Remove { id }), .. } => {
+            with_client(&common, |c| async move {
+                c.remove_server(id).await?;
+                eprintln!("retired server {id}");
+                Ok(ExitCode::SUCCESS)
+            })
+            .await
+        }
         Command::Topic(cmd) => with_client(&common, |c| topic(c, cmd)).await,
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
         Command::Schema(cmd) => with_client(&common, |c| schema(c, cmd)).await,
@@ -1097,9 +1124,9 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
                 eprintln!("created subscription {name} on {topic} at offset {cursor}");
             }
         }
-        SubscriptionCommand::Delete { topic, name, json } => {
+        SubscriptionCommand::Delete { topic, name, force, json } => {
             let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
-            let (records, bytes) = client.delete_subscription(&topic, &name).await?;
+            let (records, bytes) = client.delete_subscription(&topic, &name, force).await?;
             if json {
                 print_json(&json!({
                     "topic": topic.as_str(),
@@ -1113,7 +1140,16 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
                 );
             }
         }
-        SubscriptionCommand::Reset { topic, name, to_earliest, to_latest, to_offset, execute, json } => {
+        SubscriptionCommand::Reset {
+            topic,
+            name,
+            to_earliest,
+            to_latest,
+            to_offset,
+            execute,
+            force,
+            json,
+        } => {
             let (topic, name) = (topic_name(&topic)?, subscription_name(&name)?);
             let to = match (to_earliest, to_latest, to_offset) {
                 (true, _, _) => ResetTo::Earliest,
@@ -1121,7 +1157,7 @@ async fn subscription(client: Arc<Client>, cmd: SubscriptionCommand) -> Result<E
                 (_, _, Some(o)) => ResetTo::Offset(o),
                 _ => return Err(usage("say where: --to-earliest, --to-latest or --to-offset N")),
             };
-            let r = client.reset_subscription(&topic, &name, to, execute).await?;
+            let r = client.reset_subscription(&topic, &name, to, execute, force).await?;
             let moved = if r.after >= r.before {
                 format!("skips {} records", r.after - r.before)
             } else {

@@ -81,6 +81,8 @@ pub struct BookChange {
     pub cluster_id: Option<u64>,
     /// Grants given and taken back.
     pub acl: Option<AclChange>,
+    /// Servers retired for good (no topic holds them).
+    pub retired: Vec<ServerId>,
 }
 
 /// A change to the grants: `revoke` is applied first, then `grant`.
@@ -114,6 +116,9 @@ impl Book {
         if let Some(id) = change.cluster_id {
             self.cluster_id = id;
         }
+        for id in &change.retired {
+            self.servers.remove(id);
+        }
         if let Some(acl) = &change.acl {
             for g in &acl.revoke {
                 self.acl.revoke(g);
@@ -138,7 +143,8 @@ impl Book {
 }
 
 impl BookChange {
-    /// Reads a change from the log, also one written before grants existed.
+    /// Reads a change from the log, also one written before grants and retired servers
+    /// existed.
     pub fn decode(bytes: &[u8]) -> Result<Self, postcard::Error> {
         postcard::from_bytes(bytes).or_else(|e| {
             let old: legacy::BookChangeV1 = postcard::from_bytes(bytes).map_err(|_| e)?;
@@ -179,7 +185,7 @@ mod legacy {
     impl From<BookChangeV1> for BookChange {
         fn from(c: BookChangeV1) -> Self {
             let BookChangeV1 { servers, topics, removed, next_topic_id, cluster_id } = c;
-            BookChange { servers, topics, removed, next_topic_id, cluster_id, acl: None }
+            BookChange { servers, topics, removed, next_topic_id, cluster_id, acl: None, retired: Vec::new() }
         }
     }
 }

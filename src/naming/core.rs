@@ -216,6 +216,11 @@ impl NamingCore {
     pub fn apply(&mut self, change: &BookChange) {
         self.changes.record(&self.book, change);
         self.book.apply(change);
+        for server in &change.retired {
+            self.heard.remove(server);
+            self.applied.remove(server);
+            self.reports.retain(|(_, s), _| s != server);
+        }
     }
 
     pub fn liveness(&self, server: ServerId, now_ms: u64) -> Liveness {
@@ -359,7 +364,39 @@ impl NamingCore {
             .collect()
     }
 
-    /// The topics `server` hosts, as it should apply them.
+    /// Retires a server gone for good (`herald servers remove`): only one that is dead, not
+    /// merely unknown after a restart, and that no topic holds any more (its replicas move to
+    /// live servers after `replace_after_ms`), so no replica set ever names a server the
+    /// book forgot.
+    pub fn retire_server(&self, now_ms: u64, server: ServerId) -> Result<BookChange, Error> {
+        if !self.book.servers.contains_key(&server) {
+            return Err(Error::invalid(format!(
+                "no server {server} in the book (`herald servers` lists them)"
+            )));
+        }
+        if self.liveness(server, now_ms) != Liveness::Dead {
+            return Err(Error::invalid(format!(
+                "server {server} is alive, or not known dead yet: stop it for good first, then try again once `herald servers` shows it dead"
+            )));
+        }
+        let holding: Vec<&str> = self
+            .book
+            .topics
+            .values()
+            .filter(|t| t.members().any(|r| r == server))
+            .map(|t| t.name.as_str())
+            .collect();
+        if let Some(first) = holding.first() {
+            return Err(Error::invalid(format!(
+                "server {server} still holds replicas of {} topic(s) ({first}{}): they move to live servers {} s after it died; try again once `herald servers` shows it holds none",
+                holding.len(),
+                if holding.len() > 1 { ", ..." } else { "" },
+                self.settings.replace_after_ms / 1000
+            )));
+        }
+        Ok(BookChange { retired: vec![server], ..BookChange::default() })
+    }
+
     /// Gives and takes back grants (revokes first). Refuses a change that would pass
     /// [`crate::acl::MAX_GRANTS`] and one that changes nothing.
     pub fn change_acl(&self, change: AclChange) -> Result<BookChange, Error> {
@@ -850,6 +887,28 @@ mod tests {
         let change = c.create_topic(now, 0, name.clone(), 3, TopicConfig::default()).unwrap();
         c.apply(&change);
         c.book().topics["t"].clone()
+    }
+
+    /// Only a dead server that no topic holds may be retired; then the book forgets it.
+    #[test]
+    fn only_a_dead_server_holding_nothing_is_retired() {
+        let mut c = core(4, 0);
+        let t = create(&mut c, 0);
+        let spare = (1..=4).find(|s| !t.voters.contains(s)).unwrap();
+        let voter = t.voters[0];
+        assert!(c.retire_server(0, 9).is_err(), "unknown");
+        let alive = c.retire_server(0, spare).unwrap_err();
+        assert!(alive.to_string().contains("alive"), "{alive}");
+        // Both go silent past their leases.
+        let later = LEASE * 2;
+        let others: Vec<ServerId> = (1..=4).filter(|s| *s != spare && *s != voter).collect();
+        beat(&mut c, later, &others);
+        let holds = c.retire_server(later, voter).unwrap_err();
+        assert!(holds.to_string().contains("still holds replicas of 1 topic(s) (t)"), "{holds}");
+        let change = c.retire_server(later, spare).unwrap();
+        c.apply(&change);
+        assert!(!c.book().servers.contains_key(&spare));
+        assert!(c.list_servers(later).iter().all(|s| s.id != spare));
     }
 
     /// A server that knows nothing yet gets the grants with its first answer; later ones

@@ -47,6 +47,7 @@ pub enum Admin {
     AlterTopic { name: TopicName, changes: TopicChanges },
     DeleteTopic { name: TopicName },
     ChangeAcl { change: AclChange },
+    RetireServer { server: ServerId },
 }
 
 /// How an [`Admin`] request ended, once its change (if any) committed.
@@ -416,6 +417,9 @@ impl<R> NamingMember<R> {
                     .map(|c| (c, Done::TopicChanged { name, version: self.book.version + 1 })),
                 Admin::DeleteTopic { name } => core.delete_topic(&name).map(|c| (c, Done::Deleted)),
                 Admin::ChangeAcl { change } => core.change_acl(change).map(|c| (c, Done::AclChanged)),
+                Admin::RetireServer { server } => {
+                    core.retire_server(now_ms, server).map(|c| (c, Done::Deleted))
+                }
             };
             match decided {
                 Ok((change, done)) => {

@@ -467,8 +467,9 @@ impl NamingServer {
         Err(Error::NotAuthorized {
             principal: peer.principal.to_string(),
             operation: Operation::Admin.as_str().into(),
-            topic: "the cluster's grants".into(),
-            hint: "only superusers (herald naming --superusers) change or list grants".into(),
+            topic: "the cluster (grants and servers)".into(),
+            hint: "only superusers (herald naming --superusers) change or list grants and retire servers"
+                .into(),
         })
     }
 
@@ -489,6 +490,23 @@ impl NamingServer {
                 Ok(_) => {
                     info!(%principal, changes = ?shown, "grants changed");
                     me.read_now(|core| Ok(Response::Grants(me.acl_view(core))))
+                }
+                Err(e) => Response::Error(e),
+            }
+        })
+    }
+
+    fn remove_server(self: &Arc<Self>, peer: &Peer, server: ServerId) -> ResponseFuture {
+        if let Err(e) = self.require_superuser(peer) {
+            return ready(Response::Error(e));
+        }
+        let me = self.clone();
+        let principal = peer.principal.to_string();
+        Box::pin(async move {
+            match me.submit(Admin::RetireServer { server }).await {
+                Ok(_) => {
+                    info!(%principal, server, "server retired");
+                    Response::Deleted
                 }
                 Err(e) => Response::Error(e),
             }
@@ -655,6 +673,7 @@ impl Service for NamingServer {
                 Ok(Response::TopicPage { topics, next })
             }),
             Request::ChangeAcl { grant, revoke } => self.change_acl(peer, AclChange { grant, revoke }),
+            Request::RemoveServer { server } => self.remove_server(peer, server),
             Request::ListGrants => match self.require_superuser(peer) {
                 Ok(()) => self.read(|core| Ok(Response::Grants(self.acl_view(core)))),
                 Err(e) => ready(Response::Error(e)),

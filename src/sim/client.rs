@@ -282,13 +282,20 @@ impl SimClient {
                 let sub = SubscriptionName::new(name.clone()).expect("valid name");
                 let state = self.subs[&name];
                 let (req, asked) = match (state, ctx.rng.u32(0..4)) {
-                    (SubState::Exists, 0) => {
-                        (Request::DeleteSubscription { topic, subscription: sub }, Asked::Delete { name })
-                    }
+                    (SubState::Exists, 0) => (
+                        Request::DeleteSubscription { topic, subscription: sub, force: false },
+                        Asked::Delete { name },
+                    ),
                     (SubState::Exists, 1) => {
                         let to = if ctx.rng.bool() { ResetTo::Earliest } else { ResetTo::Latest };
                         (
-                            Request::ResetSubscription { topic, subscription: sub, to, execute: true },
+                            Request::ResetSubscription {
+                                topic,
+                                subscription: sub,
+                                to,
+                                execute: true,
+                                force: false,
+                            },
                             Asked::Reset { name },
                         )
                     }

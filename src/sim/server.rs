@@ -843,7 +843,7 @@ impl Running {
                     move |run, ctx, result| run.answer_change(ctx, from, id, tid, deadline, result),
                 );
             }
-            Request::DeleteSubscription { topic, subscription } => {
+            Request::DeleteSubscription { topic, subscription, .. } => {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
@@ -855,7 +855,7 @@ impl Running {
                     move |run, ctx, result| run.answer_change(ctx, from, id, tid, deadline, result),
                 );
             }
-            Request::ResetSubscription { topic, subscription, to, execute } => {
+            Request::ResetSubscription { topic, subscription, to, execute, .. } => {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };

@@ -315,6 +315,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::ListTopicsPage { .. } => "ListTopicsPage",
         Request::ChangeAcl { .. } => "ChangeAcl",
         Request::ListGrants => "ListGrants",
+        Request::RemoveServer { .. } => "RemoveServer",
     }
 }
 
