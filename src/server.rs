@@ -755,7 +755,7 @@ impl Service for TopicServer {
                     let (outcome, pending) =
                         me.node.store.reset_cursor(replica.log.id, subscription, to, execute).await?;
                     if let Some(at) = pending {
-                        info!(topic = %topic, subscription = %name, from = outcome.before, to = outcome.after, "subscription reset");
+                        info!(principal = %by, topic = %topic, subscription = %name, from = outcome.before, to = outcome.after, force, "subscription reset");
                         hosted.last_acks.lock().expect("acks lock").insert(name, now_ms());
                         replica.wait_for(at, true).await?;
                     }
@@ -796,6 +796,7 @@ impl Service for TopicServer {
                         }
                     }
                     if let Some(at) = change.pending {
+                        info!(principal = %by, topic = %topic, subscription = %name, force, "subscription deleted");
                         replica.wait_for(at, true).await?;
                     }
                     let after = replica.log.state();

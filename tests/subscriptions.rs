@@ -182,7 +182,7 @@ async fn a_subscription_has_one_consumer_at_a_time_before_and_after_failover() {
 /// takes over from the new position.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn force_takes_a_held_subscription_and_fences_its_consumer() {
-    let cluster = Cluster::start(1).await;
+    let mut cluster = Cluster::start(1).await;
     let topic = cluster.create_topic("forced");
     // A second subscription keeps the records read through the first (reset goes back to them).
     cluster.cli_ok(&["subscription", "create", "forced", "keeper"], None);
@@ -221,5 +221,13 @@ async fn force_takes_a_held_subscription_and_fences_its_consumer() {
     cluster.cli_ok(&["subscription", "delete", "forced", "workers", "--force"], None);
     assert!(!subs(&cluster, "forced").contains_key("workers"));
     taken(next.poll(10, Duration::ZERO, None).await);
+    // Both changes are in the audit log with who made them.
+    let log = cluster.server(1).log_text();
+    for what in ["subscription reset", "subscription deleted", "taken from its consumer"] {
+        assert!(
+            log.lines().any(|l| l.contains(what) && l.contains("admin")),
+            "no {what:?} by admin in:\n{log}"
+        );
+    }
     client.close().await;
 }
