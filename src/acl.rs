@@ -164,8 +164,7 @@ impl Acl {
         operation: Operation,
         topic: &str,
     ) -> Result<(), Error> {
-        let superuser = matches!(who, Principal::Client(name) if superusers.contains(name));
-        if superuser || self.allows(who, operation, topic) {
+        if is_superuser(superusers, who) || self.allows(who, operation, topic) {
             return Ok(());
         }
         let hint = match who {
@@ -184,6 +183,11 @@ impl Acl {
     }
 }
 
+/// Whether `who` is one of the `superusers` (clients only: a server never is).
+pub fn is_superuser(superusers: &BTreeSet<String>, who: &Principal) -> bool {
+    matches!(who, Principal::Client(name) if superusers.contains(name))
+}
+
 /// The grants with the superusers: what a server checks requests against.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AclView {
@@ -195,10 +199,6 @@ pub struct AclView {
 impl AclView {
     pub fn check(&self, who: &Principal, operation: Operation, topic: &str) -> Result<(), Error> {
         self.acl.check(&self.superusers, who, operation, topic)
-    }
-
-    pub fn is_superuser(&self, who: &Principal) -> bool {
-        matches!(who, Principal::Client(name) if self.superusers.contains(name))
     }
 }
 

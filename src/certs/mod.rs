@@ -50,10 +50,17 @@ pub enum CertRole {
 
 impl CertRole {
     fn file_stem(self) -> &'static str {
-        match self {
-            CertRole::Node(_) | CertRole::Naming => "node",
-            CertRole::Client => "client",
-        }
+        leaf_stem(self != CertRole::Client)
+    }
+}
+
+/// The stem of an identity's certificate and key files: `node` for a server (a topic server
+/// or the naming group), `client` for a client.
+fn leaf_stem(server: bool) -> &'static str {
+    if server {
+        "node"
+    } else {
+        "client"
     }
 }
 
@@ -140,10 +147,9 @@ impl Ca {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(&format!("herald {who}"));
         params.subject_alt_names.push(SanType::URI(who.uri().as_str().try_into()?));
-        let stem = match who {
+        match who {
             Principal::Client(_) => {
                 params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-                "client"
             }
             Principal::Node(_) | Principal::Naming => {
                 for host in hosts.iter().map(|h| h.trim()).filter(|h| !h.is_empty()) {
@@ -156,9 +162,9 @@ impl Ca {
                 }
                 params.extended_key_usages =
                     vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-                "node"
             }
-        };
+        }
+        let stem = leaf_stem(who.is_server());
         validity(&mut params);
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
@@ -210,7 +216,7 @@ pub fn issue(
         (None, Principal::Naming) => naming_dir(dir),
         (None, Principal::Client(name)) => dir.join(format!("client-{name}")),
     };
-    let leaf = out.join(if matches!(who, Principal::Client(_)) { "client.pem" } else { "node.pem" });
+    let leaf = out.join(format!("{}.pem", leaf_stem(who.is_server())));
     if leaf.exists() && !force {
         bail!("{} already exists; pass --force to replace it", leaf.display());
     }

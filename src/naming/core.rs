@@ -418,11 +418,6 @@ impl NamingCore {
         Ok(BookChange { acl: Some(change), ..BookChange::default() })
     }
 
-    /// Whether the grants changed since book version `known` (or this core cannot tell).
-    pub fn acl_changed_since(&self, known: u64) -> bool {
-        self.changes.acl_changed_since(&self.book, known)
-    }
-
     /// The answer to a heartbeat of `server`, which knows book version `known`: nothing new
     /// when the book is at that version, else its assignments ([`Self::assignments_since`])
     /// and, when they changed since (or with a full list, or to a server that knows
@@ -434,7 +429,7 @@ impl NamingCore {
         }
         let assignments = self.assignments_since(server, known);
         let first = known == 0 || matches!(assignments, Assignments::All(_));
-        let acl = (first || self.acl_changed_since(known))
+        let acl = (first || self.changes.acl_changed_since(&self.book, known))
             .then(|| AclView { acl: self.book.acl.clone(), superusers: superusers.clone() });
         Response::Heartbeat { version, assignments: Some(assignments), acl }
     }

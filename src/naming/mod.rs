@@ -461,7 +461,7 @@ impl NamingServer {
 
     /// Grants are given, taken back and shown by superusers only.
     fn require_superuser(&self, peer: &Peer) -> Result<(), Error> {
-        if matches!(&peer.principal, Principal::Client(name) if self.superusers.contains(name)) {
+        if crate::acl::is_superuser(&self.superusers, &peer.principal) {
             return Ok(());
         }
         Err(Error::NotAuthorized {
@@ -643,10 +643,11 @@ impl Service for NamingServer {
             }
         }
         // Lists show only the topics the peer may describe.
-        let who = peer.principal.clone();
-        let superusers = self.superusers.clone();
-        let visible = move |core: &NamingCore, t: &TopicInfo| {
-            core.book().acl.check(&superusers, &who, Operation::Describe, t.name.as_str()).is_ok()
+        let visible = |core: &NamingCore, t: &TopicInfo| {
+            core.book()
+                .acl
+                .check(&self.superusers, &peer.principal, Operation::Describe, t.name.as_str())
+                .is_ok()
         };
         match req {
             Request::Register { server, addr } => self.register(peer, server, addr),

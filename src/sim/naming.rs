@@ -229,7 +229,11 @@ impl SimNaming {
                             Err(e) => Some(Response::Error(e)),
                             Ok(()) if member.book().version != known_version => {
                                 let core = member.core().expect("a member that took a heartbeat leads");
-                                Some(core.heartbeat_answer(server, known_version, &sim_superusers()))
+                                Some(core.heartbeat_answer(
+                                    server,
+                                    known_version,
+                                    &crate::naming::default_superusers(),
+                                ))
                             }
                             Ok(()) => {
                                 let deadline = now + (wait_ms as u64).min(self.settings.lease_ms / 3);
@@ -338,7 +342,7 @@ impl SimNaming {
             let resp = match member.serving() {
                 Err(e) => Some(Response::Error(e)),
                 Ok(core) if h.known != version => {
-                    Some(core.heartbeat_answer(h.server, h.known, &sim_superusers()))
+                    Some(core.heartbeat_answer(h.server, h.known, &crate::naming::default_superusers()))
                 }
                 Ok(_) if expire && ctx.now >= h.deadline => {
                     Some(Response::Heartbeat { version, assignments: None, acl: None })
@@ -351,10 +355,4 @@ impl SimNaming {
             }
         }
     }
-}
-
-/// The superusers the simulated naming group names (its clients are not authenticated: the
-/// simulator drives the replication rules, not the transport).
-fn sim_superusers() -> std::collections::BTreeSet<String> {
-    [crate::certs::ADMIN_CLIENT.to_string()].into()
 }
