@@ -27,10 +27,12 @@ use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
 use crate::storage::PRODUCER_DEDUP_WINDOW;
 use crate::transport::{self, Connection, FrameWriter, FramedStream};
-use crate::types::{NamingAddrs, Offset, ProducerId, ServerId, StartFrom, SubscriptionName, TopicName};
+use crate::types::{
+    NamingAddrs, Offset, ProducerId, ServerId, StartFrom, SubscriptionName, TopicName, MAX_TOPICS_PER_REQUEST,
+};
 use crate::wire::{
-    ConsumerSession, Evicted, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo, StoredRecord,
-    SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
+    ConsumerSession, Evicted, LeaderMove, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo,
+    StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
 };
 
 /// Batches a producer keeps in flight by default.
@@ -219,6 +221,47 @@ impl Client {
     ) -> Result<TopicInfo, Error> {
         match self.naming_call(&Request::CreateTopic { name: name.clone(), replicas, config }).await? {
             Response::Topic(t) => Ok(t),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Creates topics with one configuration, in requests of at most
+    /// [`MAX_TOPICS_PER_REQUEST`] names, each all or none; returns them as placed. An error
+    /// leaves the requests before it done (their topics are returned in no error).
+    pub async fn create_topics(
+        &self,
+        names: &[TopicName],
+        replicas: u32,
+        config: &TopicConfig,
+    ) -> Result<Vec<TopicInfo>, Error> {
+        let mut created = Vec::with_capacity(names.len());
+        for chunk in names.chunks(MAX_TOPICS_PER_REQUEST) {
+            let req = Request::CreateTopics { names: chunk.to_vec(), replicas, config: config.clone() };
+            match self.naming_call(&req).await? {
+                Response::Topics(topics) => created.extend(topics),
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(created)
+    }
+
+    /// Deletes topics, in requests of at most [`MAX_TOPICS_PER_REQUEST`] names, each all or
+    /// none.
+    pub async fn delete_topics(&self, names: &[TopicName]) -> Result<(), Error> {
+        for chunk in names.chunks(MAX_TOPICS_PER_REQUEST) {
+            match self.naming_call(&Request::DeleteTopics { names: chunk.to_vec() }).await? {
+                Response::Deleted => {}
+                other => return Err(unexpected(other)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every topic whose preferred leader is alive and caught up back to it; returns
+    /// every topic that was not led by its preferred leader and whether it moved.
+    pub async fn rebalance(&self) -> Result<Vec<LeaderMove>, Error> {
+        match self.naming_call(&Request::Rebalance).await? {
+            Response::Rebalanced(moves) => Ok(moves),
             other => Err(unexpected(other)),
         }
     }

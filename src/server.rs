@@ -529,7 +529,7 @@ impl TopicServer {
 
     /// Makes the hosted topics match the book's assignments for this server: all of them, or
     /// what changed since the version it knew.
-    async fn reconcile(&self, assignments: Assignments, may_delete: bool) -> Result<(), Error> {
+    async fn reconcile(self: &Arc<Self>, assignments: Assignments, may_delete: bool) -> Result<(), Error> {
         let hosted: Vec<Arc<Hosted>> = self.topics.read().expect("topics lock").values().cloned().collect();
         let (gone, assignments): (Vec<Arc<Hosted>>, Vec<TopicInfo>) = match assignments {
             Assignments::All(all) => {
@@ -541,60 +541,72 @@ impl TopicServer {
                 (hosted.into_iter().filter(|h| dropped.contains(&h.replica.log.id)).collect(), changed)
             }
         };
-        for h in gone {
-            let log = &h.replica.log;
-            if !may_delete {
-                warn!(topic = %log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
-                continue;
-            }
-            info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
-            self.node.store.delete_topic(log.id).await?;
-            let mut topics = self.topics.write().expect("topics lock");
-            if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
-                topics.remove(&log.name);
+        if !may_delete {
+            for h in &gone {
+                warn!(topic = %h.replica.log.name, "the naming server does not list this topic, but its book is not the one this data belongs to; keeping the data");
             }
         }
-        for info in assignments {
-            let assignment = Assignment::of(&info);
-            let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
-            let hosted = match current {
-                Some(h) if h.replica.log.id == info.id => {
-                    if h.policy().config != info.config {
-                        self.node.store.set_config(info.id, info.config.clone()).await?;
-                        *h.policy.write().expect("policy lock") = Arc::new(Policy::new(info.config.clone()));
-                        info!(topic = %info.name, schema = info.config.schema.is_some(), "topic policies changed");
-                    }
-                    if h.applied.lock().expect("applied lock").as_ref() == Some(&assignment) {
-                        continue;
-                    }
-                    h
-                }
-                _ => {
-                    let meta = assignment.new_meta(&info);
-                    let log = self.node.store.create_topic(meta).await?;
-                    info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
-                    let config = info.config.clone();
-                    let hosted =
-                        Hosted::new(Replica::new(log, self.node.id, assignment.clone()), None, config);
-                    self.topics.write().expect("topics lock").insert(info.name.clone(), hosted.clone());
-                    hosted
-                }
-            };
-            let refused = match hosted.replica.apply(&self.node, assignment.clone()).await {
-                Ok(()) => {
-                    debug!(topic = %info.name, epoch = info.epoch, leader = info.leader, "assignment applied");
-                    None
-                }
-                // E.g. told to lead an epoch it held before a restart: it reports the refusal,
-                // and the naming server elects anew.
-                Err(e) => {
-                    warn!(topic = %info.name, epoch = info.epoch, leader = info.leader, error = %e, "assignment not taken");
-                    (info.leader == self.node.id).then_some(info.epoch)
-                }
-            };
-            *hosted.refused.lock().expect("refused lock") = refused;
-            *hosted.applied.lock().expect("applied lock") = Some(assignment);
+        let gone = gone.into_iter().filter(|_| may_delete).map(|h| self.clone().drop_topic(h));
+        let taken = assignments.into_iter().map(|info| self.clone().take_on(info));
+        // Topics are independent: drop and take them on side by side, so the storage writer
+        // commits them in shared groups (one fsync for many topics). Drops first: a name
+        // deleted and made again under a new id must be free before it is taken on.
+        run_bounded(gone).await?;
+        run_bounded(taken).await
+    }
+
+    /// Stops hosting a topic deleted from the book, and deletes its data.
+    async fn drop_topic(self: Arc<Self>, h: Arc<Hosted>) -> Result<(), Error> {
+        let log = &h.replica.log;
+        info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
+        self.node.store.delete_topic(log.id).await?;
+        let mut topics = self.topics.write().expect("topics lock");
+        if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
+            topics.remove(&log.name);
         }
+        Ok(())
+    }
+
+    /// Hosts one topic as `info` assigns it, or applies its new assignment and policies.
+    async fn take_on(self: Arc<Self>, info: TopicInfo) -> Result<(), Error> {
+        let assignment = Assignment::of(&info);
+        let current = self.topics.read().expect("topics lock").get(&info.name).cloned();
+        let hosted = match current {
+            Some(h) if h.replica.log.id == info.id => {
+                if h.policy().config != info.config {
+                    self.node.store.set_config(info.id, info.config.clone()).await?;
+                    *h.policy.write().expect("policy lock") = Arc::new(Policy::new(info.config.clone()));
+                    info!(topic = %info.name, schema = info.config.schema.is_some(), "topic policies changed");
+                }
+                if h.applied.lock().expect("applied lock").as_ref() == Some(&assignment) {
+                    return Ok(());
+                }
+                h
+            }
+            _ => {
+                let meta = assignment.new_meta(&info);
+                let log = self.node.store.create_topic(meta).await?;
+                info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
+                let config = info.config.clone();
+                let hosted = Hosted::new(Replica::new(log, self.node.id, assignment.clone()), None, config);
+                self.topics.write().expect("topics lock").insert(info.name.clone(), hosted.clone());
+                hosted
+            }
+        };
+        let refused = match hosted.replica.apply(&self.node, assignment.clone()).await {
+            Ok(()) => {
+                debug!(topic = %info.name, epoch = info.epoch, leader = info.leader, "assignment applied");
+                None
+            }
+            // E.g. told to lead an epoch it held before a restart: it reports the refusal,
+            // and the naming server elects anew.
+            Err(e) => {
+                warn!(topic = %info.name, epoch = info.epoch, leader = info.leader, error = %e, "assignment not taken");
+                (info.leader == self.node.id).then_some(info.epoch)
+            }
+        };
+        *hosted.refused.lock().expect("refused lock") = refused;
+        *hosted.applied.lock().expect("applied lock") = Some(assignment);
         Ok(())
     }
 
@@ -610,6 +622,35 @@ impl TopicServer {
             })
             .collect()
     }
+}
+
+/// Topic changes a server applies at once when the book hands it many (a batch create,
+/// a full list after a restart): enough for the storage writer to commit hundreds of topics
+/// per fsync, few enough to bound the tasks and memory of a 10,000-topic list.
+const RECONCILE_CONCURRENCY: usize = 256;
+
+/// Runs `jobs` with at most [`RECONCILE_CONCURRENCY`] at a time; the first error, after all ran.
+async fn run_bounded(
+    jobs: impl Iterator<Item = impl std::future::Future<Output = Result<(), Error>> + Send + 'static>,
+) -> Result<(), Error> {
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut result = Ok(());
+    let mut take = |done: Option<Result<Result<(), Error>, tokio::task::JoinError>>| {
+        if let Some(done) = done {
+            result =
+                std::mem::replace(&mut result, Ok(())).and(done.map_err(Error::internal).and_then(|r| r));
+        }
+    };
+    for job in jobs {
+        if tasks.len() >= RECONCILE_CONCURRENCY {
+            take(tasks.join_next().await);
+        }
+        tasks.spawn(job);
+    }
+    while let Some(done) = tasks.join_next().await {
+        take(Some(done));
+    }
+    result
 }
 
 /// What a client request does to which topic, for the grants; `None` for server requests.

@@ -180,6 +180,10 @@ pub const MAX_KEY_BYTES: usize = 64 * 1024;
 /// [`MAX_HEADERS_PER_RECORD`] (an empty record is 3 bytes on the wire, ~72 in memory). Four
 /// times what our client sends (`client::MAX_BATCH_RECORDS`).
 pub const MAX_RECORDS_PER_BATCH: usize = 16 * 1024;
+/// Most topics one create or delete request names, checked while decoding for the same
+/// reason: one book change (a Raft entry of at most ~1.2 MB without schemas) that commits
+/// in one round and applies in milliseconds.
+pub const MAX_TOPICS_PER_REQUEST: usize = 1000;
 
 /// A record as a producer sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -254,7 +258,9 @@ pub mod bounded {
     use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess, Visitor};
     use std::marker::PhantomData;
 
-    use super::{Header, Record, MAX_HEADERS_PER_RECORD, MAX_RECORDS_PER_BATCH};
+    use super::{
+        Header, Record, TopicName, MAX_HEADERS_PER_RECORD, MAX_RECORDS_PER_BATCH, MAX_TOPICS_PER_REQUEST,
+    };
 
     struct AtMost<T, const N: usize>(PhantomData<T>);
 
@@ -289,6 +295,11 @@ pub mod bounded {
     /// A batch's records: at most [`MAX_RECORDS_PER_BATCH`].
     pub fn records<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Record>, D::Error> {
         d.deserialize_seq(AtMost::<Record, MAX_RECORDS_PER_BATCH>(PhantomData))
+    }
+
+    /// A request's topic names: at most [`MAX_TOPICS_PER_REQUEST`].
+    pub fn topic_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TopicName>, D::Error> {
+        d.deserialize_seq(AtMost::<TopicName, MAX_TOPICS_PER_REQUEST>(PhantomData))
     }
 }
 

@@ -25,7 +25,7 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// sessions, subscription resets and eviction notices. Version 3 replicates a log of
 /// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
 /// what changed since the server's version ([`Assignments`]).
-pub const PROTOCOL_VERSION: u16 = 4;
+pub const PROTOCOL_VERSION: u16 = 5;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -152,6 +152,10 @@ pub struct ServerInfo {
     pub alive: bool,
     /// Topics it holds a replica of.
     pub topics: u32,
+    /// Topics it leads.
+    pub leaders: u32,
+    /// Topics whose preferred leader it is (what it leads once the cluster is balanced).
+    pub preferred: u32,
 }
 
 /// One replica of a topic, as placed by the naming server.
@@ -408,6 +412,22 @@ pub enum Request {
     RemoveServer {
         server: ServerId,
     },
+    /// Creates topics with one configuration, all or none, in one book change (at most
+    /// `naming::core::MAX_TOPICS_PER_CHANGE`); answered `Topics` once they are placed.
+    CreateTopics {
+        #[serde(deserialize_with = "crate::types::bounded::topic_names")]
+        names: Vec<TopicName>,
+        replicas: u32,
+        config: TopicConfig,
+    },
+    /// Deletes topics, all or none, in one book change; answered `Deleted`.
+    DeleteTopics {
+        #[serde(deserialize_with = "crate::types::bounded::topic_names")]
+        names: Vec<TopicName>,
+    },
+    /// Hands every topic whose preferred leader is alive and caught up back to it now (admin
+    /// on every topic); answered `Rebalanced` once the elections ended.
+    Rebalance,
 }
 
 /// A naming member's role in its group.
@@ -565,6 +585,22 @@ pub enum Response {
         next: Option<TopicName>,
     },
     Grants(AclView),
+    /// Every topic `Rebalance` found not led by its preferred leader, and what became of it.
+    Rebalanced(Vec<LeaderMove>),
+}
+
+/// One topic not led by its preferred leader, as `topic rebalance` found it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderMove {
+    pub topic: TopicName,
+    /// Its leader when the rebalance started.
+    pub from: ServerId,
+    /// Its preferred leader.
+    pub to: ServerId,
+    /// Why no election was started for it (the preferred leader is down or behind, ...).
+    pub skipped: Option<String>,
+    /// Its preferred leader leads it now (the election ended with it chosen).
+    pub moved: bool,
 }
 
 impl Response {

@@ -44,7 +44,9 @@ async fn servers_register_and_the_book_survives_a_naming_restart() {
     assert_eq!(servers.len(), 3);
     for s in servers {
         assert_eq!(s["alive"], true);
-        assert_eq!(s["topics"], 1);
+        assert_eq!(s["replicas"], 1);
+        assert_eq!(s["leaders"], 1);
+        assert_eq!(s["preferred_leaders"], 1);
         let id = s["id"].as_u64().unwrap();
         assert_eq!(s["address"], cluster.server_addr(id).to_string());
     }

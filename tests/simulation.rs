@@ -207,3 +207,11 @@ fn naming_wiped_member_elects_no_stale_one() {
     let outcome = scenario_passes("naming-wiped-member-elects-no-stale-one");
     assert!(outcome.epochs["t0"] > 1, "the topic failed over before and stays failed over");
 }
+
+#[test]
+fn preferred_leader_returns() {
+    let outcome = scenario_passes("preferred-leader-returns");
+    assert_eq!(outcome.leaders["t0"], 1, "server 1 leads its topic again\n{}", outcome.report("-"));
+    assert!(outcome.epochs["t0"] >= 5, "two failovers and two returns: {:?}", outcome.epochs);
+    assert!(outcome.stats["preferred leader returns"] >= 2, "{:?}", outcome.stats);
+}

@@ -5,6 +5,7 @@
 //! acknowledged), 2 on a usage error.
 
 mod acl;
+mod topics;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
@@ -99,6 +100,11 @@ struct NamingRunArgs {
     /// topic from the leader (milliseconds).
     #[arg(long, default_value_t = naming::DEFAULT_REPLACE_AFTER.as_millis() as u64)]
     replace_after_ms: u64,
+    /// A topic's leadership goes back to its preferred leader (its first replica) once that
+    /// server has been up this long and is caught up (milliseconds; default: 5 leases). 0:
+    /// only when asked with `herald topic rebalance`.
+    #[arg(long, value_name = "MS")]
+    leader_return_ms: Option<u64>,
     /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics.
     #[arg(long, value_name = "ADDR")]
     metrics_listen: Option<SocketAddr>,
@@ -286,11 +292,16 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum TopicCommand {
-    /// Create a topic.
+    /// Create topics (several at once: as arguments or one per line of --from-file; in
+    /// requests of 1,000 topics, each all or none). Leaders spread evenly over live servers.
     Create {
-        /// Topic name.
-        #[arg(value_parser = valid_topic)]
-        name: String,
+        /// Topic names.
+        #[arg(value_parser = valid_topic, required_unless_present = "from_file")]
+        names: Vec<String>,
+        /// A file with one topic name per line (`-`: standard input; blank lines and lines
+        /// starting with # are skipped).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
         /// Replication factor: the topic lives on this many servers and a record is committed
         /// once a majority of them has it on disk.
         #[arg(long, default_value_t = 3, value_parser = parse_replicas)]
@@ -333,11 +344,22 @@ enum TopicCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Delete a topic and all its records.
+    /// Delete topics and all their records (several at once: as arguments or one per line
+    /// of --from-file; in requests of 1,000 topics, each all or none).
     Delete {
-        /// Topic name.
-        #[arg(value_parser = valid_topic)]
-        name: String,
+        /// Topic names.
+        #[arg(value_parser = valid_topic, required_unless_present = "from_file")]
+        names: Vec<String>,
+        /// A file with one topic name per line (`-`: standard input).
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move leadership back to each topic's preferred leader (its first replica) where that
+    /// server is alive and caught up. Happens by itself a few seconds after a server
+    /// returns; this does it now and says what moved.
+    Rebalance {
         #[arg(long)]
         json: bool,
     },
@@ -646,6 +668,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 certs_dir: common.certs,
                 lease: Duration::from_millis(run.lease_ms),
                 replace_after: Duration::from_millis(run.replace_after_ms),
+                leader_return: match run.leader_return_ms {
+                    Some(0) => None,
+                    Some(ms) => Some(Duration::from_millis(ms)),
+                    None => Some(Duration::from_millis(run.lease_ms * naming::core::PREFERRED_RETURN_LEASES)),
+                },
                 metrics_listen: run.metrics_listen,
                 limits: (&run.limits).into(),
                 superusers: superusers(&run.superusers)?,
@@ -900,20 +927,26 @@ async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
         print_json(&json!(servers
             .iter()
             .map(
-                |s| json!({ "id": s.id, "address": s.addr.to_string(), "alive": s.alive, "topics": s.topics })
+                |s| json!({ "id": s.id, "address": s.addr.to_string(), "alive": s.alive, "replicas": s.topics, "leaders": s.leaders, "preferred_leaders": s.preferred })
             )
             .collect::<Vec<_>>()))?;
     } else {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{:>20} {:<22} {:<6} {:>6}", "SERVER", "ADDRESS", "ALIVE", "TOPICS")?;
+        writeln!(
+            out,
+            "{:>20} {:<22} {:<6} {:>8} {:>8} {:>9}",
+            "SERVER", "ADDRESS", "ALIVE", "REPLICAS", "LEADERS", "PREFERRED"
+        )?;
         for s in servers {
             writeln!(
                 out,
-                "{:>20} {:<22} {:<6} {:>6}",
+                "{:>20} {:<22} {:<6} {:>8} {:>8} {:>9}",
                 s.id,
                 s.addr.to_string(),
                 if s.alive { "yes" } else { "no" },
-                s.topics
+                s.topics,
+                s.leaders,
+                s.preferred
             )?;
         }
     }
@@ -922,8 +955,9 @@ async fn list_servers(client: Arc<Client>, json: bool) -> Result<ExitCode> {
 
 async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
     match cmd {
-        TopicCommand::Create { name, replicas, max_record_bytes, schema, backlog, json } => {
-            let name = topic_name(&name)?;
+        TopicCommand::Create { names, from_file, replicas, max_record_bytes, schema, backlog, json } => {
+            let many = from_file.is_some() || names.len() > 1;
+            let mut names = topics::read_names(&names, from_file.as_deref())?;
             let schema = schema.as_deref().map(read_schema).transpose()?;
             let config = TopicConfig {
                 max_record_bytes,
@@ -931,6 +965,11 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                 backlog_limit: backlog.backlog_limit,
                 backlog_policy: backlog.backlog_policy.unwrap_or_default(),
             };
+            if many {
+                topics::create(&client, &names, replicas, &config, json).await?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            let name = names.remove(0);
             let info = client.create_topic(&name, replicas, config).await?;
             if json {
                 print_json(&topic_json(&info, None))?;
@@ -1074,8 +1113,13 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
                 }
             }
         }
-        TopicCommand::Delete { name, json } => {
-            let name = topic_name(&name)?;
+        TopicCommand::Delete { names, from_file, json } if from_file.is_some() || names.len() > 1 => {
+            let names = topics::read_names(&names, from_file.as_deref())?;
+            topics::delete(&client, &names, json).await?;
+        }
+        TopicCommand::Rebalance { json } => topics::rebalance(&client, json).await?,
+        TopicCommand::Delete { names, json, .. } => {
+            let name = topic_name(&names[0])?;
             client.delete_topic(&name).await?;
             if json {
                 print_json(&json!({ "deleted": name.as_str() }))?;

@@ -50,6 +50,13 @@ impl TopicRecord {
         self.voters.iter().chain(&self.learners).copied()
     }
 
+    /// The server that should lead this topic when it is alive and caught up: its first
+    /// voter (as in Kafka). Placement puts the least-leading server first, and the order of
+    /// voters only changes when one is replaced, so preferred leaders stay spread.
+    pub fn preferred(&self) -> ServerId {
+        self.voters.first().copied().unwrap_or(self.leader)
+    }
+
     /// An epoch newer than any used so far.
     pub fn next_epoch(&self) -> Epoch {
         self.election_epoch.max(self.epoch) + 1

@@ -40,10 +40,10 @@ use super::changes::ChangeLog;
 use crate::acl::AclView;
 use crate::error::Error;
 use crate::replication::{choose_leader, majority};
-use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
+use crate::types::{Epoch, Index, ServerId, TopicId, TopicName, MAX_TOPICS_PER_REQUEST};
 use crate::wire::{
-    Assignments, ReplicaInfo, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo, TopicReport,
-    MAX_RECORD_BYTES_LIMIT,
+    Assignments, LeaderMove, ReplicaInfo, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo,
+    TopicReport, MAX_RECORD_BYTES_LIMIT,
 };
 
 /// Most replicas a topic may ask for.
@@ -53,6 +53,9 @@ pub const MAX_REPLICAS: u32 = 16;
 /// a full heartbeat answer to a server that holds every topic, a Raft snapshot): 10,000 topics of up to ~1.2 KB each (a
 /// 128-byte name and 16 replicas' addresses) and every schema together stay within a frame.
 pub const MAX_TOPICS: usize = 10_000;
+
+/// Most topics one create or delete names (see [`MAX_TOPICS_PER_REQUEST`]).
+pub const MAX_TOPICS_PER_CHANGE: usize = MAX_TOPICS_PER_REQUEST;
 
 /// Most topics one page of `topic list` carries.
 pub const TOPIC_PAGE_LIMIT: usize = 1000;
@@ -84,7 +87,17 @@ pub struct Settings {
     pub promise_settle_ms: u64,
     /// A failed election is tried again (with a new epoch) after this long.
     pub retry_ms: u64,
+    /// A topic's preferred leader takes its leadership back once it has been up this long
+    /// and holds every entry of the leader (see [`PREFERRED_RETURN_LEASES`]); `None`: only
+    /// on `topic rebalance`.
+    pub preferred_pause_ms: Option<u64>,
 }
+
+/// Leases a topic's preferred leader must stay alive and caught up before leadership moves
+/// back to it: long enough that a server that restarts or flaps does not pull leaders back
+/// and forth (each move is an election: a short pause for the topic's clients), short
+/// enough that a restarted server carries its share again within seconds.
+pub const PREFERRED_RETURN_LEASES: u64 = 5;
 
 /// How long a topic server may take to reach a restarted naming server: its heartbeat
 /// notices the silence within a third of a lease plus `server::NAMING_ANSWER_GRACE`, then it
@@ -102,8 +115,16 @@ impl Settings {
             promise_wait_ms: 1_000,
             promise_settle_ms: 50,
             retry_ms: (lease_ms / 2).max(100),
+            preferred_pause_ms: Some(lease_ms * PREFERRED_RETURN_LEASES),
         }
     }
+}
+
+/// What a live server carries, for placement.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    replicas: usize,
+    leaders: usize,
 }
 
 /// What the naming server thinks of a server now.
@@ -164,6 +185,11 @@ pub struct NamingCore {
     elections: BTreeMap<TopicId, Election>,
     /// Topics whose last election failed, and when to try again.
     retry_at: BTreeMap<TopicId, u64>,
+    /// Since when each server has been up: since it registered (a restart) or came back
+    /// after its lease ran out.
+    up_since: BTreeMap<ServerId, u64>,
+    /// When leadership of a topic last tried to return to its preferred leader.
+    preferred_tried: BTreeMap<TopicId, u64>,
     /// Leaders elected since the start.
     pub elected: u64,
     /// What changed at which version since this core started, for heartbeat answers.
@@ -181,6 +207,8 @@ impl NamingCore {
             reports: BTreeMap::new(),
             elections: BTreeMap::new(),
             retry_at: BTreeMap::new(),
+            up_since: BTreeMap::new(),
+            preferred_tried: BTreeMap::new(),
             elected: 0,
             changes: ChangeLog::default(),
         }
@@ -199,9 +227,17 @@ impl NamingCore {
     /// A topic server said it is alive (a ping, not a heartbeat: it carries no reports).
     pub fn alive(&mut self, now_ms: u64, server: ServerId) {
         if self.book.servers.contains_key(&server) {
-            let t = self.heard.entry(server).or_default();
-            *t = (*t).max(now_ms);
+            self.heard_now(now_ms, server);
         }
+    }
+
+    /// Renews `server`'s lease, noting when it came back if its lease had run out.
+    fn heard_now(&mut self, now_ms: u64, server: ServerId) {
+        if !self.is_alive(server, now_ms) {
+            self.up_since.insert(server, now_ms);
+        }
+        let t = self.heard.entry(server).or_default();
+        *t = (*t).max(now_ms);
     }
 
     pub fn book(&self) -> &Book {
@@ -215,9 +251,15 @@ impl NamingCore {
     /// Applies a change that is durable now.
     pub fn apply(&mut self, change: &BookChange) {
         self.changes.record(&self.book, change);
+        for name in &change.removed {
+            if let Some(t) = self.book.topics.get(name) {
+                self.preferred_tried.remove(&t.id);
+            }
+        }
         self.book.apply(change);
         for server in &change.retired {
             self.heard.remove(server);
+            self.up_since.remove(server);
             self.applied.remove(server);
             self.reports.retain(|(_, s), _| s != server);
         }
@@ -244,6 +286,7 @@ impl NamingCore {
     /// A topic server announces itself; returns the change if its address is new.
     pub fn register(&mut self, now_ms: u64, server: ServerId, addr: SocketAddr) -> Option<BookChange> {
         self.heard.insert(server, now_ms);
+        self.up_since.insert(server, now_ms); // it (re)started
         let known = self.book.servers.get(&server).is_some_and(|s| s.addr == addr);
         (!known)
             .then(|| BookChange { servers: vec![ServerRecord { id: server, addr }], ..BookChange::default() })
@@ -262,7 +305,7 @@ impl NamingCore {
                 detail: format!("server {server} is not registered; register first"),
             });
         }
-        self.heard.insert(server, now_ms);
+        self.heard_now(now_ms, server);
         let applied = self.applied.entry(server).or_default();
         *applied = (*applied).max(applied_version);
         for r in reports {
@@ -360,6 +403,8 @@ impl NamingCore {
                 addr: s.addr,
                 alive: self.is_alive(s.id, now_ms),
                 topics: self.book.topics.values().filter(|t| t.members().any(|r| r == s.id)).count() as u32,
+                leaders: self.book.topics.values().filter(|t| t.leader == s.id).count() as u32,
+                preferred: self.book.topics.values().filter(|t| t.preferred() == s.id).count() as u32,
             })
             .collect()
     }
@@ -456,23 +501,56 @@ impl NamingCore {
             .collect()
     }
 
-    /// Live servers by how many replicas they hold, least loaded first (ties by id).
-    fn by_load(&self, now_ms: u64) -> Vec<ServerId> {
-        let mut load: BTreeMap<ServerId, usize> =
-            self.book.servers.keys().filter(|id| self.is_alive(**id, now_ms)).map(|id| (*id, 0)).collect();
+    /// How many replicas each live server holds and how many topics it leads.
+    fn loads(&self, now_ms: u64) -> BTreeMap<ServerId, Load> {
+        let mut loads: BTreeMap<ServerId, Load> = self
+            .book
+            .servers
+            .keys()
+            .filter(|id| self.is_alive(**id, now_ms))
+            .map(|id| (*id, Load::default()))
+            .collect();
         for t in self.book.topics.values() {
             for r in t.members() {
-                if let Some(n) = load.get_mut(&r) {
-                    *n += 1;
+                if let Some(l) = loads.get_mut(&r) {
+                    l.replicas += 1;
                 }
             }
+            if let Some(l) = loads.get_mut(&t.leader) {
+                l.leaders += 1;
+            }
         }
-        let mut candidates: Vec<(usize, ServerId)> = load.into_iter().map(|(id, n)| (n, id)).collect();
+        loads
+    }
+
+    /// Live servers by how many replicas they hold, least loaded first (ties by id).
+    fn by_load(&self, now_ms: u64) -> Vec<ServerId> {
+        let mut candidates: Vec<(usize, ServerId)> =
+            self.loads(now_ms).into_iter().map(|(id, l)| (l.replicas, id)).collect();
         candidates.sort();
         candidates.into_iter().map(|(_, id)| id).collect()
     }
 
-    /// Places a new topic on the least loaded live servers; the first leads epoch 1.
+    /// How many topics each server leads.
+    fn leaders(&self) -> BTreeMap<ServerId, usize> {
+        let mut leads = BTreeMap::new();
+        for t in self.book.topics.values() {
+            *leads.entry(t.leader).or_default() += 1;
+        }
+        leads
+    }
+
+    /// Among equally up-to-date voters, the order an election prefers: the topic's preferred
+    /// leader, then the voters leading fewest topics (`leads`, counting elections decided
+    /// in the same tick), so a failover spreads a dead server's topics over the others
+    /// instead of piling them on one.
+    fn leader_order(t: &TopicRecord, leads: &BTreeMap<ServerId, usize>) -> Vec<ServerId> {
+        let mut rest: Vec<ServerId> = t.voters.iter().copied().filter(|v| *v != t.preferred()).collect();
+        rest.sort_by_key(|v| (leads.get(v).copied().unwrap_or(0), *v));
+        std::iter::once(t.preferred()).chain(rest).collect()
+    }
+
+    /// Places a new topic (see [`create_topics`](Self::create_topics)).
     pub fn create_topic(
         &self,
         now_ms: u64,
@@ -481,52 +559,104 @@ impl NamingCore {
         replicas: u32,
         config: TopicConfig,
     ) -> Result<BookChange, Error> {
+        self.create_topics(now_ms, wall_ms, vec![name], replicas, config)
+    }
+
+    /// Places new topics, all or none, in one change: each on the live servers holding
+    /// fewest replicas, led (in epoch 1, and preferably ever after) by the one of those
+    /// leading fewest topics, counting the ones placed before it in the same batch. So
+    /// replicas and leaders spread evenly whatever order topics come in.
+    pub fn create_topics(
+        &self,
+        now_ms: u64,
+        wall_ms: u64,
+        names: Vec<TopicName>,
+        replicas: u32,
+        config: TopicConfig,
+    ) -> Result<BookChange, Error> {
         if replicas == 0 || replicas > MAX_REPLICAS {
             return Err(Error::invalid(format!(
                 "--replicas must be between 1 and {MAX_REPLICAS}, got {replicas}"
             )));
         }
-        check_config(&config)?;
-        if self.book.topics.contains_key(name.as_str()) {
-            return Err(Error::TopicExists { topic: name.to_string() });
+        if names.is_empty() {
+            return Err(Error::invalid("name at least one topic to create"));
         }
-        if self.book.topics.len() >= MAX_TOPICS {
+        if names.len() > MAX_TOPICS_PER_CHANGE {
+            return Err(Error::invalid(format!(
+                "{} topics in one request; at most {MAX_TOPICS_PER_CHANGE}: send several",
+                names.len()
+            )));
+        }
+        check_config(&config)?;
+        let mut seen = BTreeSet::new();
+        for name in &names {
+            if self.book.topics.contains_key(name.as_str()) {
+                return Err(Error::TopicExists { topic: name.to_string() });
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(Error::invalid(format!("topic {name} is named twice")));
+            }
+        }
+        if self.book.topics.len() + names.len() > MAX_TOPICS {
             return Err(Error::LimitReached {
-                what: format!("the cluster has {} topics", self.book.topics.len()),
+                what: format!(
+                    "the cluster has {} topics and {} more were asked for",
+                    self.book.topics.len(),
+                    names.len()
+                ),
                 limit: MAX_TOPICS as u64,
                 hint: "delete unused ones with `herald topic delete`".into(),
             });
         }
-        self.check_schema_room(config.schema.as_deref(), None)?;
-        let live = self.by_load(now_ms);
-        if live.len() < replicas as usize {
-            return Err(Error::NotEnoughServers { requested: replicas, live: live.len() as u32 });
+        let schema_bytes = config.schema.as_ref().map_or(0, |s| s.len() * names.len());
+        self.check_schema_room(schema_bytes, None)?;
+        let mut loads = self.loads(now_ms);
+        if loads.len() < replicas as usize {
+            return Err(Error::NotEnoughServers { requested: replicas, live: loads.len() as u32 });
         }
-        let voters: Vec<ServerId> = live.into_iter().take(replicas as usize).collect();
-        let record = TopicRecord {
-            id: self.book.next_topic_id,
-            name,
-            config,
-            factor: replicas,
-            leader: voters[0],
-            voters,
-            learners: Vec::new(),
-            epoch: 1,
-            election_epoch: 1,
-            created_ms: wall_ms,
-            replacing: None,
-        };
+        let mut topics = Vec::with_capacity(names.len());
+        for (i, name) in names.into_iter().enumerate() {
+            let mut by_replicas: Vec<(usize, ServerId)> =
+                loads.iter().map(|(id, l)| (l.replicas, *id)).collect();
+            by_replicas.sort();
+            let mut voters: Vec<ServerId> =
+                by_replicas.into_iter().take(replicas as usize).map(|(_, id)| id).collect();
+            let leader =
+                *voters.iter().min_by_key(|v| (loads[v].leaders, **v)).expect("at least one replica");
+            voters.retain(|v| *v != leader);
+            voters.insert(0, leader);
+            for v in &voters {
+                loads.get_mut(v).expect("a live server").replicas += 1;
+            }
+            loads.get_mut(&leader).expect("a live server").leaders += 1;
+            topics.push(TopicRecord {
+                id: self.book.next_topic_id + i as u64,
+                name,
+                config: config.clone(),
+                factor: replicas,
+                leader,
+                voters,
+                learners: Vec::new(),
+                epoch: 1,
+                election_epoch: 1,
+                created_ms: wall_ms,
+                replacing: None,
+            });
+        }
         Ok(BookChange {
-            topics: vec![record],
-            next_topic_id: Some(self.book.next_topic_id + 1),
+            next_topic_id: Some(self.book.next_topic_id + topics.len() as u64),
+            topics,
             ..BookChange::default()
         })
     }
 
-    /// Checks that `schema` (replacing `replaced`'s, if given) keeps the cluster's schemas
-    /// within [`MAX_TOTAL_SCHEMA_BYTES`].
-    fn check_schema_room(&self, schema: Option<&str>, replaced: Option<&TopicName>) -> Result<(), Error> {
-        let Some(schema) = schema else { return Ok(()) };
+    /// Checks that `added` bytes of schemas (replacing `replaced`'s, if given) keep the
+    /// cluster's schemas within [`MAX_TOTAL_SCHEMA_BYTES`].
+    fn check_schema_room(&self, added: usize, replaced: Option<&TopicName>) -> Result<(), Error> {
+        if added == 0 {
+            return Ok(());
+        }
         let others: usize = self
             .book
             .topics
@@ -534,9 +664,9 @@ impl NamingCore {
             .filter(|t| Some(&t.name) != replaced)
             .filter_map(|t| t.config.schema.as_ref().map(String::len))
             .sum();
-        if others + schema.len() > MAX_TOTAL_SCHEMA_BYTES {
+        if others + added > MAX_TOTAL_SCHEMA_BYTES {
             return Err(Error::LimitReached {
-                what: format!("the cluster's schemas would take {} bytes", others + schema.len()),
+                what: format!("the cluster's schemas would take {} bytes", others + added),
                 limit: MAX_TOTAL_SCHEMA_BYTES as u64,
                 hint: "remove schemas of unused topics".into(),
             });
@@ -556,7 +686,7 @@ impl NamingCore {
             return Err(Error::UnknownTopic { topic: name.to_string() });
         };
         if let Some(Some(schema)) = &changes.schema {
-            self.check_schema_room(Some(schema), Some(name))?;
+            self.check_schema_room(schema.len(), Some(name))?;
         }
         if let Some(schema) = changes.schema {
             record.config.schema = schema;
@@ -571,10 +701,28 @@ impl NamingCore {
     }
 
     pub fn delete_topic(&self, name: &TopicName) -> Result<BookChange, Error> {
-        if !self.book.topics.contains_key(name.as_str()) {
-            return Err(Error::UnknownTopic { topic: name.to_string() });
+        self.delete_topics(std::slice::from_ref(name))
+    }
+
+    /// Deletes topics, all or none, in one change.
+    pub fn delete_topics(&self, names: &[TopicName]) -> Result<BookChange, Error> {
+        if names.is_empty() {
+            return Err(Error::invalid("name at least one topic to delete"));
         }
-        Ok(BookChange { removed: vec![name.to_string()], ..BookChange::default() })
+        if names.len() > MAX_TOPICS_PER_CHANGE {
+            return Err(Error::invalid(format!(
+                "{} topics in one request; at most {MAX_TOPICS_PER_CHANGE}: send several",
+                names.len()
+            )));
+        }
+        let mut removed = BTreeSet::new();
+        for name in names {
+            if !self.book.topics.contains_key(name.as_str()) {
+                return Err(Error::UnknownTopic { topic: name.to_string() });
+            }
+            removed.insert(name.to_string());
+        }
+        Ok(BookChange { removed: removed.into_iter().collect(), ..BookChange::default() })
     }
 
     /// The latest report of `server` on `topic`.
@@ -612,11 +760,12 @@ impl NamingCore {
     /// Everything due now: elections to start, finish or give up, and replacement steps.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Step> {
         let mut steps = Vec::new();
+        let mut leads = self.leaders();
         let names: Vec<String> = self.book.topics.keys().cloned().collect();
         for name in names {
             let t = self.book.topics[&name].clone();
             if let Some(e) = self.elections.get(&t.id).cloned() {
-                if let Some(step) = self.conclude(&t, &e, now_ms) {
+                if let Some(step) = self.conclude(&t, &e, now_ms, &mut leads) {
                     steps.push(step);
                 }
                 continue;
@@ -632,9 +781,98 @@ impl NamingCore {
             }
             if let Some(step) = self.replacement_step(&t, now_ms) {
                 steps.push(step);
+                continue;
+            }
+            if let Some(step) = self.preferred_return(&t, now_ms, false) {
+                steps.push(step);
             }
         }
         steps
+    }
+
+    /// Whether leadership of `t` may move to its preferred leader now: it does not lead,
+    /// it is alive, and the leader (alive, leading the book's epoch, committed, not giving
+    /// it up) reported that it holds every entry. Not during a replacement, which changes
+    /// the voters. `Err` says why not, for `topic rebalance`.
+    pub fn preferred_ready(&self, t: &TopicRecord, now_ms: u64) -> Result<(), String> {
+        let preferred = t.preferred();
+        if t.leader == preferred {
+            return Err(format!("{preferred} leads already"));
+        }
+        if !t.learners.is_empty() || t.replacing.is_some() || t.voters.len() != t.factor as usize {
+            return Err("a replica is being replaced".into());
+        }
+        if !self.is_alive(preferred, now_ms) {
+            return Err(format!("preferred leader {preferred} is not alive"));
+        }
+        if !self.is_alive(t.leader, now_ms) || self.elections.contains_key(&t.id) {
+            return Err("an election is under way".into());
+        }
+        let report = self.report(t.id, t.leader).ok_or("the leader has not reported yet")?;
+        if report.leading != Some(t.epoch) || !report.ready || report.refused.is_some() {
+            return Err(format!("leader {} has not committed epoch {} yet", t.leader, t.epoch));
+        }
+        if !report.holders.contains(&preferred) {
+            return Err(format!("preferred leader {preferred} has not caught up"));
+        }
+        Ok(())
+    }
+
+    /// Starts an election that hands `t` back to its preferred leader once that server has
+    /// been up for [`Settings::preferred_pause_ms`] and the leader last reported it caught
+    /// up (at once when `now`, for `topic rebalance`). The election is an ordinary one: the
+    /// preferred leader wins only if it is as up to date as any voter that answers; if the
+    /// leader wrote more meanwhile, it leads again in the new epoch, and the next try waits
+    /// the pause again.
+    fn preferred_return(&mut self, t: &TopicRecord, now_ms: u64, now: bool) -> Option<Step> {
+        if self.preferred_ready(t, now_ms).is_err() {
+            return None;
+        }
+        if !now {
+            let pause = self.settings.preferred_pause_ms?;
+            let settled = self.up_since.get(&t.preferred()).is_some_and(|since| now_ms >= since + pause);
+            let tried_lately = self.preferred_tried.get(&t.id).is_some_and(|at| now_ms < at + pause);
+            if !settled || tried_lately {
+                return None;
+            }
+        }
+        self.preferred_tried.insert(t.id, now_ms);
+        let reason = format!("preferred leader {} is back and caught up", t.preferred());
+        self.start_election(t, reason, now_ms)
+    }
+
+    /// `topic rebalance`: hands every topic whose preferred leader is ready back to it now.
+    /// Returns the elections to run and, for every topic not led by its preferred leader,
+    /// the move (`moving`) or why not.
+    pub fn rebalance(&mut self, now_ms: u64) -> (Vec<Step>, Vec<LeaderMove>) {
+        let mut steps = Vec::new();
+        let mut moves = Vec::new();
+        let names: Vec<String> = self.book.topics.keys().cloned().collect();
+        for name in names {
+            let t = self.book.topics[&name].clone();
+            if t.leader == t.preferred() {
+                continue;
+            }
+            let skipped = self.preferred_ready(&t, now_ms).err();
+            let step = match skipped {
+                None => self.preferred_return(&t, now_ms, true),
+                Some(_) => None,
+            };
+            let skipped = match (&step, skipped) {
+                (_, Some(why)) => Some(why),
+                (None, None) => Some("no majority of its voters is reachable".into()),
+                (Some(_), None) => None,
+            };
+            steps.extend(step);
+            moves.push(LeaderMove {
+                topic: t.name.clone(),
+                from: t.leader,
+                to: t.preferred(),
+                skipped,
+                moved: false,
+            });
+        }
+        (steps, moves)
     }
 
     fn start_election(&mut self, t: &TopicRecord, reason: String, now_ms: u64) -> Option<Step> {
@@ -688,7 +926,13 @@ impl NamingCore {
     }
 
     /// Finishes an election that has its answers, or gives up one that cannot.
-    fn conclude(&mut self, t: &TopicRecord, e: &Election, now_ms: u64) -> Option<Step> {
+    fn conclude(
+        &mut self,
+        t: &TopicRecord,
+        e: &Election,
+        now_ms: u64,
+        leads: &mut BTreeMap<ServerId, usize>,
+    ) -> Option<Step> {
         let all_answered = e.asked.iter().all(|s| e.answers.contains_key(s));
         let settled = e.majority_at.is_some_and(|at| now_ms >= at + self.settings.promise_settle_ms);
         let timed_out = now_ms >= e.started_ms + self.settings.promise_wait_ms;
@@ -705,13 +949,21 @@ impl NamingCore {
         // replica as up to date answered.
         let handing_on =
             self.report(t.id, t.leader).is_some_and(|r| r.refused.is_some() && !r.holders.is_empty());
-        match choose_leader(&t.voters, &reports, handing_on.then_some(t.leader)) {
+        let order = Self::leader_order(t, leads);
+        match choose_leader(&t.voters, &reports, &order, handing_on.then_some(t.leader)) {
             Some(winner) => {
+                *leads.entry(winner).or_default() += 1;
+                if let Some(n) = leads.get_mut(&t.leader) {
+                    *n = n.saturating_sub(1);
+                }
                 self.retry_at.remove(&t.id);
                 self.elected += 1;
                 let record = TopicRecord { leader: winner, epoch: e.epoch, ..t.clone() };
-                let note =
-                    format!("elected {winner} to lead {} in epoch {} from {reports:?}", t.name, e.epoch);
+                let preferred = if winner == t.preferred() { ", its preferred leader," } else { "" };
+                let note = format!(
+                    "elected {winner}{preferred} to lead {} in epoch {} from {reports:?}",
+                    t.name, e.epoch
+                );
                 Some(Step { change: Some(BookChange::topic(record)), asks: Vec::new(), note, elected: true })
             }
             None => {
@@ -1069,6 +1321,146 @@ mod tests {
             now += 10;
         }
         notes
+    }
+
+    fn names(prefix: &str, n: usize) -> Vec<TopicName> {
+        (0..n).map(|i| TopicName::new(format!("{prefix}{i}")).unwrap()).collect()
+    }
+
+    fn count_leaders(c: &NamingCore) -> BTreeMap<ServerId, usize> {
+        c.leaders()
+    }
+
+    /// Leaders and replicas spread evenly, one topic at a time or in a batch, and each
+    /// topic's leader is its preferred (first) voter.
+    #[test]
+    fn new_topics_spread_leaders_and_replicas_evenly() {
+        let mut c = core(3, 0);
+        for name in names("one", 30) {
+            let change = c.create_topic(0, 0, name, 3, TopicConfig::default()).unwrap();
+            c.apply(&change);
+        }
+        assert_eq!(count_leaders(&c), BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
+        let change = c.create_topics(0, 0, names("many", 300), 3, TopicConfig::default()).unwrap();
+        assert_eq!(change.topics.len(), 300, "one change for the batch");
+        c.apply(&change);
+        assert_eq!(count_leaders(&c), BTreeMap::from([(1, 110), (2, 110), (3, 110)]));
+        assert!(c.book().topics.values().all(|t| t.leader == t.preferred()));
+        let ids: BTreeSet<TopicId> = c.book().topics.values().map(|t| t.id).collect();
+        assert_eq!(ids.len(), 330, "every topic its own id");
+
+        // Five servers, two replicas: replicas spread too.
+        let mut c = core(5, 0);
+        let change = c.create_topics(0, 0, names("t", 100), 2, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        let servers = c.list_servers(0);
+        assert!(
+            servers.iter().all(|s| s.topics == 40 && s.leaders == 20 && s.preferred == 20),
+            "{servers:?}"
+        );
+    }
+
+    /// A batch is all or none: one taken name, a name twice or too many topics refuse it.
+    #[test]
+    fn a_batch_create_or_delete_is_all_or_none() {
+        let mut c = core(3, 0);
+        let change = c.create_topics(0, 0, names("t", 3), 3, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        let mut batch = names("u", 5);
+        batch.push(TopicName::new("t1").unwrap());
+        assert!(matches!(
+            c.create_topics(0, 0, batch, 3, TopicConfig::default()),
+            Err(Error::TopicExists { topic }) if topic == "t1"
+        ));
+        let twice = vec![TopicName::new("x").unwrap(), TopicName::new("x").unwrap()];
+        assert!(c.create_topics(0, 0, twice, 3, TopicConfig::default()).is_err());
+        let too_many = names("v", MAX_TOPICS_PER_CHANGE + 1);
+        assert!(c.create_topics(0, 0, too_many, 3, TopicConfig::default()).is_err());
+        assert!(matches!(
+            c.delete_topics(&[TopicName::new("t0").unwrap(), TopicName::new("nope").unwrap()]),
+            Err(Error::UnknownTopic { .. })
+        ));
+        let change = c.delete_topics(&names("t", 3)).unwrap();
+        c.apply(&change);
+        assert!(c.book().topics.is_empty());
+    }
+
+    /// A failover spreads the dead server's topics over the others; once it has been up for
+    /// the pause and caught up, each topic it prefers goes back to it, and only then.
+    #[test]
+    fn leadership_returns_to_the_preferred_leader_after_a_pause() {
+        let mut c = core(3, 0);
+        let change = c.create_topics(0, 0, names("t", 6), 3, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        let on_1: Vec<String> =
+            c.book().topics.values().filter(|t| t.leader == 1).map(|t| t.name.to_string()).collect();
+        assert_eq!(on_1.len(), 2);
+        let answer = |_s: ServerId| Some((1, 5));
+        run(&mut c, 0, 3000, &[2, 3], &answer);
+        let new_leaders: BTreeSet<ServerId> = on_1.iter().map(|n| c.book().topics[n].leader).collect();
+        assert_eq!(new_leaders, BTreeSet::from([2, 3]), "server 1's topics spread over 2 and 3");
+
+        // Server 1 is back (it registers again) and caught up on every topic.
+        c.register(3000, 1, addr(1));
+        let pause = c.settings().preferred_pause_ms.unwrap();
+        let report_all = |c: &mut NamingCore, now: u64| {
+            for t in c.book().topics.values().cloned().collect::<Vec<_>>() {
+                report(c, now, t.leader, leading(t.id, t.epoch, &[1, 2, 3]));
+            }
+        };
+        let mut now = 3000;
+        while now < 3000 + pause - 100 {
+            beat(&mut c, now, &[1, 2, 3]);
+            report_all(&mut c, now);
+            assert!(c.tick(now).is_empty(), "nothing moves within the pause ({now})");
+            now += 100;
+        }
+        let mut notes = Vec::new();
+        while now < 3000 + pause + 3000 {
+            beat(&mut c, now, &[1, 2, 3]);
+            report_all(&mut c, now);
+            for step in c.tick(now) {
+                if let Some(change) = &step.change {
+                    c.apply(change);
+                }
+                notes.push(step.note);
+                for ask in step.asks {
+                    c.on_promise(now, ask.topic, ask.epoch, ask.server, answer(ask.server));
+                }
+            }
+            now += 10;
+        }
+        for n in &on_1 {
+            assert_eq!(c.book().topics[n].leader, 1, "{n} is back on 1: {notes:?}");
+        }
+        assert!(c.book().topics.values().all(|t| t.leader == t.preferred()));
+    }
+
+    /// `topic rebalance` moves only topics whose preferred leader is alive and caught up,
+    /// and says why not for the others.
+    #[test]
+    fn rebalance_moves_what_is_ready_at_once_and_says_why_not() {
+        let mut c = core(3, 0);
+        let change = c.create_topics(0, 0, names("t", 3), 3, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        // Every topic is led by 3 now (say an operator's elections did it).
+        for t in c.book().topics.values().cloned().collect::<Vec<_>>() {
+            let moved = TopicRecord { leader: 3, epoch: 2, election_epoch: 2, ..t };
+            c.apply(&BookChange::topic(moved));
+        }
+        let topics: Vec<TopicRecord> = c.book().topics.values().cloned().collect();
+        beat(&mut c, 100, &[1, 2, 3]);
+        for t in &topics {
+            // Server 2 lags on the topic it prefers.
+            let holders: Vec<ServerId> = if t.preferred() == 2 { vec![1, 3] } else { vec![1, 2, 3] };
+            report(&mut c, 100, 3, leading(t.id, 2, &holders));
+        }
+        let (steps, moves) = c.rebalance(100);
+        assert_eq!(moves.len(), 2, "the topic 3 prefers needs no move: {moves:?}");
+        assert_eq!(steps.len(), 1, "only 1's topic moves now");
+        let to_2 = moves.iter().find(|m| m.to == 2).unwrap();
+        assert_eq!(to_2.skipped.as_deref(), Some("preferred leader 2 has not caught up"));
+        assert!(moves.iter().find(|m| m.to == 1).unwrap().skipped.is_none());
     }
 
     #[test]

@@ -21,11 +21,11 @@ use std::net::SocketAddr;
 use raft::eraftpb::Message;
 
 use super::book::{AclChange, Book, BookChange};
-use super::core::{NamingCore, PromiseAsk, Settings};
+use super::core::{NamingCore, PromiseAsk, Settings, Step};
 use super::raft::{BookNode, Committed, GroupError, GroupSettings, RaftLog};
 use crate::error::Error;
 use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
-use crate::wire::{MemberRole, MemberStatus, TopicChanges, TopicConfig, TopicReport};
+use crate::wire::{LeaderMove, MemberRole, MemberStatus, TopicChanges, TopicConfig, TopicReport};
 
 /// Applied changes between two snapshots of the book: the log stays small, and a member
 /// that was away catches up from a snapshot and at most this many entries.
@@ -42,12 +42,33 @@ pub const MAX_QUEUED: usize = 1_024;
 /// A request that changes the book.
 #[derive(Debug, Clone)]
 pub enum Admin {
-    Register { server: ServerId, addr: SocketAddr },
-    CreateTopic { name: TopicName, replicas: u32, config: TopicConfig, wall_ms: u64 },
-    AlterTopic { name: TopicName, changes: TopicChanges },
-    DeleteTopic { name: TopicName },
-    ChangeAcl { change: AclChange },
-    RetireServer { server: ServerId },
+    Register {
+        server: ServerId,
+        addr: SocketAddr,
+    },
+    /// New topics, all or none, in one change.
+    CreateTopics {
+        names: Vec<TopicName>,
+        replicas: u32,
+        config: TopicConfig,
+        wall_ms: u64,
+    },
+    AlterTopic {
+        name: TopicName,
+        changes: TopicChanges,
+    },
+    /// Topics deleted, all or none, in one change.
+    DeleteTopics {
+        names: Vec<TopicName>,
+    },
+    /// Hands topics back to their preferred leaders now.
+    Rebalance,
+    ChangeAcl {
+        change: AclChange,
+    },
+    RetireServer {
+        server: ServerId,
+    },
 }
 
 /// How an [`Admin`] request ended, once its change (if any) committed.
@@ -56,13 +77,15 @@ pub enum Done {
     Registered {
         cluster: u64,
     },
-    /// The topic's change is in the committed book from `version` on.
-    TopicChanged {
-        name: TopicName,
+    /// The topics' change is in the committed book from `version` on.
+    TopicsChanged {
+        names: Vec<TopicName>,
         version: u64,
     },
     Deleted,
     AclChanged,
+    /// The elections of these moves (those not skipped) are started.
+    Rebalanced(Vec<LeaderMove>),
 }
 
 /// What one call produced, for the driver to carry.
@@ -380,21 +403,7 @@ impl<R> NamingMember<R> {
         if self.decide_due {
             self.decide_due = false;
             let steps = self.core.as_mut().expect("leading").tick(now_ms);
-            let mut change = BookChange::default();
-            let (mut asks, mut notes, mut elected) = (Vec::new(), Vec::new(), 0);
-            for step in steps {
-                match step.change {
-                    Some(c) => {
-                        change.topics.extend(c.topics);
-                        change.servers.extend(c.servers);
-                        change.removed.extend(c.removed);
-                        asks.extend(step.asks);
-                        notes.push(step.note);
-                        elected += u64::from(step.elected);
-                    }
-                    None => fx.notes.push(step.note),
-                }
-            }
+            let (change, asks, notes, elected) = merge(steps, &mut fx.notes);
             if change != BookChange::default() {
                 return self.propose(fx, change, None, asks, notes, elected);
             }
@@ -409,13 +418,29 @@ impl<R> NamingMember<R> {
                         continue;
                     }
                 },
-                Admin::CreateTopic { name, replicas, config, wall_ms } => core
-                    .create_topic(now_ms, wall_ms, name.clone(), replicas, config)
-                    .map(|c| (c, Done::TopicChanged { name, version: self.book.version + 1 })),
+                Admin::CreateTopics { names, replicas, config, wall_ms } => core
+                    .create_topics(now_ms, wall_ms, names.clone(), replicas, config)
+                    .map(|c| (c, Done::TopicsChanged { names, version: self.book.version + 1 })),
                 Admin::AlterTopic { name, changes } => core
                     .alter_topic(&name, changes)
-                    .map(|c| (c, Done::TopicChanged { name, version: self.book.version + 1 })),
-                Admin::DeleteTopic { name } => core.delete_topic(&name).map(|c| (c, Done::Deleted)),
+                    .map(|c| (c, Done::TopicsChanged { names: vec![name], version: self.book.version + 1 })),
+                Admin::DeleteTopics { names } => core.delete_topics(&names).map(|c| (c, Done::Deleted)),
+                Admin::Rebalance => {
+                    let (steps, moves) = core.rebalance(now_ms);
+                    let (change, asks, notes, elected) = merge(steps, &mut fx.notes);
+                    if change == BookChange::default() {
+                        fx.replies.push((reply, Ok(Done::Rebalanced(moves))));
+                        continue;
+                    }
+                    return self.propose(
+                        fx,
+                        change,
+                        Some((reply, Done::Rebalanced(moves))),
+                        asks,
+                        notes,
+                        elected,
+                    );
+                }
                 Admin::ChangeAcl { change } => core.change_acl(change).map(|c| (c, Done::AclChanged)),
                 Admin::RetireServer { server } => {
                     core.retire_server(now_ms, server).map(|c| (c, Done::Deleted))
@@ -453,6 +478,27 @@ impl<R> NamingMember<R> {
             Err(e) => Err(e),
         }
     }
+}
+
+/// The core's steps as one change, with their promise requests, notes and elections; the
+/// notes of steps that change nothing go to `notes_now`.
+fn merge(steps: Vec<Step>, notes_now: &mut Vec<String>) -> (BookChange, Vec<PromiseAsk>, Vec<String>, u64) {
+    let mut change = BookChange::default();
+    let (mut asks, mut notes, mut elected) = (Vec::new(), Vec::new(), 0);
+    for step in steps {
+        match step.change {
+            Some(c) => {
+                change.topics.extend(c.topics);
+                change.servers.extend(c.servers);
+                change.removed.extend(c.removed);
+                asks.extend(step.asks);
+                notes.push(step.note);
+                elected += u64::from(step.elected);
+            }
+            None => notes_now.push(step.note),
+        }
+    }
+    (change, asks, notes, elected)
 }
 
 /// The book of a group that never committed anything.

@@ -66,6 +66,11 @@ pub const DEFAULT_REPLACE_AFTER: Duration = Duration::from_secs(60);
 /// How long `CreateTopic` waits for the replicas to take the topic on.
 const PLACEMENT_WAIT: Duration = Duration::from_secs(5);
 
+/// How long `Rebalance` waits for its elections to end: an election takes at most
+/// `core::Settings::promise_wait_ms` (1 s) and its book change, so this leaves room for a
+/// naming leader change on the way.
+const REBALANCE_WAIT: Duration = Duration::from_secs(10);
+
 /// Settings of `herald naming`.
 #[derive(Debug, Clone)]
 pub struct NamingConfig {
@@ -80,6 +85,9 @@ pub struct NamingConfig {
     pub lease: Duration,
     /// How long a replica may be dead before another server takes its place.
     pub replace_after: Duration,
+    /// How long a topic's preferred leader must be up before leadership goes back to it
+    /// (`None`: only on `topic rebalance`).
+    pub leader_return: Option<Duration>,
     /// Where to serve Prometheus metrics (`None`: nowhere).
     pub metrics_listen: Option<SocketAddr>,
     /// What clients may hold of this member.
@@ -99,6 +107,7 @@ impl NamingConfig {
             certs_dir,
             lease: DEFAULT_LEASE,
             replace_after: DEFAULT_REPLACE_AFTER,
+            leader_return: Some(DEFAULT_LEASE * core::PREFERRED_RETURN_LEASES as u32),
             metrics_listen: None,
             limits: transport::Limits::default(),
             superusers: default_superusers(),
@@ -176,8 +185,10 @@ impl NamingServer {
                 path.display()
             );
         }
-        let settings =
-            Settings::new(config.lease.as_millis() as u64, config.replace_after.as_millis() as u64);
+        let settings = Settings {
+            preferred_pause_ms: config.leader_return.map(|d| d.as_millis() as u64),
+            ..Settings::new(config.lease.as_millis() as u64, config.replace_after.as_millis() as u64)
+        };
         let member = NamingMember::open(
             config.id,
             config.peers.clone(),
@@ -360,35 +371,45 @@ impl NamingServer {
         })
     }
 
-    /// Commits a change to a topic, then answers once its replicas applied it (or after
-    /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change.
-    /// A new topic that not enough replicas took on in that time is a [`Error::NotPlaced`].
-    fn change_topic(self: &Arc<Self>, peer: &Peer, admin: Admin, what: &'static str) -> ResponseFuture {
+    /// Commits a change to topics, then answers once their replicas applied it (or after
+    /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change. A new topic that
+    /// not enough replicas took on in that time is a [`Error::NotPlaced`]. `one`: answer
+    /// with the single topic (`Topic`) rather than a list (`Topics`).
+    fn change_topics(
+        self: &Arc<Self>,
+        peer: &Peer,
+        admin: Admin,
+        what: &'static str,
+        one: bool,
+    ) -> ResponseFuture {
         let principal = peer.principal.to_string();
-        let creating = matches!(admin, Admin::CreateTopic { .. });
+        let creating = matches!(admin, Admin::CreateTopics { .. });
         let me = self.clone();
         Box::pin(async move {
-            let (name, version) = match me.submit(admin).await {
-                Ok(Done::TopicChanged { name, version }) => {
-                    if let Some(t) = me.member().book().topics.get(name.as_str()) {
-                        info!(%principal, topic = %name, voters = ?t.voters, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "{what}");
-                    }
-                    (name, version)
-                }
+            let (names, version) = match me.submit(admin).await {
+                Ok(Done::TopicsChanged { names, version }) => (names, version),
                 Ok(other) => {
                     return Response::Error(Error::internal(format!("topic change ended as {other:?}")))
                 }
                 Err(e) => return Response::Error(e),
             };
+            for name in &names {
+                if let Some(t) = me.member().book().topics.get(name.as_str()) {
+                    info!(%principal, topic = %name, voters = ?t.voters, schema = t.config.schema.is_some(), backlog_limit = ?t.config.backlog_limit, policy = t.config.backlog_policy.as_str(), "{what}");
+                }
+            }
             let mut applied = me.applied.subscribe();
             let deadline = tokio::time::Instant::now() + PLACEMENT_WAIT;
             loop {
                 let done = {
                     let member = me.member();
-                    match (member.core(), member.book().topics.get(name.as_str())) {
-                        (Some(core), Some(t)) => core.applied_by_all(t, version),
-                        _ => true,
-                    }
+                    let book = member.book();
+                    member.core().is_none_or(|core| {
+                        names
+                            .iter()
+                            .filter_map(|n| book.topics.get(n.as_str()))
+                            .all(|t| core.applied_by_all(t, version))
+                    })
                 };
                 if done || tokio::time::timeout_at(deadline, applied.changed()).await.is_err() {
                     break;
@@ -400,26 +421,82 @@ impl NamingServer {
                 Err(e) => return Response::Error(e),
             };
             if creating {
-                if let Err(e) = core.placed(&name, version, PLACEMENT_WAIT) {
-                    warn!(topic = %name, error = %e, "topic not placed");
+                if let Some(e) = names.iter().find_map(|n| core.placed(n, version, PLACEMENT_WAIT).err()) {
+                    warn!(error = %e, "topic not placed");
                     return Response::Error(e);
                 }
             }
-            core.lookup(&name).map(Response::Topic).unwrap_or_else(Response::Error)
+            let infos: Result<Vec<TopicInfo>, Error> = names.iter().map(|n| core.lookup(n)).collect();
+            match infos {
+                Ok(mut infos) if one && infos.len() == 1 => Response::Topic(infos.remove(0)),
+                Ok(infos) => Response::Topics(infos),
+                Err(e) => Response::Error(e),
+            }
         })
     }
 
-    fn delete_topic(self: &Arc<Self>, peer: &Peer, name: TopicName) -> ResponseFuture {
+    fn delete_topics(self: &Arc<Self>, peer: &Peer, names: Vec<TopicName>) -> ResponseFuture {
         let principal = peer.principal.to_string();
         let me = self.clone();
         Box::pin(async move {
-            match me.submit(Admin::DeleteTopic { name: name.clone() }).await {
+            match me.submit(Admin::DeleteTopics { names: names.clone() }).await {
                 Ok(_) => {
-                    info!(%principal, topic = %name, "topic deleted");
+                    for name in &names {
+                        info!(%principal, topic = %name, "topic deleted");
+                    }
                     Response::Deleted
                 }
                 Err(e) => Response::Error(e),
             }
+        })
+    }
+
+    /// Starts the elections that hand topics back to their preferred leaders, then answers
+    /// once they ended (or after [`REBALANCE_WAIT`]): each move says whether it happened.
+    fn rebalance(self: &Arc<Self>, peer: &Peer) -> ResponseFuture {
+        let principal = peer.principal.to_string();
+        let me = self.clone();
+        Box::pin(async move {
+            let mut moves = match me.submit(Admin::Rebalance).await {
+                Ok(Done::Rebalanced(moves)) => moves,
+                Ok(other) => {
+                    return Response::Error(Error::internal(format!("rebalance ended as {other:?}")))
+                }
+                Err(e) => return Response::Error(e),
+            };
+            let started = moves.iter().filter(|m| m.skipped.is_none()).count();
+            info!(%principal, started, not_ready = moves.len() - started, "rebalance");
+            let mut version = me.version.subscribe();
+            let deadline = tokio::time::Instant::now() + REBALANCE_WAIT;
+            loop {
+                let pending = {
+                    let member = me.member();
+                    let book = member.book();
+                    moves.iter().filter(|m| m.skipped.is_none()).any(|m| {
+                        book.topics.get(m.topic.as_str()).is_some_and(|t| t.election_epoch > t.epoch)
+                    })
+                };
+                if !pending || tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                    break;
+                }
+            }
+            let member = me.member();
+            for m in moves.iter_mut().filter(|m| m.skipped.is_none()) {
+                match member.book().topics.get(m.topic.as_str()) {
+                    Some(t) if t.leader == m.to => m.moved = true,
+                    Some(t) if t.election_epoch > t.epoch => {
+                        m.skipped = Some(format!("its election did not end within {REBALANCE_WAIT:?}"))
+                    }
+                    Some(t) => {
+                        m.skipped = Some(format!(
+                            "{} was behind when the election asked; {} leads again (epoch {})",
+                            m.to, t.leader, t.epoch
+                        ))
+                    }
+                    None => m.skipped = Some("deleted meanwhile".into()),
+                }
+            }
+            Response::Rebalanced(moves)
         })
     }
 
@@ -630,14 +707,19 @@ impl Service for NamingServer {
     }
 
     fn dispatch(self: &Arc<Self>, req: Request, peer: &Peer) -> ResponseFuture {
-        let topic_op = match &req {
+        let topic_ops: Vec<(Operation, &str)> = match &req {
             Request::CreateTopic { name, .. }
             | Request::DeleteTopic { name }
-            | Request::AlterTopic { name, .. } => Some((Operation::Admin, name.as_str())),
-            Request::LookupTopic { name } => Some((Operation::Describe, name.as_str())),
-            _ => None,
+            | Request::AlterTopic { name, .. } => vec![(Operation::Admin, name.as_str())],
+            Request::CreateTopics { names, .. } | Request::DeleteTopics { names } => {
+                names.iter().map(|n| (Operation::Admin, n.as_str())).collect()
+            }
+            Request::LookupTopic { name } => vec![(Operation::Describe, name.as_str())],
+            // Moves leaders of any topic: admin on every topic.
+            Request::Rebalance => vec![(Operation::Admin, "")],
+            _ => Vec::new(),
         };
-        if let Some((operation, topic)) = topic_op {
+        for (operation, topic) in topic_ops {
             if let Err(e) = self.allow(peer, operation, topic) {
                 return ready(Response::Error(e));
             }
@@ -654,14 +736,23 @@ impl Service for NamingServer {
             Request::Heartbeat { server, known_version, applied_version, wait_ms, reports } => {
                 self.heartbeat(peer, server, known_version, applied_version, wait_ms, reports)
             }
-            Request::CreateTopic { name, replicas, config } => self.change_topic(
+            Request::CreateTopic { name, replicas, config } => self.change_topics(
                 peer,
-                Admin::CreateTopic { name, replicas, config, wall_ms: now_ms() },
+                Admin::CreateTopics { names: vec![name], replicas, config, wall_ms: now_ms() },
                 "topic created",
+                true,
             ),
-            Request::DeleteTopic { name } => self.delete_topic(peer, name),
+            Request::CreateTopics { names, replicas, config } => self.change_topics(
+                peer,
+                Admin::CreateTopics { names, replicas, config, wall_ms: now_ms() },
+                "topic created",
+                false,
+            ),
+            Request::DeleteTopic { name } => self.delete_topics(peer, vec![name]),
+            Request::DeleteTopics { names } => self.delete_topics(peer, names),
+            Request::Rebalance => self.rebalance(peer),
             Request::AlterTopic { name, changes } => {
-                self.change_topic(peer, Admin::AlterTopic { name, changes }, "topic altered")
+                self.change_topics(peer, Admin::AlterTopic { name, changes }, "topic altered", true)
             }
             Request::LookupTopic { name } => self.read(|core| core.lookup(&name).map(Response::Topic)),
             Request::ListTopics => self.read(|core| {

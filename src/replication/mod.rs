@@ -88,22 +88,27 @@ pub fn majority(n: usize) -> usize {
 }
 
 /// The naming server's choice: among `reports` (server, last epoch, log end index) from a
-/// majority of `voters`, the most up-to-date, ties to the lowest id. `None` without a
-/// majority.
+/// majority of `voters`, the most up-to-date. `None` without a majority.
 ///
-/// Among equally up-to-date replicas, `avoid` (a leader that gave its epoch up, e.g. its
-/// disk is full) comes last: any of them is safe, and it would only refuse again. One that
-/// holds more than every other is still chosen, as only it may hold every committed entry.
+/// Any of the equally up-to-date ones is safe; among them the choice follows `order` (the
+/// caller's preference: a topic's preferred leader, then the servers leading fewest topics),
+/// then the lowest id, and `avoid` (a leader that gave its epoch up, e.g. its disk is full)
+/// comes last: it would only refuse again. One that holds more than every other is still
+/// chosen, as only it may hold every committed entry.
 pub fn choose_leader(
     voters: &[ServerId],
     reports: &[(ServerId, Epoch, Index)],
+    order: &[ServerId],
     avoid: Option<ServerId>,
 ) -> Option<ServerId> {
     let members: Vec<_> = reports.iter().filter(|r| voters.contains(&r.0)).collect();
     if members.len() < majority(voters.len()) {
         return None;
     }
-    let rank = |r: &(ServerId, Epoch, Index)| (r.1, r.2, Some(r.0) != avoid, std::cmp::Reverse(r.0));
+    let place = |id: ServerId| order.iter().position(|o| *o == id).unwrap_or(usize::MAX);
+    let rank = |r: &(ServerId, Epoch, Index)| {
+        (r.1, r.2, Some(r.0) != avoid, std::cmp::Reverse(place(r.0)), std::cmp::Reverse(r.0))
+    };
     members.iter().max_by_key(|r| rank(r)).map(|r| r.0)
 }
 
@@ -229,7 +234,7 @@ mod tests {
                 r.promised = r.promised.max(epoch);
                 reports.push((r.id, r.history.last_epoch(), r.end()));
             }
-            let winner = choose_leader(&self.ids(), &reports, None)?;
+            let winner = choose_leader(&self.ids(), &reports, &[], None)?;
             let ids = self.ids();
             let r = self.r(winner);
             let start = r.end();
@@ -523,15 +528,22 @@ mod tests {
     #[test]
     fn elections_need_a_majority_and_pick_the_most_up_to_date() {
         let voters = [1, 2, 3];
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100)], None), None);
-        assert_eq!(choose_leader(&voters, &[(1, 5, 100), (2, 6, 10)], None), Some(2));
-        let tie = [(1, 5, 100), (3, 5, 100)];
-        assert_eq!(choose_leader(&voters, &tie, None), Some(1), "ties go to the lowest id");
-        assert_eq!(choose_leader(&voters, &tie, Some(1)), Some(3), "unless it gave its epoch up");
-        let ahead = [(1, 5, 101), (3, 5, 100)];
-        assert_eq!(choose_leader(&voters, &ahead, Some(1)), Some(1), "the only one with everything");
+        assert_eq!(choose_leader(&voters, &[(1, 5, 100)], &[], None), None);
         assert_eq!(
-            choose_leader(&voters, &[(1, 5, 100), (9, 9, 999)], None),
+            choose_leader(&voters, &[(1, 5, 100), (2, 6, 10)], &[1], None),
+            Some(2),
+            "preference never beats entries"
+        );
+        let tie = [(1, 5, 100), (3, 5, 100)];
+        assert_eq!(choose_leader(&voters, &tie, &[], None), Some(1), "ties go to the lowest id");
+        assert_eq!(choose_leader(&voters, &tie, &[3, 1], None), Some(3), "or to the preferred one");
+        assert_eq!(choose_leader(&voters, &tie, &[2, 3], None), Some(3), "in the order given");
+        assert_eq!(choose_leader(&voters, &tie, &[], Some(1)), Some(3), "unless it gave its epoch up");
+        assert_eq!(choose_leader(&voters, &tie, &[1], Some(1)), Some(3), "even when preferred");
+        let ahead = [(1, 5, 101), (3, 5, 100)];
+        assert_eq!(choose_leader(&voters, &ahead, &[3], Some(1)), Some(1), "the only one with everything");
+        assert_eq!(
+            choose_leader(&voters, &[(1, 5, 100), (9, 9, 999)], &[9], None),
             None,
             "non-voters do not count"
         );

@@ -228,6 +228,8 @@ pub struct Outcome {
     pub elections: u64,
     /// Each topic's epoch at the end.
     pub epochs: BTreeMap<String, crate::types::Epoch>,
+    /// Each topic's leader at the end.
+    pub leaders: BTreeMap<String, ServerId>,
     /// What happened, counted (faults, elections, truncations, ...): what the run covered.
     pub stats: BTreeMap<&'static str, u64>,
 }
@@ -382,6 +384,8 @@ impl World {
             ("leads the group", "naming leaders"),
             ("told all its topics", "full assignment lists"),
             ("told the changes since", "assignment changes"),
+            ("is back and caught up", "preferred leader returns"),
+            ("its preferred leader,", "preferred leaders elected"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -522,6 +526,7 @@ impl World {
                 && self.events % 64 == 0
                 && self.recovered()
                 && self.assignments_converged().is_ok()
+                && self.leaders_returned().is_ok()
             {
                 break;
             }
@@ -551,6 +556,24 @@ impl World {
                 return Err(format!(
                     "server {id} hosts {hosted:?}, but book version {} assigns it {expected:?}",
                     book.version
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Long after the faults stopped, every topic whose preferred leader runs is led by it
+    /// (leadership returns once that server caught up and stayed up for the pause).
+    fn leaders_returned(&self) -> Result<(), String> {
+        let Some(book) = self.naming.book() else { return Ok(()) };
+        for t in book.topics.values() {
+            let preferred = t.preferred();
+            let up = self.servers.get(&preferred).is_some_and(|s| s.run.is_some() && !s.paused);
+            if up && t.learners.is_empty() && t.leader != preferred {
+                let why = self.naming.core().map(|c| c.preferred_ready(t, self.now));
+                return Err(format!(
+                    "{} is led by {}, not by its preferred leader {preferred} ({why:?})",
+                    t.name, t.leader
                 ));
             }
         }
@@ -1167,6 +1190,12 @@ impl World {
                     "liveness: {} ms after the faults stopped the servers had not taken the book on: {e}",
                     self.config.recovery_ms,
                 )));
+            } else if let Err(e) = self.leaders_returned() {
+                self.checker.violations.push(Violation(format!(
+                    "liveness: {} ms after the faults stopped leadership had not returned: {e}\n{}",
+                    self.config.recovery_ms,
+                    self.dump()
+                )));
             }
         }
         if self.checker.violations.is_empty() {
@@ -1192,11 +1221,17 @@ impl World {
             .book()
             .map(|b| b.topics.iter().map(|(n, t)| (n.clone(), t.epoch)).collect())
             .unwrap_or_default();
+        let leaders = self
+            .naming
+            .book()
+            .map(|b| b.topics.iter().map(|(n, t)| (n.clone(), t.leader)).collect())
+            .unwrap_or_default();
         self.stats.insert("records acked", self.checker.acked.len() as u64);
         self.stats.insert("evictions told", self.checker.evicted_below.len() as u64);
         Outcome {
             stats: self.stats,
             epochs,
+            leaders,
             seed: self.config.seed,
             violations: self.checker.violations,
             events: self.events,

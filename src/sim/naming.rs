@@ -105,6 +105,12 @@ impl SimNaming {
         })
     }
 
+    /// The deciding core of the leader, if any.
+    pub fn core(&self) -> Option<&crate::naming::core::NamingCore> {
+        let leader = self.leader()?;
+        self.members.get(&leader)?.member.as_ref()?.core()
+    }
+
     /// The newest book any running member applied (for reports).
     pub fn book(&self) -> Option<&Book> {
         self.members.values().filter_map(|m| m.member.as_ref()).map(|n| n.book()).max_by_key(|b| b.version)
@@ -157,7 +163,7 @@ impl SimNaming {
         next_id: &mut dyn FnMut() -> u64,
     ) -> Heard {
         let Some(leader) = self.leader() else { return Heard::default() };
-        let admin = Admin::CreateTopic { name: name.clone(), replicas, config, wall_ms: ctx.now };
+        let admin = Admin::CreateTopics { names: vec![name.clone()], replicas, config, wall_ms: ctx.now };
         let m = self.members.get_mut(&leader).expect("member");
         let fx = m.member.as_mut().expect("up").submit(ctx.now, admin, Pending::Setup(name));
         self.carry(ctx, leader, fx, next_id)

@@ -17,6 +17,7 @@ pub const SCENARIOS: &[&str] = &[
     "naming-minority-partition",
     "naming-member-wiped",
     "naming-wiped-member-elects-no-stale-one",
+    "preferred-leader-returns",
 ];
 
 /// The scripted run called `name`.
@@ -111,6 +112,12 @@ pub fn scenario(name: &str, seed: u64) -> Option<Config> {
             (12_000, RestartNaming(1)),
             (13_000, Restart(2)),
         ],
+        // The leader (the topic's preferred leader) dies while producers write and is back
+        // before it would be replaced; twice. Each time, once it has caught up and stayed
+        // alive for the pause, leadership moves back to it, keeping every acked record.
+        "preferred-leader-returns" => {
+            vec![(2_000, Crash(1)), (3_500, Restart(1)), (12_000, Pause(1)), (13_200, Resume(1))]
+        }
         _ => return None,
     };
     let servers = if name == "replacement-keeps-a-majority" { 4 } else { 3 };

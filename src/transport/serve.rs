@@ -316,6 +316,9 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::ChangeAcl { .. } => "ChangeAcl",
         Request::ListGrants => "ListGrants",
         Request::RemoveServer { .. } => "RemoveServer",
+        Request::CreateTopics { .. } => "CreateTopics",
+        Request::DeleteTopics { .. } => "DeleteTopics",
+        Request::Rebalance => "Rebalance",
     }
 }
 

@@ -168,6 +168,8 @@ pub struct Options {
     pub naming_members: usize,
     /// More arguments for every topic server (e.g. limits).
     pub server_args: &'static [&'static str],
+    /// More arguments for every naming member.
+    pub naming_args: &'static [&'static str],
 }
 
 /// A naming server and `n` topic servers, each in its own process.
@@ -228,6 +230,7 @@ impl Cluster {
             if id == 1 {
                 args.extend(["--metrics-listen".into(), naming_metrics.to_string()]);
             }
+            args.extend(options.naming_args.iter().map(|a| a.to_string()));
             if members > 1 {
                 args.extend(["--id".into(), id.to_string(), "--peers".into(), peers.join(",")]);
             }

@@ -160,8 +160,8 @@ impl Group {
 }
 
 fn create(name: &str) -> Admin {
-    Admin::CreateTopic {
-        name: TopicName::new(name).unwrap(),
+    Admin::CreateTopics {
+        names: vec![TopicName::new(name).unwrap()],
         replicas: 3,
         config: TopicConfig::default(),
         wall_ms: 0,
@@ -178,7 +178,7 @@ fn group_with_topic() -> Group {
     g.until("registrations", |g| (1..=3).all(|t| g.reply(t).is_some()));
     g.submit(leader, create("t"), 10);
     g.until("topic created", |g| g.reply(10).is_some());
-    assert!(matches!(g.reply(10), Some(Ok(Done::TopicChanged { .. }))), "{:?}", g.reply(10));
+    assert!(matches!(g.reply(10), Some(Ok(Done::TopicsChanged { .. }))), "{:?}", g.reply(10));
     g
 }
 

@@ -34,6 +34,8 @@ use crate::error::Error;
 use crate::types::{NamingAddrs, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{Record, TopicConfig};
 
+mod topics;
+
 /// Linux reports process CPU time in clock ticks of 1/100 s (USER_HZ, fixed by the ABI).
 const TICKS_PER_SECOND: f64 = 100.0;
 
@@ -49,6 +51,9 @@ pub enum BenchCommand {
     Failover(BenchArgs),
     /// Create --topics topics of --replicas replicas, one after another, and time each.
     Create(BenchArgs),
+    /// Many topics: create --topics in batches, leaders per server, idle CPU and RSS, produce
+    /// on --producers topics at once against one topic, consume with --consumers, delete.
+    Topics(BenchArgs),
     /// The standard set (what `make bench` runs), as a table.
     Suite(BenchArgs),
 }
@@ -64,9 +69,18 @@ pub struct BenchArgs {
     /// `failover`: kill -9 the naming group's leader at the same instant as the topic leader.
     #[arg(long)]
     kill_naming_leader: bool,
-    /// Topics for `create`.
+    /// Topics for `create` and `topics`.
     #[arg(long, default_value_t = 20)]
     topics: usize,
+    /// `topics`: producers, each on its own topic, at once (0: no produce phase).
+    #[arg(long, default_value_t = 100)]
+    producers: usize,
+    /// `topics`: consumers sharing the produced topics.
+    #[arg(long, default_value_t = 10)]
+    consumers: usize,
+    /// `topics`: seconds over which idle CPU is measured.
+    #[arg(long, default_value_t = 10)]
+    idle_secs: u64,
     /// Replication factor of the benchmark topic.
     #[arg(long, default_value_t = 3)]
     replicas: u32,
@@ -681,7 +695,9 @@ async fn bench_create(t: &Target, a: &BenchArgs) -> Result<Outcome> {
 }
 
 fn report(outcome: &Outcome, json: bool) -> Result<()> {
-    if outcome.workload == "create" {
+    if outcome.workload == "topics" {
+        // bench_topics said it all as it went.
+    } else if outcome.workload == "create" {
         eprintln!(
             "create    one `topic create` (R={}): median {:.1} ms",
             outcome.replicas,
@@ -721,6 +737,9 @@ pub async fn run(cmd: BenchCommand, naming: NamingAddrs, certs: &Path) -> Result
         }
         BenchCommand::Create(a) => {
             report(&bench_create(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)
+        }
+        BenchCommand::Topics(a) => {
+            report(&topics::bench_topics(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)
         }
         BenchCommand::Suite(a) => suite(a, naming, certs, lease_ms).await,
     }
