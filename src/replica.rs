@@ -41,8 +41,18 @@ use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, 
 
 /// Most bytes of records one replica fetch carries.
 pub const REPLICA_FETCH_BYTES: u32 = 4 * 1024 * 1024;
-/// How long a leader holds a follower's fetch when there is nothing new.
-pub const REPLICA_FETCH_WAIT: Duration = Duration::from_millis(500);
+/// How long a leader holds a follower's fetch when there is nothing new. Long: an idle
+/// topic then costs a fetch round every 10 s per follower, not two a second; the leader's
+/// contact with its followers comes from [`FOLLOWER_ALIVE_EVERY`] meanwhile, and news
+/// (entries, a commit point that moved, a new epoch) answers a held fetch at once.
+pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(10);
+/// Longest fetch wait a leader grants.
+pub const MAX_REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
+/// How often a follower tells each leader it follows topics from that it still does, in one
+/// message for all of them: a quarter of the default lease, so a leader hears from each
+/// follower several times within its contact window (two leases; see
+/// `server::LEADER_CONTACT_LEASES`) even if one message is lost.
+pub const FOLLOWER_ALIVE_EVERY: Duration = Duration::from_millis(250);
 /// How long a produce or an ack waits for its commit before answering `Unavailable`.
 pub const COMMIT_WAIT: Duration = Duration::from_secs(15);
 /// How long a consumer's request waits for a new leader to become ready (its epoch's first
@@ -121,6 +131,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// One request to another server, on the connection this server keeps to it.
+    pub async fn call_peer(&self, addr: SocketAddr, req: &Request) -> Result<Response, Error> {
+        self.peers.get(addr).await?.call(req).await?.into_result()
+    }
+
     pub fn new(id: ServerId, store: Store, endpoint: Endpoint) -> Self {
         Self { id, store, peers: Pool::new(endpoint) }
     }
@@ -433,6 +448,28 @@ impl Replica {
         }
         let apply = matches!(decision, FetchDecision::Serve { .. }).then(|| self.advance()).flatten();
         Ok(Judged { decision, epoch, apply })
+    }
+
+    /// Leader: a follower said it follows this topic in `epoch` (see [`Leader::on_alive`]).
+    pub fn follower_alive(&self, follower: ServerId, epoch: Epoch, now_ms: u64) {
+        let deposed = match &mut *self.part.lock().expect("part lock") {
+            Part::Leader(l) => l.on_alive(follower, epoch, now_ms),
+            _ => false,
+        };
+        if deposed {
+            self.depose(epoch);
+        }
+    }
+
+    /// Follower: its leader and the epoch it follows in, as its fetches and
+    /// [`Request::FollowerAlive`] carry it; `None` unless it follows.
+    pub fn following_epoch(&self) -> Option<(ServerId, Option<SocketAddr>, Epoch)> {
+        if !matches!(*self.part.lock().expect("part lock"), Part::Follower) {
+            return None;
+        }
+        let promised = self.log.state().promised;
+        let a = self.assignment.borrow();
+        Some((a.leader, a.leader_addr(), promised.max(a.epoch)))
     }
 
     /// Leader: whether a follower at `from` that knows commit point `known_commit` has

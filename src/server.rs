@@ -33,7 +33,9 @@ use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
 use crate::storage::{LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
-use crate::types::{now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName};
+use crate::types::{
+    mono_ms, now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicId, TopicName,
+};
 use crate::wire::{
     Assignments, ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo,
     TopicReport, TopicStatus,
@@ -624,6 +626,44 @@ impl TopicServer {
     }
 }
 
+/// Every [`FOLLOWER_ALIVE_EVERY`](crate::replica::FOLLOWER_ALIVE_EVERY), tells each server
+/// this one follows topics from, in one message, the epoch it follows each in: the contact
+/// those leaders' majority checks need while idle fetches wait.
+async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToken) {
+    let mut interval = tokio::time::interval(crate::replica::FOLLOWER_ALIVE_EVERY);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = interval.tick() => {}
+        }
+        let mut by_leader: HashMap<SocketAddr, Vec<(TopicId, Epoch)>> = HashMap::new();
+        for h in server.topics.read().expect("topics lock").values() {
+            if let Some((_, Some(addr), epoch)) = h.replica.following_epoch() {
+                by_leader.entry(addr).or_default().push((h.replica.log.id, epoch));
+            }
+        }
+        for (addr, topics) in by_leader {
+            let req = Request::FollowerAlive { replica: server.node.id, topics };
+            let node = server.node.clone();
+            // One at a time per leader would let a dead one hold up the rest: each its own task,
+            // bounded by the interval.
+            tokio::spawn(
+                async move {
+                    let sent = tokio::time::timeout(
+                        crate::replica::FOLLOWER_ALIVE_EVERY,
+                        node.call_peer(addr, &req),
+                    );
+                    if let Ok(Err(e)) = sent.await {
+                        debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+    }
+}
+
 /// Topic changes a server applies at once when the book hands it many (a batch create,
 /// a full list after a restart): enough for the storage writer to commit hundreds of topics
 /// per fsync, few enough to bound the tasks and memory of a 10,000-topic list.
@@ -868,7 +908,8 @@ impl Service for TopicServer {
                 Box::pin(async move {
                     let result = async {
                         let replica = me.replica_with_id(&topic, topic_id)?;
-                        let wait = Duration::from_millis(max_wait_ms as u64).min(Duration::from_secs(5));
+                        let wait = Duration::from_millis(max_wait_ms as u64)
+                            .min(crate::replica::MAX_REPLICA_FETCH_WAIT);
                         let bytes = max_bytes.min(crate::replica::REPLICA_FETCH_BYTES);
                         let answer =
                             replica.serve_fetch(&me.node, follower, fetch, known_commit, bytes, wait).await?;
@@ -876,6 +917,19 @@ impl Service for TopicServer {
                     };
                     result.await.unwrap_or_else(Response::Error)
                 })
+            }
+            Request::FollowerAlive { replica: follower, topics } => {
+                if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
+                    return ready(Response::Error(e));
+                }
+                let epochs: HashMap<TopicId, Epoch> = topics.into_iter().collect();
+                let now = mono_ms();
+                for h in self.topics.read().expect("topics lock").values() {
+                    if let Some(epoch) = epochs.get(&h.replica.log.id) {
+                        h.replica.follower_alive(follower, *epoch, now);
+                    }
+                }
+                ready(Response::Noted)
             }
             Request::Promise { topic, topic_id, epoch } => {
                 if let Err(e) = peer.require(&Principal::Naming, "an election") {
@@ -1184,7 +1238,9 @@ async fn run_node(
         follow_naming(server.clone(), endpoint.clone(), config.naming, advertise, shutdown.clone())
             .in_current_span(),
     );
+    let alive = tokio::spawn(tell_leaders_alive(server.clone(), shutdown.clone()).in_current_span());
     transport::serve(endpoint, server, config.limits, shutdown).await;
     let _ = naming.await;
+    let _ = alive.await;
     Ok(())
 }

@@ -297,6 +297,12 @@ pub mod bounded {
         d.deserialize_seq(AtMost::<Record, MAX_RECORDS_PER_BATCH>(PhantomData))
     }
 
+    /// The topics a follower follows from one leader: at most `naming::core::MAX_TOPICS`
+    /// (every topic of the cluster).
+    pub fn followed<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
+        d.deserialize_seq(AtMost::<(u64, u64), { crate::naming::core::MAX_TOPICS }>(PhantomData))
+    }
+
     /// A request's topic names: at most [`MAX_TOPICS_PER_REQUEST`].
     pub fn topic_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TopicName>, D::Error> {
         d.deserialize_seq(AtMost::<TopicName, MAX_TOPICS_PER_REQUEST>(PhantomData))

@@ -428,6 +428,14 @@ pub enum Request {
     /// Hands every topic whose preferred leader is alive and caught up back to it now (admin
     /// on every topic); answered `Rebalanced` once the elections ended.
     Rebalance,
+    /// A follower tells a leader, in one message for every topic it follows from that
+    /// server, the epoch it follows each in (see `replication::Leader::on_alive`); sent
+    /// every `replica::FOLLOWER_ALIVE_EVERY`, so idle fetches may wait long. Answered `Noted`.
+    FollowerAlive {
+        replica: ServerId,
+        #[serde(deserialize_with = "crate::types::bounded::followed")]
+        topics: Vec<(TopicId, Epoch)>,
+    },
 }
 
 /// A naming member's role in its group.

@@ -150,6 +150,22 @@ impl Leader {
         FetchDecision::Serve { from: req.fetch_index }
     }
 
+    /// A follower said, in one message for all the topics it follows from this server, that
+    /// it follows this topic in `epoch` (its promised epoch, as a fetch carries it). That is
+    /// the contact a fetch gives [`majority_heard_at`](Self::majority_heard_at): it had not
+    /// promised a newer epoch when it said so. It lets an idle follower's fetch wait long
+    /// without the leader losing track of its majority. A newer epoch deposes the leader,
+    /// as a fetch would; `true` then.
+    pub fn on_alive(&mut self, follower: ServerId, epoch: Epoch, now_ms: u64) -> bool {
+        if epoch > self.epoch {
+            return true;
+        }
+        if epoch == self.epoch && follower != self.me && self.voters.contains(&follower) {
+            self.heard.insert(follower, now_ms);
+        }
+        false
+    }
+
     /// Recomputes the commit point from the leader's durable log end `(index, offset)`:
     /// the largest position a majority of voters holds durably, counting only followers
     /// that hold this epoch's first entry (Raft's rule: an older epoch's entries commit only
@@ -245,5 +261,22 @@ mod tests {
         assert_eq!(leader.majority_heard_at(1000), 0, "one follower of four is no majority");
         leader.on_fetch(3, &req, &log, 200);
         assert_eq!(leader.majority_heard_at(1000), 100);
+    }
+
+    /// A follower's alive message is contact like a fetch, only in the leader's own epoch
+    /// and only from a voter; one in a newer epoch deposes the leader.
+    #[test]
+    fn alive_messages_count_as_contact_in_the_leaders_epoch_only() {
+        let mut leader = Leader::new(1, 5, 0, vec![1, 2, 3], vec![4], (0, 0));
+        assert!(!leader.on_alive(2, 4, 100), "an older epoch deposes nothing");
+        assert!(!leader.on_alive(4, 5, 100), "a learner does not count");
+        assert!(!leader.on_alive(9, 5, 100), "a stranger does not count");
+        assert_eq!(leader.majority_heard_at(1000), 0, "none of those is contact");
+        assert!(!leader.on_alive(2, 5, 300));
+        assert_eq!(leader.majority_heard_at(1000), 300);
+        assert!(!leader.on_alive(3, 5, 700));
+        assert_eq!(leader.majority_heard_at(1000), 700, "the newest majority");
+        assert!(leader.on_alive(3, 6, 800), "a follower that promised a newer epoch deposes it");
+        assert_eq!(leader.majority_heard_at(1000), 700, "and is no contact");
     }
 }

@@ -793,6 +793,7 @@ impl World {
                     if !matches!(
                         **req,
                         Request::ReplicaFetch { .. }
+                            | Request::FollowerAlive { .. }
                             | Request::Heartbeat { .. }
                             | Request::Fetch { .. }
                             | Request::Ack { .. }

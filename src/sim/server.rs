@@ -141,6 +141,9 @@ pub struct Running {
     waits: Vec<Wait>,
     held: Vec<HeldFetch>,
     naming: NamingLink,
+    /// When to tell every leader this server follows topics from that it does
+    /// (`server::tell_leaders_alive`).
+    followers_alive_at: u64,
     next_id: Arc<AtomicU64>,
     timing: Timing,
 }
@@ -213,6 +216,7 @@ impl SimServer {
                 backoff: 50,
                 alive_at: ctx.now,
             },
+            followers_alive_at: ctx.now,
             next_id,
             timing,
         };
@@ -395,6 +399,20 @@ impl Running {
                     super::net::naming_node(m),
                     Payload::Request { id, req: Box::new(req) },
                 );
+            }
+        }
+        if self.followers_alive_at <= now {
+            self.followers_alive_at = now + crate::replica::FOLLOWER_ALIVE_EVERY.as_millis() as u64;
+            let mut by_leader: BTreeMap<ServerId, Vec<(TopicId, Epoch)>> = BTreeMap::new();
+            for (id, h) in &self.hosted {
+                if let Some((leader, _, epoch)) = h.replica.following_epoch() {
+                    by_leader.entry(leader).or_default().push((*id, epoch));
+                }
+            }
+            for (leader, topics) in by_leader {
+                let req = Request::FollowerAlive { replica: self.id, topics };
+                let id = self.new_id();
+                ctx.send(self.node(), server_node(leader), Payload::Request { id, req: Box::new(req) });
             }
         }
         if self.naming.next_at <= now && !self.naming_busy() {
@@ -935,6 +953,14 @@ impl Running {
                     }
                 };
                 self.respond(ctx, from, id, answer);
+            }
+            Request::FollowerAlive { replica: follower, topics } => {
+                for (topic, epoch) in topics {
+                    if let Some(h) = self.hosted.get(&topic) {
+                        h.replica.follower_alive(follower, epoch, now);
+                    }
+                }
+                self.respond(ctx, from, id, Response::Noted);
             }
             Request::Promise { topic_id, epoch, .. } => {
                 let Some(h) = self.hosted.get(&topic_id) else {

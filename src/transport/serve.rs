@@ -319,6 +319,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::CreateTopics { .. } => "CreateTopics",
         Request::DeleteTopics { .. } => "DeleteTopics",
         Request::Rebalance => "Rebalance",
+        Request::FollowerAlive { .. } => "FollowerAlive",
     }
 }
 
