@@ -39,6 +39,7 @@ fuzz:
 ## The standard benchmark set on a fresh release cluster (see docs/performance.md).
 bench: release
 	$(HERALD) bench suite --dev
+	$(HERALD) bench topics --dev --topics 2000 --replicas 3 --producers 100 --consumers 10 --records 200000
 
 ## Formatting and lints, as CI checks them.
 lint:

@@ -43,16 +43,18 @@ use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, 
 pub const REPLICA_FETCH_BYTES: u32 = 4 * 1024 * 1024;
 /// How long a leader holds a follower's fetch when there is nothing new. Long: an idle
 /// topic then costs a fetch round every 10 s per follower, not two a second; the leader's
-/// contact with its followers comes from [`FOLLOWER_ALIVE_EVERY`] meanwhile, and news
+/// contact with its followers comes from [`FOLLOWER_ALIVE_PER_LEASE`] meanwhile, and news
 /// (entries, a commit point that moved, a new epoch) answers a held fetch at once.
 pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(10);
 /// Longest fetch wait a leader grants.
 pub const MAX_REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
-/// How often a follower tells each leader it follows topics from that it still does, in one
-/// message for all of them: a quarter of the default lease, so a leader hears from each
-/// follower several times within its contact window (two leases; see
-/// `server::LEADER_CONTACT_LEASES`) even if one message is lost.
-pub const FOLLOWER_ALIVE_EVERY: Duration = Duration::from_millis(250);
+/// How often, in leases, a follower tells each leader it follows topics from that it still
+/// does, in one message for all of them: every half lease, so a leader hears from each
+/// follower four times within its contact window (two leases; see
+/// `server::LEADER_CONTACT_LEASES`) and one lost message costs nothing.
+pub const FOLLOWER_ALIVE_PER_LEASE: u64 = 2;
+/// The longest interval between them, whatever the lease (half the default lease).
+pub const FOLLOWER_ALIVE_EVERY: Duration = Duration::from_millis(500);
 /// How long a produce or an ack waits for its commit before answering `Unavailable`.
 pub const COMMIT_WAIT: Duration = Duration::from_secs(15);
 /// How long a consumer's request waits for a new leader to become ready (its epoch's first
@@ -629,10 +631,14 @@ impl Replica {
         let state = self.log.state();
         let part = self.part.lock().expect("part lock");
         let Part::Leader(l) = &*part else { return None };
+        let holders = l.caught_up(state.end_index);
+        let voters_holding = holders.iter().filter(|h| l.voters().contains(h)).count();
         Some(LeaderReport {
             epoch: l.epoch,
             ready: l.ready(),
-            holders: l.caught_up(state.end_index),
+            holders,
+            voters_holding,
+            voters: l.voters().len(),
             given_up: state.leading != Some(l.epoch),
         })
     }
@@ -643,6 +649,9 @@ pub struct LeaderReport {
     pub epoch: Epoch,
     pub ready: bool,
     pub holders: Vec<ServerId>,
+    /// How many of `holders` are voters, of how many voters.
+    pub voters_holding: usize,
+    pub voters: usize,
     pub given_up: bool,
 }
 

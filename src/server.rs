@@ -626,16 +626,17 @@ impl TopicServer {
     }
 }
 
-/// Every [`FOLLOWER_ALIVE_EVERY`](crate::replica::FOLLOWER_ALIVE_EVERY), tells each server
+/// Every half lease (see [`FOLLOWER_ALIVE_PER_LEASE`](crate::replica::FOLLOWER_ALIVE_PER_LEASE)), tells each server
 /// this one follows topics from, in one message, the epoch it follows each in: the contact
 /// those leaders' majority checks need while idle fetches wait.
 async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToken) {
-    let mut interval = tokio::time::interval(crate::replica::FOLLOWER_ALIVE_EVERY);
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let lease_ms = server.lease_ms.load(Ordering::Relaxed);
+        let every = Duration::from_millis(lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE)
+            .clamp(Duration::from_millis(50), crate::replica::FOLLOWER_ALIVE_EVERY);
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = interval.tick() => {}
+            _ = tokio::time::sleep(every) => {}
         }
         let mut by_leader: HashMap<SocketAddr, Vec<(TopicId, Epoch)>> = HashMap::new();
         for h in server.topics.read().expect("topics lock").values() {
@@ -1016,9 +1017,7 @@ pub fn read_committed(
 pub fn topic_report(replica: &Replica, refused: Option<Epoch>, low_space: bool) -> Option<TopicReport> {
     let (mut leading, mut ready, mut holders, mut refused) = (None, false, Vec::new(), refused);
     if let Some(l) = replica.leader_report() {
-        let voters = replica.assignment().voter_ids();
-        let holding = l.holders.iter().filter(|h| voters.contains(h)).count();
-        let hand_on = low_space && l.ready && holding >= crate::replication::majority(voters.len());
+        let hand_on = low_space && l.ready && l.voters_holding >= crate::replication::majority(l.voters);
         if l.given_up || hand_on {
             // Refused, with who holds everything, so the naming server elects one of them
             // rather than this replica again.

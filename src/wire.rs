@@ -430,7 +430,8 @@ pub enum Request {
     Rebalance,
     /// A follower tells a leader, in one message for every topic it follows from that
     /// server, the epoch it follows each in (see `replication::Leader::on_alive`); sent
-    /// every `replica::FOLLOWER_ALIVE_EVERY`, so idle fetches may wait long. Answered `Noted`.
+    /// every half lease (`replica::FOLLOWER_ALIVE_PER_LEASE`), so idle fetches may wait long.
+    /// Answered `Noted`.
     FollowerAlive {
         replica: ServerId,
         #[serde(deserialize_with = "crate::types::bounded::followed")]

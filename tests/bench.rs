@@ -51,3 +51,31 @@ fn failover_measures_the_time_to_a_new_leaders_ack() {
     let median = failover["details"]["median_ms"].as_f64().unwrap();
     assert!(median > 0.0 && median < 60_000.0, "{failover}");
 }
+
+#[test]
+fn topics_reports_creation_spread_idle_cost_and_fairness() {
+    let t = bench(&[
+        "topics",
+        "--topics",
+        "60",
+        "--producers",
+        "6",
+        "--consumers",
+        "2",
+        "--records",
+        "6000",
+        "--idle-secs",
+        "1",
+    ]);
+    let d = &t["details"];
+    assert_eq!(d["topics"], 60);
+    assert!(d["create_per_sec"].as_f64().unwrap() > 0.0);
+    let leaders: Vec<u64> =
+        d["leaders_per_server"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect();
+    assert_eq!(leaders, [20, 20, 20], "leaders spread evenly");
+    assert!(d["idle_cpu_percent"].as_f64().is_some());
+    assert_eq!(d["server_rss_mb"].as_object().unwrap().len(), 3);
+    assert_eq!(d["produce"]["records"], 6000);
+    assert!(d["produce"]["aggregate_over_single"].as_f64().unwrap() > 0.0);
+    assert!(d["consume"]["aggregate_per_sec"].as_f64().unwrap() > 0.0);
+}

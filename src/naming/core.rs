@@ -32,7 +32,7 @@
 //! replica: no committed entry is ever held by a minority of the voters that can elect. A
 //! lost voter that returns before its replacement became a voter cancels the replacement.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 
 use super::book::{AclChange, Book, BookChange, ServerRecord, TopicRecord};
@@ -182,6 +182,12 @@ pub struct NamingCore {
     applied: BTreeMap<ServerId, u64>,
     /// Each replica's latest report on each topic.
     reports: BTreeMap<(TopicId, ServerId), TopicReport>,
+    /// Reports that may call for an election (a refused epoch, or a promise newer than the
+    /// book's epoch when it came): [`tick`](Self::tick) looks at their topics, and at those
+    /// a cheap look finds something to do for, not at every topic every tick.
+    notable: BTreeSet<(TopicId, ServerId)>,
+    /// Each topic's name by id, for reports.
+    names: HashMap<TopicId, String>,
     elections: BTreeMap<TopicId, Election>,
     /// Topics whose last election failed, and when to try again.
     retry_at: BTreeMap<TopicId, u64>,
@@ -198,6 +204,7 @@ pub struct NamingCore {
 
 impl NamingCore {
     pub fn new(book: Book, settings: Settings, now_ms: u64) -> Self {
+        let names = book.topics.values().map(|t| (t.id, t.name.to_string())).collect();
         Self {
             book,
             settings,
@@ -205,6 +212,8 @@ impl NamingCore {
             heard: BTreeMap::new(),
             applied: BTreeMap::new(),
             reports: BTreeMap::new(),
+            notable: BTreeSet::new(),
+            names,
             elections: BTreeMap::new(),
             retry_at: BTreeMap::new(),
             up_since: BTreeMap::new(),
@@ -254,7 +263,14 @@ impl NamingCore {
         for name in &change.removed {
             if let Some(t) = self.book.topics.get(name) {
                 self.preferred_tried.remove(&t.id);
+                self.names.remove(&t.id);
             }
+        }
+        for t in &change.topics {
+            if let Some(old) = self.book.topics.get(t.name.as_str()).filter(|old| old.id != t.id) {
+                self.names.remove(&old.id);
+            }
+            self.names.insert(t.id, t.name.to_string());
         }
         self.book.apply(change);
         for server in &change.retired {
@@ -262,6 +278,7 @@ impl NamingCore {
             self.up_since.remove(server);
             self.applied.remove(server);
             self.reports.retain(|(_, s), _| s != server);
+            self.notable.retain(|(_, s)| s != server);
         }
     }
 
@@ -309,6 +326,12 @@ impl NamingCore {
         let applied = self.applied.entry(server).or_default();
         *applied = (*applied).max(applied_version);
         for r in reports {
+            let epoch = self.names.get(&r.topic).and_then(|n| self.book.topics.get(n)).map(|t| t.epoch);
+            if r.refused.is_some() || epoch.is_some_and(|e| r.promised > e) {
+                self.notable.insert((r.topic, server));
+            } else {
+                self.notable.remove(&(r.topic, server));
+            }
             self.reports.insert((r.topic, server), r);
         }
         Ok(())
@@ -759,9 +782,22 @@ impl NamingCore {
 
     /// Everything due now: elections to start, finish or give up, and replacement steps.
     pub fn tick(&mut self, now_ms: u64) -> Vec<Step> {
+        // A cheap look at every topic first: most have nothing to do.
+        let down: BTreeSet<ServerId> =
+            self.book.servers.keys().copied().filter(|s| !self.is_alive(*s, now_ms)).collect();
+        let notable: BTreeSet<TopicId> = self.notable.iter().map(|(t, _)| *t).collect();
+        let names: Vec<String> = self
+            .book
+            .topics
+            .values()
+            .filter(|t| self.may_act(t, now_ms, &down, &notable))
+            .map(|t| t.name.to_string())
+            .collect();
+        if names.is_empty() {
+            return Vec::new();
+        }
         let mut steps = Vec::new();
         let mut leads = self.leaders();
-        let names: Vec<String> = self.book.topics.keys().cloned().collect();
         for name in names {
             let t = self.book.topics[&name].clone();
             if let Some(e) = self.elections.get(&t.id).cloned() {
@@ -788,6 +824,32 @@ impl NamingCore {
             }
         }
         steps
+    }
+
+    /// Whether [`tick`](Self::tick) may have something to do for `t`: an election under
+    /// way or due (a dead or unknown voter, a notable report, an unfinished election), a
+    /// replacement under way or due, or a leader other than the preferred one. Never false
+    /// when the full look would act; allocation-free, as it runs for every topic every tick.
+    fn may_act(
+        &self,
+        t: &TopicRecord,
+        now_ms: u64,
+        down: &BTreeSet<ServerId>,
+        notable: &BTreeSet<TopicId>,
+    ) -> bool {
+        if !self.elections.is_empty() && self.elections.contains_key(&t.id) {
+            return true;
+        }
+        if !self.retry_at.is_empty() && self.retry_at.get(&t.id).is_some_and(|at| *at > now_ms) {
+            return false;
+        }
+        t.election_epoch > t.epoch
+            || t.leader != t.preferred()
+            || !t.learners.is_empty()
+            || t.replacing.is_some()
+            || t.voters.len() != t.factor as usize
+            || (!down.is_empty() && t.members().any(|m| down.contains(&m)))
+            || (!notable.is_empty() && notable.contains(&t.id))
     }
 
     /// Whether leadership of `t` may move to its preferred leader now: it does not lead,

@@ -402,7 +402,7 @@ impl Running {
             }
         }
         if self.followers_alive_at <= now {
-            self.followers_alive_at = now + crate::replica::FOLLOWER_ALIVE_EVERY.as_millis() as u64;
+            self.followers_alive_at = now + self.timing.lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE;
             let mut by_leader: BTreeMap<ServerId, Vec<(TopicId, Epoch)>> = BTreeMap::new();
             for (id, h) in &self.hosted {
                 if let Some((leader, _, epoch)) = h.replica.following_epoch() {
@@ -471,7 +471,9 @@ impl Running {
             max_bytes: REPLICA_FETCH_BYTES,
             max_wait_ms: REPLICA_FETCH_WAIT.as_millis() as u32,
         };
-        let timeout = REPLICA_FETCH_WAIT.as_millis() as u64 + 2_000;
+        // A real follower learns its connection died within QUIC's idle timeout, however
+        // long the leader may hold the fetch: a fetch the network lost is asked again then.
+        let timeout = REPLICA_FETCH_WAIT.min(crate::transport::IDLE_TIMEOUT).as_millis() as u64 + 2_000;
         let epoch = assignment.epoch;
         let kind = Outgoing::Fetch { topic: id, epoch, state: Box::new(state) };
         let req_id = self.new_id();
