@@ -648,13 +648,12 @@ async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToke
             let req = Request::FollowerAlive { replica: server.node.id, topics };
             let node = server.node.clone();
             // One at a time per leader would let a dead one hold up the rest: each its own task,
-            // bounded by the interval.
+            // bounded by the leader's contact window (a slow delivery still counts until then;
+            // a new message goes every half lease meanwhile).
+            let window = Duration::from_millis(lease_ms * LEADER_CONTACT_LEASES).max(every);
             tokio::spawn(
                 async move {
-                    let sent = tokio::time::timeout(
-                        crate::replica::FOLLOWER_ALIVE_EVERY,
-                        node.call_peer(addr, &req),
-                    );
+                    let sent = tokio::time::timeout(window, node.call_peer(addr, &req));
                     if let Ok(Err(e)) = sent.await {
                         debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
                     }
