@@ -240,10 +240,13 @@ impl NamingCore {
         }
     }
 
-    /// Renews `server`'s lease, noting when it came back if its lease had run out.
+    /// Renews `server`'s lease, noting when it came back if its lease had run out (or, for a
+    /// core that started knowing it was alive, when this core first heard from it).
     fn heard_now(&mut self, now_ms: u64, server: ServerId) {
         if !self.is_alive(server, now_ms) {
             self.up_since.insert(server, now_ms);
+        } else {
+            self.up_since.entry(server).or_insert(now_ms);
         }
         let t = self.heard.entry(server).or_default();
         *t = (*t).max(now_ms);
@@ -1496,6 +1499,30 @@ mod tests {
             assert_eq!(c.book().topics[n].leader, 1, "{n} is back on 1: {notes:?}");
         }
         assert!(c.book().topics.values().all(|t| t.leader == t.preferred()));
+    }
+
+    /// A naming leader that took over knowing every server alive (no registration, no lease
+    /// running out) still hands topics back once the preferred leader has been up the pause.
+    #[test]
+    fn a_new_naming_leader_returns_leadership_too() {
+        let mut c = core(3, 0);
+        let change = c.create_topics(0, 0, names("t", 3), 3, TopicConfig::default()).unwrap();
+        c.apply(&change);
+        let t = c.book().topics.values().find(|t| t.preferred() == 1).unwrap().clone();
+        c.apply(&BookChange::topic(TopicRecord { leader: 2, epoch: 2, election_epoch: 2, ..t.clone() }));
+        let heard = BTreeMap::from([(1, 1000), (2, 1000), (3, 1000)]);
+        let mut c = NamingCore::with_heard(c.book().clone(), Settings::new(LEASE, 3000), 1000, &heard);
+        let pause = c.settings().preferred_pause_ms.unwrap();
+        let mut now = 1000;
+        let mut started = false;
+        while now < 1000 + pause + 2000 && !started {
+            beat(&mut c, now, &[1, 2, 3]);
+            report(&mut c, now, 2, leading(t.id, 2, &[1, 2, 3]));
+            started = c.tick(now).iter().any(|s| s.note.contains("is back and caught up"));
+            now += 100;
+        }
+        assert!(started, "the return starts within the pause after the core started");
+        assert!(now > 1000 + pause, "and not before it");
     }
 
     /// `topic rebalance` moves only topics whose preferred leader is alive and caught up,
