@@ -1370,10 +1370,23 @@ mod tests {
         alive: &[ServerId],
         answer: &dyn Fn(ServerId) -> Option<(Epoch, Index)>,
     ) -> Vec<String> {
+        run_with(c, from, to, alive, answer, &|_, _| {})
+    }
+
+    /// [`run`], calling `each` (e.g. to send reports) before every tick.
+    fn run_with(
+        c: &mut NamingCore,
+        from: u64,
+        to: u64,
+        alive: &[ServerId],
+        answer: &dyn Fn(ServerId) -> Option<(Epoch, Index)>,
+        each: &dyn Fn(&mut NamingCore, u64),
+    ) -> Vec<String> {
         let mut notes = Vec::new();
         let mut now = from;
         while now <= to {
             beat(c, now, alive);
+            each(c, now);
             for step in c.tick(now) {
                 if let Some(change) = &step.change {
                     c.apply(change);
@@ -1392,10 +1405,6 @@ mod tests {
         (0..n).map(|i| TopicName::new(format!("{prefix}{i}")).unwrap()).collect()
     }
 
-    fn count_leaders(c: &NamingCore) -> BTreeMap<ServerId, usize> {
-        c.leaders()
-    }
-
     /// Leaders and replicas spread evenly, one topic at a time or in a batch, and each
     /// topic's leader is its preferred (first) voter.
     #[test]
@@ -1405,11 +1414,11 @@ mod tests {
             let change = c.create_topic(0, 0, name, 3, TopicConfig::default()).unwrap();
             c.apply(&change);
         }
-        assert_eq!(count_leaders(&c), BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
+        assert_eq!(c.leaders(), BTreeMap::from([(1, 10), (2, 10), (3, 10)]));
         let change = c.create_topics(0, 0, names("many", 300), 3, TopicConfig::default()).unwrap();
         assert_eq!(change.topics.len(), 300, "one change for the batch");
         c.apply(&change);
-        assert_eq!(count_leaders(&c), BTreeMap::from([(1, 110), (2, 110), (3, 110)]));
+        assert_eq!(c.leaders(), BTreeMap::from([(1, 110), (2, 110), (3, 110)]));
         assert!(c.book().topics.values().all(|t| t.leader == t.preferred()));
         let ids: BTreeSet<TopicId> = c.book().topics.values().map(|t| t.id).collect();
         assert_eq!(ids.len(), 330, "every topic its own id");
@@ -1480,21 +1489,7 @@ mod tests {
             assert!(c.tick(now).is_empty(), "nothing moves within the pause ({now})");
             now += 100;
         }
-        let mut notes = Vec::new();
-        while now < 3000 + pause + 3000 {
-            beat(&mut c, now, &[1, 2, 3]);
-            report_all(&mut c, now);
-            for step in c.tick(now) {
-                if let Some(change) = &step.change {
-                    c.apply(change);
-                }
-                notes.push(step.note);
-                for ask in step.asks {
-                    c.on_promise(now, ask.topic, ask.epoch, ask.server, answer(ask.server));
-                }
-            }
-            now += 10;
-        }
+        let notes = run_with(&mut c, now, 3000 + pause + 3000, &[1, 2, 3], &answer, &report_all);
         for n in &on_1 {
             assert_eq!(c.book().topics[n].leader, 1, "{n} is back on 1: {notes:?}");
         }
