@@ -300,6 +300,7 @@ impl Replica {
     /// Serves nothing while storage starts a new epoch as its leader.
     pub fn await_lead(&self) {
         *self.part.lock().expect("part lock") = Part::Deposed;
+        self.log.mark_changed();
     }
 
     /// Takes the leader's role for the epoch storage just started (`state` is what
@@ -420,7 +421,9 @@ impl Replica {
         let (commit, epoch_start) = {
             let mut part = self.part.lock().expect("part lock");
             let Part::Leader(l) = &mut *part else { return None };
-            l.advance_commit((state.end_index, state.log_end));
+            if l.advance_commit((state.end_index, state.log_end)).is_some() {
+                self.log.mark_changed(); // the leader may have become ready
+            }
             (l.commit(), l.epoch_start)
         };
         self.log.set_commit(commit.0, commit.1);
@@ -448,6 +451,8 @@ impl Replica {
         if let FetchDecision::Fenced { epoch } = decision {
             self.depose(epoch);
         }
+        // Who holds everything may have changed (see `leader_report`).
+        self.log.mark_changed();
         let apply = matches!(decision, FetchDecision::Serve { .. }).then(|| self.advance()).flatten();
         Ok(Judged { decision, epoch, apply })
     }

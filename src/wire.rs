@@ -24,8 +24,9 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// `herald/1`, names the protocol family). Version 2 added topic policies, consumer
 /// sessions, subscription resets and eviction notices. Version 3 replicates a log of
 /// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
-/// what changed since the server's version ([`Assignments`]).
-pub const PROTOCOL_VERSION: u16 = 5;
+/// what changed since the server's version ([`Assignments`]). Version 5 places and moves
+/// leaders (requests 26-29). Version 6 sends only the topic reports that changed.
+pub const PROTOCOL_VERSION: u16 = 6;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -274,7 +275,7 @@ pub enum Request {
         wait_ms: u32,
         /// What this server's replicas say of their topics: the naming server changes
         /// replica sets only when that is safe, and elects when a leader does not lead.
-        reports: Vec<TopicReport>,
+        reports: Reports,
     },
     CreateTopic {
         name: TopicName,
@@ -493,6 +494,14 @@ pub enum ReplicaAnswer {
     },
 }
 
+/// The topic reports of a heartbeat: those that changed since the last heartbeat of the
+/// session, or, with `all`, every one (the naming server keeps each topic's latest).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Reports {
+    pub topics: Vec<TopicReport>,
+    pub all: bool,
+}
+
 /// A replica's word on its topic, in a heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TopicReport {
@@ -544,6 +553,9 @@ pub enum Response {
         assignments: Option<Assignments>,
         /// Who may do what, when it changed since the caller's version (or with `All`).
         acl: Option<AclView>,
+        /// This naming leader has not had all the server's reports yet (it is new): the
+        /// next heartbeat carries them all.
+        send_all_reports: bool,
     },
     Topic(TopicInfo),
     Topics(Vec<TopicInfo>),
@@ -741,14 +753,17 @@ mod tests {
                 known_version: v,
                 applied_version: v,
                 wait_ms: 5,
-                reports: vec![TopicReport {
-                    topic: v,
-                    promised: v,
-                    leading: Some(v),
-                    refused: None,
-                    ready: true,
-                    holders: vec![server],
-                }],
+                reports: Reports {
+                    topics: vec![TopicReport {
+                        topic: v,
+                        promised: v,
+                        leading: Some(v),
+                        refused: None,
+                        ready: true,
+                        holders: vec![server],
+                    }],
+                    all: v % 2 == 0,
+                },
             }),
             topic.prop_map(|name| Request::LookupTopic { name }),
         ]

@@ -129,8 +129,13 @@ async fn a_certificate_acts_only_as_the_identity_it_names() {
 
     let client = connect(CertRole::Client).await.unwrap();
     refused(client.call(&impostor(99)).await, "a client registering");
-    let beat =
-        Request::Heartbeat { server: 1, known_version: 0, applied_version: 0, wait_ms: 0, reports: vec![] };
+    let beat = Request::Heartbeat {
+        server: 1,
+        known_version: 0,
+        applied_version: 0,
+        wait_ms: 0,
+        reports: Default::default(),
+    };
     refused(client.call(&beat).await, "a client heartbeating");
     let server2 = connect(CertRole::Node(2)).await.unwrap();
     refused(server2.call(&impostor(3)).await, "server 2 registering as 3");

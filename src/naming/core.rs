@@ -42,8 +42,8 @@ use crate::error::Error;
 use crate::replication::{choose_leader, majority};
 use crate::types::{Epoch, Index, ServerId, TopicId, TopicName, MAX_TOPICS_PER_REQUEST};
 use crate::wire::{
-    Assignments, LeaderMove, ReplicaInfo, Response, ServerInfo, TopicChanges, TopicConfig, TopicInfo,
-    TopicReport, MAX_RECORD_BYTES_LIMIT,
+    Assignments, LeaderMove, ReplicaInfo, Reports, Response, ServerInfo, TopicChanges, TopicConfig,
+    TopicInfo, TopicReport, MAX_RECORD_BYTES_LIMIT,
 };
 
 /// Most replicas a topic may ask for.
@@ -182,6 +182,9 @@ pub struct NamingCore {
     applied: BTreeMap<ServerId, u64>,
     /// Each replica's latest report on each topic.
     reports: BTreeMap<(TopicId, ServerId), TopicReport>,
+    /// The servers that sent this core all their reports: later heartbeats carry only
+    /// the changed ones; the others are asked for all.
+    all_reports: BTreeSet<ServerId>,
     /// Reports that may call for an election (a refused epoch, or a promise newer than the
     /// book's epoch when it came): [`tick`](Self::tick) looks at their topics, and at those
     /// a cheap look finds something to do for, not at every topic every tick.
@@ -212,6 +215,7 @@ impl NamingCore {
             heard: BTreeMap::new(),
             applied: BTreeMap::new(),
             reports: BTreeMap::new(),
+            all_reports: BTreeSet::new(),
             notable: BTreeSet::new(),
             names,
             elections: BTreeMap::new(),
@@ -281,6 +285,7 @@ impl NamingCore {
             self.up_since.remove(server);
             self.applied.remove(server);
             self.reports.retain(|(_, s), _| s != server);
+            self.all_reports.remove(server);
             self.notable.retain(|(_, s)| s != server);
         }
     }
@@ -318,7 +323,7 @@ impl NamingCore {
         now_ms: u64,
         server: ServerId,
         applied_version: u64,
-        reports: Vec<TopicReport>,
+        reports: Reports,
     ) -> Result<(), Error> {
         if !self.book.servers.contains_key(&server) {
             return Err(Error::Unavailable {
@@ -328,7 +333,10 @@ impl NamingCore {
         self.heard_now(now_ms, server);
         let applied = self.applied.entry(server).or_default();
         *applied = (*applied).max(applied_version);
-        for r in reports {
+        if reports.all {
+            self.all_reports.insert(server);
+        }
+        for r in reports.topics {
             let epoch = self.names.get(&r.topic).and_then(|n| self.book.topics.get(n)).map(|t| t.epoch);
             if r.refused.is_some() || epoch.is_some_and(|e| r.promised > e) {
                 self.notable.insert((r.topic, server));
@@ -495,14 +503,15 @@ impl NamingCore {
     /// nothing yet), the grants with `superusers`.
     pub fn heartbeat_answer(&self, server: ServerId, known: u64, superusers: &BTreeSet<String>) -> Response {
         let version = self.book.version;
+        let send_all_reports = !self.all_reports.contains(&server);
         if version == known {
-            return Response::Heartbeat { version, assignments: None, acl: None };
+            return Response::Heartbeat { version, assignments: None, acl: None, send_all_reports };
         }
         let assignments = self.assignments_since(server, known);
         let first = known == 0 || matches!(assignments, Assignments::All(_));
         let acl = (first || self.changes.acl_changed_since(&self.book, known))
             .then(|| AclView { acl: self.book.acl.clone(), superusers: superusers.clone() });
-        Response::Heartbeat { version, assignments: Some(assignments), acl }
+        Response::Heartbeat { version, assignments: Some(assignments), acl, send_all_reports }
     }
 
     /// What a heartbeat answer tells `server`, which knows book version `known`: what
@@ -1175,12 +1184,12 @@ mod tests {
 
     fn beat(c: &mut NamingCore, now: u64, servers: &[ServerId]) {
         for s in servers {
-            c.heartbeat(now, *s, 0, Vec::new()).unwrap();
+            c.heartbeat(now, *s, 0, Reports::default()).unwrap();
         }
     }
 
     fn report(c: &mut NamingCore, now: u64, server: ServerId, r: TopicReport) {
-        c.heartbeat(now, server, 0, vec![r]).unwrap();
+        c.heartbeat(now, server, 0, Reports { topics: vec![r], all: false }).unwrap();
     }
 
     fn leading(topic: TopicId, epoch: Epoch, holders: &[ServerId]) -> TopicReport {
@@ -1221,6 +1230,27 @@ mod tests {
         c.apply(&change);
         assert!(!c.book().servers.contains_key(&spare));
         assert!(c.list_servers(later).iter().all(|s| s.id != spare));
+    }
+
+    /// A core asks each server for all its reports until it had them; a heartbeat with only
+    /// the changed ones keeps the others' last word.
+    #[test]
+    fn a_core_asks_for_all_reports_once_and_keeps_them() {
+        let mut c = core(3, 0);
+        let t = create(&mut c, 0);
+        let send_all = |c: &NamingCore| match c.heartbeat_answer(1, c.book().version, &BTreeSet::new()) {
+            Response::Heartbeat { send_all_reports, .. } => send_all_reports,
+            other => panic!("{other:?}"),
+        };
+        assert!(send_all(&c), "a new core has none of server 1's reports");
+        c.heartbeat(10, 1, 0, Reports { topics: vec![leading(t.id, t.epoch, &[1, 2, 3])], all: false })
+            .unwrap();
+        assert!(send_all(&c), "some reports are not all of them");
+        c.heartbeat(20, 1, 0, Reports { topics: vec![leading(t.id, t.epoch, &[1, 2, 3])], all: true })
+            .unwrap();
+        assert!(!send_all(&c));
+        c.heartbeat(30, 1, 0, Reports::default()).unwrap();
+        assert_eq!(c.report(t.id, 1).map(|r| r.holders.clone()), Some(vec![1, 2, 3]), "kept while unchanged");
     }
 
     /// A server that knows nothing yet gets the grants with its first answer; later ones

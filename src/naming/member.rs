@@ -25,7 +25,7 @@ use super::core::{NamingCore, PromiseAsk, Settings, Step};
 use super::raft::{BookNode, Committed, GroupError, GroupSettings, RaftLog};
 use crate::error::Error;
 use crate::types::{Epoch, Index, ServerId, TopicId, TopicName};
-use crate::wire::{LeaderMove, MemberRole, MemberStatus, TopicChanges, TopicConfig, TopicReport};
+use crate::wire::{LeaderMove, MemberRole, MemberStatus, Reports, TopicChanges, TopicConfig};
 
 /// Applied changes between two snapshots of the book: the log stays small, and a member
 /// that was away catches up from a snapshot and at most this many entries.
@@ -297,7 +297,7 @@ impl<R> NamingMember<R> {
         now_ms: u64,
         server: ServerId,
         applied_version: u64,
-        reports: Vec<TopicReport>,
+        reports: Reports,
     ) -> Result<(), Error> {
         self.heard_from(now_ms, server); // the core's own heartbeat renews its lease
         let not_leader = self.not_leader();

@@ -50,7 +50,7 @@ use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
 use crate::types::{mono_ms, now_ms, ServerId, TopicName};
-use crate::wire::{MemberRole, Request, Response, TopicInfo, TopicReport};
+use crate::wire::{MemberRole, Reports, Request, Response, TopicInfo};
 
 /// The file in the data directory holding this member's Raft log and book snapshots.
 pub const BOOK_FILE: &str = "book.redb";
@@ -346,7 +346,7 @@ impl NamingServer {
         known_version: u64,
         applied_version: u64,
         wait_ms: u32,
-        reports: Vec<TopicReport>,
+        reports: Reports,
     ) -> ResponseFuture {
         if let Err(e) = peer.require(&Principal::Node(server), "heartbeating") {
             return ready(Response::Error(e));

@@ -386,6 +386,7 @@ impl World {
             ("told the changes since", "assignment changes"),
             ("is back and caught up", "preferred leader returns"),
             ("its preferred leader,", "preferred leaders elected"),
+            ("asked for all its reports", "reports resent on request"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {

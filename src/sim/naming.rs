@@ -347,11 +347,8 @@ impl SimNaming {
         for h in held {
             let resp = match member.serving() {
                 Err(e) => Some(Response::Error(e)),
-                Ok(core) if h.known != version => {
+                Ok(core) if h.known != version || (expire && ctx.now >= h.deadline) => {
                     Some(core.heartbeat_answer(h.server, h.known, &crate::naming::default_superusers()))
-                }
-                Ok(_) if expire && ctx.now >= h.deadline => {
-                    Some(Response::Heartbeat { version, assignments: None, acl: None })
                 }
                 Ok(_) => None,
             };

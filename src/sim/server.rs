@@ -15,7 +15,7 @@ use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use crate::error::Error;
 use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
 use crate::replication::FetchDecision;
-use crate::server::{read_committed, topic_report};
+use crate::server::{read_committed, topic_report, ReportLedger};
 use crate::storage::faults::SimDisk;
 use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
@@ -161,6 +161,8 @@ struct NamingLink {
     backoff: u64,
     /// When to ping every naming member next (`server::ping_naming`).
     alive_at: u64,
+    /// The reports this session sent (a new one starts with a new registration).
+    ledger: ReportLedger,
 }
 
 /// A simulated server: its disk survives crashes; the process does not.
@@ -215,6 +217,7 @@ impl SimServer {
                 next_at: ctx.now,
                 backoff: 50,
                 alive_at: ctx.now,
+                ledger: ReportLedger::default(),
             },
             followers_alive_at: ctx.now,
             next_id,
@@ -422,8 +425,14 @@ impl Running {
                 self.request(ctx, to, req, 2_000, Outgoing::Register);
             } else if self.naming.reconciling == 0 {
                 self.naming.applied = self.naming.applied.max(self.naming.pending_version);
-                let reports =
-                    self.hosted.values().filter_map(|h| topic_report(&h.replica, h.refused, false)).collect();
+                let hosted = &self.hosted;
+                let report = |h: &Hosted| topic_report(&h.replica, h.refused, false);
+                let reports = self.naming.ledger.next(
+                    false,
+                    self.store.changed_topics().take(),
+                    || hosted.values().filter_map(report).collect(),
+                    |id| hosted.get(&id).and_then(report),
+                );
                 let wait_ms = (self.timing.lease_ms / 3) as u32;
                 let req = Request::Heartbeat {
                     server: self.id,
@@ -504,6 +513,7 @@ impl Running {
                 Ok(Response::Registered { .. }) => {
                     self.naming.registered = true;
                     self.naming.known = 0;
+                    self.naming.ledger = ReportLedger::default();
                     self.naming.backoff = 50;
                     self.naming.next_at = ctx.now;
                 }
@@ -511,7 +521,11 @@ impl Running {
                 Ok(_) => self.naming_retry(ctx),
             },
             Outgoing::Heartbeat => match answer {
-                Ok(Response::Heartbeat { version, assignments, .. }) => {
+                Ok(Response::Heartbeat { version, assignments, send_all_reports, .. }) => {
+                    if send_all_reports {
+                        note(format!("server {}: asked for all its reports", self.id));
+                        self.naming.ledger.send_all();
+                    }
                     if let Some(Assignments::Since { known, .. }) = &assignments {
                         assert_eq!(
                             *known, self.naming.known,
@@ -727,6 +741,7 @@ impl Running {
                                         run.id
                                     ));
                                     h.refused = Some(epoch);
+                                    h.replica.log.mark_changed();
                                 }
                             }
                         },

@@ -75,7 +75,7 @@ use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
 pub use crate::replication::{BatchOutcome, Cursor, ProducerState, PRODUCER_DEDUP_WINDOW};
 pub use command::{Command, Reply};
 pub use read::LAG_BYTES_SCAN;
-pub use state::{Appended, CursorChange, LogState, Pending, TopicLog, TopicMeta};
+pub use state::{Appended, ChangedTopics, CursorChange, LogState, Pending, TopicLog, TopicMeta};
 pub use topic::{Retention, COMPACT_BATCH, PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
 pub use writer::{Clock, GroupOutcome, Writer, MAX_COMMANDS_PER_COMMIT};
 
@@ -114,6 +114,7 @@ pub struct Store {
     commits: Arc<AtomicU64>,
     commit_seconds: Histogram,
     low_space: Arc<std::sync::atomic::AtomicBool>,
+    changed: Arc<ChangedTopics>,
 }
 
 impl Drop for Store {
@@ -214,13 +215,15 @@ impl Store {
         let db = recovery::DbHandle::new(db);
         let commits = Arc::new(AtomicU64::new(0));
         let commit_seconds = crate::metrics::commit_histogram();
-        let mut writer = Writer::new(db.clone(), server, commits.clone(), commit_seconds.clone(), clock);
+        let changed = Arc::new(ChangedTopics::default());
+        let mut writer =
+            Writer::new(db.clone(), server, commits.clone(), commit_seconds.clone(), clock, changed.clone());
         if let Medium::File = medium {
             writer.set_recovery(dir.to_path_buf(), Box::new(file_opener));
         }
         let logs = writer.load()?;
         let low_space = writer.low_space_flag();
-        let store = Store { db, tx: None, writer: None, server, commits, commit_seconds, low_space };
+        let store = Store { db, tx: None, writer: None, server, commits, commit_seconds, low_space, changed };
         Ok((store, writer, logs))
     }
 
@@ -267,6 +270,11 @@ impl Store {
     }
 
     /// The disk is full: new data is refused until space is freed (see `recovery`).
+    /// The topics whose state changed since they were last taken.
+    pub fn changed_topics(&self) -> &ChangedTopics {
+        &self.changed
+    }
+
     pub fn low_on_space(&self) -> bool {
         self.low_space.load(std::sync::atomic::Ordering::Relaxed)
     }

@@ -1,6 +1,7 @@
 //! What storage tells the rest of the server about a topic: its stored meta, and the shape of
 //! its log, published on a watch after every group commit.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
@@ -114,7 +115,7 @@ pub struct LogState {
 pub struct TopicLog {
     pub id: TopicId,
     pub name: TopicName,
-    pub(super) state: watch::Sender<LogState>,
+    pub(super) state: StateTx,
     pub(super) staged: Arc<Mutex<Vec<ShippedEntry>>>,
 }
 
@@ -166,6 +167,67 @@ impl TopicLog {
     /// Wakes everything waiting on the state (e.g. after a role change).
     pub fn poke(&self) {
         self.state.send_modify(|_| {});
+    }
+
+    /// Notes in the store's [`ChangedTopics`] that something about this topic outside its
+    /// state changed (its replica's role, a follower's progress).
+    pub fn mark_changed(&self) {
+        self.state.changed.mark(self.id);
+    }
+}
+
+/// The topics whose state changed since someone last took them: a server re-reads only
+/// those to tell the naming server what changed, so an idle topic costs nothing. At most one
+/// entry per hosted topic (a deleted topic's lasts until the next take).
+#[derive(Debug, Default)]
+pub struct ChangedTopics(Mutex<HashSet<TopicId>>);
+
+impl ChangedTopics {
+    pub fn mark(&self, id: TopicId) {
+        self.0.lock().expect("changed lock").insert(id);
+    }
+
+    /// The topics changed since the last take.
+    pub fn take(&self) -> HashSet<TopicId> {
+        std::mem::take(&mut *self.0.lock().expect("changed lock"))
+    }
+}
+
+/// A topic's state channel: every change it publishes is also noted in [`ChangedTopics`].
+#[derive(Debug, Clone)]
+pub(super) struct StateTx {
+    tx: watch::Sender<LogState>,
+    id: TopicId,
+    changed: Arc<ChangedTopics>,
+}
+
+impl StateTx {
+    pub(super) fn new(state: LogState, id: TopicId, changed: Arc<ChangedTopics>) -> Self {
+        Self { tx: watch::Sender::new(state), id, changed }
+    }
+
+    pub(super) fn borrow(&self) -> watch::Ref<'_, LogState> {
+        self.tx.borrow()
+    }
+
+    pub(super) fn subscribe(&self) -> watch::Receiver<LogState> {
+        self.tx.subscribe()
+    }
+
+    pub(super) fn send_modify(&self, modify: impl FnOnce(&mut LogState)) {
+        self.tx.send_modify(modify);
+        self.changed.mark(self.id);
+    }
+
+    pub(super) fn send_replace(&self, state: LogState) {
+        self.tx.send_replace(state);
+        self.changed.mark(self.id);
+    }
+
+    pub(super) fn send_if_modified(&self, modify: impl FnOnce(&mut LogState) -> bool) {
+        if self.tx.send_if_modified(modify) {
+            self.changed.mark(self.id);
+        }
     }
 }
 

@@ -10,12 +10,11 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use redb::ReadableTable;
-use tokio::sync::watch;
 use tracing::{error, info};
 
 use super::backlog::Evicting;
 use super::producers::MAX_PRODUCERS_PER_TOPIC;
-use super::state::{LogState, Pending, TopicLog, TopicMeta};
+use super::state::{ChangedTopics, LogState, Pending, StateTx, TopicLog, TopicMeta};
 use super::tables::{decode, encode, StoredValueRef, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
 use super::writer::{StorageResult, Tx};
 use crate::error::Error;
@@ -68,7 +67,7 @@ pub(super) struct WriterTopic {
     /// The epoch this replica leads, once it wrote that epoch's first entry. Never set on
     /// load: a restarted replica leads again only in a new epoch.
     pub leading: Option<Epoch>,
-    pub state: watch::Sender<LogState>,
+    pub state: StateTx,
     /// Bytes stored for `log_start..log_end`.
     pub bytes: u64,
     /// Bytes deleted since the store was opened.
@@ -94,7 +93,7 @@ pub(super) struct WriterTopic {
 
 impl WriterTopic {
     /// A topic with nothing stored but its meta.
-    pub fn empty(meta: TopicMeta, retention: Retention) -> Self {
+    pub fn empty(meta: TopicMeta, retention: Retention, changed: &Arc<ChangedTopics>) -> Self {
         let cursors = CursorState::new(BTreeMap::new(), meta.applied, meta.log_start);
         let t = Self {
             end_index: meta.start_index,
@@ -104,25 +103,29 @@ impl WriterTopic {
             cursors,
             producers: BTreeMap::new(),
             leading: None,
-            state: watch::Sender::new(LogState {
-                log_start: 0,
-                log_end: 0,
-                start_index: 0,
-                end_index: 0,
-                staged_end: 0,
-                commit_index: 0,
-                commit: 0,
-                applied: 0,
-                epoch: 0,
-                history: Arc::default(),
-                promised: 0,
-                leading: None,
-                bytes: 0,
-                freed_bytes: 0,
-                appended_records: 0,
-                freed_records: 0,
-                first_pending_cursor: None,
-            }),
+            state: StateTx::new(
+                LogState {
+                    log_start: 0,
+                    log_end: 0,
+                    start_index: 0,
+                    end_index: 0,
+                    staged_end: 0,
+                    commit_index: 0,
+                    commit: 0,
+                    applied: 0,
+                    epoch: 0,
+                    history: Arc::default(),
+                    promised: 0,
+                    leading: None,
+                    bytes: 0,
+                    freed_bytes: 0,
+                    appended_records: 0,
+                    freed_records: 0,
+                    first_pending_cursor: None,
+                },
+                meta.id,
+                changed.clone(),
+            ),
             bytes: 0,
             freed_bytes: 0,
             appended_records: 0,

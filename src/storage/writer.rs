@@ -23,7 +23,7 @@ use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor
 use super::epochs::{become_leader, promise};
 use super::producers::{append, Batch};
 use super::recovery::{is_no_space, DbHandle, Opener, Reserve, REOPEN_BACKOFF_MAX, SPACE_CHECK_EVERY};
-use super::state::{LogState, TopicLog, TopicMeta};
+use super::state::{ChangedTopics, LogState, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
 use super::topic::{delete_records, Retention, WriterTopic};
 use super::HostedTopic;
@@ -138,6 +138,8 @@ pub struct Writer {
     clock: Clock,
     open: Option<OpenGroup>,
     retention: Retention,
+    /// Where every topic's state changes are noted (see [`ChangedTopics`]).
+    changed: Arc<ChangedTopics>,
 }
 
 impl Writer {
@@ -147,6 +149,7 @@ impl Writer {
         commits: Arc<AtomicU64>,
         commit_seconds: Histogram,
         clock: Clock,
+        changed: Arc<ChangedTopics>,
     ) -> Self {
         Self {
             db,
@@ -163,6 +166,7 @@ impl Writer {
             clock,
             open: None,
             retention: Retention::default(),
+            changed,
         }
     }
 
@@ -211,7 +215,7 @@ impl Writer {
             let (_, value) = row?;
             let meta: TopicMeta = decode(value.value())?;
             let id = meta.id;
-            let mut t = WriterTopic::empty(meta.clone(), self.retention);
+            let mut t = WriterTopic::empty(meta.clone(), self.retention, &self.changed);
             if let Some(old) = old.get(&id) {
                 t.state = old.state.clone();
                 t.staged = old.staged.clone();
@@ -529,13 +533,14 @@ impl Writer {
         let buf = &mut self.buf;
         let topics = &mut self.topics;
         let retention = self.retention;
+        let changed = &self.changed;
         match cmd {
             Command::CreateTopic { meta, reply } => {
                 let id = meta.id;
                 let result = (|| -> StorageResult<Result<Arc<TopicLog>, Error>> {
                     if let std::collections::btree_map::Entry::Vacant(slot) = topics.entry(id) {
                         txn.open(TOPICS)?.insert(id, encode(&meta).as_slice())?;
-                        slot.insert(WriterTopic::empty(meta, retention));
+                        slot.insert(WriterTopic::empty(meta, retention, changed));
                     }
                     Ok(Ok(topics[&id].handle()))
                 })();

@@ -153,7 +153,7 @@ impl Group {
         let now = self.now;
         if let Some(leader) = self.leader() {
             for s in servers {
-                let _ = self.member(leader).heartbeat(now, *s, 0, Vec::new());
+                let _ = self.member(leader).heartbeat(now, *s, 0, Default::default());
             }
         }
     }
@@ -203,7 +203,10 @@ fn only_the_leader_decides_and_every_member_applies_the_same_book() {
         other => panic!("{other:?}"),
     }
     let now = g.now;
-    assert!(g.member(follower).heartbeat(now, 1, 0, Vec::new()).is_err(), "followers take no heartbeats");
+    assert!(
+        g.member(follower).heartbeat(now, 1, 0, Default::default()).is_err(),
+        "followers take no heartbeats"
+    );
 }
 
 #[test]

@@ -14,8 +14,8 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -36,9 +36,13 @@ use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{
     mono_ms, now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicId, TopicName,
 };
+mod hosted;
+mod reports;
+
+use self::hosted::{Hosted, HostedTopics};
+pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{
-    Assignments, ConsumerSession, Evicted, ReplicaInfo, Request, Response, Role, TopicConfig, TopicInfo,
-    TopicReport, TopicStatus,
+    Assignments, Evicted, ReplicaInfo, Reports, Request, Response, Role, TopicInfo, TopicStatus,
 };
 
 /// Most records one fetch returns.
@@ -83,161 +87,9 @@ pub const NAMING_BACKOFF_MIN: Duration = Duration::from_millis(50);
 /// How long a consumer keeps its subscription after its last request, by default.
 pub const DEFAULT_SESSION_LEASE: Duration = Duration::from_secs(10);
 
-/// A hosted replica and the assignment this process applied to it (`None` until the first
-/// one after a start: a restarted server waits for the book before it leads again).
-struct Hosted {
-    replica: Arc<Replica>,
-    applied: Mutex<Option<Assignment>>,
-    /// The topic's policies as last given by the book (or stored, after a restart).
-    policy: RwLock<Arc<Policy>>,
-    /// The consumer holding each subscription. Kept in the leader's memory: after a
-    /// failover or restart, the first consumer to come takes a subscription.
-    holders: Mutex<HashMap<String, Holder>>,
-    /// When each subscription's cursor last moved here (ms since the Unix epoch).
-    last_acks: Mutex<HashMap<String, u64>>,
-    /// An epoch this replica was told to lead and would not (reported to the naming server).
-    refused: Mutex<Option<Epoch>>,
-}
-
-/// Holds a topic keeps before it sweeps out the lapsed ones.
-const MAX_IDLE_HOLDERS: usize = 1024;
-
-/// A consumer's hold on a subscription.
-struct Holder {
-    session: u64,
-    name: String,
-    expires: Instant,
-    /// Who took the subscription from this consumer with `--force`: the consumer's later
-    /// requests are refused (`SubscriptionTakenOver`) while it keeps trying, and anyone else
-    /// may take the subscription.
-    taken_by: Option<String>,
-}
-
-impl Holder {
-    /// What another consumer of the subscription is told.
-    fn busy(&self, topic: &TopicName, subscription: &str, now: Instant) -> Error {
-        Error::SubscriptionBusy {
-            topic: topic.to_string(),
-            subscription: subscription.to_string(),
-            holder: self.name.clone(),
-            expires_in_ms: (self.expires - now).as_millis() as u64,
-        }
-    }
-}
-
-impl Hosted {
-    fn new(replica: Arc<Replica>, applied: Option<Assignment>, config: TopicConfig) -> Arc<Self> {
-        Arc::new(Self {
-            replica,
-            applied: Mutex::new(applied),
-            policy: RwLock::new(Arc::new(Policy::new(config))),
-            holders: Mutex::new(HashMap::new()),
-            last_acks: Mutex::new(HashMap::new()),
-            refused: Mutex::new(None),
-        })
-    }
-
-    /// Takes (or keeps) `subscription` for `session` for `hold` from now; refused while
-    /// another consumer's hold lasts.
-    fn claim(
-        &self,
-        subscription: &SubscriptionName,
-        session: &ConsumerSession,
-        peer: SocketAddr,
-        hold: Duration,
-    ) -> Result<(), Error> {
-        let now = Instant::now();
-        let mut holders = self.holders.lock().expect("holders lock");
-        if let Some(h) = holders.get_mut(subscription.as_str()) {
-            if let (true, Some(by)) = (h.session == session.id, &h.taken_by) {
-                // Fenced for as long as it keeps coming back.
-                h.expires = now + hold;
-                return Err(Error::SubscriptionTakenOver {
-                    topic: self.replica.log.name.to_string(),
-                    subscription: subscription.to_string(),
-                    by: by.clone(),
-                });
-            }
-            if h.session != session.id && h.expires > now && h.taken_by.is_none() {
-                return Err(h.busy(&self.replica.log.name, subscription.as_str(), now));
-            }
-        }
-        if holders.len() >= MAX_IDLE_HOLDERS {
-            // Forget lapsed holds (e.g. of subscriptions since deleted) so the map stays small.
-            holders.retain(|_, h| h.expires > now);
-        }
-        let expires = now + hold;
-        match holders.get_mut(subscription.as_str()) {
-            Some(h) if h.session == session.id => h.expires = h.expires.max(expires),
-            _ => {
-                info!(topic = %self.replica.log.name, subscription = %subscription, consumer = %session.name, %peer, "a consumer took the subscription");
-                let name = format!("{} ({peer})", session.name);
-                holders.insert(
-                    subscription.to_string(),
-                    Holder { session: session.id, name, expires, taken_by: None },
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends `session`'s hold `lease` from now (after a long poll that held it longer).
-    fn renew(&self, subscription: &SubscriptionName, session: u64, lease: Duration) {
-        if let Some(h) = self.holders.lock().expect("holders lock").get_mut(subscription.as_str()) {
-            if h.session == session && h.taken_by.is_none() {
-                h.expires = Instant::now() + lease;
-            }
-        }
-    }
-
-    fn release(&self, subscription: &SubscriptionName, session: u64) {
-        let mut holders = self.holders.lock().expect("holders lock");
-        if holders.get(subscription.as_str()).is_some_and(|h| h.session == session) {
-            holders.remove(subscription.as_str());
-            info!(topic = %self.replica.log.name, subscription = %subscription, "a consumer released the subscription");
-        }
-    }
-
-    /// Who holds `subscription` now, if anyone.
-    fn holder(&self, subscription: &str) -> Option<String> {
-        let now = Instant::now();
-        let holders = self.holders.lock().expect("holders lock");
-        holders.get(subscription).filter(|h| h.expires > now && h.taken_by.is_none()).map(|h| h.name.clone())
-    }
-
-    /// `SubscriptionBusy` if a consumer holds `subscription` now.
-    fn refuse_if_held(&self, subscription: &str) -> Result<(), Error> {
-        let now = Instant::now();
-        let holders = self.holders.lock().expect("holders lock");
-        match holders.get(subscription).filter(|h| h.expires > now && h.taken_by.is_none()) {
-            Some(h) => Err(h.busy(&self.replica.log.name, subscription, now)),
-            None => Ok(()),
-        }
-    }
-
-    /// Before a reset or delete: refused while held, unless `force` (by `by`), which fences
-    /// the holder so its stale position cannot undo the change.
-    fn take_over(&self, subscription: &str, force: bool, by: &str) -> Result<(), Error> {
-        if !force {
-            return self.refuse_if_held(subscription);
-        }
-        let now = Instant::now();
-        let mut holders = self.holders.lock().expect("holders lock");
-        if let Some(h) = holders.get_mut(subscription).filter(|h| h.expires > now && h.taken_by.is_none()) {
-            warn!(topic = %self.replica.log.name, subscription, consumer = %h.name, by, "a subscription was taken from its consumer with --force");
-            h.taken_by = Some(by.to_string());
-        }
-        Ok(())
-    }
-
-    fn policy(&self) -> Arc<Policy> {
-        self.policy.read().expect("policy lock").clone()
-    }
-}
-
 pub struct TopicServer {
     node: Arc<Node>,
-    topics: RwLock<HashMap<TopicName, Arc<Hosted>>>,
+    topics: RwLock<HostedTopics>,
     session_lease: Duration,
     metrics: Arc<EndpointMetrics>,
     /// The naming server's liveness lease, as it last said (ms).
@@ -562,10 +414,7 @@ impl TopicServer {
         let log = &h.replica.log;
         info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
         self.node.store.delete_topic(log.id).await?;
-        let mut topics = self.topics.write().expect("topics lock");
-        if topics.get(&log.name).is_some_and(|l| l.replica.log.id == log.id) {
-            topics.remove(&log.name);
-        }
+        self.topics.write().expect("topics lock").remove(log.id);
         Ok(())
     }
 
@@ -591,7 +440,7 @@ impl TopicServer {
                 info!(topic = %info.name, id = info.id, epoch = info.epoch, leader = info.leader, "hosting topic");
                 let config = info.config.clone();
                 let hosted = Hosted::new(Replica::new(log, self.node.id, assignment.clone()), None, config);
-                self.topics.write().expect("topics lock").insert(info.name.clone(), hosted.clone());
+                self.topics.write().expect("topics lock").insert(hosted.clone());
                 hosted
             }
         };
@@ -608,21 +457,27 @@ impl TopicServer {
             }
         };
         *hosted.refused.lock().expect("refused lock") = refused;
+        hosted.replica.log.mark_changed(); // its report may have changed
         *hosted.applied.lock().expect("applied lock") = Some(assignment);
         Ok(())
     }
 
-    /// What this server's replicas tell the naming server: every topic it leads (epoch
-    /// committed or not, who holds everything), and every one it was told to lead and would not.
-    fn reports(&self) -> Vec<TopicReport> {
+    /// What this server's replicas tell the naming server in the next heartbeat (see
+    /// [`ReportLedger`]), and whether that is all of it.
+    fn reports(&self, ledger: &mut ReportLedger) -> Reports {
+        let changed = self.node.store.changed_topics().take();
+        let low_space = self.node.store.low_on_space();
         let topics = self.topics.read().expect("topics lock");
-        topics
-            .values()
-            .filter_map(|h| {
-                let refused = *h.refused.lock().expect("refused lock");
-                topic_report(&h.replica, refused, self.node.store.low_on_space())
-            })
-            .collect()
+        let report = |h: &Hosted| {
+            let refused = *h.refused.lock().expect("refused lock");
+            topic_report(&h.replica, refused, low_space)
+        };
+        ledger.next(
+            low_space,
+            changed,
+            || topics.values().filter_map(|h| report(h)).collect(),
+            |id| topics.by_id(id).and_then(|h| report(h)),
+        )
     }
 }
 
@@ -868,13 +723,7 @@ impl Service for TopicServer {
                     let name = subscription.to_string();
                     let change = me.node.store.delete_subscription(replica.log.id, subscription).await?;
                     if let Ok(h) = me.hosted(&topic) {
-                        h.last_acks.lock().expect("acks lock").remove(&name);
-                        // A fenced holder stays fenced: a subscription made again under the
-                        // name must not take its stale acks.
-                        let mut holders = h.holders.lock().expect("holders lock");
-                        if holders.get(&name).is_some_and(|h| h.taken_by.is_none()) {
-                            holders.remove(&name);
-                        }
+                        h.forget_subscription(&name);
                     }
                     if let Some(at) = change.pending {
                         info!(principal = %by, topic = %topic, subscription = %name, force, "subscription deleted");
@@ -922,11 +771,11 @@ impl Service for TopicServer {
                 if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
                     return ready(Response::Error(e));
                 }
-                let epochs: HashMap<TopicId, Epoch> = topics.into_iter().collect();
                 let now = mono_ms();
-                for h in self.topics.read().expect("topics lock").values() {
-                    if let Some(epoch) = epochs.get(&h.replica.log.id) {
-                        h.replica.follower_alive(follower, *epoch, now);
+                let hosted = self.topics.read().expect("topics lock");
+                for (id, epoch) in topics {
+                    if let Some(h) = hosted.by_id(id) {
+                        h.replica.follower_alive(follower, epoch, now);
                     }
                 }
                 ready(Response::Noted)
@@ -1007,32 +856,6 @@ pub fn read_committed(
     Ok(Some(records))
 }
 
-/// What a replica tells the naming server about its topic in a heartbeat, if anything: a
-/// topic it leads (epoch committed or not, who holds everything), or one it was told to lead
-/// and would not (`refused`).
-///
-/// A leader on a full disk (`low_space`) hands its epoch on once a majority holds all it has:
-/// it reports the epoch refused, and the naming server elects one of them instead.
-pub fn topic_report(replica: &Replica, refused: Option<Epoch>, low_space: bool) -> Option<TopicReport> {
-    let (mut leading, mut ready, mut holders, mut refused) = (None, false, Vec::new(), refused);
-    if let Some(l) = replica.leader_report() {
-        let hand_on = low_space && l.ready && l.voters_holding >= crate::replication::majority(l.voters);
-        if l.given_up || hand_on {
-            // Refused, with who holds everything, so the naming server elects one of them
-            // rather than this replica again.
-            refused = Some(l.epoch);
-        } else {
-            (leading, ready) = (Some(l.epoch), l.ready);
-        }
-        holders = l.holders;
-    }
-    if leading.is_none() && refused.is_none() {
-        return None;
-    }
-    let promised = replica.log.state().promised;
-    Some(TopicReport { topic: replica.log.id, promised, leading, refused, ready, holders })
-}
-
 /// Registers with the naming server and follows its book until `shutdown`.
 /// Tells naming member `addr` every third of a lease that this server is alive, so a member
 /// that becomes leader knows which servers are (and takes one that died with the old leader
@@ -1107,6 +930,7 @@ async fn follow_naming(
             info!(naming = %naming, "registered with the naming server");
             backoff = NAMING_BACKOFF_MIN;
             let (mut known, mut applied) = (0u64, 0u64);
+            let mut ledger = ReportLedger::default();
             loop {
                 if !server.node.store.is_writing() {
                     // A server that cannot write must not look healthy: its leases lapse and
@@ -1120,7 +944,7 @@ async fn follow_naming(
                     known_version: known,
                     applied_version: applied,
                     wait_ms,
-                    reports: server.reports(),
+                    reports: server.reports(&mut ledger),
                 };
                 // A naming server that went away sends nothing: notice it within a grace past
                 // the long poll, not after the connection's idle timeout.
@@ -1129,7 +953,10 @@ async fn follow_naming(
                     Error::Unavailable { detail: format!("no heartbeat answer in {limit:?}") }
                 })??;
                 match answer {
-                    Response::Heartbeat { version, assignments, acl } => {
+                    Response::Heartbeat { version, assignments, acl, send_all_reports } => {
+                        if send_all_reports {
+                            ledger.send_all();
+                        }
                         if let Some(view) = acl {
                             *server.acl.write().expect("acl lock") = Some(Arc::new(view));
                         }
@@ -1199,7 +1026,7 @@ async fn run_node(
         .with_context(|| format!("starting topic server {id} on {}", config.listen))?;
     let advertise = config.advertise.unwrap_or(endpoint.local_addr()?);
     let node = Arc::new(Node::new(id, store, endpoint.clone()));
-    let mut topics = HashMap::new();
+    let mut topics = HostedTopics::default();
     for (log, meta) in logs {
         let info =
             |ids: &[ServerId]| ids.iter().map(|s| ReplicaInfo { server: *s, addr: advertise }).collect();
@@ -1217,7 +1044,7 @@ async fn run_node(
             replica.apply(&node, assignment.clone()).await?;
             applied = Some(assignment);
         }
-        topics.insert(meta.name.clone(), Hosted::new(replica, applied, meta.config.clone()));
+        topics.insert(Hosted::new(replica, applied, meta.config.clone()));
     }
     let server = Arc::new(TopicServer {
         node,
