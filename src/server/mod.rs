@@ -10,7 +10,7 @@
 //! topic's state watch, so it wakes at the commit that makes records readable, with no
 //! polling.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,14 +31,16 @@ use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
-use crate::storage::{LogState, Medium, Store, TopicLog};
+use crate::storage::{ChangeReader, LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{
-    mono_ms, now_ms, Epoch, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicId, TopicName,
+    mono_ms, now_ms, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName,
 };
+mod alive;
 mod hosted;
 mod reports;
 
+pub use self::alive::Followed;
 use self::hosted::{Hosted, HostedTopics};
 pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{
@@ -415,6 +417,7 @@ impl TopicServer {
         info!(topic = %log.name, id = log.id, "dropping topic deleted from the book");
         self.node.store.delete_topic(log.id).await?;
         self.topics.write().expect("topics lock").remove(log.id);
+        self.node.store.changed_topics().mark(log.id); // no longer followed
         Ok(())
     }
 
@@ -465,7 +468,7 @@ impl TopicServer {
     /// What this server's replicas tell the naming server in the next heartbeat (see
     /// [`ReportLedger`]), and whether that is all of it.
     fn reports(&self, ledger: &mut ReportLedger) -> Reports {
-        let changed = self.node.store.changed_topics().take();
+        let changed = self.node.store.changed_topics().take(ChangeReader::Reports);
         let low_space = self.node.store.low_on_space();
         let topics = self.topics.read().expect("topics lock");
         let report = |h: &Hosted| {
@@ -478,44 +481,6 @@ impl TopicServer {
             || topics.values().filter_map(|h| report(h)).collect(),
             |id| topics.by_id(id).and_then(|h| report(h)),
         )
-    }
-}
-
-/// Every half lease (see [`FOLLOWER_ALIVE_PER_LEASE`](crate::replica::FOLLOWER_ALIVE_PER_LEASE)), tells each server
-/// this one follows topics from, in one message, the epoch it follows each in: the contact
-/// those leaders' majority checks need while idle fetches wait.
-async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToken) {
-    loop {
-        let lease_ms = server.lease_ms.load(Ordering::Relaxed);
-        let every = Duration::from_millis(lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE)
-            .clamp(Duration::from_millis(50), crate::replica::FOLLOWER_ALIVE_EVERY);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(every) => {}
-        }
-        let mut by_leader: HashMap<SocketAddr, Vec<(TopicId, Epoch)>> = HashMap::new();
-        for h in server.topics.read().expect("topics lock").values() {
-            if let Some((_, Some(addr), epoch)) = h.replica.following_epoch() {
-                by_leader.entry(addr).or_default().push((h.replica.log.id, epoch));
-            }
-        }
-        for (addr, topics) in by_leader {
-            let req = Request::FollowerAlive { replica: server.node.id, topics };
-            let node = server.node.clone();
-            // One at a time per leader would let a dead one hold up the rest: each its own task,
-            // bounded by the leader's contact window (a slow delivery still counts until then;
-            // a new message goes every half lease meanwhile).
-            let window = Duration::from_millis(lease_ms * LEADER_CONTACT_LEASES).max(every);
-            tokio::spawn(
-                async move {
-                    let sent = tokio::time::timeout(window, node.call_peer(addr, &req));
-                    if let Ok(Err(e)) = sent.await {
-                        debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
-                    }
-                }
-                .in_current_span(),
-            );
-        }
     }
 }
 
@@ -1063,7 +1028,7 @@ async fn run_node(
         follow_naming(server.clone(), endpoint.clone(), config.naming, advertise, shutdown.clone())
             .in_current_span(),
     );
-    let alive = tokio::spawn(tell_leaders_alive(server.clone(), shutdown.clone()).in_current_span());
+    let alive = tokio::spawn(alive::tell_leaders_alive(server.clone(), shutdown.clone()).in_current_span());
     transport::serve(endpoint, server, config.limits, shutdown).await;
     let _ = naming.await;
     let _ = alive.await;

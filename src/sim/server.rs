@@ -15,7 +15,7 @@ use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use crate::error::Error;
 use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
 use crate::replication::FetchDecision;
-use crate::server::{read_committed, topic_report, ReportLedger};
+use crate::server::{read_committed, topic_report, Followed, ReportLedger};
 use crate::storage::faults::SimDisk;
 use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
@@ -144,6 +144,8 @@ pub struct Running {
     /// When to tell every leader this server follows topics from that it does
     /// (`server::tell_leaders_alive`).
     followers_alive_at: u64,
+    /// What this server follows, by leader, as those messages carry it.
+    followed: Followed<ServerId>,
     next_id: Arc<AtomicU64>,
     timing: Timing,
 }
@@ -220,6 +222,7 @@ impl SimServer {
                 ledger: ReportLedger::default(),
             },
             followers_alive_at: ctx.now,
+            followed: Followed::default(),
             next_id,
             timing,
         };
@@ -406,13 +409,16 @@ impl Running {
         }
         if self.followers_alive_at <= now {
             self.followers_alive_at = now + self.timing.lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE;
-            let mut by_leader: BTreeMap<ServerId, Vec<(TopicId, Epoch)>> = BTreeMap::new();
-            for (id, h) in &self.hosted {
-                if let Some((leader, _, epoch)) = h.replica.following_epoch() {
-                    by_leader.entry(leader).or_default().push((*id, epoch));
-                }
+            // As `server::alive` does: only topics whose state changed are read again.
+            let changed = self.store.changed_topics().take(crate::storage::ChangeReader::FollowerAlive);
+            let mut changed: Vec<TopicId> = changed.into_iter().collect();
+            changed.sort_unstable();
+            for id in changed {
+                let following = self.hosted.get(&id).and_then(|h| h.replica.following_epoch());
+                self.followed.update(id, following.map(|(leader, _, epoch)| (leader, epoch)));
             }
-            for (leader, topics) in by_leader {
+            let lists: Vec<_> = self.followed.lists().collect();
+            for (leader, topics) in lists {
                 let req = Request::FollowerAlive { replica: self.id, topics };
                 let id = self.new_id();
                 ctx.send(self.node(), server_node(leader), Payload::Request { id, req: Box::new(req) });
@@ -429,7 +435,7 @@ impl Running {
                 let report = |h: &Hosted| topic_report(&h.replica, h.refused, false);
                 let reports = self.naming.ledger.next(
                     false,
-                    self.store.changed_topics().take(),
+                    self.store.changed_topics().take(crate::storage::ChangeReader::Reports),
                     || hosted.values().filter_map(report).collect(),
                     |id| hosted.get(&id).and_then(report),
                 );
@@ -654,6 +660,7 @@ impl Running {
         };
         for id in gone {
             self.hosted.remove(&id);
+            self.store.changed_topics().mark(id); // no longer followed
             self.waits.retain(|w| w.topic != id);
             self.held.retain(|f| f.topic != id);
             self.submit(|reply| Command::DeleteTopic { id, reply }, |_, _, _| {});

@@ -75,7 +75,9 @@ use crate::wire::{ResetOutcome, ResetTo, TopicConfig};
 pub use crate::replication::{BatchOutcome, Cursor, ProducerState, PRODUCER_DEDUP_WINDOW};
 pub use command::{Command, Reply};
 pub use read::LAG_BYTES_SCAN;
-pub use state::{Appended, ChangedTopics, CursorChange, LogState, Pending, TopicLog, TopicMeta};
+pub use state::{
+    Appended, ChangeReader, ChangedTopics, CursorChange, LogState, Pending, TopicLog, TopicMeta,
+};
 pub use topic::{Retention, COMPACT_BATCH, PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
 pub use writer::{Clock, GroupOutcome, Writer, MAX_COMMANDS_PER_COMMIT};
 

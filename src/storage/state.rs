@@ -176,20 +176,32 @@ impl TopicLog {
     }
 }
 
-/// The topics whose state changed since someone last took them: a server re-reads only
-/// those to tell the naming server what changed, so an idle topic costs nothing. At most one
-/// entry per hosted topic (a deleted topic's lasts until the next take).
+/// The topics whose state changed since each reader last took them: a server re-reads only
+/// those to tell the naming server and its leaders what changed, so an idle topic costs
+/// nothing. At most one entry per hosted topic and reader (a deleted topic's lasts until
+/// the next take).
 #[derive(Debug, Default)]
-pub struct ChangedTopics(Mutex<HashSet<TopicId>>);
+pub struct ChangedTopics([Mutex<HashSet<TopicId>>; 2]);
+
+/// Who reads [`ChangedTopics`]; each takes its own set.
+#[derive(Debug, Clone, Copy)]
+pub enum ChangeReader {
+    /// The heartbeat's topic reports (`server::ReportLedger`).
+    Reports = 0,
+    /// The epochs a follower tells its leaders it follows in (`server::Followed`).
+    FollowerAlive = 1,
+}
 
 impl ChangedTopics {
     pub fn mark(&self, id: TopicId) {
-        self.0.lock().expect("changed lock").insert(id);
+        for set in &self.0 {
+            set.lock().expect("changed lock").insert(id);
+        }
     }
 
-    /// The topics changed since the last take.
-    pub fn take(&self) -> HashSet<TopicId> {
-        std::mem::take(&mut *self.0.lock().expect("changed lock"))
+    /// The topics changed since `reader` last took them.
+    pub fn take(&self, reader: ChangeReader) -> HashSet<TopicId> {
+        std::mem::take(&mut *self.0[reader as usize].lock().expect("changed lock"))
     }
 }
 
