@@ -203,11 +203,26 @@ pub struct NamingCore {
     pub elected: u64,
     /// What changed at which version since this core started, for heartbeat answers.
     changes: ChangeLog,
+    /// Topics whose record alone may call for a step (see [`unsettled`]): with every
+    /// server alive, [`tick`](Self::tick) looks at these, the notable ones and those with an
+    /// election under way, not at all 10,000.
+    unsettled: BTreeSet<TopicId>,
+}
+
+/// Whether `t`'s record alone may call for a step: an election not concluded, a leader other
+/// than the preferred one, a replacement under way or due.
+fn unsettled(t: &TopicRecord) -> bool {
+    t.election_epoch > t.epoch
+        || t.leader != t.preferred()
+        || !t.learners.is_empty()
+        || t.replacing.is_some()
+        || t.voters.len() != t.factor as usize
 }
 
 impl NamingCore {
     pub fn new(book: Book, settings: Settings, now_ms: u64) -> Self {
         let names = book.topics.values().map(|t| (t.id, t.name.to_string())).collect();
+        let unsettled = book.topics.values().filter(|t| unsettled(t)).map(|t| t.id).collect();
         Self {
             book,
             settings,
@@ -224,6 +239,7 @@ impl NamingCore {
             preferred_tried: BTreeMap::new(),
             elected: 0,
             changes: ChangeLog::default(),
+            unsettled,
         }
     }
 
@@ -271,13 +287,20 @@ impl NamingCore {
             if let Some(t) = self.book.topics.get(name) {
                 self.preferred_tried.remove(&t.id);
                 self.names.remove(&t.id);
+                self.unsettled.remove(&t.id);
             }
         }
         for t in &change.topics {
             if let Some(old) = self.book.topics.get(t.name.as_str()).filter(|old| old.id != t.id) {
                 self.names.remove(&old.id);
+                self.unsettled.remove(&old.id);
             }
             self.names.insert(t.id, t.name.to_string());
+            if unsettled(t) {
+                self.unsettled.insert(t.id);
+            } else {
+                self.unsettled.remove(&t.id);
+            }
         }
         self.book.apply(change);
         for server in &change.retired {
@@ -798,13 +821,27 @@ impl NamingCore {
         let down: BTreeSet<ServerId> =
             self.book.servers.keys().copied().filter(|s| !self.is_alive(*s, now_ms)).collect();
         let notable: BTreeSet<TopicId> = self.notable.iter().map(|(t, _)| *t).collect();
-        let names: Vec<String> = self
-            .book
-            .topics
-            .values()
-            .filter(|t| self.may_act(t, now_ms, &down, &notable))
-            .map(|t| t.name.to_string())
-            .collect();
+        let may_act = |t: &&TopicRecord| self.may_act(t, now_ms, &down, &notable);
+        let names: Vec<String> = if down.is_empty() {
+            // Only a record, a report or an election can call for a step: look at those.
+            let ids: BTreeSet<TopicId> =
+                self.unsettled.iter().chain(&notable).chain(self.elections.keys()).copied().collect();
+            let mut names: Vec<String> = ids
+                .iter()
+                .filter_map(|id| self.book.topics.get(self.names.get(id)?.as_str()))
+                .filter(may_act)
+                .map(|t| t.name.to_string())
+                .collect();
+            names.sort_unstable(); // the order the full look takes
+            debug_assert_eq!(
+                names,
+                self.book.topics.values().filter(may_act).map(|t| t.name.to_string()).collect::<Vec<_>>(),
+                "the narrow look missed a topic the full look acts on"
+            );
+            names
+        } else {
+            self.book.topics.values().filter(may_act).map(|t| t.name.to_string()).collect()
+        };
         if names.is_empty() {
             return Vec::new();
         }
@@ -855,11 +892,7 @@ impl NamingCore {
         if !self.retry_at.is_empty() && self.retry_at.get(&t.id).is_some_and(|at| *at > now_ms) {
             return false;
         }
-        t.election_epoch > t.epoch
-            || t.leader != t.preferred()
-            || !t.learners.is_empty()
-            || t.replacing.is_some()
-            || t.voters.len() != t.factor as usize
+        unsettled(t)
             || (!down.is_empty() && t.members().any(|m| down.contains(&m)))
             || (!notable.is_empty() && notable.contains(&t.id))
     }
