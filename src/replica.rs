@@ -42,10 +42,12 @@ use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, 
 /// Most bytes of records one replica fetch carries.
 pub const REPLICA_FETCH_BYTES: u32 = 4 * 1024 * 1024;
 /// How long a leader holds a follower's fetch when there is nothing new. Long: an idle
-/// topic then costs a fetch round every 10 s per follower, not two a second; the leader's
+/// topic then costs a fetch round every 30 s per follower, not two a second; the leader's
 /// contact with its followers comes from [`FOLLOWER_ALIVE_PER_LEASE`] meanwhile, and news
-/// (entries, a commit point that moved, a new epoch) answers a held fetch at once.
-pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(10);
+/// (entries, a commit point that moved, a new epoch) answers a held fetch at once. A fetch
+/// lost with its connection is asked again once QUIC gives the connection up
+/// ([`IDLE_TIMEOUT`](crate::transport::IDLE_TIMEOUT)), not after the wait.
+pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
 /// Longest fetch wait a leader grants.
 pub const MAX_REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
 /// How often, in leases, a follower tells each leader it follows topics from that it still
