@@ -285,9 +285,11 @@ impl Replica {
             match self.check_serving(mono_ms(), contact_ms) {
                 Ok(()) => return Ok(()),
                 Err(e @ Error::NotLeader { .. }) => return Err(e),
-                Err(e) => {
+                Err(_) => {
                     if tokio::time::timeout_at(deadline, state.changed()).await.is_err() {
-                        return Err(e);
+                        // Contact may have come back without a state change (a follower's
+                        // `FollowerAlive`): the answer is what holds now.
+                        return self.check_serving(mono_ms(), contact_ms);
                     }
                 }
             }

@@ -157,3 +157,45 @@ async fn topics_are_created_and_deleted_many_at_a_time() {
     assert!(cluster.client().list_topics().await.unwrap().is_empty());
     assert_eq!(leaders(&cluster), BTreeMap::from([(1, 0), (2, 0), (3, 0)]));
 }
+
+/// Two servers sharing thousands of topics (more than one QUIC stream per topic used to
+/// afford: 1,024 per server pair) replicate every one of them, and an idle topic keeps
+/// serving consumers, which needs its leader to hear from its followers (their
+/// `FollowerAlive`) while its fetches wait.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_topic_replicates_when_server_pairs_share_thousands() {
+    const TOPICS: usize = 3_300; // 1,100 led by each server, each followed by the other two
+    let cluster = Cluster::start(3).await;
+    let file = cluster.dir.path().join("topics.txt");
+    let text: String = (0..TOPICS).map(|i| format!("many-{i}\n")).collect();
+    std::fs::write(&file, text).unwrap();
+    let path = file.display().to_string();
+    let out = cluster.cli(&["topic", "create", "--from-file", &path, "--replicas", "3"], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // The last topics made are the ones a stream limit would leave out.
+    let sample: Vec<TopicName> = (0..TOPICS)
+        .rev()
+        .step_by(97)
+        .take(30)
+        .map(|i| TopicName::new(format!("many-{i}")).unwrap())
+        .collect();
+    let client = cluster.client();
+    for topic in &sample {
+        let acked =
+            tokio::time::timeout(common::DEADLINE, common::produce_in_order(&client, topic, 1, 3)).await;
+        assert_eq!(acked.ok(), Some(3), "{topic}: the batch commits on a majority");
+        wait_for(&format!("every replica of {topic} to hold its records"), || async {
+            let s = client.topic_status(topic).await.ok()?;
+            (s.replicas.len() == 3 && s.replicas.iter().all(|r| r.caught_up && r.log_end == Some(3)))
+                .then_some(())
+        })
+        .await;
+    }
+    // Idle for longer than a leader may go without hearing from its followers (two leases),
+    // on purpose: then every sampled topic still serves its consumers.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    for topic in &sample {
+        let read = common::read_all(&client, topic, "s").await;
+        assert_eq!(read.len(), 3, "{topic}: every acked record is read once");
+    }
+}

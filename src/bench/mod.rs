@@ -78,8 +78,9 @@ pub struct BenchArgs {
     /// `topics`: consumers sharing the produced topics.
     #[arg(long, default_value_t = 10)]
     consumers: usize,
-    /// `topics`: seconds over which idle CPU is measured.
-    #[arg(long, default_value_t = 10)]
+    /// `topics`: seconds over which idle CPU is measured (default: two idle fetch waits, so
+    /// the window holds the fetch rounds an idle topic costs)
+    #[arg(long, default_value_t = 2 * crate::replica::REPLICA_FETCH_WAIT.as_secs())]
     idle_secs: u64,
     /// Replication factor of the benchmark topic.
     #[arg(long, default_value_t = 3)]

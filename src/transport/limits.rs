@@ -44,12 +44,19 @@ pub const SERVER_BUDGET: usize = 1024 * 1024 * 1024;
 pub const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 
 /// Concurrent streams between two servers: replication keeps one long-polling stream per
-/// topic the pair shares. quinn keeps state for every stream a peer may open, so this is
-/// memory per server connection too (65,536 took a dev cluster from 31 MB to 240 MB and
-/// seconds of CPU at start); 1,024 topics per server pair
-/// is what one stream per topic affords (node peers carry the cluster's node certificate
-/// and are not budgeted).
-pub const NODE_MAX_STREAMS: u32 = 1024;
+/// topic the pair shares, and a server pair may share every topic of the cluster (one server
+/// leading all of them after failovers), so this covers
+/// [`MAX_TOPICS`](crate::naming::core::MAX_TOPICS) plus [`NODE_CALL_STREAMS`] for the
+/// pair's other requests. With fewer, the topics past the limit did not replicate at all
+/// (their fetch streams waited for credit that never came) and `FollowerAlive` waited with
+/// them. quinn keeps state for every stream a peer may open: about 0.5 KB each, ~5.5 MB per
+/// server connection at this limit (65,536 took a dev cluster from 31 MB to 240 MB). Node
+/// peers carry the cluster's node certificate and are not budgeted.
+pub const NODE_MAX_STREAMS: u32 = crate::naming::core::MAX_TOPICS as u32 + NODE_CALL_STREAMS;
+
+/// Streams between two servers for requests other than replication fetches
+/// (`FollowerAlive`, elections' promises, catch-up reads) on top of one per shared topic.
+pub const NODE_CALL_STREAMS: u32 = 1024;
 
 /// Requests a server works on at once for one stream: our producer pipelines up to 64
 /// batches (`client::MAX_INFLIGHT`); past this the reader stops, which pushes back on the
