@@ -31,8 +31,8 @@ use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::replication::{
-    committed, truncation_point, FetchDecision, FetchRequest, Leader, LogView, ReplicaChunk, ReplicaReset,
-    ShippedEntry,
+    committed, truncation_point, AliveBook, FetchDecision, FetchRequest, Leader, LogView, ReplicaChunk,
+    ReplicaReset, ShippedEntry,
 };
 use crate::storage::{LogState, Pending, Store, TopicLog};
 use crate::transport::Pool;
@@ -132,6 +132,8 @@ pub struct Node {
     /// Connections to the other servers (mutual TLS with the node certificate), one per
     /// server pair, shared by all topics.
     peers: Pool,
+    /// What follower servers said of the topics this one leads (`FollowerAlive`).
+    pub alive: Mutex<AliveBook>,
 }
 
 impl Node {
@@ -141,7 +143,7 @@ impl Node {
     }
 
     pub fn new(id: ServerId, store: Store, endpoint: Endpoint) -> Self {
-        Self { id, store, peers: Pool::new(endpoint) }
+        Self { id, store, peers: Pool::new(endpoint), alive: Mutex::default() }
     }
 }
 
@@ -254,7 +256,8 @@ impl Replica {
     /// serves cursors once it applied every committed one), and unless it heard from a
     /// majority of its voters within `contact_ms` of `now_ms`: past that a newer leader may
     /// exist without this one knowing, and its consumers should look again.
-    pub fn check_serving(&self, now_ms: u64, contact_ms: u64) -> Result<(), Error> {
+    /// `alive`: what the followers said outside fetches (`FollowerAlive`).
+    pub fn check_serving(&self, now_ms: u64, contact_ms: u64, alive: &AliveBook) -> Result<(), Error> {
         // Ready once every entry before its epoch's first is applied, not only committed:
         // consumers resume from the applied cursors.
         let applied = self.log.state().applied;
@@ -262,7 +265,11 @@ impl Replica {
             Part::Leader(l) if !l.ready() || applied <= l.epoch_start => Err(Error::Unavailable {
                 detail: format!("{} has a new leader that is not ready yet", self.log.name),
             }),
-            Part::Leader(l) if now_ms.saturating_sub(l.majority_heard_at(now_ms)) > contact_ms => {
+            Part::Leader(l)
+                if now_ms.saturating_sub(
+                    l.majority_heard_at(now_ms, |v| alive.heard_at(v, self.log.id, l.epoch)),
+                ) > contact_ms =>
+            {
                 Err(Error::Unavailable {
                     detail: format!(
                         "the leader of {} has not heard from a majority of its replicas for {contact_ms} ms",
@@ -277,19 +284,20 @@ impl Replica {
 
     /// Waits (up to [`READY_WAIT`]) until [`check_serving`](Self::check_serving) passes: a
     /// new leader becomes ready within a round trip to its followers.
-    pub async fn wait_serving(&self, contact_ms: u64) -> Result<(), Error> {
+    pub async fn wait_serving(&self, contact_ms: u64, alive: &Mutex<AliveBook>) -> Result<(), Error> {
         let mut state = self.log.watch();
         let deadline = tokio::time::Instant::now() + READY_WAIT;
+        let check = || self.check_serving(mono_ms(), contact_ms, &alive.lock().expect("alive lock"));
         loop {
             state.borrow_and_update();
-            match self.check_serving(mono_ms(), contact_ms) {
+            match check() {
                 Ok(()) => return Ok(()),
                 Err(e @ Error::NotLeader { .. }) => return Err(e),
                 Err(_) => {
                     if tokio::time::timeout_at(deadline, state.changed()).await.is_err() {
                         // Contact may have come back without a state change (a follower's
                         // `FollowerAlive`): the answer is what holds now.
-                        return self.check_serving(mono_ms(), contact_ms);
+                        return check();
                     }
                 }
             }

@@ -299,8 +299,16 @@ pub mod bounded {
 
     /// The topics a follower follows from one leader: at most `naming::core::MAX_TOPICS`
     /// (every topic of the cluster).
-    pub fn followed<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, u64)>, D::Error> {
-        d.deserialize_seq(AtMost::<(u64, u64), { crate::naming::core::MAX_TOPICS }>(PhantomData))
+    pub fn followed<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<(u64, u64)>>, D::Error> {
+        /// The list itself (postcard encodes a newtype as its content).
+        struct List(Vec<(u64, u64)>);
+        impl<'de> serde::Deserialize<'de> for List {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                d.deserialize_seq(AtMost::<(u64, u64), { crate::naming::core::MAX_TOPICS }>(PhantomData))
+                    .map(List)
+            }
+        }
+        Ok(<Option<List> as serde::Deserialize>::deserialize(d)?.map(|l| l.0))
     }
 
     /// A request's topic names: at most [`MAX_TOPICS_PER_REQUEST`].

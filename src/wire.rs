@@ -430,13 +430,16 @@ pub enum Request {
     /// on every topic); answered `Rebalanced` once the elections ended.
     Rebalance,
     /// A follower tells a leader, in one message for every topic it follows from that
-    /// server, the epoch it follows each in (see `replication::Leader::on_alive`); sent
-    /// every half lease (`replica::FOLLOWER_ALIVE_PER_LEASE`), so idle fetches may wait long.
-    /// Answered `Noted`.
+    /// server, the epoch it follows each in (see `replication::AliveBook`); sent every half
+    /// lease (`replica::FOLLOWER_ALIVE_PER_LEASE`), so idle fetches may wait long. The list
+    /// (sorted by topic id) goes only when it changed; `digest` names it
+    /// (`replication::digest`). Answered `Noted`, or `ListWanted` for a digest of a list the
+    /// leader does not hold.
     FollowerAlive {
         replica: ServerId,
+        digest: u64,
         #[serde(deserialize_with = "crate::types::bounded::followed")]
-        topics: Vec<(TopicId, Epoch)>,
+        topics: Option<Vec<(TopicId, Epoch)>>,
     },
 }
 
@@ -608,6 +611,8 @@ pub enum Response {
     Grants(AclView),
     /// Every topic `Rebalance` found not led by its preferred leader, and what became of it.
     Rebalanced(Vec<LeaderMove>),
+    /// A `FollowerAlive` named a list the leader does not hold: send it.
+    ListWanted,
 }
 
 /// One topic not led by its preferred leader, as `topic rebalance` found it.
@@ -766,6 +771,15 @@ mod tests {
                 },
             }),
             topic.prop_map(|name| Request::LookupTopic { name }),
+            (
+                any::<u64>(),
+                proptest::option::of(proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20))
+            )
+                .prop_map(|(digest, topics)| Request::FollowerAlive {
+                    replica: 2,
+                    digest,
+                    topics
+                }),
         ]
     }
 

@@ -190,12 +190,14 @@ impl Leader {
 
     /// When this leader last knew a majority of voters followed it (ms on the caller's
     /// clock; itself counts as `now_ms`). After that, a majority may have promised a newer
-    /// epoch without this leader hearing of it.
-    pub fn majority_heard_at(&self, now_ms: u64) -> u64 {
+    /// epoch without this leader hearing of it. `alive_at(v)`: when voter `v` last said it
+    /// follows this topic in this epoch outside a fetch (see [`AliveBook`](super::AliveBook)).
+    pub fn majority_heard_at(&self, now_ms: u64, alive_at: impl Fn(ServerId) -> Option<u64>) -> u64 {
         let mut times: Vec<u64> = vec![now_ms];
-        times.extend(
-            self.voters.iter().filter(|v| **v != self.me).map(|v| self.heard.get(v).copied().unwrap_or(0)),
-        );
+        times.extend(self.voters.iter().filter(|v| **v != self.me).map(|v| {
+            let fetched = self.heard.get(v).copied().unwrap_or(0);
+            fetched.max(alive_at(*v).unwrap_or(0))
+        }));
         times.sort_unstable_by(|a, b| b.cmp(a));
         times[majority(self.voters.len()) - 1]
     }
@@ -258,9 +260,9 @@ mod tests {
         let mut leader = Leader::new(1, 1, 0, vec![1, 2, 3, 4, 5], vec![], (0, 0));
         let req = FetchRequest { epoch: 1, fetch_index: 1, fetch_offset: 0, last_epoch: 1 };
         leader.on_fetch(2, &req, &log, 100);
-        assert_eq!(leader.majority_heard_at(1000), 0, "one follower of four is no majority");
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 0, "one follower of four is no majority");
         leader.on_fetch(3, &req, &log, 200);
-        assert_eq!(leader.majority_heard_at(1000), 100);
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 100);
     }
 
     /// A follower's alive message is contact like a fetch, only in the leader's own epoch
@@ -271,12 +273,12 @@ mod tests {
         assert!(!leader.on_alive(2, 4, 100), "an older epoch deposes nothing");
         assert!(!leader.on_alive(4, 5, 100), "a learner does not count");
         assert!(!leader.on_alive(9, 5, 100), "a stranger does not count");
-        assert_eq!(leader.majority_heard_at(1000), 0, "none of those is contact");
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 0, "none of those is contact");
         assert!(!leader.on_alive(2, 5, 300));
-        assert_eq!(leader.majority_heard_at(1000), 300);
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 300);
         assert!(!leader.on_alive(3, 5, 700));
-        assert_eq!(leader.majority_heard_at(1000), 700, "the newest majority");
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 700, "the newest majority");
         assert!(leader.on_alive(3, 6, 800), "a follower that promised a newer epoch deposes it");
-        assert_eq!(leader.majority_heard_at(1000), 700, "and is no contact");
+        assert_eq!(leader.majority_heard_at(1000, |_| None), 700, "and is no contact");
     }
 }

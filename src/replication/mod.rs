@@ -68,12 +68,14 @@
 //! share a replica, so no committed entry is ever held by a minority of the voters that
 //! elect (Raft's single-server changes).
 
+mod alive;
 mod cursors;
 mod entry;
 mod history;
 mod leader;
 mod producers;
 
+pub use alive::{digest, AliveBook, AliveOutcome};
 pub use cursors::{CursorState, PendingCursor};
 pub use entry::{Cursor, Entry, EntryKind, ReplicaChunk, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD};
 pub use history::{truncation_point, EpochHistory, LogView};

@@ -4,12 +4,14 @@
 //! is the contact the leaders' majority checks need while idle fetches wait.
 //!
 //! The lists are kept, not rebuilt: only the topics whose state changed since the last
-//! round are read again, so an idle topic costs a few bytes per message and no look at its
-//! replica.
+//! round are read again. A list goes to its leader only when it changed; otherwise its
+//! digest does (see [`AliveBook`](crate::replication::AliveBook)), so an idle topic costs no
+//! bytes on the wire and no look at its replica on either side.
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -18,7 +20,7 @@ use tracing::{debug, Instrument};
 use super::{TopicServer, LEADER_CONTACT_LEASES};
 use crate::storage::ChangeReader;
 use crate::types::{Epoch, TopicId};
-use crate::wire::Request;
+use crate::wire::{Request, Response};
 
 /// The epoch this server follows each topic in, by leader (`K`: the leader's address, or
 /// its id in the simulator).
@@ -63,6 +65,8 @@ impl<K: Ord + Copy> Followed<K> {
 pub(super) async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToken) {
     let mut followed = Followed::default();
     let mut first = true;
+    // The digest of the list each leader holds, as far as this server knows.
+    let told: Arc<Mutex<HashMap<SocketAddr, u64>>> = Arc::default();
     loop {
         let lease_ms = server.lease_ms.load(Ordering::Relaxed);
         let every = Duration::from_millis(lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE)
@@ -88,18 +92,33 @@ pub(super) async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: Cance
                 followed.update(id, following(id));
             }
         }
-        for (addr, topics) in followed.lists() {
-            let req = Request::FollowerAlive { replica: server.node.id, topics };
-            let node = server.node.clone();
+        for (addr, list) in followed.lists() {
+            let digest = crate::replication::digest(&list);
+            let known = told.lock().expect("told lock").get(&addr) == Some(&digest);
+            let topics = (!known).then_some(list);
+            let sent_list = topics.is_some();
+            let req = Request::FollowerAlive { replica: server.node.id, digest, topics };
+            let (node, told) = (server.node.clone(), told.clone());
             // One at a time per leader would let a dead one hold up the rest: each its own task,
             // bounded by the leader's contact window (a slow delivery still counts until then;
-            // a new message goes every half lease meanwhile).
+            // a new message goes every half lease meanwhile). Messages are idempotent, so an
+            // overtaken one does no harm; a lost list is sent again when the leader asks.
             let window = Duration::from_millis(lease_ms * LEADER_CONTACT_LEASES).max(every);
             tokio::spawn(
                 async move {
-                    let sent = tokio::time::timeout(window, node.call_peer(addr, &req));
-                    if let Ok(Err(e)) = sent.await {
-                        debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
+                    let sent = tokio::time::timeout(window, node.call_peer(addr, &req)).await;
+                    let mut told = told.lock().expect("told lock");
+                    match sent {
+                        Ok(Ok(Response::Noted)) if sent_list => {
+                            told.insert(addr, digest);
+                        }
+                        Ok(Ok(Response::Noted)) => {}
+                        other => {
+                            told.remove(&addr);
+                            if let Ok(Err(e)) = other {
+                                debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
+                            }
+                        }
                     }
                 }
                 .in_current_span(),

@@ -31,6 +31,7 @@ use crate::error::Error;
 use crate::metrics::{registered, EndpointMetrics, ReplicaLabels, SubscriptionLabels, TopicLabels};
 use crate::policy::Policy;
 use crate::replica::{Assignment, Node, Replica};
+use crate::replication::AliveOutcome;
 use crate::storage::{ChangeReader, LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{
@@ -220,7 +221,7 @@ impl TopicServer {
     async fn serving(&self, name: &TopicName) -> Result<Arc<Replica>, Error> {
         let replica = self.replica(name)?;
         let contact = self.lease_ms.load(Ordering::Relaxed) * LEADER_CONTACT_LEASES;
-        replica.wait_serving(contact).await?;
+        replica.wait_serving(contact, &self.node.alive).await?;
         Ok(replica)
     }
 
@@ -732,18 +733,26 @@ impl Service for TopicServer {
                     result.await.unwrap_or_else(Response::Error)
                 })
             }
-            Request::FollowerAlive { replica: follower, topics } => {
+            Request::FollowerAlive { replica: follower, digest, topics } => {
                 if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
                     return ready(Response::Error(e));
                 }
                 let now = mono_ms();
-                let hosted = self.topics.read().expect("topics lock");
-                for (id, epoch) in topics {
-                    if let Some(h) = hosted.by_id(id) {
-                        h.replica.follower_alive(follower, epoch, now);
+                let outcome =
+                    self.node.alive.lock().expect("alive lock").on_alive(follower, digest, topics, now);
+                match outcome {
+                    AliveOutcome::Noted(changed) => {
+                        // Only what changed needs a look: a newer epoch deposes.
+                        let hosted = self.topics.read().expect("topics lock");
+                        for (id, epoch) in changed {
+                            if let Some(h) = hosted.by_id(id) {
+                                h.replica.follower_alive(follower, epoch, now);
+                            }
+                        }
+                        ready(Response::Noted)
                     }
+                    AliveOutcome::ListWanted => ready(Response::ListWanted),
                 }
-                ready(Response::Noted)
             }
             Request::Promise { topic, topic_id, epoch } => {
                 if let Err(e) = peer.require(&Principal::Naming, "an election") {

@@ -387,6 +387,7 @@ impl World {
             ("is back and caught up", "preferred leader returns"),
             ("its preferred leader,", "preferred leaders elected"),
             ("asked for all its reports", "reports resent on request"),
+            ("for its list", "follower lists asked for"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -528,6 +529,7 @@ impl World {
                 && self.recovered()
                 && self.assignments_converged().is_ok()
                 && self.leaders_returned().is_ok()
+                && self.leaders_serve().is_ok()
             {
                 break;
             }
@@ -576,6 +578,21 @@ impl World {
                     "{} is led by {}, not by its preferred leader {preferred} ({why:?})",
                     t.name, t.leader
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Long after the faults stopped, the leader of every topic whose replicas all run
+    /// serves its consumers: it is ready and hears from a majority, while idle too (fetches
+    /// then wait long, and `FollowerAlive` is its contact).
+    fn leaders_serve(&self) -> Result<(), String> {
+        let Some(book) = self.naming.book() else { return Ok(()) };
+        let running = |id: &ServerId| self.servers.get(id).is_some_and(|s| s.run.is_some() && !s.paused);
+        for t in book.topics.values().filter(|t| t.members().all(|m| running(&m))) {
+            let leader = self.servers[&t.leader].run.as_ref().expect("running");
+            if let Err(e) = leader.serving(t.id, self.now) {
+                return Err(format!("{}: leader {} does not serve: {e}", t.name, t.leader));
             }
         }
         Ok(())
@@ -1195,6 +1212,12 @@ impl World {
             } else if let Err(e) = self.leaders_returned() {
                 self.checker.violations.push(Violation(format!(
                     "liveness: {} ms after the faults stopped leadership had not returned: {e}\n{}",
+                    self.config.recovery_ms,
+                    self.dump()
+                )));
+            } else if let Err(e) = self.leaders_serve() {
+                self.checker.violations.push(Violation(format!(
+                    "liveness: {} ms after the faults stopped a leader did not serve: {e}\n{}",
                     self.config.recovery_ms,
                     self.dump()
                 )));

@@ -15,6 +15,7 @@ use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use crate::error::Error;
 use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
 use crate::replication::FetchDecision;
+use crate::replication::{AliveBook, AliveOutcome};
 use crate::server::{read_committed, topic_report, Followed, ReportLedger};
 use crate::storage::faults::SimDisk;
 use crate::storage::{
@@ -82,7 +83,17 @@ type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
 enum Outgoing {
     Register,
     Heartbeat,
-    Fetch { topic: TopicId, epoch: Epoch, state: Box<LogState> },
+    /// A `FollowerAlive` to `leader`; `sent_list`: it carried the list `digest` names.
+    Alive {
+        leader: ServerId,
+        digest: u64,
+        sent_list: bool,
+    },
+    Fetch {
+        topic: TopicId,
+        epoch: Epoch,
+        state: Box<LogState>,
+    },
 }
 
 /// A request answered once an entry is committed (and, for cursor changes, applied).
@@ -146,6 +157,10 @@ pub struct Running {
     followers_alive_at: u64,
     /// What this server follows, by leader, as those messages carry it.
     followed: Followed<ServerId>,
+    /// The digest of the list each leader holds, as far as this server knows.
+    told: BTreeMap<ServerId, u64>,
+    /// What followers said of the topics this server leads.
+    alive: AliveBook,
     next_id: Arc<AtomicU64>,
     timing: Timing,
 }
@@ -223,6 +238,8 @@ impl SimServer {
             },
             followers_alive_at: ctx.now,
             followed: Followed::default(),
+            told: BTreeMap::new(),
+            alive: AliveBook::default(),
             next_id,
             timing,
         };
@@ -418,10 +435,19 @@ impl Running {
                 self.followed.update(id, following.map(|(leader, _, epoch)| (leader, epoch)));
             }
             let lists: Vec<_> = self.followed.lists().collect();
-            for (leader, topics) in lists {
-                let req = Request::FollowerAlive { replica: self.id, topics };
-                let id = self.new_id();
-                ctx.send(self.node(), server_node(leader), Payload::Request { id, req: Box::new(req) });
+            for (leader, list) in lists {
+                let digest = crate::replication::digest(&list);
+                let topics = (self.told.get(&leader) != Some(&digest)).then_some(list);
+                let sent_list = topics.is_some();
+                let req = Request::FollowerAlive { replica: self.id, digest, topics };
+                let window = self.timing.lease_ms * 2;
+                self.request(
+                    ctx,
+                    server_node(leader),
+                    req,
+                    window,
+                    Outgoing::Alive { leader, digest, sent_list },
+                );
             }
         }
         if self.naming.next_at <= now && !self.naming_busy() {
@@ -457,6 +483,14 @@ impl Running {
             self.fetch_if_due(ctx, id);
         }
         self.poll(ctx);
+    }
+
+    /// Whether this server, leading `topic`, may serve its consumers at `now_ms` (ready,
+    /// and in contact with a majority: see [`Replica::check_serving`]).
+    pub fn serving(&self, topic: TopicId, now_ms: u64) -> Result<(), Error> {
+        let h =
+            self.hosted.get(&topic).ok_or_else(|| Error::internal(format!("topic {topic} is not hosted")))?;
+        h.replica.check_serving(now_ms, self.timing.lease_ms * 2, &self.alive)
     }
 
     /// The assignment each hosted topic last took on (`None`: still being created).
@@ -568,6 +602,16 @@ impl Running {
                 Ok(_) => {
                     self.naming.registered = false;
                     self.naming_retry(ctx);
+                }
+            },
+            Outgoing::Alive { leader, digest, sent_list } => match answer {
+                Ok(Response::Noted) => {
+                    if sent_list {
+                        self.told.insert(leader, digest);
+                    }
+                }
+                _ => {
+                    self.told.remove(&leader);
                 }
             },
             Outgoing::Fetch { topic, epoch, state } => {
@@ -812,7 +856,7 @@ impl Running {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
                 if session.is_some() {
-                    if let Err(e) = replica.check_serving(now, contact) {
+                    if let Err(e) = replica.check_serving(now, contact, &self.alive) {
                         return self.respond(ctx, from, id, Response::Error(e));
                     }
                 }
@@ -859,7 +903,7 @@ impl Running {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
-                if let Err(e) = replica.check_serving(now, contact) {
+                if let Err(e) = replica.check_serving(now, contact, &self.alive) {
                     return self.respond(ctx, from, id, Response::Error(e));
                 }
                 self.submit(
@@ -871,7 +915,7 @@ impl Running {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
-                if let Err(e) = replica.check_serving(now, contact) {
+                if let Err(e) = replica.check_serving(now, contact, &self.alive) {
                     return self.respond(ctx, from, id, Response::Error(e));
                 }
                 self.submit(
@@ -889,7 +933,7 @@ impl Running {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
-                if let Err(e) = replica.check_serving(now, contact) {
+                if let Err(e) = replica.check_serving(now, contact, &self.alive) {
                     return self.respond(ctx, from, id, Response::Error(e));
                 }
                 self.submit(
@@ -901,7 +945,7 @@ impl Running {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
                 };
-                if let Err(e) = replica.check_serving(now, contact) {
+                if let Err(e) = replica.check_serving(now, contact, &self.alive) {
                     return self.respond(ctx, from, id, Response::Error(e));
                 }
                 self.submit(
@@ -978,13 +1022,22 @@ impl Running {
                 };
                 self.respond(ctx, from, id, answer);
             }
-            Request::FollowerAlive { replica: follower, topics } => {
-                for (topic, epoch) in topics {
-                    if let Some(h) = self.hosted.get(&topic) {
-                        h.replica.follower_alive(follower, epoch, now);
+            Request::FollowerAlive { replica: follower, digest, topics } => {
+                let answer = match self.alive.on_alive(follower, digest, topics, now) {
+                    AliveOutcome::Noted(changed) => {
+                        for (topic, epoch) in changed {
+                            if let Some(h) = self.hosted.get(&topic) {
+                                h.replica.follower_alive(follower, epoch, now);
+                            }
+                        }
+                        Response::Noted
                     }
-                }
-                self.respond(ctx, from, id, Response::Noted);
+                    AliveOutcome::ListWanted => {
+                        note(format!("server {}: asks server {follower} for its list", self.id));
+                        Response::ListWanted
+                    }
+                };
+                self.respond(ctx, from, id, answer);
             }
             Request::Promise { topic_id, epoch, .. } => {
                 let Some(h) = self.hosted.get(&topic_id) else {
