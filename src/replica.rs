@@ -160,6 +160,8 @@ pub struct Judged {
 /// What a follower does with the leader's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FollowerStep {
+    /// Nothing new (an idle fetch's wait ran out): fetch again, with no write.
+    Idle,
     Append(ReplicaChunk),
     Truncate(Index),
     Reset(ReplicaReset),
@@ -554,6 +556,15 @@ impl Replica {
     /// Follower: what the leader's answer asks of this replica.
     pub fn follower_step(state: &LogState, answer: ReplicaAnswer) -> FollowerStep {
         match answer {
+            ReplicaAnswer::Chunk(chunk)
+                if chunk.entries.is_empty()
+                    && chunk.epoch <= state.promised
+                    && chunk.commit_index <= state.commit_index =>
+            {
+                // What a write of it would store is stored already: the epoch is promised and
+                // the commit point known. Skipping it keeps an idle topic off the writer.
+                FollowerStep::Idle
+            }
             ReplicaAnswer::Chunk(chunk) => FollowerStep::Append(chunk),
             ReplicaAnswer::Diverging { end_epoch, end_index } => {
                 FollowerStep::Truncate(truncation_point(&view(state), end_epoch, end_index))
@@ -719,6 +730,7 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
                 };
                 backoff = Duration::from_millis(20);
                 match Replica::follower_step(&s, answer) {
+                    FollowerStep::Idle => {}
                     FollowerStep::Append(chunk) => {
                         node.store.replica_append(id, chunk).await?;
                     }

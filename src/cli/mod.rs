@@ -1011,14 +1011,8 @@ async fn topic(client: Arc<Client>, cmd: TopicCommand) -> Result<ExitCode> {
         }
         TopicCommand::List { json } => {
             let topics = client.list_topics().await?;
-            let mut rows = Vec::new();
-            for info in &topics {
-                let status = tokio::time::timeout(Duration::from_secs(2), client.topic_status_once(info))
-                    .await
-                    .ok()
-                    .and_then(|r| r.ok());
-                rows.push((info, status));
-            }
+            let statuses = topics::statuses(&client, &topics).await;
+            let rows: Vec<_> = topics.iter().zip(statuses).collect();
             if json {
                 print_json(&json!(rows.iter().map(|(i, s)| topic_json(i, s.as_ref())).collect::<Vec<_>>()))?;
             } else {

@@ -1,9 +1,11 @@
 //! Commands on many topics at once: `topic create A B C`, `topic create --from-file`,
-//! `topic delete A B C`, and `topic rebalance`.
+//! `topic delete A B C`, `topic rebalance`, and the per-topic status of `topic list`.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, Write};
 use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde_json::json;
@@ -11,7 +13,37 @@ use serde_json::json;
 use super::{print_json, topic_json, usage};
 use crate::client::Client;
 use crate::types::{ServerId, TopicName};
-use crate::wire::TopicConfig;
+use crate::wire::{TopicConfig, TopicInfo, TopicStatus};
+
+/// Status questions `topic list` keeps open at once: one at a time, 10,000 topics took
+/// minutes; this many share the client's connections (below their stream limit,
+/// `transport::MAX_STREAMS_PER_CONNECTION`) without queueing on them.
+const LIST_STATUS_CONCURRENCY: usize = 64;
+/// How long `topic list` waits for one topic's status before showing `?` for it.
+const LIST_STATUS_WAIT: Duration = Duration::from_secs(2);
+
+/// Each topic's status from its leader, in the order given (`None`: it did not answer in
+/// [`LIST_STATUS_WAIT`]), asking [`LIST_STATUS_CONCURRENCY`] leaders at a time.
+pub async fn statuses(client: &Arc<Client>, topics: &[TopicInfo]) -> Vec<Option<TopicStatus>> {
+    let mut out = vec![None; topics.len()];
+    let mut asking = tokio::task::JoinSet::new();
+    let mut next = topics.iter().cloned().enumerate();
+    loop {
+        while asking.len() < LIST_STATUS_CONCURRENCY {
+            let Some((i, info)) = next.next() else { break };
+            let client = client.clone();
+            asking.spawn(async move {
+                let status = tokio::time::timeout(LIST_STATUS_WAIT, client.topic_status_once(&info)).await;
+                (i, status.ok().and_then(|r| r.ok()))
+            });
+        }
+        match asking.join_next().await {
+            Some(Ok((i, status))) => out[i] = status,
+            Some(Err(_)) => {} // a task that panicked shows `?`
+            None => return out,
+        }
+    }
+}
 
 /// The topic names given as arguments and, with `from_file`, one per line of that file
 /// (`-`: standard input; blank lines and lines starting with `#` are skipped). A bad name is

@@ -640,6 +640,7 @@ impl Running {
                     }
                 };
                 match &step {
+                    FollowerStep::Idle => {}
                     FollowerStep::Append(c) if c.entries.is_empty() => {}
                     FollowerStep::Append(c) => note(format!(
                         "server {} topic {topic}: append {:?} (had {}..{} epoch {}) commit {}",
@@ -656,6 +657,9 @@ impl Running {
                     )),
                 }
                 match step {
+                    FollowerStep::Idle => {
+                        f.next_at = ctx.now;
+                    }
                     FollowerStep::Append(chunk) => {
                         f.writing = true;
                         self.submit(|reply| Command::ReplicaAppend { topic, chunk, reply }, done);
