@@ -22,12 +22,23 @@ use crate::storage::ChangeReader;
 use crate::types::{Epoch, TopicId};
 use crate::wire::{Request, Response};
 
+/// The topics followed from one leader with their epochs, sorted by id, as sent.
+pub type FollowedList = Vec<(TopicId, Epoch)>;
+
 /// The epoch this server follows each topic in, by leader (`K`: the leader's address, or
 /// its id in the simulator).
 #[derive(Debug)]
 pub struct Followed<K> {
     leader_of: HashMap<TopicId, K>,
-    by_leader: BTreeMap<K, BTreeMap<TopicId, Epoch>>,
+    by_leader: BTreeMap<K, FromLeader>,
+}
+
+/// The topics followed from one leader, and the digest of that list (`None`: not computed
+/// since it changed), so an unchanged list costs nothing per round.
+#[derive(Debug, Default)]
+struct FromLeader {
+    topics: BTreeMap<TopicId, Epoch>,
+    digest: Option<u64>,
 }
 
 impl<K> Default for Followed<K> {
@@ -41,22 +52,61 @@ impl<K: Ord + Copy> Followed<K> {
     /// no longer hosted).
     pub fn update(&mut self, id: TopicId, following: Option<(K, Epoch)>) {
         if let Some(old) = self.leader_of.remove(&id) {
-            if let Some(topics) = self.by_leader.get_mut(&old) {
-                topics.remove(&id);
-                if topics.is_empty() {
+            if let Some(from) = self.by_leader.get_mut(&old) {
+                from.topics.remove(&id);
+                from.digest = None;
+                if from.topics.is_empty() {
                     self.by_leader.remove(&old);
                 }
             }
         }
         if let Some((leader, epoch)) = following {
             self.leader_of.insert(id, leader);
-            self.by_leader.entry(leader).or_default().insert(id, epoch);
+            let from = self.by_leader.entry(leader).or_default();
+            from.topics.insert(id, epoch);
+            from.digest = None;
         }
     }
 
-    /// Each leader's message: the topics followed from it, with their epochs.
-    pub fn lists(&self) -> impl Iterator<Item = (K, Vec<(TopicId, Epoch)>)> + '_ {
-        self.by_leader.iter().map(|(k, topics)| (*k, topics.iter().map(|(t, e)| (*t, *e)).collect()))
+    /// Each leader's next `FollowerAlive`: the digest of the topics followed from it (sorted
+    /// by id, with their epochs), and the list itself unless `told` says the leader holds it.
+    pub fn messages(&mut self, told: &Told<K>) -> Vec<(K, u64, Option<FollowedList>)> {
+        let list =
+            |topics: &BTreeMap<TopicId, Epoch>| topics.iter().map(|(t, e)| (*t, *e)).collect::<Vec<_>>();
+        self.by_leader
+            .iter_mut()
+            .map(|(k, from)| {
+                let topics = &from.topics;
+                let digest = *from.digest.get_or_insert_with(|| crate::replication::digest(&list(topics)));
+                (*k, digest, (!told.holds(*k, digest)).then(|| list(topics)))
+            })
+            .collect()
+    }
+}
+
+/// The digest of the list each leader holds, as its answers said.
+#[derive(Debug)]
+pub struct Told<K>(BTreeMap<K, u64>);
+
+impl<K> Default for Told<K> {
+    fn default() -> Self {
+        Self(BTreeMap::new())
+    }
+}
+
+impl<K: Ord + Copy> Told<K> {
+    pub fn holds(&self, leader: K, digest: u64) -> bool {
+        self.0.get(&leader) == Some(&digest)
+    }
+
+    /// `leader` answered a message naming `digest` (`sent_list`: it carried the list):
+    /// `noted`, or not (`ListWanted`, an error, no answer), after which the list goes again.
+    pub fn answered(&mut self, leader: K, digest: u64, sent_list: bool, noted: bool) {
+        if !noted {
+            self.0.remove(&leader);
+        } else if sent_list {
+            self.0.insert(leader, digest);
+        }
     }
 }
 
@@ -65,8 +115,7 @@ impl<K: Ord + Copy> Followed<K> {
 pub(super) async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: CancellationToken) {
     let mut followed = Followed::default();
     let mut first = true;
-    // The digest of the list each leader holds, as far as this server knows.
-    let told: Arc<Mutex<HashMap<SocketAddr, u64>>> = Arc::default();
+    let told: Arc<Mutex<Told<SocketAddr>>> = Arc::default();
     loop {
         let lease_ms = server.lease_ms.load(Ordering::Relaxed);
         let every = Duration::from_millis(lease_ms / crate::replica::FOLLOWER_ALIVE_PER_LEASE)
@@ -92,10 +141,8 @@ pub(super) async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: Cance
                 followed.update(id, following(id));
             }
         }
-        for (addr, list) in followed.lists() {
-            let digest = crate::replication::digest(&list);
-            let known = told.lock().expect("told lock").get(&addr) == Some(&digest);
-            let topics = (!known).then_some(list);
+        let messages = followed.messages(&told.lock().expect("told lock"));
+        for (addr, digest, topics) in messages {
             let sent_list = topics.is_some();
             let req = Request::FollowerAlive { replica: server.node.id, digest, topics };
             let (node, told) = (server.node.clone(), told.clone());
@@ -107,18 +154,10 @@ pub(super) async fn tell_leaders_alive(server: Arc<TopicServer>, shutdown: Cance
             tokio::spawn(
                 async move {
                     let sent = tokio::time::timeout(window, node.call_peer(addr, &req)).await;
-                    let mut told = told.lock().expect("told lock");
-                    match sent {
-                        Ok(Ok(Response::Noted)) if sent_list => {
-                            told.insert(addr, digest);
-                        }
-                        Ok(Ok(Response::Noted)) => {}
-                        other => {
-                            told.remove(&addr);
-                            if let Ok(Err(e)) = other {
-                                debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
-                            }
-                        }
+                    let noted = matches!(sent, Ok(Ok(Response::Noted)));
+                    told.lock().expect("told lock").answered(addr, digest, sent_list, noted);
+                    if let Ok(Err(e)) = sent {
+                        debug!(leader = %addr, error = %e, "telling a leader this follower is alive failed");
                     }
                 }
                 .in_current_span(),
@@ -134,16 +173,47 @@ mod tests {
     #[test]
     fn keeps_each_leaders_list_as_topics_move() {
         let mut f = Followed::default();
+        let told = Told::default();
+        let lists = |f: &mut Followed<u64>| -> Vec<(u64, Vec<(TopicId, Epoch)>)> {
+            f.messages(&told)
+                .into_iter()
+                .map(|(k, d, l)| (k, l.expect("a list the leader lacks"), d))
+                .map(|(k, l, d)| {
+                    assert_eq!(d, crate::replication::digest(&l));
+                    (k, l)
+                })
+                .collect()
+        };
         f.update(1, Some((10, 1)));
         f.update(2, Some((10, 1)));
         f.update(3, Some((20, 4)));
-        assert_eq!(f.lists().collect::<Vec<_>>(), vec![(10, vec![(1, 1), (2, 1)]), (20, vec![(3, 4)])]);
+        assert_eq!(lists(&mut f), vec![(10, vec![(1, 1), (2, 1)]), (20, vec![(3, 4)])]);
         f.update(2, Some((20, 2))); // a new leader
         f.update(1, None); // this server leads it now, or dropped it
         f.update(9, None); // never followed
-        assert_eq!(f.lists().collect::<Vec<_>>(), vec![(20, vec![(2, 2), (3, 4)])]);
+        assert_eq!(lists(&mut f), vec![(20, vec![(2, 2), (3, 4)])]);
         f.update(2, None);
         f.update(3, None);
-        assert_eq!(f.lists().count(), 0, "no leader is left with an empty list");
+        assert!(lists(&mut f).is_empty(), "no leader is left with an empty list");
+    }
+
+    #[test]
+    fn a_list_goes_until_its_leader_noted_it_and_again_when_asked() {
+        let mut f = Followed::default();
+        let mut told = Told::default();
+        f.update(1, Some((10, 1)));
+        let [(_, digest, list)] = f.messages(&told).try_into().unwrap();
+        assert!(list.is_some());
+        told.answered(10, digest, true, false); // lost
+        assert!(f.messages(&told)[0].2.is_some(), "sent again");
+        told.answered(10, digest, true, true);
+        assert_eq!(f.messages(&told), vec![(10, digest, None)], "the digest alone now");
+        told.answered(10, digest, false, false); // `ListWanted`
+        assert!(f.messages(&told)[0].2.is_some(), "the leader asked for it");
+        told.answered(10, digest, true, true);
+        f.update(2, Some((10, 1)));
+        let [(_, changed, list)] = f.messages(&told).try_into().unwrap();
+        assert_ne!(changed, digest);
+        assert_eq!(list, Some(vec![(1, 1), (2, 1)]), "a changed list goes whole");
     }
 }

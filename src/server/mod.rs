@@ -41,7 +41,7 @@ mod alive;
 mod hosted;
 mod reports;
 
-pub use self::alive::Followed;
+pub use self::alive::{Followed, Told};
 use self::hosted::{Hosted, HostedTopics};
 pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{

@@ -16,7 +16,7 @@ use crate::error::Error;
 use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
 use crate::replication::FetchDecision;
 use crate::replication::{AliveBook, AliveOutcome};
-use crate::server::{read_committed, topic_report, Followed, ReportLedger};
+use crate::server::{read_committed, topic_report, Followed, ReportLedger, Told};
 use crate::storage::faults::SimDisk;
 use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
@@ -158,7 +158,7 @@ pub struct Running {
     /// What this server follows, by leader, as those messages carry it.
     followed: Followed<ServerId>,
     /// The digest of the list each leader holds, as far as this server knows.
-    told: BTreeMap<ServerId, u64>,
+    told: Told<ServerId>,
     /// What followers said of the topics this server leads.
     alive: AliveBook,
     next_id: Arc<AtomicU64>,
@@ -238,7 +238,7 @@ impl SimServer {
             },
             followers_alive_at: ctx.now,
             followed: Followed::default(),
-            told: BTreeMap::new(),
+            told: Told::default(),
             alive: AliveBook::default(),
             next_id,
             timing,
@@ -434,10 +434,7 @@ impl Running {
                 let following = self.hosted.get(&id).and_then(|h| h.replica.following_epoch());
                 self.followed.update(id, following.map(|(leader, _, epoch)| (leader, epoch)));
             }
-            let lists: Vec<_> = self.followed.lists().collect();
-            for (leader, list) in lists {
-                let digest = crate::replication::digest(&list);
-                let topics = (self.told.get(&leader) != Some(&digest)).then_some(list);
+            for (leader, digest, topics) in self.followed.messages(&self.told) {
                 let sent_list = topics.is_some();
                 let req = Request::FollowerAlive { replica: self.id, digest, topics };
                 let window = self.timing.lease_ms * 2;
@@ -604,16 +601,9 @@ impl Running {
                     self.naming_retry(ctx);
                 }
             },
-            Outgoing::Alive { leader, digest, sent_list } => match answer {
-                Ok(Response::Noted) => {
-                    if sent_list {
-                        self.told.insert(leader, digest);
-                    }
-                }
-                _ => {
-                    self.told.remove(&leader);
-                }
-            },
+            Outgoing::Alive { leader, digest, sent_list } => {
+                self.told.answered(leader, digest, sent_list, matches!(answer, Ok(Response::Noted)));
+            }
             Outgoing::Fetch { topic, epoch, state } => {
                 let Some(h) = self.hosted.get_mut(&topic) else { return };
                 let current = h.follow.as_ref().is_some_and(|f| f.assignment.epoch == epoch);
