@@ -40,6 +40,8 @@ fuzz:
 bench: release
 	$(HERALD) bench suite --dev
 	$(HERALD) bench topics --dev --topics 2000 --replicas 3 --producers 100 --consumers 10 --records 200000
+	$(HERALD) bench consume --dev --subscriptions 3 --read-from leader --records 200000
+	$(HERALD) bench consume --dev --subscriptions 3 --read-from replica --records 200000
 
 ## Formatting and lints, as CI checks them.
 lint:

@@ -311,6 +311,18 @@ pub mod bounded {
         Ok(<Option<List> as serde::Deserialize>::deserialize(d)?.map(|l| l.0))
     }
 
+    /// Fetches a follower parks on its leader in one poll: at most `naming::core::MAX_TOPICS`.
+    pub fn parked<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<crate::replication::ParkedFetch>, D::Error> {
+        d.deserialize_seq(AtMost::<crate::replication::ParkedFetch, { crate::naming::core::MAX_TOPICS }>(
+            PhantomData,
+        ))
+    }
+
+    /// Topic ids, one per topic of the cluster at most (`naming::core::MAX_TOPICS`).
+    pub fn topic_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u64>, D::Error> {
+        d.deserialize_seq(AtMost::<u64, { crate::naming::core::MAX_TOPICS }>(PhantomData))
+    }
+
     /// A request's topic names: at most [`MAX_TOPICS_PER_REQUEST`].
     pub fn topic_names<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<TopicName>, D::Error> {
         d.deserialize_seq(AtMost::<TopicName, MAX_TOPICS_PER_REQUEST>(PhantomData))

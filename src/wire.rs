@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::acl::{AclView, Grant};
 use crate::error::Error;
-use crate::replication::{FetchRequest, ReplicaChunk, ReplicaReset};
+use crate::replication::{FetchRequest, ParkedFetch, ReplicaChunk, ReplicaReset};
 use crate::types::{
     Epoch, Index, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
@@ -26,7 +26,7 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
 /// what changed since the server's version ([`Assignments`]). Version 5 places and moves
 /// leaders (requests 26-29). Version 6 sends only the topic reports that changed.
-pub const PROTOCOL_VERSION: u16 = 6;
+pub const PROTOCOL_VERSION: u16 = 7;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -441,6 +441,16 @@ pub enum Request {
         #[serde(deserialize_with = "crate::types::bounded::followed")]
         topics: Option<Vec<(TopicId, Epoch)>>,
     },
+    /// A follower's long poll for the topics it parked on this leader (see
+    /// `replication::park`): registers `parked` (only those parked since its last poll) and
+    /// is answered `Woken` once any parked topic has news, when a newer poll arrives, or
+    /// after `max_wait_ms`.
+    Park {
+        replica: ServerId,
+        #[serde(deserialize_with = "crate::types::bounded::parked")]
+        parked: Vec<ParkedFetch>,
+        max_wait_ms: u32,
+    },
 }
 
 /// A naming member's role in its group.
@@ -613,6 +623,8 @@ pub enum Response {
     Rebalanced(Vec<LeaderMove>),
     /// A `FollowerAlive` named a list the leader does not hold: send it.
     ListWanted,
+    /// The parked topics that have news (fetch them again), maybe none.
+    Woken(#[serde(deserialize_with = "crate::types::bounded::topic_ids")] Vec<TopicId>),
 }
 
 /// One topic not led by its preferred leader, as `topic rebalance` found it.
@@ -780,6 +792,21 @@ mod tests {
                     digest,
                     topics
                 }),
+            proptest::collection::vec(any::<(u64, u64, u64, u64)>(), 0..20).prop_map(|parked| {
+                Request::Park {
+                    replica: 3,
+                    parked: parked
+                        .into_iter()
+                        .map(|(topic, epoch, from, known_commit)| ParkedFetch {
+                            topic,
+                            epoch,
+                            from,
+                            known_commit,
+                        })
+                        .collect(),
+                    max_wait_ms: 30_000,
+                }
+            }),
         ]
     }
 

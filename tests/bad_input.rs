@@ -185,7 +185,13 @@ async fn a_connection_must_start_with_a_supported_hello() {
             resp
         }
     };
-    match exchange(Request::Hello { min_version: 7, max_version: 9, agent: "future".into() }).await {
+    match exchange(Request::Hello {
+        min_version: wire::PROTOCOL_VERSION + 1,
+        max_version: wire::PROTOCOL_VERSION + 3,
+        agent: "future".into(),
+    })
+    .await
+    {
         Response::Error(Error::UnsupportedVersion { supported, .. }) => {
             assert_eq!(supported, wire::PROTOCOL_VERSION)
         }

@@ -78,9 +78,15 @@ pub struct BenchArgs {
     /// `topics`: consumers sharing the produced topics.
     #[arg(long, default_value_t = 10)]
     consumers: usize,
-    /// `topics`: seconds over which idle CPU is measured (default: two idle fetch waits, so
-    /// the window holds the fetch rounds an idle topic costs)
-    #[arg(long, default_value_t = 2 * crate::replica::REPLICA_FETCH_WAIT.as_secs())]
+    /// `consume`: subscriptions reading the topic at once, one consumer each.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
+    subscriptions: u64,
+    /// `consume`: where the consumers read (see `herald consume --help`).
+    #[arg(long, value_enum, default_value = "leader")]
+    read_from: client::ReadFrom,
+    /// `topics`: seconds over which idle CPU is measured (default: one park poll's wait, so
+    /// the window holds the poll round every server pair costs while idle)
+    #[arg(long, default_value_t = crate::replica::PARK_WAIT.as_secs())]
     idle_secs: u64,
     /// Replication factor of the benchmark topic.
     #[arg(long, default_value_t = 3)]
@@ -497,26 +503,51 @@ async fn bench_consume(t: &Target, a: &BenchArgs) -> Result<Outcome> {
     let bar = progress(a.records, "fill");
     produce_records(&t.client, &topic, a.records, a.size, a.inflight, &bar).await?;
     bar.finish_and_clear();
-    let bar = progress(a.records, "consume");
+    let subscriptions = a.subscriptions;
+    let bar = progress(a.records * subscriptions, "consume");
+    let mut consumers = Vec::new();
+    for s in 0..subscriptions {
+        let name = SubscriptionName::new(format!("bench-{s}"))?;
+        let consumer = t.client.consumer(topic.clone(), name, StartFrom::Earliest).await?;
+        consumers.push(consumer.read_from(a.read_from));
+    }
     let cpu = total_cpu(&t.pids());
     let start = Instant::now();
-    let mut consumer = t.client.consumer(topic, SubscriptionName::new("bench")?, StartFrom::Earliest).await?;
-    let (mut read, mut ack) = (0u64, None);
-    while read < a.records {
-        let records = consumer.poll(client::MAX_BATCH_RECORDS as u32, Duration::from_secs(1), ack).await?;
-        if let Some(last) = records.last() {
-            ack = Some(last.offset + 1);
-        }
-        read += records.len() as u64;
-        bar.inc(records.len() as u64);
+    let mut reads = tokio::task::JoinSet::new();
+    for mut consumer in consumers {
+        let (records, bar) = (a.records, bar.clone());
+        reads.spawn(async move {
+            let (mut read, mut ack) = (0u64, None);
+            while read < records {
+                let got =
+                    consumer.poll(client::MAX_BATCH_RECORDS as u32, Duration::from_secs(1), ack).await?;
+                if let Some(last) = got.last() {
+                    ack = Some(last.offset + 1);
+                }
+                read += got.len() as u64;
+                bar.inc(got.len() as u64);
+            }
+            if let Some(next) = ack {
+                consumer.ack(next).await?;
+            }
+            Ok::<_, Error>(read)
+        });
     }
-    if let Some(next) = ack {
-        consumer.ack(next).await?;
+    let mut read = 0;
+    while let Some(done) = reads.join_next().await {
+        read += done??;
     }
     let elapsed = start.elapsed();
     bar.finish_and_clear();
+    let workload = match (subscriptions, a.read_from) {
+        (1, client::ReadFrom::Leader) => "consume".to_string(),
+        (s, from) => format!(
+            "consume x{s} from {}",
+            if from == client::ReadFrom::Leader { "leader" } else { "replicas" }
+        ),
+    };
     Ok(Outcome {
-        workload: "consume".into(),
+        workload,
         replicas: a.replicas,
         records: read,
         size: a.size,

@@ -15,9 +15,9 @@ use crate::client::Client;
 use crate::types::{StartFrom, SubscriptionName, TopicName};
 use crate::wire::TopicConfig;
 
-/// How long idle topics settle (leaders ready, first heartbeats and fetches done) before
-/// their CPU is measured.
-const IDLE_SETTLE: Duration = Duration::from_secs(5);
+/// How long idle topics settle before their CPU is measured: leaders ready, first heartbeats
+/// done, and every follower's fetch parked (one idle fetch wait, and a margin).
+const IDLE_SETTLE: Duration = Duration::from_secs(crate::replica::REPLICA_FETCH_WAIT.as_secs() + 5);
 
 pub async fn bench_topics(t: &Target, a: &BenchArgs) -> Result<Outcome> {
     let client = &t.client;

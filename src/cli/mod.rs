@@ -514,6 +514,10 @@ struct ConsumeArgs {
     /// One JSON object per record instead of --format.
     #[arg(long, conflicts_with = "format")]
     json: bool,
+    /// Read from the topic's leader, or from one of its replicas picked by the
+    /// subscription's name (up to the commit point it knows; acks still go to the leader).
+    #[arg(long, value_enum, default_value = "leader")]
+    read_from: crate::client::ReadFrom,
 }
 
 fn parse_header(s: &str) -> Result<Header, String> {
@@ -1541,7 +1545,8 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    let mut consumer = client.consumer(topic.clone(), subscription.clone(), args.from).await?;
+    let mut consumer =
+        client.consumer(topic.clone(), subscription.clone(), args.from).await?.read_from(args.read_from);
     let stop = shutdown_on_signal();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());

@@ -1,6 +1,6 @@
 //! What a leader server knows of its followers between fetches: each follower server says,
 //! every half lease, the epoch it follows each topic in (`FollowerAlive`), which is contact
-//! for the leaders' majority checks while idle fetches wait.
+//! for the leaders' majority checks while idle fetches wait or are parked.
 //!
 //! With thousands of topics a list per message was most of an idle server's work (sent,
 //! decoded, and applied to every replica twice a second), so a follower sends its list only

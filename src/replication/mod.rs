@@ -73,6 +73,7 @@ mod cursors;
 mod entry;
 mod history;
 mod leader;
+mod park;
 mod producers;
 
 pub use alive::{digest, AliveBook, AliveOutcome};
@@ -80,6 +81,7 @@ pub use cursors::{CursorState, PendingCursor};
 pub use entry::{Cursor, Entry, EntryKind, ReplicaChunk, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD};
 pub use history::{truncation_point, EpochHistory, LogView};
 pub use leader::{FetchDecision, FetchRequest, Leader, Progress};
+pub use park::{Next, ParkBook, ParkLot, ParkedFetch};
 pub use producers::{BatchOutcome, ProducerState, PRODUCER_DEDUP_WINDOW};
 
 use crate::types::{Epoch, Index, ServerId};

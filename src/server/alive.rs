@@ -1,7 +1,7 @@
 //! How a follower tells each leader server that it is still there: every half lease (see
 //! [`FOLLOWER_ALIVE_PER_LEASE`](crate::replica::FOLLOWER_ALIVE_PER_LEASE)), one
 //! `FollowerAlive` message per leader server lists the epoch it follows each topic in. That
-//! is the contact the leaders' majority checks need while idle fetches wait.
+//! is the contact the leaders' majority checks need while idle fetches wait or are parked.
 //!
 //! The lists are kept, not rebuilt: only the topics whose state changed since the last
 //! round are read again. A list goes to its leader only when it changed; otherwise its

@@ -116,6 +116,13 @@ impl TopicServer {
             "Storage group commits (one write transaction and its fsync), in seconds",
             self.node.store.commit_seconds().clone(),
         );
+        let parked = Gauge::<i64>::default();
+        parked.set(self.node.parking.parked_here() as i64);
+        registry.register(
+            "herald_parked_fetches",
+            "Idle followers' fetches parked on this server as their leader, over all topics",
+            parked,
+        );
         let r = &mut registry;
         let log_start: Family<TopicLabels, Gauge> =
             registered(r, "herald_log_start", "Oldest offset still stored");
@@ -419,6 +426,8 @@ impl TopicServer {
         self.node.store.delete_topic(log.id).await?;
         self.topics.write().expect("topics lock").remove(log.id);
         self.node.store.changed_topics().mark(log.id); // no longer followed
+        self.node.parking.wake_topic(log.id);
+        self.node.parking.unpark(log.id);
         Ok(())
     }
 
@@ -753,6 +762,21 @@ impl Service for TopicServer {
                     }
                     AliveOutcome::ListWanted => ready(Response::ListWanted),
                 }
+            }
+            Request::Park { replica: follower, parked, max_wait_ms } => {
+                if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
+                    return ready(Response::Error(e));
+                }
+                let poll = {
+                    let hosted = self.topics.read().expect("topics lock");
+                    self.node
+                        .parking
+                        .hold(follower, parked, |id| hosted.by_id(id).map(|h| h.replica.log.state()))
+                };
+                Box::pin(async move {
+                    let wait = Duration::from_millis(max_wait_ms as u64);
+                    Response::Woken(me.node.parking.answer(follower, poll, wait).await)
+                })
             }
             Request::Promise { topic, topic_id, epoch } => {
                 if let Err(e) = peer.require(&Principal::Naming, "an election") {

@@ -15,10 +15,13 @@ const ANSWER_WAIT_MS: u64 = 2_000;
 
 /// What a client does.
 pub enum Work {
-    /// Sends `batches` batches of up to 3 records, `window` in flight.
-    Produce { producer: u64, batches: u32, window: usize },
-    /// Reads through `subscription` and acknowledges what it read, pausing between reads.
-    Consume { subscription: String, pause_ms: u64 },
+    /// Sends `batches` batches of up to 3 records, `window` in flight, pausing `pause_ms`
+    /// after each ack (so topics idle, and their followers park, between batches).
+    Produce { producer: u64, batches: u32, window: usize, pause_ms: u64 },
+    /// Reads through `subscription` and acknowledges what it read, pausing between reads;
+    /// with `from_replicas`, every other read goes to a random replica without a session
+    /// (as `client::ReadFrom::Replica` does), and to the leader after an empty or failed one.
+    Consume { subscription: String, pause_ms: u64, from_replicas: bool },
     /// Creates, resets, deletes and checks the subscriptions `names`.
     Admin { names: Vec<String> },
 }
@@ -34,13 +37,25 @@ enum SubState {
 
 enum Asked {
     Lookup,
-    Produce { sequence: u64 },
-    Create { name: String },
+    Produce {
+        sequence: u64,
+    },
+    Create {
+        name: String,
+    },
     Fetch,
+    /// A read at a replica, without a session.
+    ReplicaFetch,
     Ack,
-    Delete { name: String },
-    Reset { name: String },
-    Check { name: String },
+    Delete {
+        name: String,
+    },
+    Reset {
+        name: String,
+    },
+    Check {
+        name: String,
+    },
 }
 
 pub struct SimClient {
@@ -58,6 +73,10 @@ pub struct SimClient {
     next_sequence: u64,
     /// Consumer: the subscription exists; where this session reads next.
     ready: bool,
+    /// The topic's replicas, as the last lookup said.
+    replicas: Vec<ServerId>,
+    /// Consumer: the next read goes to the leader (a replica read came back empty or failed).
+    leader_next: bool,
     position: Option<Offset>,
     session: u64,
     /// Admin: what it believes of each subscription.
@@ -88,6 +107,8 @@ impl SimClient {
             inflight: VecDeque::new(),
             next_sequence: 0,
             ready: false,
+            replicas: Vec::new(),
+            leader_next: false,
             position: None,
             session: node,
             subs,
@@ -120,6 +141,7 @@ impl SimClient {
                     Asked::Produce { sequence } => format!("produce {sequence}"),
                     Asked::Create { name } => format!("create {name}"),
                     Asked::Fetch => "fetch".into(),
+                    Asked::ReplicaFetch => "replica fetch".into(),
                     Asked::Ack => "ack".into(),
                     Asked::Delete { name } => format!("delete {name}"),
                     Asked::Reset { name } => format!("reset {name}"),
@@ -261,6 +283,24 @@ impl SimClient {
                     };
                     return self.ask(ctx, to, req, Asked::Create { name }, next_id);
                 }
+                let from_replicas = matches!(self.work, Work::Consume { from_replicas: true, .. });
+                if let (true, Some(at), false) = (from_replicas, self.position, self.leader_next) {
+                    if !self.replicas.is_empty() {
+                        self.leader_next = true; // every other read at the leader keeps the hold
+                        let replica = self.replicas[ctx.rng.usize(0..self.replicas.len())];
+                        let req = Request::Fetch {
+                            topic,
+                            subscription: sub,
+                            from: Some(at),
+                            max_records: 20,
+                            max_bytes: 1 << 20,
+                            max_wait_ms: 0,
+                            session: None,
+                        };
+                        return self.ask(ctx, server_node(replica), req, Asked::ReplicaFetch, next_id);
+                    }
+                }
+                self.leader_next = false;
                 let session =
                     ConsumerSession { id: self.session, name: format!("sim consumer {}", self.node) };
                 let req = Request::Fetch {
@@ -338,10 +378,68 @@ impl SimClient {
         self.tick(ctx, next_id);
     }
 
+    /// A consumer's read: checked (committed, dense, in order) and acknowledged at the leader.
+    fn read(
+        &mut self,
+        ctx: &mut Ctx,
+        records: Vec<crate::wire::StoredRecord>,
+        evicted: Option<crate::wire::Evicted>,
+    ) {
+        let topic = self.topic_id.unwrap_or(0);
+        let sub = self.subscription().unwrap_or_default().to_string();
+        if let Some(e) = evicted {
+            ctx.checker.evicted(topic, e.resume_at);
+            self.position = self.position.map(|p| p.max(e.resume_at));
+        }
+        if self.position.is_none() {
+            if let Some(first) = records.first() {
+                ctx.checker.resumed(topic, &sub, first.offset);
+            }
+        }
+        for r in &records {
+            let expected = self.position.unwrap_or(r.offset);
+            if r.offset != expected {
+                ctx.checker.violations.push(super::check::Violation(format!(
+                    "G2: {sub} read offset {} where {expected} was next",
+                    r.offset
+                )));
+            }
+            let payload = String::from_utf8_lossy(&r.record.payload).to_string();
+            ctx.checker.saw_committed(topic, r.offset, &payload, "a consumer");
+            ctx.checker.read.insert((topic, r.offset));
+            self.position = Some(r.offset + 1);
+        }
+        let pause = match self.work {
+            Work::Consume { pause_ms, .. } => pause_ms,
+            _ => 0,
+        };
+        self.next_at = ctx.now + pause;
+        match (records.last(), self.leader) {
+            (Some(last), Some(leader)) => {
+                let req = Request::Ack {
+                    topic: self.topic.clone(),
+                    subscription: SubscriptionName::new(sub).expect("valid name"),
+                    next: last.offset + 1,
+                    session: None,
+                };
+                let id = ctx.rng.u64(..) | (1 << 62);
+                self.asked.insert(id, (ctx.now + ANSWER_WAIT_MS, Asked::Ack));
+                ctx.send(self.node, server_node(leader), Payload::Request { id, req: Box::new(req) });
+            }
+            _ => self.next_at = ctx.now + pause + 20 + ctx.rng.u64(0..30),
+        }
+    }
+
     fn answered(&mut self, ctx: &mut Ctx, asked: Asked, result: Result<Response, Error>) {
         let topic = self.topic_id.unwrap_or(0);
         if let Err(e) = &result {
             self.last_error = Some(format!("at {}: {e}", ctx.now));
+            if let Asked::ReplicaFetch = asked {
+                // The replica is down, behind, or no longer one: the next read is the leader's.
+                self.leader_next = true;
+                self.next_at = ctx.now;
+                return;
+            }
             if let Asked::Lookup = asked {
                 self.naming.failed(e);
                 self.next_at = ctx.now + 50;
@@ -363,6 +461,13 @@ impl SimClient {
             if e.is_retriable() || matches!(e, Error::Unauthorized { .. }) {
                 return self.lost_leader(ctx);
             }
+            // What a replica read showed committed, a deposed leader that does not know yet
+            // may not have committed: the ack goes to the leader looked up again (as
+            // `client::Consumer` does).
+            let replica_reads = matches!(self.work, Work::Consume { from_replicas: true, .. });
+            if let (Error::OffsetBeyondEnd { .. }, Asked::Ack, true) = (e, &asked, replica_reads) {
+                return self.lost_leader(ctx);
+            }
             if let (Error::BacklogFull { .. }, Asked::Produce { .. }) = (e, &asked) {
                 // Refused for room: the same batch goes again once readers freed some.
                 for b in self.inflight.iter_mut() {
@@ -377,6 +482,7 @@ impl SimClient {
             (Asked::Lookup, Ok(Response::Topic(info))) => {
                 self.topic_id = Some(info.id);
                 self.leader = info.leader_addr().map(server_of);
+                self.replicas = info.replicas.iter().map(|r| server_of(r.addr)).collect();
                 self.next_at = ctx.now;
                 if self.leader.is_none() {
                     self.next_at = ctx.now + 50;
@@ -398,11 +504,14 @@ impl SimClient {
                             payloads.len()
                         )));
                     }
-                    let producer = match self.work {
-                        Work::Produce { producer, .. } => producer,
-                        _ => 0,
+                    let (producer, pause) = match self.work {
+                        Work::Produce { producer, pause_ms, .. } => (producer, pause_ms),
+                        _ => (0, 0),
                     };
                     ctx.checker.produced(topic, producer, sequence, base, &payloads);
+                    if pause > 0 {
+                        self.next_at = self.next_at.max(ctx.now + pause);
+                    }
                 }
             }
             (Asked::Create { name }, Ok(Response::Cursor { cursor })) => {
@@ -431,49 +540,23 @@ impl SimClient {
                     "subscription {name} (created, never deleted) failed a read: {e}"
                 )));
             }
+            (Asked::ReplicaFetch, Ok(Response::Records { records, .. })) if records.is_empty() => {
+                self.leader_next = true;
+                self.next_at = ctx.now;
+            }
+            (Asked::ReplicaFetch, Ok(Response::Records { records, commit, .. })) => {
+                if std::env::var("HERALD_SIM_DEBUG").is_ok() {
+                    super::server::note(format!(
+                        "client {}: read {}..={} at a replica that knows commit {commit}",
+                        self.node,
+                        records[0].offset,
+                        records[records.len() - 1].offset
+                    ));
+                }
+                self.read(ctx, records, None);
+            }
             (Asked::Fetch, Ok(Response::Records { records, evicted, .. })) => {
-                let sub = self.subscription().unwrap_or_default().to_string();
-                if let Some(e) = evicted {
-                    ctx.checker.evicted(topic, e.resume_at);
-                    self.position = self.position.map(|p| p.max(e.resume_at));
-                }
-                if self.position.is_none() {
-                    if let Some(first) = records.first() {
-                        ctx.checker.resumed(topic, &sub, first.offset);
-                    }
-                }
-                for r in &records {
-                    let expected = self.position.unwrap_or(r.offset);
-                    if r.offset != expected {
-                        ctx.checker.violations.push(super::check::Violation(format!(
-                            "G2: {sub} read offset {} where {expected} was next",
-                            r.offset
-                        )));
-                    }
-                    let payload = String::from_utf8_lossy(&r.record.payload).to_string();
-                    ctx.checker.saw_committed(topic, r.offset, &payload, "a consumer");
-                    ctx.checker.read.insert((topic, r.offset));
-                    self.position = Some(r.offset + 1);
-                }
-                let pause = match self.work {
-                    Work::Consume { pause_ms, .. } => pause_ms,
-                    _ => 0,
-                };
-                self.next_at = ctx.now + pause;
-                match (records.last(), self.leader) {
-                    (Some(last), Some(leader)) => {
-                        let req = Request::Ack {
-                            topic: self.topic.clone(),
-                            subscription: SubscriptionName::new(sub).expect("valid name"),
-                            next: last.offset + 1,
-                            session: None,
-                        };
-                        let id = ctx.rng.u64(..) | (1 << 62);
-                        self.asked.insert(id, (ctx.now + ANSWER_WAIT_MS, Asked::Ack));
-                        ctx.send(self.node, server_node(leader), Payload::Request { id, req: Box::new(req) });
-                    }
-                    _ => self.next_at = ctx.now + pause + 20 + ctx.rng.u64(0..30),
-                }
+                self.read(ctx, records, evicted);
             }
             (Asked::Ack, Ok(Response::Cursor { cursor })) => {
                 let sub = self.subscription().unwrap_or_default().to_string();

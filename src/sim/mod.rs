@@ -49,6 +49,9 @@ use crate::replica::Assignment;
 use crate::types::{ServerId, TopicId, TopicName};
 use crate::wire::{ReplicaInfo, Request, TopicConfig};
 
+/// The real servers' idle fetch wait, in ms.
+const REPLICA_FETCH_WAIT_MS: u64 = crate::replica::REPLICA_FETCH_WAIT.as_millis() as u64;
+
 /// A fault the simulator injects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -110,11 +113,18 @@ pub struct Config {
     pub backlog: Option<u64>,
     /// A consumer pauses this long between reads (so backlogs build up).
     pub consumer_pause_ms: u64,
+    /// A producer pauses this long after each ack (so topics idle and wake again).
+    pub producer_pause_ms: u64,
+    /// Consumers read from replicas too (`client::ReadFrom::Replica`).
+    pub replica_reads: bool,
     /// Applied entries a replica keeps before it compacts (small, so followers restart from
     /// the leader's state often).
     pub retention: crate::storage::Retention,
     /// Members of the naming group (1 or 3).
     pub naming_members: u64,
+    /// How long a leader holds an idle follower's fetch before it parks (short, so topics
+    /// park and wake often within a run).
+    pub fetch_wait_ms: u64,
 }
 
 impl Config {
@@ -157,8 +167,11 @@ impl Config {
             max_fsync_ms: 3,
             backlog: None,
             consumer_pause_ms: 0,
+            producer_pause_ms: 0,
+            replica_reads: false,
             retention: crate::storage::Retention::default(),
             naming_members: 1,
+            fetch_wait_ms: REPLICA_FETCH_WAIT_MS,
         };
         config.max_fsync_ms = [1, 3, 10, 30][rng.usize(0..4)];
         if rng.u32(0..3) > 0 {
@@ -182,6 +195,9 @@ impl Config {
                 }
             }
         }
+        config.fetch_wait_ms = [REPLICA_FETCH_WAIT_MS, 1_000, 300, 100][rng.usize(0..4)];
+        config.producer_pause_ms = [0, 0, 100, 250][rng.usize(0..4)];
+        config.replica_reads = rng.bool();
         config
     }
 
@@ -207,8 +223,11 @@ impl Config {
             max_fsync_ms: 5,
             backlog: None,
             consumer_pause_ms: 0,
+            producer_pause_ms: 0,
+            replica_reads: false,
             retention: crate::storage::Retention { retained: 8, batch: 4 },
             naming_members,
+            fetch_wait_ms: 300,
         }
     }
 }
@@ -388,6 +407,8 @@ impl World {
             ("its preferred leader,", "preferred leaders elected"),
             ("asked for all its reports", "reports resent on request"),
             ("for its list", "follower lists asked for"),
+            ("parked fetch woken", "parked fetches woken"),
+            ("park poll to", "park polls failed"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -411,6 +432,7 @@ impl World {
             max_fsync_ms: self.config.max_fsync_ms,
             retention: self.config.retention,
             naming_members: self.config.naming_members,
+            fetch_wait_ms: self.config.fetch_wait_ms,
         }
     }
 
@@ -875,13 +897,22 @@ impl World {
                 FIRST_CLIENT + self.clients.len() as NodeId,
                 members,
                 name.clone(),
-                Work::Consume { subscription: format!("c{i}"), pause_ms: self.config.consumer_pause_ms },
+                Work::Consume {
+                    subscription: format!("c{i}"),
+                    pause_ms: self.config.consumer_pause_ms,
+                    from_replicas: self.config.replica_reads,
+                },
             ));
             self.clients.push(SimClient::new(
                 FIRST_CLIENT + self.clients.len() as NodeId,
                 members,
                 name.clone(),
-                Work::Produce { producer, batches: self.config.batches, window: self.config.window },
+                Work::Produce {
+                    producer,
+                    batches: self.config.batches,
+                    window: self.config.window,
+                    pause_ms: self.config.producer_pause_ms,
+                },
             ));
             if self.config.admin {
                 self.clients.push(SimClient::new(
@@ -1109,7 +1140,7 @@ impl World {
         if !self.clients.is_empty() {
             for (i, name) in self.topics.clone().into_iter().enumerate() {
                 let node = FIRST_CLIENT + self.clients.len() as NodeId;
-                let work = Work::Produce { producer: 0x2000 + i as u64, batches: 3, window: 1 };
+                let work = Work::Produce { producer: 0x2000 + i as u64, batches: 3, window: 1, pause_ms: 0 };
                 self.clients.push(SimClient::new(node, self.config.naming_members, name, work));
                 self.at(self.now, Event::ClientTimer(self.clients.len() - 1));
             }

@@ -13,9 +13,10 @@ use tokio::sync::oneshot;
 use super::check::Checker;
 use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use crate::error::Error;
-use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES, REPLICA_FETCH_WAIT};
+use crate::replica::{AckState, Assignment, FollowerStep, Replica, REPLICA_FETCH_BYTES};
+use crate::replica::{Parking, PARK_WAIT};
 use crate::replication::FetchDecision;
-use crate::replication::{AliveBook, AliveOutcome};
+use crate::replication::{AliveBook, AliveOutcome, Next, ParkBook, ParkLot, ParkedFetch};
 use crate::server::{read_committed, topic_report, Followed, ReportLedger, Told};
 use crate::storage::faults::SimDisk;
 use crate::storage::{
@@ -75,6 +76,8 @@ pub struct Timing {
     pub retention: crate::storage::Retention,
     /// Members of the naming group.
     pub naming_members: u64,
+    /// How long a leader holds an idle follower's fetch (`replica::REPLICA_FETCH_WAIT`).
+    pub fetch_wait_ms: u64,
 }
 
 type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
@@ -93,6 +96,10 @@ enum Outgoing {
         topic: TopicId,
         epoch: Epoch,
         state: Box<LogState>,
+    },
+    /// A poll for the topics parked on `leader`.
+    Park {
+        leader: ServerId,
     },
 }
 
@@ -118,10 +125,21 @@ struct HeldFetch {
     deadline: u64,
 }
 
+/// A follower's poll for its parked topics, held by the leader until one has news.
+struct HeldPoll {
+    to: NodeId,
+    id: u64,
+    follower: ServerId,
+    poll: u64,
+    deadline: u64,
+}
+
 /// A follower's loop, as a state machine.
 struct Follow {
     assignment: Assignment,
     in_flight: Option<u64>,
+    /// Parked on the leader's session (`replication::park`) until woken.
+    parked: bool,
     /// A write of the last answer is under way.
     writing: bool,
     next_at: u64,
@@ -161,6 +179,11 @@ pub struct Running {
     told: Told<ServerId>,
     /// What followers said of the topics this server leads.
     alive: AliveBook,
+    /// Followers' fetches parked on this server, and their polls.
+    park_book: ParkBook,
+    held_polls: Vec<HeldPoll>,
+    /// This server's parked fetches, by leader (the waker is the topic).
+    park_lot: ParkLot<TopicId>,
     next_id: Arc<AtomicU64>,
     timing: Timing,
 }
@@ -240,6 +263,9 @@ impl SimServer {
             followed: Followed::default(),
             told: Told::default(),
             alive: AliveBook::default(),
+            park_book: ParkBook::default(),
+            held_polls: Vec::new(),
+            park_lot: ParkLot::default(),
             next_id,
             timing,
         };
@@ -379,6 +405,17 @@ impl Running {
                 AckState::Waiting => self.waits.push(w),
             }
         }
+        for (id, h) in &self.hosted {
+            let state = h.replica.log.state();
+            self.park_book.on_change(*id, |f| Parking::news(&state, f));
+        }
+        let polls = std::mem::take(&mut self.held_polls);
+        for p in polls {
+            match self.park_book.answer(p.follower, p.poll, now >= p.deadline) {
+                Some(woken) => self.respond(ctx, p.to, p.id, Response::Woken(woken)),
+                None => self.held_polls.push(p),
+            }
+        }
         let held = std::mem::take(&mut self.held);
         for f in held {
             let Some(h) = self.hosted.get(&f.topic) else { continue };
@@ -499,10 +536,29 @@ impl Running {
         self.outgoing.values().any(|(_, k)| matches!(k, Outgoing::Register | Outgoing::Heartbeat))
     }
 
+    /// Keeps a poll held at every leader something is parked on, with the new registrations
+    /// (as `replica::park`'s session tasks do).
+    fn send_polls(&mut self, ctx: &mut Ctx) {
+        for leader in self.park_lot.leaders() {
+            while let Next::Send(parked) = self.park_lot.next(leader) {
+                let req =
+                    Request::Park { replica: self.id, parked, max_wait_ms: PARK_WAIT.as_millis() as u32 };
+                let timeout = (PARK_WAIT.min(crate::transport::IDLE_TIMEOUT)).as_millis() as u64 + 2_000;
+                let req_id = self.new_id();
+                self.outgoing.insert(req_id, (ctx.now + timeout, Outgoing::Park { leader }));
+                ctx.send(
+                    self.node(),
+                    server_node(leader),
+                    Payload::Request { id: req_id, req: Box::new(req) },
+                );
+            }
+        }
+    }
+
     fn fetch_if_due(&mut self, ctx: &mut Ctx, id: TopicId) {
         let Some(h) = self.hosted.get(&id) else { return };
         let Some(f) = &h.follow else { return };
-        if f.in_flight.is_some() || f.writing || f.next_at > ctx.now {
+        if f.in_flight.is_some() || f.writing || f.parked || f.next_at > ctx.now {
             return;
         }
         let state = h.replica.log.state();
@@ -515,11 +571,12 @@ impl Running {
             fetch: Replica::fetch_request(&state, &assignment),
             known_commit: state.commit_index,
             max_bytes: REPLICA_FETCH_BYTES,
-            max_wait_ms: REPLICA_FETCH_WAIT.as_millis() as u32,
+            max_wait_ms: self.timing.fetch_wait_ms as u32,
         };
         // A real follower learns its connection died within QUIC's idle timeout, however
         // long the leader may hold the fetch: a fetch the network lost is asked again then.
-        let timeout = REPLICA_FETCH_WAIT.min(crate::transport::IDLE_TIMEOUT).as_millis() as u64 + 2_000;
+        let timeout =
+            self.timing.fetch_wait_ms.min(crate::transport::IDLE_TIMEOUT.as_millis() as u64) + 2_000;
         let epoch = assignment.epoch;
         let kind = Outgoing::Fetch { topic: id, epoch, state: Box::new(state) };
         let req_id = self.new_id();
@@ -601,6 +658,28 @@ impl Running {
                     self.naming_retry(ctx);
                 }
             },
+            Outgoing::Park { leader } => {
+                let woken = match answer {
+                    Ok(Response::Woken(woken)) => self.park_lot.answered(leader, &woken),
+                    _ => {
+                        let all = self.park_lot.failed(leader);
+                        note(format!(
+                            "server {}: park poll to {leader} failed; {} topics wake",
+                            self.id,
+                            all.len()
+                        ));
+                        all
+                    }
+                };
+                for topic in woken {
+                    note(format!("server {} topic {topic}: parked fetch woken", self.id));
+                    if let Some(f) = self.hosted.get_mut(&topic).and_then(|h| h.follow.as_mut()) {
+                        f.parked = false;
+                        f.next_at = ctx.now;
+                    }
+                }
+                self.send_polls(ctx);
+            }
             Outgoing::Alive { leader, digest, sent_list } => {
                 self.told.answered(leader, digest, sent_list, matches!(answer, Ok(Response::Noted)));
             }
@@ -648,7 +727,15 @@ impl Running {
                 }
                 match step {
                     FollowerStep::Idle => {
-                        f.next_at = ctx.now;
+                        f.parked = true;
+                        let fetch = ParkedFetch {
+                            topic,
+                            epoch: Replica::fetch_request(&state, &f.assignment).epoch,
+                            from: state.end_index,
+                            known_commit: state.commit_index,
+                        };
+                        self.park_lot.park(f.assignment.leader, fetch, topic);
+                        self.send_polls(ctx);
                     }
                     FollowerStep::Append(chunk) => {
                         f.writing = true;
@@ -699,6 +786,8 @@ impl Running {
         for id in gone {
             self.hosted.remove(&id);
             self.store.changed_topics().mark(id); // no longer followed
+            self.park_book.wake_topic(id);
+            self.park_lot.unpark(id);
             self.waits.retain(|w| w.topic != id);
             self.held.retain(|f| f.topic != id);
             self.submit(|reply| Command::DeleteTopic { id, reply }, |_, _, _| {});
@@ -751,14 +840,15 @@ impl Running {
         self.submit(
             |reply| Command::Assign { topic: id, voters, learners, leader, epoch, reply },
             move |run, _, result: Result<(), Error>| {
-                let Some(h) = run.hosted.get_mut(&id) else {
-                    run.naming.reconciling -= 1;
-                    return;
-                };
-                if result.is_err() {
+                if !run.hosted.contains_key(&id) || result.is_err() {
                     run.naming.reconciling -= 1;
                     return;
                 }
+                // As `Replica::apply`: followers parked here wake, and what this server
+                // parked for the topic is forgotten.
+                run.park_book.wake_topic(id);
+                run.park_lot.unpark(id);
+                let h = run.hosted.get_mut(&id).expect("hosted");
                 if h.replica.leads(&assignment) {
                     h.follow = None;
                     h.replica.await_lead();
@@ -795,8 +885,14 @@ impl Running {
                     run.naming.reconciling -= 1;
                     h.replica.take_follow(&assignment);
                     h.refused = None;
-                    h.follow =
-                        Some(Follow { assignment, in_flight: None, writing: false, next_at: 0, backoff: 20 });
+                    h.follow = Some(Follow {
+                        assignment,
+                        in_flight: None,
+                        parked: false,
+                        writing: false,
+                        next_at: 0,
+                        backoff: 20,
+                    });
                 }
             },
         );
@@ -1001,7 +1097,7 @@ impl Running {
                         Err(e) => Response::Error(e),
                     },
                     FetchDecision::Serve { from: at } => {
-                        let wait = (max_wait_ms as u64).min(REPLICA_FETCH_WAIT.as_millis() as u64);
+                        let wait = (max_wait_ms as u64).min(self.timing.fetch_wait_ms);
                         self.held.push(HeldFetch {
                             to: from,
                             id,
@@ -1032,6 +1128,18 @@ impl Running {
                     }
                 };
                 self.respond(ctx, from, id, answer);
+            }
+            Request::Park { replica: follower, parked, max_wait_ms } => {
+                for fetch in parked {
+                    let news = self
+                        .hosted
+                        .get(&fetch.topic)
+                        .is_none_or(|h| Parking::news(&h.replica.log.state(), &fetch));
+                    self.park_book.park(follower, fetch, news);
+                }
+                let poll = self.park_book.hold(follower);
+                let wait = (max_wait_ms as u64).min(PARK_WAIT.as_millis() as u64);
+                self.held_polls.push(HeldPoll { to: from, id, follower, poll, deadline: now + wait });
             }
             Request::Promise { topic_id, epoch, .. } => {
                 let Some(h) = self.hosted.get(&topic_id) else {

@@ -320,6 +320,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::DeleteTopics { .. } => "DeleteTopics",
         Request::Rebalance => "Rebalance",
         Request::FollowerAlive { .. } => "FollowerAlive",
+        Request::Park { .. } => "Park",
     }
 }
 

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use herald::client::{BatchAck, Client};
+use herald::client::{BatchAck, Client, ReadFrom};
 use herald::types::{StartFrom, SubscriptionName, TopicName};
 use herald::wire::Record;
 
@@ -78,10 +78,16 @@ pub struct Reader {
 
 impl Reader {
     pub async fn start(client: &Arc<Client>, topic: &TopicName, sub: &str) -> Reader {
+        Self::start_reading(client, topic, sub, ReadFrom::Leader).await
+    }
+
+    /// A reader that reads from `from` (acks go to the leader either way).
+    pub async fn start_reading(client: &Arc<Client>, topic: &TopicName, sub: &str, from: ReadFrom) -> Reader {
         let mut consumer = client
             .consumer(topic.clone(), SubscriptionName::new(sub).unwrap(), StartFrom::Earliest)
             .await
-            .unwrap();
+            .unwrap()
+            .read_from(from);
         let want = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
         let target = want.clone();
         let task = tokio::spawn(async move {

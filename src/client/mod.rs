@@ -9,6 +9,12 @@
 //! carries the producer id and a sequence number; after a failure the producer resends every
 //! unacknowledged batch, in order, with the same numbers, and the leader answers the ones it
 //! already stored from its dedup window: a retry never makes a second copy (G4).
+//!
+//! The [`Consumer`] is in `consumer.rs`.
+
+mod consumer;
+
+pub use consumer::{replica_for, Consumer, ReadFrom, FETCH_BYTES};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -26,13 +32,13 @@ use crate::acl::{AclView, Grant};
 use crate::certs::{self, CertRole, Identity};
 use crate::error::Error;
 use crate::storage::PRODUCER_DEDUP_WINDOW;
-use crate::transport::{self, Connection, FrameWriter, FramedStream};
+use crate::transport::{self, Connection, FrameWriter};
 use crate::types::{
     NamingAddrs, Offset, ProducerId, ServerId, StartFrom, SubscriptionName, TopicName, MAX_TOPICS_PER_REQUEST,
 };
 use crate::wire::{
-    ConsumerSession, Evicted, LeaderMove, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo,
-    StoredRecord, SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
+    ConsumerSession, LeaderMove, Record, Request, ResetOutcome, ResetTo, Response, ServerInfo,
+    SubscriptionInfo, TopicChanges, TopicConfig, TopicInfo, TopicStatus,
 };
 
 /// Batches a producer keeps in flight by default.
@@ -547,20 +553,7 @@ impl Client {
         self.create_subscription(&topic, &subscription, from, true).await?;
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("consumer pid {} on {}", std::process::id(), host.trim());
-        Ok(Consumer {
-            client: self.clone(),
-            topic,
-            subscription,
-            session: ConsumerSession { id: fastrand::u64(1..), name },
-            evicted: None,
-            told: 0,
-            stream: None,
-            conn: None,
-            acks_in_flight: VecDeque::new(),
-            position: None,
-            commit: 0,
-            fetch_bytes: FETCH_BYTES,
-        })
+        Ok(Consumer::new(self.clone(), topic, subscription, ConsumerSession { id: fastrand::u64(1..), name }))
     }
 
     /// Closes every connection and waits briefly for the close to reach the peers.
@@ -855,266 +848,8 @@ impl ProducerTask {
     }
 }
 
-/// Reads a topic through a durable subscription.
-pub struct Consumer {
-    client: Arc<Client>,
-    topic: TopicName,
-    subscription: SubscriptionName,
-    /// Holds the subscription at the leader while this consumer reads (one consumer per
-    /// subscription at a time).
-    session: ConsumerSession,
-    /// Evictions reported by the server and not yet taken by the caller.
-    evicted: Option<Evicted>,
-    /// Evicted records the server's notices counted so far (it repeats a notice until an
-    /// ack moves the cursor on, which clears its count).
-    told: u64,
-    stream: Option<FramedStream>,
-    /// The connection `stream` runs on; acks sent ahead use their own streams on it.
-    conn: Option<Connection>,
-    /// Acks sent ahead by [`poll`](Self::poll), not awaited there: the server answers an ack
-    /// once a majority holds the cursor, and a poll must not wait behind that.
-    acks_in_flight: VecDeque<JoinHandle<Result<Response, Error>>>,
-    /// Next offset to read in this session; `None` until the first fetch, which starts at
-    /// the subscription's committed cursor.
-    position: Option<Offset>,
-    commit: Offset,
-    /// `max_bytes` of the next fetch: [`FETCH_BYTES`], raised to the size of a larger record
-    /// when the server says one does not fit.
-    fetch_bytes: u32,
-}
-
 /// Topics asked for per page of [`Client::list_topics`].
 const TOPIC_PAGE_SIZE: u32 = 1000;
-
-/// Acks a consumer keeps in flight before it waits for the oldest.
-const MAX_ACKS_IN_FLIGHT: usize = 32;
-
-/// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its
-/// connection's memory budget at the server while it waits (`transport::CONNECTION_BUDGET`),
-/// so it is kept well below the largest fetch; ~1 MiB is thousands of typical records.
-pub const FETCH_BYTES: u32 = 1024 * 1024;
-
-impl Consumer {
-    /// The next offset this consumer will read, once known.
-    pub fn position(&self) -> Option<Offset> {
-        self.position
-    }
-
-    /// One round trip on the consumer's stream, reconnecting through the naming server on
-    /// retriable failures. `ack` (if any) rides in front of `req` on the same stream.
-    async fn exchange(
-        &mut self,
-        ack: Option<Offset>,
-        wait: Duration,
-        req: impl Fn(Option<Offset>) -> Request,
-    ) -> Result<Response, Error> {
-        let mut backoff = Backoff::new(self.client.retry_deadline);
-        let limit = wait + POLL_GRACE;
-        loop {
-            let result = async {
-                if self.stream.is_none() {
-                    let conn = self.client.leader(&self.topic).await?;
-                    self.stream = Some(conn.open().await?);
-                    self.conn = Some(conn);
-                }
-                let stream = self.stream.as_mut().expect("stream");
-                if let Some(next) = ack {
-                    stream.queue(&Request::Ack {
-                        topic: self.topic.clone(),
-                        subscription: self.subscription.clone(),
-                        next,
-                        session: Some(self.session.clone()),
-                    })?;
-                }
-                stream.queue(&req(self.position))?;
-                stream.flush().await?;
-                if ack.is_some() {
-                    stream.recv().await?;
-                }
-                stream.recv().await
-            };
-            // A dead server sends nothing: do not wait for the idle timeout to say so.
-            let result = match tokio::time::timeout(limit, result).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::Unavailable {
-                    detail: format!("no answer from the leader of {} in {limit:?}", self.topic),
-                }),
-            };
-            if result.as_ref().is_err_and(|e| e.is_retriable() || matches!(e, Error::OffsetBeyondEnd { .. }))
-            {
-                self.client.suspect(&self.topic);
-            }
-            if result.is_err() {
-                // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
-                // Ack): never reuse it.
-                self.conn = None;
-                if let Some(mut s) = self.stream.take() {
-                    s.finish();
-                    if matches!(result, Err(Error::Unavailable { .. })) {
-                        self.client.forget_server(s.peer()).await;
-                    }
-                }
-            }
-            // A consumer reads and acks committed offsets only: one beyond the end is a new
-            // leader whose commit point has not caught up yet (it does within a round trip to
-            // its followers). Retried like a lost leader, not fatal to the consumer.
-            let catching_up = matches!(result, Err(Error::OffsetBeyondEnd { .. }));
-            match result {
-                Err(e) if e.is_retriable() || catching_up => {
-                    debug!(error = %e, "consumer retrying");
-                    if !backoff.wait().await {
-                        return Err(e);
-                    }
-                }
-                other => return other,
-            }
-        }
-    }
-
-    /// Fetches the next records (up to `max_records`), waiting up to `wait` for the first.
-    /// `ack`, if given, first moves the subscription's cursor to that offset.
-    pub async fn poll(
-        &mut self,
-        max_records: u32,
-        wait: Duration,
-        ack: Option<Offset>,
-    ) -> Result<Vec<StoredRecord>, Error> {
-        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
-        let session = Some(self.session.clone());
-        let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
-        // Send the ack ahead on its own stream, so this fetch does not wait for the cursor
-        // move to replicate. Acks are cumulative: a lost one is covered by the next.
-        let mut piggyback = None;
-        if let Some(next) = ack {
-            match &self.conn {
-                Some(conn) => {
-                    let (conn, req) = (
-                        conn.clone(),
-                        Request::Ack {
-                            topic: topic.clone(),
-                            subscription: subscription.clone(),
-                            next,
-                            session: session.clone(),
-                        },
-                    );
-                    self.acks_in_flight.push_back(tokio::spawn(async move { conn.call(&req).await }));
-                    while self.acks_in_flight.len() > MAX_ACKS_IN_FLIGHT {
-                        if let Some(oldest) = self.acks_in_flight.pop_front() {
-                            let _ = oldest.await;
-                        }
-                    }
-                }
-                None => piggyback = Some(next),
-            }
-        }
-        let resp = loop {
-            let max_bytes = self.fetch_bytes;
-            let result = self
-                .exchange(piggyback, wait, |from| Request::Fetch {
-                    topic: topic.clone(),
-                    subscription: subscription.clone(),
-                    from,
-                    max_records,
-                    max_bytes,
-                    max_wait_ms: wait_ms,
-                    session: session.clone(),
-                })
-                .await;
-            match result {
-                // The next record is larger than we asked for: ask again with room for it.
-                Err(Error::FetchTooSmall { size, .. })
-                    if size > max_bytes as u64 && size <= crate::server::MAX_FETCH_BYTES as u64 =>
-                {
-                    self.fetch_bytes = size as u32;
-                }
-                other => break other?,
-            }
-        };
-        match resp {
-            Response::Records { records, commit, evicted, .. } => {
-                if let Some(e) = evicted {
-                    // The backlog policy moved the subscription past what we had read. The
-                    // server repeats the notice until we ack past it: count each record once.
-                    self.position = self.position.map(|p| p.max(e.resume_at));
-                    let new = e.records.saturating_sub(self.told);
-                    self.told = self.told.max(e.records);
-                    if new > 0 {
-                        self.evicted = Some(match self.evicted {
-                            Some(before) => Evicted { records: before.records + new, ..e },
-                            None => Evicted { records: new, ..e },
-                        });
-                    }
-                }
-                // Until a record arrives, keep reading from the subscription's cursor.
-                if let Some(last) = records.last() {
-                    self.position = Some(last.offset + 1);
-                }
-                self.commit = commit;
-                Ok(records)
-            }
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Records the topic's backlog policy skipped for this subscription before it read them,
-    /// reported since the last call.
-    pub fn take_evicted(&mut self) -> Option<Evicted> {
-        self.evicted.take()
-    }
-
-    /// The commit offset the last poll saw: with an empty poll and no wait, the consumer has
-    /// read everything committed up to then.
-    pub fn last_commit(&self) -> Offset {
-        self.commit
-    }
-
-    /// Moves the subscription's cursor to `next` (everything before it is processed) and
-    /// waits until a majority holds it (and every ack sent ahead has been answered).
-    pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
-        for pending in self.acks_in_flight.drain(..) {
-            // Their outcome does not matter: this ack is cumulative and authoritative.
-            let _ = pending.await;
-        }
-        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
-        let session = Some(self.session.clone());
-        match self
-            .exchange(None, Duration::ZERO, move |_| Request::Ack {
-                topic: topic.clone(),
-                subscription: subscription.clone(),
-                next,
-                session: session.clone(),
-            })
-            .await?
-        {
-            Response::Cursor { cursor } => Ok(cursor),
-            other => Err(unexpected(other)),
-        }
-    }
-
-    /// Ends the consumer's stream.
-    pub fn close(&mut self) {
-        if let Some(mut s) = self.stream.take() {
-            s.finish();
-        }
-    }
-
-    /// Lets go of the subscription, so another consumer can take it at once instead of after
-    /// this one's session lease. Best effort: if the leader cannot be reached, the lease ends
-    /// the session anyway.
-    pub async fn release(mut self) {
-        for ack in self.acks_in_flight.drain(..) {
-            let _ = ack.await;
-        }
-        self.close();
-        let req = Request::Release {
-            topic: self.topic.clone(),
-            subscription: self.subscription.clone(),
-            session: self.session.id,
-        };
-        let _ =
-            tokio::time::timeout(Duration::from_secs(2), self.client.leader_call(&self.topic, &req)).await;
-    }
-}
 
 /// A topic's leader as the client last learned it.
 #[derive(Debug, Clone)]

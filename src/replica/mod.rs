@@ -17,7 +17,12 @@
 //! simulator (`crate::sim`) both call; the tasks only carry messages and wait.
 //!
 //! All topics of a pair of servers share one QUIC connection; each (topic, follower) has its
-//! own stream on it.
+//! own stream on it. A topic with nothing new parks its fetch on the pair's one long poll
+//! (`replica::park`, rules in [`crate::replication::ParkBook`]), so idle topics cost no round trips.
+
+mod park;
+
+pub use park::{Parking, PARK_WAIT};
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -31,8 +36,8 @@ use tracing::{debug, info, warn};
 
 use crate::error::Error;
 use crate::replication::{
-    committed, truncation_point, AliveBook, FetchDecision, FetchRequest, Leader, LogView, ReplicaChunk,
-    ReplicaReset, ShippedEntry,
+    committed, truncation_point, AliveBook, FetchDecision, FetchRequest, Leader, LogView, ParkedFetch,
+    ReplicaChunk, ReplicaReset, ShippedEntry,
 };
 use crate::storage::{LogState, Pending, Store, TopicLog};
 use crate::transport::Pool;
@@ -41,13 +46,13 @@ use crate::wire::{ReplicaAnswer, ReplicaInfo, ReplicaStatus, Request, Response, 
 
 /// Most bytes of records one replica fetch carries.
 pub const REPLICA_FETCH_BYTES: u32 = 4 * 1024 * 1024;
-/// How long a leader holds a follower's fetch when there is nothing new. Long: an idle
-/// topic then costs a fetch round every 30 s per follower, not two a second; the leader's
-/// contact with its followers comes from [`FOLLOWER_ALIVE_PER_LEASE`] meanwhile, and news
-/// (entries, a commit point that moved, a new epoch) answers a held fetch at once. A fetch
-/// lost with its connection is asked again once QUIC gives the connection up
+/// How long a leader holds a follower's fetch when there is nothing new; a fetch that comes
+/// back with nothing then parks (see [`Parking`]), so an idle topic costs nothing after this.
+/// News (entries, a commit point that moved, a new epoch) answers a held fetch at once. The
+/// leader's contact with its followers comes from [`FOLLOWER_ALIVE_PER_LEASE`] meanwhile. A
+/// fetch lost with its connection is asked again once QUIC gives the connection up
 /// ([`IDLE_TIMEOUT`](crate::transport::IDLE_TIMEOUT)), not after the wait.
-pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
+pub const REPLICA_FETCH_WAIT: Duration = Duration::from_secs(5);
 /// Longest fetch wait a leader grants.
 pub const MAX_REPLICA_FETCH_WAIT: Duration = Duration::from_secs(30);
 /// How often, in leases, a follower tells each leader it follows topics from that it still
@@ -134,6 +139,8 @@ pub struct Node {
     peers: Pool,
     /// What follower servers said of the topics this one leads (`FollowerAlive`).
     pub alive: Mutex<AliveBook>,
+    /// Idle topics' fetches, parked here as leader or by this server as follower.
+    pub parking: Parking,
 }
 
 impl Node {
@@ -143,7 +150,7 @@ impl Node {
     }
 
     pub fn new(id: ServerId, store: Store, endpoint: Endpoint) -> Self {
-        Self { id, store, peers: Pool::new(endpoint), alive: Mutex::default() }
+        Self { id, store, peers: Pool::new(endpoint), alive: Mutex::default(), parking: Parking::default() }
     }
 }
 
@@ -160,7 +167,7 @@ pub struct Judged {
 /// What a follower does with the leader's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FollowerStep {
-    /// Nothing new (an idle fetch's wait ran out): fetch again, with no write.
+    /// Nothing new (an idle fetch's wait ran out): park the fetch (see [`Parking`]), with no write.
     Idle,
     Append(ReplicaChunk),
     Truncate(Index),
@@ -351,6 +358,10 @@ impl Replica {
         for t in self.tasks.lock().expect("tasks lock").drain(..) {
             t.abort();
         }
+        // Followers parked on this replica fetch again and learn of the change; what this
+        // replica parked as a follower is forgotten.
+        node.parking.wake_topic(id);
+        node.parking.unpark(id);
         if self.leads(&assignment) {
             self.await_lead();
             let state = node.store.become_leader(id, assignment.epoch).await?;
@@ -688,6 +699,7 @@ pub struct LeaderReport {
 async fn leader_loop(replica: Arc<Replica>, node: Arc<Node>) {
     let mut state = replica.log.watch();
     loop {
+        node.parking.on_change(replica.log.id, &replica.log.state());
         if let Some(index) = replica.advance() {
             if let Err(e) = node.store.commit(replica.log.id, index).await {
                 debug!(topic = %replica.log.name, error = %e, "applying committed entries failed");
@@ -713,11 +725,13 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
             let mut stream = conn.open().await?;
             loop {
                 let s = replica.log.state();
+                let fetch = Replica::fetch_request(&s, &assignment);
+                let req_epoch = fetch.epoch;
                 let req = Request::ReplicaFetch {
                     topic: replica.log.name.clone(),
                     topic_id: id,
                     replica: node.id,
-                    fetch: Replica::fetch_request(&s, &assignment),
+                    fetch,
                     known_commit: s.commit_index,
                     max_bytes: REPLICA_FETCH_BYTES,
                     max_wait_ms: REPLICA_FETCH_WAIT.as_millis() as u32,
@@ -730,7 +744,15 @@ async fn follow(replica: Arc<Replica>, node: Arc<Node>, assignment: Assignment) 
                 };
                 backoff = Duration::from_millis(20);
                 match Replica::follower_step(&s, answer) {
-                    FollowerStep::Idle => {}
+                    FollowerStep::Idle => {
+                        let fetch = ParkedFetch {
+                            topic: id,
+                            epoch: req_epoch,
+                            from: s.end_index,
+                            known_commit: s.commit_index,
+                        };
+                        Parking::park(&node, assignment.leader, leader_addr, fetch).await;
+                    }
                     FollowerStep::Append(chunk) => {
                         node.store.replica_append(id, chunk).await?;
                     }

@@ -1,0 +1,443 @@
+//! The consumer: reads a topic through a durable subscription, from the leader or from one
+//! replica (see [`ReadFrom`]), and acknowledges at the leader.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::{unexpected, Backoff, Client, POLL_GRACE};
+use crate::error::Error;
+use crate::transport::{Connection, FramedStream};
+use crate::types::{Offset, StoredRecord, SubscriptionName, TopicName};
+use crate::wire::{ConsumerSession, Evicted, Request, Response};
+
+/// Reads a topic through a durable subscription.
+pub struct Consumer {
+    client: Arc<Client>,
+    topic: TopicName,
+    subscription: SubscriptionName,
+    /// Holds the subscription at the leader while this consumer reads (one consumer per
+    /// subscription at a time).
+    session: ConsumerSession,
+    /// Evictions reported by the server and not yet taken by the caller.
+    evicted: Option<Evicted>,
+    /// Evicted records the server's notices counted so far (it repeats a notice until an
+    /// ack moves the cursor on, which clears its count).
+    told: u64,
+    stream: Option<FramedStream>,
+    /// The connection `stream` runs on; acks sent ahead use their own streams on it.
+    conn: Option<Connection>,
+    /// Acks sent ahead by [`poll`](Self::poll), not awaited there: the server answers an ack
+    /// once a majority holds the cursor, and a poll must not wait behind that.
+    acks_in_flight: VecDeque<JoinHandle<Result<Response, Error>>>,
+    /// Next offset to read in this session; `None` until the first fetch, which starts at
+    /// the subscription's committed cursor.
+    position: Option<Offset>,
+    commit: Offset,
+    /// `max_bytes` of the next fetch: [`FETCH_BYTES`], raised to the size of a larger record
+    /// when the server says one does not fit.
+    fetch_bytes: u32,
+    read_from: ReadFrom,
+    /// [`ReadFrom::Replica`]: the replica read from and the stream to it.
+    replica: Option<(SocketAddr, FramedStream)>,
+    /// When the leader last heard from this consumer (a fetch or an ack: either renews its
+    /// hold on the subscription).
+    leader_heard: Instant,
+}
+
+/// Where a consumer reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum ReadFrom {
+    /// The topic's leader.
+    #[default]
+    Leader,
+    /// One replica of the topic, picked by the subscription's name so that subscriptions
+    /// spread over the replicas (like Kafka's fetch from follower, KIP-392). A replica serves
+    /// records up to the commit point it knows, never past it. Acknowledgements, and with them
+    /// the consumer's hold on its subscription and eviction notices, stay at the leader; a
+    /// replica read that comes back empty or fails goes on at the leader, so an empty poll
+    /// still means the leader had nothing more committed.
+    Replica,
+}
+
+/// The replica a [`ReadFrom::Replica`] consumer of `subscription` reads from: picked by a hash
+/// of the name (FNV-1a) among the replicas in address order, so subscriptions spread evenly
+/// and each keeps its replica while the replica set stays.
+pub fn replica_for(subscription: &str, replicas: &[SocketAddr]) -> Option<SocketAddr> {
+    let mut sorted = replicas.to_vec();
+    sorted.sort();
+    let hash = subscription
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    sorted.get((hash % sorted.len().max(1) as u64) as usize).copied()
+}
+
+/// How long a replica-reading consumer may go without a request to the leader: its hold on
+/// the subscription lasts the server's session lease (10 s by default) past its last one.
+const LEADER_RENEW: Duration = Duration::from_secs(3);
+
+/// Acks a consumer keeps in flight before it waits for the oldest.
+const MAX_ACKS_IN_FLIGHT: usize = 32;
+
+/// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its
+/// connection's memory budget at the server while it waits (`transport::CONNECTION_BUDGET`),
+/// so it is kept well below the largest fetch; ~1 MiB is thousands of typical records.
+pub const FETCH_BYTES: u32 = 1024 * 1024;
+
+impl Consumer {
+    pub(super) fn new(
+        client: Arc<Client>,
+        topic: TopicName,
+        subscription: SubscriptionName,
+        session: ConsumerSession,
+    ) -> Self {
+        Self {
+            client,
+            topic,
+            subscription,
+            session,
+            evicted: None,
+            told: 0,
+            stream: None,
+            conn: None,
+            acks_in_flight: VecDeque::new(),
+            position: None,
+            commit: 0,
+            fetch_bytes: FETCH_BYTES,
+            read_from: ReadFrom::Leader,
+            replica: None,
+            leader_heard: Instant::now(),
+        }
+    }
+
+    /// Reads from `from` from now on.
+    pub fn read_from(mut self, from: ReadFrom) -> Self {
+        self.read_from = from;
+        self
+    }
+
+    /// The next offset this consumer will read, once known.
+    pub fn position(&self) -> Option<Offset> {
+        self.position
+    }
+
+    /// One round trip on the consumer's stream, reconnecting through the naming server on
+    /// retriable failures. `ack` (if any) rides in front of `req` on the same stream.
+    async fn exchange(
+        &mut self,
+        ack: Option<Offset>,
+        wait: Duration,
+        req: impl Fn(Option<Offset>) -> Request,
+    ) -> Result<Response, Error> {
+        let mut backoff = Backoff::new(self.client.retry_deadline);
+        let limit = wait + POLL_GRACE;
+        loop {
+            let result = async {
+                if self.stream.is_none() {
+                    let conn = self.client.leader(&self.topic).await?;
+                    self.stream = Some(conn.open().await?);
+                    self.conn = Some(conn);
+                }
+                let stream = self.stream.as_mut().expect("stream");
+                if let Some(next) = ack {
+                    stream.queue(&Request::Ack {
+                        topic: self.topic.clone(),
+                        subscription: self.subscription.clone(),
+                        next,
+                        session: Some(self.session.clone()),
+                    })?;
+                }
+                stream.queue(&req(self.position))?;
+                stream.flush().await?;
+                if ack.is_some() {
+                    stream.recv().await?;
+                }
+                stream.recv().await
+            };
+            // A dead server sends nothing: do not wait for the idle timeout to say so.
+            let result = match tokio::time::timeout(limit, result).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Unavailable {
+                    detail: format!("no answer from the leader of {} in {limit:?}", self.topic),
+                }),
+            };
+            if result.as_ref().is_err_and(|e| e.is_retriable() || matches!(e, Error::OffsetBeyondEnd { .. }))
+            {
+                self.client.suspect(&self.topic);
+            }
+            if result.is_err() {
+                // The stream may hold an answer we did not read (e.g. the Fetch behind a failed
+                // Ack): never reuse it.
+                self.conn = None;
+                if let Some(mut s) = self.stream.take() {
+                    s.finish();
+                    if matches!(result, Err(Error::Unavailable { .. })) {
+                        self.client.forget_server(s.peer()).await;
+                    }
+                }
+            }
+            // A consumer reads and acks committed offsets only: one beyond the end is a new
+            // leader whose commit point has not caught up yet (it does within a round trip to
+            // its followers). Retried like a lost leader, not fatal to the consumer.
+            let catching_up = matches!(result, Err(Error::OffsetBeyondEnd { .. }));
+            match result {
+                Err(e) if e.is_retriable() || catching_up => {
+                    debug!(error = %e, "consumer retrying");
+                    if !backoff.wait().await {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fetches the next records (up to `max_records`), waiting up to `wait` for the first.
+    /// `ack`, if given, first moves the subscription's cursor to that offset.
+    pub async fn poll(
+        &mut self,
+        max_records: u32,
+        wait: Duration,
+        ack: Option<Offset>,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let replica_read = self.read_from == ReadFrom::Replica
+            && self.conn.is_some()
+            && self.leader_heard.elapsed() < LEADER_RENEW;
+        let Some(from) = self.position.filter(|_| replica_read) else {
+            return self.leader_poll(max_records, wait, ack).await;
+        };
+        self.check_acks().await?;
+        if let Some(next) = ack {
+            self.ack_ahead(next).await;
+        }
+        match self.replica_fetch(from, max_records, wait).await {
+            Ok(records) if !records.is_empty() => {
+                self.position = records.last().map(|r| r.offset + 1);
+                return Ok(records);
+            }
+            Ok(_) => {}
+            Err(e) => {
+                debug!(topic = %self.topic, error = %e, "replica read failed; reading at the leader");
+                self.replica = None;
+            }
+        }
+        self.leader_poll(max_records, Duration::ZERO, None).await
+    }
+
+    /// Sends an ack ahead on its own stream to the leader, so a fetch does not wait for the
+    /// cursor move to replicate. Acks are cumulative: a lost one is covered by the next.
+    /// False when there is no connection to the leader yet (the ack then rides with a fetch).
+    async fn ack_ahead(&mut self, next: Offset) -> bool {
+        let Some(conn) = &self.conn else { return false };
+        let req = Request::Ack {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            next,
+            session: Some(self.session.clone()),
+        };
+        let conn = conn.clone();
+        self.acks_in_flight.push_back(tokio::spawn(async move { conn.call(&req).await }));
+        self.leader_heard = Instant::now();
+        while self.acks_in_flight.len() > MAX_ACKS_IN_FLIGHT {
+            if let Some(oldest) = self.acks_in_flight.pop_front() {
+                let _ = oldest.await;
+            }
+        }
+        true
+    }
+
+    /// Replica reads: the acks sent ahead that were answered. One refused because another
+    /// consumer holds the subscription ends this consumer, as a fetch at the leader would;
+    /// one that failed otherwise sends the next poll to the leader, looked up again.
+    async fn check_acks(&mut self) -> Result<(), Error> {
+        while self.acks_in_flight.front().is_some_and(|a| a.is_finished()) {
+            let answer = self.acks_in_flight.pop_front().expect("an ack").await;
+            let error = match answer {
+                Ok(Ok(Response::Error(e))) | Ok(Err(e)) => e,
+                Ok(Ok(_)) => continue,
+                Err(e) => Error::internal(e),
+            };
+            // Past the commit point: a deposed leader that does not know yet (a replica showed
+            // what the new one committed).
+            if error.is_retriable() || matches!(error, Error::OffsetBeyondEnd { .. }) {
+                self.client.suspect(&self.topic);
+                self.conn = None;
+                if let Some(mut s) = self.stream.take() {
+                    s.finish();
+                }
+                continue;
+            }
+            return Err(error);
+        }
+        Ok(())
+    }
+
+    /// One read at this consumer's replica, from `from`, without a session.
+    async fn replica_fetch(
+        &mut self,
+        from: Offset,
+        max_records: u32,
+        wait: Duration,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        if self.replica.is_none() {
+            let info = self.client.leader_info(&self.topic).await?;
+            let replicas: Vec<SocketAddr> = info.replicas.iter().map(|r| r.addr).collect();
+            let addr = replica_for(self.subscription.as_str(), &replicas)
+                .ok_or_else(|| Error::Unavailable { detail: format!("{} has no replica", self.topic) })?;
+            let stream = self.client.server_conn(addr).await?.open().await?;
+            self.replica = Some((addr, stream));
+        }
+        let (_, stream) = self.replica.as_mut().expect("a replica stream");
+        let req = Request::Fetch {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            from: Some(from),
+            max_records,
+            max_bytes: self.fetch_bytes,
+            max_wait_ms: wait.as_millis().min(u32::MAX as u128) as u32,
+            session: None,
+        };
+        let limit = wait + POLL_GRACE;
+        let answer = tokio::time::timeout(limit, stream.call(&req)).await.map_err(|_| {
+            Error::Unavailable { detail: format!("no answer from a replica of {} in {limit:?}", self.topic) }
+        })??;
+        match answer {
+            Response::Records { records, commit, .. } => {
+                self.commit = commit;
+                Ok(records)
+            }
+            Response::Error(e) => Err(e),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`poll`](Self::poll) at the leader, with this consumer's session.
+    async fn leader_poll(
+        &mut self,
+        max_records: u32,
+        wait: Duration,
+        ack: Option<Offset>,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        let session = Some(self.session.clone());
+        let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        let mut piggyback = None;
+        if let Some(next) = ack {
+            if !self.ack_ahead(next).await {
+                piggyback = Some(next);
+            }
+        }
+        self.leader_heard = Instant::now();
+        let resp = loop {
+            let max_bytes = self.fetch_bytes;
+            let result = self
+                .exchange(piggyback, wait, |from| Request::Fetch {
+                    topic: topic.clone(),
+                    subscription: subscription.clone(),
+                    from,
+                    max_records,
+                    max_bytes,
+                    max_wait_ms: wait_ms,
+                    session: session.clone(),
+                })
+                .await;
+            match result {
+                // The next record is larger than we asked for: ask again with room for it.
+                Err(Error::FetchTooSmall { size, .. })
+                    if size > max_bytes as u64 && size <= crate::server::MAX_FETCH_BYTES as u64 =>
+                {
+                    self.fetch_bytes = size as u32;
+                }
+                other => break other?,
+            }
+        };
+        match resp {
+            Response::Records { records, commit, evicted, .. } => {
+                if let Some(e) = evicted {
+                    // The backlog policy moved the subscription past what we had read. The
+                    // server repeats the notice until we ack past it: count each record once.
+                    self.position = self.position.map(|p| p.max(e.resume_at));
+                    let new = e.records.saturating_sub(self.told);
+                    self.told = self.told.max(e.records);
+                    if new > 0 {
+                        self.evicted = Some(match self.evicted {
+                            Some(before) => Evicted { records: before.records + new, ..e },
+                            None => Evicted { records: new, ..e },
+                        });
+                    }
+                }
+                // Until a record arrives, keep reading from the subscription's cursor.
+                if let Some(last) = records.last() {
+                    self.position = Some(last.offset + 1);
+                }
+                self.commit = commit;
+                Ok(records)
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records the topic's backlog policy skipped for this subscription before it read them,
+    /// reported since the last call.
+    pub fn take_evicted(&mut self) -> Option<Evicted> {
+        self.evicted.take()
+    }
+
+    /// The commit offset the last poll saw: with an empty poll and no wait, the consumer has
+    /// read everything committed up to then.
+    pub fn last_commit(&self) -> Offset {
+        self.commit
+    }
+
+    /// Moves the subscription's cursor to `next` (everything before it is processed) and
+    /// waits until a majority holds it (and every ack sent ahead has been answered).
+    pub async fn ack(&mut self, next: Offset) -> Result<Offset, Error> {
+        for pending in self.acks_in_flight.drain(..) {
+            // Their outcome does not matter: this ack is cumulative and authoritative.
+            let _ = pending.await;
+        }
+        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
+        let session = Some(self.session.clone());
+        self.leader_heard = Instant::now();
+        match self
+            .exchange(None, Duration::ZERO, move |_| Request::Ack {
+                topic: topic.clone(),
+                subscription: subscription.clone(),
+                next,
+                session: session.clone(),
+            })
+            .await?
+        {
+            Response::Cursor { cursor } => Ok(cursor),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Ends the consumer's stream.
+    pub fn close(&mut self) {
+        if let Some(mut s) = self.stream.take() {
+            s.finish();
+        }
+    }
+
+    /// Lets go of the subscription, so another consumer can take it at once instead of after
+    /// this one's session lease. Best effort: if the leader cannot be reached, the lease ends
+    /// the session anyway.
+    pub async fn release(mut self) {
+        for ack in self.acks_in_flight.drain(..) {
+            let _ = ack.await;
+        }
+        self.close();
+        let req = Request::Release {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            session: self.session.id,
+        };
+        let _ =
+            tokio::time::timeout(Duration::from_secs(2), self.client.leader_call(&self.topic, &req)).await;
+    }
+}
