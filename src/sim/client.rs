@@ -545,14 +545,12 @@ impl SimClient {
                 self.next_at = ctx.now;
             }
             (Asked::ReplicaFetch, Ok(Response::Records { records, commit, .. })) => {
-                if std::env::var("HERALD_SIM_DEBUG").is_ok() {
-                    super::server::note(format!(
-                        "client {}: read {}..={} at a replica that knows commit {commit}",
-                        self.node,
-                        records[0].offset,
-                        records[records.len() - 1].offset
-                    ));
-                }
+                super::server::note(format!(
+                    "client {}: read {}..={} at a replica that knows commit {commit}",
+                    self.node,
+                    records[0].offset,
+                    records[records.len() - 1].offset
+                ));
                 self.read(ctx, records, None);
             }
             (Asked::Fetch, Ok(Response::Records { records, evicted, .. })) => {

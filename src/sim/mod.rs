@@ -409,6 +409,7 @@ impl World {
             ("for its list", "follower lists asked for"),
             ("parked fetch woken", "parked fetches woken"),
             ("park poll to", "park polls failed"),
+            ("at a replica that knows", "reads at a replica"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
