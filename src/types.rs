@@ -329,6 +329,12 @@ pub mod bounded {
     }
 }
 
+/// FNV-1a, 64 bits: a small, stable hash for digests and picks that every process must
+/// compute alike (std's hasher is seeded per process).
+pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
+}
+
 /// A stored record, as consumers receive it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRecord {

@@ -42,8 +42,8 @@ pub struct Consumer {
     /// when the server says one does not fit.
     fetch_bytes: u32,
     read_from: ReadFrom,
-    /// [`ReadFrom::Replica`]: the replica read from and the stream to it.
-    replica: Option<(SocketAddr, FramedStream)>,
+    /// [`ReadFrom::Replica`]: the stream to the replica read from.
+    replica: Option<FramedStream>,
     /// When the leader last heard from this consumer (a fetch or an ack: either renews its
     /// hold on the subscription).
     leader_heard: Instant,
@@ -70,9 +70,7 @@ pub enum ReadFrom {
 pub fn replica_for(subscription: &str, replicas: &[SocketAddr]) -> Option<SocketAddr> {
     let mut sorted = replicas.to_vec();
     sorted.sort();
-    let hash = subscription
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+    let hash = crate::types::fnv1a(subscription.bytes());
     sorted.get((hash % sorted.len().max(1) as u64) as usize).copied()
 }
 
@@ -289,9 +287,9 @@ impl Consumer {
             let addr = replica_for(self.subscription.as_str(), &replicas)
                 .ok_or_else(|| Error::Unavailable { detail: format!("{} has no replica", self.topic) })?;
             let stream = self.client.server_conn(addr).await?.open().await?;
-            self.replica = Some((addr, stream));
+            self.replica = Some(stream);
         }
-        let (_, stream) = self.replica.as_mut().expect("a replica stream");
+        let stream = self.replica.as_mut().expect("a replica stream");
         let req = Request::Fetch {
             topic: self.topic.clone(),
             subscription: self.subscription.clone(),

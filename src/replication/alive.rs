@@ -16,14 +16,7 @@ use crate::types::{Epoch, ServerId, TopicId};
 /// A deterministic 64-bit digest of a follower's list (FNV-1a over the ids and epochs, in
 /// the order sent: sorted by topic id).
 pub fn digest(topics: &[(TopicId, Epoch)]) -> u64 {
-    const PRIME: u64 = 0x0000_0100_0000_01b3;
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for (topic, epoch) in topics {
-        for byte in topic.to_le_bytes().into_iter().chain(epoch.to_le_bytes()) {
-            h = (h ^ byte as u64).wrapping_mul(PRIME);
-        }
-    }
-    h
+    crate::types::fnv1a(topics.iter().flat_map(|(t, e)| t.to_le_bytes().into_iter().chain(e.to_le_bytes())))
 }
 
 /// One follower server's last list, and when it last said it still holds.

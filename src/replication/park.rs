@@ -208,6 +208,7 @@ impl<W> ParkLot<W> {
     }
 
     /// Whether `topic` is parked.
+    #[cfg(test)]
     pub fn is_parked(&self, topic: TopicId) -> bool {
         self.leader_of.contains_key(&topic)
     }
