@@ -104,6 +104,10 @@ impl ParkBook {
     }
 }
 
+/// Polls a follower keeps out per leader: the one held and one carrying new registrations
+/// (which supersedes it).
+pub const MAX_POLLS_IN_FLIGHT: usize = 2;
+
 /// One leader server's session, on the follower's side.
 #[derive(Debug)]
 struct Session<W> {
@@ -162,10 +166,13 @@ impl<W> ParkLot<W> {
         self.sessions.get_mut(&leader)?.parked.remove(&topic)
     }
 
-    /// What `leader`'s session does next; `Send` counts a poll in flight.
+    /// What `leader`'s session does next; `Send` counts a poll in flight. New registrations
+    /// go at once while fewer than [`MAX_POLLS_IN_FLIGHT`] polls are out, else with the next
+    /// (thousands of topics parking together make a few polls, not one each).
     pub fn next(&mut self, leader: ServerId) -> Next {
         let Some(s) = self.sessions.get_mut(&leader) else { return Next::Done };
-        if !s.unsent.is_empty() || (s.in_flight == 0 && !s.parked.is_empty()) {
+        let room = s.in_flight < MAX_POLLS_IN_FLIGHT;
+        if (room && !s.unsent.is_empty()) || (s.in_flight == 0 && !s.parked.is_empty()) {
             s.in_flight += 1;
             return Next::Send(std::mem::take(&mut s.unsent));
         }
@@ -259,13 +266,17 @@ mod tests {
         assert_eq!(lot.next(1), Next::Wait);
         assert!(!lot.park(1, at(8, 0), "eight"));
         assert_eq!(lot.next(1), Next::Send(vec![at(8, 0)]), "new registrations go at once");
+        lot.park(1, at(9, 0), "nine");
+        assert_eq!(lot.next(1), Next::Wait, "two polls out: the next registrations wait");
         assert_eq!(lot.answered(1, &[]), Vec::<&str>::new(), "the superseded poll");
+        assert_eq!(lot.next(1), Next::Send(vec![at(9, 0)]), "and go with the next poll");
+        assert_eq!(lot.answered(1, &[]), Vec::<&str>::new());
         assert_eq!(lot.answered(1, &[6, 99]), vec!["six"], "unknown topics are ignored");
         assert!(!lot.is_parked(6) && lot.is_parked(5));
         assert_eq!(lot.next(1), Next::Send(vec![]), "a poll is held again");
         let mut woken = lot.failed(1);
         woken.sort();
-        assert_eq!(woken, vec!["eight", "five"], "a failed poll wakes everything parked");
+        assert_eq!(woken, vec!["eight", "five", "nine"], "a failed poll wakes everything parked");
         assert_eq!(lot.next(1), Next::Done);
         assert_eq!(lot.next(1), Next::Done);
     }
