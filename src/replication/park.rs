@@ -167,7 +167,7 @@ impl<W> ParkLot<W> {
     }
 
     /// What `leader`'s session does next; `Send` counts a poll in flight. New registrations
-    /// go at once while fewer than [`MAX_POLLS_IN_FLIGHT`] polls are out, else with the next
+    /// go at once while fewer than `MAX_POLLS_IN_FLIGHT` polls are out, else with the next
     /// (thousands of topics parking together make a few polls, not one each).
     pub fn next(&mut self, leader: ServerId) -> Next {
         let Some(s) = self.sessions.get_mut(&leader) else { return Next::Done };
