@@ -42,6 +42,7 @@ bench: release
 	$(HERALD) bench topics --dev --topics 2000 --replicas 3 --producers 100 --consumers 10 --records 200000
 	$(HERALD) bench consume --dev --subscriptions 3 --read-from leader --records 200000
 	$(HERALD) bench consume --dev --subscriptions 3 --read-from replica --records 200000
+	$(HERALD) bench clients --dev --connections 1000
 
 ## Formatting and lints, as CI checks them.
 lint:

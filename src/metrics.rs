@@ -49,6 +49,9 @@ pub struct ReplicaLabels {
 #[derive(Clone, Debug, Default)]
 pub struct EndpointMetrics {
     pub open_connections: Gauge,
+    /// Connections whose handshake succeeded, ever: a count that climbs with the traffic
+    /// shows peers dialling again and again instead of keeping their connections.
+    pub accepted_connections: Counter,
     pub handshake_failures: Counter,
     /// Connections refused at a connection limit, before their handshake.
     pub refused_connections: Counter,
@@ -71,6 +74,11 @@ impl EndpointMetrics {
             "herald_open_connections",
             "QUIC connections open now",
             self.open_connections.clone(),
+        );
+        registry.register(
+            "herald_accepted_connections",
+            "QUIC connections accepted (handshake done) since the process started",
+            self.accepted_connections.clone(),
         );
         registry.register(
             "herald_tls_handshake_failures",

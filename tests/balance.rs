@@ -127,7 +127,11 @@ async fn topics_are_created_and_deleted_many_at_a_time() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(said.contains("created 1500 topics"), "{said}");
-    assert_eq!(leaders(&cluster), BTreeMap::from([(1, 500), (2, 500), (3, 500)]));
+    // Spread evenly on create. A server that missed its lease on a loaded machine (another
+    // test makes 3,300 topics beside this one) loses some leaderships for a moment; they go
+    // back to it once it is caught up, so wait for that rather than sample a moment.
+    let even = BTreeMap::from([(1, 500), (2, 500), (3, 500)]);
+    wait_for("leaders spread evenly", || async { (leaders(&cluster) == even).then_some(()) }).await;
     let page = cluster.client().list_topics().await.unwrap();
     assert_eq!(page.len(), 1500);
 

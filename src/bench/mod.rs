@@ -34,6 +34,7 @@ use crate::error::Error;
 use crate::types::{NamingAddrs, ServerId, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{Record, TopicConfig};
 
+mod clients;
 mod topics;
 
 /// Linux reports process CPU time in clock ticks of 1/100 s (USER_HZ, fixed by the ABI).
@@ -54,6 +55,10 @@ pub enum BenchCommand {
     /// Many topics: create --topics in batches, leaders per server, idle CPU and RSS, produce
     /// on --producers topics at once against one topic, consume with --consumers, delete.
     Topics(BenchArgs),
+    /// Many client connections to one server (--connections, half producing, half consuming,
+    /// a topic each): memory per connection, then kill -9 of that server and the time until
+    /// every client resumed at the new leaders, with the naming group's load (--dev only).
+    Clients(BenchArgs),
     /// The standard set (what `make bench` runs), as a table.
     Suite(BenchArgs),
 }
@@ -78,6 +83,12 @@ pub struct BenchArgs {
     /// `topics`: consumers sharing the produced topics.
     #[arg(long, default_value_t = 10)]
     consumers: usize,
+    /// `clients`: client connections to one server (half producers, half consumers).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(2..=4000))]
+    connections: u64,
+    /// `clients`: milliseconds between one producer's records.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    interval_ms: u64,
     /// `consume`: subscriptions reading the topic at once, one consumer each.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=64))]
     subscriptions: u64,
@@ -196,6 +207,8 @@ struct DevCluster {
     naming_addrs: NamingAddrs,
     /// Naming members: id, address, the arguments they run with, the process.
     naming: Vec<(u64, SocketAddr, Vec<String>, Child)>,
+    /// Each naming member's metrics address (TCP), for counting the requests it served.
+    naming_metrics: Vec<SocketAddr>,
     servers: Vec<(ServerId, SocketAddr, Child)>,
 }
 
@@ -240,12 +253,16 @@ impl DevCluster {
         let addrs: Vec<SocketAddr> = (0..naming_servers).map(|_| loopback_port()).collect::<Result<_>>()?;
         let peers: Vec<String> = (1..).zip(&addrs).map(|(id, a)| format!("{id}={a}")).collect();
         let mut naming = Vec::new();
+        let mut naming_metrics = Vec::new();
         for (id, addr) in (1u64..).zip(addrs.iter().copied()) {
+            let metrics = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            naming_metrics.push(metrics);
             let mut args: Vec<String> =
                 ["naming", "--listen", &addr.to_string(), "--lease-ms", &lease_ms.to_string()]
                     .iter()
                     .map(|s| s.to_string())
                     .chain(["--data".to_string(), dir.join(format!("naming-{id}")).display().to_string()])
+                    .chain(["--metrics-listen".to_string(), metrics.to_string()])
                     .collect();
             if naming_servers > 1 {
                 args.extend(["--id".into(), id.to_string(), "--peers".into(), peers.join(",")]);
@@ -254,7 +271,8 @@ impl DevCluster {
             naming.push((id, addr, args, child));
         }
         let naming_addrs = NamingAddrs::new(addrs).context("--naming-servers is at least 1")?;
-        let mut cluster = DevCluster { dir, certs, naming_addrs, naming, servers: Vec::new() };
+        let mut cluster =
+            DevCluster { dir, certs, naming_addrs, naming, naming_metrics, servers: Vec::new() };
         for id in 1..=servers as ServerId {
             cluster.start_server(id, loopback_port()?)?;
         }
@@ -727,8 +745,8 @@ async fn bench_create(t: &Target, a: &BenchArgs) -> Result<Outcome> {
 }
 
 fn report(outcome: &Outcome, json: bool) -> Result<()> {
-    if outcome.workload == "topics" {
-        // bench_topics said it all as it went.
+    if outcome.workload == "topics" || outcome.workload == "clients" {
+        // bench_topics and bench_clients said it all as they went.
     } else if outcome.workload == "create" {
         eprintln!(
             "create    one `topic create` (R={}): median {:.1} ms",
@@ -772,6 +790,10 @@ pub async fn run(cmd: BenchCommand, naming: NamingAddrs, certs: &Path) -> Result
         }
         BenchCommand::Topics(a) => {
             report(&topics::bench_topics(&Target::new(&a, naming, certs, lease_ms).await?, &a).await?, a.json)
+        }
+        BenchCommand::Clients(a) => {
+            let mut t = Target::new(&a, naming.clone(), certs, lease_ms).await?;
+            report(&clients::bench_clients(&mut t, &a).await?, a.json)
         }
         BenchCommand::Suite(a) => suite(a, naming, certs, lease_ms).await,
     }

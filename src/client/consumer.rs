@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::task::JoinHandle;
 use tracing::debug;
 
-use super::{unexpected, Backoff, Client, POLL_GRACE};
+use super::{unexpected, Backoff, Client, POLL_GRACE, STALL_CHECK};
 use crate::error::Error;
 use crate::transport::{Connection, FramedStream};
 use crate::types::{Offset, StoredRecord, SubscriptionName, TopicName};
@@ -134,6 +134,8 @@ impl Consumer {
         let mut backoff = Backoff::new(self.client.retry_deadline);
         let limit = wait + POLL_GRACE;
         loop {
+            let client = self.client.clone();
+            let mut moved = false;
             let result = async {
                 if self.stream.is_none() {
                     let conn = self.client.leader(&self.topic).await?;
@@ -151,10 +153,22 @@ impl Consumer {
                 }
                 stream.queue(&req(self.position))?;
                 stream.flush().await?;
-                if ack.is_some() {
-                    stream.recv().await?;
+                let peer = stream.peer();
+                let answer = async {
+                    if ack.is_some() {
+                        stream.recv().await?;
+                    }
+                    stream.recv().await
+                };
+                // No answer past the wait: if the book names another leader meanwhile, go
+                // there now rather than when this one's connection times out.
+                tokio::select! {
+                    answer = answer => answer,
+                    () = client.leader_moved(&self.topic, peer, wait + STALL_CHECK) => {
+                        moved = true;
+                        Err(Error::Unavailable { detail: format!("the leader of {} moved", self.topic) })
+                    }
                 }
-                stream.recv().await
             };
             // A dead server sends nothing: do not wait for the idle timeout to say so.
             let result = match tokio::time::timeout(limit, result).await {
@@ -163,7 +177,11 @@ impl Consumer {
                     detail: format!("no answer from the leader of {} in {limit:?}", self.topic),
                 }),
             };
-            if result.as_ref().is_err_and(|e| e.is_retriable() || matches!(e, Error::OffsetBeyondEnd { .. }))
+            // (A leader that moved was looked up already.)
+            if !moved
+                && result
+                    .as_ref()
+                    .is_err_and(|e| e.is_retriable() || matches!(e, Error::OffsetBeyondEnd { .. }))
             {
                 self.client.suspect(&self.topic);
             }

@@ -55,8 +55,14 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// whether the leader changed (a killed leader sends no error; its connection just goes
 /// quiet until the idle timeout).
 const STALL_CHECK: Duration = Duration::from_millis(500);
-/// Once stalled, how often the producer asks again (an election takes about a lease).
+/// Once stalled, how soon the client asks again (an election takes about a lease); each
+/// further question waits twice as long, up to [`STALL_RECHECK_MAX`], plus jitter.
 const STALL_RECHECK: Duration = Duration::from_millis(50);
+/// The longest wait between two such questions. Every client of a killed server asks at
+/// once: doubling intervals with jitter spread their lookups out (about six per client in
+/// the first two seconds, against forty at a fixed 50 ms), yet none waits long once the
+/// book names the new leader (matrix F22, `herald bench clients`).
+const STALL_RECHECK_MAX: Duration = Duration::from_millis(400);
 /// How long one such question may take: the producer takes no acks while it waits.
 const STALL_LOOKUP_LIMIT: Duration = Duration::from_millis(500);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
@@ -86,6 +92,25 @@ impl Backoff {
     }
 }
 
+/// The waits between a stalled client's questions to the book: [`STALL_RECHECK`] doubling
+/// up to [`STALL_RECHECK_MAX`], each with up to half again in jitter.
+struct Recheck {
+    next: Duration,
+}
+
+impl Recheck {
+    fn new() -> Self {
+        Self { next: STALL_RECHECK }
+    }
+
+    fn next_delay(&mut self) -> Duration {
+        let jitter = Duration::from_millis(fastrand::u64(0..=self.next.as_millis() as u64 / 2));
+        let delay = self.next + jitter;
+        self.next = (self.next * 2).min(STALL_RECHECK_MAX);
+        delay
+    }
+}
+
 /// A connection to a Herald cluster.
 pub struct Client {
     endpoint: Endpoint,
@@ -96,6 +121,8 @@ pub struct Client {
     routes: std::sync::Mutex<HashMap<TopicName, Route>>,
     servers: transport::Pool,
     retry_deadline: Duration,
+    /// Lookups in a row that the naming connection did not answer in time.
+    naming_stalls: AtomicUsize,
 }
 
 impl Client {
@@ -116,6 +143,7 @@ impl Client {
             naming: Mutex::new(None),
             servers: transport::Pool::new(endpoint.clone()),
             retry_deadline: DEFAULT_RETRY_DEADLINE,
+            naming_stalls: AtomicUsize::new(0),
         }))
     }
 
@@ -330,15 +358,23 @@ impl Client {
             answer
         };
         let answer = match tokio::time::timeout(limit, call).await {
-            Ok(Ok(Response::Topic(t))) => return Ok(t),
+            Ok(Ok(Response::Topic(t))) => {
+                self.naming_stalls.store(0, Ordering::Relaxed);
+                return Ok(t);
+            }
             Ok(Ok(Response::Error(e))) | Ok(Err(e)) => e,
             Ok(Ok(other)) => return Err(unexpected(other)),
             Err(_) => Error::Unavailable { detail: format!("no answer from the naming server in {limit:?}") },
         };
         if matches!(answer, Error::Unavailable { .. }) {
             // A naming server killed without a word keeps its connection open until the idle
-            // timeout: dial again (every member at once) next time instead of waiting it out.
-            *self.naming.lock().await = None;
+            // timeout: dial again (every member at once) instead of waiting it out. But only
+            // after two such failures in a row: one slow answer is more often a busy member,
+            // and every client dialling all of them at once would make it busier (F22).
+            if self.naming_stalls.fetch_add(1, Ordering::Relaxed) >= 1 {
+                self.naming_stalls.store(0, Ordering::Relaxed);
+                *self.naming.lock().await = None;
+            }
         }
         Err(answer)
     }
@@ -416,6 +452,24 @@ impl Client {
         };
         self.remember(&info);
         Ok(info)
+    }
+
+    /// Resolves once the book names a leader of `topic` other than `peer` (remembered for the
+    /// next call), asking first after `after` and then at [`Recheck`] intervals: for a client
+    /// whose request the leader has not answered, since a killed leader says nothing and its
+    /// connection stays open until the idle timeout.
+    pub(crate) async fn leader_moved(&self, topic: &TopicName, peer: SocketAddr, after: Duration) {
+        tokio::time::sleep(after).await;
+        let mut recheck = Recheck::new();
+        loop {
+            if let Ok(info) = self.lookup_once(topic, STALL_LOOKUP_LIMIT).await {
+                if info.leader_addr().is_some_and(|a| a != peer) {
+                    self.remember(&info);
+                    return;
+                }
+            }
+            tokio::time::sleep(recheck.next_delay()).await;
+        }
     }
 
     /// Connects to the current leader of `topic`.
@@ -733,6 +787,7 @@ impl ProducerTask {
         // When the producer last heard from the leader, and when it last asked the book.
         let mut last_answer = tokio::time::Instant::now();
         let mut last_check = last_answer;
+        let (mut recheck, mut recheck_delay) = (Recheck::new(), Duration::ZERO);
         loop {
             if closed && self.inflight.is_empty() {
                 break;
@@ -757,11 +812,12 @@ impl ProducerTask {
             let window = if self.known { self.max_inflight } else { 1 };
             let can_take = !closed && self.inflight.len() < window;
             let stalled = session.is_some() && !self.inflight.is_empty();
-            let next_check = (last_answer + STALL_CHECK).max(last_check + STALL_RECHECK);
+            let next_check = (last_answer + STALL_CHECK).max(last_check + recheck_delay);
             tokio::select! {
                 _ = tokio::time::sleep_until(next_check), if stalled => {
                     // No answer for a while: if the book names another leader now, move there.
                     last_check = tokio::time::Instant::now();
+                    recheck_delay = recheck.next_delay();
                     let peer = session.as_ref().map(|s| s.stream_writer.peer());
                     if let Ok(info) = self.client.lookup_once(&self.topic, STALL_LOOKUP_LIMIT).await {
                         if info.leader_addr().is_some() && info.leader_addr() != peer {
@@ -782,6 +838,8 @@ impl ProducerTask {
                                 let _ = f.batch.reply.send(Ok(BatchAck { base, count, epoch, duplicate }));
                             }
                             last_answer = tokio::time::Instant::now();
+                            recheck = Recheck::new();
+                            recheck_delay = Duration::ZERO;
                             self.failing_since = None;
                             backoff = Backoff::new(self.client.retry_deadline);
                         }

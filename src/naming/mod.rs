@@ -154,6 +154,8 @@ pub struct NamingServer {
     /// This member's log is empty (sent with its Raft messages).
     log_empty: AtomicBool,
     endpoint: quinn::Endpoint,
+    /// Connections to topic servers, for promise requests.
+    servers: transport::Pool,
     /// Cancelled when the book can no longer be written: the server stops.
     fatal: CancellationToken,
     /// Clients that may do everything (`--superusers`).
@@ -220,6 +222,7 @@ impl NamingServer {
             metrics: Arc::default(),
             elections: Counter::default(),
             outboxes,
+            servers: transport::Pool::new(endpoint.clone()),
             endpoint,
             fatal: CancellationToken::new(),
         });
@@ -608,10 +611,14 @@ impl NamingServer {
 async fn ask_promise(naming: Arc<NamingServer>, ask: PromiseAsk) {
     let wait = Duration::from_millis(naming.member().settings().promise_wait_ms);
     let req = Request::Promise { topic: ask.name.clone(), topic_id: ask.topic, epoch: ask.epoch };
+    // One pooled connection per server: a server that failed may lead thousands of topics,
+    // and a dial (a TLS handshake) per promise made their elections take tens of seconds.
     let call = async {
-        let conn = Connection::connect(&naming.endpoint, ask.addr).await?;
+        let conn = naming.servers.get(ask.addr).await?;
         let answer = conn.call(&req).await;
-        conn.close();
+        if matches!(answer, Err(Error::Unavailable { .. })) {
+            naming.servers.forget(ask.addr).await;
+        }
         answer
     };
     let answer = match tokio::time::timeout(wait, call).await {

@@ -446,37 +446,46 @@ impl Connection {
 }
 
 /// Connections to servers, one per address, made on first use and remade once closed.
-/// Clients use one for topic servers; topic servers use one for each other.
+/// Clients use one for topic servers; topic servers use one for each other; the naming
+/// server one for the topic servers it asks for promises.
 pub struct Pool {
     endpoint: Endpoint,
-    conns: tokio::sync::Mutex<std::collections::HashMap<SocketAddr, Connection>>,
+    /// Each address's connection, or the dial under way: callers wanting the same address
+    /// share one dial, and a slow dial (a dead address waits out the connect timeout) holds
+    /// up only the callers of that address.
+    conns: std::sync::Mutex<std::collections::HashMap<SocketAddr, Arc<tokio::sync::OnceCell<Connection>>>>,
 }
 
 impl Pool {
     pub fn new(endpoint: Endpoint) -> Self {
-        Self { endpoint, conns: tokio::sync::Mutex::new(std::collections::HashMap::new()) }
+        Self { endpoint, conns: std::sync::Mutex::default() }
     }
 
     /// The open connection to `addr`, or a new one.
     pub async fn get(&self, addr: SocketAddr) -> Result<Connection, Error> {
-        let mut conns = self.conns.lock().await;
-        if let Some(c) = conns.get(&addr).filter(|c| !c.is_closed()) {
-            return Ok(c.clone());
-        }
-        let conn = Connection::connect(&self.endpoint, addr).await?;
-        conns.insert(addr, conn.clone());
-        Ok(conn)
+        let cell = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            let cell = conns.entry(addr).or_default();
+            if cell.get().is_some_and(|c| c.is_closed()) {
+                *cell = Arc::default();
+            }
+            cell.clone()
+        };
+        cell.get_or_try_init(|| Connection::connect(&self.endpoint, addr)).await.cloned()
     }
 
     /// Drops the connection to `addr` (it failed); the next `get` dials again.
     pub async fn forget(&self, addr: SocketAddr) {
-        self.conns.lock().await.remove(&addr);
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
     }
 
     /// Closes every connection.
     pub async fn close_all(&self) {
-        for (_, c) in self.conns.lock().await.drain() {
-            c.close();
+        let conns: Vec<_> = self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain().collect();
+        for (_, cell) in conns {
+            if let Some(c) = cell.get() {
+                c.close();
+            }
         }
     }
 }

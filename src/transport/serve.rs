@@ -134,6 +134,7 @@ pub async fn serve<S: Service>(
                     Ok(conn) => {
                         let metrics = shared.service.metrics().clone();
                         metrics.open_connections.inc();
+                        metrics.accepted_connections.inc();
                         tokio::select! {
                             _ = shutdown.cancelled() => {}
                             _ = serve_connection(conn, shared) => {}

@@ -68,6 +68,61 @@ impl Load {
     }
 }
 
+/// A producer that sends one batch of `size` numbered records every `every` until stopped,
+/// each after the one before it was acknowledged, recording the acks: steady traffic from
+/// one of many clients.
+pub struct PacedLoad {
+    acks: Arc<Mutex<Vec<Acked>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Result<(), herald::Error>>,
+}
+
+impl PacedLoad {
+    pub fn start(
+        client: &Arc<Client>,
+        topic: &TopicName,
+        prefix: &str,
+        size: usize,
+        every: Duration,
+    ) -> PacedLoad {
+        let (prefix, client) = (prefix.to_string(), client.clone());
+        let producer = client.producer(topic.clone(), 1);
+        let acks = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (log, stopped) = (acks.clone(), stop.clone());
+        let task = tokio::spawn(async move {
+            let mut b = 0;
+            while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+                let payloads: Vec<String> = (0..size).map(|i| format!("{prefix}{b}-{i}")).collect();
+                let records =
+                    payloads.iter().map(|p| Record { payload: p.clone().into_bytes(), ..Record::default() });
+                let ack = producer.send(records.collect()).await?.await.expect("the producer answers")?;
+                log.lock().unwrap().push((Instant::now(), ack, payloads));
+                b += 1;
+                tokio::time::sleep(every).await;
+            }
+            producer.close().await;
+            client.close().await;
+            Ok(())
+        });
+        PacedLoad { acks, stop, task }
+    }
+
+    /// The last ack so far.
+    pub fn last_ack(&self) -> Option<BatchAck> {
+        self.acks.lock().unwrap().last().map(|(_, ack, _)| *ack)
+    }
+
+    /// Stops after the batch in flight; every batch sent must have been acknowledged.
+    pub async fn finish(self) -> Vec<Acked> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let result =
+            tokio::time::timeout(super::DEADLINE, self.task).await.expect("the producer stops").unwrap();
+        assert!(result.is_ok(), "a batch failed for good: {result:?}");
+        Arc::try_unwrap(self.acks).unwrap().into_inner().unwrap()
+    }
+}
+
 /// A consumer reading and acknowledging through a subscription while the test runs. It
 /// checks, as it goes, that offsets strictly increase with no gap and that the committed
 /// cursor never moves backwards.
