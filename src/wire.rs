@@ -26,7 +26,7 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
 /// what changed since the server's version ([`Assignments`]). Version 5 places and moves
 /// leaders (requests 26-29). Version 6 sends only the topic reports that changed.
-pub const PROTOCOL_VERSION: u16 = 7;
+pub const PROTOCOL_VERSION: u16 = 8;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -451,6 +451,16 @@ pub enum Request {
         parked: Vec<ParkedFetch>,
         max_wait_ms: u32,
     },
+
+    /// To the naming group (request 31): `topic`'s entry once its epoch is past
+    /// `past_epoch` (a new leader was elected), or as it is after `max_wait_ms`. A client
+    /// whose leader went silent asks once and hears of the new leader the moment the book
+    /// names it, instead of looking the topic up again and again (matrix F22).
+    AwaitLeader {
+        name: TopicName,
+        past_epoch: Epoch,
+        max_wait_ms: u32,
+    },
 }
 
 /// A naming member's role in its group.
@@ -782,7 +792,10 @@ mod tests {
                     all: v % 2 == 0,
                 },
             }),
-            topic.prop_map(|name| Request::LookupTopic { name }),
+            topic.clone().prop_map(|name| Request::LookupTopic { name }),
+            (topic, any::<u64>(), any::<u32>()).prop_map(|(name, past_epoch, max_wait_ms)| {
+                Request::AwaitLeader { name, past_epoch, max_wait_ms }
+            }),
             (
                 any::<u64>(),
                 proptest::option::of(proptest::collection::vec((any::<u64>(), any::<u64>()), 0..20))

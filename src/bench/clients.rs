@@ -3,7 +3,8 @@
 //! every topic led by the same server; that server's RSS before and after they connect gives
 //! the memory per connection. Then it is killed: every client loses its leader at once, asks
 //! the naming group again and must resume at the new leader. Reported: how long resuming
-//! took (median, p99, the last), how many lookups the naming group answered for it, and its
+//! took (median, p99, the last), how many questions about leaders (`LookupTopic`,
+//! `AwaitLeader`) the naming group answered for it, and its
 //! CPU meanwhile. A client that does not resume fails the run.
 
 use std::net::SocketAddr;
@@ -151,7 +152,7 @@ pub async fn bench_clients(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
 
     // The storm: every client loses its leader at the same instant.
     let naming_pids: Vec<u32> = cluster.naming.iter().map(|n| n.3.id()).collect();
-    let lookups_before = naming_requests(&cluster.naming_metrics, "LookupTopic").await;
+    let lookups_before = naming_questions(&cluster.naming_metrics).await;
     let naming_cpu_before = total_cpu(&naming_pids);
     let _ = shared.killed_at_us.set(shared.now_us());
     let killed = Instant::now();
@@ -163,8 +164,7 @@ pub async fn bench_clients(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
     }
     bar.finish_and_clear();
     let storm_secs = killed.elapsed().as_secs_f64();
-    let lookups =
-        naming_requests(&cluster.naming_metrics, "LookupTopic").await.saturating_sub(lookups_before);
+    let lookups = naming_questions(&cluster.naming_metrics).await.saturating_sub(lookups_before);
     let naming_cpu = (total_cpu(&naming_pids) - naming_cpu_before) / storm_secs * 100.0;
     let _ = stop_tx.send(true);
     while let Some(done) = tasks.join_next().await {
@@ -178,7 +178,7 @@ pub async fn bench_clients(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
     let producers = resume_quantiles(&shared.resume_us, |i| i % 2 == 0);
     let consumers = resume_quantiles(&shared.resume_us, |i| i % 2 == 1);
     eprintln!(
-        "storm: server {TARGET} killed; {resumed} of {connections} clients resumed at the new leaders in {} (producers {}, consumers {}); the naming group answered {lookups} lookups ({:.1} per client), using {naming_cpu:.0} % of a core over the {storm_secs:.1} s",
+        "storm: server {TARGET} killed; {resumed} of {connections} clients resumed at the new leaders in {} (producers {}, consumers {}); the naming group answered {lookups} questions about leaders ({:.1} per client), using {naming_cpu:.0} % of a core over the {storm_secs:.1} s",
         all.text(),
         producers.text(),
         consumers.text(),
@@ -208,8 +208,8 @@ pub async fn bench_clients(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
             "resume_ms": all.json(),
             "producers_resume_ms": producers.json(),
             "consumers_resume_ms": consumers.json(),
-            "naming_lookups": lookups,
-            "naming_lookups_per_client": rounded(lookups as f64 / connections as f64, 2),
+            "naming_questions": lookups,
+            "naming_questions_per_client": rounded(lookups as f64 / connections as f64, 2),
             "naming_cpu_percent": rounded(naming_cpu, 1),
         },
         "consumed": shared.consumed.load(Ordering::Relaxed),
@@ -375,15 +375,16 @@ async fn consume(
     Ok(())
 }
 
-/// Requests of `operation` the naming members served, summed over those that answer.
-async fn naming_requests(metrics: &[SocketAddr], operation: &str) -> u64 {
+/// Questions about topics' leaders (`LookupTopic`, `AwaitLeader`) the naming members
+/// answered, summed over those that answer a scrape.
+async fn naming_questions(metrics: &[SocketAddr]) -> u64 {
     let mut total = 0.0;
     for addr in metrics {
         let Ok(body) = scrape(*addr).await else { continue };
-        let label = format!("operation=\"{operation}\"");
         total += body
             .lines()
-            .filter(|l| l.starts_with("herald_requests_total{") && l.contains(&label))
+            .filter(|l| l.starts_with("herald_requests_total{"))
+            .filter(|l| l.contains("operation=\"LookupTopic\"") || l.contains("operation=\"AwaitLeader\""))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
     }

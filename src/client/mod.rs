@@ -55,16 +55,18 @@ pub const DEFAULT_RETRY_DEADLINE: Duration = Duration::from_secs(30);
 /// whether the leader changed (a killed leader sends no error; its connection just goes
 /// quiet until the idle timeout).
 const STALL_CHECK: Duration = Duration::from_millis(500);
-/// Once stalled, how soon the client asks again (an election takes about a lease); each
-/// further question waits twice as long, up to [`STALL_RECHECK_MAX`], plus jitter.
+/// After a question to the book about a silent leader failed, how soon the client asks
+/// again; each further failure waits twice as long, up to [`STALL_RECHECK_MAX`], plus jitter.
 const STALL_RECHECK: Duration = Duration::from_millis(50);
-/// The longest wait between two such questions. Every client of a killed server asks at
-/// once: doubling intervals with jitter spread their lookups out (about six per client in
-/// the first two seconds, against forty at a fixed 50 ms), yet none waits long once the
-/// book names the new leader (matrix F22, `herald bench clients`).
+/// The longest wait between two such questions: every client of a killed server asks at
+/// once, and when the naming group is slow or down, doubling waits with jitter spread them
+/// out (matrix F22, `herald bench clients`).
 const STALL_RECHECK_MAX: Duration = Duration::from_millis(400);
 /// How long one such question may take: the producer takes no acks while it waits.
 const STALL_LOOKUP_LIMIT: Duration = Duration::from_millis(500);
+/// How long a client asks the naming group to hold an `AwaitLeader` (it holds one at most
+/// `naming::AWAIT_LEADER_LIMIT`); the client then asks again.
+const AWAIT_LEADER_WAIT: Duration = Duration::from_secs(2);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
 const POLL_GRACE: Duration = Duration::from_secs(2);
 
@@ -92,8 +94,8 @@ impl Backoff {
     }
 }
 
-/// The waits between a stalled client's questions to the book: [`STALL_RECHECK`] doubling
-/// up to [`STALL_RECHECK_MAX`], each with up to half again in jitter.
+/// The waits between a stalled client's failed questions to the book: [`STALL_RECHECK`]
+/// doubling up to [`STALL_RECHECK_MAX`], each with up to half again in jitter.
 struct Recheck {
     next: Duration,
 }
@@ -343,13 +345,31 @@ impl Client {
     /// its leader changed, and must not stop taking acks meanwhile if the naming server is
     /// slow or down.
     pub async fn lookup_once(&self, name: &TopicName, limit: Duration) -> Result<TopicInfo, Error> {
+        self.topic_once(&Request::LookupTopic { name: name.clone() }, limit).await
+    }
+
+    /// One attempt to hear of `name`'s next leader: the naming group answers once the
+    /// topic's epoch is past `past_epoch`, or after `wait` with the entry as it stands.
+    pub async fn await_leader_once(
+        &self,
+        name: &TopicName,
+        past_epoch: crate::types::Epoch,
+        wait: Duration,
+    ) -> Result<TopicInfo, Error> {
+        let max_wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
+        let req = Request::AwaitLeader { name: name.clone(), past_epoch, max_wait_ms };
+        self.topic_once(&req, wait + STALL_LOOKUP_LIMIT).await
+    }
+
+    /// One attempt at a request answered with one topic's entry, within `limit`.
+    async fn topic_once(&self, req: &Request, limit: Duration) -> Result<TopicInfo, Error> {
         let call = async {
             // Follows redirects to the naming leader, a few at most (a member names the
             // leader it knows; during an election, none).
             let mut answer = Err(Error::Unavailable { detail: "no naming member asked".into() });
             for _ in 0..MAX_REDIRECTS {
                 let conn = self.naming_conn().await?;
-                answer = conn.call(&Request::LookupTopic { name: name.clone() }).await;
+                answer = conn.call(req).await;
                 match &answer {
                     Err(e) if self.naming_route.redirected(e) => *self.naming.lock().await = None,
                     _ => break,
@@ -455,20 +475,29 @@ impl Client {
     }
 
     /// Resolves once the book names a leader of `topic` other than `peer` (remembered for the
-    /// next call), asking first after `after` and then at [`Recheck`] intervals: for a client
-    /// whose request the leader has not answered, since a killed leader says nothing and its
-    /// connection stays open until the idle timeout.
+    /// next call), starting after `after`: for a client whose request the leader has not
+    /// answered, since a killed leader says nothing and its connection stays open until the
+    /// idle timeout. One lookup, then `AwaitLeader` requests that the naming group answers
+    /// the moment it elects a new leader: the clients of a killed server each ask about
+    /// twice, and hear at once (F22). Failed questions are asked again at [`Recheck`]
+    /// intervals.
     pub(crate) async fn leader_moved(&self, topic: &TopicName, peer: SocketAddr, after: Duration) {
         tokio::time::sleep(after).await;
         let mut recheck = Recheck::new();
+        let mut known = None;
         loop {
-            if let Ok(info) = self.lookup_once(topic, STALL_LOOKUP_LIMIT).await {
-                if info.leader_addr().is_some_and(|a| a != peer) {
+            let answer = match known {
+                None => self.lookup_once(topic, STALL_LOOKUP_LIMIT).await,
+                Some(epoch) => self.await_leader_once(topic, epoch, AWAIT_LEADER_WAIT).await,
+            };
+            match answer {
+                Ok(info) if info.leader_addr().is_some_and(|a| a != peer) => {
                     self.remember(&info);
                     return;
                 }
+                Ok(info) => known = Some(info.epoch),
+                Err(_) => tokio::time::sleep(recheck.next_delay()).await,
             }
-            tokio::time::sleep(recheck.next_delay()).await;
         }
     }
 
@@ -784,10 +813,11 @@ impl ProducerTask {
         let mut session: Option<Session> = None;
         let mut closed = false;
         let mut backoff = Backoff::new(self.client.retry_deadline);
-        // When the producer last heard from the leader, and when it last asked the book.
+        // When the producer last heard from the leader; while batches wait for an answer, a
+        // watch on the book for a new leader (and the server it watches).
         let mut last_answer = tokio::time::Instant::now();
-        let mut last_check = last_answer;
-        let (mut recheck, mut recheck_delay) = (Recheck::new(), Duration::ZERO);
+        type Watch = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+        let mut watcher: Option<(SocketAddr, Watch)> = None;
         loop {
             if closed && self.inflight.is_empty() {
                 break;
@@ -811,24 +841,26 @@ impl ProducerTask {
             }
             let window = if self.known { self.max_inflight } else { 1 };
             let can_take = !closed && self.inflight.len() < window;
-            let stalled = session.is_some() && !self.inflight.is_empty();
-            let next_check = (last_answer + STALL_CHECK).max(last_check + recheck_delay);
+            // Batches in flight and no answer for STALL_CHECK: if the book names another
+            // leader meanwhile, move there.
+            let peer = session.as_ref().filter(|_| !self.inflight.is_empty()).map(|s| s.stream_writer.peer());
+            if watcher.as_ref().map(|(p, _)| *p) != peer {
+                watcher = peer.map(|peer| {
+                    let (client, topic) = (self.client.clone(), self.topic.clone());
+                    let after =
+                        (last_answer + STALL_CHECK).saturating_duration_since(tokio::time::Instant::now());
+                    let watch: Watch =
+                        Box::pin(async move { client.leader_moved(&topic, peer, after).await });
+                    (peer, watch)
+                });
+            }
             tokio::select! {
-                _ = tokio::time::sleep_until(next_check), if stalled => {
-                    // No answer for a while: if the book names another leader now, move there.
-                    last_check = tokio::time::Instant::now();
-                    recheck_delay = recheck.next_delay();
-                    let peer = session.as_ref().map(|s| s.stream_writer.peer());
-                    if let Ok(info) = self.client.lookup_once(&self.topic, STALL_LOOKUP_LIMIT).await {
-                        if info.leader_addr().is_some() && info.leader_addr() != peer {
-                            self.client.remember(&info);
-                            debug!(topic = %self.topic, "the leader changed while batches were in flight");
-                            if let Some(addr) = peer {
-                                self.client.forget_server(addr).await;
-                            }
-                            session = None;
-                        }
+                () = async { watcher.as_mut().expect("a watch").1.as_mut().await }, if watcher.is_some() => {
+                    debug!(topic = %self.topic, "the leader changed while batches were in flight");
+                    if let Some((addr, _)) = watcher.take() {
+                        self.client.forget_server(addr).await;
                     }
+                    session = None;
                 }
                 resp = async { session.as_mut().expect("session").responses.recv().await }, if session.is_some() => {
                     match resp {
@@ -838,8 +870,8 @@ impl ProducerTask {
                                 let _ = f.batch.reply.send(Ok(BatchAck { base, count, epoch, duplicate }));
                             }
                             last_answer = tokio::time::Instant::now();
-                            recheck = Recheck::new();
-                            recheck_delay = Duration::ZERO;
+                            // The leader answers: watch afresh from this answer on.
+                            watcher = None;
                             self.failing_since = None;
                             backoff = Backoff::new(self.client.retry_deadline);
                         }
@@ -927,6 +959,11 @@ const MAX_ROUTES: usize = 4_096;
 /// leader anyway (the naming group may be down while the topic's leader is fine).
 const RELOOKUP_LIMIT: Duration = Duration::from_secs(2);
 
+/// How long a naming dial waits before dialling the next member too (see
+/// [`NamingRoute::connect`]): a TLS handshake on loopback takes a few milliseconds, so a
+/// member that has not answered in this long is likely down or overloaded.
+const DIAL_STAGGER: Duration = Duration::from_millis(250);
+
 /// How long a naming dial waits for the member that answered last once another answered.
 const PREFERRED_GRACE: Duration = Duration::from_millis(20);
 
@@ -945,8 +982,9 @@ pub(crate) struct NamingRoute {
 impl NamingRoute {
     pub(crate) fn new(addrs: NamingAddrs) -> Self {
         Self {
+            // A random first choice spreads new clients over the members.
+            preferred: AtomicUsize::new(fastrand::usize(..addrs.list().len().max(1))),
             addrs,
-            preferred: AtomicUsize::new(0),
             leader: std::sync::Mutex::new(None),
             reached: AtomicBool::new(false),
         }
@@ -965,20 +1003,26 @@ impl NamingRoute {
         *self.leader.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Connects to the leader if one was named, else to one of the addresses. Every
-    /// candidate is dialled at once (a member that is down, the named leader included,
-    /// costs no more than the connect timeout, however many are down); the named leader, else
-    /// the member that answered last, is preferred when several answer.
+    /// Connects to the leader if one was named, else to one of the addresses. The named
+    /// leader, else the member that answered last, is dialled first and each other member
+    /// [`DIAL_STAGGER`] after the one before, all still under way together (a member that is
+    /// down costs no more than the connect timeout, however many are down); the first to
+    /// answer is kept, the preferred one if it answers soon after. Staggered, a healthy group
+    /// costs one TLS handshake per dial, not one per member: a thousand clients starting at
+    /// once made the members' handshakes their bottleneck.
     pub(crate) async fn connect(&self, endpoint: &Endpoint) -> Result<Connection, Error> {
         let list = self.addrs.list();
         let hint = self.leader_hint();
         let preferred = hint.unwrap_or(list[self.preferred.load(Ordering::Relaxed) % list.len()]);
-        let mut candidates: Vec<SocketAddr> = hint.into_iter().collect();
-        candidates.extend(list.iter().copied().filter(|a| Some(*a) != hint));
+        let mut candidates = vec![preferred];
+        candidates.extend(list.iter().copied().filter(|a| *a != preferred));
         let mut dials = tokio::task::JoinSet::new();
-        for addr in candidates {
+        for (k, addr) in candidates.into_iter().enumerate() {
             let endpoint = endpoint.clone();
-            dials.spawn(async move { (addr, Connection::connect(&endpoint, addr).await) });
+            dials.spawn(async move {
+                tokio::time::sleep(DIAL_STAGGER * k as u32).await;
+                (addr, Connection::connect(&endpoint, addr).await)
+            });
         }
         let mut failures = Vec::new();
         let mut connected: Option<(SocketAddr, Connection)> = None;

@@ -49,7 +49,7 @@ use crate::certs::{self, CertRole, Principal};
 use crate::error::Error;
 use crate::metrics::EndpointMetrics;
 use crate::transport::{self, ready, Connection, Peer, ResponseFuture, Service};
-use crate::types::{mono_ms, now_ms, ServerId, TopicName};
+use crate::types::{mono_ms, now_ms, Epoch, ServerId, TopicName};
 use crate::wire::{MemberRole, Reports, Request, Response, TopicInfo};
 
 /// The file in the data directory holding this member's Raft log and book snapshots.
@@ -374,6 +374,31 @@ impl NamingServer {
         })
     }
 
+    /// `name`'s entry once its epoch is past `past_epoch`, or as it is after `max_wait_ms`
+    /// (at most [`AWAIT_LEADER_LIMIT`]); an unknown topic or a member that does not serve
+    /// is answered at once.
+    fn await_leader(
+        self: &Arc<Self>,
+        name: TopicName,
+        past_epoch: Epoch,
+        max_wait_ms: u32,
+    ) -> ResponseFuture {
+        let me = self.clone();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(max_wait_ms as u64).min(AWAIT_LEADER_LIMIT);
+        Box::pin(async move {
+            let mut version = me.version.subscribe();
+            loop {
+                version.borrow_and_update();
+                let answer = me.read_now(|core| core.lookup(&name).map(Response::Topic));
+                let waiting = matches!(&answer, Response::Topic(t) if t.epoch <= past_epoch);
+                if !waiting || tokio::time::timeout_at(deadline, version.changed()).await.is_err() {
+                    return answer;
+                }
+            }
+        })
+    }
+
     /// Commits a change to topics, then answers once their replicas applied it (or after
     /// [`PLACEMENT_WAIT`]), so what the caller does next sees the change. A new topic that
     /// not enough replicas took on in that time is a [`Error::NotPlaced`]. `one`: answer
@@ -607,6 +632,11 @@ impl NamingServer {
     }
 }
 
+/// Longest an `AwaitLeader` is held before it is answered with the entry as it is: the
+/// client asks again, and a held request keeps a stream and a topic answer's share of its
+/// connection's budget (`transport::limits::TOPIC_ANSWER_BYTES`).
+pub const AWAIT_LEADER_LIMIT: Duration = Duration::from_secs(5);
+
 /// Asks one voter to promise an epoch, and hands its answer to the member.
 async fn ask_promise(naming: Arc<NamingServer>, ask: PromiseAsk) {
     let wait = Duration::from_millis(naming.member().settings().promise_wait_ms);
@@ -721,7 +751,9 @@ impl Service for NamingServer {
             Request::CreateTopics { names, .. } | Request::DeleteTopics { names } => {
                 names.iter().map(|n| (Operation::Admin, n.as_str())).collect()
             }
-            Request::LookupTopic { name } => vec![(Operation::Describe, name.as_str())],
+            Request::LookupTopic { name } | Request::AwaitLeader { name, .. } => {
+                vec![(Operation::Describe, name.as_str())]
+            }
             // Moves leaders of any topic: admin on every topic.
             Request::Rebalance => vec![(Operation::Admin, "")],
             _ => Vec::new(),
@@ -762,6 +794,9 @@ impl Service for NamingServer {
                 self.change_topics(peer, Admin::AlterTopic { name, changes }, "topic altered", true)
             }
             Request::LookupTopic { name } => self.read(|core| core.lookup(&name).map(Response::Topic)),
+            Request::AwaitLeader { name, past_epoch, max_wait_ms } => {
+                self.await_leader(name, past_epoch, max_wait_ms)
+            }
             Request::ListTopics => self.read(|core| {
                 Ok(Response::Topics(core.list_topics().into_iter().filter(|t| visible(core, t)).collect()))
             }),

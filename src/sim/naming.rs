@@ -258,7 +258,9 @@ impl SimNaming {
                         member.alive(now, server);
                         Some(Response::Noted)
                     }
-                    Request::LookupTopic { name } => Some(
+                    // The simulated clients look topics up; an AwaitLeader is answered as it
+                    // stands (held requests are the real server's business).
+                    Request::LookupTopic { name } | Request::AwaitLeader { name, .. } => Some(
                         member
                             .serving()
                             .and_then(|core| core.lookup(&name))

@@ -78,6 +78,10 @@ pub const SMALL_ANSWER_BYTES: usize = 4 * 1024;
 /// topics, the server list); the naming book's own limits keep them below it.
 pub const METADATA_ANSWER_BYTES: usize = 1024 * 1024;
 
+/// What one topic's entry may take: its schema at most and room for the rest (a replica
+/// set of at most 16, learners, the limits).
+pub const TOPIC_ANSWER_BYTES: usize = crate::naming::core::MAX_SCHEMA_BYTES + 16 * 1024;
+
 /// Failed handshakes are logged at most once per this interval, with a count of those not
 /// logged: anyone who can reach the port can cause them.
 pub const HANDSHAKE_LOG_EVERY: Duration = Duration::from_secs(10);
@@ -162,10 +166,12 @@ pub fn answer_bound(req: &Request) -> usize {
         Request::ListTopics | Request::ChangeAcl { .. } | Request::ListGrants => {
             crate::wire::MAX_FRAME_BYTES + LENGTH_PREFIX
         }
-        Request::TopicStatus { .. }
-        | Request::ListServers
-        | Request::LookupTopic { .. }
-        | Request::ListTopicsPage { .. } => METADATA_ANSWER_BYTES,
+        Request::TopicStatus { .. } | Request::ListServers | Request::ListTopicsPage { .. } => {
+            METADATA_ANSWER_BYTES
+        }
+        // One topic's entry; a thousand clients waiting for new leaders hold 80 MB, not the
+        // server's whole budget.
+        Request::LookupTopic { .. } | Request::AwaitLeader { .. } => TOPIC_ANSWER_BYTES,
         _ => SMALL_ANSWER_BYTES,
     }
 }

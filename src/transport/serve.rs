@@ -322,6 +322,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::Rebalance => "Rebalance",
         Request::FollowerAlive { .. } => "FollowerAlive",
         Request::Park { .. } => "Park",
+        Request::AwaitLeader { .. } => "AwaitLeader",
     }
 }
 
