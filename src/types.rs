@@ -345,8 +345,8 @@ pub struct StoredRecord {
 }
 
 /// The naming servers a client or a topic server may ask (`--naming A,B,C`; host names are
-/// resolved once, at start). All are dialled at once; the one that answered last is
-/// preferred, and a redirect names the leader.
+/// resolved once, at start). The leader a redirect named, else the one that answered last,
+/// is dialled first and each other 250 ms later, until one answers.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NamingAddrs(Vec<std::net::SocketAddr>);
 

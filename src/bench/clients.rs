@@ -87,6 +87,9 @@ pub async fn bench_clients(t: &mut Target, a: &BenchArgs) -> Result<Outcome> {
     let Some(cluster) = t.cluster.as_mut() else {
         bail!("`bench clients` kills a server, so it only runs against its own cluster: add --dev");
     };
+    if a.replicas < 2 {
+        bail!("`bench clients` kills the server the clients use: their topics need --replicas 2 or more");
+    }
     let pairs = (a.connections as usize / 2).max(1);
     let connections = pairs * 2;
     let client = cluster.client()?;

@@ -59,8 +59,9 @@ const DEFAULT_CERTS: &str = "certs";
 
 #[derive(Args, Debug, Clone)]
 struct Common {
-    /// The naming group's members, as HOST:PORT[,HOST:PORT...] (all dialled at once: the
-    /// leader answers, the others name it; the default is where `herald dev` starts them).
+    /// The naming group's members, as HOST:PORT[,HOST:PORT...] (tried one after another,
+    /// 250 ms apart, until one answers: the leader answers, the others name it; the default
+    /// is where `herald dev` starts them).
     #[arg(long, global = true, env = "HERALD_NAMING", default_value = DEFAULT_NAMING)]
     naming: NamingAddrs,
     /// Directory with the cluster certificates (made by `herald certs`).
