@@ -62,7 +62,7 @@ const STALL_RECHECK: Duration = Duration::from_millis(50);
 /// once, and when the naming group is slow or down, doubling waits with jitter spread them
 /// out (matrix F22, `herald bench clients`).
 const STALL_RECHECK_MAX: Duration = Duration::from_millis(400);
-/// How long one such question may take: the producer takes no acks while it waits.
+/// How long one lookup about a silent leader may take before it counts as failed.
 const STALL_LOOKUP_LIMIT: Duration = Duration::from_millis(500);
 /// How long a client asks the naming group to hold an `AwaitLeader` (it holds one at most
 /// `naming::AWAIT_LEADER_LIMIT`); the client then asks again.
@@ -388,7 +388,7 @@ impl Client {
         };
         if matches!(answer, Error::Unavailable { .. }) {
             // A naming server killed without a word keeps its connection open until the idle
-            // timeout: dial again (every member at once) instead of waiting it out. But only
+            // timeout: dial again instead of waiting it out. But only
             // after two such failures in a row: one slow answer is more often a busy member,
             // and every client dialling all of them at once would make it busier (F22).
             if self.naming_stalls.fetch_add(1, Ordering::Relaxed) >= 1 {
@@ -478,8 +478,8 @@ impl Client {
     /// next call), starting after `after`: for a client whose request the leader has not
     /// answered, since a killed leader says nothing and its connection stays open until the
     /// idle timeout. One lookup, then `AwaitLeader` requests that the naming group answers
-    /// the moment it elects a new leader: the clients of a killed server each ask about
-    /// twice, and hear at once (F22). Failed questions are asked again at [`Recheck`]
+    /// the moment it elects a new leader: the clients of a killed server each ask a few
+    /// times, and hear at once (F22). Failed questions are asked again at [`Recheck`]
     /// intervals.
     pub(crate) async fn leader_moved(&self, topic: &TopicName, peer: SocketAddr, after: Duration) {
         tokio::time::sleep(after).await;
