@@ -70,46 +70,41 @@ const AWAIT_LEADER_WAIT: Duration = Duration::from_secs(2);
 /// Extra time a consumer gives a long poll beyond its wait before suspecting the server.
 const POLL_GRACE: Duration = Duration::from_secs(2);
 
-/// Exponential backoff with jitter, bounded by a deadline.
+/// Exponential backoff with jitter: each wait doubles up to a cap, plus up to half again at
+/// random; bounded by a deadline, or not.
 struct Backoff {
     next: Duration,
-    deadline: Instant,
+    max: Duration,
+    deadline: Option<Instant>,
 }
 
 impl Backoff {
+    /// For retries: 20 ms doubling to 1 s, until `deadline` from now.
     fn new(deadline: Duration) -> Self {
-        Self { next: Duration::from_millis(20), deadline: Instant::now() + deadline }
+        Self {
+            next: Duration::from_millis(20),
+            max: Duration::from_secs(1),
+            deadline: Some(Instant::now() + deadline),
+        }
+    }
+
+    /// For a stalled client's failed questions to the book: [`STALL_RECHECK`] doubling to
+    /// [`STALL_RECHECK_MAX`], for as long as it waits.
+    fn recheck() -> Self {
+        Self { next: STALL_RECHECK, max: STALL_RECHECK_MAX, deadline: None }
     }
 
     /// Sleeps before the next attempt; `false` when the deadline has passed.
     async fn wait(&mut self) -> bool {
         let now = Instant::now();
-        if now >= self.deadline {
+        if self.deadline.is_some_and(|d| now >= d) {
             return false;
         }
         let jitter = Duration::from_millis(fastrand::u64(0..=self.next.as_millis() as u64 / 2));
-        tokio::time::sleep((self.next + jitter).min(self.deadline - now)).await;
-        self.next = (self.next * 2).min(Duration::from_secs(1));
+        let left = self.deadline.map_or(Duration::MAX, |d| d - now);
+        tokio::time::sleep((self.next + jitter).min(left)).await;
+        self.next = (self.next * 2).min(self.max);
         true
-    }
-}
-
-/// The waits between a stalled client's failed questions to the book: [`STALL_RECHECK`]
-/// doubling up to [`STALL_RECHECK_MAX`], each with up to half again in jitter.
-struct Recheck {
-    next: Duration,
-}
-
-impl Recheck {
-    fn new() -> Self {
-        Self { next: STALL_RECHECK }
-    }
-
-    fn next_delay(&mut self) -> Duration {
-        let jitter = Duration::from_millis(fastrand::u64(0..=self.next.as_millis() as u64 / 2));
-        let delay = self.next + jitter;
-        self.next = (self.next * 2).min(STALL_RECHECK_MAX);
-        delay
     }
 }
 
@@ -479,11 +474,11 @@ impl Client {
     /// answered, since a killed leader says nothing and its connection stays open until the
     /// idle timeout. One lookup, then `AwaitLeader` requests that the naming group answers
     /// the moment it elects a new leader: the clients of a killed server each ask a few
-    /// times, and hear at once (F22). Failed questions are asked again at [`Recheck`]
-    /// intervals.
+    /// times, and hear at once (F22). Failed questions are asked again after
+    /// [`Backoff::recheck`] waits.
     pub(crate) async fn leader_moved(&self, topic: &TopicName, peer: SocketAddr, after: Duration) {
         tokio::time::sleep(after).await;
-        let mut recheck = Recheck::new();
+        let mut recheck = Backoff::recheck();
         let mut known = None;
         loop {
             let answer = match known {
@@ -496,7 +491,9 @@ impl Client {
                     return;
                 }
                 Ok(info) => known = Some(info.epoch),
-                Err(_) => tokio::time::sleep(recheck.next_delay()).await,
+                Err(_) => {
+                    recheck.wait().await;
+                }
             }
         }
     }
