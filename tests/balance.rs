@@ -209,14 +209,18 @@ async fn every_topic_replicates_when_server_pairs_share_thousands() {
         let read = common::read_all(&client, topic, "s").await;
         assert_eq!(read.len(), 3, "{topic}: every acked record is read once");
     }
-    // `topic list` asks every leader for its topics' status, many at a time.
-    let out = cluster.cli(&["topic", "list", "--json"], None);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(list.len(), TOPICS);
-    let without: Vec<&str> =
-        list.iter().filter(|t| t["log_end"].is_null()).filter_map(|t| t["name"].as_str()).collect();
-    assert!(without.is_empty(), "every topic's leader answered, not {without:?}");
+    // `topic list` asks every leader for its topics' status, many at a time, once each (a
+    // leader that does not answer in time is listed without status). On a loaded machine one
+    // listing may miss a few; every leader answers one of them.
+    let list = wait_for("every topic's leader to answer `topic list`", || async {
+        let out = cluster.cli(&["topic", "list", "--json"], None);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(list.len(), TOPICS);
+        let without = list.iter().filter(|t| t["log_end"].is_null()).count();
+        (without == 0).then_some(list)
+    })
+    .await;
     let produced = list.iter().filter(|t| t["log_end"] == 3).count();
     assert_eq!(produced, sample.len(), "the sampled topics hold their three records");
 }
