@@ -1,11 +1,9 @@
 //! The backlog limit (G6): a topic keeps at most so many bytes, refusing producers or evicting
 //! the slowest subscriptions, with a record of what each lost.
 
-use redb::ReadableTable;
 use tracing::warn;
 
-use super::tables::RECORDS;
-use super::topic::WriterTopic;
+use super::topic::{each_record_size, WriterTopic};
 use super::writer::{StorageResult, Tx};
 use crate::error::Error;
 use crate::replication::Cursor;
@@ -72,16 +70,11 @@ pub(super) fn make_room(
     let need = (effective + incoming).saturating_sub(limit / 10 * 9);
     let commit = t.state.borrow().commit;
     let (id, mut target, mut freed) = (t.meta.id, scan_from, 0u64);
-    if scan_from < commit {
-        for entry in txn.open(RECORDS)?.range((id, scan_from)..(id, commit))? {
-            let (key, value) = entry?;
-            freed += value.value().len() as u64;
-            target = key.value().1 + 1;
-            if freed >= need {
-                break;
-            }
-        }
-    }
+    each_record_size(txn, id, scan_from, commit, |offset, size| {
+        freed += size;
+        target = offset + 1;
+        freed < need
+    })?;
     t.evicting = Some(Evicting { until: target, bytes: pending + freed, freed_mark: t.freed_bytes });
     if target <= lowest {
         // What is below the slowest cursor is read and waits for deletion; nothing to evict.

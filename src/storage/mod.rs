@@ -7,7 +7,8 @@
 //!   first stored entry, applied index);
 //! - `entries`: (id, index) -> [`Entry`](crate::replication::Entry): batches, cursor
 //!   changes, epoch starts;
-//! - `records`: (id, offset) -> the record and its batch's timestamp, read by consumers;
+//! - `record_chunks`: (id, offset of the first) -> the records of one batch as one value with
+//!   a checksum (`chunk`), read by consumers and shipped to followers;
 //! - `cursors`: (id, subscription) -> the applied [`Cursor`];
 //! - `producers`: (id, producer) -> [`ProducerState`] (dedup window);
 //! - `epochs`: (id, epoch) -> index of its first entry ([`EpochHistory`](crate::replication::EpochHistory));
@@ -34,8 +35,9 @@
 //! ([`Store::commit`]). A topic with a single replica commits and applies what is durable.
 //!
 //! # Invariants
-//! - Offsets of a topic are dense: records exist exactly for `log_start..log_end` (a follower
-//!   just restarted at the leader's state may have nothing yet).
+//! - Offsets of a topic are dense: chunks hold every record of `log_start..log_end` and
+//!   none past it (a follower just restarted at the leader's state may have nothing yet);
+//!   the first chunk may start below `log_start`, its records there hidden from readers.
 //! - Entries exist exactly for `start_index..end_index`; those below `applied` are applied,
 //!   and only those below `start_index` were ever deleted.
 //! - A batch's entry and records are written in one transaction.
@@ -45,6 +47,7 @@
 //! - The published [`LogState`] only ever describes durable (fsynced) data.
 
 mod backlog;
+mod chunk;
 mod command;
 mod cursors;
 mod epochs;
@@ -81,11 +84,12 @@ pub use state::{
 pub use topic::{Retention, COMPACT_BATCH, PRODUCER_STATE_TTL_MS, RETAINED_ENTRIES};
 pub use writer::{Clock, GroupOutcome, Writer, MAX_COMMANDS_PER_COMMIT};
 
-use tables::{CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
+use tables::{CHUNKS, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, TOPICS};
 
 /// Version of the on-disk layout (tables and value encodings). 3: a replicated log of
 /// entries (batches, cursor changes, epoch starts) beside the records; applied cursors.
-pub const STORAGE_FORMAT: u64 = 3;
+/// 4: records stored a batch per value (`chunk`), with a CRC32C.
+pub const STORAGE_FORMAT: u64 = 4;
 
 /// redb page cache. Records live on disk, not in RAM: memory stays flat as backlogs grow.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
@@ -257,7 +261,7 @@ impl Store {
             // Create every table so readers never meet a missing one.
             txn.open_table(TOPICS)?;
             txn.open_table(ENTRIES)?;
-            txn.open_table(RECORDS)?;
+            txn.open_table(CHUNKS)?;
             txn.open_table(CURSORS)?;
             txn.open_table(PRODUCERS)?;
             txn.open_table(EPOCHS)?;

@@ -3,14 +3,15 @@
 
 use redb::{ReadableTable, ReadableTableMetadata};
 
+use super::chunk::{self, Chunk};
 use super::state::{LogState, TopicLog, TopicMeta};
-use super::tables::{decode, StoredValue, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
+use super::tables::{decode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::Store;
 use crate::error::Error;
 use crate::replication::{
     Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD,
 };
-use crate::types::{varint_len, Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
+use crate::types::{Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
 use crate::wire::SubscriptionInfo;
 
 /// Records behind a cursor up to which its lag in bytes is summed exactly.
@@ -31,14 +32,13 @@ impl Store {
         max_bytes: u32,
     ) -> Result<Vec<StoredRecord>, Error> {
         let txn = self.read_txn()?;
-        let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
-        for row in table.range((topic.id, from)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
-            let (key, value) = row.map_err(|e| self.storage_err(e))?;
-            let offset = key.value().1;
-            // A stored value is the timestamp and the record: the answer adds the offset.
-            let size = value.value().len() + varint_len(offset);
+        // Records below the log start may still sit in its first chunk: never shown.
+        let from = from.max(self.log_start_in(&txn, topic.id)?);
+        self.each_record(&chunks, topic.id, from, end, |offset, chunk, raw| {
+            let size = chunk.answer_size(offset, raw);
             if bytes + size > max_bytes as usize {
                 if out.is_empty() {
                     return Err(Error::FetchTooSmall {
@@ -48,16 +48,65 @@ impl Store {
                         max_bytes: max_bytes as u64,
                     });
                 }
-                break;
+                return Ok(false);
             }
             bytes += size;
-            let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
-            out.push(StoredRecord { offset, timestamp_ms: v.timestamp_ms, record: v.record });
-            if out.len() >= max_records as usize {
-                break;
+            let record = chunk::decode_record(raw).map_err(|e| self.storage_err(e))?;
+            out.push(StoredRecord { offset, timestamp_ms: chunk.timestamp_ms, record });
+            Ok(out.len() < max_records as usize)
+        })?;
+        Ok(out)
+    }
+
+    /// Calls `each(offset, chunk, record bytes)` for the stored records `from..end` in order,
+    /// until it returns false; every chunk read is checked against its checksum first.
+    fn each_record(
+        &self,
+        chunks: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+        topic: TopicId,
+        from: Offset,
+        end: Offset,
+        mut each: impl FnMut(Offset, &Chunk<'_>, &[u8]) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        if from >= end {
+            return Ok(());
+        }
+        let holding = chunks.range((topic, 0)..=(topic, from)).map_err(|e| self.storage_err(e))?.next_back();
+        let first = match holding {
+            Some(row) => row.map_err(|e| self.storage_err(e))?.0.value().1,
+            None => from,
+        };
+        for row in chunks.range((topic, first)..(topic, end)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let base = key.value().1;
+            let bytes = value.value();
+            let chunk = Chunk::parse(bytes).map_err(|e| self.chunk_err(topic, base, e))?;
+            for (offset, raw) in (base..).zip(chunk.records()) {
+                if offset >= end {
+                    return Ok(());
+                }
+                let raw = raw.map_err(|e| self.chunk_err(topic, base, e))?;
+                if offset >= from && !each(offset, &chunk, raw)? {
+                    return Ok(());
+                }
             }
         }
-        Ok(out)
+        Ok(())
+    }
+
+    /// A topic's log start as of `txn` (0 for a topic not stored).
+    fn log_start_in(&self, txn: &redb::ReadTransaction, topic: TopicId) -> Result<Offset, Error> {
+        let topics = txn.open_table(TOPICS).map_err(|e| self.storage_err(e))?;
+        let meta = topics.get(topic).map_err(|e| self.storage_err(e))?;
+        match meta {
+            Some(v) => Ok(decode::<TopicMeta>(v.value()).map_err(|e| self.storage_err(e))?.log_start),
+            None => Ok(0),
+        }
+    }
+
+    /// A chunk that cannot be read: never served, reported with where it is.
+    fn chunk_err(&self, topic: TopicId, base: Offset, e: chunk::ChunkError) -> Error {
+        self.storage_err(format!("topic #{topic}, the chunk at offset {base}: {e}"))
     }
 
     /// Entries `from..end` with their records, for a follower: whole entries, as many as fit
@@ -74,33 +123,27 @@ impl Store {
     ) -> Result<Vec<ShippedEntry>, Error> {
         let txn = self.read_txn()?;
         let entries = txn.open_table(ENTRIES).map_err(|e| self.storage_err(e))?;
-        let records = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        let log_start = self.log_start_in(&txn, topic)?;
         let mut out = Vec::new();
         let mut bytes = 0usize;
         for row in entries.range((topic, from)..(topic, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = row.map_err(|e| self.storage_err(e))?;
             let entry: Entry = decode(value.value()).map_err(|e| self.storage_err(e))?;
             let mut size = SHIPPED_ENTRY_OVERHEAD;
-            let mut rows = Vec::new();
+            let mut batch = Vec::new();
             if let EntryKind::Batch { .. } = entry.kind {
-                for row in records
-                    .range((topic, entry.base())..(topic, entry.end))
-                    .map_err(|e| self.storage_err(e))?
-                {
-                    let (_, value) = row.map_err(|e| self.storage_err(e))?;
-                    size += value.value().len();
-                    rows.push(value);
-                }
+                let from = entry.base().max(log_start);
+                self.each_record(&chunks, topic, from, entry.end, |_, chunk, raw| {
+                    size += chunk.stored_size(raw) as usize;
+                    batch.push(chunk::decode_record(raw).map_err(|e| self.storage_err(e))?);
+                    Ok(true)
+                })?;
             }
             if bytes + size > max_bytes && !out.is_empty() {
                 break;
             }
             bytes += size;
-            let mut batch = Vec::with_capacity(rows.len());
-            for value in rows {
-                let v: StoredValue = decode(value.value()).map_err(|e| self.storage_err(e))?;
-                batch.push(v.record);
-            }
             out.push(ShippedEntry { index: key.value().1, entry, records: batch });
         }
         Ok(out)
@@ -191,17 +234,18 @@ impl Store {
             });
         }
         drop(table);
-        let records = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
         let stored = state.log_end.saturating_sub(state.log_start).max(1);
         for sub in &mut out {
             if sub.lag > LAG_BYTES_SCAN {
                 sub.lag_bytes = (sub.lag as u128 * state.bytes as u128 / stored as u128) as u64;
             } else if sub.cursor < commit {
-                for row in
-                    records.range((topic, sub.cursor)..(topic, commit)).map_err(|e| self.storage_err(e))?
-                {
-                    sub.lag_bytes += row.map_err(|e| self.storage_err(e))?.1.value().len() as u64;
-                }
+                let mut lag = 0;
+                self.each_record(&chunks, topic, sub.cursor, commit, |_, chunk, raw| {
+                    lag += chunk.stored_size(raw);
+                    Ok(true)
+                })?;
+                sub.lag_bytes = lag;
             }
         }
         Ok(out)
@@ -227,11 +271,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Number of records stored for all topics (for tests and diagnostics).
+    /// Number of records stored for all topics, those hidden below a log start not counted
+    /// (for tests and diagnostics).
     pub fn record_count(&self) -> Result<u64, Error> {
         let txn = self.read_txn()?;
-        let table = txn.open_table(RECORDS).map_err(|e| self.storage_err(e))?;
-        table.len().map_err(|e| self.storage_err(e))
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        let mut log_starts = std::collections::HashMap::new();
+        let mut count = 0;
+        for row in chunks.iter().map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let (topic, base) = key.value();
+            let log_start = match log_starts.get(&topic) {
+                Some(s) => *s,
+                None => *log_starts.entry(topic).or_insert(self.log_start_in(&txn, topic)?),
+            };
+            let chunk = Chunk::parse(value.value()).map_err(|e| self.chunk_err(topic, base, e))?;
+            count += chunk.end(base).saturating_sub(base.max(log_start));
+        }
+        Ok(count)
     }
 
     /// Checks every invariant of the stored logs (see the module doc): what a reopened store
@@ -242,7 +299,7 @@ impl Store {
         let fail = |e: &dyn std::fmt::Display| e.to_string();
         let topics = txn.open_table(TOPICS).map_err(|e| fail(&e))?;
         let entries = txn.open_table(ENTRIES).map_err(|e| fail(&e))?;
-        let records = txn.open_table(RECORDS).map_err(|e| fail(&e))?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| fail(&e))?;
         let cursors = txn.open_table(CURSORS).map_err(|e| fail(&e))?;
         let epochs = txn.open_table(EPOCHS).map_err(|e| fail(&e))?;
         for row in topics.iter().map_err(|e| fail(&e))? {
@@ -279,27 +336,48 @@ impl Store {
                         history.epoch_at(index)
                     ));
                 }
-                if let EntryKind::Batch { .. } = entry.kind {
-                    for o in entry.base().max(meta.log_start)..entry.end {
-                        if records.get((id, o)).map_err(|e| fail(&e))?.is_none() {
-                            return Err(format!("{name}: record {o} of entry {index} is missing"));
-                        }
-                    }
-                }
                 end = entry.end;
                 next += 1;
             }
-            if let Some(last) = records.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))?.next_back() {
-                let o = last.map_err(|e| fail(&e))?.0.value().1;
-                if o >= end {
-                    return Err(format!("{name}: record {o} past the log end {end}"));
+            // Chunks: each checked, in order without gaps up to the log end, none wholly below
+            // the log start. They start at or below the log start, or at the first stored
+            // entry of a follower restarted at its leader's state (which has no records
+            // before it).
+            let need_from = meta.log_start.max(meta.start_offset.min(end));
+            let mut last: Option<Offset> = None;
+            for row in chunks.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))? {
+                let (k, v) = row.map_err(|e| fail(&e))?;
+                let base = k.value().1;
+                let chunk = Chunk::parse(v.value()).map_err(|e| format!("{name}: chunk at {base}: {e}"))?;
+                if chunk.records().any(|r| r.is_err()) || chunk.count == 0 {
+                    return Err(format!("{name}: chunk at {base} is malformed or empty"));
                 }
+                match last {
+                    None if base > need_from => {
+                        return Err(format!("{name}: records from {need_from} to {base} are missing"));
+                    }
+                    None if chunk.end(base) <= meta.log_start => {
+                        return Err(format!(
+                            "{name}: chunk {base}..{} is wholly below the log start {}",
+                            chunk.end(base),
+                            meta.log_start
+                        ));
+                    }
+                    Some(last) if base != last => {
+                        return Err(format!("{name}: chunk at {base} where {last} was expected"));
+                    }
+                    _ => {}
+                }
+                last = Some(chunk.end(base));
             }
-            if let Some(first) = records.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))?.next() {
-                let o = first.map_err(|e| fail(&e))?.0.value().1;
-                if o < meta.log_start {
-                    return Err(format!("{name}: record {o} below the log start {}", meta.log_start));
+            match last {
+                Some(last) if last != end => {
+                    return Err(format!("{name}: records end at {last}, the log at {end}"));
                 }
+                None if end > need_from => {
+                    return Err(format!("{name}: records {need_from}..{end} are missing"));
+                }
+                _ => {}
             }
             if meta.applied < meta.start_index {
                 return Err(format!(

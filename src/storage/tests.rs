@@ -436,6 +436,66 @@ async fn records_are_deleted_only_when_every_subscription_passed_them() {
     store.check_consistency().unwrap();
 }
 
+#[tokio::test]
+async fn records_below_the_log_start_inside_a_chunk_are_never_shown_nor_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.append(1, 1, 0, records(&["0", "1", "2", "3", "4"])).await.unwrap();
+    store.append(1, 1, 1, records(&["5", "6"])).await.unwrap();
+    let full = log.state().bytes;
+    store.create_subscription(1, sub("a"), StartFrom::Earliest, false).await.unwrap();
+    store.ack(1, sub("a"), 3).await.unwrap();
+    let state = log.state();
+    assert_eq!(state.log_start, 3);
+    let per_record = full / 7; // all seven are the same size
+    assert_eq!(state.bytes, 4 * per_record, "what a topic counts is what readers can see");
+    let shown: Vec<Offset> = payloads(&store, &log).iter().map(|(o, _)| *o).collect();
+    assert_eq!(shown, vec![3, 4, 5, 6]);
+    // A read from below the log start (deleted after its snapshot) shows none of 0..3.
+    let read = store.read(&log, 1, state.log_end, 100, u32::MAX).unwrap();
+    assert_eq!(read.first().map(|r| r.offset), Some(3));
+    // A follower copying the first entry gets only what is at or past the log start.
+    let shipped = store.read_entries(1, 0, state.end_index, usize::MAX).unwrap();
+    let batch = shipped.iter().find(|e| matches!(e.entry.kind, EntryKind::Batch { .. })).unwrap();
+    assert_eq!(batch.records, records(&["3", "4"]));
+    assert_eq!(store.record_count().unwrap(), 4);
+    store.check_consistency().unwrap();
+    store.ack(1, sub("a"), 6).await.unwrap();
+    assert_eq!(log.state().bytes, per_record);
+    assert_eq!(payloads(&store, &log), vec![(6, "6".to_string())]);
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_on_disk_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        solo(&store, meta(1, "t")).await;
+        store.append(1, 1, 0, records(&["abc", "def"])).await.unwrap();
+    }
+    {
+        // A bit flips in the stored value: redb's pages are intact, the chunk is not.
+        let db = Database::create(dir.path().join("herald.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(super::tables::CHUNKS).unwrap();
+            let mut value = table.get((1, 0)).unwrap().unwrap().value().to_vec();
+            let last = value.len() - 1;
+            value[last] ^= 0x01;
+            table.insert((1, 0), value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let (store, logs) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = &logs[0].0;
+    let err = store.read(log, 0, 2, 100, u32::MAX).expect_err("a damaged chunk is refused");
+    assert!(matches!(err, Error::Storage { .. }) && err.to_string().contains("checksum"), "{err}");
+    assert!(store.read_entries(1, 0, 10, usize::MAX).is_err(), "nor shipped to a follower");
+    assert!(store.check_consistency().unwrap_err().contains("checksum"));
+}
+
 #[test]
 fn a_directory_of_another_storage_format_is_refused_with_the_reason() {
     let dir = tempfile::tempdir().unwrap();
@@ -447,7 +507,10 @@ fn a_directory_of_another_storage_format_is_refused_with_the_reason() {
         txn.commit().unwrap();
     }
     let err = Store::open(dir.path(), Some(1)).err().expect("refused").to_string();
-    assert!(err.contains("storage format 2") && err.contains("reads format 3"), "{err}");
+    assert!(
+        err.contains("storage format 2") && err.contains(&format!("reads format {STORAGE_FORMAT}")),
+        "{err}"
+    );
 }
 
 #[tokio::test]

@@ -13,9 +13,10 @@ use redb::ReadableTable;
 use tracing::{error, info};
 
 use super::backlog::Evicting;
+use super::chunk::{self, Chunk};
 use super::producers::MAX_PRODUCERS_PER_TOPIC;
 use super::state::{ChangedTopics, LogState, Pending, StateTx, TopicLog, TopicMeta};
-use super::tables::{decode, encode, StoredValueRef, CURSORS, ENTRIES, EPOCHS, PRODUCERS, RECORDS, TOPICS};
+use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::writer::{StorageResult, Tx};
 use crate::error::Error;
 use crate::replication::{
@@ -418,7 +419,7 @@ impl WriterTopic {
         info!(topic = %self.meta.name, from = to, to = self.end_index, records_from = offset, "truncating a divergent tail");
         txn.open(ENTRIES)?.retain_in((id, to)..(id, u64::MAX), |_, _| false)?;
         if offset < self.log_end {
-            self.bytes -= delete_records(txn, id, offset..self.log_end)?;
+            self.bytes = self.bytes.saturating_sub(truncate_records(txn, id, offset)?);
         }
         let dropped: Vec<Epoch> =
             self.history.entries().iter().filter(|(_, s)| *s >= to).map(|(e, _)| *e).collect();
@@ -463,7 +464,7 @@ impl WriterTopic {
         info!(topic = %self.meta.name, start = reset.start_index, log_start = reset.log_start, "restarting the replica at the leader's first stored entry");
         let id = self.meta.id;
         txn.open(ENTRIES)?.retain_in((id, 0)..(id, u64::MAX), |_, _| false)?;
-        delete_records(txn, id, 0..u64::MAX)?;
+        delete_all_records(txn, id)?;
         self.bytes = 0;
         let mut epochs = txn.open(EPOCHS)?;
         epochs.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
@@ -523,7 +524,7 @@ impl WriterTopic {
         if let Some(new_start) = moved {
             let target = new_start.min(self.log_end).max(self.meta.log_start);
             if target > self.meta.log_start {
-                let bytes = delete_records(txn, id, self.meta.log_start..target)?;
+                let bytes = delete_below(txn, id, self.meta.log_start, target)?;
                 self.bytes = self.bytes.saturating_sub(bytes);
                 self.freed_bytes += bytes;
                 freed = target - self.meta.log_start;
@@ -614,11 +615,12 @@ impl WriterTopic {
 }
 
 /// A stored value that does not decode: the store is damaged.
-pub(super) fn corrupt(e: postcard::Error) -> redb::Error {
+pub(super) fn corrupt(e: impl std::fmt::Display) -> redb::Error {
     redb::Error::Corrupted(format!("a stored value does not decode: {e}"))
 }
 
-/// Writes records at `first..`, all with the batch's timestamp; returns the bytes written.
+/// Writes records at `first..`, all with the batch's timestamp, as one chunk; returns the
+/// bytes the topic counts for them ([`Chunk::stored_size`]).
 fn write_records(
     txn: &Tx,
     topic: TopicId,
@@ -630,25 +632,99 @@ fn write_records(
     if records.is_empty() {
         return Ok(0);
     }
-    let mut table = txn.open(RECORDS)?;
-    let mut written = 0;
-    for (i, record) in records.iter().enumerate() {
-        let value = StoredValueRef { timestamp_ms, record };
-        buf.clear();
-        let bytes = postcard::to_extend(&value, std::mem::take(buf)).expect("record encodes");
-        table.insert((topic, first + i as u64), bytes.as_slice())?;
-        written += bytes.len() as u64;
-        *buf = bytes;
-    }
-    Ok(written)
+    chunk::encode(timestamp_ms, records, buf);
+    txn.open(CHUNKS)?.insert((topic, first), buf.as_slice())?;
+    let stamp = crate::types::varint_len(timestamp_ms) as u64;
+    Ok(records.iter().map(|r| stamp + r.encoded_size() as u64).sum())
 }
 
-/// Deletes a topic's records in `range`; returns the bytes they took.
-pub(super) fn delete_records(txn: &Tx, topic: TopicId, range: std::ops::Range<Offset>) -> StorageResult<u64> {
+/// Calls `each(offset, counted bytes)` for a topic's stored records `from..until`, in
+/// order, until it returns false.
+pub(super) fn each_record_size(
+    txn: &Tx,
+    topic: TopicId,
+    from: Offset,
+    until: Offset,
+    mut each: impl FnMut(Offset, u64) -> bool,
+) -> StorageResult<()> {
+    if from >= until {
+        return Ok(());
+    }
+    let table = txn.open(CHUNKS)?;
+    let holding = table.range((topic, 0)..=(topic, from))?.next_back().transpose()?;
+    let first = holding.map_or(from, |(k, _)| k.value().1);
+    for row in table.range((topic, first)..(topic, until))? {
+        let (k, v) = row?;
+        let base = k.value().1;
+        let chunk = Chunk::parse_unchecked(v.value()).map_err(corrupt)?;
+        for (offset, raw) in (base..).zip(chunk.records()) {
+            let raw = raw.map_err(corrupt)?;
+            if offset >= until {
+                return Ok(());
+            }
+            if offset >= from && !each(offset, chunk.stored_size(raw)) {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Deletes a topic's records `from..until` (`from`: its log start); returns the bytes it
+/// counted for them. Space comes back a chunk at a time: a chunk reaching past `until` stays
+/// whole, and readers never see its records below the log start.
+pub(super) fn delete_below(txn: &Tx, topic: TopicId, from: Offset, until: Offset) -> StorageResult<u64> {
     let mut freed = 0;
-    txn.open(RECORDS)?.retain_in((topic, range.start)..(topic, range.end), |_, v| {
-        freed += v.len() as u64;
-        false
+    each_record_size(txn, topic, from, until, |_, size| {
+        freed += size;
+        true
+    })?;
+    txn.open(CHUNKS)?.retain_in((topic, 0)..(topic, until), |(_, base), v| {
+        // A header that does not parse is kept: nothing is deleted on a guess.
+        !Chunk::parse_unchecked(v).is_ok_and(|c| c.end(base) <= until)
     })?;
     Ok(freed)
+}
+
+/// Deletes a topic's records from `offset` on (a divergent tail); a chunk that starts before
+/// `offset` keeps its head. Returns the bytes it counted for them.
+fn truncate_records(txn: &Tx, topic: TopicId, offset: Offset) -> StorageResult<u64> {
+    let mut freed = 0;
+    each_record_size(txn, topic, offset, u64::MAX, |_, size| {
+        freed += size;
+        true
+    })?;
+    let mut table = txn.open(CHUNKS)?;
+    let head = match table.range((topic, 0)..(topic, offset))?.next_back() {
+        Some(row) => {
+            let (k, v) = row?;
+            let (base, bytes) = (k.value().1, v.value());
+            let chunk = Chunk::parse(bytes).map_err(corrupt)?;
+            if chunk.end(base) > offset {
+                let kept = chunk
+                    .records()
+                    .take((offset - base) as usize)
+                    .map(|r| r.and_then(chunk::decode_record))
+                    .collect::<Result<Vec<Record>, _>>()
+                    .map_err(corrupt)?;
+                let mut buf = Vec::new();
+                chunk::encode(chunk.timestamp_ms, &kept, &mut buf);
+                Some((base, buf))
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
+    if let Some((base, buf)) = head {
+        table.insert((topic, base), buf.as_slice())?;
+    }
+    table.retain_in((topic, offset)..=(topic, u64::MAX), |_, _| false)?;
+    Ok(freed)
+}
+
+/// Deletes every record of a topic.
+pub(super) fn delete_all_records(txn: &Tx, topic: TopicId) -> StorageResult<()> {
+    txn.open(CHUNKS)?.retain_in((topic, 0)..=(topic, u64::MAX), |_, _| false)?;
+    Ok(())
 }

@@ -18,14 +18,15 @@ use redb::{Database, Key, ReadableDatabase, ReadableTable, Table, TableDefinitio
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use super::chunk::Chunk;
 use super::command::{Command, Reply};
 use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor};
 use super::epochs::{become_leader, promise};
 use super::producers::{append, Batch};
 use super::recovery::{is_no_space, DbHandle, Opener, Reserve, REOPEN_BACKOFF_MAX, SPACE_CHECK_EVERY};
 use super::state::{ChangedTopics, LogState, TopicLog, TopicMeta};
-use super::tables::{decode, encode, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, RECORDS, TOPICS};
-use super::topic::{delete_records, Retention, WriterTopic};
+use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, TOPICS};
+use super::topic::{corrupt, delete_all_records, Retention, WriterTopic};
 use super::HostedTopic;
 use crate::error::Error;
 use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor};
@@ -205,7 +206,7 @@ impl Writer {
         let txn = self.database()?.begin_read()?;
         let topics = txn.open_table(TOPICS)?;
         let entries = txn.open_table(ENTRIES)?;
-        let records = txn.open_table(RECORDS)?;
+        let chunks = txn.open_table(CHUNKS)?;
         let cursors = txn.open_table(CURSORS)?;
         let producers = txn.open_table(PRODUCERS)?;
         let epochs = txn.open_table(EPOCHS)?;
@@ -253,8 +254,15 @@ impl Writer {
             // that survives restarts, so clients never see it move back.
             let commit_index = meta.applied.clamp(meta.start_index, t.end_index);
             t.leader_commit = (commit_index, commit_offset.min(t.log_end));
-            for row in records.range((id, 0)..=(id, u64::MAX))? {
-                t.bytes += row?.1.value().len() as u64;
+            for row in chunks.range((id, 0)..=(id, u64::MAX))? {
+                let (k, v) = row?;
+                let base = k.value().1;
+                let chunk = Chunk::parse_unchecked(v.value()).map_err(corrupt)?;
+                for (offset, raw) in (base..).zip(chunk.records()) {
+                    if offset >= meta.log_start {
+                        t.bytes += chunk.stored_size(raw.map_err(corrupt)?);
+                    }
+                }
             }
             for row in producers.range((id, 0)..=(id, u64::MAX))? {
                 let (k, v) = row?;
@@ -552,7 +560,7 @@ impl Writer {
                     if topics.remove(&id).is_some() {
                         txn.open(TOPICS)?.remove(id)?;
                         txn.open(ENTRIES)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-                        delete_records(txn, id, 0..u64::MAX)?;
+                        delete_all_records(txn, id)?;
                         txn.open(CURSORS)?.retain_in((id, "")..(id + 1, ""), |_, _| false)?;
                         txn.open(PRODUCERS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
                         txn.open(EPOCHS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
