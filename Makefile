@@ -38,6 +38,7 @@ fuzz:
 
 ## The standard benchmark set on a fresh release cluster (see docs/performance.md).
 bench: release
+	$(HERALD) bench disk
 	$(HERALD) bench suite --dev
 	$(HERALD) bench topics --dev --topics 2000 --replicas 3 --producers 100 --consumers 10 --records 200000
 	$(HERALD) bench consume --dev --subscriptions 3 --read-from leader --records 200000

@@ -79,3 +79,23 @@ fn topics_reports_creation_spread_idle_cost_and_fairness() {
     assert!(d["produce"]["aggregate_over_single"].as_f64().unwrap() > 0.0);
     assert!(d["consume"]["aggregate_per_sec"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn disk_reports_fsynced_append_rates_and_leaves_nothing_behind() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN).args(["bench", "disk", "--json", "--dir"]).arg(dir.path()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["workload"], "disk");
+    let appends = report["appends"].as_array().unwrap();
+    let blocks: Vec<u64> = appends.iter().map(|a| a["block_bytes"].as_u64().unwrap()).collect();
+    assert_eq!(blocks, vec![4096, 16384, 131072, 1048576]);
+    for a in appends {
+        let (fsyncs, mb) = (a["fsyncs_per_sec"].as_f64().unwrap(), a["mb_per_sec"].as_f64().unwrap());
+        assert!(fsyncs > 0.0 && mb > 0.0, "{a}");
+        // MB/s is the block size times the fsyncs, within rounding.
+        let expected = fsyncs * a["block_bytes"].as_f64().unwrap() / 1e6;
+        assert!((mb - expected).abs() <= expected * 0.01 + 0.1, "{a}");
+    }
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the test file is deleted");
+}

@@ -35,6 +35,7 @@ use crate::types::{NamingAddrs, ServerId, StartFrom, SubscriptionName, TopicName
 use crate::wire::{Record, TopicConfig};
 
 mod clients;
+mod disk;
 mod topics;
 
 /// Linux reports process CPU time in clock ticks of 1/100 s (USER_HZ, fixed by the ABI).
@@ -61,6 +62,9 @@ pub enum BenchCommand {
     Clients(BenchArgs),
     /// The standard set (what `make bench` runs), as a table.
     Suite(BenchArgs),
+    /// The machine's own limit: appends of Herald's batch sizes to a file, fsynced after
+    /// each, in fsyncs/s and MB/s (no cluster needed).
+    Disk(disk::DiskArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -796,6 +800,7 @@ pub async fn run(cmd: BenchCommand, naming: NamingAddrs, certs: &Path) -> Result
             report(&clients::bench_clients(&mut t, &a).await?, a.json)
         }
         BenchCommand::Suite(a) => suite(a, naming, certs, lease_ms).await,
+        BenchCommand::Disk(a) => disk::bench_disk(&a),
     }
 }
 
