@@ -25,7 +25,8 @@
 //! - `topic`: one topic's log in the writer (entries, apply, compaction, follower writes);
 //! - `epochs`, `producers`, `cursors`, `backlog`: the leader's rules for epoch starts,
 //!   producers' batches, subscriptions' cursors and backlog limits;
-//! - `tables`: the redb tables; `read`: readers; `faults`: backends that fail on purpose.
+//! - `tables`: the redb tables; `chunk`: how a batch's records are one value; `read`:
+//!   readers; `faults`: backends that fail on purpose.
 //!
 //! # Who decides what
 //! Storage keeps the log durable and consistent; the replication rules

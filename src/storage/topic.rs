@@ -687,7 +687,9 @@ pub(super) fn delete_below(txn: &Tx, topic: TopicId, from: Offset, until: Offset
 }
 
 /// Deletes a topic's records from `offset` on (a divergent tail); a chunk that starts before
-/// `offset` keeps its head. Returns the bytes it counted for them.
+/// `offset` keeps its head. Returns the bytes it counted for them. Truncation cuts at an
+/// entry's start and a chunk never spans two entries, so the head is kept only if that ever
+/// changes: correct either way.
 fn truncate_records(txn: &Tx, topic: TopicId, offset: Offset) -> StorageResult<u64> {
     let mut freed = 0;
     each_record_size(txn, topic, offset, u64::MAX, |_, size| {
