@@ -231,3 +231,28 @@ async fn force_takes_a_held_subscription_and_fences_its_consumer() {
     }
     client.close().await;
 }
+
+/// `--peek` looks from the cursor and moves nothing, so `consume --peek | head` is safe; it
+/// never creates a subscription either.
+#[tokio::test]
+async fn a_peek_reads_from_the_cursor_and_moves_nothing() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("peeked");
+    cluster.cli_ok(&["subscription", "create", "peeked", "s"], None);
+    cluster.cli_ok(&["produce", "peeked"], Some(&numbered_lines("r", 10)));
+    let peek = |count: &str| -> Vec<u64> {
+        let args =
+            ["consume", "peeked", "--subscription", "s", "--peek", "--count", count, "--format", "{offset}"];
+        cluster.cli_ok(&args, None).lines().map(|l| l.parse().unwrap()).collect()
+    };
+    assert_eq!(peek("3"), vec![0, 1, 2]);
+    assert_eq!(subs(&cluster, "peeked")["s"]["cursor"], 0, "a peek acknowledges nothing");
+    assert_eq!(peek("3"), vec![0, 1, 2], "so the next look sees the same records");
+    assert_eq!(consume(&cluster, "peeked", "s", 4), vec![0, 1, 2, 3]);
+    assert_eq!(peek("2"), vec![4, 5], "a peek starts at the cursor");
+    assert_eq!(subs(&cluster, "peeked")["s"]["cursor"], 4);
+    let out = cluster.cli(&["consume", "peeked", "--subscription", "other", "--peek"], None);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && said.contains("unknown subscription"), "{said}");
+    assert!(!subs(&cluster, "peeked").contains_key("other"), "and none was created");
+}

@@ -519,6 +519,10 @@ struct ConsumeArgs {
     /// subscription's name (up to the commit point it knows; acks still go to the leader).
     #[arg(long, value_enum, default_value = "leader")]
     read_from: crate::client::ReadFrom,
+    /// Look without moving the cursor: read from the subscription's cursor and acknowledge
+    /// nothing (an existing subscription only: none is created). Safe with `| head`.
+    #[arg(long)]
+    peek: bool,
 }
 
 fn parse_header(s: &str) -> Result<Header, String> {
@@ -1538,16 +1542,23 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
     let formatter = Formatter::new(&args.format)?;
     // Created here from the earliest record, past records already deleted: say why it starts
     // where it does, or a second subscriber sees nothing and no word of it.
-    match client.create_subscription(&topic, &subscription, args.from, false).await {
-        Ok(start) if start > 0 && args.from == StartFrom::Earliest => eprintln!(
-            "subscription {subscription} starts at offset {start}: offsets 0..{} of {topic} were deleted once every subscription had read them (records are kept for the subscriptions that exist when they are produced)",
-            start - 1
-        ),
-        Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
-        Err(e) => return Err(e.into()),
+    // A peek changes nothing: it neither creates a subscription nor moves one.
+    if !args.peek {
+        match client.create_subscription(&topic, &subscription, args.from, false).await {
+            Ok(start) if start > 0 && args.from == StartFrom::Earliest => eprintln!(
+                "subscription {subscription} starts at offset {start}: offsets 0..{} of {topic} were deleted once every subscription had read them (records are kept for the subscriptions that exist when they are produced)",
+                start - 1
+            ),
+            Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
-    let mut consumer =
-        client.consumer(topic.clone(), subscription.clone(), args.from).await?.read_from(args.read_from);
+    let consumer = if args.peek {
+        client.existing_consumer(topic.clone(), subscription.clone())
+    } else {
+        client.consumer(topic.clone(), subscription.clone(), args.from).await?
+    };
+    let mut consumer = consumer.read_from(args.read_from);
     let stop = shutdown_on_signal();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
@@ -1608,12 +1619,12 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
         }
         first.get_or_insert(records[0].offset);
         written += take as u64;
-        pending_ack = Some(records[take - 1].offset + 1);
-        delivered = pending_ack;
+        delivered = Some(records[take - 1].offset + 1);
+        pending_ack = delivered.filter(|_| !args.peek);
     }
     // Acks sent ahead with polls are not awaited there; finish with one that is, covering
     // everything written (acks are cumulative), so the cursor is committed before we exit.
-    if let Some(next) = delivered {
+    if let Some(next) = delivered.filter(|_| !args.peek) {
         consumer.close(); // a poll may have been cut short; ack on a fresh stream
         consumer.ack(next).await.context("acknowledging consumed records")?;
     }
@@ -1625,8 +1636,10 @@ async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
             _ => String::new(),
         };
         let secs = started.elapsed().as_secs_f64();
+        let (verb, unmoved) =
+            if args.peek { ("peeked at", "; its cursor did not move") } else { ("consumed", "") };
         eprintln!(
-            "consumed {written} {} from {topic} via {subscription}{range} in {secs:.2}s",
+            "{verb} {written} {} from {topic} via {subscription}{range} in {secs:.2}s{unmoved}",
             plural(written, "record")
         );
     }

@@ -631,9 +631,15 @@ impl Client {
         from: StartFrom,
     ) -> Result<Consumer, Error> {
         self.create_subscription(&topic, &subscription, from, true).await?;
+        Ok(self.existing_consumer(topic, subscription))
+    }
+
+    /// A consumer of a subscription that must exist already: none is created (its first
+    /// poll fails with [`Error::UnknownSubscription`] otherwise).
+    pub fn existing_consumer(self: &Arc<Self>, topic: TopicName, subscription: SubscriptionName) -> Consumer {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         let name = format!("consumer pid {} on {}", std::process::id(), host.trim());
-        Ok(Consumer::new(self.clone(), topic, subscription, ConsumerSession { id: fastrand::u64(1..), name }))
+        Consumer::new(self.clone(), topic, subscription, ConsumerSession { id: fastrand::u64(1..), name })
     }
 
     /// Closes every connection and waits briefly for the close to reach the peers.
