@@ -509,7 +509,8 @@ struct ConsumeArgs {
     /// Keep waiting for new records (Ctrl-C stops).
     #[arg(long)]
     follow: bool,
-    /// Output template: {offset}, {timestamp}, {key}, {value}; \t and \n are escapes.
+    /// Output template: {offset}, {timestamp} (ms), {time} (RFC 3339), {key}, {value},
+    /// {size}, {headers}; \t and \n are escapes; a newline follows unless it ends with one.
     #[arg(long, default_value = "{value}", value_parser = valid_format)]
     format: String,
     /// One JSON object per record instead of --format.
@@ -1468,15 +1469,24 @@ async fn produce(client: Arc<Client>, args: ProduceArgs) -> Result<ExitCode> {
 /// Formats records per the `--format` template.
 struct Formatter {
     parts: Vec<Part>,
+    /// Whether a newline follows each record: yes, unless the template ends with one (as a
+    /// kcat `-f '%s\n'` does), so neither way prints blank lines.
+    newline: bool,
 }
 
 enum Part {
     Text(Vec<u8>),
     Offset,
     Timestamp,
+    Time,
     Key,
     Value,
+    Size,
+    Headers,
 }
+
+/// The fields `--format` knows, as its error lists them.
+const FORMAT_FIELDS: &str = "{offset}, {timestamp} (ms), {time} (RFC 3339, UTC), {key}, {value}, {size} (value bytes), {headers} (name=value,...)";
 
 impl Formatter {
     fn new(template: &str) -> Result<Self> {
@@ -1494,12 +1504,13 @@ impl Formatter {
             parts.push(match &rest[open + 1..close] {
                 "offset" => Part::Offset,
                 "timestamp" => Part::Timestamp,
+                "time" => Part::Time,
                 "key" => Part::Key,
                 "value" => Part::Value,
+                "size" => Part::Size,
+                "headers" => Part::Headers,
                 other => {
-                    return Err(usage(format!(
-                        "--format: unknown field {{{other}}}; use {{offset}}, {{timestamp}}, {{key}} or {{value}}"
-                    )))
+                    return Err(usage(format!("--format: unknown field {{{other}}}; use {FORMAT_FIELDS}")))
                 }
             });
             rest = &rest[close + 1..];
@@ -1507,7 +1518,7 @@ impl Formatter {
         if !rest.is_empty() {
             parts.push(Part::Text(rest.as_bytes().to_vec()));
         }
-        Ok(Self { parts })
+        Ok(Self { parts, newline: !unescaped.ends_with('\n') })
     }
 
     fn write(&self, out: &mut impl Write, r: &StoredRecord) -> std::io::Result<()> {
@@ -1516,12 +1527,31 @@ impl Formatter {
                 Part::Text(t) => out.write_all(t)?,
                 Part::Offset => write!(out, "{}", r.offset)?,
                 Part::Timestamp => write!(out, "{}", r.timestamp_ms)?,
+                Part::Time => out.write_all(rfc3339_ms(r.timestamp_ms).as_bytes())?,
                 Part::Key => out.write_all(&r.record.key)?,
                 Part::Value => out.write_all(&r.record.payload)?,
+                Part::Size => write!(out, "{}", r.record.payload.len())?,
+                Part::Headers => {
+                    for (i, h) in r.record.headers.iter().enumerate() {
+                        if i > 0 {
+                            out.write_all(b",")?;
+                        }
+                        write!(out, "{}=", h.name)?;
+                        out.write_all(&h.value)?;
+                    }
+                }
             }
         }
-        out.write_all(b"\n")
+        if self.newline {
+            out.write_all(b"\n")?;
+        }
+        Ok(())
     }
+}
+
+/// A record timestamp in RFC 3339, UTC, to the millisecond: `2026-12-02T05:52:07.123Z`.
+fn rfc3339_ms(ms: u64) -> String {
+    format!("{}.{:03}Z", format_ms(ms).replace(' ', "T"), ms % 1000)
 }
 
 fn record_json(r: &StoredRecord) -> serde_json::Value {
@@ -1804,6 +1834,19 @@ mod tests {
         f.write(&mut out, &record(3, "k", "v")).unwrap();
         assert_eq!(out, b"3\tk\tv\n");
         assert!(Formatter::new("{nope}").is_err());
+        // A template ending in a newline (as kcat users write them) gets no second one.
+        let mut out = Vec::new();
+        Formatter::new("{value}\\n").unwrap().write(&mut out, &record(3, "k", "v")).unwrap();
+        assert_eq!(out, b"v\n");
+        let mut r = record(4, "k", "value");
+        r.timestamp_ms = 1_796_190_727_123;
+        r.record.headers = vec![
+            crate::types::Header { name: "a".into(), value: b"1".to_vec() },
+            crate::types::Header { name: "b".into(), value: b"2".to_vec() },
+        ];
+        let mut out = Vec::new();
+        Formatter::new("{time} {size} {headers}").unwrap().write(&mut out, &r).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "2026-12-02T05:52:07.123Z 5 a=1,b=2\n");
         assert!(Formatter::new("{offset").is_err());
     }
 
