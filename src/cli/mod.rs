@@ -513,7 +513,9 @@ struct ConsumeArgs {
     /// {size}, {headers}; \t and \n are escapes; a newline follows unless it ends with one.
     #[arg(long, default_value = "{value}", value_parser = valid_format)]
     format: String,
-    /// One JSON object per record instead of --format.
+    /// One JSON object per record instead of --format: offset, timestamp_ms, key (null when
+    /// empty), headers, value; bytes that are not UTF-8 come as base64 under `key_base64`,
+    /// `value_base64` or `NAME_base64`.
     #[arg(long, conflicts_with = "format")]
     json: bool,
     /// Read from the topic's leader, or from one of its replicas picked by the
@@ -1554,16 +1556,35 @@ fn rfc3339_ms(ms: u64) -> String {
     format!("{}.{:03}Z", format_ms(ms).replace(' ', "T"), ms % 1000)
 }
 
+/// A record as `consume --json` prints it. Bytes that are UTF-8 are strings; others go as
+/// base64 under the field's name with `_base64` (nothing is lost); an empty key is `null`.
 fn record_json(r: &StoredRecord) -> serde_json::Value {
-    let headers: serde_json::Map<String, serde_json::Value> =
-        r.record.headers.iter().map(|h| (h.name.clone(), json!(String::from_utf8_lossy(&h.value)))).collect();
-    json!({
-        "offset": r.offset,
-        "timestamp_ms": r.timestamp_ms,
-        "key": String::from_utf8_lossy(&r.record.key),
-        "headers": headers,
-        "value": String::from_utf8_lossy(&r.record.payload),
-    })
+    let mut o = serde_json::Map::new();
+    o.insert("offset".into(), json!(r.offset));
+    o.insert("timestamp_ms".into(), json!(r.timestamp_ms));
+    if r.record.key.is_empty() {
+        o.insert("key".into(), serde_json::Value::Null);
+    } else {
+        put_bytes(&mut o, "key", &r.record.key);
+    }
+    let mut headers = serde_json::Map::new();
+    for h in &r.record.headers {
+        put_bytes(&mut headers, &h.name, &h.value);
+    }
+    o.insert("headers".into(), headers.into());
+    put_bytes(&mut o, "value", &r.record.payload);
+    o.into()
+}
+
+/// `name: "text"` for UTF-8 bytes, else `name_base64: "..."`.
+fn put_bytes(o: &mut serde_json::Map<String, serde_json::Value>, name: &str, bytes: &[u8]) {
+    use base64::Engine as _;
+    match std::str::from_utf8(bytes) {
+        Ok(text) => o.insert(name.to_string(), json!(text)),
+        Err(_) => {
+            o.insert(format!("{name}_base64"), json!(base64::engine::general_purpose::STANDARD.encode(bytes)))
+        }
+    };
 }
 
 async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
@@ -1848,6 +1869,18 @@ mod tests {
         Formatter::new("{time} {size} {headers}").unwrap().write(&mut out, &r).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "2026-12-02T05:52:07.123Z 5 a=1,b=2\n");
         assert!(Formatter::new("{offset").is_err());
+    }
+
+    #[test]
+    fn json_keeps_binary_bytes_as_base64_and_an_empty_key_as_null() {
+        let mut r = record(1, "", "text");
+        assert_eq!(record_json(&r)["key"], serde_json::Value::Null);
+        assert_eq!(record_json(&r)["value"], "text");
+        r.record.payload = vec![0xff, 0x00, 0xfe];
+        r.record.key = b"k".to_vec();
+        let j = record_json(&r);
+        assert_eq!((j["key"].as_str(), j.get("value")), (Some("k"), None));
+        assert_eq!(j["value_base64"], "/wD+");
     }
 
     #[test]
