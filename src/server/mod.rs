@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
@@ -99,9 +99,6 @@ pub struct TopicServer {
     lease_ms: AtomicU64,
     /// Who may do what, as the last heartbeat answer that carried it said (`None`: not heard).
     acl: RwLock<Option<Arc<AclView>>>,
-    /// The naming member that last answered a heartbeat, and when: a heartbeat renews this
-    /// server's lease there, so no liveness ping needs to go to it meanwhile.
-    heartbeat_answered: std::sync::Mutex<Option<(SocketAddr, Instant)>>,
 }
 
 /// Leases a leader may go without hearing from a majority of its replicas and still serve
@@ -860,19 +857,7 @@ pub fn read_committed(
 /// Registers with the naming server and follows its book until `shutdown`.
 /// Tells naming member `addr` every third of a lease that this server is alive, so a member
 /// that becomes leader knows which servers are (and takes one that died with the old leader
-/// for dead a lease after it went silent, not after a grace period). Skipped while `addr`
-/// answers this server's heartbeats (the leader), which renew the lease as often.
-/// Whether naming member `addr` needs a liveness ping now: not while it answers this
-/// server's heartbeats (`answered`: the member and when), one within the last `every`.
-fn ping_needed(
-    answered: Option<(SocketAddr, Instant)>,
-    addr: SocketAddr,
-    every: Duration,
-    now: Instant,
-) -> bool {
-    !answered.is_some_and(|(to, at)| to == addr && now.saturating_duration_since(at) < every)
-}
-
+/// for dead a lease after it went silent, not after a grace period).
 async fn ping_naming(
     server: Arc<TopicServer>,
     endpoint: Endpoint,
@@ -885,10 +870,6 @@ async fn ping_naming(
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
-        }
-        let answered = *server.heartbeat_answered.lock().expect("heartbeat lock");
-        if !ping_needed(answered, addr, every, Instant::now()) {
-            continue;
         }
         let req = Request::NamingAlive { server: server.node.id };
         let sent = tokio::time::timeout(every.max(Duration::from_millis(100)), async {
@@ -971,8 +952,6 @@ async fn follow_naming(
                 })??;
                 match answer {
                     Response::Heartbeat { version, assignments, acl, send_all_reports } => {
-                        *server.heartbeat_answered.lock().expect("heartbeat lock") =
-                            Some((conn.addr(), Instant::now()));
                         if send_all_reports {
                             ledger.send_all();
                         }
@@ -1071,7 +1050,6 @@ async fn run_node(
         session_lease: config.session_lease,
         metrics: Arc::default(),
         lease_ms: AtomicU64::new(crate::naming::DEFAULT_LEASE.as_millis() as u64),
-        heartbeat_answered: std::sync::Mutex::new(None),
         acl: RwLock::new(None),
     });
     if let Some(addr) = config.metrics_listen {
@@ -1088,25 +1066,4 @@ async fn run_node(
     let _ = naming.await;
     let _ = alive.await;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_member_answering_heartbeats_gets_no_pings_while_it_answers() {
-        let (leader, follower): (SocketAddr, SocketAddr) =
-            ("127.0.0.1:7400".parse().unwrap(), "127.0.0.1:7410".parse().unwrap());
-        let every = Duration::from_millis(333);
-        let at = Instant::now();
-        assert!(ping_needed(None, leader, every, at), "no heartbeat answered yet");
-        let answered = Some((leader, at));
-        assert!(!ping_needed(answered, leader, every, at + Duration::from_millis(300)));
-        assert!(ping_needed(answered, follower, every, at), "the other members need pings");
-        assert!(
-            ping_needed(answered, leader, every, at + every),
-            "heartbeats stopped answering: pings go again"
-        );
-    }
 }
