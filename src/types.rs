@@ -246,13 +246,6 @@ impl Record {
     }
 }
 
-impl StoredRecord {
-    /// Its size as encoded in a fetch answer (the record, its offset and timestamp).
-    pub fn encoded_size(&self) -> usize {
-        varint_len(self.offset) + varint_len(self.timestamp_ms) + self.record.encoded_size()
-    }
-}
-
 /// Deserializers that refuse a sequence longer than its cap before allocating for it.
 pub mod bounded {
     use serde::de::{Deserialize, Deserializer, Error as _, SeqAccess, Visitor};
@@ -285,6 +278,14 @@ pub mod bounded {
             }
             Ok(out)
         }
+    }
+
+    /// A fetch answer's record chunks: at most one per record it may hold
+    /// (`server::MAX_FETCH_RECORDS`).
+    pub fn fetched_chunks<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<(u64, bytes::Bytes)>, D::Error> {
+        d.deserialize_seq(AtMost::<(u64, bytes::Bytes), { crate::server::MAX_FETCH_RECORDS as usize }>(
+            PhantomData,
+        ))
     }
 
     /// A record's headers: at most [`MAX_HEADERS_PER_RECORD`].
@@ -438,8 +439,6 @@ mod tests {
             key in proptest::collection::vec(0u8.., 0..300),
             headers in proptest::collection::vec(("[a-z]{0,200}", proptest::collection::vec(0u8.., 0..200)), 0..6),
             payload in proptest::collection::vec(0u8.., 0..20_000),
-            offset: u64,
-            timestamp_ms: u64,
         ) {
             let record = Record {
                 key,
@@ -447,8 +446,6 @@ mod tests {
                 payload,
             };
             proptest::prop_assert_eq!(record.encoded_size(), postcard::to_stdvec(&record).unwrap().len());
-            let stored = StoredRecord { offset, timestamp_ms, record };
-            proptest::prop_assert_eq!(stored.encoded_size(), postcard::to_stdvec(&stored).unwrap().len());
         }
     }
 

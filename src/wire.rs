@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::acl::{AclView, Grant};
 use crate::error::Error;
 use crate::replication::{FetchRequest, ParkedFetch, ReplicaChunk, ReplicaReset};
+use crate::storage::chunk::{self, Chunk};
 use crate::types::{
     Epoch, Index, Offset, ProducerId, Sequence, ServerId, StartFrom, SubscriptionName, TopicId, TopicName,
 };
@@ -25,8 +26,9 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// sessions, subscription resets and eviction notices. Version 3 replicates a log of
 /// entries (cursor changes among them) and names learners. Version 4 answers heartbeats with
 /// what changed since the server's version ([`Assignments`]). Version 5 places and moves
-/// leaders (requests 26-29). Version 6 sends only the topic reports that changed.
-pub const PROTOCOL_VERSION: u16 = 8;
+/// leaders (requests 26-29). Version 6 sends only the topic reports that changed. Version 9
+/// ships records as stored, in record chunks, to followers and consumers ([`FetchedRecords`]).
+pub const PROTOCOL_VERSION: u16 = 9;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -47,8 +49,58 @@ pub const MAX_RECORD_BYTES_LIMIT: u32 = 8 * 1024 * 1024;
 /// `client::MAX_BATCH_BYTES`).
 pub const MAX_PRODUCE_BATCH_BYTES: usize = MAX_RECORD_BYTES_LIMIT as usize + 1024 * 1024;
 
-/// Bytes a `Records` answer takes beyond its records' [`StoredRecord::encoded_size`]
-/// (variant, counts, offsets, an eviction notice), rounded up.
+/// Bytes a chunk of a fetch answer takes beyond its records' own
+/// ([`FetchedRecords::record_size`]), at most: the offset of its first record (10), its length
+/// (4, under a frame), checksum (4), timestamp (10) and count (3).
+pub const CHUNK_ANSWER_OVERHEAD: usize = 32;
+
+/// A fetch answer's records as the topic server stores them: record chunks (a checksum, the
+/// batch's timestamp, length-prefixed records; see `storage::chunk`), each under the offset
+/// of its first record. The server forwards the stored bytes without decoding a record; the
+/// consumer checks each chunk's checksum (end to end: the bytes the leader wrote) and decodes
+/// the records, the per-record work at the edge.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchedRecords {
+    #[serde(deserialize_with = "crate::types::bounded::fetched_chunks")]
+    pub chunks: Vec<(Offset, bytes::Bytes)>,
+}
+
+impl FetchedRecords {
+    /// Bytes a record takes in an answer, given its stored bytes: its length and itself.
+    pub fn record_size(record: &[u8]) -> usize {
+        crate::types::varint_len(record.len() as u64) + record.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.chunks.is_empty()
+    }
+
+    /// The records, decoded, each chunk checked against its checksum first and the offsets
+    /// checked to follow on from one chunk to the next.
+    pub fn decode(&self) -> Result<Vec<StoredRecord>, Error> {
+        let malformed = |detail: String| Error::Malformed { detail, enforced_by: "this reader".into() };
+        let mut out = Vec::new();
+        for (base, bytes) in &self.chunks {
+            if let Some(last) = out.last().map(|r: &StoredRecord| r.offset) {
+                if *base != last + 1 {
+                    return Err(malformed(format!("a chunk at offset {base} does not follow offset {last}")));
+                }
+            }
+            let chunk =
+                Chunk::parse(bytes).map_err(|e| malformed(format!("the chunk at offset {base}: {e}")))?;
+            for (offset, raw) in (*base..).zip(chunk.records()) {
+                let record = raw
+                    .and_then(chunk::decode_record)
+                    .map_err(|e| malformed(format!("the record at offset {offset}: {e}")))?;
+                out.push(StoredRecord { offset, timestamp_ms: chunk.timestamp_ms, record });
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Bytes a `Records` answer takes beyond its chunks (variant, counts, offsets, an eviction
+/// notice), rounded up.
 pub const RECORDS_ANSWER_OVERHEAD: usize = 128;
 
 /// Per-topic settings chosen at creation.
@@ -593,7 +645,7 @@ pub enum Response {
         duplicate: bool,
     },
     Records {
-        records: Vec<StoredRecord>,
+        records: FetchedRecords,
         log_start: Offset,
         commit: Offset,
         /// Set when the backlog policy skipped records of the subscription since a consumer

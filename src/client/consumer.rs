@@ -324,7 +324,7 @@ impl Consumer {
         match answer {
             Response::Records { records, commit, .. } => {
                 self.commit = commit;
-                Ok(records)
+                records.decode()
             }
             Response::Error(e) => Err(e),
             other => Err(unexpected(other)),
@@ -373,6 +373,7 @@ impl Consumer {
         };
         match resp {
             Response::Records { records, commit, evicted, .. } => {
+                let records = records.decode()?;
                 if let Some(e) = evicted {
                     // The backlog policy moved the subscription past what we had read. The
                     // server repeats the notice until we ack past it: count each record once.

@@ -1,9 +1,10 @@
 //! What the replicated log holds, and what travels from a leader to its followers.
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::producers::ProducerState;
-use crate::types::{Epoch, Index, Offset, ProducerId, Record, Sequence};
+use crate::types::{Epoch, Index, Offset, ProducerId, Sequence};
 
 /// One entry of a topic's replicated log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -74,20 +75,23 @@ impl Cursor {
 /// upper bound, for sizing replication chunks.
 pub const SHIPPED_ENTRY_OVERHEAD: usize = 96;
 
-/// An entry as the leader ships it. A batch carries its records, or only the last ones when
-/// the leader already deleted the first (they are below the log start everywhere the entry
-/// is applied).
+/// An entry as the leader ships it. A batch carries its records as the leader stores them:
+/// one record chunk ([`crate::storage::chunk`]), forwarded as bytes and checked by its
+/// checksum on arrival, never decoded on the way. Only the last records when the leader
+/// already deleted the first (they are below the log start everywhere the entry is applied).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ShippedEntry {
     pub index: Index,
     pub entry: Entry,
-    pub records: Vec<Record>,
+    /// The batch's stored records as one chunk; empty for other entries, and for a batch
+    /// whose records were all deleted.
+    pub chunk: Bytes,
 }
 
 impl ShippedEntry {
     /// Its size in a replication chunk (at most; see [`SHIPPED_ENTRY_OVERHEAD`]).
     pub fn encoded_size(&self) -> usize {
-        SHIPPED_ENTRY_OVERHEAD + self.records.iter().map(Record::encoded_size).sum::<usize>()
+        SHIPPED_ENTRY_OVERHEAD + self.chunk.len()
     }
 }
 

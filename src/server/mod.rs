@@ -34,9 +34,7 @@ use crate::replica::{Assignment, Node, Replica};
 use crate::replication::AliveOutcome;
 use crate::storage::{ChangeReader, LogState, Medium, Store, TopicLog};
 use crate::transport::{self, ready, Peer, ResponseFuture, Service};
-use crate::types::{
-    mono_ms, now_ms, NamingAddrs, Offset, ServerId, StoredRecord, SubscriptionName, TopicName,
-};
+use crate::types::{mono_ms, now_ms, NamingAddrs, Offset, ServerId, SubscriptionName, TopicName};
 mod alive;
 mod hosted;
 mod reports;
@@ -45,7 +43,8 @@ pub use self::alive::{Followed, Told};
 use self::hosted::{Hosted, HostedTopics};
 pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{
-    Assignments, Evicted, ReplicaInfo, Reports, Request, Response, Role, TopicInfo, TopicStatus,
+    Assignments, Evicted, FetchedRecords, ReplicaInfo, Reports, Request, Response, Role, TopicInfo,
+    TopicStatus,
 };
 
 /// Most records one fetch returns.
@@ -335,7 +334,7 @@ impl TopicServer {
             }
             if tokio::time::timeout_at(deadline, watch.changed()).await.is_err() {
                 return Ok(Response::Records {
-                    records: Vec::new(),
+                    records: FetchedRecords::default(),
                     log_start: state.log_start,
                     commit: state.commit,
                     evicted,
@@ -826,7 +825,7 @@ pub fn read_committed(
     from: Offset,
     max_records: u32,
     max_bytes: u32,
-) -> Result<Option<Vec<StoredRecord>>, Error> {
+) -> Result<Option<FetchedRecords>, Error> {
     let before_start = |log_start| Error::CursorBeforeLogStart {
         topic: log.name.to_string(),
         subscription: Some(subscription.to_string()),
@@ -846,8 +845,8 @@ pub fn read_committed(
     if from == state.commit {
         return Ok(None);
     }
-    let records = store.read(log, from, state.commit, max_records, max_bytes)?;
-    if records.first().map(|r| r.offset) != Some(from) {
+    let records = store.read_chunks(log, from, state.commit, max_records, max_bytes)?;
+    if records.chunks.first().map(|(base, _)| *base) != Some(from) {
         // Deleted between the state snapshot and the read.
         return Err(before_start(log.state().log_start));
     }

@@ -7,8 +7,8 @@ use std::collections::{BTreeMap, VecDeque};
 use super::net::{server_node, Message, NamingTarget, NodeId, Payload};
 use super::server::{server_of, Ctx};
 use crate::error::Error;
-use crate::types::{Offset, Record, ServerId, StartFrom, SubscriptionName, TopicId, TopicName};
-use crate::wire::{ConsumerSession, Request, ResetTo, Response};
+use crate::types::{Offset, Record, ServerId, StartFrom, StoredRecord, SubscriptionName, TopicId, TopicName};
+use crate::wire::{ConsumerSession, FetchedRecords, Request, ResetTo, Response};
 
 /// How long a client waits for an answer before it takes the server for gone.
 const ANSWER_WAIT_MS: u64 = 2_000;
@@ -378,6 +378,20 @@ impl SimClient {
         self.tick(ctx, next_id);
     }
 
+    /// A fetch answer's records, decoded; one that does not decode (a damaged chunk served)
+    /// is a violation.
+    fn decoded(ctx: &mut Ctx, records: &FetchedRecords) -> Option<Vec<StoredRecord>> {
+        match records.decode() {
+            Ok(records) => Some(records),
+            Err(e) => {
+                ctx.checker
+                    .violations
+                    .push(super::check::Violation(format!("a fetch answer does not decode: {e}")));
+                None
+            }
+        }
+    }
+
     /// A consumer's read: checked (committed, dense, in order) and acknowledged at the leader.
     fn read(
         &mut self,
@@ -545,6 +559,7 @@ impl SimClient {
                 self.next_at = ctx.now;
             }
             (Asked::ReplicaFetch, Ok(Response::Records { records, commit, .. })) => {
+                let Some(records) = Self::decoded(ctx, &records) else { return };
                 super::server::note(format!(
                     "client {}: read {}..={} at a replica that knows commit {commit}",
                     self.node,
@@ -554,6 +569,7 @@ impl SimClient {
                 self.read(ctx, records, None);
             }
             (Asked::Fetch, Ok(Response::Records { records, evicted, .. })) => {
+                let Some(records) = Self::decoded(ctx, &records) else { return };
                 self.read(ctx, records, evicted);
             }
             (Asked::Ack, Ok(Response::Cursor { cursor })) => {

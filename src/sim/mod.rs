@@ -1169,6 +1169,15 @@ impl World {
                 u32::MAX,
             ) {
                 Ok(Some(records)) => {
+                    let records = match records.decode() {
+                        Ok(records) => records,
+                        Err(e) => {
+                            self.checker
+                                .violations
+                                .push(Violation(format!("server {id}, topic #{topic}: {e}")));
+                            continue;
+                        }
+                    };
                     for r in &records {
                         seen.push((topic, r.offset, String::from_utf8_lossy(&r.record.payload).to_string()));
                     }

@@ -37,7 +37,6 @@ pub(super) fn make_room(
     records: &[Record],
     epoch: Epoch,
     now_ms: u64,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<(), Error>> {
     let Some(limit) = t.meta.config.backlog_limit else { return Ok(Ok(())) };
     let incoming: u64 = records.iter().map(|r| r.encoded_size() as u64 + STORED_OVERHEAD).sum();
@@ -90,7 +89,7 @@ pub(super) fn make_room(
             evicted: c.evicted + lost,
             evicted_at_ms: now_ms,
         };
-        t.set_cursor(txn, &name, Some(moved), epoch, buf)?;
+        t.set_cursor(txn, &name, Some(moved), epoch)?;
     }
     Ok(Ok(()))
 }

@@ -29,21 +29,49 @@ pub enum ChunkError {
     Record(#[from] postcard::Error),
 }
 
-/// Encodes `records`, all stamped `timestamp_ms`, as one chunk into `buf` (cleared first).
-pub fn encode(timestamp_ms: u64, records: &[Record], buf: &mut Vec<u8>) {
-    buf.clear();
-    buf.extend_from_slice(&[0; CRC_BYTES]);
-    put_varint(buf, timestamp_ms);
-    put_varint(buf, records.len() as u64);
+/// Encodes `records`, all stamped `timestamp_ms`, as one chunk (allocated to its exact size).
+pub fn encode(timestamp_ms: u64, records: &[Record]) -> Vec<u8> {
+    let body: usize = records.iter().map(|r| varint_len(r.encoded_size() as u64) + r.encoded_size()).sum();
+    let mut buf = start(timestamp_ms, records.len() as u64, body);
     for record in records {
-        put_varint(buf, record.encoded_size() as u64);
+        put_varint(&mut buf, record.encoded_size() as u64);
         let start = buf.len();
-        let taken = std::mem::take(buf);
-        *buf = postcard::to_extend(record, taken).expect("records encode");
+        buf = postcard::to_extend(record, buf).expect("records encode");
         debug_assert_eq!(buf.len() - start, record.encoded_size());
     }
+    seal(buf)
+}
+
+/// Encodes records given as their stored bytes (slices of another chunk, from
+/// [`Chunk::records`]) as one chunk: a chunk trimmed or forwarded without decoding a record.
+pub fn encode_raw(timestamp_ms: u64, records: &[&[u8]]) -> Vec<u8> {
+    let body: usize = records.iter().map(|r| varint_len(r.len() as u64) + r.len()).sum();
+    let mut buf = start(timestamp_ms, records.len() as u64, body);
+    for record in records {
+        put_varint(&mut buf, record.len() as u64);
+        buf.extend_from_slice(record);
+    }
+    seal(buf)
+}
+
+/// A chunk's header, with room for a body of `body` bytes; the checksum is filled by [`seal`].
+fn start(timestamp_ms: u64, count: u64, body: usize) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(CRC_BYTES + varint_len(timestamp_ms) + varint_len(count) + body);
+    buf.extend_from_slice(&[0; CRC_BYTES]);
+    put_varint(&mut buf, timestamp_ms);
+    put_varint(&mut buf, count);
+    buf
+}
+
+fn seal(mut buf: Vec<u8>) -> Vec<u8> {
     let crc = crc32c::crc32c(&buf[CRC_BYTES..]);
     buf[..CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
+    buf
+}
+
+/// Decodes every record of a chunk (checked first): what a reader at the edge does.
+pub fn decode_records(bytes: &[u8]) -> Result<Vec<Record>, ChunkError> {
+    Chunk::parse(bytes)?.records().map(|r| r.and_then(decode_record)).collect()
 }
 
 /// A stored chunk, checked and borrowed: its records are sliced out, decoded only on demand.
@@ -77,6 +105,21 @@ impl<'a> Chunk<'a> {
         Ok(Self { timestamp_ms, count, body: rest })
     }
 
+    /// Checks that its records are framed as its header says: `count` length-prefixed
+    /// records and nothing after them. What a follower checks of a chunk it is shipped
+    /// besides the checksum; the records themselves were checked by the leader.
+    pub fn check_framing(&self) -> Result<(), ChunkError> {
+        let mut records = self.records();
+        for record in records.by_ref() {
+            record?;
+        }
+        if records.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(ChunkError::Malformed("bytes after its last record"))
+        }
+    }
+
     /// One past the offset of its last record, for a chunk stored at `base`.
     pub fn end(&self, base: Offset) -> Offset {
         base + self.count
@@ -91,12 +134,6 @@ impl<'a> Chunk<'a> {
     /// and its timestamp, as before chunks; the chunk's own framing is not counted.
     pub fn stored_size(&self, record: &[u8]) -> u64 {
         (varint_len(self.timestamp_ms) + record.len()) as u64
-    }
-
-    /// A record's size as a fetch answer counts it at `offset` (see
-    /// [`StoredRecord::encoded_size`](crate::types::StoredRecord::encoded_size)).
-    pub fn answer_size(&self, offset: Offset, record: &[u8]) -> usize {
-        varint_len(offset) + varint_len(self.timestamp_ms) + record.len()
     }
 }
 
@@ -169,28 +206,21 @@ mod tests {
     }
 
     #[test]
-    fn records_come_back_as_written_with_their_answer_sizes() {
+    fn records_come_back_as_written() {
         let records: Vec<Record> = (0..20).map(record).collect();
-        let mut buf = Vec::new();
-        encode(1_700_000_000_000, &records, &mut buf);
+        let buf = encode(1_700_000_000_000, &records);
         let chunk = Chunk::parse(&buf).unwrap();
         assert_eq!((chunk.timestamp_ms, chunk.count, chunk.end(500)), (1_700_000_000_000, 20, 520));
         let raw: Vec<&[u8]> = chunk.records().collect::<Result<_, _>>().unwrap();
-        for (i, (bytes, original)) in raw.iter().zip(&records).enumerate() {
+        for (bytes, original) in raw.iter().zip(&records) {
             assert_eq!(&decode_record(bytes).unwrap(), original);
-            let stored = crate::types::StoredRecord {
-                offset: 500 + i as u64,
-                timestamp_ms: chunk.timestamp_ms,
-                record: original.clone(),
-            };
-            assert_eq!(chunk.answer_size(stored.offset, bytes), stored.encoded_size());
+            assert_eq!(bytes.len(), original.encoded_size());
         }
     }
 
     #[test]
     fn a_flipped_bit_anywhere_fails_the_checksum() {
-        let mut buf = Vec::new();
-        encode(7, &[record(3), record(4)], &mut buf);
+        let buf = encode(7, &[record(3), record(4)]);
         for byte in 0..buf.len() {
             let mut damaged = buf.clone();
             damaged[byte] ^= 0x10;
@@ -200,13 +230,37 @@ mod tests {
 
     #[test]
     fn a_cut_chunk_is_an_error_not_a_panic() {
-        let mut buf = Vec::new();
-        encode(7, &[record(5), record(6)], &mut buf);
+        let buf = encode(7, &[record(5), record(6)]);
         for len in 0..buf.len() {
             let cut = &buf[..len];
             if let Ok(chunk) = Chunk::parse_unchecked(cut) {
                 assert!(chunk.records().any(|r| r.is_err()), "a chunk cut at {len} read whole");
+                assert!(chunk.check_framing().is_err(), "a chunk cut at {len} passed its framing check");
             }
         }
+    }
+
+    #[test]
+    fn records_forwarded_as_bytes_make_the_same_chunk_as_records_encoded() {
+        let records: Vec<Record> = (0..9).map(record).collect();
+        let whole = encode(42, &records);
+        let chunk = Chunk::parse(&whole).unwrap();
+        chunk.check_framing().unwrap();
+        let raw: Vec<&[u8]> = chunk.records().collect::<Result<_, _>>().unwrap();
+        assert_eq!(encode_raw(42, &raw), whole);
+        // A chunk trimmed of its first records, without decoding them, holds the rest.
+        let tail = encode_raw(42, &raw[4..]);
+        assert_eq!(decode_records(&tail).unwrap(), records[4..]);
+        assert_eq!(tail, encode(42, &records[4..]));
+    }
+
+    #[test]
+    fn bytes_after_the_last_record_fail_the_framing_check() {
+        let mut buf = encode(7, &[record(2)]);
+        buf.push(0);
+        let crc = crc32c::crc32c(&buf[CRC_BYTES..]);
+        buf[..CRC_BYTES].copy_from_slice(&crc.to_le_bytes());
+        let chunk = Chunk::parse(&buf).unwrap();
+        assert!(chunk.check_framing().is_err());
     }
 }

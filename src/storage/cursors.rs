@@ -16,7 +16,6 @@ pub(super) fn ack(
     subscription: &SubscriptionName,
     next: Offset,
     server: ServerId,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<CursorChange, Error>> {
     let epoch = match t.check_leading(server) {
         Ok(e) => e,
@@ -39,7 +38,7 @@ pub(super) fn ack(
     // A consumer acks past an eviction only after a read that told it of the eviction (a
     // notice rides on every read until then): the notice is delivered.
     let moved = Cursor { next, unreported: 0, ..cursor };
-    let at = t.set_cursor(txn, subscription.as_str(), Some(moved), epoch, buf)?;
+    let at = t.set_cursor(txn, subscription.as_str(), Some(moved), epoch)?;
     Ok(Ok(CursorChange { cursor: next, pending: Some(at) }))
 }
 
@@ -56,7 +55,6 @@ pub(super) fn create_subscription(
     from: StartFrom,
     if_missing: bool,
     server: ServerId,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<CursorChange, Error>> {
     let epoch = match t.check_leading(server) {
         Ok(e) => e,
@@ -83,7 +81,7 @@ pub(super) fn create_subscription(
         StartFrom::Earliest => t.cursors.latest_log_start().max(t.meta.log_start),
         StartFrom::Latest => t.state.borrow().commit,
     };
-    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor::at(cursor)), epoch, buf)?;
+    let at = t.set_cursor(txn, subscription.as_str(), Some(Cursor::at(cursor)), epoch)?;
     Ok(Ok(CursorChange { cursor, pending: Some(at) }))
 }
 
@@ -97,7 +95,6 @@ pub(super) fn reset_cursor(
     to: ResetTo,
     execute: bool,
     server: ServerId,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<(ResetOutcome, Option<Pending>), Error>> {
     let epoch = match t.check_leading(server) {
         Ok(e) => e,
@@ -125,13 +122,8 @@ pub(super) fn reset_cursor(
     };
     let mut pending = None;
     if execute && after != before.next {
-        pending = Some(t.set_cursor(
-            txn,
-            subscription.as_str(),
-            Some(Cursor { next: after, ..before }),
-            epoch,
-            buf,
-        )?);
+        pending =
+            Some(t.set_cursor(txn, subscription.as_str(), Some(Cursor { next: after, ..before }), epoch)?);
     }
     let outcome = ResetOutcome { before: before.next, after, log_start, commit, executed: execute };
     Ok(Ok((outcome, pending)))
@@ -143,7 +135,6 @@ pub(super) fn delete_subscription(
     t: &mut WriterTopic,
     subscription: &SubscriptionName,
     server: ServerId,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<CursorChange, Error>> {
     let epoch = match t.check_leading(server) {
         Ok(e) => e,
@@ -152,7 +143,7 @@ pub(super) fn delete_subscription(
     match t.cursors.latest(subscription.as_str()) {
         None => Ok(Err(t.unknown_subscription(subscription.as_str()))),
         Some(c) => {
-            let at = t.set_cursor(txn, subscription.as_str(), None, epoch, buf)?;
+            let at = t.set_cursor(txn, subscription.as_str(), None, epoch)?;
             Ok(Ok(CursorChange { cursor: c.next, pending: Some(at) }))
         }
     }

@@ -28,7 +28,6 @@ pub(super) fn become_leader(
     t: &mut WriterTopic,
     epoch: Epoch,
     server: ServerId,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<(), Error>> {
     let stale = |current| Error::StaleEpoch { topic: t.name(), server, epoch, current };
     if epoch < t.meta.promised {
@@ -44,7 +43,7 @@ pub(super) fn become_leader(
         }
         let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Begin };
         let ship = !t.meta.is_solo();
-        t.write_entry(txn, entry, &[], buf, ship)?;
+        t.write_entry(txn, entry, bytes::Bytes::new(), ship)?;
     }
     t.evicting = None;
     t.begun = true;

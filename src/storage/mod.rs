@@ -48,7 +48,7 @@
 //! - The published [`LogState`] only ever describes durable (fsynced) data.
 
 mod backlog;
-mod chunk;
+pub mod chunk;
 mod command;
 mod cursors;
 mod epochs;

@@ -1,6 +1,9 @@
 //! Producers' batches: ordering by sequence, deduplication, refusals, room in the backlog.
 
+use bytes::Bytes;
+
 use super::backlog::make_room;
+use super::chunk;
 use super::state::{Appended, Pending};
 use super::topic::{WriterTopic, PRODUCER_STATE_TTL_MS, PRODUCER_SWEEP_EVERY};
 use super::writer::{StorageResult, Tx};
@@ -38,7 +41,6 @@ pub(super) fn append(
     batch: Batch,
     server: ServerId,
     now_ms: u64,
-    buf: &mut Vec<u8>,
 ) -> StorageResult<Result<Appended, Error>> {
     let Batch { producer, sequence, records, refused } = batch;
     let epoch = match t.check_leading(server) {
@@ -96,20 +98,20 @@ pub(super) fn append(
     let ship = !t.meta.is_solo();
     if let Some(reason) = refused.or(too_large) {
         let entry = Entry { epoch, end: t.log_end, kind: EntryKind::Refused { producer, sequence } };
-        let index = t.write_entry(txn, entry, &[], buf, ship)?;
+        let index = t.write_entry(txn, entry, Bytes::new(), ship)?;
         let at = Pending { index, epoch };
         return Ok(Ok(Appended { base: t.log_end, count: 0, at, duplicate: false, refused: Some(reason) }));
     }
     // Refused for the backlog: the sequence is not used, so the producer can send the same
     // batch again once subscriptions have read (and freed) records.
-    if let Err(e) = make_room(txn, t, &records, epoch, now_ms, buf)? {
+    if let Err(e) = make_room(txn, t, &records, epoch, now_ms)? {
         return Ok(Err(e));
     }
     let count = records.len() as u32;
     let base = t.log_end;
     let kind = EntryKind::Batch { count, timestamp_ms: now_ms, producer: Some((producer, sequence)) };
     let entry = Entry { epoch, end: base + count as Offset, kind };
-    let index = t.write_entry(txn, entry, &records, buf, ship)?;
+    let index = t.write_entry(txn, entry, Bytes::from(chunk::encode(now_ms, &records)), ship)?;
     if t.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
         t.expire_producers(txn, now_ms.saturating_sub(PRODUCER_STATE_TTL_MS))?;
     }

@@ -1,6 +1,7 @@
 //! Reads, each in its own read transaction: never waiting for the writer, and seeing only
 //! committed (durable) data.
 
+use bytes::Bytes;
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::chunk::{self, Chunk};
@@ -12,17 +13,87 @@ use crate::replication::{
     Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD,
 };
 use crate::types::{Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
-use crate::wire::SubscriptionInfo;
+use crate::wire::{FetchedRecords, SubscriptionInfo, CHUNK_ANSWER_OVERHEAD};
 
 /// Records behind a cursor up to which its lag in bytes is summed exactly.
 pub const LAG_BYTES_SCAN: u64 = 100_000;
 
 impl Store {
-    /// Reads records `from..end`: at most `max_records`, and at most `max_bytes` as encoded
-    /// in a fetch answer ([`StoredRecord::encoded_size`]), so an answer always fits the budget
-    /// it was given. Sizes are taken from the stored bytes, before decoding. When the first
-    /// record alone is larger, the answer is [`Error::FetchTooSmall`] with its size, so the
-    /// reader can ask again with room for it: no record can block a subscription.
+    /// Reads records `from..end` for a fetch answer, as stored: whole chunks forwarded as
+    /// their bytes, a chunk the range starts or stops inside re-framed around the records
+    /// taken (without decoding them). At most `max_records`, and at most `max_bytes` as
+    /// encoded in the answer ([`FetchedRecords::record_size`] and
+    /// [`CHUNK_ANSWER_OVERHEAD`] a chunk), so an answer always fits the
+    /// budget it was given. When the first record alone is larger, the answer is
+    /// [`Error::FetchTooSmall`] with the size it needs, so the reader can ask again with room
+    /// for it: no record can block a subscription. Every chunk read is checked against its
+    /// checksum first; the consumer checks it again on arrival.
+    pub fn read_chunks(
+        &self,
+        topic: &TopicLog,
+        from: Offset,
+        end: Offset,
+        max_records: u32,
+        max_bytes: u32,
+    ) -> Result<FetchedRecords, Error> {
+        let txn = self.read_txn()?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        // Records below the log start may still sit in its first chunk: never shown.
+        let from = from.max(self.log_start_in(&txn, topic.id)?);
+        let mut out = FetchedRecords::default();
+        if from >= end {
+            return Ok(out);
+        }
+        let (mut bytes, mut records) = (0usize, 0u32);
+        let first = self.first_chunk(&chunks, topic.id, from)?;
+        for row in chunks.range((topic.id, first)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let (base, stored) = (key.value().1, value.value());
+            let chunk = Chunk::parse(stored).map_err(|e| self.chunk_err(topic.id, base, e))?;
+            let lo = from.max(base);
+            let hi = chunk.end(base).min(end);
+            if lo >= hi {
+                continue;
+            }
+            let mut taken: Vec<&[u8]> = Vec::new();
+            let mut full = false;
+            for raw in chunk.records().skip((lo - base) as usize).take((hi - lo) as usize) {
+                let raw = raw.map_err(|e| self.chunk_err(topic.id, base, e))?;
+                let size = FetchedRecords::record_size(raw)
+                    + if taken.is_empty() { CHUNK_ANSWER_OVERHEAD } else { 0 };
+                if records == max_records || bytes + size > max_bytes as usize {
+                    if records == 0 {
+                        return Err(Error::FetchTooSmall {
+                            topic: topic.name.to_string(),
+                            offset: lo,
+                            size: size as u64,
+                            max_bytes: max_bytes as u64,
+                        });
+                    }
+                    full = true;
+                    break;
+                }
+                bytes += size;
+                records += 1;
+                taken.push(raw);
+            }
+            if !taken.is_empty() {
+                let whole = lo == base && taken.len() as u64 == chunk.count;
+                let bytes = if whole {
+                    Bytes::copy_from_slice(stored)
+                } else {
+                    Bytes::from(chunk::encode_raw(chunk.timestamp_ms, &taken))
+                };
+                out.chunks.push((lo, bytes));
+            }
+            if full || hi == end {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`read_chunks`](Self::read_chunks), decoded: records as a consumer gets them.
     pub fn read(
         &self,
         topic: &TopicLog,
@@ -31,31 +102,7 @@ impl Store {
         max_records: u32,
         max_bytes: u32,
     ) -> Result<Vec<StoredRecord>, Error> {
-        let txn = self.read_txn()?;
-        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
-        let mut out = Vec::new();
-        let mut bytes = 0usize;
-        // Records below the log start may still sit in its first chunk: never shown.
-        let from = from.max(self.log_start_in(&txn, topic.id)?);
-        self.each_record(&chunks, topic.id, from, end, |offset, chunk, raw| {
-            let size = chunk.answer_size(offset, raw);
-            if bytes + size > max_bytes as usize {
-                if out.is_empty() {
-                    return Err(Error::FetchTooSmall {
-                        topic: topic.name.to_string(),
-                        offset,
-                        size: size as u64,
-                        max_bytes: max_bytes as u64,
-                    });
-                }
-                return Ok(false);
-            }
-            bytes += size;
-            let record = chunk::decode_record(raw).map_err(|e| self.storage_err(e))?;
-            out.push(StoredRecord { offset, timestamp_ms: chunk.timestamp_ms, record });
-            Ok(out.len() < max_records as usize)
-        })?;
-        Ok(out)
+        self.read_chunks(topic, from, end, max_records, max_bytes)?.decode()
     }
 
     /// Calls `each(offset, chunk, record bytes)` for the stored records `from..end` in order,
@@ -71,11 +118,7 @@ impl Store {
         if from >= end {
             return Ok(());
         }
-        let holding = chunks.range((topic, 0)..=(topic, from)).map_err(|e| self.storage_err(e))?.next_back();
-        let first = match holding {
-            Some(row) => row.map_err(|e| self.storage_err(e))?.0.value().1,
-            None => from,
-        };
+        let first = self.first_chunk(chunks, topic, from)?;
         for row in chunks.range((topic, first)..(topic, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = row.map_err(|e| self.storage_err(e))?;
             let base = key.value().1;
@@ -92,6 +135,19 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Where a read from `from` starts: the chunk holding `from` (the last at or below it).
+    fn first_chunk(
+        &self,
+        chunks: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+        topic: TopicId,
+        from: Offset,
+    ) -> Result<Offset, Error> {
+        match chunks.range((topic, 0)..=(topic, from)).map_err(|e| self.storage_err(e))?.next_back() {
+            Some(row) => Ok(row.map_err(|e| self.storage_err(e))?.0.value().1),
+            None => Ok(from),
+        }
     }
 
     /// A topic's log start as of `txn` (0 for a topic not stored).
@@ -130,23 +186,59 @@ impl Store {
         for row in entries.range((topic, from)..(topic, end)).map_err(|e| self.storage_err(e))? {
             let (key, value) = row.map_err(|e| self.storage_err(e))?;
             let entry: Entry = decode(value.value()).map_err(|e| self.storage_err(e))?;
-            let mut size = SHIPPED_ENTRY_OVERHEAD;
-            let mut batch = Vec::new();
-            if let EntryKind::Batch { .. } = entry.kind {
-                let from = entry.base().max(log_start);
-                self.each_record(&chunks, topic, from, entry.end, |_, chunk, raw| {
-                    size += chunk.stored_size(raw) as usize;
-                    batch.push(chunk::decode_record(raw).map_err(|e| self.storage_err(e))?);
-                    Ok(true)
-                })?;
-            }
+            let chunk = match entry.kind {
+                EntryKind::Batch { .. } => {
+                    self.batch_chunk(&chunks, topic, entry.base().max(log_start), entry.end)?
+                }
+                _ => Bytes::new(),
+            };
+            let size = SHIPPED_ENTRY_OVERHEAD + chunk.len();
             if bytes + size > max_bytes && !out.is_empty() {
                 break;
             }
             bytes += size;
-            out.push(ShippedEntry { index: key.value().1, entry, records: batch });
+            out.push(ShippedEntry { index: key.value().1, entry, chunk });
         }
         Ok(out)
+    }
+
+    /// A batch's stored records `from..end` as one chunk for a follower: the stored bytes
+    /// themselves when the chunk holds exactly those (always, unless the log start moved into
+    /// it), else its records from `from` on, re-framed without decoding them. Checked against
+    /// its checksum first, like every read.
+    fn batch_chunk(
+        &self,
+        chunks: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+        topic: TopicId,
+        from: Offset,
+        end: Offset,
+    ) -> Result<Bytes, Error> {
+        if from >= end {
+            return Ok(Bytes::new());
+        }
+        let holding = chunks.range((topic, 0)..=(topic, from)).map_err(|e| self.storage_err(e))?.next_back();
+        let Some(row) = holding else {
+            return Err(self.storage_err(format!("topic #{topic}: no chunk holds offset {from}")));
+        };
+        let (key, value) = row.map_err(|e| self.storage_err(e))?;
+        let (base, bytes) = (key.value().1, value.value());
+        let chunk = Chunk::parse(bytes).map_err(|e| self.chunk_err(topic, base, e))?;
+        // A chunk never spans two entries: the batch's records are all in this one.
+        if chunk.end(base) != end {
+            return Err(self.storage_err(format!(
+                "topic #{topic}: the chunk at offset {base} ends at {}, its batch at {end}",
+                chunk.end(base)
+            )));
+        }
+        if base == from {
+            return Ok(Bytes::copy_from_slice(bytes));
+        }
+        let kept: Vec<&[u8]> = chunk
+            .records()
+            .skip((from - base) as usize)
+            .collect::<Result<_, _>>()
+            .map_err(|e| self.chunk_err(topic, base, e))?;
+        Ok(Bytes::from(chunk::encode_raw(chunk.timestamp_ms, &kept)))
     }
 
     /// A follower's restart at this replica's first stored entry: the applied state (cursors,

@@ -1,12 +1,11 @@
+use bytes::Bytes;
 use redb::Database;
 
 use super::faults::SimDisk;
 use super::tables::META;
 use super::*;
 use crate::replication::{BatchOutcome, Cursor, Entry, EntryKind, ShippedEntry};
-use crate::types::{
-    now_ms, Offset, ProducerId, Sequence, StartFrom, StoredRecord, SubscriptionName, TopicName,
-};
+use crate::types::{now_ms, Offset, ProducerId, Sequence, StartFrom, SubscriptionName, TopicName};
 use crate::wire::{BacklogPolicy, TopicConfig};
 
 fn meta(id: TopicId, name: &str) -> TopicMeta {
@@ -46,7 +45,7 @@ fn payloads(store: &Store, log: &TopicLog) -> Vec<(Offset, String)> {
 }
 
 fn begin(index: Index, epoch: Epoch, end: Offset) -> ShippedEntry {
-    ShippedEntry { index, entry: Entry { epoch, end, kind: EntryKind::Begin }, records: vec![] }
+    ShippedEntry { index, entry: Entry { epoch, end, kind: EntryKind::Begin }, chunk: Bytes::new() }
 }
 
 fn batch(
@@ -62,7 +61,7 @@ fn batch(
     ShippedEntry {
         index,
         entry: Entry { epoch, end: base + count as Offset, kind },
-        records: records(values),
+        chunk: Bytes::from(chunk::encode(5, &records(values))),
     }
 }
 
@@ -75,7 +74,7 @@ fn cursor(
     log_start: Offset,
 ) -> ShippedEntry {
     let kind = EntryKind::Cursor { subscription: name.into(), cursor: Some(Cursor::at(next)), log_start };
-    ShippedEntry { index, entry: Entry { epoch, end, kind }, records: vec![] }
+    ShippedEntry { index, entry: Entry { epoch, end, kind }, chunk: Bytes::new() }
 }
 
 fn chunk(epoch: Epoch, entries: Vec<ShippedEntry>, commit_index: Index, commit: Offset) -> ReplicaChunk {
@@ -145,18 +144,73 @@ async fn reads_stop_before_their_byte_budget_and_name_a_record_that_does_not_fit
     let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
     let log = solo(&store, meta(1, "t")).await;
     store.append(1, 1, 0, records(&["aaaa", "bbbb", &"c".repeat(40)])).await.unwrap();
+    store.append(1, 1, 1, records(&["dd", "ee"])).await.unwrap();
     let state = log.state();
-    let sized = |n: usize| store.read(&log, 0, state.commit, 100, n as u32).unwrap();
-    let all = sized(10_000);
-    let sizes: Vec<usize> = all.iter().map(StoredRecord::encoded_size).collect();
-    assert_eq!(sized(sizes[0] + sizes[1]).len(), 2, "exactly at the budget");
-    assert_eq!(sized(sizes[0] + sizes[1] - 1).len(), 1, "never over it");
-    match store.read(&log, 2, state.commit, 100, 20) {
-        Err(Error::FetchTooSmall { offset: 2, size, max_bytes: 20, .. }) => {
-            assert_eq!(size as usize, sizes[2])
+    let all = store.read(&log, 0, state.commit, 100, u32::MAX).unwrap();
+    // Every budget: the answer is a prefix of the log, encoded within the budget, and a
+    // larger budget never gives less; below the first record's need, the need is named.
+    let mut before = 0;
+    for budget in 1..400u32 {
+        match store.read_chunks(&log, 0, state.commit, 100, budget) {
+            Ok(answer) => {
+                let encoded: usize = answer
+                    .chunks
+                    .iter()
+                    .map(|(base, c)| postcard::to_stdvec(&(base, c)).unwrap().len())
+                    .sum();
+                assert!(encoded <= budget as usize, "{encoded} bytes in a budget of {budget}");
+                let got = answer.decode().unwrap();
+                assert_eq!(got, all[..got.len()], "budget {budget}");
+                assert!(got.len() >= before, "budget {budget} gave less than a smaller one");
+                before = got.len();
+            }
+            Err(Error::FetchTooSmall { offset: 0, size, max_bytes, .. }) => {
+                assert_eq!(max_bytes, budget as u64);
+                assert!(size > budget as u64 && before == 0);
+                let answer = store.read_chunks(&log, 0, state.commit, 100, size as u32).unwrap();
+                assert_eq!(answer.decode().unwrap().len(), 1, "the size named is enough");
+            }
+            Err(e) => panic!("budget {budget}: {e}"),
         }
+    }
+    assert_eq!(before, 5);
+    match store.read(&log, 2, state.commit, 100, 20) {
+        Err(Error::FetchTooSmall { offset: 2, size, max_bytes: 20, .. }) => assert!(size > 40),
         other => panic!("expected FetchTooSmall, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn reads_forward_whole_chunks_as_stored_and_trim_the_ones_they_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = solo(&store, meta(1, "t")).await;
+    store.append(1, 1, 0, records(&["0", "1", "2"])).await.unwrap();
+    store.append(1, 1, 1, records(&["3", "4", "5"])).await.unwrap();
+    let commit = log.state().commit;
+    let stored = store.read_entries(1, 0, 10, usize::MAX).unwrap();
+    let stored: Vec<&Bytes> = stored.iter().map(|e| &e.chunk).filter(|c| !c.is_empty()).collect();
+    let whole = store.read_chunks(&log, 0, commit, 100, u32::MAX).unwrap();
+    assert_eq!(
+        whole.chunks.iter().map(|(b, c)| (*b, c)).collect::<Vec<_>>(),
+        vec![(0, stored[0]), (3, stored[1])]
+    );
+    // From inside the first chunk to inside the second: offsets 1..5, in two trimmed chunks.
+    let cut = store.read_chunks(&log, 1, commit, 4, u32::MAX).unwrap();
+    assert_eq!(cut.chunks.iter().map(|(b, _)| *b).collect::<Vec<_>>(), vec![1, 3]);
+    let got: Vec<(Offset, Vec<u8>)> =
+        cut.decode().unwrap().into_iter().map(|r| (r.offset, r.record.payload)).collect();
+    let want: Vec<(Offset, Vec<u8>)> = (1..5).map(|o: u64| (o, o.to_string().into_bytes())).collect();
+    assert_eq!(got, want);
+    // A consumer refuses a chunk that does not follow on, or fails its checksum.
+    let mut gap = whole.clone();
+    gap.chunks[1].0 = 4;
+    assert!(gap.decode().is_err());
+    let mut flipped = whole.clone();
+    let mut bytes = flipped.chunks[0].1.to_vec();
+    bytes[6] ^= 0x40;
+    flipped.chunks[0].1 = Bytes::from(bytes);
+    assert!(flipped.decode().unwrap_err().to_string().contains("checksum"));
 }
 
 #[tokio::test]
@@ -458,7 +512,7 @@ async fn records_below_the_log_start_inside_a_chunk_are_never_shown_nor_counted(
     // A follower copying the first entry gets only what is at or past the log start.
     let shipped = store.read_entries(1, 0, state.end_index, usize::MAX).unwrap();
     let batch = shipped.iter().find(|e| matches!(e.entry.kind, EntryKind::Batch { .. })).unwrap();
-    assert_eq!(batch.records, records(&["3", "4"]));
+    assert_eq!(chunk::decode_records(&batch.chunk).unwrap(), records(&["3", "4"]));
     assert_eq!(store.record_count().unwrap(), 4);
     store.check_consistency().unwrap();
     store.ack(1, sub("a"), 6).await.unwrap();
@@ -494,6 +548,42 @@ async fn a_chunk_damaged_on_disk_is_never_served() {
     assert!(matches!(err, Error::Storage { .. }) && err.to_string().contains("checksum"), "{err}");
     assert!(store.read_entries(1, 0, 10, usize::MAX).is_err(), "nor shipped to a follower");
     assert!(store.check_consistency().unwrap_err().contains("checksum"));
+}
+
+#[tokio::test]
+async fn a_follower_stores_the_leaders_chunk_as_shipped_and_refuses_a_damaged_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    let log = store.create_topic(follower_meta(1)).await.unwrap();
+    let good = batch(1, 1, 0, 7, 0, &["a", "b"]);
+    let mut flipped = good.clone();
+    let mut bytes = flipped.chunk.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    flipped.chunk = Bytes::from(bytes);
+    let mut restamped = good.clone();
+    restamped.chunk = Bytes::from(chunk::encode(6, &records(&["a", "b"])));
+    let mut overfull = good.clone();
+    overfull.chunk = Bytes::from(chunk::encode(5, &records(&["a", "b", "c"])));
+    let mut not_a_batch = begin(0, 1, 0);
+    not_a_batch.chunk = good.chunk.clone();
+    for (what, entries) in [
+        ("a flipped bit", vec![begin(0, 1, 0), flipped]),
+        ("another timestamp", vec![begin(0, 1, 0), restamped]),
+        ("more records than the batch", vec![begin(0, 1, 0), overfull]),
+        ("records on a Begin entry", vec![not_a_batch]),
+    ] {
+        let err = store.replica_append(1, chunk(1, entries, 0, 0)).await.expect_err(what);
+        assert!(err.to_string().contains("refused"), "{what}: {err}");
+        let s = log.state();
+        assert_eq!((s.end_index, s.log_end, s.bytes), (0, 0, 0), "{what}: nothing written");
+    }
+    store.replica_append(1, chunk(1, vec![begin(0, 1, 0), good.clone()], 0, 0)).await.unwrap();
+    // Stored as shipped, and shipped on as stored: the same bytes.
+    let shipped = store.read_entries(1, 1, 2, usize::MAX).unwrap();
+    assert_eq!(shipped, vec![good]);
+    assert_eq!(payloads(&store, &log), vec![(0, "a".to_string()), (1, "b".to_string())]);
+    store.check_consistency().unwrap();
 }
 
 #[test]
@@ -597,7 +687,7 @@ async fn a_replicated_leader_commits_only_what_replication_says() {
     assert_eq!(store.read_entries(1, 0, 3, 1).unwrap().len(), 1, "the first entry always, even over budget");
     let entries = store.read_entries(1, 1, 3, 1).unwrap();
     assert_eq!(entries.len(), 1, "whole entries, stopping before the byte budget");
-    assert_eq!(entries[0].records.len(), 2);
+    assert_eq!(chunk::decode_records(&entries[0].chunk).unwrap().len(), 2);
     assert!(matches!(entries[0].entry.kind, EntryKind::Batch { producer: Some((1, 0)), count: 2, .. }));
     assert_eq!(store.read_entries(1, 0, 3, 1 << 20).unwrap().len(), 3);
 }

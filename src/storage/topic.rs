@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use bytes::Bytes;
 use redb::ReadableTable;
 use tracing::{error, info};
 
@@ -23,7 +24,7 @@ use crate::replication::{
     BatchOutcome, Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ProducerState,
     ReplicaChunk, ReplicaReset, ShippedEntry,
 };
-use crate::types::{Epoch, Index, Offset, ProducerId, Record, ServerId, TopicId};
+use crate::types::{Epoch, Index, Offset, ProducerId, ServerId, TopicId};
 
 /// Applied entries kept below the compaction point for followers a little behind, so they
 /// need not restart from the leader's state. Entries are small once their records are gone.
@@ -238,16 +239,9 @@ impl WriterTopic {
         Ok(())
     }
 
-    /// Appends one entry (and a batch's records: the last `records.len()` of it) at the log
-    /// end, whoever wrote it. Returns its index.
-    pub fn write_entry(
-        &mut self,
-        txn: &Tx,
-        entry: Entry,
-        records: &[Record],
-        buf: &mut Vec<u8>,
-        ship: bool,
-    ) -> StorageResult<Index> {
+    /// Appends one entry (and a batch's records, the last ones of it: `chunk`, a stored record
+    /// chunk, empty for other entries) at the log end, whoever wrote it. Returns its index.
+    pub fn write_entry(&mut self, txn: &Tx, entry: Entry, chunk: Bytes, ship: bool) -> StorageResult<Index> {
         let index = self.end_index;
         let id = self.meta.id;
         txn.open(ENTRIES)?.insert((id, index), encode(&entry).as_slice())?;
@@ -256,14 +250,7 @@ impl WriterTopic {
         }
         match &entry.kind {
             EntryKind::Batch { count, timestamp_ms, producer } => {
-                // A follower restarted from a leader's state may already have its log start
-                // past the first records of the entries it copies next (a newer leader that
-                // has not applied as far ships them): those are deleted here already.
-                let first = entry.end - records.len() as Offset;
-                let skip = self.meta.log_start.saturating_sub(first).min(records.len() as Offset);
-                let kept = &records[skip as usize..];
-                self.bytes += write_records(txn, id, first + skip, *timestamp_ms, kept, buf)?;
-                self.appended_records += kept.len() as u64;
+                self.store_chunk(txn, entry.end, &chunk)?;
                 if let Some((producer, sequence)) = *producer {
                     let outcome = BatchOutcome {
                         sequence,
@@ -311,9 +298,40 @@ impl WriterTopic {
         self.log_end = entry.end;
         self.end_index = index + 1;
         if ship {
-            self.appended.push(ShippedEntry { index, entry, records: records.to_vec() });
+            self.appended.push(ShippedEntry { index, entry, chunk });
         }
         Ok(index)
+    }
+
+    /// Stores a batch's records, the chunk of its last ones ending at `end`, as it came: a
+    /// follower's copy is the leader's bytes. A follower restarted from a leader's state may
+    /// already have its log start past the first of them (a newer leader that has not applied
+    /// as far ships them): those are deleted here already, so it stores the rest, trimmed
+    /// without decoding a record.
+    fn store_chunk(&mut self, txn: &Tx, end: Offset, chunk: &[u8]) -> StorageResult<()> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let parsed = Chunk::parse(chunk).map_err(corrupt)?;
+        let first = end - parsed.count;
+        let skip = self.meta.log_start.saturating_sub(first).min(parsed.count);
+        let kept: Vec<&[u8]> =
+            parsed.records().skip(skip as usize).collect::<Result<_, _>>().map_err(corrupt)?;
+        if kept.is_empty() {
+            return Ok(());
+        }
+        let table = &mut txn.open(CHUNKS)?;
+        if skip == 0 {
+            table.insert((self.meta.id, first), chunk)?;
+        } else {
+            table.insert(
+                (self.meta.id, first + skip),
+                chunk::encode_raw(parsed.timestamp_ms, &kept).as_slice(),
+            )?;
+        }
+        self.bytes += kept.iter().map(|r| parsed.stored_size(r)).sum::<u64>();
+        self.appended_records += kept.len() as u64;
+        Ok(())
     }
 
     /// Leader: records a cursor change (`None` deletes the subscription) as an entry, with
@@ -324,7 +342,6 @@ impl WriterTopic {
         subscription: &str,
         cursor: Option<Cursor>,
         epoch: Epoch,
-        buf: &mut Vec<u8>,
     ) -> StorageResult<Pending> {
         let mut latest = self.cursors.latest_all();
         match cursor {
@@ -335,7 +352,7 @@ impl WriterTopic {
         let kind = EntryKind::Cursor { subscription: subscription.to_string(), cursor, log_start };
         let entry = Entry { epoch, end: self.log_end, kind };
         let ship = !self.meta.is_solo();
-        let index = self.write_entry(txn, entry, &[], buf, ship)?;
+        let index = self.write_entry(txn, entry, Bytes::new(), ship)?;
         Ok(Pending { index, epoch })
     }
 
@@ -353,7 +370,6 @@ impl WriterTopic {
         txn: &Tx,
         chunk: ReplicaChunk,
         server: ServerId,
-        buf: &mut Vec<u8>,
     ) -> StorageResult<Result<(), Error>> {
         if chunk.epoch < self.meta.promised {
             return Ok(Err(Error::StaleEpoch {
@@ -376,12 +392,18 @@ impl WriterTopic {
                 ))));
             }
         }
+        if let Some(e) = chunk.entries.iter().find_map(|e| check_shipped(e).err()) {
+            return Ok(Err(Error::internal(format!(
+                "{}: the leader's entries are refused: {e}",
+                self.name()
+            ))));
+        }
         if chunk.epoch > self.meta.promised {
             self.meta.promised = chunk.epoch;
             self.save_meta(txn)?;
         }
         for shipped in chunk.entries {
-            self.write_entry(txn, shipped.entry, &shipped.records, buf, false)?;
+            self.write_entry(txn, shipped.entry, shipped.chunk, false)?;
         }
         if self.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
             // Dated by the log's own timestamps, so every replica forgets the same producers.
@@ -619,23 +641,27 @@ pub(super) fn corrupt(e: impl std::fmt::Display) -> redb::Error {
     redb::Error::Corrupted(format!("a stored value does not decode: {e}"))
 }
 
-/// Writes records at `first..`, all with the batch's timestamp, as one chunk; returns the
-/// bytes the topic counts for them ([`Chunk::stored_size`]).
-fn write_records(
-    txn: &Tx,
-    topic: TopicId,
-    first: Offset,
-    timestamp_ms: u64,
-    records: &[Record],
-    buf: &mut Vec<u8>,
-) -> StorageResult<u64> {
-    if records.is_empty() {
-        return Ok(0);
+/// Checks an entry a leader shipped before any of it is written: a batch's records come as
+/// one chunk that passes its checksum, is framed as its header says, holds at most the
+/// batch's records and carries its timestamp; other entries carry none. The records are
+/// not decoded: the leader checked them when it took the batch.
+fn check_shipped(shipped: &ShippedEntry) -> Result<(), String> {
+    let at = shipped.index;
+    match &shipped.entry.kind {
+        _ if shipped.chunk.is_empty() => Ok(()),
+        EntryKind::Batch { count, timestamp_ms, .. } => {
+            let chunk = Chunk::parse(&shipped.chunk).map_err(|e| format!("entry {at}: {e}"))?;
+            chunk.check_framing().map_err(|e| format!("entry {at}: {e}"))?;
+            if chunk.count > u64::from(*count) || chunk.timestamp_ms != *timestamp_ms {
+                return Err(format!(
+                    "entry {at} is a batch of {count} records stamped {timestamp_ms}, its chunk holds {} stamped {}",
+                    chunk.count, chunk.timestamp_ms
+                ));
+            }
+            Ok(())
+        }
+        _ => Err(format!("entry {at} is not a batch but carries records")),
     }
-    chunk::encode(timestamp_ms, records, buf);
-    txn.open(CHUNKS)?.insert((topic, first), buf.as_slice())?;
-    let stamp = crate::types::varint_len(timestamp_ms) as u64;
-    Ok(records.iter().map(|r| stamp + r.encoded_size() as u64).sum())
 }
 
 /// Calls `each(offset, counted bytes)` for a topic's stored records `from..until`, in
@@ -703,15 +729,12 @@ fn truncate_records(txn: &Tx, topic: TopicId, offset: Offset) -> StorageResult<u
             let (base, bytes) = (k.value().1, v.value());
             let chunk = Chunk::parse(bytes).map_err(corrupt)?;
             if chunk.end(base) > offset {
-                let kept = chunk
+                let kept: Vec<&[u8]> = chunk
                     .records()
                     .take((offset - base) as usize)
-                    .map(|r| r.and_then(chunk::decode_record))
-                    .collect::<Result<Vec<Record>, _>>()
+                    .collect::<Result<_, _>>()
                     .map_err(corrupt)?;
-                let mut buf = Vec::new();
-                chunk::encode(chunk.timestamp_ms, &kept, &mut buf);
-                Some((base, buf))
+                Some((base, chunk::encode_raw(chunk.timestamp_ms, &kept)))
             } else {
                 None
             }

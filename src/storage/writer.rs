@@ -133,7 +133,6 @@ pub struct Writer {
     given_up: BTreeMap<TopicId, Epoch>,
     server: ServerId,
     topics: BTreeMap<TopicId, WriterTopic>,
-    buf: Vec<u8>,
     commits: Arc<AtomicU64>,
     commit_seconds: Histogram,
     clock: Clock,
@@ -161,7 +160,6 @@ impl Writer {
             given_up: BTreeMap::new(),
             server,
             topics: BTreeMap::new(),
-            buf: Vec::new(),
             commits,
             commit_seconds,
             clock,
@@ -538,7 +536,6 @@ impl Writer {
     ) -> StorageResult<()> {
         let server = self.server;
         let now = self.now_ms();
-        let buf = &mut self.buf;
         let topics = &mut self.topics;
         let retention = self.retention;
         let changed = &self.changed;
@@ -610,13 +607,13 @@ impl Writer {
                 settle(deferred, reply, result, server)
             }
             Command::BecomeLeader { topic, epoch, reply } => {
-                let result = with_topic(topics, topic, server, |t| become_leader(txn, t, epoch, server, buf));
+                let result = with_topic(topics, topic, server, |t| become_leader(txn, t, epoch, server));
                 touched.insert(topic);
                 settle_state(deferred, reply, result, topics.get(&topic), server)
             }
             Command::Append { topic, producer, sequence, records, refused, reply } => {
                 let result = with_topic(topics, topic, server, |t| {
-                    append(txn, t, Batch { producer, sequence, records, refused }, server, now, buf)
+                    append(txn, t, Batch { producer, sequence, records, refused }, server, now)
                 });
                 if result.as_ref().is_ok_and(|r| r.as_ref().is_ok_and(|a| !a.duplicate)) {
                     touched.insert(topic);
@@ -624,7 +621,7 @@ impl Writer {
                 settle(deferred, reply, result, server)
             }
             Command::ReplicaAppend { topic, chunk, reply } => {
-                let result = with_topic(topics, topic, server, |t| t.replicate(txn, chunk, server, buf));
+                let result = with_topic(topics, topic, server, |t| t.replicate(txn, chunk, server));
                 touched.insert(topic);
                 settle_state(deferred, reply, result, topics.get(&topic), server)
             }
@@ -665,28 +662,26 @@ impl Writer {
                 settle(deferred, reply, result, server)
             }
             Command::Ack { topic, subscription, next, reply } => {
-                let result =
-                    with_topic(topics, topic, server, |t| ack(txn, t, &subscription, next, server, buf));
+                let result = with_topic(topics, topic, server, |t| ack(txn, t, &subscription, next, server));
                 touched.insert(topic);
                 settle(deferred, reply, result, server)
             }
             Command::CreateSubscription { topic, subscription, from, if_missing, reply } => {
                 let result = with_topic(topics, topic, server, |t| {
-                    create_subscription(txn, t, &subscription, from, if_missing, server, buf)
+                    create_subscription(txn, t, &subscription, from, if_missing, server)
                 });
                 touched.insert(topic);
                 settle(deferred, reply, result, server)
             }
             Command::DeleteSubscription { topic, subscription, reply } => {
-                let result = with_topic(topics, topic, server, |t| {
-                    delete_subscription(txn, t, &subscription, server, buf)
-                });
+                let result =
+                    with_topic(topics, topic, server, |t| delete_subscription(txn, t, &subscription, server));
                 touched.insert(topic);
                 settle(deferred, reply, result, server)
             }
             Command::ResetCursor { topic, subscription, to, execute, reply } => {
                 let result = with_topic(topics, topic, server, |t| {
-                    reset_cursor(txn, t, &subscription, to, execute, server, buf)
+                    reset_cursor(txn, t, &subscription, to, execute, server)
                 });
                 touched.insert(topic);
                 settle(deferred, reply, result, server)

@@ -537,6 +537,7 @@ impl Cluster {
             };
             match conn.call(&req).await.unwrap() {
                 Response::Records { records, .. } => {
+                    let records = records.decode().unwrap();
                     if records.is_empty() {
                         break;
                     }
