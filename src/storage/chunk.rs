@@ -263,4 +263,21 @@ mod tests {
         let chunk = Chunk::parse(&buf).unwrap();
         assert!(chunk.check_framing().is_err());
     }
+
+    #[test]
+    fn a_full_client_batch_is_stored_within_one_mebibyte() {
+        use crate::client::{MAX_BATCH_BYTES, MAX_BATCH_RECORDS};
+        // As the CLI fills a batch: records until the bytes reach the limit (the last may
+        // pass it), at most MAX_BATCH_RECORDS. A page of room is left for redb's leaf header.
+        for payload in [0, 1, 10, 100, 1000, 4000, 16_000] {
+            let record = Record { payload: vec![7; payload], ..Record::default() };
+            let count = MAX_BATCH_BYTES.div_ceil(record.encoded_size()).min(MAX_BATCH_RECORDS);
+            let chunk = encode(u64::MAX, &vec![record; count]);
+            assert!(
+                chunk.len() <= 1024 * 1024 - 4096,
+                "{payload}-byte records: a chunk of {} bytes",
+                chunk.len()
+            );
+        }
+    }
 }
