@@ -256,3 +256,44 @@ async fn a_peek_reads_from_the_cursor_and_moves_nothing() {
     assert!(!out.status.success() && said.contains("unknown subscription"), "{said}");
     assert!(!subs(&cluster, "peeked").contains_key("other"), "and none was created");
 }
+
+/// A consumer holds back acks given to polls in quick succession (`client::ACK_EVERY`),
+/// but never leaves one behind: a poll that finds nothing sends it, and so does `release`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_held_between_quick_polls_still_reach_the_cursor() {
+    let cluster = Cluster::start(1).await;
+    let topic = cluster.create_topic("held");
+    cluster.cli_ok(&["produce", "held"], Some(&numbered_lines("h", 40)));
+    let client = cluster.client();
+    let name = SubscriptionName::new("quick").unwrap();
+    let mut consumer = client.consumer(topic.clone(), name.clone(), StartFrom::Earliest).await.unwrap();
+    let mut next = None;
+    let mut read = Vec::new();
+    while read.len() < 20 {
+        let records = consumer.poll(5, Duration::from_secs(5), next).await.unwrap();
+        read.extend(records.iter().map(|r| r.offset));
+        next = records.last().map(|r| r.offset + 1).or(next);
+    }
+    assert_eq!(read, (0..20).collect::<Vec<u64>>());
+    // Records are left, so this poll reads them and may hold the ack of the first 20.
+    let more = consumer.poll(20, Duration::from_secs(5), next).await.unwrap();
+    assert_eq!(more.first().map(|r| r.offset), Some(20));
+    let end = more.last().unwrap().offset + 1;
+    // Nothing left: the poll sends what it holds, and the cursor gets there without another.
+    assert!(consumer.poll(20, Duration::from_millis(200), Some(end)).await.unwrap().is_empty());
+    wait_for("the last ack at the cursor", || async {
+        (subs(&cluster, "held")["quick"]["cursor"] == end).then_some(())
+    })
+    .await;
+    // An ack given to a poll that reads more right after an ack was sent (so it is held,
+    // unless the machine took ACK_EVERY between the two), then a release.
+    cluster.cli_ok(&["produce", "held"], Some(&numbered_lines("i", 6)));
+    let first = consumer.poll(3, Duration::from_secs(5), None).await.unwrap();
+    consumer.ack(first[0].offset + 1).await.unwrap();
+    let acked = first.last().unwrap().offset + 1;
+    let second = consumer.poll(3, Duration::from_secs(5), Some(acked)).await.unwrap();
+    assert_eq!(second.first().map(|r| r.offset), Some(acked));
+    consumer.release().await;
+    assert_eq!(subs(&cluster, "held")["quick"]["cursor"], acked, "release sends a held ack");
+    client.close().await;
+}

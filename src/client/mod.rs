@@ -14,7 +14,7 @@
 
 mod consumer;
 
-pub use consumer::{replica_for, Consumer, ReadFrom, FETCH_BYTES};
+pub use consumer::{replica_for, Consumer, ReadFrom, ACK_EVERY, FETCH_BYTES};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
