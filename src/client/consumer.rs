@@ -88,10 +88,11 @@ const MAX_ACKS_IN_FLIGHT: usize = 32;
 /// Least time between two acks a consumer's polls send: an ack given to a poll sooner is held
 /// (later ones replace it, acks being cumulative) and goes with the first poll after this, or
 /// as soon as a poll finds nothing to read, or with [`Consumer::ack`] or
-/// [`Consumer::release`]; a consumer dropped without either reads its last records again. Every ack is a cursor entry that a majority must fsync; a consumer
+/// [`Consumer::release`]. Every ack is a cursor entry that a majority must fsync; a consumer
 /// polling every millisecond doubled the commits of a topic at 5,000 records/s, and this
-/// took its end-to-end latency from p50 2.0 to 1.2 ms (docs/performance.md). A crash
-/// may read again what the last 10 ms acknowledged, as any at-least-once consumer may.
+/// took its end-to-end latency from p50 2.0 to 1.3 ms (docs/performance.md). A crash, or a
+/// consumer dropped without `ack` or `release`, may read again what the last 10 ms
+/// acknowledged, as any at-least-once consumer may.
 pub const ACK_EVERY: Duration = Duration::from_millis(10);
 
 /// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its

@@ -61,15 +61,17 @@ impl Store {
                 let raw = raw.map_err(|e| self.chunk_err(topic.id, base, e))?;
                 let size = FetchedRecords::record_size(raw)
                     + if taken.is_empty() { CHUNK_ANSWER_OVERHEAD } else { 0 };
-                if records == max_records || bytes + size > max_bytes as usize {
-                    if records == 0 {
-                        return Err(Error::FetchTooSmall {
-                            topic: topic.name.to_string(),
-                            offset: lo,
-                            size: size as u64,
-                            max_bytes: max_bytes as u64,
-                        });
-                    }
+                let over = bytes + size > max_bytes as usize;
+                if records == 0 && over {
+                    return Err(Error::FetchTooSmall {
+                        topic: topic.name.to_string(),
+                        offset: lo,
+                        size: size as u64,
+                        max_bytes: max_bytes as u64,
+                    });
+                }
+                // At least one record, whatever `max_records` says (as before chunks).
+                if records > 0 && (over || records >= max_records) {
                     full = true;
                     break;
                 }
