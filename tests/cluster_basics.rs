@@ -190,3 +190,23 @@ async fn a_server_gone_for_good_is_retired_once_dead() {
     assert_eq!(ids, [1]);
     client.close().await;
 }
+
+/// `--timeout` bounds how long a command retries a cluster that does not answer: with the
+/// topic's only replica dead, a produce gives up after it with the error (by default it
+/// would retry for 30 s, as a failover may need).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_bounds_the_retries_of_a_command() {
+    let mut cluster = Cluster::start(1).await;
+    let topic = cluster.create_topic("stranded");
+    let leader = cluster.leader_of(&topic).await;
+    cluster.server(leader).kill();
+    let started = std::time::Instant::now();
+    let out = cluster.cli(&["produce", "stranded", "--timeout", "2"], Some(b"lost\n"));
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("unavailable") || stderr.contains("Unavailable"), "{stderr}");
+    assert!(took < std::time::Duration::from_secs(25), "gave up after {took:?}, not after --timeout 2");
+    let bad = cluster.cli(&["topic", "list", "--timeout", "0"], None);
+    assert_eq!(bad.status.code(), Some(2), "a zero timeout is a usage error");
+}

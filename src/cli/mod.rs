@@ -67,6 +67,13 @@ struct Common {
     /// Directory with the cluster certificates (made by `herald certs`).
     #[arg(long, global = true, env = "HERALD_CERTS", default_value = DEFAULT_CERTS)]
     certs: PathBuf,
+    /// How long a client command keeps retrying a cluster that does not answer (servers
+    /// down, a leader moving in a failover) before it gives up with the last error, in
+    /// seconds.
+    #[arg(long, global = true, env = "HERALD_TIMEOUT", value_name = "SECS",
+          default_value_t = client::DEFAULT_RETRY_DEADLINE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    timeout: u64,
     /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for
     /// `naming` and `server`, warn for everything else).
     #[arg(long, global = true, env = "HERALD_LOG")]
@@ -752,7 +759,7 @@ where
     F: FnOnce(Arc<Client>) -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode>>,
 {
-    let client = Client::new(common.naming.clone(), &common.certs)?;
+    let client = connect(common)?;
     let result = f(client.clone()).await;
     client.close().await;
     result
@@ -878,9 +885,16 @@ async fn schema(client: Arc<Client>, cmd: SchemaCommand) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A client of the cluster --naming names, retrying for --timeout.
+fn connect(common: &Common) -> Result<Arc<Client>> {
+    let mut client = Client::new(common.naming.clone(), &common.certs)?;
+    client.set_retry_deadline(Duration::from_secs(common.timeout));
+    Ok(client)
+}
+
 /// `herald naming status`: asks every address of --naming how its member sees the group.
 async fn naming_status(common: &Common, json: bool) -> Result<ExitCode> {
-    let client = Client::new(common.naming.clone(), &common.certs)?;
+    let client = connect(common)?;
     let answers = client.naming_members().await;
     // The member that says it leads, else the leader the others name (not every member
     // need be asked).
