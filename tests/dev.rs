@@ -130,3 +130,32 @@ fn a_second_dev_cluster_fails_at_once_and_says_why() {
     first.kill().unwrap();
     first.wait().unwrap();
 }
+
+/// `herald completions SHELL` prints a script that completes the commands and their flags,
+/// and a pipe closed early (`| head`) is no error.
+#[test]
+fn completions_cover_the_commands_and_flags_of_each_shell() {
+    for (shell, opening) in
+        [("bash", "_herald()"), ("zsh", "#compdef herald"), ("fish", "complete -c herald")]
+    {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success(), "{shell}: {}", String::from_utf8_lossy(&out.stderr));
+        let script = String::from_utf8(out.stdout).unwrap();
+        assert!(script.starts_with(opening) || script.contains(opening), "{shell}: {}", &script[..200]);
+        for word in ["produce", "consume", "subscription", "peek", "timeout"] {
+            assert!(script.contains(word), "{shell} completes no {word}");
+        }
+    }
+    let mut head = Command::new(BIN)
+        .args(["completions", "bash"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(head.stdout.take().unwrap()).read_line(&mut first).unwrap();
+    let out = head.wait_with_output().unwrap();
+    assert!(out.status.success() && out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    let bad = Command::new(BIN).args(["completions", "tcsh"]).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+}

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -255,6 +255,12 @@ enum Command {
         volatile_writes: bool,
         #[command(flatten)]
         limits: crate::transport::limits::LimitArgs,
+    },
+    /// Print a shell completion script, e.g. `herald completions bash >
+    /// /etc/bash_completion.d/herald`, or `source <(herald completions zsh)`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Run a naming group and N topic servers on loopback, in the foreground (Ctrl-C stops).
     Dev {
@@ -730,6 +736,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Completions { shell } => {
+            // Written whole from memory: clap_complete panics on a write error, and
+            // `herald completions bash | head` closes the pipe early, which is no error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "herald", &mut script);
+            match std::io::Write::write_all(&mut std::io::stdout(), &script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+                _ => Ok(ExitCode::SUCCESS),
+            }
         }
         Command::Dev { servers, naming_servers, dir } => dev(&common, servers, naming_servers, &dir).await,
         Command::Servers { action: None, json } => with_client(&common, |c| list_servers(c, json)).await,
