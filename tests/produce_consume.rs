@@ -274,3 +274,21 @@ async fn ctrl_c_stops_produce_and_consume_with_a_summary_and_status_130() {
         "{stderr}"
     );
 }
+
+/// The common flags have short forms: `produce -k -H -n`, `consume -s -n`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_flags_do_what_the_long_ones_do() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("short");
+    let out = cluster.cli(&["produce", "short", "-k", "k1", "-H", "h=v", "-n", "2"], Some(b"a\nb\nc\n"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let json = cluster.cli_ok(&["consume", "short", "-s", "s", "-n", "2", "--json"], None);
+    let records: Vec<serde_json::Value> = json.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let got: Vec<(&str, &str, &str)> = records
+        .iter()
+        .map(|r| {
+            (r["key"].as_str().unwrap(), r["headers"]["h"].as_str().unwrap(), r["value"].as_str().unwrap())
+        })
+        .collect();
+    assert_eq!(got, [("k1", "v", "a"), ("k1", "v", "b")], "-n 2 stopped the produce after two");
+}

@@ -492,13 +492,13 @@ struct ProduceArgs {
     #[arg(value_parser = valid_topic)]
     topic: String,
     /// Key of every record.
-    #[arg(long)]
+    #[arg(short, long)]
     key: Option<String>,
     /// Header of every record, as NAME=VALUE (repeatable).
-    #[arg(long = "header", value_parser = parse_header)]
+    #[arg(short = 'H', long = "header", value_parser = parse_header)]
     headers: Vec<Header>,
     /// Stop after N records.
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     count: Option<u64>,
     /// Batches in flight.
     #[arg(long, default_value_t = client::DEFAULT_INFLIGHT)]
@@ -511,16 +511,16 @@ struct ConsumeArgs {
     #[arg(value_parser = valid_topic)]
     topic: String,
     /// The durable subscription to read through (created if missing, see --from).
-    #[arg(long, value_parser = valid_subscription)]
+    #[arg(short, long, value_parser = valid_subscription)]
     subscription: String,
     /// Where a new subscription starts (an existing one resumes at its cursor).
     #[arg(long, default_value = "earliest")]
     from: StartFrom,
     /// Stop after N records (waiting for them if needed).
-    #[arg(long)]
+    #[arg(short = 'n', long)]
     count: Option<u64>,
-    /// Keep waiting for new records (Ctrl-C stops).
-    #[arg(long)]
+    /// Keep waiting for new records (Ctrl-C stops), like `tail -f`.
+    #[arg(short, long)]
     follow: bool,
     /// Output template: {offset}, {timestamp} (ms), {time} (RFC 3339), {key}, {value},
     /// {size}, {headers}; \t and \n are escapes; a newline follows unless it ends with one.
