@@ -210,3 +210,34 @@ async fn timeout_bounds_the_retries_of_a_command() {
     let bad = cluster.cli(&["topic", "list", "--timeout", "0"], None);
     assert_eq!(bad.status.code(), Some(2), "a zero timeout is a usage error");
 }
+
+/// `herald status` sums the cluster up and exits 1 once something needs attention: here a
+/// follower killed, whose topics keep a live leader but have a replica on a dead server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_says_healthy_until_a_server_dies() {
+    let mut cluster = Cluster::start(3).await;
+    let topic = cluster.create_topic("watched");
+    cluster.cli_ok(&["subscription", "create", "watched", "behind"], None);
+    cluster.cli_ok(&["produce", "watched"], Some(b"1\n2\n3\n"));
+    let text = cluster.cli_ok(&["status"], None);
+    assert!(text.contains("3 of 3 alive") && text.contains("healthy  yes"), "{text}");
+    assert!(text.contains("3 records over 1 subscriptions; furthest behind: watched/behind, 3"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&cluster.cli_ok(&["status", "--json"], None)).unwrap();
+    assert_eq!(json["healthy"], true);
+    assert_eq!(json["topics"]["total"], 1);
+    assert_eq!(json["lag"]["records"], 3);
+
+    let leader = cluster.leader_of(&topic).await;
+    let follower = (1..=3).find(|s| *s != leader).unwrap();
+    cluster.server(follower).kill();
+    let status = common::wait_for("the dead server in the status", || async {
+        let out = cluster.cli(&["status", "--json"], None);
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+        (json["servers"]["dead"] == serde_json::json!([follower])).then_some((out.status.code(), json))
+    })
+    .await;
+    assert_eq!(status.0, Some(1), "unhealthy: exit 1");
+    assert_eq!(status.1["healthy"], false);
+    assert_eq!(status.1["topics"]["replica_on_dead_server"], serde_json::json!(["watched"]));
+    assert_eq!(status.1["topics"]["without_live_leader"], serde_json::json!([]));
+}

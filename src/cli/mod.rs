@@ -5,6 +5,7 @@
 //! acknowledged), 2 on a usage error.
 
 mod acl;
+mod status;
 mod topics;
 
 use std::collections::BTreeMap;
@@ -168,6 +169,7 @@ enum NamingAction {
     /// Show each member of the naming group (those given with --naming): role, term, last
     /// log index, applied index, and which one leads.
     Status {
+        /// One JSON object instead of text (every name listed).
         #[arg(long)]
         json: bool,
     },
@@ -295,6 +297,13 @@ enum Command {
     /// Give, take back and show who may do what (superusers only).
     #[command(subcommand)]
     Acl(acl::AclCommand),
+    /// The cluster at a glance: the naming group, the servers, the topics and the
+    /// subscriptions' lag; exits 1 when something needs attention (no naming leader, a dead
+    /// server, a topic without a live leader or with a replica on a dead server).
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Publish one record per line of stdin.
     Produce(ProduceArgs),
     /// Read records through a durable subscription, one per line on stdout.
@@ -761,6 +770,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Subscription(cmd) => with_client(&common, |c| subscription(c, cmd)).await,
         Command::Schema(cmd) => with_client(&common, |c| schema(c, cmd)).await,
         Command::Acl(cmd) => with_client(&common, |c| acl::acl(c, cmd)).await,
+        Command::Status { json } => with_client(&common, |c| status::status(c, json)).await,
         Command::Produce(args) => with_client(&common, |c| produce(c, args)).await,
         Command::Consume(args) => with_client(&common, |c| consume(c, args)).await,
         Command::Bench(cmd) => {
