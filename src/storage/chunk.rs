@@ -6,6 +6,10 @@
 //! of each other's records in every group commit (with 100 topics that doubled the bytes
 //! written per record). Kafka, Redpanda and Iggy store batches the same way.
 //!
+//! The same bytes travel: a follower gets the leader's chunk and stores it as it came, and
+//! a fetch answer carries chunks ([`FetchedRecords`](crate::wire::FetchedRecords)) that the
+//! consumer checks and decodes, so records are decoded only at the edges.
+//!
 //! # Encoding
 //! `crc32c (u32, little endian, over everything after it) | timestamp_ms (varint) | count
 //! (varint) | count × (length (varint) | the record, postcard)`. The length before each
