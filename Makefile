@@ -22,6 +22,7 @@ run: certs
 
 ## Unit, property and integration tests (integration tests start real herald processes).
 test:
+	$(CARGO) build --examples
 	$(CARGO) test --all-targets
 
 ## More simulator seeds than `make test` runs, in release: `make sim SEEDS=100000 FIRST=0`.

@@ -8,11 +8,11 @@ use std::process::{Command, Output};
 
 use common::{Cluster, BIN};
 
-/// An example's binary: `cargo test --all-targets` (`make test`) builds the examples beside
-/// the `herald` binary.
+/// An example's binary, beside the `herald` binary: `make test` builds them (`cargo build
+/// --examples`) before the tests; `cargo test` alone builds examples only as test harnesses.
 fn example(name: &str) -> PathBuf {
     let path = PathBuf::from(BIN).parent().unwrap().join("examples").join(name);
-    assert!(path.exists(), "{} is not built: run the tests with --all-targets", path.display());
+    assert!(path.exists(), "{} is not built: run `cargo build --examples` (make test does)", path.display());
     path
 }
 
