@@ -12,7 +12,7 @@ use crate::error::Error;
 use crate::replication::{
     Cursor, Entry, EntryKind, EpochHistory, ProducerState, ReplicaReset, ShippedEntry, SHIPPED_ENTRY_OVERHEAD,
 };
-use crate::types::{Index, Offset, ProducerId, StoredRecord, SubscriptionName, TopicId};
+use crate::types::{Index, Offset, ProducerId, SubscriptionName, TopicId};
 use crate::wire::{FetchedRecords, SubscriptionInfo, CHUNK_ANSWER_OVERHEAD};
 
 /// Records behind a cursor up to which its lag in bytes is summed exactly.
@@ -45,22 +45,16 @@ impl Store {
             return Ok(out);
         }
         let (mut bytes, mut records) = (0usize, 0u32);
-        let first = self.first_chunk(&chunks, topic.id, from)?;
-        for row in chunks.range((topic.id, first)..(topic.id, end)).map_err(|e| self.storage_err(e))? {
-            let (key, value) = row.map_err(|e| self.storage_err(e))?;
-            let (base, stored) = (key.value().1, value.value());
-            let chunk = Chunk::parse(stored).map_err(|e| self.chunk_err(topic.id, base, e))?;
+        self.each_chunk(&chunks, topic.id, from, end, |base, stored, chunk| {
             let lo = from.max(base);
             let hi = chunk.end(base).min(end);
-            if lo >= hi {
-                continue;
-            }
-            let mut taken: Vec<&[u8]> = Vec::new();
+            // Records `lo..lo + taken` of this chunk go into the answer.
+            let mut taken = 0u64;
             let mut full = false;
             for raw in chunk.records().skip((lo - base) as usize).take((hi - lo) as usize) {
                 let raw = raw.map_err(|e| self.chunk_err(topic.id, base, e))?;
-                let size = FetchedRecords::record_size(raw)
-                    + if taken.is_empty() { CHUNK_ANSWER_OVERHEAD } else { 0 };
+                let size =
+                    FetchedRecords::record_size(raw) + if taken == 0 { CHUNK_ANSWER_OVERHEAD } else { 0 };
                 let over = bytes + size > max_bytes as usize;
                 if records == 0 && over {
                     return Err(Error::FetchTooSmall {
@@ -77,34 +71,48 @@ impl Store {
                 }
                 bytes += size;
                 records += 1;
-                taken.push(raw);
+                taken += 1;
             }
-            if !taken.is_empty() {
-                let whole = lo == base && taken.len() as u64 == chunk.count;
-                let bytes = if whole {
-                    Bytes::copy_from_slice(stored)
-                } else {
-                    Bytes::from(chunk::encode_raw(chunk.timestamp_ms, &taken))
-                };
-                out.chunks.push((lo, bytes));
+            if taken == chunk.count {
+                out.chunks.push((lo, Bytes::copy_from_slice(stored)));
+            } else if taken > 0 {
+                let kept: Vec<&[u8]> = chunk
+                    .records()
+                    .skip((lo - base) as usize)
+                    .take(taken as usize)
+                    .collect::<Result<_, _>>()
+                    .map_err(|e| self.chunk_err(topic.id, base, e))?;
+                out.chunks.push((lo, Bytes::from(chunk::encode_raw(chunk.timestamp_ms, &kept))));
             }
-            if full || hi == end {
-                break;
-            }
-        }
+            Ok(!full)
+        })?;
         Ok(out)
     }
 
-    /// [`read_chunks`](Self::read_chunks), decoded: records as a consumer gets them.
-    pub fn read(
+    /// Calls `each(base, stored bytes, chunk)` for the chunks holding records `from..end`,
+    /// in order, until it returns false; every chunk read is checked against its checksum
+    /// first.
+    fn each_chunk(
         &self,
-        topic: &TopicLog,
+        chunks: &redb::ReadOnlyTable<(u64, u64), &'static [u8]>,
+        topic: TopicId,
         from: Offset,
         end: Offset,
-        max_records: u32,
-        max_bytes: u32,
-    ) -> Result<Vec<StoredRecord>, Error> {
-        self.read_chunks(topic, from, end, max_records, max_bytes)?.decode()
+        mut each: impl FnMut(Offset, &[u8], &Chunk<'_>) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        if from >= end {
+            return Ok(());
+        }
+        let first = self.first_chunk(chunks, topic, from)?;
+        for row in chunks.range((topic, first)..(topic, end)).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let (base, stored) = (key.value().1, value.value());
+            let chunk = Chunk::parse(stored).map_err(|e| self.chunk_err(topic, base, e))?;
+            if chunk.end(base) > from && !each(base, stored, &chunk)? {
+                return Ok(());
+            }
+        }
+        Ok(())
     }
 
     /// Calls `each(offset, chunk, record bytes)` for the stored records `from..end` in order,
@@ -117,26 +125,21 @@ impl Store {
         end: Offset,
         mut each: impl FnMut(Offset, &Chunk<'_>, &[u8]) -> Result<bool, Error>,
     ) -> Result<(), Error> {
-        if from >= end {
-            return Ok(());
-        }
-        let first = self.first_chunk(chunks, topic, from)?;
-        for row in chunks.range((topic, first)..(topic, end)).map_err(|e| self.storage_err(e))? {
-            let (key, value) = row.map_err(|e| self.storage_err(e))?;
-            let base = key.value().1;
-            let bytes = value.value();
-            let chunk = Chunk::parse(bytes).map_err(|e| self.chunk_err(topic, base, e))?;
+        let mut more = true;
+        self.each_chunk(chunks, topic, from, end, |base, _, chunk| {
             for (offset, raw) in (base..).zip(chunk.records()) {
                 if offset >= end {
-                    return Ok(());
+                    more = false;
+                    break;
                 }
                 let raw = raw.map_err(|e| self.chunk_err(topic, base, e))?;
-                if offset >= from && !each(offset, &chunk, raw)? {
-                    return Ok(());
+                if offset >= from && !each(offset, chunk, raw)? {
+                    more = false;
+                    break;
                 }
             }
-        }
-        Ok(())
+            Ok(more)
+        })
     }
 
     /// Where a read from `from` starts: the chunk holding `from` (the last at or below it).

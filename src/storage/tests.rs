@@ -5,7 +5,9 @@ use super::faults::SimDisk;
 use super::tables::META;
 use super::*;
 use crate::replication::{BatchOutcome, Cursor, Entry, EntryKind, ShippedEntry};
-use crate::types::{now_ms, Offset, ProducerId, Sequence, StartFrom, SubscriptionName, TopicName};
+use crate::types::{
+    now_ms, Offset, ProducerId, Sequence, StartFrom, StoredRecord, SubscriptionName, TopicName,
+};
 use crate::wire::{BacklogPolicy, TopicConfig};
 
 fn meta(id: TopicId, name: &str) -> TopicMeta {
@@ -34,10 +36,21 @@ fn sub(name: &str) -> SubscriptionName {
     SubscriptionName::new(name).unwrap()
 }
 
+/// Records `from..end` as a consumer gets them: a fetch answer, decoded.
+fn read(
+    store: &Store,
+    log: &TopicLog,
+    from: Offset,
+    end: Offset,
+    max: u32,
+    bytes: u32,
+) -> Result<Vec<StoredRecord>, Error> {
+    store.read_chunks(log, from, end, max, bytes)?.decode()
+}
+
 fn payloads(store: &Store, log: &TopicLog) -> Vec<(Offset, String)> {
     let s = log.state();
-    store
-        .read(log, s.log_start, s.log_end, 1000, u32::MAX)
+    read(store, log, s.log_start, s.log_end, 1000, u32::MAX)
         .unwrap()
         .into_iter()
         .map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap()))
@@ -146,7 +159,7 @@ async fn reads_stop_before_their_byte_budget_and_name_a_record_that_does_not_fit
     store.append(1, 1, 0, records(&["aaaa", "bbbb", &"c".repeat(40)])).await.unwrap();
     store.append(1, 1, 1, records(&["dd", "ee"])).await.unwrap();
     let state = log.state();
-    let all = store.read(&log, 0, state.commit, 100, u32::MAX).unwrap();
+    let all = read(&store, &log, 0, state.commit, 100, u32::MAX).unwrap();
     // Every budget: the answer is a prefix of the log, encoded within the budget, and a
     // larger budget never gives less; below the first record's need, the need is named.
     let mut before = 0;
@@ -174,7 +187,7 @@ async fn reads_stop_before_their_byte_budget_and_name_a_record_that_does_not_fit
         }
     }
     assert_eq!(before, 5);
-    match store.read(&log, 2, state.commit, 100, 20) {
+    match read(&store, &log, 2, state.commit, 100, 20) {
         Err(Error::FetchTooSmall { offset: 2, size, max_bytes: 20, .. }) => assert!(size > 40),
         other => panic!("expected FetchTooSmall, got {other:?}"),
     }
@@ -507,7 +520,7 @@ async fn records_below_the_log_start_inside_a_chunk_are_never_shown_nor_counted(
     let shown: Vec<Offset> = payloads(&store, &log).iter().map(|(o, _)| *o).collect();
     assert_eq!(shown, vec![3, 4, 5, 6]);
     // A read from below the log start (deleted after its snapshot) shows none of 0..3.
-    let read = store.read(&log, 1, state.log_end, 100, u32::MAX).unwrap();
+    let read = read(&store, &log, 1, state.log_end, 100, u32::MAX).unwrap();
     assert_eq!(read.first().map(|r| r.offset), Some(3));
     // A follower copying the first entry gets only what is at or past the log start.
     let shipped = store.read_entries(1, 0, state.end_index, usize::MAX).unwrap();
@@ -544,7 +557,7 @@ async fn a_chunk_damaged_on_disk_is_never_served() {
     }
     let (store, logs) = Store::open(dir.path(), Some(1)).unwrap();
     let log = &logs[0].0;
-    let err = store.read(log, 0, 2, 100, u32::MAX).expect_err("a damaged chunk is refused");
+    let err = read(&store, log, 0, 2, 100, u32::MAX).expect_err("a damaged chunk is refused");
     assert!(matches!(err, Error::Storage { .. }) && err.to_string().contains("checksum"), "{err}");
     assert!(store.read_entries(1, 0, 10, usize::MAX).is_err(), "nor shipped to a follower");
     assert!(store.check_consistency().unwrap_err().contains("checksum"));

@@ -307,30 +307,36 @@ impl WriterTopic {
     /// follower's copy is the leader's bytes. A follower restarted from a leader's state may
     /// already have its log start past the first of them (a newer leader that has not applied
     /// as far ships them): those are deleted here already, so it stores the rest, trimmed
-    /// without decoding a record.
+    /// without decoding a record. The checksum is not computed again: the leader has just
+    /// sealed the chunk, and a follower checked it before writing (`check_shipped`).
     fn store_chunk(&mut self, txn: &Tx, end: Offset, chunk: &[u8]) -> StorageResult<()> {
         if chunk.is_empty() {
             return Ok(());
         }
-        let parsed = Chunk::parse(chunk).map_err(corrupt)?;
+        let parsed = Chunk::parse_unchecked(chunk).map_err(corrupt)?;
         let first = end - parsed.count;
         let skip = self.meta.log_start.saturating_sub(first).min(parsed.count);
-        let kept: Vec<&[u8]> =
-            parsed.records().skip(skip as usize).collect::<Result<_, _>>().map_err(corrupt)?;
-        if kept.is_empty() {
+        let (mut counted, mut kept) = (0u64, 0u64);
+        for raw in parsed.records().skip(skip as usize) {
+            counted += parsed.stored_size(raw.map_err(corrupt)?);
+            kept += 1;
+        }
+        if kept == 0 {
             return Ok(());
         }
         let table = &mut txn.open(CHUNKS)?;
         if skip == 0 {
             table.insert((self.meta.id, first), chunk)?;
         } else {
+            let tail: Vec<&[u8]> =
+                parsed.records().skip(skip as usize).collect::<Result<_, _>>().map_err(corrupt)?;
             table.insert(
                 (self.meta.id, first + skip),
-                chunk::encode_raw(parsed.timestamp_ms, &kept).as_slice(),
+                chunk::encode_raw(parsed.timestamp_ms, &tail).as_slice(),
             )?;
         }
-        self.bytes += kept.iter().map(|r| parsed.stored_size(r)).sum::<u64>();
-        self.appended_records += kept.len() as u64;
+        self.bytes += counted;
+        self.appended_records += kept;
         Ok(())
     }
 
