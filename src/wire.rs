@@ -28,7 +28,8 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// what changed since the server's version ([`Assignments`]). Version 5 places and moves
 /// leaders (requests 26-29). Version 6 sends only the topic reports that changed. Version 9
 /// ships records as stored, in record chunks, to followers and consumers ([`FetchedRecords`]).
-pub const PROTOCOL_VERSION: u16 = 9;
+/// Version 10 reads without a subscription (`Read`, `Locate`).
+pub const PROTOCOL_VERSION: u16 = 10;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -513,6 +514,25 @@ pub enum Request {
         past_epoch: Epoch,
         max_wait_ms: u32,
     },
+
+    // --- Added in protocol version 10. ---
+    /// To a topic server (request 32): read committed records from `from` without a
+    /// subscription, waiting up to `max_wait_ms` for the first (`consume --offset`, `--tail`,
+    /// `--from-time`). Nothing is held or acknowledged, so nothing keeps these records: they
+    /// are still deleted once every subscription has read them.
+    Read {
+        topic: TopicName,
+        from: Offset,
+        max_records: u32,
+        max_bytes: u32,
+        max_wait_ms: u32,
+    },
+    /// To a topic server (request 33): where the records stamped at or after `time_ms`
+    /// (ms since the Unix epoch) start. Answered with [`Response::Located`].
+    Locate {
+        topic: TopicName,
+        time_ms: u64,
+    },
 }
 
 /// A naming member's role in its group.
@@ -687,6 +707,13 @@ pub enum Response {
     ListWanted,
     /// The parked topics that have news (fetch them again), maybe none.
     Woken(#[serde(deserialize_with = "crate::types::bounded::topic_ids")] Vec<TopicId>),
+    /// Answers `Locate`: the first committed offset stamped at or after the time asked
+    /// (`commit` when none is yet), with the log's bounds.
+    Located {
+        offset: Offset,
+        log_start: Offset,
+        commit: Offset,
+    },
 }
 
 /// One topic not led by its preferred leader, as `topic rebalance` found it.
@@ -813,6 +840,14 @@ mod tests {
                     session,
                 }
             ),
+            (topic.clone(), any::<u64>(), any::<u32>()).prop_map(|(topic, from, n)| Request::Read {
+                topic,
+                from,
+                max_records: n,
+                max_bytes: n,
+                max_wait_ms: n,
+            }),
+            (topic.clone(), any::<u64>()).prop_map(|(topic, time_ms)| Request::Locate { topic, time_ms }),
             (topic.clone(), sub.clone(), any::<u64>(), session()).prop_map(
                 |(topic, subscription, next, session)| Request::Ack { topic, subscription, next, session }
             ),

@@ -118,6 +118,8 @@ async fn a_new_client_may_do_nothing_until_granted_then_exactly_what_was_granted
     .await;
     refused(produce_one(&bob, &other).await, "describe", "other");
     refused(consume_all(&bob, &orders).await, "consume", "orders.eu");
+    // Reading without a subscription is consuming too.
+    refused(bob.reader(orders.clone(), 0).poll(10, Duration::ZERO).await, "consume", "orders.eu");
     // Admin operations stay refused; so does changing grants.
     refused(bob.delete_topic(&orders).await, "admin", "orders.eu");
     assert!(matches!(bob.change_acl(vec![], vec![]).await, Err(Error::NotAuthorized { .. })));
@@ -130,6 +132,7 @@ async fn a_new_client_may_do_nothing_until_granted_then_exactly_what_was_granted
     acl(&cluster, &["grant", "bob", "consume", "--topic", "orders.eu"]);
     let read = wait_for("bob's consume grant", || async { consume_all(&bob, &orders).await.ok() }).await;
     assert!(read >= 1, "read {read}");
+    assert!(!bob.reader(orders.clone(), 0).poll(10, Duration::ZERO).await.unwrap().is_empty());
     acl(&cluster, &["revoke", "bob", "produce", "--topic", "orders."]);
     wait_for("the revoke to reach the topic server", || async {
         matches!(produce_one(&bob, &orders).await, Err(Error::NotAuthorized { .. })).then_some(())

@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::history::{check, Load, Reader};
+use common::history::{check, Load, Reader, Watcher};
 use common::{read_all, replicated_topic, wait_for, Cluster};
 use herald::types::{StartFrom, SubscriptionName};
 use herald::wire::Record;
@@ -17,6 +17,8 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
     let topic = replicated_topic(&client, "failover").await;
     let old = cluster.leader_of(&topic).await;
     let reader = Reader::start(&client, &topic, "live").await;
+    // And one reading without a subscription (`consume --offset 0 --follow`).
+    let watcher = Watcher::start(&client, &topic);
     let load = Load::start(&client, &topic, "b", 400, 25);
     wait_for("some acks", || async { (load.acked() >= 100).then_some(()) }).await;
     let killed_at = Instant::now();
@@ -24,6 +26,7 @@ async fn killing_the_leader_mid_produce_loses_no_acked_record() {
     let acks = load.finish().await;
     let live = reader.finish(10_000).await;
     check(&live, &acks);
+    check(&watcher.finish(10_000).await, &acks);
     let old_epoch = acks[0].1.epoch;
     let first_new = acks.iter().filter(|(_, a, _)| a.epoch > old_epoch).map(|(t, _, _)| *t).min().unwrap();
     eprintln!(

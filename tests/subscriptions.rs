@@ -257,6 +257,58 @@ async fn a_peek_reads_from_the_cursor_and_moves_nothing() {
     assert!(!subs(&cluster, "peeked").contains_key("other"), "and none was created");
 }
 
+/// `consume --offset`, `--tail` and `--from-time` read without a subscription: they create
+/// none, move no cursor, keep nothing, and say plainly when the offset asked for is gone or
+/// not there yet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_without_a_subscription_move_nothing_and_say_what_is_gone() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("looked");
+    cluster.cli_ok(&["subscription", "create", "looked", "s"], None);
+    cluster.cli_ok(&["produce", "looked"], Some(&numbered_lines("a", 10)));
+    // Records 10..19 are stamped at least a millisecond after `between`.
+    let between = herald::types::now_ms() + 1;
+    wait_for("the clock to pass the first batch's stamp", || async {
+        (herald::types::now_ms() > between).then_some(())
+    })
+    .await;
+    cluster.cli_ok(&["produce", "looked"], Some(&numbered_lines("b", 10)));
+    let read = |args: &[&str]| -> Vec<u64> {
+        let mut all = vec!["consume", "looked", "--format", "{offset}"];
+        all.extend_from_slice(args);
+        cluster.cli_ok(&all, None).lines().map(|l| l.parse().unwrap()).collect()
+    };
+    assert_eq!(read(&["--offset", "15"]), (15..20).collect::<Vec<_>>());
+    assert_eq!(read(&["--offset", "2", "--count", "3"]), vec![2, 3, 4]);
+    assert_eq!(read(&["--tail", "4"]), (16..20).collect::<Vec<_>>());
+    assert_eq!(read(&["--tail", "100"]), (0..20).collect::<Vec<_>>(), "no further back than the log");
+    assert_eq!(read(&["--from-time", &between.to_string()]), (10..20).collect::<Vec<_>>());
+    assert_eq!(read(&["--from-time", "1h"]), (0..20).collect::<Vec<_>>());
+    assert_eq!(read(&["--offset", "20"]), Vec::<u64>::new(), "the end: nothing yet, no error");
+    assert_eq!(subs(&cluster, "looked")["s"]["cursor"], 0, "no cursor moved");
+    assert_eq!(subs(&cluster, "looked").len(), 1, "and no subscription was made");
+
+    let fails = |args: &[&str], code: i32, says: &str| {
+        let mut all = vec!["consume", "looked"];
+        all.extend_from_slice(args);
+        let out = cluster.cli(&all, None);
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {said}");
+        assert!(said.contains(says), "{args:?}: {said}");
+    };
+    fails(&["--offset", "21"], 1, "past its end: the next record will be 20");
+    fails(&["--offset", "1", "--subscription", "s"], 2, "cannot be used with");
+    fails(&["--tail", "1", "--from-time", "1h"], 2, "cannot be used with");
+    fails(&["--from-time", "noon"], 2, "is not a time");
+    // Once the only subscription read them, records are gone for readers too.
+    assert_eq!(consume(&cluster, "looked", "s", 20).len(), 20);
+    wait_for("the log start to pass what s read", || async {
+        (cluster.describe("looked")["log_start"] == 20).then_some(())
+    })
+    .await;
+    fails(&["--offset", "3"], 1, "was deleted: its log starts at 20");
+}
+
 /// A consumer holds back acks given to polls in quick succession (`client::ACK_EVERY`),
 /// but never leaves one behind: a poll that finds nothing sends it, and so does `release`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

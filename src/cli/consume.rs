@@ -6,13 +6,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::json;
 
-use crate::client::{self, Client};
+use crate::client::{self, Client, Consumer, Reader};
 use crate::error::Error;
-use crate::types::{Offset, StartFrom};
+use crate::types::{Offset, StartFrom, SubscriptionName, TopicName};
 use crate::wire::StoredRecord;
 
 use super::{
@@ -25,12 +25,36 @@ pub(super) struct ConsumeArgs {
     /// Topic name.
     #[arg(value_parser = valid_topic)]
     topic: String,
-    /// The durable subscription to read through (created if missing, see --from).
-    #[arg(short, long, value_parser = valid_subscription)]
-    subscription: String,
+    /// The durable subscription to read through (created if missing, see --from); or read
+    /// without one with --offset, --tail or --from-time.
+    #[arg(
+        short,
+        long,
+        value_parser = valid_subscription,
+        required_unless_present_any = ["offset", "tail", "from_time"]
+    )]
+    subscription: Option<String>,
     /// Where a new subscription starts (an existing one resumes at its cursor).
     #[arg(long, default_value = "earliest")]
     from: StartFrom,
+    /// Read from offset N without a subscription: nothing is acknowledged, and nothing is
+    /// kept for this reader (records still go once every subscription has read them).
+    #[arg(long, value_name = "N", group = "position", conflicts_with_all = NO_SUBSCRIPTION_CONFLICTS)]
+    offset: Option<Offset>,
+    /// Read the last N committed records without a subscription (with --follow, and what
+    /// comes after them).
+    #[arg(long, value_name = "N", group = "position", conflicts_with_all = NO_SUBSCRIPTION_CONFLICTS)]
+    tail: Option<u64>,
+    /// Read from the first record stamped at or after TS without a subscription: RFC 3339
+    /// (2026-12-02T10:00:00Z), ms since the Unix epoch, or a time ago (90s, 15m, 2h, 1d).
+    #[arg(
+        long,
+        value_name = "TS",
+        value_parser = parse_time,
+        group = "position",
+        conflicts_with_all = NO_SUBSCRIPTION_CONFLICTS
+    )]
+    from_time: Option<u64>,
     /// Stop after N records (waiting for them if needed).
     #[arg(short = 'n', long)]
     count: Option<u64>,
@@ -54,6 +78,37 @@ pub(super) struct ConsumeArgs {
     /// nothing (an existing subscription only: none is created). Safe with `| head`.
     #[arg(long)]
     peek: bool,
+}
+
+/// What a read without a subscription (--offset, --tail, --from-time) cannot be given.
+const NO_SUBSCRIPTION_CONFLICTS: [&str; 4] = ["subscription", "from", "peek", "read_from"];
+
+/// `--from-time`: RFC 3339, ms since the Unix epoch, or a time ago (`90s`, `15m`, `2h`, `1d`),
+/// as ms since the Unix epoch.
+fn parse_time(s: &str) -> Result<u64, String> {
+    parse_time_at(s, crate::types::now_ms())
+}
+
+fn parse_time_at(s: &str, now_ms: u64) -> Result<u64, String> {
+    let bad = || {
+        format!("{s:?} is not a time: give RFC 3339 (2026-12-02T10:00:00Z), ms since the Unix epoch, or a time ago (90s, 15m, 2h, 1d)")
+    };
+    if let Ok(ms) = s.parse::<u64>() {
+        return Ok(ms);
+    }
+    if let Some(unit) = s.chars().last().filter(|c| "smhd".contains(*c)) {
+        let n: u64 = s[..s.len() - 1].parse().map_err(|_| bad())?;
+        let ms = match unit {
+            's' => 1_000,
+            'm' => 60_000,
+            'h' => 3_600_000,
+            _ => 86_400_000,
+        };
+        return Ok(now_ms.saturating_sub(n.saturating_mul(ms)));
+    }
+    let t =
+        time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).map_err(|_| bad())?;
+    u64::try_from(t.unix_timestamp_nanos() / 1_000_000).map_err(|_| format!("{s:?} is before 1970"))
 }
 
 /// clap's check of `--format`.
@@ -180,29 +235,58 @@ fn put_bytes(o: &mut serde_json::Map<String, serde_json::Value>, name: &str, byt
     };
 }
 
-pub(super) async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
-    let topic = topic_name(&args.topic)?;
-    let subscription = subscription_name(&args.subscription)?;
-    let formatter = Formatter::new(&args.format)?;
-    // Created here from the earliest record, past records already deleted: say why it starts
-    // where it does, or a second subscriber sees nothing and no word of it.
-    // A peek changes nothing: it neither creates a subscription nor moves one.
-    if !args.peek {
-        match client.create_subscription(&topic, &subscription, args.from, false).await {
-            Ok(start) if start > 0 && args.from == StartFrom::Earliest => eprintln!(
-                "subscription {subscription} starts at offset {start}: offsets 0..{} of {topic} were deleted once every subscription had read them (records are kept for the subscriptions that exist when they are produced)",
-                start - 1
-            ),
-            Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
-            Err(e) => return Err(e.into()),
+/// Where `consume` reads: a subscription (moving its cursor, or not with --peek), or a
+/// reader from an offset that holds nothing.
+enum Source {
+    Subscription { consumer: Box<Consumer>, name: SubscriptionName, peek: bool },
+    Reader(Reader),
+}
+
+impl Source {
+    /// The next records; `ack` moves a subscription's cursor (never a peek's).
+    async fn poll(
+        &mut self,
+        topic: &TopicName,
+        want: u32,
+        wait: Duration,
+        ack: Option<Offset>,
+    ) -> Result<Vec<StoredRecord>, Error> {
+        match self {
+            Source::Subscription { consumer, name, peek } => {
+                let records = consumer.poll(want, wait, ack.filter(|_| !*peek)).await?;
+                if let Some(e) = consumer.take_evicted() {
+                    eprintln!(
+                        "warning: {} records of {topic} were evicted from subscription {name} before it read them (backlog limit reached, policy evict; last at {} UTC); going on from offset {}",
+                        e.records,
+                        format_ms(e.at_ms),
+                        e.resume_at
+                    );
+                }
+                Ok(records)
+            }
+            Source::Reader(reader) => {
+                let records = reader.poll(want, wait).await?;
+                if let Some(s) = reader.take_skipped() {
+                    eprintln!(
+                        "warning: offsets {}..{} of {topic} were deleted before this read reached them (every subscription had read them); going on from offset {}",
+                        s.from,
+                        s.resume_at - 1,
+                        s.resume_at
+                    );
+                }
+                Ok(records)
+            }
         }
     }
-    let consumer = if args.peek {
-        client.existing_consumer(topic.clone(), subscription.clone())
-    } else {
-        client.consumer(topic.clone(), subscription.clone(), args.from).await?
+}
+
+pub(super) async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<ExitCode> {
+    let topic = topic_name(&args.topic)?;
+    let formatter = Formatter::new(&args.format)?;
+    let mut source = match &args.subscription {
+        Some(name) => subscribe(&client, &topic, name, &args).await?,
+        None => Source::Reader(client.reader(topic.clone(), start_offset(&client, &topic, &args).await?)),
     };
-    let mut consumer = consumer.read_from(args.read_from);
     let stop = shutdown_on_signal();
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::with_capacity(256 * 1024, stdout.lock());
@@ -220,19 +304,11 @@ pub(super) async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<Ex
         let want = remaining.unwrap_or(u64::MAX).min(client::MAX_BATCH_RECORDS as u64) as u32;
         let wait = if waits { Duration::from_secs(1) } else { Duration::ZERO };
         let polled = tokio::select! {
-            r = consumer.poll(want, wait, pending_ack) => r,
+            r = source.poll(&topic, want, wait, pending_ack) => r,
             _ = stop.cancelled() => break,
         };
         let records = polled?;
         pending_ack = None;
-        if let Some(e) = consumer.take_evicted() {
-            eprintln!(
-                "warning: {} records of {topic} were evicted from subscription {subscription} before it read them (backlog limit reached, policy evict; last at {} UTC); going on from offset {}",
-                e.records,
-                format_ms(e.at_ms),
-                e.resume_at
-            );
-        }
         if records.is_empty() {
             if waits {
                 continue;
@@ -264,28 +340,35 @@ pub(super) async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<Ex
         first.get_or_insert(records[0].offset);
         written += take as u64;
         delivered = Some(records[take - 1].offset + 1);
-        pending_ack = delivered.filter(|_| !args.peek);
+        pending_ack = delivered;
     }
-    // Acks sent ahead with polls are not awaited there; finish with one that is, covering
-    // everything written (acks are cumulative), so the cursor is committed before we exit.
-    if let Some(next) = delivered.filter(|_| !args.peek) {
-        consumer.close(); // a poll may have been cut short; ack on a fresh stream
-        consumer.ack(next).await.context("acknowledging consumed records")?;
-    }
-    let position = consumer.position();
-    consumer.release().await;
+    let (position, verb, via, after) = match source {
+        Source::Subscription { mut consumer, name, peek } => {
+            // Acks sent ahead with polls are not awaited there; finish with one that is,
+            // covering everything written (acks are cumulative), so the cursor is committed
+            // before we exit.
+            if let Some(next) = delivered.filter(|_| !peek) {
+                consumer.close(); // a poll may have been cut short; ack on a fresh stream
+                consumer.ack(next).await.context("acknowledging consumed records")?;
+            }
+            let position = consumer.position();
+            consumer.release().await;
+            let (verb, unmoved) =
+                if peek { ("peeked at", "; its cursor did not move") } else { ("consumed", "") };
+            (position, verb, format!(" via {name}"), unmoved)
+        }
+        Source::Reader(reader) => {
+            (Some(reader.position()), "read", String::new(), " without a subscription (nothing acknowledged)")
+        }
+    };
     if !broken_pipe {
         let range = match (first, delivered.or(position)) {
             (Some(a), Some(b)) if b > a => format!(" (offsets {a}..{})", b - 1),
             _ => String::new(),
         };
         let secs = started.elapsed().as_secs_f64();
-        let (verb, unmoved) =
-            if args.peek { ("peeked at", "; its cursor did not move") } else { ("consumed", "") };
-        eprintln!(
-            "{verb} {written} {} from {topic} via {subscription}{range} in {secs:.2}s{unmoved}",
-            plural(written, "record")
-        );
+        let records = plural(written, "record");
+        eprintln!("{verb} {written} {records} from {topic}{via}{range} in {secs:.2}s{after}");
     }
     // Stopped by Ctrl-C before --count was reached: not the success a script may wait for.
     if stop.is_cancelled() && args.count.is_some_and(|c| written < c) {
@@ -293,6 +376,62 @@ pub(super) async fn consume(client: Arc<Client>, args: ConsumeArgs) -> Result<Ex
         return Ok(ExitCode::from(INTERRUPTED_EXIT));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A consumer of subscription `name`, created first unless this is a peek.
+async fn subscribe(
+    client: &Arc<Client>,
+    topic: &TopicName,
+    name: &str,
+    args: &ConsumeArgs,
+) -> Result<Source> {
+    let subscription = subscription_name(name)?;
+    // Created here from the earliest record, past records already deleted: say why it starts
+    // where it does, or a second subscriber sees nothing and no word of it.
+    // A peek changes nothing: it neither creates a subscription nor moves one.
+    if !args.peek {
+        match client.create_subscription(topic, &subscription, args.from, false).await {
+            Ok(start) if start > 0 && args.from == StartFrom::Earliest => eprintln!(
+                "subscription {subscription} starts at offset {start}: offsets 0..{} of {topic} were deleted once every subscription had read them (records are kept for the subscriptions that exist when they are produced)",
+                start - 1
+            ),
+            Ok(_) | Err(Error::SubscriptionExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let consumer = if args.peek {
+        client.existing_consumer(topic.clone(), subscription.clone())
+    } else {
+        client.consumer(topic.clone(), subscription.clone(), args.from).await?
+    };
+    Ok(Source::Subscription {
+        consumer: Box::new(consumer.read_from(args.read_from)),
+        name: subscription,
+        peek: args.peek,
+    })
+}
+
+/// Where a read without a subscription starts (--offset, --tail or --from-time), checked
+/// against the log as it is: an offset deleted or not yet written is an error that says so.
+async fn start_offset(client: &Arc<Client>, topic: &TopicName, args: &ConsumeArgs) -> Result<Offset> {
+    if let Some(time_ms) = args.from_time {
+        return Ok(client.locate(topic, time_ms).await?.offset);
+    }
+    let status = client.topic_status(topic).await?;
+    let (log_start, commit) = (status.log_start, status.commit);
+    if let Some(n) = args.tail {
+        return Ok(commit.saturating_sub(n).max(log_start));
+    }
+    let offset = args.offset.expect("clap requires a subscription or a position");
+    if offset < log_start {
+        bail!(
+            "offset {offset} of {topic} was deleted: its log starts at {log_start} (records go once every subscription has read them); try --offset {log_start}"
+        );
+    }
+    if offset > commit {
+        bail!("offset {offset} of {topic} is past its end: the next record will be {commit}");
+    }
+    Ok(offset)
 }
 
 #[cfg(test)]
@@ -330,6 +469,21 @@ mod tests {
         Formatter::new("{time} {size} {headers}").unwrap().write(&mut out, &r).unwrap();
         assert_eq!(String::from_utf8(out).unwrap(), "2026-12-02T05:52:07.123Z 5 a=1,b=2\n");
         assert!(Formatter::new("{offset").is_err());
+    }
+
+    #[test]
+    fn from_time_takes_rfc_3339_epoch_ms_and_a_time_ago() {
+        let now = 1_796_190_727_123;
+        assert_eq!(parse_time_at("2026-12-02T05:52:07.123Z", now), Ok(now));
+        assert_eq!(parse_time_at("2026-12-02T06:52:07.123+01:00", now), Ok(now));
+        assert_eq!(parse_time_at("1796190727123", now), Ok(now));
+        assert_eq!(parse_time_at("90s", now), Ok(now - 90_000));
+        assert_eq!(parse_time_at("15m", now), Ok(now - 900_000));
+        assert_eq!(parse_time_at("2h", now), Ok(now - 7_200_000));
+        assert_eq!(parse_time_at("1d", now), Ok(now - 86_400_000));
+        for bad in ["", "noon", "5x", "m", "-5m", "2026-12-02", "1969-12-31T23:59:59Z"] {
+            assert!(parse_time_at(bad, now).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

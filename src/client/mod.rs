@@ -13,8 +13,10 @@
 //! The [`Consumer`] is in `consumer.rs`.
 
 mod consumer;
+mod reader;
 
 pub use consumer::{replica_for, Consumer, ReadFrom, ACK_EVERY, FETCH_BYTES};
+pub use reader::{Located, Reader, Skipped};
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

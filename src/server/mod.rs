@@ -273,24 +273,28 @@ impl TopicServer {
     async fn fetch(
         &self,
         topic: &TopicName,
-        subscription: &SubscriptionName,
-        from: Option<Offset>,
+        read: Reading<'_>,
         max_records: u32,
         max_bytes: u32,
         max_wait: Duration,
-        consumer: bool,
     ) -> Result<Response, Error> {
         let log = self.topic(topic)?;
-        let unknown_sub = || Error::UnknownSubscription {
+        let unknown_sub = |subscription: &SubscriptionName| Error::UnknownSubscription {
             topic: topic.to_string(),
             subscription: subscription.to_string(),
         };
-        let cursor = self.node.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
-        let mut from = from.unwrap_or(cursor.next);
         let mut evicted = None;
-        if consumer {
-            from = self.catch_up(&log, subscription, from, cursor, &mut evicted).await?;
-        }
+        let (mut from, subscription, consumer) = match read {
+            Reading::Subscription { name, from, consumer } => {
+                let cursor = self.node.store.cursor(log.id, name)?.ok_or_else(|| unknown_sub(name))?;
+                let mut from = from.unwrap_or(cursor.next);
+                if consumer {
+                    from = self.catch_up(&log, name, from, cursor, &mut evicted).await?;
+                }
+                (from, Some(name), consumer)
+            }
+            Reading::Offset(from) => (from, None, false),
+        };
         let max_records = max_records.clamp(1, MAX_FETCH_RECORDS);
         let max_bytes = max_bytes.clamp(1, MAX_FETCH_BYTES);
         let deadline = tokio::time::Instant::now() + max_wait.min(MAX_FETCH_WAIT);
@@ -310,7 +314,12 @@ impl TopicServer {
                 // The backlog policy moved this consumer's subscription on (and deleted
                 // what it skipped) while it read: go on from its cursor.
                 Err(Error::CursorBeforeLogStart { .. }) if consumer => {
-                    let cursor = self.node.store.cursor(log.id, subscription)?.ok_or_else(unknown_sub)?;
+                    let subscription = subscription.expect("a consumer reads through a subscription");
+                    let cursor = self
+                        .node
+                        .store
+                        .cursor(log.id, subscription)?
+                        .ok_or_else(|| unknown_sub(subscription))?;
                     if cursor.next <= from {
                         return Err(Error::CursorBeforeLogStart {
                             topic: topic.to_string(),
@@ -363,6 +372,14 @@ impl TopicServer {
             });
         }
         Ok(from.max(cursor.next))
+    }
+
+    /// Answers `Locate`: the first committed offset stamped at or after `time_ms`.
+    fn locate(&self, topic: &TopicName, time_ms: u64) -> Result<Response, Error> {
+        let log = self.topic(topic)?;
+        let state = log.state();
+        let offset = self.node.store.offset_at_time(&log, state.log_start, state.commit, time_ms)?;
+        Ok(Response::Located { offset, log_start: state.log_start, commit: state.commit })
     }
 
     fn status(&self, topic: &TopicName) -> Result<Response, Error> {
@@ -527,13 +544,14 @@ fn client_operation(req: &Request) -> Option<(Operation, &TopicName)> {
     match req {
         Request::Produce { topic, .. } => Some((Operation::Produce, topic)),
         Request::Fetch { topic, .. }
+        | Request::Read { topic, .. }
         | Request::Ack { topic, .. }
         | Request::Release { topic, .. }
         | Request::CreateSubscription { topic, .. } => Some((Operation::Consume, topic)),
         Request::ResetSubscription { topic, .. } | Request::DeleteSubscription { topic, .. } => {
             Some((Operation::Admin, topic))
         }
-        Request::TopicStatus { topic } => Some((Operation::Describe, topic)),
+        Request::TopicStatus { topic } | Request::Locate { topic, .. } => Some((Operation::Describe, topic)),
         _ => None,
     }
 }
@@ -606,17 +624,9 @@ impl Service for TopicServer {
                             }
                             None => None,
                         };
-                        let answer = me
-                            .fetch(
-                                &topic,
-                                &subscription,
-                                from,
-                                max_records,
-                                max_bytes,
-                                wait,
-                                session.is_some(),
-                            )
-                            .await;
+                        let read =
+                            Reading::Subscription { name: &subscription, from, consumer: session.is_some() };
+                        let answer = me.fetch(&topic, read, max_records, max_bytes, wait).await;
                         if let (Some(h), Some(s)) = (hosted, &session) {
                             h.renew(&subscription, s.id, me.session_lease);
                         }
@@ -625,6 +635,12 @@ impl Service for TopicServer {
                     result.await.unwrap_or_else(Response::Error)
                 })
             }
+            Request::Read { topic, from, max_records, max_bytes, max_wait_ms } => Box::pin(async move {
+                let wait = Duration::from_millis(max_wait_ms as u64);
+                let read = me.fetch(&topic, Reading::Offset(from), max_records, max_bytes, wait).await;
+                read.unwrap_or_else(Response::Error)
+            }),
+            Request::Locate { topic, time_ms } => answer(self.locate(&topic, time_ms)),
             Request::Ack { topic, subscription, next, session } => {
                 let peer = peer.addr;
                 Box::pin(async move {
@@ -817,18 +833,30 @@ fn check_batch(records: &[crate::wire::Record]) -> Result<(), Error> {
 
 /// Reads committed records of `log` from `from` (as the state `state` says what is
 /// committed and stored); `None` when there is nothing to read yet.
+/// What a fetch reads through.
+#[derive(Debug, Clone, Copy)]
+enum Reading<'a> {
+    /// A subscription, from `from` or else its cursor; `consumer` when the reader holds it
+    /// (it then follows the cursor where the backlog policy moved it).
+    Subscription { name: &'a SubscriptionName, from: Option<Offset>, consumer: bool },
+    /// No subscription (`Request::Read`): from this offset, holding and moving nothing.
+    Offset(Offset),
+}
+
+/// Committed records of `log` from `from`, as a fetch answers them (`None`: nothing past
+/// `from` is committed yet). `subscription` names the reader in errors.
 pub fn read_committed(
     store: &Store,
     log: &TopicLog,
     state: &LogState,
-    subscription: &SubscriptionName,
+    subscription: Option<&SubscriptionName>,
     from: Offset,
     max_records: u32,
     max_bytes: u32,
 ) -> Result<Option<FetchedRecords>, Error> {
     let before_start = |log_start| Error::CursorBeforeLogStart {
         topic: log.name.to_string(),
-        subscription: Some(subscription.to_string()),
+        subscription: subscription.map(|s| s.to_string()),
         offset: from,
         log_start,
     };

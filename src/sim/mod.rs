@@ -1158,12 +1158,11 @@ impl World {
             if from >= state.commit {
                 continue;
             }
-            let sub = crate::types::SubscriptionName::new("sim-check").expect("name");
             match crate::server::read_committed(
                 &run.store,
                 &replica.log,
                 &state,
-                &sub,
+                None,
                 from,
                 10_000,
                 u32::MAX,

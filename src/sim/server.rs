@@ -978,15 +978,21 @@ impl Running {
                     at = at.max(cursor.next);
                 }
                 let state = log.state();
-                let answer =
-                    read_committed(&self.store, &log, &state, &subscription, at, max_records, max_bytes).map(
-                        |records| Response::Records {
-                            records: records.unwrap_or_default(),
-                            log_start: state.log_start,
-                            commit: state.commit,
-                            evicted,
-                        },
-                    );
+                let answer = read_committed(
+                    &self.store,
+                    &log,
+                    &state,
+                    Some(&subscription),
+                    at,
+                    max_records,
+                    max_bytes,
+                )
+                .map(|records| Response::Records {
+                    records: records.unwrap_or_default(),
+                    log_start: state.log_start,
+                    commit: state.commit,
+                    evicted,
+                });
                 self.respond(ctx, from, id, answer.unwrap_or_else(Response::Error));
             }
             Request::Ack { topic, subscription, next, .. } => {

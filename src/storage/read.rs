@@ -89,6 +89,38 @@ impl Store {
         Ok(out)
     }
 
+    /// The first offset of `log_start..end` whose record was stamped at or after `time_ms`
+    /// (ms since the Unix epoch), or `end` when none is. A record's stamp is the leader's
+    /// clock when it appended the record's batch, so stamps rise with offsets unless a
+    /// leader's clock stepped back; the search halves the offsets (one chunk lookup a step,
+    /// about 20 for a million chunks) and, where stamps do fall back, lands near the time.
+    pub fn offset_at_time(
+        &self,
+        topic: &TopicLog,
+        log_start: Offset,
+        end: Offset,
+        time_ms: u64,
+    ) -> Result<Offset, Error> {
+        let txn = self.read_txn()?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        // Everything below `lo` was stamped before `time_ms`; the answer is in `lo..=hi`.
+        let (mut lo, mut hi) = (log_start, end);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let base = self.first_chunk(&chunks, topic.id, mid)?;
+            let stored = chunks.get((topic.id, base)).map_err(|e| self.storage_err(e))?.ok_or_else(|| {
+                self.storage_err(format!("topic #{}: no chunk holds offset {mid}", topic.id))
+            })?;
+            let chunk = Chunk::parse(stored.value()).map_err(|e| self.chunk_err(topic.id, base, e))?;
+            if chunk.timestamp_ms >= time_ms {
+                hi = base.max(lo);
+            } else {
+                lo = chunk.end(base).min(hi);
+            }
+        }
+        Ok(lo)
+    }
+
     /// Calls `each(base, stored bytes, chunk)` for the chunks holding records `from..end`,
     /// in order, until it returns false; every chunk read is checked against its checksum
     /// first.

@@ -1098,3 +1098,38 @@ fn a_full_disk_fails_the_group_and_the_store_takes_writes_again_once_there_is_ro
     assert_eq!(a.unwrap().count, 100);
     store.check_consistency().unwrap();
 }
+
+#[tokio::test]
+async fn a_time_finds_the_first_record_stamped_at_or_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    let log = store.create_topic(follower_meta(1)).await.unwrap();
+    // Batches of 3 records stamped 100, 200, ..., 1000 at offsets 0, 3, ..., 27.
+    let mut entries = vec![begin(0, 1, 0)];
+    for i in 0..10u64 {
+        let stamp = (i + 1) * 100;
+        let kind = EntryKind::Batch { count: 3, timestamp_ms: stamp, producer: Some((7, i)) };
+        entries.push(ShippedEntry {
+            index: i + 1,
+            entry: Entry { epoch: 1, end: i * 3 + 3, kind },
+            chunk: Bytes::from(chunk::encode(stamp, &records(&["a", "b", "c"]))),
+        });
+    }
+    store.replica_append(1, chunk(1, entries, 0, 0)).await.unwrap();
+    let at = |time, log_start, end| store.offset_at_time(&log, log_start, end, time).unwrap();
+    assert_eq!(at(0, 0, 30), 0, "before every record: the log start");
+    assert_eq!(at(100, 0, 30), 0);
+    assert_eq!(at(101, 0, 30), 3, "inside a batch's stamp gap: the next batch");
+    assert_eq!(at(500, 0, 30), 12);
+    assert_eq!(at(1000, 0, 30), 27);
+    assert_eq!(at(1001, 0, 30), 30, "after every record: the end");
+    assert_eq!(at(500, 0, 12), 12, "past the end asked: the end");
+    assert_eq!(at(100, 4, 30), 4, "a log start inside a batch: never below it");
+    assert_eq!(at(300, 4, 30), 6);
+    for time in (0..1100).step_by(7) {
+        let found = at(time, 0, 30);
+        let stamp = |o: u64| (o / 3 + 1) * 100;
+        assert!(found == 30 || stamp(found) >= time, "{time}: {found} is stamped before");
+        assert!(found == 0 || stamp(found - 1) < time, "{time}: {} is stamped at or after", found - 1);
+    }
+}

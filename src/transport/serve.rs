@@ -323,6 +323,8 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::FollowerAlive { .. } => "FollowerAlive",
         Request::Park { .. } => "Park",
         Request::AwaitLeader { .. } => "AwaitLeader",
+        Request::Read { .. } => "Read",
+        Request::Locate { .. } => "Locate",
     }
 }
 

@@ -173,6 +173,42 @@ impl Reader {
     }
 }
 
+/// A reader without a subscription (`Client::reader`) following the topic from offset 0
+/// while the test runs. It checks, as it goes, that offsets strictly increase with no gap
+/// and that it never missed records (a subscription must keep them for it to see all).
+pub struct Watcher {
+    want: Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<Vec<(u64, String)>>,
+}
+
+impl Watcher {
+    pub fn start(client: &Arc<Client>, topic: &TopicName) -> Watcher {
+        let mut reader = client.reader(topic.clone(), 0);
+        let want = Arc::new(std::sync::atomic::AtomicUsize::new(usize::MAX));
+        let target = want.clone();
+        let task = tokio::spawn(async move {
+            let mut read: Vec<(u64, String)> = Vec::new();
+            while read.len() < target.load(std::sync::atomic::Ordering::Relaxed) {
+                let records = reader.poll(1000, Duration::from_millis(200)).await.expect("read");
+                assert_eq!(reader.take_skipped(), None, "nothing was deleted under the reader");
+                for r in records {
+                    let expected = read.last().map_or(0, |(o, _)| o + 1);
+                    assert_eq!(r.offset, expected, "the reader sees every offset once, in order");
+                    read.push((r.offset, String::from_utf8(r.record.payload).unwrap()));
+                }
+            }
+            read
+        });
+        Watcher { want, task }
+    }
+
+    /// Waits until it has read `total` records; returns them.
+    pub async fn finish(self, total: usize) -> Vec<(u64, String)> {
+        self.want.store(total, std::sync::atomic::Ordering::Relaxed);
+        tokio::time::timeout(super::DEADLINE, self.task).await.expect("the reader keeps up").unwrap()
+    }
+}
+
 /// Checks the history: every acked record read once, in order; offsets dense; the acks'
 /// offsets match where the records are.
 pub fn check(read: &[(u64, String)], acks: &[Acked]) {
