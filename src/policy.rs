@@ -49,22 +49,27 @@ impl Policy {
     /// Checks every record of a batch; the first bad one rejects the batch whole, naming its
     /// index in the batch and what is wrong with it.
     pub fn check(&self, topic: &str, records: &[Record]) -> Result<(), Error> {
-        let Some(schema) = &self.schema else { return Ok(()) };
         for (index, record) in records.iter().enumerate() {
-            let violation = |detail: String| Error::SchemaViolation {
+            self.check_payload(&record.payload).map_err(|detail| Error::SchemaViolation {
                 topic: topic.to_string(),
                 index: index as u32,
                 detail,
-            };
-            let value: Value = serde_json::from_slice(&record.payload)
-                .map_err(|e| violation(format!("the payload is not JSON: {e}")))?;
-            if let Err(e) = schema.validate(&value) {
-                let path = e.instance_path().to_string();
-                let at = if path.is_empty() { String::new() } else { format!(" at {path}") };
-                return Err(violation(format!("{e}{at}")));
-            }
+            })?;
         }
         Ok(())
+    }
+
+    /// Checks one record's payload against the schema (if any): what is wrong with it, or
+    /// nothing. Clients check with this too, so a bad input line is named before it is sent.
+    pub fn check_payload(&self, payload: &[u8]) -> Result<(), String> {
+        let Some(schema) = &self.schema else { return Ok(()) };
+        let value: Value =
+            serde_json::from_slice(payload).map_err(|e| format!("the payload is not JSON: {e}"))?;
+        schema.validate(&value).map_err(|e| {
+            let path = e.instance_path().to_string();
+            let at = if path.is_empty() { String::new() } else { format!(" at {path}") };
+            format!("{e}{at}")
+        })
     }
 }
 

@@ -89,20 +89,24 @@ async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
     cluster.cli_ok(&["topic", "create", "small", "--replicas", "1", "--max-record-bytes", "100"], None);
     cluster.cli_ok(&["subscription", "create", "small", "s"], None);
 
-    // The CLI refuses the record before sending it, and counts it as not acknowledged. Sizes
-    // are as encoded: 150 bytes of payload, its 2-byte length, and the empty key and headers.
+    // The CLI refuses the record before sending it, names its line and stops there: the
+    // lines before it are sent, none after. Sizes are as encoded: 150 bytes of payload, its
+    // 2-byte length, and the empty key and headers.
     let input = format!("ok-1\n{}\nok-2\n", "x".repeat(150));
     let out = cluster.cli(&["produce", "small"], Some(input.as_bytes()));
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        stderr.contains("154 bytes") && stderr.contains("limit of 100 bytes") && stderr.contains("client"),
-        "{stderr}"
-    );
-    assert!(
-        stderr.contains("produced 2 records") && stderr.contains("1 records were not acknowledged"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("line 2: the record is 154 bytes, over small's limit of 100 bytes"), "{stderr}");
+    assert!(stderr.contains("produced 1 record ") && stderr.contains("stopped at line 2"), "{stderr}");
+    assert!(stderr.contains("--skip-invalid"), "the fix is named: {stderr}");
+    // With --skip-invalid the bad line is named and skipped, and the rest go through.
+    let out = cluster.cli(&["produce", "small", "--skip-invalid"], Some(input.as_bytes()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stderr.contains("line 2: the record is 154 bytes"), "{stderr}");
+    assert!(stderr.contains("produced 2 records") && stderr.contains("skipped 1 invalid line"), "{stderr}");
+    let read = cluster.cli_ok(&["consume", "small", "--offset", "0"], None);
+    assert_eq!(read, "ok-1\nok-1\nok-2\n");
 
     // A client that skips the check meets the server's, and the whole batch is refused.
     let conn = connect(&cluster, cluster.server_addr(1)).await;
@@ -119,7 +123,7 @@ async fn oversize_records_are_refused_by_client_and_server_with_the_limit() {
         other => panic!("{other}"),
     }
     // Nothing of the refused batch was stored.
-    assert_eq!(cluster.cli_ok(&["consume", "small", "--subscription", "s"], None), "ok-1\nok-2\n");
+    assert_eq!(cluster.cli_ok(&["consume", "small", "--subscription", "s"], None), "ok-1\nok-1\nok-2\n");
 
     // A topic limit above what a frame can carry is refused at creation.
     let out =

@@ -79,11 +79,22 @@ async fn schemas_refuse_bad_batches_whole_and_follow_changes_across_failover_and
     assert_eq!(send(&client, &topic, &[&acked[0], &acked[1]]).await.unwrap(), 0);
     assert_refused(&cluster, &client, &topic, &[r#"{"name":"cy"}"#, r#"{"name":"di","age":-1}"#], 1).await;
     assert_refused(&cluster, &client, &topic, &["not json"], 0).await;
-    // The CLI says which line and why, and exits non-zero.
+    // The CLI says which line and why before sending it, and exits non-zero; with
+    // --skip-invalid the good lines around a bad one go through.
     let out = cluster.cli(&["produce", "people"], Some(b"{\"age\":1}\n"));
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("record 0") && stderr.contains("schema"), "{stderr}");
+    assert!(stderr.contains("line 1: it does not match people's schema"), "{stderr}");
+    let input = b"{\"name\":\"eve\"}\n{\"age\":1}\nnot json\n{\"name\":\"flo\"}\n";
+    let out = cluster.cli(&["produce", "people", "--skip-invalid"], Some(input));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("line 2: it does not match") && stderr.contains("line 3: it does not match"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("produced 2 records") && stderr.contains("skipped 2 invalid lines"), "{stderr}");
+    acked.extend([r#"{"name":"eve"}"#.to_string(), r#"{"name":"flo"}"#.to_string()]);
 
     // A new leader enforces the same schema.
     let leader = cluster.leader_of(&topic).await;
@@ -96,13 +107,13 @@ async fn schemas_refuse_bad_batches_whole_and_follow_changes_across_failover_and
     let client = cluster.client();
     assert_refused(&cluster, &client, &topic, &[r#"{"name":"ed"}"#, r#"{"name":5}"#], 1).await;
     acked.push(r#"{"name":"fay"}"#.into());
-    send(&client, &topic, &[&acked[2]]).await.unwrap();
+    send(&client, &topic, &[acked.last().unwrap()]).await.unwrap();
 
     // A change applies to what is produced after it, on every replica.
     cluster.cli_ok(&["schema", "set", "people", stricter.to_str().unwrap()], None);
     assert_refused(&cluster, &client, &topic, &[r#"{"name":"gus"}"#], 0).await;
     acked.push(r#"{"name":"hal","email":"h@x"}"#.into());
-    send(&client, &topic, &[&acked[3]]).await.unwrap();
+    send(&client, &topic, &[acked.last().unwrap()]).await.unwrap();
 
     // It survives a restart of every server (the dead one included) and of the naming server.
     client.close().await;
@@ -121,7 +132,7 @@ async fn schemas_refuse_bad_batches_whole_and_follow_changes_across_failover_and
     // Without a schema the topic takes any bytes again.
     cluster.cli_ok(&["schema", "set", "people", "--none"], None);
     acked.push("any bytes".into());
-    send(&client, &topic, &[&acked[4]]).await.unwrap();
+    send(&client, &topic, &[acked.last().unwrap()]).await.unwrap();
     let out = cluster.cli(&["schema", "get", "people"], None);
     assert!(out.status.success() && out.stdout.is_empty());
 

@@ -7,6 +7,7 @@
 mod acl;
 mod consume;
 mod dev;
+mod input;
 mod produce;
 mod servers;
 mod status;
