@@ -241,3 +241,74 @@ async fn status_says_healthy_until_a_server_dies() {
     assert_eq!(status.1["topics"]["replica_on_dead_server"], serde_json::json!(["watched"]));
     assert_eq!(status.1["topics"]["without_live_leader"], serde_json::json!([]));
 }
+
+/// A context saved once finds the cluster from any directory (issue: commands worked only
+/// from the repository root); flags and variables still win over it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_context_connects_from_any_directory() {
+    let cluster = Cluster::start(1).await;
+    cluster.create_topic("ctx");
+    let config = cluster.dir.path().join("contexts.toml");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| -> std::process::Output {
+        std::process::Command::new(common::BIN)
+            .args(args)
+            .current_dir(elsewhere.path())
+            .env("HERALD_CONFIG", &config)
+            .env("HERALD_TIMEOUT", "3")
+            .env_remove("HERALD_NAMING")
+            .env_remove("HERALD_CERTS")
+            .env_remove("HERALD_CONTEXT")
+            .output()
+            .unwrap()
+    };
+    let said = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).to_string();
+    let out = run(&["topic", "list"]);
+    assert!(!out.status.success() && said(&out).contains("certificates are looked for in"), "{}", said(&out));
+
+    // Saved with a relative certs path, which is kept absolute.
+    let relative = pathdiff(&cluster.certs, elsewhere.path());
+    let add = ["context", "add", "here", "--naming", &cluster.naming_list, "--certs", &relative, "--use"];
+    let out = run(&add);
+    assert!(out.status.success(), "{}", said(&out));
+    let saved = std::fs::read_to_string(&config).unwrap();
+    assert!(saved.contains(&format!("certs = {:?}", cluster.certs.canonicalize().unwrap())), "{saved}");
+    let out = run(&["topic", "list"]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("ctx"), "{}", said(&out));
+
+    let show: serde_json::Value =
+        serde_json::from_slice(&run(&["context", "show", "--json"]).stdout).unwrap();
+    assert_eq!(
+        (show["context"].as_str(), show["naming"]["from"].as_str()),
+        (Some("here"), Some("context here"))
+    );
+    assert_eq!(show["timeout"]["from"], "environment");
+    // A flag wins over the context.
+    let out = run(&["topic", "list", "--certs", "/nonexistent"]);
+    assert!(!out.status.success() && said(&out).contains("/nonexistent"), "{}", said(&out));
+    // An unknown context is a usage error that names the known ones.
+    let out = run(&["topic", "list", "--context", "nope"]);
+    assert_eq!(out.status.code(), Some(2), "{}", said(&out));
+    assert!(said(&out).contains("known: here"), "{}", said(&out));
+    let out = run(&add);
+    assert_eq!(out.status.code(), Some(2), "a second add of the name is refused: {}", said(&out));
+    let list = String::from_utf8(run(&["context", "list"]).stdout).unwrap();
+    assert!(list.starts_with("* here "), "{list}");
+    assert!(run(&["context", "remove", "here"]).status.success());
+    assert!(!run(&["topic", "list"]).status.success(), "without the context, nothing to connect with");
+}
+
+/// `to` relative to `from`, both absolute (`../../x/certs`).
+fn pathdiff(to: &std::path::Path, from: &std::path::Path) -> String {
+    let (to, from) = (to.canonicalize().unwrap(), from.canonicalize().unwrap());
+    let common = to.components().zip(from.components()).take_while(|(a, b)| a == b).count();
+    let ups = from.components().count() - common;
+    let mut out = std::path::PathBuf::new();
+    for _ in 0..ups {
+        out.push("..");
+    }
+    for c in to.components().skip(common) {
+        out.push(c);
+    }
+    out.to_string_lossy().into_owned()
+}

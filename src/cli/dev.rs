@@ -126,6 +126,11 @@ pub(super) async fn dev(common: &Common, servers: u16, naming_servers: u16, dir:
     eprintln!("  herald topic create demo");
     eprintln!("  seq 1 100000 | herald produce demo");
     eprintln!("  herald consume demo --subscription s1 --count 100000");
+    let certs = std::fs::canonicalize(&common.certs).unwrap_or_else(|_| common.certs.clone());
+    eprintln!(
+        "To use it from any directory: herald context add dev --naming {naming_list} --certs {} --use",
+        certs.display()
+    );
     eprintln!("Ctrl-C stops the cluster.");
     let mut failure = None;
     while let Some(r) = tasks.join_next().await {

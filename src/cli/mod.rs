@@ -6,6 +6,7 @@
 
 mod acl;
 mod consume;
+mod context;
 mod dev;
 mod input;
 mod produce;
@@ -24,7 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Result;
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::certs;
@@ -80,6 +81,9 @@ struct Common {
           default_value_t = client::DEFAULT_RETRY_DEADLINE.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     timeout: u64,
+    /// The saved context to connect with (see `herald context`; default: the one in use).
+    #[arg(long, global = true, env = "HERALD_CONTEXT", value_name = "NAME")]
+    context: Option<String>,
     /// Log filter for stderr, e.g. `info`, `debug`, `herald=trace` (default: info for
     /// `naming` and `server`, warn for everything else).
     #[arg(long, global = true, env = "HERALD_LOG")]
@@ -263,6 +267,11 @@ enum Command {
         #[command(flatten)]
         limits: crate::transport::limits::LimitArgs,
     },
+    /// Named clusters to connect to from anywhere (naming addresses, certificates,
+    /// timeout), kept in ~/.config/herald/config.toml or $HERALD_CONFIG; flags and HERALD_*
+    /// variables still win over the context in use.
+    #[command(subcommand)]
+    Context(context::ContextCommand),
     /// Print a shell completion script, e.g. `herald completions bash >
     /// /etc/bash_completion.d/herald`, or `source <(herald completions zsh)`.
     Completions {
@@ -320,7 +329,28 @@ enum Command {
 
 /// Entry point of the `herald` binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Client commands take what flags and variables leave unset from the context in use;
+    // servers, `dev` and `certs` are told everything on their command line.
+    let is_client = !matches!(
+        cli.command,
+        Command::Naming { action: None, .. }
+            | Command::Server { .. }
+            | Command::Dev { .. }
+            | Command::Certs { .. }
+            | Command::Completions { .. }
+    );
+    let applied = match context::apply(&mut cli.common, &matches) {
+        Ok(applied) => applied.filter(|_| is_client),
+        // Managing contexts must work while the one in use is broken.
+        Err(_) if matches!(cli.command, Command::Context(_)) => None,
+        Err(e) if is_client => return report(e),
+        Err(_) => None,
+    };
+    if let Command::Context(cmd) = cli.command {
+        return context::run(cmd, &cli.common, &matches, applied).unwrap_or_else(report);
+    }
     // Servers log their life at info; `dev` and client commands only warn, so the dev
     // banner and command output stay readable.
     let is_server = matches!(cli.command, Command::Naming { .. } | Command::Server { .. });
@@ -342,16 +372,16 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cli)) {
-        Ok(code) => code,
-        Err(e) if e.downcast_ref::<UsageError>().is_some() => {
-            eprintln!("error: {e:#}");
-            ExitCode::from(USAGE_EXIT)
-        }
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
+    runtime.block_on(run(cli)).unwrap_or_else(report)
+}
+
+/// Prints a command's error; exit status 2 for a usage error, else 1.
+fn report(e: anyhow::Error) -> ExitCode {
+    eprintln!("error: {e:#}");
+    if e.downcast_ref::<UsageError>().is_some() {
+        ExitCode::from(USAGE_EXIT)
+    } else {
+        ExitCode::FAILURE
     }
 }
 
@@ -506,6 +536,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             server::run(config, shutdown_on_signal()).await?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Context(_) => unreachable!("`main` runs context commands, which need no runtime"),
         Command::Completions { shell } => {
             // Written whole from memory: clap_complete panics on a write error, and
             // `herald completions bash | head` closes the pipe early, which is no error.

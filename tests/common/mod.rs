@@ -462,6 +462,9 @@ impl Cluster {
         cmd.args(args)
             .env("HERALD_NAMING", &self.naming_list)
             .env("HERALD_CERTS", &self.certs)
+            // Never the contexts of whoever runs the tests.
+            .env("HERALD_CONFIG", self.dir.path().join("config.toml"))
+            .env_remove("HERALD_CONTEXT")
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
