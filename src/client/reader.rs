@@ -49,13 +49,15 @@ pub struct Located {
 }
 
 impl Client {
-    /// A reader of `topic` from offset `from` (see [`Reader`]).
+    /// A reader of `topic` from offset `from` (see [`Reader`]), an offset the caller saw
+    /// committed (or the end): a leader elected meanwhile that has not caught up to it yet is
+    /// waited for, while an offset past the end stays an [`Error::OffsetBeyondEnd`].
     pub fn reader(self: &Arc<Self>, topic: TopicName, from: Offset) -> Reader {
         Reader {
             client: self.clone(),
             topic,
             position: from,
-            commit: 0,
+            commit: from,
             fetch_bytes: FETCH_BYTES,
             skipped: None,
         }
