@@ -87,8 +87,15 @@ pub enum Error {
     #[error("subscription {subscription:?} of topic {topic:?} is in use by {holder} (its session lease ends in {expires_in_ms} ms unless it keeps reading; it is freed at once when that consumer stops)")]
     SubscriptionBusy { topic: String, subscription: String, holder: String, expires_in_ms: u64 },
     /// The topic's backlog is at its limit under the `reject` policy; nothing was appended.
-    #[error("topic {topic:?} is at its backlog limit of {limit} bytes ({backlog} bytes stored); {}", match oldest_held_by { Some(s) => format!("subscription {s:?} holds the oldest records: consume or reset it, or delete it if unused"), None => "no subscription reads it: its records are kept for future subscribers; create one and consume, or raise the limit".to_string() })]
-    BacklogFull { topic: String, limit: u64, backlog: u64, oldest_held_by: Option<String> },
+    #[error("{}", backlog_full(topic, *limit, *backlog, *batch, oldest_held_by.as_deref()))]
+    BacklogFull {
+        topic: String,
+        limit: u64,
+        backlog: u64,
+        /// Bytes the refused batch would have added (as stored).
+        batch: u64,
+        oldest_held_by: Option<String>,
+    },
     /// A naming member that does not lead its group: ask the leader (`leader`, if known).
     #[error("naming member {member} does not lead the naming group{}", leader.map(|l| format!(" (the leader is at {l})")).unwrap_or_else(|| " (no leader known yet: an election is under way)".into()))]
     NamingNotLeader { member: u64, leader: Option<std::net::SocketAddr> },
@@ -121,6 +128,21 @@ fn operation_phrase(operation: &str) -> &str {
         "admin" => "administer",
         other => other,
     }
+}
+
+/// `BacklogFull`'s message: what is stored, what came, and what frees room.
+fn backlog_full(topic: &str, limit: u64, backlog: u64, batch: u64, oldest_held_by: Option<&str>) -> String {
+    let fix = if batch > limit {
+        "the batch alone is over the limit: send fewer records at a time, or raise the limit".to_string()
+    } else {
+        match oldest_held_by {
+            Some(s) => format!("subscription {s:?} holds the oldest records: consume or reset it, or delete it if unused"),
+            None => "no subscription reads it: its records are kept for future subscribers; create one and consume, or raise the limit".to_string(),
+        }
+    };
+    format!(
+        "topic {topic:?} cannot take a batch of {batch} bytes: its backlog limit is {limit} bytes and {backlog} bytes are stored; {fix}"
+    )
 }
 
 impl Error {
@@ -207,7 +229,7 @@ mod tests {
             (Error::StaleEpoch { topic: s(), server: 0, epoch: 0, current: 0 }, 19),
             (Error::SchemaViolation { topic: s(), index: 0, detail: s() }, 20),
             (Error::SubscriptionBusy { topic: s(), subscription: s(), holder: s(), expires_in_ms: 0 }, 21),
-            (Error::BacklogFull { topic: s(), limit: 0, backlog: 0, oldest_held_by: None }, 22),
+            (Error::BacklogFull { topic: s(), limit: 0, backlog: 0, batch: 0, oldest_held_by: None }, 22),
             (Error::NamingNotLeader { member: 1, leader: None }, 23),
             (Error::FetchTooSmall { topic: s(), offset: 0, size: 0, max_bytes: 0 }, 24),
             (Error::LimitReached { what: s(), limit: 0, hint: s() }, 25),

@@ -12,6 +12,7 @@ use crate::wire::{Record, TopicConfig};
 
 /// A topic's config, ready to check batches against.
 pub struct Policy {
+    /// The config the checks come from.
     pub config: TopicConfig,
     schema: Option<jsonschema::Validator>,
 }

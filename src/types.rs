@@ -62,6 +62,7 @@ macro_rules! validated_name {
                 Ok(Self(name))
             }
 
+            /// The name as text.
             pub fn as_str(&self) -> &str {
                 &self.0
             }
@@ -188,10 +189,13 @@ pub const MAX_TOPICS_PER_REQUEST: usize = 1000;
 /// A record as a producer sends it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Record {
+    /// Opaque bytes the application chooses (empty: no key).
     #[serde(with = "serde_bytes")]
     pub key: Vec<u8>,
+    /// Named values carried with the record, in order.
     #[serde(deserialize_with = "bounded::headers")]
     pub headers: Vec<Header>,
+    /// The record's value (checked against the topic's schema, if it has one).
     #[serde(with = "serde_bytes")]
     pub payload: Vec<u8>,
 }
@@ -199,7 +203,9 @@ pub struct Record {
 /// One record header.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Header {
+    /// Header name (printable text).
     pub name: String,
+    /// Header value: any bytes.
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
 }
@@ -339,9 +345,11 @@ pub fn fnv1a(bytes: impl IntoIterator<Item = u8>) -> u64 {
 /// A stored record, as consumers receive it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRecord {
+    /// Its place in the topic's log: dense, from 0, never reused.
     pub offset: Offset,
     /// Milliseconds since the Unix epoch, stamped by the leader when it appended the record.
     pub timestamp_ms: u64,
+    /// What the producer sent.
     pub record: Record,
 }
 
@@ -362,6 +370,7 @@ impl NamingAddrs {
         &self.0
     }
 
+    /// The first address given.
     pub fn first(&self) -> std::net::SocketAddr {
         self.0[0]
     }

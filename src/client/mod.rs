@@ -137,6 +137,8 @@ impl Client {
         Self::with_identity(naming, &identity)
     }
 
+    /// A client of the naming group at `naming` that connects as `identity` (a certificate
+    /// and key signed by the cluster CA, e.g. from [`certs::load`]).
     pub fn with_identity(naming: impl Into<NamingAddrs>, identity: &Identity) -> anyhow::Result<Arc<Self>> {
         let naming = naming.into();
         let endpoint = transport::client_endpoint(naming.first(), transport::client_config(identity)?)?;
@@ -251,6 +253,8 @@ impl Client {
         }
     }
 
+    /// Creates a topic of `replicas` replicas with `config`, placed by the naming group;
+    /// answered once its replicas took it on.
     pub async fn create_topic(
         &self,
         name: &TopicName,
@@ -336,6 +340,7 @@ impl Client {
         }
     }
 
+    /// Deletes a topic and everything stored for it on every replica.
     pub async fn delete_topic(&self, name: &TopicName) -> Result<(), Error> {
         match self.naming_call(&Request::DeleteTopic { name: name.clone() }).await? {
             Response::Deleted => Ok(()),
@@ -401,6 +406,8 @@ impl Client {
         Err(answer)
     }
 
+    /// The naming group's entry for a topic (replicas, leader, epoch, config), retrying
+    /// while there is no leader.
     pub async fn lookup(&self, name: &TopicName) -> Result<TopicInfo, Error> {
         match self.naming_call(&Request::LookupTopic { name: name.clone() }).await? {
             Response::Topic(t) => Ok(t),
@@ -427,6 +434,7 @@ impl Client {
         }
     }
 
+    /// The topic servers the naming group knows, alive or not.
     pub async fn list_servers(&self) -> Result<Vec<ServerInfo>, Error> {
         match self.naming_call(&Request::ListServers).await? {
             Response::Servers(s) => Ok(s),
@@ -620,6 +628,7 @@ impl Client {
         }
     }
 
+    /// A topic's subscriptions, with cursor, lag and holder, as its leader sees them.
     pub async fn subscriptions(&self, topic: &TopicName) -> Result<Vec<SubscriptionInfo>, Error> {
         Ok(self.topic_status(topic).await?.subscriptions)
     }
@@ -668,6 +677,7 @@ fn unexpected(resp: Response) -> Error {
 pub struct BatchAck {
     /// Offset of the batch's first record.
     pub base: Offset,
+    /// Records in the batch: offsets `base..base + count`.
     pub count: u32,
     /// The epoch of the leader that acknowledged it.
     pub epoch: crate::types::Epoch,

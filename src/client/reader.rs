@@ -44,7 +44,9 @@ pub struct Skipped {
 pub struct Located {
     /// The first committed offset stamped at or after the time (`commit` if none is yet).
     pub offset: Offset,
+    /// The oldest offset still stored.
     pub log_start: Offset,
+    /// One past the newest committed offset.
     pub commit: Offset,
 }
 

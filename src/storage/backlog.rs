@@ -49,6 +49,7 @@ pub(super) fn make_room(
         topic: t.name(),
         limit,
         backlog: t.bytes,
+        batch: incoming,
         oldest_held_by: slowest.as_ref().map(|(name, _)| name.clone()),
     };
     let Some((_, lowest)) = slowest.clone() else { return Ok(Err(full(t))) };

@@ -315,6 +315,10 @@ async fn the_reject_policy_refuses_at_the_limit_and_keeps_the_sequence_free() {
         }
         other => panic!("{other:?}"),
     }
+    // A batch over the limit by itself says so, rather than blame what is stored.
+    let alone = store.append(1, 8, 0, hundred_bytes(25)).await.unwrap_err();
+    assert!(matches!(alone, Error::BacklogFull { batch, .. } if batch > 2000), "{alone:?}");
+    assert!(alone.to_string().contains("the batch alone is over the limit"), "{alone}");
     // Once the subscription has read, the same batch (same sequence) goes in.
     let end = log.state().log_end;
     store.ack(1, sub("slow"), end).await.unwrap();
