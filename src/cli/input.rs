@@ -170,21 +170,32 @@ pub(super) fn read_lines(shape: Shape, limit: Option<u64>, stop_at_invalid: bool
         let mut data = &buf[..n];
         // Whole lines of this read, and at the end of input what is left without a newline.
         loop {
-            let line: Vec<u8> = match data.iter().position(|&b| b == b'\n') {
+            // A line within this read is borrowed; one that began in an earlier read is
+            // completed in `carry`.
+            let joined: Vec<u8>;
+            let line: &[u8] = match data.iter().position(|&b| b == b'\n') {
                 Some(pos) => {
-                    let mut line = std::mem::take(&mut carry);
-                    line.extend_from_slice(&data[..pos]);
-                    data = &data[pos + 1..];
-                    line
+                    let (head, rest) = (&data[..pos], &data[pos + 1..]);
+                    data = rest;
+                    if carry.is_empty() {
+                        head
+                    } else {
+                        carry.extend_from_slice(head);
+                        joined = std::mem::take(&mut carry);
+                        &joined
+                    }
                 }
-                None if at_eof && !carry.is_empty() => std::mem::take(&mut carry),
+                None if at_eof && !carry.is_empty() => {
+                    joined = std::mem::take(&mut carry);
+                    &joined
+                }
                 None => {
                     carry.extend_from_slice(data);
                     break;
                 }
             };
             line_no += 1;
-            let line = line.strip_suffix(b"\r").unwrap_or(&line);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
             match shape.record(line, &policy) {
                 Ok(record) => {
                     taken += 1;
