@@ -205,7 +205,10 @@ async fn every_topic_replicates_when_server_pairs_share_thousands() {
         .take(30)
         .map(|i| TopicName::new(format!("many-{i}")).unwrap())
         .collect();
-    let client = cluster.client();
+    // The newest topics may still be electing their first leaders on a loaded machine: the
+    // client retries as long as the test waits (its default is 30 s).
+    let mut client = cluster.client();
+    client.set_retry_deadline(common::DEADLINE);
     for topic in &sample {
         let acked =
             tokio::time::timeout(common::DEADLINE, common::produce_in_order(&client, topic, 1, 3)).await;
