@@ -9,6 +9,8 @@ pub mod acl;
 pub mod bench;
 pub mod certs;
 pub mod cli;
+// The library's face to applications: every public item documented.
+#[warn(missing_docs)]
 pub mod client;
 pub mod error;
 pub mod files;
@@ -21,6 +23,7 @@ pub mod server;
 pub mod sim;
 pub mod storage;
 pub mod transport;
+#[warn(missing_docs)]
 pub mod types;
 pub mod wire;
 

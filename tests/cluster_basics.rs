@@ -199,6 +199,12 @@ async fn timeout_bounds_the_retries_of_a_command() {
     let mut cluster = Cluster::start(1).await;
     let topic = cluster.create_topic("stranded");
     let leader = cluster.leader_of(&topic).await;
+    // --naming pointed at a topic server by mistake: it says what it is, at once.
+    let server = cluster.server_addr(leader).to_string();
+    let wrong = cluster.cli(&["topic", "list", "--naming", &server], None);
+    let said = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{said}");
+    assert!(said.contains(&format!("topic server {leader}, which is not a naming server")), "{said}");
     cluster.server(leader).kill();
     let started = std::time::Instant::now();
     let out = cluster.cli(&["produce", "stranded", "--timeout", "2"], Some(b"lost\n"));

@@ -807,8 +807,9 @@ impl Service for TopicServer {
                 })
             }
             other => answer(Err(Error::invalid(format!(
-                "{} is a naming server request; send it to the naming server",
-                transport::request_name(&other)
+                "{} went to topic server {}, which is not a naming server: point --naming (HERALD_NAMING) at the naming group's members",
+                transport::request_name(&other),
+                self.node.id
             )))),
         }
     }
