@@ -837,6 +837,7 @@ impl World {
                             | Request::FollowerAlive { .. }
                             | Request::Heartbeat { .. }
                             | Request::Fetch { .. }
+                            | Request::Read { .. }
                             | Request::Ack { .. }
                     ) {
                         let what = crate::transport::request_name(req);

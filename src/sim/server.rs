@@ -995,6 +995,24 @@ impl Running {
                 });
                 self.respond(ctx, from, id, answer.unwrap_or_else(Response::Error));
             }
+            // As `TopicServer`'s: a read through no subscription, at any replica, up to the
+            // commit point it knows.
+            Request::Read { topic, from: at, max_records, max_bytes, .. } => {
+                let Some((_, replica)) = self.hosted_by_name(&topic) else {
+                    return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
+                };
+                let log = replica.log.clone();
+                let state = log.state();
+                let answer = read_committed(&self.store, &log, &state, None, at, max_records, max_bytes).map(
+                    |records| Response::Records {
+                        records: records.unwrap_or_default(),
+                        log_start: state.log_start,
+                        commit: state.commit,
+                        evicted: None,
+                    },
+                );
+                self.respond(ctx, from, id, answer.unwrap_or_else(Response::Error));
+            }
             Request::Ack { topic, subscription, next, .. } => {
                 let Some((tid, replica)) = self.hosted_by_name(&topic) else {
                     return self.respond(ctx, from, id, Response::Error(not_hosted(&topic)));
