@@ -149,15 +149,16 @@ fn source(matches: &ArgMatches, id: &str, from_context: bool, context: &str) -> 
 /// which settings it gave.
 pub(super) fn apply(common: &mut Common, matches: &ArgMatches) -> Result<Option<(String, [bool; 3])>> {
     let explicit = common.context.clone();
-    // Without a context asked for, a config file that cannot be read does not stop commands
-    // that never needed it; it is reported when a context is asked for or managed.
     let path = config_path();
-    let config = match (&explicit, path.as_ref().map(|p| load(p))) {
-        (Some(_), Err(e)) => bail!("--context needs the config file: {e:#}"),
-        (Some(_), Ok(Err(e))) => return Err(e),
-        (None, Ok(Ok(config))) => config,
-        (None, _) => return Ok(None),
-        (Some(_), Ok(Ok(config))) => config,
+    let config = match path.as_ref().map_err(|e| anyhow::anyhow!("{e:#}")).and_then(|p| load(p)) {
+        Ok(config) => config,
+        Err(e) if explicit.is_some() => bail!("--context needs the config file: {e:#}"),
+        // Without a context asked for, a config file that cannot be read does not stop
+        // commands; they go on without contexts, and say so.
+        Err(e) => {
+            eprintln!("warning: no context used: {e:#}");
+            return Ok(None);
+        }
     };
     let Some(name) = explicit.or(config.current.clone()) else { return Ok(None) };
     let Some(saved) = config.contexts.get(&name) else {

@@ -341,12 +341,12 @@ pub fn main() -> ExitCode {
             | Command::Certs { .. }
             | Command::Completions { .. }
     );
-    let applied = match context::apply(&mut cli.common, &matches) {
-        Ok(applied) => applied.filter(|_| is_client),
+    let applied = match is_client.then(|| context::apply(&mut cli.common, &matches)) {
+        None => None,
+        Some(Ok(applied)) => applied,
         // Managing contexts must work while the one in use is broken.
-        Err(_) if matches!(cli.command, Command::Context(_)) => None,
-        Err(e) if is_client => return report(e),
-        Err(_) => None,
+        Some(Err(_)) if matches!(cli.command, Command::Context(_)) => None,
+        Some(Err(e)) => return report(e),
     };
     if let Command::Context(cmd) = cli.command {
         return context::run(cmd, &cli.common, &matches, applied).unwrap_or_else(report);
