@@ -318,9 +318,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Publish one record per line of stdin.
+    /// Publish records: one per line of stdin (the value, KEY<D>VALUE with -K, or a JSON
+    /// object with --input json), or one per --file.
     Produce(ProduceArgs),
-    /// Read records through a durable subscription, one per line on stdout.
+    /// Read records, one per line on stdout: through a durable subscription (-s), or from
+    /// an offset, the last N or a time without one (--offset, --tail, --from-time).
     Consume(ConsumeArgs),
     /// Measure throughput, latency, CPU and failover time (see docs/performance.md).
     #[command(subcommand)]
