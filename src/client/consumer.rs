@@ -95,6 +95,12 @@ const MAX_ACKS_IN_FLIGHT: usize = 32;
 /// acknowledged, as any at-least-once consumer may.
 pub const ACK_EVERY: Duration = Duration::from_millis(10);
 
+/// The `max_bytes` a read must ask for to take a record of `size` bytes that did not fit in
+/// `asked`: `None` when asking again cannot help (no larger, or past what a server serves).
+pub(super) fn room_for(size: u64, asked: u32) -> Option<u32> {
+    (size > asked as u64 && size <= crate::server::MAX_FETCH_BYTES as u64).then_some(size as u32)
+}
+
 /// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its
 /// connection's memory budget at the server while it waits (`transport::CONNECTION_BUDGET`),
 /// so it is kept well below the largest fetch; ~1 MiB is thousands of typical records.
@@ -416,9 +422,7 @@ impl Consumer {
                 .await;
             match result {
                 // The next record is larger than we asked for: ask again with room for it.
-                Err(Error::FetchTooSmall { size, .. })
-                    if size > max_bytes as u64 && size <= crate::server::MAX_FETCH_BYTES as u64 =>
-                {
+                Err(Error::FetchTooSmall { size, .. }) if room_for(size, max_bytes).is_some() => {
                     self.fetch_bytes = size as u32;
                 }
                 other => break other?,

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use tracing::debug;
 
+use super::consumer::room_for;
 use super::{unexpected, Backoff, Client, FETCH_BYTES, POLL_GRACE};
 use crate::error::Error;
 use crate::types::{Offset, StoredRecord, TopicName};
@@ -121,10 +122,7 @@ impl Reader {
                         });
                         self.position = log_start;
                     }
-                    Error::FetchTooSmall { size, .. }
-                        if size > self.fetch_bytes as u64
-                            && size <= crate::server::MAX_FETCH_BYTES as u64 =>
-                    {
+                    Error::FetchTooSmall { size, .. } if room_for(size, self.fetch_bytes).is_some() => {
                         self.fetch_bytes = size as u32;
                     }
                     // A new leader whose commit point has not caught up with what an answer
