@@ -28,8 +28,9 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// what changed since the server's version ([`Assignments`]). Version 5 places and moves
 /// leaders (requests 26-29). Version 6 sends only the topic reports that changed. Version 9
 /// ships records as stored, in record chunks, to followers and consumers ([`FetchedRecords`]).
-/// Version 10 reads without a subscription (`Read`, `Locate`).
-pub const PROTOCOL_VERSION: u16 = 10;
+/// Version 10 reads without a subscription (`Read`, `Locate`). Version 11 answers Raft
+/// messages with the answering member's own messages for the sender (`RaftDelivered`).
+pub const PROTOCOL_VERSION: u16 = 11;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -690,8 +691,14 @@ pub enum Response {
     },
     /// What a reset did (or, unexecuted, would do).
     Reset(ResetOutcome),
-    /// Raft messages were handed to the member.
-    RaftDelivered,
+    /// Raft messages were handed to the member; `messages` are its own Raft messages for
+    /// the sender that stepping them produced (a heartbeat's or an append's answer), so a
+    /// round of Raft takes one request instead of one each way.
+    RaftDelivered {
+        messages: Vec<Vec<u8>>,
+        /// The answering member's log is empty (as [`Request::NamingRaft`]'s `sender_empty`).
+        sender_empty: bool,
+    },
     NamingStatus(MemberStatus),
     /// A [`Request::NamingAlive`] was taken.
     Noted,

@@ -48,6 +48,47 @@ async fn naming_status_shows_one_leader_and_every_member() {
     assert!(table.contains("leader: member"), "{table}");
 }
 
+/// `NamingRaft` requests member `id` was sent, whatever their result.
+fn raft_requests_to(cluster: &Cluster, id: u64) -> f64 {
+    cluster
+        .scrape_naming(id)
+        .lines()
+        .filter(|l| l.starts_with("herald_requests_total{") && l.contains("operation=\"NamingRaft\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A round of Raft is one request: a follower's answers to the leader's heartbeats and
+/// appends ride back in the answer to them, so an idle leader is sent no Raft requests while
+/// each follower is sent one per heartbeat (before, each answer was a request of its own:
+/// twice the packets and wake-ups of an idle group).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_naming_leader_is_sent_no_raft_requests() {
+    let cluster = group(1).await;
+    let mut last = None;
+    // A leader change during the window (a loaded machine) measures again, a few times.
+    for _ in 0..3 {
+        let leader = cluster.naming_leader().await;
+        let follower = (1..=3).find(|m| *m != leader).unwrap();
+        let (leader_before, follower_before) =
+            (raft_requests_to(&cluster, leader), raft_requests_to(&cluster, follower));
+        wait_for("a follower to be sent 20 more heartbeats", || async {
+            (raft_requests_to(&cluster, follower) >= follower_before + 20.0).then_some(())
+        })
+        .await;
+        let to_leader = raft_requests_to(&cluster, leader) - leader_before;
+        if cluster.naming_leader().await == leader {
+            assert!(
+                to_leader <= 2.0,
+                "the leader was sent {to_leader} Raft requests while a follower was sent 20"
+            );
+            return;
+        }
+        last = Some(to_leader);
+    }
+    panic!("the naming leader changed in each of three windows (last: {last:?} requests to it)");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_naming_leader_under_load_loses_nothing_and_admin_comes_back() {
     let mut cluster = group(3).await;

@@ -543,6 +543,7 @@ impl NamingServer {
             return Response::Error(Error::invalid(format!("naming member {from} is not in this group")));
         }
         let now = mono_ms();
+        let mut answers = Vec::new();
         for bytes in messages {
             let message = match decode_message(&bytes) {
                 Ok(m) if m.from == from => m,
@@ -552,10 +553,31 @@ impl NamingServer {
                 }
                 Err(e) => return Response::Error(Error::invalid(format!("raft message: {e}"))),
             };
-            let fx = self.member().step(now, message, sender_empty);
+            let mut fx = self.member().step(now, message, sender_empty);
+            if let Ok(fx) = fx.as_mut() {
+                // What is for the sender goes back in this answer, not as a request of its own.
+                let (back, others) = std::mem::take(&mut fx.messages).into_iter().partition(|m| m.to == from);
+                fx.messages = others;
+                answers.extend(back.iter().map(encode_message));
+            }
             self.carry(fx);
         }
-        Response::RaftDelivered
+        Response::RaftDelivered { messages: answers, sender_empty: self.log_empty.load(Ordering::Relaxed) }
+    }
+
+    /// Steps the Raft messages member `from` sent back in its answer (see [`Self::raft`]).
+    fn step_answers(self: &Arc<Self>, from: u64, messages: Vec<Vec<u8>>, sender_empty: bool) {
+        let now = mono_ms();
+        for bytes in messages {
+            match decode_message(&bytes) {
+                Ok(m) if m.from == from => {
+                    let fx = self.member().step(now, m, sender_empty);
+                    self.carry(fx);
+                }
+                Ok(m) => warn!(from, claimed = m.from, "a raft answer from another member than asked"),
+                Err(e) => warn!(from, error = %e, "a raft answer that does not decode"),
+            }
+        }
     }
 
     /// Answers a read of the book (leader only: a follower's book may lag).
@@ -712,7 +734,10 @@ async fn send_raft(
         })
         .await;
         match sent {
-            Ok(Ok(_)) => {}
+            Ok(Ok(Response::RaftDelivered { messages, sender_empty })) => {
+                naming.step_answers(to, messages, sender_empty);
+            }
+            Ok(Ok(other)) => debug!(member = to, answer = ?other, "raft messages refused"),
             Ok(Err(e)) => {
                 debug!(member = to, error = %e, "raft messages not delivered");
                 conn = None;

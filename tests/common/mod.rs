@@ -186,8 +186,9 @@ pub struct Cluster {
     pub servers: Vec<(ServerId, SocketAddr, Proc)>,
     /// Proxies that can cut server 1 off (see [`Cluster::start_isolatable`]).
     pub proxies: Vec<proxy::UdpProxy>,
-    /// Where each process serves its metrics (`--metrics-listen`); the naming server's first.
-    pub naming_metrics: SocketAddr,
+    /// Where each process serves its metrics (`--metrics-listen`): each naming member's (member
+    /// 1 first), then each topic server's.
+    pub naming_metrics: Vec<SocketAddr>,
     pub metrics: Vec<(ServerId, SocketAddr)>,
     pub options: Options,
     /// Each server's own way to the naming server, with [`Options::naming_proxies`].
@@ -210,7 +211,8 @@ impl Cluster {
         let addrs: Vec<SocketAddr> =
             (0..members).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
         let peers: Vec<String> = addrs.iter().zip(1..).map(|(a, id)| format!("{id}={a}")).collect();
-        let naming_metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let naming_metrics: Vec<SocketAddr> =
+            (0..members).map(|_| format!("127.0.0.1:{}", free_port()).parse().unwrap()).collect();
         let naming_args = |id: u64| -> Vec<String> {
             let dir_name = if members == 1 { "naming".to_string() } else { format!("naming-{id}") };
             let mut args: Vec<String> = vec![
@@ -227,9 +229,7 @@ impl Cluster {
                 "--log-format".into(),
                 "json".into(),
             ];
-            if id == 1 {
-                args.extend(["--metrics-listen".into(), naming_metrics.to_string()]);
-            }
+            args.extend(["--metrics-listen".into(), naming_metrics[id as usize - 1].to_string()]);
             args.extend(options.naming_args.iter().map(|a| a.to_string()));
             if members > 1 {
                 args.extend(["--id".into(), id.to_string(), "--peers".into(), peers.join(",")]);
@@ -417,22 +417,18 @@ impl Cluster {
         self.naming.spawn(&certs);
     }
 
-    /// Scrapes a process's metrics endpoint (`None`: the naming server's); returns the body.
+    /// Scrapes a process's metrics endpoint (`None`: naming member 1's); returns the body.
     pub fn scrape(&self, server: Option<ServerId>) -> String {
-        use std::io::{Read, Write};
         let addr = match server {
-            None => self.naming_metrics,
+            None => self.naming_metrics[0],
             Some(id) => self.metrics.iter().find(|(s, _)| *s == id).expect("a server with metrics").1,
         };
-        let mut conn = std::net::TcpStream::connect(addr).unwrap();
-        conn.set_read_timeout(Some(DEADLINE)).unwrap();
-        conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
-        let mut response = String::new();
-        conn.read_to_string(&mut response).unwrap();
-        let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-        assert!(head.contains("application/openmetrics-text"), "{head}");
-        body.to_string()
+        scrape(addr)
+    }
+
+    /// Scrapes naming member `id`'s metrics endpoint; returns the body.
+    pub fn scrape_naming(&self, id: u64) -> String {
+        scrape(self.naming_metrics[id as usize - 1])
     }
 
     /// A client library handle on this cluster.
@@ -650,4 +646,18 @@ pub fn assert_history(read: &[(u64, String)], acked: &[String], first_offset: u6
     for a in acked {
         assert!(seen.contains(a), "acknowledged payload {a:?} was not read");
     }
+}
+
+/// GETs `/metrics` from `addr`; returns the body.
+pub fn scrape(addr: SocketAddr) -> String {
+    use std::io::{Read, Write};
+    let mut conn = std::net::TcpStream::connect(addr).unwrap();
+    conn.set_read_timeout(Some(DEADLINE)).unwrap();
+    conn.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    conn.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    body.to_string()
 }
