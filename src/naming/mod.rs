@@ -137,6 +137,11 @@ const RAFT_OUTBOX: usize = 1_024;
 /// Raft messages sent in one request at most.
 const RAFT_BATCH: usize = 256;
 
+/// Most bytes of Raft messages a member puts in its answer to another member's messages;
+/// what is over goes as a request of its own, so an answer stays well inside a frame
+/// (`wire::MAX_FRAME_BYTES`) even when it carries appends of `raft::MAX_MESSAGE_BYTES`.
+const RAFT_ANSWER_BYTES: usize = 4 * 1024 * 1024;
+
 /// How long one batch of Raft messages may take to be handed over: a member that does
 /// not take them within it is treated as unreachable, and its connection is dialed again.
 const RAFT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -543,7 +548,7 @@ impl NamingServer {
             return Response::Error(Error::invalid(format!("naming member {from} is not in this group")));
         }
         let now = mono_ms();
-        let mut answers = Vec::new();
+        let (mut answers, mut answer_bytes) = (Vec::new(), 0);
         for bytes in messages {
             let message = match decode_message(&bytes) {
                 Ok(m) if m.from == from => m,
@@ -555,10 +560,20 @@ impl NamingServer {
             };
             let mut fx = self.member().step(now, message, sender_empty);
             if let Ok(fx) = fx.as_mut() {
-                // What is for the sender goes back in this answer, not as a request of its own.
-                let (back, others) = std::mem::take(&mut fx.messages).into_iter().partition(|m| m.to == from);
-                fx.messages = others;
-                answers.extend(back.iter().map(encode_message));
+                // What is for the sender goes back in this answer, not as a request of its own
+                // (past `RAFT_ANSWER_BYTES`, through the sender's outbox as before).
+                fx.messages.retain(|m| {
+                    if m.to != from {
+                        return true;
+                    }
+                    let bytes = encode_message(m);
+                    if answer_bytes + bytes.len() > RAFT_ANSWER_BYTES {
+                        return true;
+                    }
+                    answer_bytes += bytes.len();
+                    answers.push(bytes);
+                    false
+                });
             }
             self.carry(fx);
         }
