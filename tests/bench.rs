@@ -74,6 +74,11 @@ fn topics_reports_creation_spread_idle_cost_and_fairness() {
         d["leaders_per_server"].as_array().unwrap().iter().map(|l| l.as_u64().unwrap()).collect();
     assert_eq!(leaders, [20, 20, 20], "leaders spread evenly");
     assert!(d["idle_cpu_percent"].as_f64().is_some());
+    // The floor split by what each process runs: the three naming members, the three servers.
+    let by_role = d["idle_cpu_percent_by_role"].as_object().unwrap();
+    let roles: Vec<&str> = by_role.keys().map(String::as_str).collect();
+    assert_eq!(roles, ["naming", "server"], "{by_role:?}");
+    assert!(by_role.values().all(|p| p.as_f64().unwrap() >= 0.0), "{by_role:?}");
     assert_eq!(d["server_rss_mb"].as_object().unwrap().len(), 3);
     assert_eq!(d["produce"]["records"], 6000);
     assert!(d["produce"]["aggregate_over_single"].as_f64().unwrap() > 0.0);

@@ -15,6 +15,7 @@
 //! CPU of every local process whose command line is a `herald naming|server|dev` is counted.
 //! Progress and summaries go to stderr; `--json` prints one JSON object per result on stdout.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -395,6 +396,24 @@ fn server_pids() -> Vec<u32> {
 
 fn total_cpu(pids: &[u32]) -> f64 {
     pids.iter().filter_map(|p| cpu_seconds(*p)).sum()
+}
+
+/// What a Herald process runs (`naming`, `server` or `dev`), from its command line.
+fn process_role(pid: u32) -> Option<String> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let role = cmdline.split(|b| *b == 0).nth(1)?;
+    Some(String::from_utf8_lossy(role).into_owned())
+}
+
+/// CPU seconds used so far by `pids`, summed per [`process_role`].
+fn cpu_by_role(pids: &[u32]) -> BTreeMap<String, f64> {
+    let mut by_role = BTreeMap::new();
+    for pid in pids {
+        if let (Some(role), Some(secs)) = (process_role(*pid), cpu_seconds(*pid)) {
+            *by_role.entry(role).or_insert(0.0) += secs;
+        }
+    }
+    by_role
 }
 
 fn progress(len: u64, what: &str) -> ProgressBar {

@@ -4,13 +4,14 @@
 //! against `--producers` topics at once (the fairness of the slowest), consume throughput
 //! with `--consumers`, and the deletion rate.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use serde_json::json;
 
-use super::{produce_records, progress, rounded, total_cpu, BenchArgs, Outcome, Target};
+use super::{cpu_by_role, produce_records, progress, rounded, BenchArgs, Outcome, Target};
 use crate::client::Client;
 use crate::types::{StartFrom, SubscriptionName, TopicName};
 use crate::wire::TopicConfig;
@@ -47,15 +48,24 @@ pub async fn bench_topics(t: &Target, a: &BenchArgs) -> Result<Outcome> {
 
     tokio::time::sleep(IDLE_SETTLE).await;
     let pids = t.pids();
-    let cpu_before = total_cpu(&pids);
+    let before = cpu_by_role(&pids);
     let idle = Duration::from_secs(a.idle_secs);
     tokio::time::sleep(idle).await;
-    let idle_cpu = (total_cpu(&pids) - cpu_before) / idle.as_secs_f64() * 100.0;
+    // Split by what each process runs, to show where the floor is: naming members or servers.
+    let idle_by_role: BTreeMap<String, f64> = cpu_by_role(&pids)
+        .into_iter()
+        .map(|(role, secs)| {
+            let used = secs - before.get(&role).copied().unwrap_or(secs);
+            (role, used / idle.as_secs_f64() * 100.0)
+        })
+        .collect();
+    let idle_cpu: f64 = idle_by_role.values().sum();
     let rss = t.rss();
     eprintln!(
-        "idle: {idle_cpu:.1} % of one core (all {} processes, over {} s); RSS per server {}",
+        "idle: {idle_cpu:.1} % of one core (all {} processes, over {} s: {}); RSS per server {}",
         pids.len(),
         a.idle_secs,
+        idle_by_role.iter().map(|(role, p)| format!("{role} {p:.1} %")).collect::<Vec<_>>().join(", "),
         rss.iter().map(|(n, mb)| format!("{n} {mb:.0} MB")).collect::<Vec<_>>().join(", ")
     );
 
@@ -69,6 +79,7 @@ pub async fn bench_topics(t: &Target, a: &BenchArgs) -> Result<Outcome> {
         "leaders_max_over_even": rounded(max as f64 / even.max(1e-9), 3),
         "idle_cpu_percent": rounded(idle_cpu, 2),
         "idle_cpu_percent_per_1000_topics": rounded(idle_cpu * 1000.0 / names.len().max(1) as f64, 3),
+        "idle_cpu_percent_by_role": idle_by_role.iter().map(|(r, p)| (r.clone(), json!(rounded(*p, 2)))).collect::<serde_json::Map<_, _>>(),
         "server_rss_mb": rss.iter().map(|(n, mb)| (n.clone(), json!(rounded(*mb, 1)))).collect::<serde_json::Map<_, _>>(),
     });
 
