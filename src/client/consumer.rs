@@ -95,10 +95,10 @@ const MAX_ACKS_IN_FLIGHT: usize = 32;
 /// acknowledged, as any at-least-once consumer may.
 pub const ACK_EVERY: Duration = Duration::from_millis(10);
 
-/// The `max_bytes` a read must ask for to take a record of `size` bytes that did not fit in
-/// `asked`: `None` when asking again cannot help (no larger, or past what a server serves).
-pub(super) fn room_for(size: u64, asked: u32) -> Option<u32> {
-    (size > asked as u64 && size <= crate::server::MAX_FETCH_BYTES as u64).then_some(size as u32)
+/// Whether a read that asked for `asked` bytes and was told the next record takes `size`
+/// can take it by asking for `size` (false: no larger, or past what a server serves).
+pub(super) fn room_for(size: u64, asked: u32) -> bool {
+    size > asked as u64 && size <= crate::server::MAX_FETCH_BYTES as u64
 }
 
 /// Record bytes a consumer asks for per fetch. A long-polling fetch holds this much of its
@@ -422,7 +422,7 @@ impl Consumer {
                 .await;
             match result {
                 // The next record is larger than we asked for: ask again with room for it.
-                Err(Error::FetchTooSmall { size, .. }) if room_for(size, max_bytes).is_some() => {
+                Err(Error::FetchTooSmall { size, .. }) if room_for(size, max_bytes) => {
                     self.fetch_bytes = size as u32;
                 }
                 other => break other?,

@@ -122,7 +122,7 @@ impl Reader {
                         });
                         self.position = log_start;
                     }
-                    Error::FetchTooSmall { size, .. } if room_for(size, self.fetch_bytes).is_some() => {
+                    Error::FetchTooSmall { size, .. } if room_for(size, self.fetch_bytes) => {
                         self.fetch_bytes = size as u32;
                     }
                     // A new leader whose commit point has not caught up with what an answer

@@ -550,13 +550,10 @@ impl NamingServer {
         let now = mono_ms();
         let (mut answers, mut answer_bytes) = (Vec::new(), 0);
         for bytes in messages {
-            let message = match decode_message(&bytes) {
-                Ok(m) if m.from == from => m,
-                Ok(m) => {
-                    warn!(from, claimed = m.from, "a raft message from another member than its sender");
-                    continue;
-                }
-                Err(e) => return Response::Error(Error::invalid(format!("raft message: {e}"))),
+            let message = match message_from(from, &bytes) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => return Response::Error(e),
             };
             let mut fx = self.member().step(now, message, sender_empty);
             if let Ok(fx) = fx.as_mut() {
@@ -584,12 +581,12 @@ impl NamingServer {
     fn step_answers(self: &Arc<Self>, from: u64, messages: Vec<Vec<u8>>, sender_empty: bool) {
         let now = mono_ms();
         for bytes in messages {
-            match decode_message(&bytes) {
-                Ok(m) if m.from == from => {
+            match message_from(from, &bytes) {
+                Ok(Some(m)) => {
                     let fx = self.member().step(now, m, sender_empty);
                     self.carry(fx);
                 }
-                Ok(m) => warn!(from, claimed = m.from, "a raft answer from another member than asked"),
+                Ok(None) => {}
                 Err(e) => warn!(from, error = %e, "a raft answer that does not decode"),
             }
         }
@@ -715,6 +712,17 @@ async fn tick(naming: Arc<NamingServer>, shutdown: CancellationToken) {
         let fx = naming.member().tick(mono_ms());
         naming.carry(fx);
     }
+}
+
+/// A Raft message member `from` sent (in a request or an answer); `None` (and a warning) for
+/// one that claims another sender.
+fn message_from(from: u64, bytes: &[u8]) -> Result<Option<Message>, Error> {
+    let m = decode_message(bytes).map_err(|e| Error::invalid(format!("raft message: {e}")))?;
+    if m.from != from {
+        warn!(from, claimed = m.from, "a raft message from another member than its sender");
+        return Ok(None);
+    }
+    Ok(Some(m))
 }
 
 /// Carries Raft messages to member `to`, in batches, over one connection at a time.

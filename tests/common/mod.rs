@@ -186,9 +186,9 @@ pub struct Cluster {
     pub servers: Vec<(ServerId, SocketAddr, Proc)>,
     /// Proxies that can cut server 1 off (see [`Cluster::start_isolatable`]).
     pub proxies: Vec<proxy::UdpProxy>,
-    /// Where each process serves its metrics (`--metrics-listen`): each naming member's (member
-    /// 1 first), then each topic server's.
+    /// Where each naming member serves its metrics (`--metrics-listen`), member 1 first.
     pub naming_metrics: Vec<SocketAddr>,
+    /// Where each topic server serves its metrics.
     pub metrics: Vec<(ServerId, SocketAddr)>,
     pub options: Options,
     /// Each server's own way to the naming server, with [`Options::naming_proxies`].
