@@ -30,7 +30,8 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// ships records as stored, in record chunks, to followers and consumers ([`FetchedRecords`]).
 /// Version 10 reads without a subscription (`Read`, `Locate`). Version 11 answers Raft
 /// messages with the answering member's own messages for the sender (`RaftDelivered`).
-pub const PROTOCOL_VERSION: u16 = 11;
+/// Version 12 repairs a damaged chunk from another replica's copy (`ReadChunk`).
+pub const PROTOCOL_VERSION: u16 = 12;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -534,6 +535,17 @@ pub enum Request {
         topic: TopicName,
         time_ms: u64,
     },
+    // --- Added in protocol version 12. ---
+    /// From a topic server to another replica of the topic (request 34): its copy of the
+    /// committed records `base..end` as one stored chunk, to repair a chunk that fails its
+    /// checksum on the asking server (F19). Answered with [`Response::StoredChunk`].
+    ReadChunk {
+        topic: TopicName,
+        topic_id: TopicId,
+        replica: ServerId,
+        base: Offset,
+        end: Offset,
+    },
 }
 
 /// A naming member's role in its group.
@@ -721,6 +733,10 @@ pub enum Response {
         log_start: Offset,
         commit: Offset,
     },
+    /// A replica's copy of a committed chunk ([`Request::ReadChunk`]), as stored.
+    StoredChunk {
+        bytes: bytes::Bytes,
+    },
 }
 
 /// One topic not led by its preferred leader, as `topic rebalance` found it.
@@ -855,6 +871,13 @@ mod tests {
                 max_wait_ms: n,
             }),
             (topic.clone(), any::<u64>()).prop_map(|(topic, time_ms)| Request::Locate { topic, time_ms }),
+            (topic.clone(), any::<u64>(), any::<u64>()).prop_map(|(topic, id, base)| Request::ReadChunk {
+                topic,
+                topic_id: id,
+                replica: id,
+                base,
+                end: base.saturating_add(id),
+            }),
             (topic.clone(), sub.clone(), any::<u64>(), session()).prop_map(
                 |(topic, subscription, next, session)| Request::Ack { topic, subscription, next, session }
             ),

@@ -103,10 +103,32 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (47501, "the same on a follower that later led: records left below the log start for good"),
 ];
 
+/// Seeds that found defects in the repair of damaged chunks (F19), replayed as drawn.
+const DAMAGE_REGRESSIONS: &[(u64, &str)] = &[
+    (967450, "a chunk whose header a bit flip changed was never deleted: the store kept a chunk wholly below its log start"),
+];
+
+#[test]
+fn damage_regression_seeds_run_clean() {
+    for (seed, what) in DAMAGE_REGRESSIONS {
+        let outcome = run(Config::swarm(*seed));
+        assert!(outcome.stats.contains_key("damaged chunks"), "seed {seed} damages a chunk");
+        assert!(
+            outcome.passed(),
+            "seed {seed} ({what}) fails again:\n{}",
+            outcome.report(&replay_command(*seed))
+        );
+    }
+}
+
 #[test]
 fn regression_seeds_run_clean() {
     for (seed, what) in REGRESSIONS {
-        let outcome = run(Config::swarm(*seed));
+        // Exactly the run that found the defect: these seeds were found before runs could
+        // damage a chunk (a later draw, which changes the run once it happens).
+        let mut config = Config::swarm(*seed);
+        config.script.retain(|(_, f)| !matches!(f, herald::sim::Fault::DamageChunk(..)));
+        let outcome = run(config);
         assert!(
             outcome.passed(),
             "seed {seed} ({what}) fails again:\n{}",
@@ -214,4 +236,19 @@ fn preferred_leader_returns() {
     assert_eq!(outcome.leaders["t0"], 1, "server 1 leads its topic again\n{}", outcome.report("-"));
     assert!(outcome.epochs["t0"] >= 5, "two failovers and two returns: {:?}", outcome.epochs);
     assert!(outcome.stats["preferred leader returns"] >= 2, "{:?}", outcome.stats);
+}
+
+#[test]
+fn damaged_chunk_on_the_leader() {
+    let outcome = scenario_passes("damaged-chunk-on-the-leader");
+    assert_eq!(outcome.stats["damaged chunks"], 1, "{:?}", outcome.stats);
+    assert_eq!(outcome.stats.get("chunks repaired"), Some(&1), "{:?}", outcome.stats);
+    assert_eq!(outcome.leaders["t0"], 1, "the old leader caught up through the repaired chunk");
+}
+
+#[test]
+fn damaged_chunk_found_at_restart() {
+    let outcome = scenario_passes("damaged-chunk-found-at-restart");
+    assert_eq!(outcome.stats["damaged chunks"], 1, "{:?}", outcome.stats);
+    assert_eq!(outcome.stats.get("chunks repaired"), Some(&1), "{:?}", outcome.stats);
 }

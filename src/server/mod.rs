@@ -37,10 +37,12 @@ use crate::transport::{self, ready, Peer, ResponseFuture, Service};
 use crate::types::{mono_ms, now_ms, NamingAddrs, Offset, ServerId, SubscriptionName, TopicName};
 mod alive;
 mod hosted;
+mod repair;
 mod reports;
 
 pub use self::alive::{Followed, Told};
 use self::hosted::{Hosted, HostedTopics};
+pub use self::repair::{repair_peers, REPAIR_RETRY};
 pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{
     Assignments, Evicted, FetchedRecords, ReplicaInfo, Reports, Request, Response, Role, TopicInfo,
@@ -114,6 +116,21 @@ impl TopicServer {
             "herald_storage_commit_seconds",
             "Storage group commits (one write transaction and its fsync), in seconds",
             self.node.store.commit_seconds().clone(),
+        );
+        let damaged = self.node.store.damaged();
+        let found = Gauge::<i64>::default();
+        found.set(damaged.list().len() as i64);
+        registry.register(
+            "herald_damaged_chunks",
+            "Stored chunks that fail their checksum, not served, waiting for a peer's copy",
+            found,
+        );
+        let repaired = Counter::<u64>::default();
+        repaired.inc_by(damaged.repaired_count());
+        registry.register(
+            "herald_chunks_repaired",
+            "Damaged chunks replaced by another replica's good copy since the server started",
+            repaired,
         );
         let parked = Gauge::<i64>::default();
         parked.set(self.node.parking.parked_here() as i64);
@@ -793,6 +810,21 @@ impl Service for TopicServer {
                     Response::Woken(me.node.parking.answer(follower, poll, wait).await)
                 })
             }
+            Request::ReadChunk { topic, topic_id, replica: asker, base, end } => {
+                if let Err(e) = peer.require(&Principal::Node(asker), "repairing a chunk") {
+                    return ready(Response::Error(e));
+                }
+                answer((|| {
+                    let replica = me.replica_with_id(&topic, topic_id)?;
+                    // Only to another replica of the topic: records go where they are stored.
+                    if !repair_peers(&replica.assignment(), me.node.id).iter().any(|r| r.server == asker) {
+                        return Err(Error::invalid(format!("server {asker} holds no replica of {topic}")));
+                    }
+                    let commit = replica.log.state().commit;
+                    let bytes = me.node.store.committed_chunk(topic_id, base, end, commit)?;
+                    Ok(Response::StoredChunk { bytes })
+                })())
+            }
             Request::Promise { topic, topic_id, epoch } => {
                 if let Err(e) = peer.require(&Principal::Naming, "an election") {
                     return ready(Response::Error(e));
@@ -1090,8 +1122,12 @@ async fn run_node(
             .in_current_span(),
     );
     let alive = tokio::spawn(alive::tell_leaders_alive(server.clone(), shutdown.clone()).in_current_span());
+    let repair = tokio::spawn(repair::repair_damaged(server.clone(), shutdown.clone()).in_current_span());
+    let scrub = tokio::spawn(repair::scrub(server.clone(), shutdown.clone()).in_current_span());
     transport::serve(endpoint, server, config.limits, shutdown).await;
     let _ = naming.await;
     let _ = alive.await;
+    let _ = repair.await;
+    let _ = scrub.await;
     Ok(())
 }

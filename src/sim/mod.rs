@@ -78,7 +78,16 @@ pub enum Fault {
     FailSync(ServerId),
     /// The power goes during the server's n-th write from now (mid-commit).
     TornWrite(ServerId, u64),
+    /// A bit flips on the server's disk in its oldest committed chunk of the first topic that
+    /// a subscription has still to read (0: whichever server leads that topic now); the
+    /// second number picks the bit (`Store::damage_chunk`); F19. Scripted only, so the swarm's
+    /// faults (and the regression seeds' runs) stay as they were.
+    DamageChunk(ServerId, u64),
 }
+
+/// How often a simulated server checks every stored chunk (`server::repair::SCRUB_EVERY`,
+/// a day on a real server, scaled down so runs see damage found by the scrub too).
+pub const SCRUB_EVERY_MS: u64 = 2_000;
 
 /// Events a run may take: seeds take thousands to tens of thousands, so far more means the
 /// cluster loops (a livelock, or events that never let time pass) and the run must fail.
@@ -198,6 +207,13 @@ impl Config {
         config.fetch_wait_ms = [REPLICA_FETCH_WAIT_MS, 1_000, 300, 100][rng.usize(0..4)];
         config.producer_pause_ms = [0, 0, 100, 250][rng.usize(0..4)];
         config.replica_reads = rng.bool();
+        // F19: in a third of the runs whose topics have three replicas or more, a bit flips
+        // once in one replica's chunk (a minority's copy), on a random server or the leader.
+        if config.replicas >= 3 && rng.u32(0..3) == 0 {
+            let at = rng.u64(1_000..config.faults_until_ms);
+            let (server, pick) = (rng.u64(0..=servers), rng.u64(0..1 << 20));
+            config.script.push((at, Fault::DamageChunk(server, pick)));
+        }
         config
     }
 
@@ -410,6 +426,8 @@ impl World {
             ("parked fetch woken", "parked fetches woken"),
             ("park poll to", "park polls failed"),
             ("at a replica that knows", "reads at a replica"),
+            ("repaired from a peer's copy", "chunks repaired"),
+            ("not repaired yet", "chunk repairs retried"),
         ];
         for (needle, what) in KINDS {
             if line.contains(needle) {
@@ -434,6 +452,7 @@ impl World {
             retention: self.config.retention,
             naming_members: self.config.naming_members,
             fetch_wait_ms: self.config.fetch_wait_ms,
+            scrub_every_ms: SCRUB_EVERY_MS,
         }
     }
 
@@ -551,6 +570,7 @@ impl World {
                 && self.events % 64 == 0
                 && self.recovered()
                 && self.assignments_converged().is_ok()
+                && self.damage_repaired().is_ok()
                 && self.leaders_returned().is_ok()
                 && self.leaders_serve().is_ok()
             {
@@ -583,6 +603,20 @@ impl World {
                     "server {id} hosts {hosted:?}, but book version {} assigns it {expected:?}",
                     book.version
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Long after the faults stopped, every chunk the `DamageChunk` fault damaged is repaired
+    /// from a peer's copy, or gone with the records every subscription has read (F19).
+    fn damage_repaired(&self) -> Result<(), String> {
+        for (id, s) in &self.servers {
+            let Some(run) = &s.run else { continue };
+            for (topic, base) in &s.damaged {
+                if !matches!(run.store.damaged_chunk_end(*topic, *base, 0), Ok(None)) {
+                    return Err(format!("server {id} still holds topic {topic}'s chunk at {base} damaged"));
+                }
             }
         }
         Ok(())
@@ -1034,9 +1068,13 @@ impl World {
             Fault::WipeNaming(_) => "naming member wipes",
             Fault::FailSync(_) => "failed fsyncs",
             Fault::TornWrite(..) => "torn writes",
+            // Counted once done (it waits for a group being written).
+            Fault::DamageChunk(..) => "",
             _ => "heals",
         };
-        self.count(kind);
+        if !kind.is_empty() {
+            self.count(kind);
+        }
         match f {
             Fault::Crash(id) => self.crash(id),
             Fault::Restart(id) => self.start_server(id),
@@ -1104,6 +1142,23 @@ impl World {
             Fault::TornWrite(id, n) => {
                 if let Some(s) = self.servers.get(&id) {
                     s.disk.cut_after_writes(n);
+                }
+            }
+            Fault::DamageChunk(id, pick) => {
+                let Some(book) = self.naming.book() else { return };
+                let Some(topic) = book.topics.values().min_by_key(|t| t.id) else { return };
+                let (topic, id) = (topic.id, if id == 0 { topic.leader } else { id });
+                let Some(server) = self.servers.get_mut(&id) else { return };
+                match server.damage_chunk(topic, pick) {
+                    // A group is being written: the disk is damaged right after it.
+                    Err(()) => self.at(self.now + 1, Event::Fault(Fault::DamageChunk(id, pick))),
+                    Ok(Some(base)) => {
+                        self.count("damaged chunks");
+                        self.note(format!("server {id}: topic {topic}'s chunk at {base} damaged"));
+                    }
+                    Ok(None) => {
+                        self.note(format!("server {id}: no committed chunk of topic {topic} to damage"))
+                    }
                 }
             }
         }
@@ -1249,6 +1304,12 @@ impl World {
                 self.checker.violations.push(Violation(format!(
                     "liveness: {} ms after the faults stopped the servers had not taken the book on: {e}",
                     self.config.recovery_ms,
+                )));
+            } else if let Err(e) = self.damage_repaired() {
+                self.checker.violations.push(Violation(format!(
+                    "liveness: {} ms after the faults stopped a damaged chunk was neither repaired nor deleted: {e}\n{}",
+                    self.config.recovery_ms,
+                    self.dump()
                 )));
             } else if let Err(e) = self.leaders_returned() {
                 self.checker.violations.push(Violation(format!(

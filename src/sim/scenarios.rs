@@ -18,6 +18,8 @@ pub const SCENARIOS: &[&str] = &[
     "naming-member-wiped",
     "naming-wiped-member-elects-no-stale-one",
     "preferred-leader-returns",
+    "damaged-chunk-on-the-leader",
+    "damaged-chunk-found-at-restart",
 ];
 
 /// The scripted run called `name`.
@@ -118,9 +120,36 @@ pub fn scenario(name: &str, seed: u64) -> Option<Config> {
         "preferred-leader-returns" => {
             vec![(2_000, Crash(1)), (3_500, Restart(1)), (12_000, Pause(1)), (13_200, Resume(1))]
         }
+        // F19: the preferred leader dies; a bit flips in the new leader's newest committed
+        // chunk, one the old leader never stored. When it returns, it can catch up (and
+        // take its leadership back) only once the new leader has put a good copy, from the
+        // third replica, in place of its own: a damaged chunk is never shipped.
+        "damaged-chunk-on-the-leader" => {
+            vec![(2_000, Crash(1)), (4_000, DamageChunk(0, 0)), (4_100, Restart(1))]
+        }
+        // F19: a bit flips in a follower's chunk; the scrub at its restart finds it and a
+        // peer's copy replaces it; then the leader dies and that follower may lead.
+        "damaged-chunk-found-at-restart" => vec![
+            (1_000, DamageChunk(2, 0)),
+            (1_100, Crash(2)),
+            (1_200, Restart(2)),
+            (1_300, Crash(1)),
+            (6_000, Restart(1)),
+        ],
         _ => return None,
     };
     let servers = if name == "replacement-keeps-a-majority" { 4 } else { 3 };
     let naming_members = if name.starts_with("naming-") && name != "naming-restart-grace" { 3 } else { 1 };
-    Some(Config::scripted(seed, servers, naming_members, script))
+    let mut config = Config::scripted(seed, servers, naming_members, script);
+    // Consumers lag, so committed chunks are still stored (unread) when a bit flips, and
+    // still unread by the time a restarted follower asks a peer for one.
+    match name {
+        "damaged-chunk-on-the-leader" | "damaged-chunk-found-at-restart" => {
+            config.consumer_pause_ms = 1_500;
+            // Producers write all along, so the chunk damaged is one the dead leader lacks.
+            config.producer_pause_ms = 150;
+        }
+        _ => {}
+    }
+    Some(config)
 }

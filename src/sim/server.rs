@@ -22,7 +22,7 @@ use crate::storage::faults::SimDisk;
 use crate::storage::{
     Command, GroupOutcome, LogState, Medium, Pending, Reply, Store, TopicLog, TopicMeta, Writer,
 };
-use crate::types::{Epoch, ServerId, TopicId, TopicName};
+use crate::types::{Epoch, Offset, ServerId, TopicId, TopicName};
 use crate::wire::{Assignments, Evicted, ReplicaAnswer, ReplicaInfo, Request, Response, TopicInfo};
 
 /// What a component does with the world while it handles something.
@@ -78,6 +78,8 @@ pub struct Timing {
     pub naming_members: u64,
     /// How long a leader holds an idle follower's fetch (`replica::REPLICA_FETCH_WAIT`).
     pub fetch_wait_ms: u64,
+    /// How often every stored chunk is checked (`server::repair::SCRUB_EVERY`).
+    pub scrub_every_ms: u64,
 }
 
 type Then = Box<dyn FnOnce(&mut Running, &mut Ctx)>;
@@ -101,6 +103,19 @@ enum Outgoing {
     Park {
         leader: ServerId,
     },
+    /// A `ReadChunk` for the damaged chunk at `base` (`server::repair`).
+    Repair {
+        topic: TopicId,
+        base: Offset,
+    },
+}
+
+/// Asking for a good copy of one damaged chunk, as `server::repair` does: each other replica
+/// in turn, then again after `REPAIR_RETRY`.
+struct RepairTry {
+    attempt: u64,
+    due: u64,
+    in_flight: bool,
 }
 
 /// A request answered once an entry is committed (and, for cursor changes, applied).
@@ -184,6 +199,10 @@ pub struct Running {
     held_polls: Vec<HeldPoll>,
     /// This server's parked fetches, by leader (the waker is the topic).
     park_lot: ParkLot<TopicId>,
+    /// Damaged chunks being repaired from a peer's copy.
+    repairs: BTreeMap<(TopicId, Offset), RepairTry>,
+    /// When every stored chunk is checked next.
+    scrub_at: u64,
     next_id: Arc<AtomicU64>,
     timing: Timing,
 }
@@ -213,11 +232,13 @@ pub struct SimServer {
     pub paused: bool,
     /// Bumped by every crash, so events of a dead process are ignored.
     pub incarnation: u64,
+    /// Chunks the `DamageChunk` fault damaged on this disk (their checksums may fail).
+    pub damaged: Vec<(TopicId, Offset)>,
 }
 
 impl SimServer {
     pub fn new(id: ServerId) -> Self {
-        Self { id, disk: SimDisk::new(), run: None, paused: false, incarnation: 0 }
+        Self { id, disk: SimDisk::new(), run: None, paused: false, incarnation: 0, damaged: Vec::new() }
     }
 
     /// Starts the process from its disk (first start, or restart after a crash).
@@ -235,7 +256,11 @@ impl SimServer {
             Store::open_driven(Path::new("sim"), Some(self.id), &Medium::Sim(self.disk.clone()), clock_fn)
                 .map_err(|e| format!("server {} does not open: {e:#}", self.id))?;
         writer.set_retention(timing.retention);
-        store.check_consistency().map_err(|e| format!("server {} reopened inconsistent: {e}", self.id))?;
+        store
+            .check_consistency_except(&self.damaged)
+            .map_err(|e| format!("server {} reopened inconsistent: {e}", self.id))?;
+        // The scrub at start (`server::repair::scrub`), all at once here.
+        scrub_all(&store);
         let mut run = Running {
             id: self.id,
             store,
@@ -266,6 +291,8 @@ impl SimServer {
             park_book: ParkBook::default(),
             held_polls: Vec::new(),
             park_lot: ParkLot::default(),
+            repairs: BTreeMap::new(),
+            scrub_at: ctx.now + timing.scrub_every_ms,
             next_id,
             timing,
         };
@@ -285,6 +312,20 @@ impl SimServer {
         self.run = Some(run);
         self.incarnation += 1;
         Ok(())
+    }
+
+    /// Damages the running server's oldest committed chunk of `topic` that no subscription
+    /// has read all of (the `DamageChunk` fault); `Err` while a group is being written.
+    pub fn damage_chunk(&mut self, topic: TopicId, pick: u64) -> Result<Option<Offset>, ()> {
+        let Some(run) = &self.run else { return Ok(None) };
+        if run.group.is_some() {
+            return Err(());
+        }
+        let Some(h) = run.hosted.get(&topic) else { return Ok(None) };
+        let state = h.replica.log.state();
+        let base = run.store.damage_chunk(topic, state.log_start, state.commit, pick).ok().flatten();
+        self.damaged.extend(base.map(|b| (topic, b)));
+        Ok(base)
     }
 
     /// The process dies (and the power goes with it: unsynced writes are lost).
@@ -516,7 +557,64 @@ impl Running {
         for id in ids {
             self.fetch_if_due(ctx, id);
         }
+        if self.scrub_at <= now {
+            self.scrub_at = now + self.timing.scrub_every_ms;
+            scrub_all(&self.store);
+        }
+        self.repair_due(ctx);
         self.poll(ctx);
+    }
+
+    /// Asks a peer for each damaged chunk whose turn it is (`server::repair`).
+    fn repair_due(&mut self, ctx: &mut Ctx) {
+        let damaged = self.store.damaged().list();
+        self.repairs.retain(|k, _| damaged.contains(k));
+        for (topic, base) in damaged {
+            let entry = self.repairs.entry((topic, base)).or_insert(RepairTry {
+                attempt: 0,
+                due: ctx.now,
+                in_flight: false,
+            });
+            if entry.in_flight || entry.due > ctx.now {
+                continue;
+            }
+            let Some(h) = self.hosted.get(&topic) else {
+                self.store.damaged().forget(topic, base);
+                continue;
+            };
+            let peers = crate::server::repair_peers(&h.replica.assignment(), self.id);
+            let log_end = h.replica.log.state().log_end;
+            let name = h.replica.log.name.clone();
+            let end = match self.store.damaged_chunk_end(topic, base, log_end) {
+                Ok(Some(end)) => end,
+                Ok(None) => {
+                    self.store.damaged().forget(topic, base);
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            let Some(peer) = peers.get((entry.attempt % peers.len().max(1) as u64) as usize) else {
+                continue;
+            };
+            entry.in_flight = true;
+            let req = Request::ReadChunk { topic: name, topic_id: topic, replica: self.id, base, end };
+            self.request(ctx, server_node(peer.server), req, 1_000, Outgoing::Repair { topic, base });
+        }
+    }
+
+    /// A repair attempt failed: the next peer now, or all of them again after a pause.
+    fn repair_failed(&mut self, now: u64, topic: TopicId, base: Offset) {
+        let peers = self
+            .hosted
+            .get(&topic)
+            .map_or(0, |h| crate::server::repair_peers(&h.replica.assignment(), self.id).len())
+            .max(1);
+        if let Some(t) = self.repairs.get_mut(&(topic, base)) {
+            t.in_flight = false;
+            t.attempt += 1;
+            let retry = crate::server::REPAIR_RETRY.as_millis() as u64;
+            t.due = if t.attempt % peers as u64 == 0 { now + retry } else { now };
+        }
     }
 
     /// Whether this server, leading `topic`, may serve its consumers at `now_ms` (ready,
@@ -656,6 +754,35 @@ impl Running {
                 Ok(_) => {
                     self.naming.registered = false;
                     self.naming_retry(ctx);
+                }
+            },
+            Outgoing::Repair { topic, base } => match answer {
+                Ok(Response::StoredChunk { bytes }) => self.submit(
+                    |reply| Command::RepairChunk { topic, base, bytes, reply },
+                    move |run, ctx, result| match result {
+                        Ok(true) => {
+                            note(format!(
+                                "server {}: topic {topic}'s chunk at {base} repaired from a peer's copy",
+                                run.id
+                            ));
+                            run.store.damaged().repaired(topic, base);
+                        }
+                        Ok(false) => run.store.damaged().forget(topic, base),
+                        Err(e) => {
+                            note(format!(
+                                "server {}: topic {topic}'s chunk at {base} not repaired yet: {e}",
+                                run.id
+                            ));
+                            run.repair_failed(ctx.now, topic, base)
+                        }
+                    },
+                ),
+                other => {
+                    note(format!(
+                        "server {}: topic {topic}'s chunk at {base} not repaired yet: {other:?}",
+                        self.id
+                    ));
+                    self.repair_failed(ctx.now, topic, base)
                 }
             },
             Outgoing::Park { leader } => {
@@ -1165,6 +1292,28 @@ impl Running {
                 let wait = (max_wait_ms as u64).min(PARK_WAIT.as_millis() as u64);
                 self.held_polls.push(HeldPoll { to: from, id, follower, poll, deadline: now + wait });
             }
+            Request::ReadChunk { topic, topic_id, replica, base, end } => {
+                let answer = match self.hosted.get(&topic_id) {
+                    Some(h)
+                        if !crate::server::repair_peers(&h.replica.assignment(), me)
+                            .iter()
+                            .any(|r| r.server == replica) =>
+                    {
+                        Response::Error(Error::invalid(format!(
+                            "server {replica} holds no replica of {topic}"
+                        )))
+                    }
+                    Some(h) => {
+                        let commit = h.replica.log.state().commit;
+                        match self.store.committed_chunk(topic_id, base, end, commit) {
+                            Ok(bytes) => Response::StoredChunk { bytes },
+                            Err(e) => Response::Error(e),
+                        }
+                    }
+                    None => Response::Error(not_hosted(&topic)),
+                };
+                self.respond(ctx, from, id, answer);
+            }
             Request::Promise { topic_id, epoch, .. } => {
                 let Some(h) = self.hosted.get(&topic_id) else {
                     let e = Error::NotLeader { topic: format!("#{topic_id}"), server: me, leader: None };
@@ -1244,7 +1393,18 @@ impl Running {
                 }
             }
         }
+        for t in self.repairs.values().filter(|t| !t.in_flight) {
+            at = at.min(t.due.max(now + 1));
+        }
         at.max(now + 1)
+    }
+}
+
+/// Checks every stored chunk at once (a real server spreads this out: `server::repair`).
+fn scrub_all(store: &Store) {
+    let mut from = Some((0, 0));
+    while let Some(at) = from {
+        from = store.scrub(at, usize::MAX).unwrap_or(None);
     }
 }
 

@@ -121,6 +121,14 @@ pub enum Command {
         config: TopicConfig,
         reply: Reply<()>,
     },
+    /// Replaces the damaged chunk at `base` with a peer's copy (F19); answers whether it was
+    /// replaced (false: it is no longer damaged, or no longer stored).
+    RepairChunk {
+        topic: TopicId,
+        base: Offset,
+        bytes: bytes::Bytes,
+        reply: Reply<bool>,
+    },
 }
 
 impl Command {
@@ -140,6 +148,7 @@ impl Command {
             | Command::Assign { reply, .. }
             | Command::SetMeta { reply, .. }
             | Command::SetConfig { reply, .. } => reply.send(Err(e)).is_ok(),
+            Command::RepairChunk { reply, .. } => reply.send(Err(e)).is_ok(),
             Command::Promise { reply, .. } => reply.send(Err(e)).is_ok(),
             Command::BecomeLeader { reply, .. }
             | Command::ReplicaAppend { reply, .. }

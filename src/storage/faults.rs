@@ -414,6 +414,50 @@ impl StorageBackend for SimDiskBackend {
     }
 }
 
+impl super::Store {
+    /// Damages the oldest stored chunk of `topic` holding records `from..upto` only, as a
+    /// failing disk would (F19: a bit flips in a value, which redb's own checks do not see),
+    /// durably: `pick` chooses the bit, counted from the chunk's end (0: the last bit of its
+    /// last byte; any other may hit the checksum, the header or a record's length). Returns
+    /// its base offset (`None`: no such chunk). For the simulator and tests only; the writer
+    /// must not be mid-group.
+    pub fn damage_chunk(
+        &self,
+        topic: crate::types::TopicId,
+        from: crate::types::Offset,
+        upto: crate::types::Offset,
+        pick: u64,
+    ) -> Result<Option<crate::types::Offset>, crate::error::Error> {
+        use redb::ReadableTable;
+        let db = self.db.get().ok_or_else(|| self.storage_err("the database is being reopened"))?;
+        let txn = db.begin_write().map_err(|e| self.storage_err(e))?;
+        let damaged = {
+            let mut table = txn.open_table(super::tables::CHUNKS).map_err(|e| self.storage_err(e))?;
+            let mut found = None;
+            for row in table.range((topic, from)..(topic, upto)).map_err(|e| self.storage_err(e))? {
+                let (key, value) = row.map_err(|e| self.storage_err(e))?;
+                let base = key.value().1;
+                let chunk =
+                    super::chunk::Chunk::parse_unchecked(value.value()).map_err(|e| self.storage_err(e))?;
+                if chunk.end(base) <= upto {
+                    found = Some((base, value.value().to_vec()));
+                    break;
+                }
+            }
+            if let Some((base, mut bytes)) = found {
+                let len = bytes.len() as u64;
+                bytes[(len - 1 - pick % len) as usize] ^= 1 << ((pick / len) % 8);
+                table.insert((topic, base), bytes.as_slice()).map_err(|e| self.storage_err(e))?;
+                Some(base)
+            } else {
+                None
+            }
+        };
+        txn.commit().map_err(|e| self.storage_err(e))?;
+        Ok(damaged)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use redb::{Database, ReadableDatabase, TableDefinition};

@@ -51,6 +51,7 @@ mod backlog;
 pub mod chunk;
 mod command;
 mod cursors;
+pub mod damage;
 mod epochs;
 pub mod faults;
 mod producers;
@@ -122,6 +123,7 @@ pub struct Store {
     commit_seconds: Histogram,
     low_space: Arc<std::sync::atomic::AtomicBool>,
     changed: Arc<ChangedTopics>,
+    damaged: Arc<damage::Damaged>,
 }
 
 impl Drop for Store {
@@ -230,7 +232,18 @@ impl Store {
         }
         let logs = writer.load()?;
         let low_space = writer.low_space_flag();
-        let store = Store { db, tx: None, writer: None, server, commits, commit_seconds, low_space, changed };
+        let damaged = Arc::new(damage::Damaged::default());
+        let store = Store {
+            db,
+            tx: None,
+            writer: None,
+            server,
+            commits,
+            commit_seconds,
+            low_space,
+            changed,
+            damaged,
+        };
         Ok((store, writer, logs))
     }
 
@@ -276,12 +289,17 @@ impl Store {
         self.server
     }
 
-    /// The disk is full: new data is refused until space is freed (see `recovery`).
+    /// The chunks found damaged (by reads or the scrub) that no peer's copy has repaired yet.
+    pub fn damaged(&self) -> &damage::Damaged {
+        &self.damaged
+    }
+
     /// The topics whose state changed since they were last taken.
     pub fn changed_topics(&self) -> &ChangedTopics {
         &self.changed
     }
 
+    /// The disk is full: new data is refused until space is freed (see `recovery`).
     pub fn low_on_space(&self) -> bool {
         self.low_space.load(std::sync::atomic::Ordering::Relaxed)
     }
@@ -461,6 +479,17 @@ impl Store {
     /// leads before it hears from the naming server enforces them.
     pub async fn set_config(&self, topic: TopicId, config: TopicConfig) -> Result<(), Error> {
         self.call(|reply| Command::SetConfig { topic, config, reply }).await
+    }
+
+    /// Replaces the damaged chunk of `topic` at `base` with `copy`, a peer's (see
+    /// `WriterTopic::repair_chunk`); answers whether it replaced it.
+    pub async fn repair_chunk(
+        &self,
+        topic: TopicId,
+        base: Offset,
+        copy: bytes::Bytes,
+    ) -> Result<bool, Error> {
+        self.call(|reply| Command::RepairChunk { topic, base, bytes: copy, reply }).await
     }
 
     fn storage_err(&self, e: impl std::fmt::Display) -> Error {

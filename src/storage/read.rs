@@ -199,6 +199,7 @@ impl Store {
 
     /// A chunk that cannot be read: never served, reported with where it is.
     fn chunk_err(&self, topic: TopicId, base: Offset, e: chunk::ChunkError) -> Error {
+        self.damaged.note(topic, base);
         self.storage_err(format!("topic #{topic}, the chunk at offset {base}: {e}"))
     }
 
@@ -276,6 +277,73 @@ impl Store {
             .collect::<Result<_, _>>()
             .map_err(|e| self.chunk_err(topic, base, e))?;
         Ok(Bytes::from(chunk::encode_raw(chunk.timestamp_ms, &kept)))
+    }
+
+    /// One step of a scrub: checks stored chunks against their checksums in key order from
+    /// `from` (a topic and base offset), noting each damaged one (`Store::damaged`) so a peer's
+    /// copy can replace it, until about `budget` bytes were read. Returns where the next step
+    /// starts; `None` once every chunk was checked. Disks damage data that nobody reads, and
+    /// a damaged chunk found only when a failover makes this replica serve it is found late.
+    pub fn scrub(&self, from: (TopicId, Offset), budget: usize) -> Result<Option<(TopicId, Offset)>, Error> {
+        let txn = self.read_txn()?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        let mut read = 0usize;
+        for row in chunks.range(from..).map_err(|e| self.storage_err(e))? {
+            let (key, value) = row.map_err(|e| self.storage_err(e))?;
+            let (topic, base) = key.value();
+            if read >= budget {
+                return Ok(Some((topic, base)));
+            }
+            read += value.value().len();
+            if Chunk::parse(value.value()).is_err() {
+                self.damaged.note(topic, base);
+            }
+        }
+        Ok(None)
+    }
+
+    /// Where the chunk of `topic` stored at `base` ends, if it is still stored and still
+    /// fails its checksum (`None`: deleted, truncated or repaired, so nothing to ask a peer
+    /// for). A chunk runs to the next one, or to `log_end` for the last: batches are dense.
+    pub fn damaged_chunk_end(
+        &self,
+        topic: TopicId,
+        base: Offset,
+        log_end: Offset,
+    ) -> Result<Option<Offset>, Error> {
+        let txn = self.read_txn()?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        match chunks.get((topic, base)).map_err(|e| self.storage_err(e))? {
+            Some(v) if Chunk::parse(v.value()).is_err() => {}
+            _ => return Ok(None),
+        }
+        let mut next =
+            chunks.range((topic, base + 1)..(topic, Offset::MAX)).map_err(|e| self.storage_err(e))?;
+        match next.next() {
+            Some(row) => Ok(Some(row.map_err(|e| self.storage_err(e))?.0.value().1)),
+            None => Ok(Some(log_end)),
+        }
+    }
+
+    /// The stored records `base..end` of `topic` as one chunk, for a peer repairing its copy
+    /// (F19): the bytes a follower would have stored for that range (a chunk starting lower
+    /// is trimmed), checked against their checksum, and only when `end` is at or below
+    /// `commit` (this replica's commit point): committed chunks are the same on every replica.
+    pub fn committed_chunk(
+        &self,
+        topic: TopicId,
+        base: Offset,
+        end: Offset,
+        commit: Offset,
+    ) -> Result<Bytes, Error> {
+        if end > commit || base >= end {
+            return Err(self.storage_err(format!(
+                "topic #{topic}: records {base}..{end} are not all committed here (commit point {commit})"
+            )));
+        }
+        let txn = self.read_txn()?;
+        let chunks = txn.open_table(CHUNKS).map_err(|e| self.storage_err(e))?;
+        self.batch_chunk(&chunks, topic, base, end)
     }
 
     /// A follower's restart at this replica's first stored entry: the applied state (cursors,
@@ -424,6 +492,12 @@ impl Store {
     /// must satisfy after any crash, power cut or failed write, for the replication rules to
     /// accept it. Returns the first violation found.
     pub fn check_consistency(&self) -> Result<(), String> {
+        self.check_consistency_except(&[])
+    }
+
+    /// [`Self::check_consistency`], but the chunks in `damaged` (a topic and base offset) may
+    /// fail their checksum: a test damaged them on purpose, and their repair is what it tests.
+    pub fn check_consistency_except(&self, damaged: &[(TopicId, Offset)]) -> Result<(), String> {
         let txn = self.read_txn().map_err(|e| e.to_string())?;
         let fail = |e: &dyn std::fmt::Display| e.to_string();
         let topics = txn.open_table(TOPICS).map_err(|e| fail(&e))?;
@@ -474,21 +548,31 @@ impl Store {
             // before it).
             let need_from = meta.log_start.max(meta.start_offset.min(end));
             let mut last: Option<Offset> = None;
+            let mut stored = Vec::new();
             for row in chunks.range((id, 0)..=(id, u64::MAX)).map_err(|e| fail(&e))? {
                 let (k, v) = row.map_err(|e| fail(&e))?;
-                let base = k.value().1;
-                let chunk = Chunk::parse(v.value()).map_err(|e| format!("{name}: chunk at {base}: {e}"))?;
-                if chunk.records().any(|r| r.is_err()) || chunk.count == 0 {
-                    return Err(format!("{name}: chunk at {base} is malformed or empty"));
-                }
+                stored.push((k.value().1, v.value().to_vec()));
+            }
+            for (i, (base, bytes)) in stored.iter().enumerate() {
+                let base = *base;
+                let chunk_end = match Chunk::parse(bytes) {
+                    // Damaged on purpose: it runs to the next chunk (or the log end).
+                    Err(_) if damaged.contains(&(id, base)) => stored.get(i + 1).map_or(end, |(b, _)| *b),
+                    parsed => {
+                        let chunk = parsed.map_err(|e| format!("{name}: chunk at {base}: {e}"))?;
+                        if chunk.records().any(|r| r.is_err()) || chunk.count == 0 {
+                            return Err(format!("{name}: chunk at {base} is malformed or empty"));
+                        }
+                        chunk.end(base)
+                    }
+                };
                 match last {
                     None if base > need_from => {
                         return Err(format!("{name}: records from {need_from} to {base} are missing"));
                     }
-                    None if chunk.end(base) <= meta.log_start => {
+                    None if chunk_end <= meta.log_start => {
                         return Err(format!(
-                            "{name}: chunk {base}..{} is wholly below the log start {}",
-                            chunk.end(base),
+                            "{name}: chunk {base}..{chunk_end} is wholly below the log start {}",
                             meta.log_start
                         ));
                     }
@@ -497,7 +581,7 @@ impl Store {
                     }
                     _ => {}
                 }
-                last = Some(chunk.end(base));
+                last = Some(chunk_end);
             }
             match last {
                 Some(last) if last != end => {

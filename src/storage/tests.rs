@@ -538,6 +538,90 @@ async fn records_below_the_log_start_inside_a_chunk_are_never_shown_nor_counted(
     store.check_consistency().unwrap();
 }
 
+/// Flips the last bit of `topic`'s stored chunk at `base` (the store must be closed).
+fn flip_a_bit(dir: &std::path::Path, topic: u64, base: u64) {
+    let db = Database::create(dir.join("herald.redb")).unwrap();
+    let txn = db.begin_write().unwrap();
+    {
+        let mut table = txn.open_table(super::tables::CHUNKS).unwrap();
+        let mut value = table.get((topic, base)).unwrap().unwrap().value().to_vec();
+        let last = value.len() - 1;
+        value[last] ^= 0x01;
+        table.insert((topic, base), value.as_slice()).unwrap();
+    }
+    txn.commit().unwrap();
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_takes_a_peers_copy_of_exactly_its_records_and_nothing_else() {
+    let dir = tempfile::tempdir().unwrap();
+    let (good_copy, other) = {
+        let (store, logs) = Store::open(dir.path(), Some(1)).unwrap();
+        assert!(logs.is_empty());
+        let log = solo(&store, meta(1, "t")).await;
+        store.append(1, 1, 0, records(&["abc", "def"])).await.unwrap();
+        store.append(1, 1, 1, records(&["ghi"])).await.unwrap();
+        // Both appends are durable on this one replica: committed (as the caller would know).
+        let commit = log.state().log_end;
+        assert_eq!(commit, 3);
+        // What a peer holding them committed would send; a range not committed is refused.
+        assert!(store.committed_chunk(1, 0, 4, commit).is_err());
+        let copy = store.committed_chunk(1, 0, 2, commit).unwrap();
+        // A peer whose chunk starts lower sends the records asked for, trimmed.
+        assert!(store.committed_chunk(1, 1, 2, commit).unwrap().len() < copy.len());
+        (copy, store.committed_chunk(1, 2, 3, commit).unwrap())
+    };
+    // Nothing to repair yet: a good chunk is never overwritten.
+    {
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        assert!(!store.repair_chunk(1, 0, good_copy.clone()).await.unwrap());
+    }
+    flip_a_bit(dir.path(), 1, 0);
+    let (store, logs) = Store::open(dir.path(), Some(1)).unwrap();
+    let log = &logs[0].0;
+    assert!(read(&store, log, 0, 3, 100, u32::MAX).is_err(), "damaged: never served");
+    // The wrong records (another chunk, one cut short) are refused and change nothing.
+    let refused = store.repair_chunk(1, 0, other.clone()).await.unwrap_err();
+    assert!(refused.to_string().contains("refused"), "{refused}");
+    let mut flipped = good_copy.to_vec();
+    flipped[5] ^= 0x04;
+    assert!(store.repair_chunk(1, 0, flipped.into()).await.is_err(), "a damaged copy");
+    assert!(read(&store, log, 0, 3, 100, u32::MAX).is_err());
+    // The right copy repairs it: every record reads again, and a second repair is a no-op.
+    assert!(store.repair_chunk(1, 0, good_copy.clone()).await.unwrap());
+    assert_eq!(payloads(&store, log), vec![(0, "abc".into()), (1, "def".into()), (2, "ghi".into())]);
+    assert!(!store.repair_chunk(1, 0, good_copy).await.unwrap());
+    store.check_consistency().unwrap();
+}
+
+#[tokio::test]
+async fn the_scrub_finds_every_damaged_chunk_in_bounded_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+        for (id, name) in [(1, "a"), (2, "b")] {
+            solo(&store, meta(id, name)).await;
+            for seq in 0..3 {
+                store.append(id, 1, seq, records(&["abc", "def"])).await.unwrap();
+            }
+        }
+    }
+    flip_a_bit(dir.path(), 1, 2);
+    flip_a_bit(dir.path(), 2, 4);
+    let (store, _) = Store::open(dir.path(), Some(1)).unwrap();
+    // Nothing found before a read or a scrub meets them.
+    assert!(store.damaged().list().is_empty());
+    // A budget of one byte checks one chunk per step: six chunks, six steps, then done.
+    let (mut at, mut steps) = (Some((0, 0)), 0);
+    while let Some(from) = at {
+        at = store.scrub(from, 1).unwrap();
+        steps += 1;
+        assert!(steps <= 7, "the scrub ends");
+    }
+    assert_eq!(steps, 6);
+    assert_eq!(store.damaged().list(), vec![(1, 2), (2, 4)]);
+}
+
 #[tokio::test]
 async fn a_chunk_damaged_on_disk_is_never_served() {
     let dir = tempfile::tempdir().unwrap();
@@ -749,6 +833,64 @@ async fn a_group_that_writes_nothing_is_not_committed() {
     let (store, hosted) = Store::open(dir.path(), None).unwrap();
     assert_eq!(hosted[0].0.state().log_end, 3);
     assert_eq!(payloads(&store, &hosted[0].0).len(), 3);
+}
+
+#[tokio::test]
+async fn a_damaged_chunk_before_a_divergent_tail_does_not_stop_its_truncation() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+        store.create_topic(follower_meta(1)).await.unwrap();
+        let entries = vec![begin(0, 1, 0), batch(1, 1, 0, 7, 0, &["a", "b"]), batch(2, 1, 2, 7, 1, &["c"])];
+        store.replica_append(1, chunk(1, entries, 3, 1)).await.unwrap();
+    }
+    flip_a_bit(dir.path(), 1, 0);
+    let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+    // The follower's tail (entry 2) diverged from a new leader's log: it goes, and the
+    // damaged chunk before it stays for a peer's copy to repair.
+    let state = store.truncate(1, 2).await.unwrap();
+    assert_eq!((state.end_index, state.log_end), (2, 2));
+    store.check_consistency_except(&[(1, 0)]).unwrap();
+}
+
+#[tokio::test]
+async fn a_chunk_damaged_in_its_header_or_framing_still_loads_and_is_deleted_once_read() {
+    for damaged_byte in [4, 5, 6, 7] {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (store, _) = Store::open(dir.path(), Some(3)).unwrap();
+            store.create_topic(follower_meta(1)).await.unwrap();
+            let entries = vec![
+                begin(0, 1, 0),
+                batch(1, 1, 0, 7, 0, &["a", "b"]),
+                batch(2, 1, 2, 7, 1, &["c", "d"]),
+                cursor(3, 1, 4, "s", 0, 0),
+            ];
+            store.replica_append(1, chunk(1, entries, 4, 4)).await.unwrap();
+        }
+        // Past the checksum (4 bytes): the header's varints, then a record's length.
+        let db = Database::create(dir.path().join("herald.redb")).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut table = txn.open_table(super::tables::CHUNKS).unwrap();
+            let mut value = table.get((1, 0)).unwrap().unwrap().value().to_vec();
+            value[damaged_byte] ^= 0x40;
+            table.insert((1, 0), value.as_slice()).unwrap();
+        }
+        txn.commit().unwrap();
+        drop(db);
+        // The server starts; the chunk is never served.
+        let (store, logs) = Store::open(dir.path(), Some(3)).unwrap();
+        let log = &logs[0].0;
+        assert!(read(&store, log, 0, 4, 100, u32::MAX).is_err(), "byte {damaged_byte}");
+        store.check_consistency_except(&[(1, 0)]).unwrap();
+        // The subscription reads past it: it goes, by where the next chunk starts.
+        let entries = vec![cursor(4, 1, 4, "s", 2, 2)];
+        let state = store.replica_append(1, chunk(1, entries, 5, 4)).await.unwrap();
+        assert_eq!(state.log_start, 2, "byte {damaged_byte}");
+        assert_eq!(payloads(&store, log), vec![(2, "c".into()), (3, "d".into())], "byte {damaged_byte}");
+        store.check_consistency().unwrap();
+    }
 }
 
 #[tokio::test]

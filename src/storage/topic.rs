@@ -303,6 +303,49 @@ impl WriterTopic {
         Ok(index)
     }
 
+    /// Puts a peer's copy of the chunk at `base` in place of a damaged one (F19). The copy
+    /// must pass its checksum and hold exactly the records the damaged chunk held: from
+    /// `base` to the next chunk (or the log end). Committed chunks at the same offsets are
+    /// byte-identical on every replica, so a copy that passes these checks is the chunk that
+    /// was lost. Returns whether it replaced anything: a chunk that reads well now (repaired
+    /// already) or that is gone (deleted, truncated) is left alone.
+    pub fn repair_chunk(
+        &mut self,
+        txn: &Tx,
+        base: Offset,
+        copy: &[u8],
+        server: ServerId,
+    ) -> StorageResult<Result<bool, Error>> {
+        let id = self.meta.id;
+        let table = &mut txn.open(CHUNKS)?;
+        let stored = table.get((id, base))?.map(|v| v.value().to_vec());
+        let Some(stored) = stored else { return Ok(Ok(false)) };
+        if Chunk::parse(&stored).is_ok() {
+            return Ok(Ok(false));
+        }
+        let next =
+            table.range((id, base + 1)..(id, Offset::MAX))?.next().transpose()?.map(|(k, _)| k.value().1);
+        let end = next.unwrap_or(self.log_end);
+        let refuse = |why: String| {
+            Ok(Err(Error::Storage {
+                server,
+                detail: format!(
+                    "{}: a peer's copy of the chunk at offset {base} is refused: {why}",
+                    self.name()
+                ),
+            }))
+        };
+        let chunk = match Chunk::parse(copy) {
+            Ok(c) => c,
+            Err(e) => return refuse(e.to_string()),
+        };
+        if chunk.end(base) != end {
+            return refuse(format!("it ends at {}, the damaged one at {end}", chunk.end(base)));
+        }
+        table.insert((id, base), copy)?;
+        Ok(Ok(true))
+    }
+
     /// Stores a batch's records, the chunk of its last ones ending at `end`, as it came: a
     /// follower's copy is the leader's bytes. A follower restarted from a leader's state may
     /// already have its log start past the first of them (a newer leader that has not applied
@@ -685,21 +728,51 @@ pub(super) fn each_record_size(
     let table = txn.open(CHUNKS)?;
     let holding = table.range((topic, 0)..=(topic, from))?.next_back().transpose()?;
     let first = holding.map_or(from, |(k, _)| k.value().1);
-    for row in table.range((topic, first)..(topic, until))? {
+    let mut rows = table.range((topic, first)..(topic, until))?.peekable();
+    while let Some(row) = rows.next() {
         let (k, v) = row?;
-        let base = k.value().1;
-        let chunk = Chunk::parse_unchecked(v.value()).map_err(corrupt)?;
-        for (offset, raw) in (base..).zip(chunk.records()) {
-            let raw = raw.map_err(corrupt)?;
-            if offset >= until {
-                return Ok(());
-            }
-            if offset >= from && !each(offset, chunk.stored_size(raw)) {
-                return Ok(());
-            }
+        // A chunk runs to the next one, whatever its (maybe damaged) header says.
+        let next = rows.peek().and_then(|r| r.as_ref().ok()).map_or(until, |(k, _)| k.value().1);
+        if !chunk_record_sizes(k.value().1, v.value(), from, next, &mut each) {
+            return Ok(());
         }
     }
     Ok(())
+}
+
+/// Calls `each(offset, size)` for the records `from..until` of the chunk stored at `base`;
+/// false once `each` asked to stop. Sizes are read from the framing without the checksum
+/// (counting needs no more). A chunk damaged so that its records cannot be told apart (see
+/// `server::repair`) counts the stored bytes not yet counted once, at its next offset in
+/// range: its records still go, are still truncated, and the count is near enough, where
+/// failing would leave a replica unable to delete, truncate or even start.
+pub(super) fn chunk_record_sizes(
+    base: Offset,
+    bytes: &[u8],
+    from: Offset,
+    until: Offset,
+    each: &mut impl FnMut(Offset, u64) -> bool,
+) -> bool {
+    let Ok(chunk) = Chunk::parse_unchecked(bytes) else {
+        let at = base.max(from);
+        return at >= until || each(at, bytes.len() as u64);
+    };
+    let mut counted = 0u64;
+    for (offset, raw) in (base..).zip(chunk.records()) {
+        if offset >= until {
+            return true;
+        }
+        let Ok(raw) = raw else {
+            let at = offset.max(from);
+            return at >= until || each(at, (bytes.len() as u64).saturating_sub(counted));
+        };
+        let size = chunk.stored_size(raw);
+        counted += size;
+        if offset >= from && !each(offset, size) {
+            return false;
+        }
+    }
+    true
 }
 
 /// Deletes a topic's records `from..until` (`from`: its log start); returns the bytes it
@@ -711,10 +784,27 @@ pub(super) fn delete_below(txn: &Tx, topic: TopicId, from: Offset, until: Offset
         freed += size;
         true
     })?;
-    txn.open(CHUNKS)?.retain_in((topic, 0)..(topic, until), |(_, base), v| {
-        // A header that does not parse is kept: nothing is deleted on a guess.
-        !Chunk::parse_unchecked(v).is_ok_and(|c| c.end(base) <= until)
-    })?;
+    // Every chunk below the last one starting under `until` ends where the next starts
+    // (batches are dense): they all go. The last goes if it ends by `until`, as the next
+    // chunk's base says, or for the log's last chunk its header; nothing goes on a guess (a
+    // damaged header).
+    let mut table = txn.open(CHUNKS)?;
+    let Some(last) = table.range((topic, 0)..(topic, until))?.next_back().transpose()? else {
+        return Ok(freed);
+    };
+    let last_base = last.0.value().1;
+    let last_end = Chunk::parse_unchecked(last.1.value()).ok().map(|c| c.end(last_base));
+    drop(last);
+    let next = table
+        .range((topic, last_base + 1)..(topic, Offset::MAX))?
+        .next()
+        .transpose()?
+        .map(|(k, _)| k.value().1);
+    let last_goes = match next {
+        Some(next) => next <= until,
+        None => last_end.is_some_and(|e| e <= until),
+    };
+    table.retain_in((topic, 0)..(topic, until), |(_, base), _| base == last_base && !last_goes)?;
     Ok(freed)
 }
 
@@ -733,8 +823,10 @@ fn truncate_records(txn: &Tx, topic: TopicId, offset: Offset) -> StorageResult<u
         Some(row) => {
             let (k, v) = row?;
             let (base, bytes) = (k.value().1, v.value());
-            let chunk = Chunk::parse(bytes).map_err(corrupt)?;
-            if chunk.end(base) > offset {
+            // Only a chunk the cut falls inside is read (and checked): one that ends before
+            // it stays as it is, damaged or not (a peer's copy repairs it, `repair_chunk`).
+            if Chunk::parse_unchecked(bytes).map_err(corrupt)?.end(base) > offset {
+                let chunk = Chunk::parse(bytes).map_err(corrupt)?;
                 let kept: Vec<&[u8]> = chunk
                     .records()
                     .take((offset - base) as usize)

@@ -18,7 +18,6 @@ use redb::{Database, Key, ReadableDatabase, ReadableTable, Table, TableDefinitio
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
-use super::chunk::Chunk;
 use super::command::{Command, Reply};
 use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor};
 use super::epochs::{become_leader, promise};
@@ -26,11 +25,11 @@ use super::producers::{append, Batch};
 use super::recovery::{is_no_space, DbHandle, Opener, Reserve, REOPEN_BACKOFF_MAX, SPACE_CHECK_EVERY};
 use super::state::{ChangedTopics, LogState, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, TOPICS};
-use super::topic::{corrupt, delete_all_records, Retention, WriterTopic};
+use super::topic::{chunk_record_sizes, delete_all_records, Retention, WriterTopic};
 use super::HostedTopic;
 use crate::error::Error;
 use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor};
-use crate::types::{Epoch, ServerId, TopicId};
+use crate::types::{Epoch, Offset, ServerId, TopicId};
 use crate::wire::TopicConfig;
 
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
@@ -252,15 +251,16 @@ impl Writer {
             // that survives restarts, so clients never see it move back.
             let commit_index = meta.applied.clamp(meta.start_index, t.end_index);
             t.leader_commit = (commit_index, commit_offset.min(t.log_end));
-            for row in chunks.range((id, 0)..=(id, u64::MAX))? {
+            let mut rows = chunks.range((id, 0)..=(id, u64::MAX))?.peekable();
+            while let Some(row) = rows.next() {
                 let (k, v) = row?;
-                let base = k.value().1;
-                let chunk = Chunk::parse_unchecked(v.value()).map_err(corrupt)?;
-                for (offset, raw) in (base..).zip(chunk.records()) {
-                    if offset >= meta.log_start {
-                        t.bytes += chunk.stored_size(raw.map_err(corrupt)?);
-                    }
-                }
+                let next =
+                    rows.peek().and_then(|r| r.as_ref().ok()).map_or(Offset::MAX, |(k, _)| k.value().1);
+                let mut count = |_, size| {
+                    t.bytes += size;
+                    true
+                };
+                chunk_record_sizes(k.value().1, v.value(), meta.log_start, next, &mut count);
             }
             for row in producers.range((id, 0)..=(id, u64::MAX))? {
                 let (k, v) = row?;
@@ -571,6 +571,10 @@ impl Writer {
                     txn.open(META)?.insert(key, value)?;
                     Ok(Ok(()))
                 })();
+                settle(deferred, reply, result, server)
+            }
+            Command::RepairChunk { topic, base, bytes, reply } => {
+                let result = with_topic(topics, topic, server, |t| t.repair_chunk(txn, base, &bytes, server));
                 settle(deferred, reply, result, server)
             }
             Command::SetConfig { topic, config, reply } => {

@@ -325,6 +325,7 @@ pub fn request_name(req: &Request) -> &'static str {
         Request::AwaitLeader { .. } => "AwaitLeader",
         Request::Read { .. } => "Read",
         Request::Locate { .. } => "Locate",
+        Request::ReadChunk { .. } => "ReadChunk",
     }
 }
 

@@ -91,7 +91,7 @@ impl Proc {
         p
     }
 
-    fn spawn(&mut self, certs: &Path) {
+    pub fn spawn(&mut self, certs: &Path) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
         let child = Command::new(BIN)
             .args(&self.args)
