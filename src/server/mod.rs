@@ -42,7 +42,7 @@ mod reports;
 
 pub use self::alive::{Followed, Told};
 use self::hosted::{Hosted, HostedTopics};
-pub use self::repair::{repair_peers, REPAIR_RETRY};
+pub use self::repair::{read_chunk_for, repair_peers, REPAIR_RETRY};
 pub use self::reports::{topic_report, ReportLedger};
 use crate::wire::{
     Assignments, Evicted, FetchedRecords, ReplicaInfo, Reports, Request, Response, Role, TopicInfo,
@@ -816,12 +816,7 @@ impl Service for TopicServer {
                 }
                 answer((|| {
                     let replica = me.replica_with_id(&topic, topic_id)?;
-                    // Only to another replica of the topic: records go where they are stored.
-                    if !repair_peers(&replica.assignment(), me.node.id).iter().any(|r| r.server == asker) {
-                        return Err(Error::invalid(format!("server {asker} holds no replica of {topic}")));
-                    }
-                    let commit = replica.log.state().commit;
-                    let bytes = me.node.store.committed_chunk(topic_id, base, end, commit)?;
+                    let bytes = read_chunk_for(&me.node.store, &replica, me.node.id, asker, base, end)?;
                     Ok(Response::StoredChunk { bytes })
                 })())
             }

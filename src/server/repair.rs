@@ -14,7 +14,8 @@ use tracing::{debug, info, warn};
 
 use super::TopicServer;
 use crate::error::Error;
-use crate::replica::Assignment;
+use crate::replica::{Assignment, Replica};
+use crate::storage::Store;
 use crate::types::{Offset, ServerId, TopicId};
 use crate::wire::{ReplicaInfo, Request, Response};
 
@@ -78,6 +79,23 @@ pub async fn repair_damaged(server: Arc<TopicServer>, shutdown: CancellationToke
             _ = tokio::time::sleep(REPAIR_RETRY), if waiting => {}
         }
     }
+}
+
+/// Answers another replica's `ReadChunk`: this replica's committed records `base..end` as
+/// one stored chunk (`Store::committed_chunk`), only to a server that holds a replica of the
+/// topic (records go where they are stored anyway).
+pub fn read_chunk_for(
+    store: &Store,
+    replica: &Replica,
+    me: ServerId,
+    asker: ServerId,
+    base: Offset,
+    end: Offset,
+) -> Result<bytes::Bytes, Error> {
+    if !repair_peers(&replica.assignment(), me).iter().any(|r| r.server == asker) {
+        return Err(Error::invalid(format!("server {asker} holds no replica of {}", replica.log.name)));
+    }
+    store.committed_chunk(replica.log.id, base, end, replica.log.state().commit)
 }
 
 /// The replicas to ask for a copy of a damaged chunk: every other one the topic has.

@@ -1294,24 +1294,10 @@ impl Running {
             }
             Request::ReadChunk { topic, topic_id, replica, base, end } => {
                 let answer = match self.hosted.get(&topic_id) {
-                    Some(h)
-                        if !crate::server::repair_peers(&h.replica.assignment(), me)
-                            .iter()
-                            .any(|r| r.server == replica) =>
-                    {
-                        Response::Error(Error::invalid(format!(
-                            "server {replica} holds no replica of {topic}"
-                        )))
-                    }
-                    Some(h) => {
-                        let commit = h.replica.log.state().commit;
-                        match self.store.committed_chunk(topic_id, base, end, commit) {
-                            Ok(bytes) => Response::StoredChunk { bytes },
-                            Err(e) => Response::Error(e),
-                        }
-                    }
-                    None => Response::Error(not_hosted(&topic)),
+                    Some(h) => crate::server::read_chunk_for(&self.store, &h.replica, me, replica, base, end),
+                    None => Err(not_hosted(&topic)),
                 };
+                let answer = answer.map_or_else(Response::Error, |bytes| Response::StoredChunk { bytes });
                 self.respond(ctx, from, id, answer);
             }
             Request::Promise { topic_id, epoch, .. } => {
