@@ -106,6 +106,7 @@ const REGRESSIONS: &[(u64, &str)] = &[
 /// Seeds that found defects in the repair of damaged chunks (F19), replayed as drawn.
 const DAMAGE_REGRESSIONS: &[(u64, &str)] = &[
     (967450, "a chunk whose header a bit flip changed was never deleted: the store kept a chunk wholly below its log start"),
+    (974312, "the same for the log's last chunk, whose end deletion took from its damaged header"),
 ];
 
 #[test]

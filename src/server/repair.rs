@@ -113,8 +113,12 @@ async fn repair_one(server: &TopicServer, topic: TopicId, base: Offset) -> Resul
     let Some(end) = server.node.store.damaged_chunk_end(topic, base, log.state().log_end)? else {
         return Ok(false);
     };
-    let mut last = Error::Unavailable { detail: format!("no other replica of {} to ask", log.name) };
-    for peer in repair_peers(&hosted.replica.assignment(), server.node.id) {
+    // Where the other replicas are, as the naming server said: until it has, a restarted
+    // server knows only their ids (it tries again after `REPAIR_RETRY`).
+    let applied = hosted.applied.lock().expect("applied lock").clone();
+    let peers = applied.map_or_else(Vec::new, |a| repair_peers(&a, server.node.id));
+    let mut last = Error::Unavailable { detail: format!("no other replica of {} known yet", log.name) };
+    for peer in peers {
         let req = Request::ReadChunk {
             topic: log.name.clone(),
             topic_id: topic,

@@ -582,7 +582,8 @@ impl Running {
                 self.store.damaged().forget(topic, base);
                 continue;
             };
-            let peers = crate::server::repair_peers(&h.replica.assignment(), self.id);
+            // As `server::repair`: the replicas the naming server last said the topic has.
+            let peers = h.applied.as_ref().map_or_else(Vec::new, |a| crate::server::repair_peers(a, self.id));
             let log_end = h.replica.log.state().log_end;
             let name = h.replica.log.name.clone();
             let end = match self.store.damaged_chunk_end(topic, base, log_end) {
@@ -607,7 +608,8 @@ impl Running {
         let peers = self
             .hosted
             .get(&topic)
-            .map_or(0, |h| crate::server::repair_peers(&h.replica.assignment(), self.id).len())
+            .and_then(|h| h.applied.as_ref())
+            .map_or(0, |a| crate::server::repair_peers(a, self.id).len())
             .max(1);
         if let Some(t) = self.repairs.get_mut(&(topic, base)) {
             t.in_flight = false;

@@ -595,7 +595,7 @@ impl WriterTopic {
         if let Some(new_start) = moved {
             let target = new_start.min(self.log_end).max(self.meta.log_start);
             if target > self.meta.log_start {
-                let bytes = delete_below(txn, id, self.meta.log_start, target)?;
+                let bytes = delete_below(txn, id, self.meta.log_start, target, self.log_end)?;
                 self.bytes = self.bytes.saturating_sub(bytes);
                 self.freed_bytes += bytes;
                 freed = target - self.meta.log_start;
@@ -778,32 +778,33 @@ pub(super) fn chunk_record_sizes(
 /// Deletes a topic's records `from..until` (`from`: its log start); returns the bytes it
 /// counted for them. Space comes back a chunk at a time: a chunk reaching past `until` stays
 /// whole, and readers never see its records below the log start.
-pub(super) fn delete_below(txn: &Tx, topic: TopicId, from: Offset, until: Offset) -> StorageResult<u64> {
+pub(super) fn delete_below(
+    txn: &Tx,
+    topic: TopicId,
+    from: Offset,
+    until: Offset,
+    log_end: Offset,
+) -> StorageResult<u64> {
     let mut freed = 0;
     each_record_size(txn, topic, from, until, |_, size| {
         freed += size;
         true
     })?;
-    // Every chunk below the last one starting under `until` ends where the next starts
-    // (batches are dense): they all go. The last goes if it ends by `until`, as the next
-    // chunk's base says, or for the log's last chunk its header; nothing goes on a guess (a
-    // damaged header).
+    // A chunk ends where the next starts, the log's last one at the log end (batches are
+    // dense), whatever its header says (it may be damaged): every chunk below the last one
+    // starting under `until` goes, and that one if it ends by `until`.
     let mut table = txn.open(CHUNKS)?;
     let Some(last) = table.range((topic, 0)..(topic, until))?.next_back().transpose()? else {
         return Ok(freed);
     };
     let last_base = last.0.value().1;
-    let last_end = Chunk::parse_unchecked(last.1.value()).ok().map(|c| c.end(last_base));
     drop(last);
     let next = table
         .range((topic, last_base + 1)..(topic, Offset::MAX))?
         .next()
         .transpose()?
         .map(|(k, _)| k.value().1);
-    let last_goes = match next {
-        Some(next) => next <= until,
-        None => last_end.is_some_and(|e| e <= until),
-    };
+    let last_goes = next.unwrap_or(log_end) <= until;
     table.retain_in((topic, 0)..(topic, until), |(_, base), _| base == last_base && !last_goes)?;
     Ok(freed)
 }
