@@ -1339,6 +1339,9 @@ impl World {
                     if let Err(e) = run.store.check_consistency() {
                         self.checker.violations.push(Violation(format!("server {id}: {e}")));
                     }
+                    if let Some(e) = run.dedup_differs() {
+                        self.checker.violations.push(Violation(format!("server {id}: {e}")));
+                    }
                 }
             }
         }

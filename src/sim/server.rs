@@ -350,6 +350,23 @@ fn assignment_of(meta: &TopicMeta) -> Assignment {
 }
 
 impl Running {
+    /// Where the producers' dedup state in memory differs from what a restart would load
+    /// (the checkpoint and the entries after it), described; `None` while a group is under
+    /// way (memory is ahead of disk until it commits).
+    pub fn dedup_differs(&self) -> Option<String> {
+        if self.group.is_some() {
+            return None;
+        }
+        self.writer.producer_states().into_iter().find_map(|(topic, held)| {
+            match self.store.producer_states(topic) {
+                Ok(loaded) if loaded == held => None,
+                loaded => Some(format!(
+                    "topic {topic}: producers' dedup state {held:?} in memory, {loaded:?} loaded"
+                )),
+            }
+        })
+    }
+
     fn node(&self) -> NodeId {
         server_node(self.id)
     }

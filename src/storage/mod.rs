@@ -10,7 +10,8 @@
 //! - `record_chunks`: (id, offset of the first) -> the records of one batch as one value with
 //!   a checksum (`chunk`), read by consumers and shipped to followers;
 //! - `cursors`: (id, subscription) -> the applied [`Cursor`];
-//! - `producers`: (id, producer) -> [`ProducerState`] (dedup window);
+//! - `producers`: (id, producer) -> [`ProducerState`] (dedup window), a checkpoint the
+//!   entries after it complete (`dedup`): a produce writes no row here;
 //! - `epochs`: (id, epoch) -> index of its first entry ([`EpochHistory`](crate::replication::EpochHistory));
 //! - `meta`: the server id this data directory belongs to, its naming book's id, the format.
 //!
@@ -24,7 +25,8 @@
 //! - `writer`: the group commit; `command`: what it takes; `state`: what it publishes;
 //! - `topic`: one topic's log in the writer (entries, apply, compaction, follower writes);
 //! - `epochs`, `producers`, `cursors`, `backlog`: the leader's rules for epoch starts,
-//!   producers' batches, subscriptions' cursors and backlog limits;
+//!   producers' batches, subscriptions' cursors and backlog limits; `dedup`: the producers'
+//!   dedup state and its checkpoint;
 //! - `tables`: the redb tables; `chunk`: how a batch's records are one value; `read`:
 //!   readers; `faults`: backends that fail on purpose.
 //!
@@ -52,6 +54,7 @@ pub mod chunk;
 mod command;
 mod cursors;
 pub mod damage;
+mod dedup;
 mod epochs;
 pub mod faults;
 mod producers;
@@ -90,8 +93,9 @@ use tables::{CHUNKS, CURSORS, ENTRIES, EPOCHS, META, PRODUCERS, TOPICS};
 
 /// Version of the on-disk layout (tables and value encodings). 3: a replicated log of
 /// entries (batches, cursor changes, epoch starts) beside the records; applied cursors.
-/// 4: records stored a batch per value (`chunk`), with a CRC32C.
-pub const STORAGE_FORMAT: u64 = 4;
+/// 4: records stored a batch per value (`chunk`), with a CRC32C. 5: the producers table is
+/// a checkpoint the entries after `TopicMeta::producers_index` complete (`dedup`).
+pub const STORAGE_FORMAT: u64 = 5;
 
 /// redb page cache. Records live on disk, not in RAM: memory stays flat as backlogs grow.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;

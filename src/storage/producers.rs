@@ -47,7 +47,7 @@ pub(super) fn append(
         Ok(e) => e,
         Err(e) => return Ok(Err(e)),
     };
-    if let Some(state) = t.producers.get(&producer).filter(|s| !s.recent.is_empty()) {
+    if let Some(state) = t.dedup.states.get(&producer).filter(|s| !s.recent.is_empty()) {
         if let Some(seen) = state.find(sequence) {
             let at = Pending { index: seen.index, epoch: seen.epoch };
             let refused = seen.rejected.then(|| {
@@ -66,13 +66,13 @@ pub(super) fn append(
             return Ok(Err(Error::OutOfOrderSequence { producer, expected, got: sequence }));
         }
     }
-    if !t.producers.contains_key(&producer) && t.producers.len() >= MAX_PRODUCERS_PER_TOPIC {
+    if !t.dedup.states.contains_key(&producer) && t.dedup.states.len() >= MAX_PRODUCERS_PER_TOPIC {
         // Room for a new producer only by forgetting one silent for long enough that it
         // cannot be retrying a batch (its retries end after `client::DEFAULT_RETRY_DEADLINE`).
-        let silent_longest = t.producers.values().map(|p| p.last_ms).min().unwrap_or(now_ms);
+        let silent_longest = t.dedup.states.values().map(|p| p.last_ms).min().unwrap_or(now_ms);
         if now_ms.saturating_sub(silent_longest) < PRODUCER_EVICT_IDLE_MS {
             return Ok(Err(Error::LimitReached {
-                what: format!("topic {:?} keeps dedup state for {} producers", t.name(), t.producers.len()),
+                what: format!("topic {:?} keeps dedup state for {} producers", t.name(), t.dedup.states.len()),
                 limit: MAX_PRODUCERS_PER_TOPIC as u64,
                 hint: "a new producer may start once one has been silent for 10 minutes; reuse producers rather than start one per batch".into(),
             }));

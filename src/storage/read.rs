@@ -5,6 +5,7 @@ use bytes::Bytes;
 use redb::{ReadableTable, ReadableTableMetadata};
 
 use super::chunk::{self, Chunk};
+use super::dedup::Dedup;
 use super::state::{LogState, TopicLog, TopicMeta};
 use super::tables::{decode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::Store;
@@ -346,16 +347,20 @@ impl Store {
         self.batch_chunk(&chunks, topic, base, end)
     }
 
+    fn topic_meta_in(&self, txn: &redb::ReadTransaction, topic: TopicId) -> Result<TopicMeta, Error> {
+        let topics = txn.open_table(TOPICS).map_err(|e| self.storage_err(e))?;
+        match topics.get(topic).map_err(|e| self.storage_err(e))? {
+            Some(v) => decode(v.value()).map_err(|e| self.storage_err(e)),
+            None => Err(Error::internal(format!("topic #{topic} is not stored"))),
+        }
+    }
+
     /// A follower's restart at this replica's first stored entry: the applied state (cursors,
     /// log start), the epochs before it and the producers' dedup windows, read together.
     pub fn reset_snapshot(&self, topic: TopicId) -> Result<ReplicaReset, Error> {
         let txn = self.read_txn()?;
         let err = |e: &dyn std::fmt::Display| self.storage_err(e);
-        let topics = txn.open_table(TOPICS).map_err(|e| err(&e))?;
-        let meta: TopicMeta = match topics.get(topic).map_err(|e| err(&e))? {
-            Some(v) => decode(v.value()).map_err(|e| err(&e))?,
-            None => return Err(Error::internal(format!("topic #{topic} is not stored"))),
-        };
+        let meta = self.topic_meta_in(&txn, topic)?;
         let mut history = Vec::new();
         for row in txn
             .open_table(EPOCHS)
@@ -386,7 +391,7 @@ impl Store {
             // Only what the entries before the restart point built: the follower takes the
             // rest from the entries themselves (some may never commit).
             producers: self
-                .producer_states_in(&txn, topic)?
+                .producer_states_in(&txn, &meta)?
                 .into_iter()
                 .filter_map(|(p, mut s)| {
                     s.truncate(meta.start_index);
@@ -448,24 +453,25 @@ impl Store {
         Ok(out)
     }
 
-    /// The dedup state of every producer of a topic.
+    /// The dedup state of every producer of a topic, as of its log end.
     pub fn producer_states(&self, topic: TopicId) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
         let txn = self.read_txn()?;
-        self.producer_states_in(&txn, topic)
+        let meta = self.topic_meta_in(&txn, topic)?;
+        self.producer_states_in(&txn, &meta)
     }
 
+    /// The checkpoint and the entries after it (see `dedup`).
     fn producer_states_in(
         &self,
         txn: &redb::ReadTransaction,
-        topic: TopicId,
+        meta: &TopicMeta,
     ) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
-        let table = txn.open_table(PRODUCERS).map_err(|e| self.storage_err(e))?;
-        let mut out = Vec::new();
-        for row in table.range((topic, 0)..=(topic, u64::MAX)).map_err(|e| self.storage_err(e))? {
-            let (key, value) = row.map_err(|e| self.storage_err(e))?;
-            out.push((key.value().1, decode(value.value()).map_err(|e| self.storage_err(e))?));
-        }
-        Ok(out)
+        let err = |e: &dyn std::fmt::Display| self.storage_err(e);
+        let checkpoint = txn.open_table(PRODUCERS).map_err(|e| err(&e))?;
+        let entries = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
+        let dedup = Dedup::load(&checkpoint, &entries, meta.id, meta.producers_index, Index::MAX)
+            .map_err(|e| err(&e))?;
+        Ok(dedup.states.into_iter().collect())
     }
 
     /// Number of records stored for all topics, those hidden below a log start not counted
@@ -541,6 +547,12 @@ impl Store {
                 }
                 end = entry.end;
                 next += 1;
+            }
+            if !(meta.start_index..=next).contains(&meta.producers_index) {
+                return Err(format!(
+                    "{name}: the producers' checkpoint at entry {} is outside the stored entries {}..{next}",
+                    meta.producers_index, meta.start_index
+                ));
             }
             // Chunks: each checked, in order without gaps up to the log end, none wholly below
             // the log start. They start at or below the log start, or at the first stored

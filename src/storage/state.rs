@@ -36,6 +36,10 @@ pub struct TopicMeta {
     /// Entries below this index are applied (cursor table, log start). Only grows; after a
     /// restart the entries after it are applied again.
     pub applied: Index,
+    /// The `producers` table holds the dedup state the entries below this index built (a
+    /// checkpoint, see `storage::dedup`); loading replays the entries from here on. Never
+    /// below `start_index`: the entries it needs are not compacted away.
+    pub producers_index: Index,
 }
 
 impl TopicMeta {
@@ -67,6 +71,7 @@ impl TopicMeta {
             start_index: 0,
             start_offset: 0,
             applied: 0,
+            producers_index: 0,
         }
     }
 }

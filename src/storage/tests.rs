@@ -1137,6 +1137,87 @@ fn a_power_cut_mid_group_leaves_a_store_the_rules_accept_and_loses_only_that_gro
     assert_eq!(state.leading, None, "and it does not lead its old epoch again");
 }
 
+/// The writer's dedup state is what a restart would load: the checkpoint and the entries
+/// after it.
+fn dedup_as_loaded(store: &Store, writer: &Writer) {
+    for (topic, held) in writer.producer_states() {
+        assert_eq!(store.producer_states(topic).unwrap(), held, "topic {topic}");
+    }
+}
+
+fn checkpoint_rows(store: &Store) -> u64 {
+    let txn = store.read_txn().unwrap();
+    redb::ReadableTableMetadata::len(&txn.open_table(super::tables::PRODUCERS).unwrap()).unwrap()
+}
+
+fn last_sequences(store: &Store) -> Vec<(ProducerId, Sequence)> {
+    store.producer_states(1).unwrap().into_iter().map(|(p, s)| (p, s.last_sequence)).collect()
+}
+
+#[test]
+fn the_producers_dedup_state_is_a_checkpoint_the_entries_after_it_complete() {
+    let disk = SimDisk::new();
+    let (store, mut writer, _) = driven(&disk);
+    writer.set_retention(Retention { retained: 1, batch: 1 });
+    run(&mut writer, |reply| Command::CreateTopic { meta: follower_meta(1), reply }).unwrap();
+    let append = |writer: &mut Writer, entries, commit_index, commit| {
+        let chunk = chunk(1, entries, commit_index, commit);
+        run(writer, |reply| Command::ReplicaAppend { topic: 1, chunk, reply }).unwrap();
+    };
+    // A batch writes its entry and its records, no producer row.
+    let first = vec![
+        begin(0, 1, 0),
+        batch(1, 1, 0, 7, 0, &["a"]),
+        batch(2, 1, 1, 7, 1, &["b"]),
+        batch(3, 1, 2, 8, 0, &["c"]),
+    ];
+    append(&mut writer, first, 0, 0);
+    assert_eq!(checkpoint_rows(&store), 0);
+    assert_eq!(last_sequences(&store), [(7, 1), (8, 0)]);
+    dedup_as_loaded(&store, &writer);
+
+    // Truncated above the checkpoint: rebuilt from the entries kept (producer 8's batch went).
+    run(&mut writer, |reply| Command::Truncate { topic: 1, to: 3, reply }).unwrap();
+    assert_eq!(last_sequences(&store), [(7, 1)]);
+    dedup_as_loaded(&store, &writer);
+
+    // Compaction of entries the state was built from checkpoints it first, at the log end
+    // (entries 5 and 6 are not committed yet).
+    let more = vec![
+        batch(3, 1, 2, 8, 0, &["c"]),
+        cursor(4, 1, 3, "s", 3, 3),
+        batch(5, 1, 3, 7, 2, &["d"]),
+        batch(6, 1, 4, 7, 3, &["e"]),
+    ];
+    append(&mut writer, more, 5, 3);
+    assert!(store.entry_count().unwrap() < 7, "entries were compacted");
+    assert_eq!(checkpoint_rows(&store), 2);
+    dedup_as_loaded(&store, &writer);
+
+    // Truncated below the checkpoint: the outcomes it counted past the cut are forgotten and
+    // it is written again at the cut.
+    run(&mut writer, |reply| Command::Truncate { topic: 1, to: 6, reply }).unwrap();
+    assert_eq!(last_sequences(&store), [(7, 2), (8, 0)]);
+    dedup_as_loaded(&store, &writer);
+    store.check_consistency().unwrap();
+
+    // The state survives a restart, and forgotten producers stay forgotten.
+    drop((store, writer));
+    let (store, mut writer, _) = driven(&disk);
+    store.check_consistency().unwrap();
+    assert_eq!(last_sequences(&store), [(7, 2), (8, 0)]);
+    dedup_as_loaded(&store, &writer);
+    let more = vec![batch(6, 1, 4, 9, 0, &["f"])];
+    append(&mut writer, more, 5, 3);
+    assert_eq!(run(&mut writer, |reply| Command::ExpireProducers { topic: 1, cutoff_ms: 6, reply }), Ok(3));
+    assert_eq!(checkpoint_rows(&store), 0);
+    dedup_as_loaded(&store, &writer);
+    drop((store, writer));
+    let (store, writer, _) = driven(&disk);
+    assert!(last_sequences(&store).is_empty());
+    dedup_as_loaded(&store, &writer);
+}
+
 #[test]
 fn a_failed_fsync_fails_the_group_and_a_shown_one_stops_the_server() {
     let disk = SimDisk::new();

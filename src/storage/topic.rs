@@ -15,16 +15,16 @@ use tracing::{error, info};
 
 use super::backlog::Evicting;
 use super::chunk::{self, Chunk};
-use super::producers::MAX_PRODUCERS_PER_TOPIC;
+use super::dedup::Dedup;
 use super::state::{ChangedTopics, LogState, Pending, StateTx, TopicLog, TopicMeta};
 use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::writer::{StorageResult, Tx};
 use crate::error::Error;
 use crate::replication::{
-    BatchOutcome, Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ProducerState,
-    ReplicaChunk, ReplicaReset, ShippedEntry,
+    Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ReplicaChunk, ReplicaReset,
+    ShippedEntry,
 };
-use crate::types::{Epoch, Index, Offset, ProducerId, ServerId, TopicId};
+use crate::types::{Epoch, Index, Offset, ServerId, TopicId};
 
 /// Applied entries kept below the compaction point for followers a little behind, so they
 /// need not restart from the leader's state. Entries are small once their records are gone.
@@ -65,7 +65,7 @@ pub(super) struct WriterTopic {
     pub leader_commit: (Index, Offset),
     pub history: EpochHistory,
     pub cursors: CursorState,
-    pub producers: BTreeMap<ProducerId, ProducerState>,
+    pub dedup: Dedup,
     /// The epoch this replica leads, once it wrote that epoch's first entry. Never set on
     /// load: a restarted replica leads again only in a new epoch.
     pub leading: Option<Epoch>,
@@ -103,7 +103,7 @@ impl WriterTopic {
             leader_commit: (meta.start_index, meta.start_offset),
             history: EpochHistory::default(),
             cursors,
-            producers: BTreeMap::new(),
+            dedup: Dedup::default(),
             leading: None,
             state: StateTx::new(
                 LogState {
@@ -239,6 +239,13 @@ impl WriterTopic {
         Ok(())
     }
 
+    /// Writes the producers' dedup checkpoint as of the log end (see `dedup`).
+    fn checkpoint_producers(&mut self, txn: &Tx) -> StorageResult<()> {
+        self.dedup.checkpoint(txn, self.meta.id)?;
+        self.meta.producers_index = self.end_index;
+        self.save_meta(txn)
+    }
+
     /// Appends one entry (and a batch's records, the last ones of it: `chunk`, a stored record
     /// chunk, empty for other entries) at the log end, whoever wrote it. Returns its index.
     pub fn write_entry(&mut self, txn: &Tx, entry: Entry, chunk: Bytes, ship: bool) -> StorageResult<Index> {
@@ -248,41 +255,16 @@ impl WriterTopic {
         if self.history.assign(entry.epoch, index) {
             txn.open(EPOCHS)?.insert((id, entry.epoch), index)?;
         }
-        match &entry.kind {
-            EntryKind::Batch { count, timestamp_ms, producer } => {
-                self.store_chunk(txn, entry.end, &chunk)?;
-                if let Some((producer, sequence)) = *producer {
-                    let outcome = BatchOutcome {
-                        sequence,
-                        base: entry.base(),
-                        count: *count,
-                        index,
-                        epoch: entry.epoch,
-                        rejected: false,
-                    };
-                    let state = self.producers.entry(producer).or_default();
-                    state.record(outcome, *timestamp_ms);
-                    txn.open(PRODUCERS)?.insert((id, producer), encode(&*state).as_slice())?;
-                    self.batches_since_sweep += 1;
-                    self.keep_producers_within_limit(txn, producer)?;
-                }
-            }
-            EntryKind::Refused { producer, sequence } => {
-                let outcome = BatchOutcome {
-                    sequence: *sequence,
-                    base: entry.end,
-                    count: 0,
-                    index,
-                    epoch: entry.epoch,
-                    rejected: true,
-                };
-                let state = self.producers.entry(*producer).or_default();
-                let at = state.last_ms;
-                state.record(outcome, at);
-                txn.open(PRODUCERS)?.insert((id, *producer), encode(&*state).as_slice())?;
+        if let EntryKind::Batch { .. } = &entry.kind {
+            self.store_chunk(txn, entry.end, &chunk)?;
+        }
+        match (self.dedup.record(index, &entry), &entry.kind) {
+            (Some(producer), EntryKind::Batch { .. }) => {
+                self.batches_since_sweep += 1;
+                self.dedup.keep_within_limit(producer);
             }
             // Entries a reset follower receives again were applied in the leader's state.
-            EntryKind::Cursor { subscription, cursor, log_start }
+            (_, EntryKind::Cursor { subscription, cursor, log_start })
                 if index >= self.cursors.applied_index() =>
             {
                 let pending = PendingCursor {
@@ -292,11 +274,13 @@ impl WriterTopic {
                 };
                 self.cursors.push(index, pending);
             }
-            EntryKind::Cursor { .. } => {}
-            EntryKind::Begin => {}
+            _ => {}
         }
         self.log_end = entry.end;
         self.end_index = index + 1;
+        if self.dedup.checkpoint_due() {
+            self.checkpoint_producers(txn)?;
+        }
         if ship {
             self.appended.push(ShippedEntry { index, entry, chunk });
         }
@@ -456,7 +440,7 @@ impl WriterTopic {
         }
         if self.batches_since_sweep >= PRODUCER_SWEEP_EVERY {
             // Dated by the log's own timestamps, so every replica forgets the same producers.
-            let newest = self.producers.values().map(|p| p.last_ms).max().unwrap_or(0);
+            let newest = self.dedup.states.values().map(|p| p.last_ms).max().unwrap_or(0);
             self.expire_producers(txn, newest.saturating_sub(PRODUCER_STATE_TTL_MS))?;
         }
         let commit = if chunk.commit_index <= self.end_index {
@@ -501,14 +485,13 @@ impl WriterTopic {
         }
         drop(epochs);
         self.cursors.truncate(to);
-        let mut producers = txn.open(PRODUCERS)?;
-        for (p, state) in self.producers.iter_mut() {
-            if state.truncate(to) {
-                producers.insert((id, *p), encode(&*state).as_slice())?;
-            }
-        }
+        let checkpoint_at = self.meta.producers_index;
+        self.dedup.truncate(txn, id, checkpoint_at, to)?;
         self.end_index = to;
         self.log_end = offset;
+        if checkpoint_at > to {
+            self.checkpoint_producers(txn)?;
+        }
         if self.leader_commit.0 > to {
             self.leader_commit = (to, offset);
         }
@@ -551,19 +534,10 @@ impl WriterTopic {
         }
         drop(cursors);
         self.cursors.reset(reset.cursors.into_iter().collect(), reset.applied, reset.log_start);
-        let mut producers = txn.open(PRODUCERS)?;
-        producers.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
-        self.producers.clear();
-        for (p, mut state) in reset.producers {
-            // Outcomes of entries from the restart point on come again with those entries.
-            state.truncate(reset.start_index);
-            if state.recent.is_empty() {
-                continue;
-            }
-            producers.insert((id, p), encode(&state).as_slice())?;
-            self.producers.insert(p, state);
-        }
-        drop(producers);
+        txn.open(PRODUCERS)?.retain_in((id, 0)..=(id, u64::MAX), |_, _| false)?;
+        self.dedup.reset(reset.producers, reset.start_index);
+        self.dedup.checkpoint(txn, id)?;
+        self.meta.producers_index = reset.start_index;
         self.meta.start_index = reset.start_index;
         self.meta.start_offset = reset.start_offset;
         self.meta.log_start = reset.log_start;
@@ -641,47 +615,25 @@ impl WriterTopic {
         if to == self.meta.start_index {
             return Ok(false);
         }
+        if to > self.meta.producers_index {
+            // The entries to drop are part of the dedup state: checkpoint it first.
+            self.checkpoint_producers(txn)?;
+        }
         txn.open(ENTRIES)?.retain_in((id, self.meta.start_index)..(id, to), |_, _| false)?;
         self.meta.start_index = to;
         self.meta.start_offset = offset;
         Ok(true)
     }
 
-    /// Over [`MAX_PRODUCERS_PER_TOPIC`] (after `added` joined), forgets the producer silent
-    /// the longest. Every replica does so as it applies the same entries (silence is measured
-    /// in entry timestamps), and a leader admits a new producer only when that one has been
-    /// silent for [`PRODUCER_EVICT_IDLE_MS`](super::producers::PRODUCER_EVICT_IDLE_MS).
-    fn keep_producers_within_limit(&mut self, txn: &Tx, added: ProducerId) -> StorageResult<()> {
-        if self.producers.len() <= MAX_PRODUCERS_PER_TOPIC {
-            return Ok(());
-        }
-        let oldest = self
-            .producers
-            .iter()
-            .filter(|(id, _)| **id != added)
-            .min_by_key(|(id, p)| (p.last_ms, **id))
-            .map(|(id, _)| *id);
-        if let Some(id) = oldest {
-            self.producers.remove(&id);
-            txn.open(PRODUCERS)?.remove((self.meta.id, id))?;
-        }
-        Ok(())
-    }
-
     /// Forgets the producers whose last batch is older than `cutoff_ms`; returns how many.
     pub fn expire_producers(&mut self, txn: &Tx, cutoff_ms: u64) -> StorageResult<usize> {
         self.batches_since_sweep = 0;
-        let expired: Vec<ProducerId> =
-            self.producers.iter().filter(|(_, p)| p.last_ms < cutoff_ms).map(|(id, _)| *id).collect();
-        if !expired.is_empty() {
-            let mut table = txn.open(PRODUCERS)?;
-            for id in &expired {
-                self.producers.remove(id);
-                table.remove((self.meta.id, *id))?;
-            }
-            info!(topic = %self.meta.name, producers = expired.len(), "forgot producers silent for a day");
+        let expired = self.dedup.expire(cutoff_ms);
+        if expired > 0 {
+            self.checkpoint_producers(txn)?;
+            info!(topic = %self.meta.name, producers = expired, "forgot producers silent for a day");
         }
-        Ok(expired.len())
+        Ok(expired)
     }
 }
 

@@ -20,6 +20,7 @@ use tracing::{error, info, warn};
 
 use super::command::{Command, Reply};
 use super::cursors::{ack, create_subscription, delete_subscription, reset_cursor};
+use super::dedup::Dedup;
 use super::epochs::{become_leader, promise};
 use super::producers::{append, Batch};
 use super::recovery::{is_no_space, DbHandle, Opener, Reserve, REOPEN_BACKOFF_MAX, SPACE_CHECK_EVERY};
@@ -28,8 +29,8 @@ use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, META, PROD
 use super::topic::{chunk_record_sizes, delete_all_records, Retention, WriterTopic};
 use super::HostedTopic;
 use crate::error::Error;
-use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor};
-use crate::types::{Epoch, Offset, ServerId, TopicId};
+use crate::replication::{Cursor, CursorState, Entry, EntryKind, EpochHistory, PendingCursor, ProducerState};
+use crate::types::{Epoch, Index, Offset, ProducerId, ServerId, TopicId};
 use crate::wire::TopicConfig;
 
 /// Commands folded into one write transaction at most; bounds the latency of the first one.
@@ -196,6 +197,13 @@ impl Writer {
         }
     }
 
+    /// The producers' dedup state this writer holds, by topic, for the simulator to compare
+    /// with what a restart loads ([`Store::producer_states`](super::Store::producer_states)).
+    pub fn producer_states(&self) -> BTreeMap<TopicId, Vec<(ProducerId, ProducerState)>> {
+        let states = |t: &WriterTopic| t.dedup.states.iter().map(|(p, s)| (*p, s.clone())).collect();
+        self.topics.iter().map(|(id, t)| (*id, states(t))).collect()
+    }
+
     /// Rebuilds the in-memory view from the committed tables (at open, and after a failed
     /// commit, so memory never runs ahead of disk). Existing watch channels are kept, so
     /// handles held by the server stay live.
@@ -262,10 +270,7 @@ impl Writer {
                 };
                 chunk_record_sizes(k.value().1, v.value(), meta.log_start, next, &mut count);
             }
-            for row in producers.range((id, 0)..=(id, u64::MAX))? {
-                let (k, v) = row?;
-                t.producers.insert(k.value().1, decode(v.value())?);
-            }
+            t.dedup = Dedup::load(&producers, &entries, id, meta.producers_index, Index::MAX)?;
             // After a failed group (not a restart), a leader whose epoch's first entry is
             // durable still leads it, unless followers may have seen what was lost.
             if let Some(e) = old.get(&id).and_then(|o| o.leading) {
