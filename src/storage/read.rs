@@ -7,7 +7,7 @@ use redb::{ReadableTable, ReadableTableMetadata};
 use super::chunk::{self, Chunk};
 use super::dedup::Dedup;
 use super::state::{LogState, TopicLog, TopicMeta};
-use super::tables::{decode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
+use super::tables::{decode, stored_chunk_end, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::Store;
 use crate::error::Error;
 use crate::replication::{
@@ -318,12 +318,7 @@ impl Store {
             Some(v) if Chunk::parse(v.value()).is_err() => {}
             _ => return Ok(None),
         }
-        let mut next =
-            chunks.range((topic, base + 1)..(topic, Offset::MAX)).map_err(|e| self.storage_err(e))?;
-        match next.next() {
-            Some(row) => Ok(Some(row.map_err(|e| self.storage_err(e))?.0.value().1)),
-            None => Ok(Some(log_end)),
-        }
+        stored_chunk_end(&chunks, topic, base, log_end).map(Some).map_err(|e| self.storage_err(e))
     }
 
     /// The stored records `base..end` of `topic` as one chunk, for a peer repairing its copy

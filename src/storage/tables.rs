@@ -1,7 +1,9 @@
 //! The redb tables and how values are encoded in them (postcard).
 
-use redb::TableDefinition;
+use redb::{ReadableTable, StorageError, TableDefinition};
 use serde::{Deserialize, Serialize};
+
+use crate::types::{Offset, TopicId};
 
 /// id -> [`TopicMeta`](super::TopicMeta).
 pub(super) const TOPICS: TableDefinition<u64, &[u8]> = TableDefinition::new("topics");
@@ -24,4 +26,16 @@ pub(super) fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, postc
 
 pub(super) fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("storage values encode")
+}
+
+/// Where the stored chunk of `topic` at `base` ends: where the next one starts, the log's
+/// last one at `log_end` (batches are dense), whatever its header says (it may be damaged).
+pub(super) fn stored_chunk_end(
+    chunks: &impl ReadableTable<(u64, u64), &'static [u8]>,
+    topic: TopicId,
+    base: Offset,
+    log_end: Offset,
+) -> Result<Offset, StorageError> {
+    let next = chunks.range((topic, base + 1)..(topic, Offset::MAX))?.next().transpose()?;
+    Ok(next.map_or(log_end, |(k, _)| k.value().1))
 }

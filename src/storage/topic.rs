@@ -17,7 +17,7 @@ use super::backlog::Evicting;
 use super::chunk::{self, Chunk};
 use super::dedup::Dedup;
 use super::state::{ChangedTopics, LogState, Pending, StateTx, TopicLog, TopicMeta};
-use super::tables::{decode, encode, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
+use super::tables::{decode, encode, stored_chunk_end, CHUNKS, CURSORS, ENTRIES, EPOCHS, PRODUCERS, TOPICS};
 use super::writer::{StorageResult, Tx};
 use crate::error::Error;
 use crate::replication::{
@@ -307,9 +307,7 @@ impl WriterTopic {
         if Chunk::parse(&stored).is_ok() {
             return Ok(Ok(false));
         }
-        let next =
-            table.range((id, base + 1)..(id, Offset::MAX))?.next().transpose()?.map(|(k, _)| k.value().1);
-        let end = next.unwrap_or(self.log_end);
+        let end = stored_chunk_end(&*table, id, base, self.log_end)?;
         let refuse = |why: String| {
             Ok(Err(Error::Storage {
                 server,
@@ -742,21 +740,15 @@ pub(super) fn delete_below(
         freed += size;
         true
     })?;
-    // A chunk ends where the next starts, the log's last one at the log end (batches are
-    // dense), whatever its header says (it may be damaged): every chunk below the last one
-    // starting under `until` goes, and that one if it ends by `until`.
+    // Every chunk below the last one starting under `until` goes, and that one if it ends by
+    // `until` (by where the next starts: its header may be damaged).
     let mut table = txn.open(CHUNKS)?;
     let Some(last) = table.range((topic, 0)..(topic, until))?.next_back().transpose()? else {
         return Ok(freed);
     };
     let last_base = last.0.value().1;
     drop(last);
-    let next = table
-        .range((topic, last_base + 1)..(topic, Offset::MAX))?
-        .next()
-        .transpose()?
-        .map(|(k, _)| k.value().1);
-    let last_goes = next.unwrap_or(log_end) <= until;
+    let last_goes = stored_chunk_end(&table, topic, last_base, log_end)? <= until;
     table.retain_in((topic, 0)..(topic, until), |(_, base), _| base == last_base && !last_goes)?;
     Ok(freed)
 }
