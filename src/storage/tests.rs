@@ -1213,9 +1213,25 @@ fn the_producers_dedup_state_is_a_checkpoint_the_entries_after_it_complete() {
     assert_eq!(checkpoint_rows(&store), 0);
     dedup_as_loaded(&store, &writer);
     drop((store, writer));
-    let (store, writer, _) = driven(&disk);
+    let (store, mut writer, _) = driven(&disk);
     assert!(last_sequences(&store).is_empty());
     dedup_as_loaded(&store, &writer);
+
+    // Over the producer limit a replica forgets the one silent longest (all are equally
+    // silent here: the lowest id), and a restart does not bring it back.
+    use super::producers::MAX_PRODUCERS_PER_TOPIC;
+    let many = MAX_PRODUCERS_PER_TOPIC as u64 + 1;
+    let batches = (0..many).map(|i| batch(7 + i, 1, 5 + i, 100 + i, 0, &["x"])).collect();
+    append(&mut writer, batches, 5, 3);
+    let kept =
+        |store: &Store| store.producer_states(1).unwrap().into_iter().map(|(p, _)| p).collect::<Vec<_>>();
+    assert_eq!(kept(&store), (101..100 + many).collect::<Vec<_>>());
+    dedup_as_loaded(&store, &writer);
+    drop((store, writer));
+    let (store, writer, _) = driven(&disk);
+    assert_eq!(kept(&store).len(), MAX_PRODUCERS_PER_TOPIC);
+    dedup_as_loaded(&store, &writer);
+    store.check_consistency().unwrap();
 }
 
 #[test]
