@@ -342,6 +342,7 @@ impl Store {
         self.batch_chunk(&chunks, topic, base, end)
     }
 
+    /// The stored meta of `topic`, as `txn` sees it.
     fn topic_meta_in(&self, txn: &redb::ReadTransaction, topic: TopicId) -> Result<TopicMeta, Error> {
         let topics = txn.open_table(TOPICS).map_err(|e| self.storage_err(e))?;
         match topics.get(topic).map_err(|e| self.storage_err(e))? {
@@ -386,7 +387,7 @@ impl Store {
             // Only what the entries before the restart point built: the follower takes the
             // rest from the entries themselves (some may never commit).
             producers: self
-                .producer_states_in(&txn, &meta)?
+                .producer_states_in(&txn, &meta, meta.start_index)?
                 .into_iter()
                 .filter_map(|(p, mut s)| {
                     s.truncate(meta.start_index);
@@ -452,20 +453,22 @@ impl Store {
     pub fn producer_states(&self, topic: TopicId) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
         let txn = self.read_txn()?;
         let meta = self.topic_meta_in(&txn, topic)?;
-        self.producer_states_in(&txn, &meta)
+        self.producer_states_in(&txn, &meta, Index::MAX)
     }
 
-    /// The checkpoint and the entries after it (see `dedup`).
+    /// The checkpoint and the outcomes of the entries after it, up to entry `to` (see
+    /// `dedup`).
     fn producer_states_in(
         &self,
         txn: &redb::ReadTransaction,
         meta: &TopicMeta,
+        to: Index,
     ) -> Result<Vec<(ProducerId, ProducerState)>, Error> {
         let err = |e: &dyn std::fmt::Display| self.storage_err(e);
         let checkpoint = txn.open_table(PRODUCERS).map_err(|e| err(&e))?;
         let entries = txn.open_table(ENTRIES).map_err(|e| err(&e))?;
-        let dedup = Dedup::load(&checkpoint, &entries, meta.id, meta.producers_index, Index::MAX)
-            .map_err(|e| err(&e))?;
+        let dedup =
+            Dedup::load(&checkpoint, &entries, meta.id, meta.producers_index, to).map_err(|e| err(&e))?;
         Ok(dedup.states.into_iter().collect())
     }
 
