@@ -60,6 +60,9 @@ impl Dedup {
         from: Index,
         to: Index,
     ) -> StorageResult<()> {
+        if from >= to {
+            return Ok(());
+        }
         for row in entries.range((id, from)..(id, to))? {
             let (k, v) = row?;
             self.record(k.value().1, &decode(v.value()).map_err(corrupt)?);
