@@ -30,8 +30,9 @@ pub use crate::types::{Header, Record, StoredRecord};
 /// ships records as stored, in record chunks, to followers and consumers ([`FetchedRecords`]).
 /// Version 10 reads without a subscription (`Read`, `Locate`). Version 11 answers Raft
 /// messages with the answering member's own messages for the sender (`RaftDelivered`).
-/// Version 12 repairs a damaged chunk from another replica's copy (`ReadChunk`).
-pub const PROTOCOL_VERSION: u16 = 12;
+/// Version 12 repairs a damaged chunk from another replica's copy (`ReadChunk`). Version 13
+/// numbers park polls (`Park::poll`).
+pub const PROTOCOL_VERSION: u16 = 13;
 
 /// Largest frame accepted, in bytes. Bounds the memory one request can pin; a producer batch
 /// is split well below it (see `client::MAX_BATCH_BYTES`).
@@ -499,9 +500,11 @@ pub enum Request {
     /// A follower's long poll for the topics it parked on this leader (see
     /// `replication::park`): registers `parked` (only those parked since its last poll) and
     /// is answered `Woken` once any parked topic has news, when a newer poll arrives, or
-    /// after `max_wait_ms`.
+    /// after `max_wait_ms`. `poll` numbers it among the follower's polls (a repeat of the
+    /// last number is a second delivery, held once).
     Park {
         replica: ServerId,
+        poll: u64,
         #[serde(deserialize_with = "crate::types::bounded::parked")]
         parked: Vec<ParkedFetch>,
         max_wait_ms: u32,
@@ -922,21 +925,24 @@ mod tests {
                     digest,
                     topics
                 }),
-            proptest::collection::vec(any::<(u64, u64, u64, u64)>(), 0..20).prop_map(|parked| {
-                Request::Park {
-                    replica: 3,
-                    parked: parked
-                        .into_iter()
-                        .map(|(topic, epoch, from, known_commit)| ParkedFetch {
-                            topic,
-                            epoch,
-                            from,
-                            known_commit,
-                        })
-                        .collect(),
-                    max_wait_ms: 30_000,
+            (any::<u64>(), proptest::collection::vec(any::<(u64, u64, u64, u64)>(), 0..20)).prop_map(
+                |(poll, parked)| {
+                    Request::Park {
+                        replica: 3,
+                        poll,
+                        parked: parked
+                            .into_iter()
+                            .map(|(topic, epoch, from, known_commit)| ParkedFetch {
+                                topic,
+                                epoch,
+                                from,
+                                known_commit,
+                            })
+                            .collect(),
+                        max_wait_ms: 30_000,
+                    }
                 }
-            }),
+            ),
         ]
     }
 

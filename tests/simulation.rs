@@ -103,10 +103,12 @@ const REGRESSIONS: &[(u64, &str)] = &[
     (47501, "the same on a follower that later led: records left below the log start for good"),
 ];
 
-/// Seeds that found defects in the repair of damaged chunks (F19), replayed as drawn.
+/// Seeds drawn with a damaged chunk that found defects (the first two in its repair, F19),
+/// replayed as drawn.
 const DAMAGE_REGRESSIONS: &[(u64, &str)] = &[
     (967450, "a chunk whose header a bit flip changed was never deleted: the store kept a chunk wholly below its log start"),
     (974312, "the same for the log's last chunk, whose end deletion took from its damaged header"),
+    (995402, "a park poll delivered twice: the leader answered the copy at once and the original later with a woken topic, an answer its follower no longer waited for; the topic never fetched again"),
 ];
 
 #[test]

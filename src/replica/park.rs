@@ -27,7 +27,6 @@ pub const PARK_WAIT: Duration = Duration::from_secs(30);
 const PARK_ANSWER_GRACE: Duration = Duration::from_secs(5);
 
 /// Both sides of parking on one server.
-#[derive(Default)]
 pub struct Parking {
     /// Leader side: who is parked here.
     book: Mutex<ParkBook>,
@@ -37,6 +36,17 @@ pub struct Parking {
     polls: Notify,
     /// Follower side: wakes session tasks (a topic parked).
     parked: Notify,
+}
+
+impl Default for Parking {
+    fn default() -> Self {
+        Self {
+            book: Mutex::default(),
+            lot: Mutex::new(ParkLot::numbered_from(fastrand::u64(..))),
+            polls: Notify::new(),
+            parked: Notify::new(),
+        }
+    }
 }
 
 impl Parking {
@@ -63,24 +73,33 @@ impl Parking {
         state.leading != Some(fetch.epoch) || Replica::has_news(state, fetch.from, fetch.known_commit)
     }
 
-    /// Leader: registers what `follower` parked (`state_of`: each topic's state here, `None`
-    /// if not hosted) and starts its new poll, which supersedes the one held before.
+    /// Leader: starts `follower`'s poll number `sent`, which supersedes the one held before,
+    /// and registers what it parked (`state_of`: each topic's state here, `None` if not
+    /// hosted). `None` for a second delivery of its last poll (refuse it: see
+    /// [`ParkBook::hold`]).
     pub fn hold(
         &self,
         follower: ServerId,
+        sent: u64,
         fetches: Vec<ParkedFetch>,
         state_of: impl Fn(TopicId) -> Option<LogState>,
-    ) -> u64 {
+    ) -> Option<u64> {
         let poll = {
             let mut book = self.book.lock().expect("book lock");
+            let poll = book.hold(follower, sent)?;
             for f in fetches {
                 let news = state_of(f.topic).is_none_or(|s| Self::news(&s, &f));
                 book.park(follower, f, news);
             }
-            book.hold(follower)
+            poll
         };
         self.polls.notify_waiters();
-        poll
+        Some(poll)
+    }
+
+    /// Leader: the refusal of a second delivery of poll number `sent`.
+    pub fn repeated(sent: u64) -> Error {
+        Error::invalid(format!("park poll {sent} came twice; its follower should wake its parked topics"))
     }
 
     /// Leader: waits for poll `poll` of `follower` to answer: the topics woken for it, or
@@ -132,8 +151,8 @@ async fn session(node: Arc<Node>, leader: ServerId, addr: SocketAddr) {
         parked.as_mut().enable();
         let next = node.parking.lot.lock().expect("lot lock").next(leader);
         match next {
-            Next::Send(fetches) => {
-                polls.spawn(poll(node.clone(), addr, fetches));
+            Next::Send { poll: number, parked } => {
+                polls.spawn(poll(node.clone(), addr, number, parked));
                 continue;
             }
             Next::Done => return,
@@ -160,9 +179,19 @@ async fn session(node: Arc<Node>, leader: ServerId, addr: SocketAddr) {
     }
 }
 
-/// One poll: registers `fetches` and waits for the leader to name woken topics.
-async fn poll(node: Arc<Node>, addr: SocketAddr, fetches: Vec<ParkedFetch>) -> Result<Vec<TopicId>, Error> {
-    let req = Request::Park { replica: node.id, parked: fetches, max_wait_ms: PARK_WAIT.as_millis() as u32 };
+/// Poll number `number`: registers `fetches` and waits for the leader to name woken topics.
+async fn poll(
+    node: Arc<Node>,
+    addr: SocketAddr,
+    number: u64,
+    fetches: Vec<ParkedFetch>,
+) -> Result<Vec<TopicId>, Error> {
+    let req = Request::Park {
+        replica: node.id,
+        poll: number,
+        parked: fetches,
+        max_wait_ms: PARK_WAIT.as_millis() as u32,
+    };
     let call = node.call_peer(addr, &req);
     match tokio::time::timeout(PARK_WAIT + PARK_ANSWER_GRACE, call).await {
         Ok(Ok(Response::Woken(woken))) => Ok(woken),

@@ -12,7 +12,11 @@
 //! Nothing here is needed for safety: a fetch decides everything, parking only decides when
 //! to send it. A poll that fails or times out wakes every topic parked on its session, so a
 //! lost answer or a restarted leader costs one fetch per topic, never a stuck topic; a stale
-//! registration or a late answer costs at most a fetch with nothing new.
+//! registration or a late answer costs at most a fetch with nothing new. Woken topics are
+//! told only to a follower's newest poll: a superseded poll answers with nothing, and a
+//! second delivery of a poll (each is numbered; the simulator's network duplicates messages)
+//! is refused, which wakes everything parked on the session, because its follower may take
+//! the refusal for the first delivery's answer and never see the one that names the topics.
 
 use std::collections::{BTreeSet, HashMap};
 
@@ -34,7 +38,10 @@ pub struct ParkedFetch {
 #[derive(Debug, Default)]
 struct Waiting {
     woken: BTreeSet<TopicId>,
+    /// The held poll (this book's number for it).
     poll: u64,
+    /// The follower's number of the last poll it sent here, to know a second delivery.
+    last_sent: Option<u64>,
 }
 
 /// The leader server's side: who is parked on which topic, and who was woken.
@@ -77,21 +84,33 @@ impl ParkBook {
         self.on_change(topic, |_| true)
     }
 
-    /// A new poll of `from`: it supersedes the one held before (which answers at once).
-    pub fn hold(&mut self, from: ServerId) -> u64 {
+    /// A new poll of `from`, its number `sent` (the follower's): it supersedes the one held
+    /// before (which answers at once, with nothing). `None` when it is a second delivery of
+    /// the last poll: refuse it (an error, so its follower wakes everything parked here) and
+    /// park nothing it carries (the first delivery did).
+    pub fn hold(&mut self, from: ServerId, sent: u64) -> Option<u64> {
+        let w = self.followers.entry(from).or_default();
+        if w.last_sent == Some(sent) {
+            return None;
+        }
+        w.last_sent = Some(sent);
         self.polls += 1;
-        self.followers.entry(from).or_default().poll = self.polls;
-        self.polls
+        w.poll = self.polls;
+        Some(self.polls)
     }
 
     /// Whether poll `poll` of `from` answers now, and with which topics: those woken (taken),
-    /// or none once it is superseded or `expired`.
+    /// or none once it is `expired`; a superseded poll answers at once with none (the woken
+    /// topics wait for the newest poll).
     pub fn answer(&mut self, from: ServerId, poll: u64, expired: bool) -> Option<Vec<TopicId>> {
         let w = self.followers.entry(from).or_default();
+        if w.poll != poll {
+            return Some(Vec::new());
+        }
         if !w.woken.is_empty() {
             return Some(std::mem::take(&mut w.woken).into_iter().collect());
         }
-        (expired || w.poll != poll).then(Vec::new)
+        expired.then(Vec::new)
     }
 
     /// How many fetches are parked here, over all topics and followers.
@@ -121,9 +140,9 @@ struct Session<W> {
 /// What a session does next.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Next {
-    /// Send a poll with these new registrations (maybe none: a poll must be held while
-    /// anything is parked).
-    Send(Vec<ParkedFetch>),
+    /// Send poll number `poll` with these new registrations (maybe none: a poll must be held
+    /// while anything is parked).
+    Send { poll: u64, parked: Vec<ParkedFetch> },
     /// A poll is held and nothing new is parked.
     Wait,
     /// Nothing is parked or in flight: the session ends.
@@ -135,15 +154,17 @@ pub enum Next {
 pub struct ParkLot<W> {
     sessions: HashMap<ServerId, Session<W>>,
     leader_of: HashMap<TopicId, ServerId>,
-}
-
-impl<W> Default for ParkLot<W> {
-    fn default() -> Self {
-        Self { sessions: HashMap::new(), leader_of: HashMap::new() }
-    }
+    /// The number of the last poll sent.
+    polls: u64,
 }
 
 impl<W> ParkLot<W> {
+    /// A lot whose polls are numbered after `first` (a random start, so that a restarted
+    /// follower's first poll is not taken for a second delivery of its predecessor's last).
+    pub fn numbered_from(first: u64) -> Self {
+        Self { sessions: HashMap::new(), leader_of: HashMap::new(), polls: first }
+    }
+
     /// Parks `fetch` on `leader`'s session, to be woken through `waker`. True when that
     /// session was not running (the caller starts it).
     pub fn park(&mut self, leader: ServerId, fetch: ParkedFetch, waker: W) -> bool {
@@ -174,7 +195,8 @@ impl<W> ParkLot<W> {
         let room = s.in_flight < MAX_POLLS_IN_FLIGHT;
         if (room && !s.unsent.is_empty()) || (s.in_flight == 0 && !s.parked.is_empty()) {
             s.in_flight += 1;
-            return Next::Send(std::mem::take(&mut s.unsent));
+            self.polls = self.polls.wrapping_add(1);
+            return Next::Send { poll: self.polls, parked: std::mem::take(&mut s.unsent) };
         }
         if s.in_flight > 0 {
             return Next::Wait;
@@ -234,7 +256,7 @@ mod tests {
         let mut book = ParkBook::default();
         assert!(!book.park(2, at(7, 10), false));
         assert!(!book.park(3, at(7, 12), false));
-        let poll = book.hold(2);
+        let poll = book.hold(2, 40).unwrap();
         assert_eq!(book.answer(2, poll, false), None, "held while nothing happened");
         // Entries up to 12 exist now: news for the follower at 10 only.
         assert_eq!(book.on_change(7, |p| p.from < 12), vec![2]);
@@ -248,8 +270,8 @@ mod tests {
     #[test]
     fn a_new_poll_supersedes_the_held_one_and_news_at_parking_wakes_at_once() {
         let mut book = ParkBook::default();
-        let first = book.hold(2);
-        let second = book.hold(2);
+        let first = book.hold(2, 40).unwrap();
+        let second = book.hold(2, 41).unwrap();
         assert_eq!(book.answer(2, first, false), Some(vec![]), "superseded");
         assert_eq!(book.answer(2, second, false), None);
         assert!(book.park(2, at(9, 4), true));
@@ -258,22 +280,41 @@ mod tests {
     }
 
     #[test]
+    fn woken_topics_go_only_to_the_newest_poll_and_a_second_delivery_holds_nothing() {
+        let mut book = ParkBook::default();
+        book.park(2, at(7, 10), false);
+        let first = book.hold(2, 40).unwrap();
+        // The same poll delivered again (simulator seed 995402): held once, the copy refused.
+        assert_eq!(book.hold(2, 40), None, "a second delivery is refused");
+        assert_eq!(book.answer(2, first, false), None, "the first delivery is still held");
+        // The follower took the refusal for its poll's answer, woke its topics, parked again.
+        let second = book.hold(2, 41).unwrap();
+        assert_eq!(book.on_change(7, |_| true), vec![2]);
+        assert_eq!(book.answer(2, first, false), Some(vec![]), "superseded: nothing is taken");
+        assert_eq!(book.answer(2, second, false), Some(vec![7]), "the newest poll is told");
+    }
+
+    #[test]
     fn a_follower_keeps_one_poll_while_anything_is_parked_and_ends_the_session_after() {
-        let mut lot = ParkLot::default();
+        let mut lot = ParkLot::numbered_from(0);
         assert!(lot.park(1, at(5, 0), "five"), "the first parked topic starts the session");
         assert!(!lot.park(1, at(6, 0), "six"));
-        assert_eq!(lot.next(1), Next::Send(vec![at(5, 0), at(6, 0)]));
+        assert_eq!(lot.next(1), Next::Send { poll: 1, parked: vec![at(5, 0), at(6, 0)] });
         assert_eq!(lot.next(1), Next::Wait);
         assert!(!lot.park(1, at(8, 0), "eight"));
-        assert_eq!(lot.next(1), Next::Send(vec![at(8, 0)]), "new registrations go at once");
+        assert_eq!(
+            lot.next(1),
+            Next::Send { poll: 2, parked: vec![at(8, 0)] },
+            "new registrations go at once"
+        );
         lot.park(1, at(9, 0), "nine");
         assert_eq!(lot.next(1), Next::Wait, "two polls out: the next registrations wait");
         assert_eq!(lot.answered(1, &[]), Vec::<&str>::new(), "the superseded poll");
-        assert_eq!(lot.next(1), Next::Send(vec![at(9, 0)]), "and go with the next poll");
+        assert_eq!(lot.next(1), Next::Send { poll: 3, parked: vec![at(9, 0)] }, "and go with the next poll");
         assert_eq!(lot.answered(1, &[]), Vec::<&str>::new());
         assert_eq!(lot.answered(1, &[6, 99]), vec!["six"], "unknown topics are ignored");
         assert!(!lot.is_parked(6) && lot.is_parked(5));
-        assert_eq!(lot.next(1), Next::Send(vec![]), "a poll is held again");
+        assert_eq!(lot.next(1), Next::Send { poll: 4, parked: vec![] }, "a poll is held again");
         let mut woken = lot.failed(1);
         woken.sort();
         assert_eq!(woken, vec!["eight", "five", "nine"], "a failed poll wakes everything parked");
@@ -283,10 +324,10 @@ mod tests {
 
     #[test]
     fn a_topic_parks_on_one_leader_at_a_time_and_unparking_forgets_it() {
-        let mut lot = ParkLot::default();
+        let mut lot = ParkLot::numbered_from(0);
         lot.park(1, at(5, 0), 'a');
         assert!(lot.park(2, at(5, 3), 'b'), "its new leader's session starts");
-        assert_eq!(lot.next(1), Next::Send(vec![at(5, 0)]));
+        assert_eq!(lot.next(1), Next::Send { poll: 1, parked: vec![at(5, 0)] });
         assert_eq!(lot.answered(1, &[5]), vec![], "no longer parked on leader 1");
         assert!(lot.is_parked(5));
         assert_eq!(lot.unpark(5), Some('b'));

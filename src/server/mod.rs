@@ -795,7 +795,7 @@ impl Service for TopicServer {
                     AliveOutcome::ListWanted => ready(Response::ListWanted),
                 }
             }
-            Request::Park { replica: follower, parked, max_wait_ms } => {
+            Request::Park { replica: follower, poll: sent, parked, max_wait_ms } => {
                 if let Err(e) = peer.require(&Principal::Node(follower), "replicating") {
                     return ready(Response::Error(e));
                 }
@@ -803,8 +803,9 @@ impl Service for TopicServer {
                     let hosted = self.topics.read().expect("topics lock");
                     self.node
                         .parking
-                        .hold(follower, parked, |id| hosted.by_id(id).map(|h| h.replica.log.state()))
+                        .hold(follower, sent, parked, |id| hosted.by_id(id).map(|h| h.replica.log.state()))
                 };
+                let Some(poll) = poll else { return ready(Response::Error(crate::replica::Parking::repeated(sent))) };
                 Box::pin(async move {
                     let wait = Duration::from_millis(max_wait_ms as u64);
                     Response::Woken(me.node.parking.answer(follower, poll, wait).await)

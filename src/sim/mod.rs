@@ -276,7 +276,8 @@ impl Outcome {
 
     /// A failure report: what broke, the last events, and how to replay it.
     pub fn report(&self, replay: &str) -> String {
-        let mut out = format!("simulation seed {} failed after {} events:\n", self.seed, self.events);
+        let verdict = if self.passed() { "passed" } else { "failed" };
+        let mut out = format!("simulation seed {} {verdict} after {} events:\n", self.seed, self.events);
         for v in &self.violations {
             out.push_str(&format!("  - {v}\n"));
         }

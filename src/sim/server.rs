@@ -290,7 +290,9 @@ impl SimServer {
             alive: AliveBook::default(),
             park_book: ParkBook::default(),
             held_polls: Vec::new(),
-            park_lot: ParkLot::default(),
+            // Each start numbers its polls apart from its predecessor's (drawing from the seed's
+            // generator here would change every run the seeds name).
+            park_lot: ParkLot::numbered_from((self.incarnation + 1) << 32),
             repairs: BTreeMap::new(),
             scrub_at: ctx.now + timing.scrub_every_ms,
             next_id,
@@ -657,9 +659,9 @@ impl Running {
     /// (as `replica::park`'s session tasks do).
     fn send_polls(&mut self, ctx: &mut Ctx) {
         for leader in self.park_lot.leaders() {
-            while let Next::Send(parked) = self.park_lot.next(leader) {
-                let req =
-                    Request::Park { replica: self.id, parked, max_wait_ms: PARK_WAIT.as_millis() as u32 };
+            while let Next::Send { poll, parked } = self.park_lot.next(leader) {
+                let max_wait_ms = PARK_WAIT.as_millis() as u32;
+                let req = Request::Park { replica: self.id, poll, parked, max_wait_ms };
                 let timeout = (PARK_WAIT.min(crate::transport::IDLE_TIMEOUT)).as_millis() as u64 + 2_000;
                 let req_id = self.new_id();
                 self.outgoing.insert(req_id, (ctx.now + timeout, Outgoing::Park { leader }));
@@ -1299,7 +1301,12 @@ impl Running {
                 };
                 self.respond(ctx, from, id, answer);
             }
-            Request::Park { replica: follower, parked, max_wait_ms } => {
+            Request::Park { replica: follower, poll: sent, parked, max_wait_ms } => {
+                let Some(poll) = self.park_book.hold(follower, sent) else {
+                    note(format!("server {}: park poll {sent} of {follower} came twice", self.id));
+                    self.respond(ctx, from, id, Response::Error(Parking::repeated(sent)));
+                    return;
+                };
                 for fetch in parked {
                     let news = self
                         .hosted
@@ -1307,7 +1314,6 @@ impl Running {
                         .is_none_or(|h| Parking::news(&h.replica.log.state(), &fetch));
                     self.park_book.park(follower, fetch, news);
                 }
-                let poll = self.park_book.hold(follower);
                 let wait = (max_wait_ms as u64).min(PARK_WAIT.as_millis() as u64);
                 self.held_polls.push(HeldPoll { to: from, id, follower, poll, deadline: now + wait });
             }
