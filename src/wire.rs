@@ -92,6 +92,9 @@ impl FetchedRecords {
             }
             let chunk =
                 Chunk::parse(bytes).map_err(|e| malformed(format!("the chunk at offset {base}: {e}")))?;
+            // Room for its records at once; each takes a byte at least, which bounds a count
+            // the bytes cannot hold.
+            out.reserve((chunk.count as usize).min(bytes.len()));
             for (offset, raw) in (*base..).zip(chunk.records()) {
                 let record = raw
                     .and_then(chunk::decode_record)

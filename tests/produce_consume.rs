@@ -191,6 +191,57 @@ async fn a_waiting_consumer_wakes_when_records_commit() {
     client.close().await;
 }
 
+/// A consumer fetches ahead while the leader has more committed (`client::consumer`, `Ahead`):
+/// polls that change their size, acks between polls and a poll that waits still read every
+/// record once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polls_of_changing_sizes_and_acks_between_them_read_every_record_once_in_order() {
+    let cluster = Cluster::start(1).await;
+    let topic = cluster.create_topic("ahead");
+    let client: std::sync::Arc<Client> = cluster.client();
+    let producer = client.producer(topic.clone(), 4);
+    let n = 200;
+    for chunk in (0..n).collect::<Vec<_>>().chunks(25) {
+        let records =
+            chunk.iter().map(|i| Record { payload: format!("r-{i}").into_bytes(), ..Record::default() });
+        producer.send(records.collect()).await.unwrap().await.unwrap().unwrap();
+    }
+    let mut consumer = client
+        .consumer(topic.clone(), SubscriptionName::new("a").unwrap(), StartFrom::Earliest)
+        .await
+        .unwrap();
+    let sizes = [3u32, 3, 2, 7, 7, 1, 40, 40, 5];
+    let mut read: Vec<(u64, String)> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    for round in 0.. {
+        assert!(std::time::Instant::now() < deadline, "read {} of {n} records", read.len());
+        if read.len() == n {
+            break;
+        }
+        let max = sizes[round % sizes.len()];
+        let wait = if round % 2 == 0 { std::time::Duration::ZERO } else { std::time::Duration::from_secs(1) };
+        let got = consumer.poll(max, wait, None).await.unwrap();
+        assert!(got.len() <= max as usize, "asked for {max}, got {}", got.len());
+        read.extend(got.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())));
+        if round % 3 == 2 {
+            let next = read.last().map_or(0, |(o, _)| o + 1);
+            assert_eq!(consumer.ack(next).await.unwrap(), next);
+        }
+    }
+    let expected: Vec<(u64, String)> = (0..n as u64).map(|i| (i, format!("r-{i}"))).collect();
+    assert!(read == expected, "every record once, in order");
+    // Caught up: a poll that waits is answered by the next record.
+    let waiter = tokio::spawn(async move {
+        let got = consumer.poll(10, std::time::Duration::from_secs(30), None).await.unwrap();
+        got.into_iter().map(|r| (r.offset, String::from_utf8(r.record.payload).unwrap())).collect::<Vec<_>>()
+    });
+    let late = vec![Record { payload: b"late".to_vec(), ..Record::default() }];
+    producer.send(late).await.unwrap().await.unwrap().unwrap();
+    assert_eq!(waiter.await.unwrap(), [(n as u64, "late".to_string())]);
+    producer.close().await;
+    client.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn consume_output_formats_and_head_exits_quietly() {
     let cluster = Cluster::start(1).await;

@@ -232,6 +232,31 @@ async fn force_takes_a_held_subscription_and_fences_its_consumer() {
     client.close().await;
 }
 
+/// A released subscription is free at once, also when its consumer had a fetch ahead in
+/// flight (`client::consumer`, `Ahead`): that fetch must not take the subscription again
+/// after the release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_released_subscription_is_free_at_once_after_fast_polls() {
+    let cluster = Cluster::start(1).await;
+    let topic = cluster.create_topic("handover");
+    cluster.cli_ok(&["produce", "handover"], Some(&numbered_lines("h", 2_000)));
+    let client = cluster.client();
+    let sub = SubscriptionName::new("relay").unwrap();
+    for round in 0..10 {
+        let mut consumer = client.consumer(topic.clone(), sub.clone(), StartFrom::Earliest).await.unwrap();
+        // Polls in quick succession, acking nothing: each sends the next fetch ahead, and
+        // the release is the last request.
+        let mut next = 0;
+        for _ in 0..3 {
+            let got = consumer.poll(20, Duration::ZERO, None).await.unwrap();
+            assert_eq!(got.first().map(|r| r.offset), Some(next), "round {round}");
+            next = got.last().unwrap().offset + 1;
+        }
+        consumer.release().await;
+    }
+    client.close().await;
+}
+
 /// `--peek` looks from the cursor and moves nothing, so `consume --peek | head` is safe; it
 /// never creates a subscription either.
 #[tokio::test]

@@ -51,6 +51,34 @@ pub struct Consumer {
     held_ack: Option<Offset>,
     /// When a poll last sent an ack.
     acked_at: Instant,
+    /// A fetch sent on `stream` ahead of the next poll (see [`Ahead`]).
+    ahead: Option<Ahead>,
+    /// When the last poll at the leader started: polls further apart than [`AHEAD_FRESH`]
+    /// send no fetch ahead (its answer would be dropped).
+    polled_at: Option<Instant>,
+}
+
+/// How soon after a fetch ahead was sent its answer may serve a poll. A poll served from it
+/// is then no staler than one that was in flight at that moment: the fetch renewed the
+/// consumer's hold on the subscription (a lease of seconds), and a takeover or a leader
+/// change since raced with it as with any poll in flight. Later, the poll fetches afresh (and
+/// learns of a takeover at once).
+const AHEAD_FRESH: Duration = Duration::from_millis(100);
+
+/// A fetch a consumer sends as soon as a poll's records arrive, while the leader has more
+/// committed, so the leader reads and sends the next records while the caller decodes and
+/// handles these (Kafka's consumer fetches ahead the same way). It does not wait (a wait of
+/// zero), so the next poll's own wait is kept: an empty or failed answer is dropped and that
+/// poll fetches as if none had been sent, and so it is when the answer is older than
+/// [`AHEAD_FRESH`]. At most one per consumer: one answer of at most `max_bytes` held in memory.
+#[derive(Debug)]
+struct Ahead {
+    from: Offset,
+    max_records: u32,
+    max_bytes: u32,
+    sent_at: Instant,
+    /// Its answer, once read off the stream (to free the stream for another request).
+    answer: Option<Response>,
 }
 
 /// Where a consumer reads.
@@ -131,6 +159,8 @@ impl Consumer {
             leader_heard: Instant::now(),
             held_ack: None,
             acked_at: Instant::now(),
+            ahead: None,
+            polled_at: None,
         }
     }
 
@@ -156,6 +186,8 @@ impl Consumer {
         let mut backoff = Backoff::new(self.client.retry_deadline);
         let limit = wait + POLL_GRACE;
         loop {
+            // The stream answers in order: a fetch sent ahead is answered first.
+            self.collect_ahead().await;
             let client = self.client.clone();
             let mut moved = false;
             let result = async {
@@ -230,6 +262,76 @@ impl Consumer {
                     }
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Reads the answer to the fetch sent ahead off the stream, if it is not read yet. A
+    /// stream that fails here is dropped, and the fetch with it.
+    async fn collect_ahead(&mut self) {
+        let Some(ahead) = self.ahead.as_mut().filter(|a| a.answer.is_none()) else { return };
+        let answer = match self.stream.as_mut() {
+            Some(stream) => tokio::time::timeout(POLL_GRACE, stream.recv()).await,
+            None => Ok(Err(Error::internal("no stream"))),
+        };
+        match answer {
+            Ok(Ok(response)) => ahead.answer = Some(response),
+            _ => {
+                self.ahead = None;
+                self.close();
+            }
+        }
+    }
+
+    /// The answer to the fetch sent ahead, if it was for the next `max_records` records
+    /// from `position` and is fresh (taken; another is dropped, with the stream if the answer
+    /// is not read yet: nothing waits for a stale one).
+    async fn take_ahead(&mut self, max_records: u32, max_bytes: u32) -> Option<Response> {
+        let ahead = self.ahead.as_ref()?;
+        let usable = Some(ahead.from) == self.position
+            && ahead.max_records == max_records
+            && ahead.max_bytes == max_bytes
+            && ahead.sent_at.elapsed() <= AHEAD_FRESH;
+        if !usable {
+            if ahead.answer.is_none() {
+                self.close();
+            }
+            self.ahead = None;
+            return None;
+        }
+        self.collect_ahead().await;
+        self.ahead.take()?.answer
+    }
+
+    /// Sends the next fetch ahead on the stream (see [`Ahead`]) when the leader has committed
+    /// records past `position`. A stream that fails here is dropped (the next poll opens one).
+    async fn send_ahead(&mut self, max_records: u32, max_bytes: u32, since_last_poll: Option<Duration>) {
+        if since_last_poll.is_none_or(|gap| gap > AHEAD_FRESH) {
+            return;
+        }
+        let Some(from) = self.position.filter(|p| *p < self.commit) else { return };
+        let Some(stream) = self.stream.as_mut() else { return };
+        let req = Request::Fetch {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            from: Some(from),
+            max_records,
+            max_bytes,
+            max_wait_ms: 0,
+            session: Some(self.session.clone()),
+        };
+        let sent = match stream.queue(&req) {
+            Ok(()) => stream.flush().await,
+            Err(e) => Err(e),
+        };
+        match sent {
+            Ok(()) => {
+                self.ahead =
+                    Some(Ahead { from, max_records, max_bytes, sent_at: Instant::now(), answer: None })
+            }
+            Err(e) => {
+                debug!(topic = %self.topic, error = %e, "fetch ahead not sent; dropping the stream");
+                self.close();
             }
         }
     }
@@ -407,25 +509,35 @@ impl Consumer {
             }
         }
         self.leader_heard = Instant::now();
-        let resp = loop {
-            let max_bytes = self.fetch_bytes;
-            let result = self
-                .exchange(piggyback, wait, |from| Request::Fetch {
-                    topic: topic.clone(),
-                    subscription: subscription.clone(),
-                    from,
-                    max_records,
-                    max_bytes,
-                    max_wait_ms: wait_ms,
-                    session: session.clone(),
-                })
-                .await;
-            match result {
-                // The next record is larger than we asked for: ask again with room for it.
-                Err(Error::FetchTooSmall { size, .. }) if room_for(size, max_bytes) => {
-                    self.fetch_bytes = size as u32;
+        let since_last_poll = self.polled_at.replace(Instant::now()).map(|at| at.elapsed());
+        // The fetch sent ahead, if it brought records (an empty one did not wait as this
+        // poll may: ask again).
+        let ahead = self.take_ahead(max_records, self.fetch_bytes).await.filter(
+            |r| matches!(r, Response::Records { records, .. } if !records.is_empty() || wait.is_zero()),
+        );
+        let resp = if let Some(resp) = ahead {
+            resp
+        } else {
+            loop {
+                let max_bytes = self.fetch_bytes;
+                let result = self
+                    .exchange(piggyback, wait, |from| Request::Fetch {
+                        topic: topic.clone(),
+                        subscription: subscription.clone(),
+                        from,
+                        max_records,
+                        max_bytes,
+                        max_wait_ms: wait_ms,
+                        session: session.clone(),
+                    })
+                    .await;
+                match result {
+                    // The next record is larger than we asked for: ask again with room for it.
+                    Err(Error::FetchTooSmall { size, .. }) if room_for(size, max_bytes) => {
+                        self.fetch_bytes = size as u32;
+                    }
+                    other => break other?,
                 }
-                other => break other?,
             }
         };
         match resp {
@@ -449,6 +561,7 @@ impl Consumer {
                     self.position = Some(last.offset + 1);
                 }
                 self.commit = commit;
+                self.send_ahead(max_records, self.fetch_bytes, since_last_poll).await;
                 Ok(records)
             }
             other => Err(unexpected(other)),
@@ -496,8 +609,9 @@ impl Consumer {
         }
     }
 
-    /// Ends the consumer's stream.
+    /// Ends the consumer's stream (and drops a fetch sent ahead on it).
     pub fn close(&mut self) {
+        self.ahead = None;
         if let Some(mut s) = self.stream.take() {
             s.finish();
         }
@@ -510,6 +624,9 @@ impl Consumer {
         if let Some(next) = self.held_ack {
             let _ = tokio::time::timeout(Duration::from_secs(2), self.ack(next)).await;
         }
+        // A fetch ahead must not reach the leader after the release (it would take the
+        // subscription again): its answer says it was served.
+        self.collect_ahead().await;
         for ack in self.acks_in_flight.drain(..) {
             let _ = ack.await;
         }
