@@ -43,6 +43,10 @@ fn produce_consume_and_latency_report_their_figures() {
     let latency = bench(&["latency", "--rate", "500", "--duration", "1"]);
     assert_eq!(latency["records"], 500);
     assert!(latency["latency_ms"]["p50"].as_f64().unwrap() > 0.0);
+    // The commit path alone (send to ack), reported beside the end-to-end figures.
+    let ack_p50 = latency["ack_latency_ms"]["p50"].as_f64().unwrap();
+    let ack_p99 = latency["ack_latency_ms"]["p99"].as_f64().unwrap();
+    assert!(ack_p50 > 0.0 && ack_p99 >= ack_p50, "{latency}");
 }
 
 #[test]

@@ -139,6 +139,9 @@ struct Outcome {
     size: usize,
     seconds: f64,
     latency_ms: Option<(f64, f64, f64)>,
+    /// `latency`: from a batch's send to its producer's ack (the commit path without the
+    /// consumer), p50 / p99 / p999 in ms.
+    ack_ms: Option<(f64, f64, f64)>,
     cpu_seconds: Option<f64>,
     server_rss_mb: Vec<(String, f64)>,
     extra: Option<serde_json::Value>,
@@ -170,6 +173,10 @@ impl Outcome {
             v["latency_ms"] =
                 json!({ "p50": rounded(p50, 3), "p99": rounded(p99, 3), "p999": rounded(p999, 3) });
         }
+        if let Some((p50, p99, p999)) = self.ack_ms {
+            v["ack_latency_ms"] =
+                json!({ "p50": rounded(p50, 3), "p99": rounded(p99, 3), "p999": rounded(p999, 3) });
+        }
         if let Some(cpu) = self.cpu_seconds {
             v["cpu_seconds"] = json!(rounded(cpu, 3));
             v["cpu_us_per_record"] = json!(rounded(cpu * 1e6 / self.records.max(1) as f64, 2));
@@ -197,6 +204,9 @@ impl Outcome {
         );
         if let Some((p50, p99, p999)) = self.latency_ms {
             s += &format!("  latency p50 {p50:.2} ms p99 {p99:.2} ms p999 {p999:.2} ms");
+        }
+        if let Some((p50, p99, _)) = self.ack_ms {
+            s += &format!(" (produce ack p50 {p50:.2} ms p99 {p99:.2} ms)");
         }
         if let Some(cpu) = self.cpu_seconds {
             s += &format!("  CPU {:.1} us/record", cpu * 1e6 / self.records.max(1) as f64);
@@ -533,6 +543,7 @@ async fn bench_produce(t: &Target, a: &BenchArgs) -> Result<Outcome> {
         size: a.size,
         seconds: elapsed.as_secs_f64(),
         latency_ms: Some(quantiles_ms(&hist)),
+        ack_ms: None,
         cpu_seconds: Some(total_cpu(&t.pids()) - cpu),
         server_rss_mb: t.rss(),
         extra: None,
@@ -594,6 +605,7 @@ async fn bench_consume(t: &Target, a: &BenchArgs) -> Result<Outcome> {
         size: a.size,
         seconds: elapsed.as_secs_f64(),
         latency_ms: None,
+        ack_ms: None,
         cpu_seconds: Some(total_cpu(&t.pids()) - cpu),
         server_rss_mb: t.rss(),
         extra: None,
@@ -643,12 +655,18 @@ async fn bench_latency(t: &Target, a: &BenchArgs) -> Result<Outcome> {
         let mut payload = vec![b'x'; a.size.max(8)];
         payload[..8].copy_from_slice(&stamp);
         let batch = (0..n).map(|_| Record { payload: payload.clone(), ..Record::default() }).collect();
-        acks.push(producer.send(batch).await?);
+        let queued = Instant::now();
+        let ack = producer.send(batch).await?;
+        // Timed as each ack arrives, apart from the consumer: the commit path alone.
+        acks.push(tokio::spawn(async move { (ack.await, queued.elapsed().as_micros() as u64) }));
         sent += n;
         bar.inc(n);
     }
+    let mut ack_hist = new_histogram();
     for ack in acks {
-        ack.await.map_err(|_| anyhow::anyhow!("producer stopped"))??;
+        let (ack, micros) = ack.await?;
+        ack.map_err(|_| anyhow::anyhow!("producer stopped"))??;
+        ack_hist.saturating_record(micros.max(1));
     }
     producer.close().await;
     let hist = reader.await??;
@@ -661,6 +679,7 @@ async fn bench_latency(t: &Target, a: &BenchArgs) -> Result<Outcome> {
         size: a.size.max(8),
         seconds: elapsed.as_secs_f64(),
         latency_ms: Some(quantiles_ms(&hist)),
+        ack_ms: Some(quantiles_ms(&ack_hist)),
         cpu_seconds: Some(total_cpu(&t.pids()) - cpu),
         server_rss_mb: t.rss(),
         extra: Some(json!({ "rate": a.rate, "duration_s": a.duration })),

@@ -81,6 +81,28 @@ struct Ahead {
     answer: Option<Response>,
 }
 
+/// What every fetch of a consumer's subscription names: one place builds the request for
+/// a poll and for a fetch sent ahead.
+struct FetchTarget {
+    topic: TopicName,
+    subscription: SubscriptionName,
+    session: ConsumerSession,
+}
+
+impl FetchTarget {
+    fn request(&self, from: Option<Offset>, max_records: u32, max_bytes: u32, max_wait_ms: u32) -> Request {
+        Request::Fetch {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            from,
+            max_records,
+            max_bytes,
+            max_wait_ms,
+            session: Some(self.session.clone()),
+        }
+    }
+}
+
 /// Where a consumer reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ReadFrom {
@@ -305,21 +327,21 @@ impl Consumer {
 
     /// Sends the next fetch ahead on the stream (see [`Ahead`]) when the leader has committed
     /// records past `position`. A stream that fails here is dropped (the next poll opens one).
+    fn fetch_target(&self) -> FetchTarget {
+        FetchTarget {
+            topic: self.topic.clone(),
+            subscription: self.subscription.clone(),
+            session: self.session.clone(),
+        }
+    }
+
     async fn send_ahead(&mut self, max_records: u32, max_bytes: u32, since_last_poll: Option<Duration>) {
         if since_last_poll.is_none_or(|gap| gap > AHEAD_FRESH) {
             return;
         }
         let Some(from) = self.position.filter(|p| *p < self.commit) else { return };
+        let req = self.fetch_target().request(Some(from), max_records, max_bytes, 0);
         let Some(stream) = self.stream.as_mut() else { return };
-        let req = Request::Fetch {
-            topic: self.topic.clone(),
-            subscription: self.subscription.clone(),
-            from: Some(from),
-            max_records,
-            max_bytes,
-            max_wait_ms: 0,
-            session: Some(self.session.clone()),
-        };
         let sent = match stream.queue(&req) {
             Ok(()) => stream.flush().await,
             Err(e) => Err(e),
@@ -499,8 +521,7 @@ impl Consumer {
         wait: Duration,
         ack: Option<Offset>,
     ) -> Result<Vec<StoredRecord>, Error> {
-        let (topic, subscription) = (self.topic.clone(), self.subscription.clone());
-        let session = Some(self.session.clone());
+        let target = self.fetch_target();
         let wait_ms = wait.as_millis().min(u32::MAX as u128) as u32;
         let mut piggyback = None;
         if let Some(next) = ack {
@@ -521,15 +542,7 @@ impl Consumer {
             loop {
                 let max_bytes = self.fetch_bytes;
                 let result = self
-                    .exchange(piggyback, wait, |from| Request::Fetch {
-                        topic: topic.clone(),
-                        subscription: subscription.clone(),
-                        from,
-                        max_records,
-                        max_bytes,
-                        max_wait_ms: wait_ms,
-                        session: session.clone(),
-                    })
+                    .exchange(piggyback, wait, |from| target.request(from, max_records, max_bytes, wait_ms))
                     .await;
                 match result {
                     // The next record is larger than we asked for: ask again with room for it.
