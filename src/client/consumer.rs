@@ -325,8 +325,6 @@ impl Consumer {
         self.ahead.take()?.answer
     }
 
-    /// Sends the next fetch ahead on the stream (see [`Ahead`]) when the leader has committed
-    /// records past `position`. A stream that fails here is dropped (the next poll opens one).
     fn fetch_target(&self) -> FetchTarget {
         FetchTarget {
             topic: self.topic.clone(),
@@ -335,6 +333,8 @@ impl Consumer {
         }
     }
 
+    /// Sends the next fetch ahead on the stream (see [`Ahead`]) when the leader has committed
+    /// records past `position`. A stream that fails here is dropped (the next poll opens one).
     async fn send_ahead(&mut self, max_records: u32, max_bytes: u32, since_last_poll: Option<Duration>) {
         if since_last_poll.is_none_or(|gap| gap > AHEAD_FRESH) {
             return;
