@@ -7,7 +7,7 @@ mod common;
 use std::time::Instant;
 
 use common::history::{check, Load, Reader};
-use common::{read_all, replicated_topic, wait_for, Cluster, Options};
+use common::{read_all, replicated_topic, wait_for, Cluster, Options, DEADLINE};
 
 async fn group(servers: usize) -> Cluster {
     Cluster::start_with(servers, Options { naming_members: 3, ..Options::default() }).await
@@ -17,12 +17,18 @@ async fn group(servers: usize) -> Cluster {
 /// retrying until the group takes admin commands again; returns how long that took.
 async fn admin_works_again(cluster: &Cluster, name: &str) -> std::time::Duration {
     let start = Instant::now();
-    wait_for(&format!("`topic create {name}` to work"), || async {
+    loop {
         let out = cluster.cli(&["topic", "create", name, "--replicas", "2"], None);
-        out.status.success().then_some(())
-    })
-    .await;
-    start.elapsed()
+        if out.status.success() {
+            return start.elapsed();
+        }
+        let error = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for `topic create {name}` to work; it last said: {error}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -260,6 +260,13 @@ impl<R> NamingMember<R> {
         self.pump(now_ms)
     }
 
+    /// The driver could not deliver Raft messages to member `to` (`snapshot`: one of them
+    /// was a snapshot); see [`BookNode::undelivered`].
+    pub fn undelivered(&mut self, now_ms: u64, to: u64, snapshot: bool) -> Result<Effects<R>, GroupError> {
+        self.node.undelivered(to, snapshot);
+        self.pump(now_ms)
+    }
+
     /// A request that changes the book; its answer comes back in some later [`Effects`].
     pub fn submit(&mut self, now_ms: u64, admin: Admin, reply: R) -> Result<Effects<R>, GroupError> {
         if self.core.is_none() {

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ::raft::eraftpb::Message;
+use ::raft::eraftpb::{Message, MessageType};
 use anyhow::Context;
 use prometheus_client::metrics::{counter::Counter, family::Family, gauge::Gauge};
 use prometheus_client::registry::Registry;
@@ -740,10 +740,14 @@ async fn send_raft(
             _ = shutdown.cancelled() => return,
             m = outbox.recv() => match m { Some(m) => m, None => return },
         };
+        let mut snapshot = first.get_msg_type() == MessageType::MsgSnapshot;
         let mut messages = vec![encode_message(&first)];
         while messages.len() < RAFT_BATCH {
             match outbox.try_recv() {
-                Ok(m) => messages.push(encode_message(&m)),
+                Ok(m) => {
+                    snapshot |= m.get_msg_type() == MessageType::MsgSnapshot;
+                    messages.push(encode_message(&m));
+                }
                 Err(_) => break,
             }
         }
@@ -759,6 +763,7 @@ async fn send_raft(
         match sent {
             Ok(Ok(Response::RaftDelivered { messages, sender_empty })) => {
                 naming.step_answers(to, messages, sender_empty);
+                continue;
             }
             Ok(Ok(other)) => debug!(member = to, answer = ?other, "raft messages refused"),
             Ok(Err(e)) => {
@@ -770,6 +775,9 @@ async fn send_raft(
                 conn = None;
             }
         }
+        // Raft resends what was lost once told (a lost snapshot only then).
+        let fx = naming.member().undelivered(mono_ms(), to, snapshot);
+        naming.carry(fx);
     }
 }
 

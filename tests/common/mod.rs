@@ -550,6 +550,31 @@ impl Cluster {
         out
     }
 
+    /// With `HERALD_TEST_LOGS=DIR` set, copies every process's whole log into a new folder
+    /// of DIR (a failed test's tails are often not enough to tell what happened).
+    fn keep_logs(&self) {
+        let Some(root) = std::env::var_os("HERALD_TEST_LOGS") else { return };
+        let test = std::thread::current().name().unwrap_or("test").replace("::", "-");
+        let to = Path::new(&root).join(format!("{test}-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&to);
+        let procs = std::iter::once(&self.naming)
+            .chain(self.naming_peers.iter().map(|(_, _, p)| p))
+            .chain(self.servers.iter().map(|(_, _, p)| p));
+        for p in procs {
+            let _ = std::fs::copy(&p.log, to.join(format!("{}.log", p.name)));
+            // Where each live process's threads are (with gdb, where installed): tells a
+            // hung process from a slow one.
+            if let Some(pid) = p.child.as_ref().map(|c| c.id().to_string()) {
+                if let Ok(out) =
+                    Command::new("gdb").args(["-p", &pid, "-batch", "-ex", "thread apply all bt"]).output()
+                {
+                    let _ = std::fs::write(to.join(format!("{}.stacks", p.name)), out.stdout);
+                }
+            }
+        }
+        eprintln!("---- whole logs in {} ----", to.display());
+    }
+
     /// `topic describe --json`, parsed.
     pub fn describe(&self, topic: &str) -> serde_json::Value {
         serde_json::from_str(&self.cli_ok(&["topic", "describe", topic, "--json"], None)).unwrap()
@@ -559,6 +584,7 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
+            self.keep_logs();
             eprintln!("---- naming log ----\n{}", self.naming.log_tail());
             for (id, _, p) in &self.naming_peers {
                 eprintln!("---- naming {id} log ----\n{}", p.log_tail());

@@ -21,6 +21,22 @@ fn member_addr(id: u64) -> SocketAddr {
     format!("127.0.0.1:{}", 7300 + id).parse().unwrap()
 }
 
+/// A Raft message on its way, due at `at` (ms), sent while the sender's log was `empty`.
+struct InFlight {
+    at: u64,
+    msg: Message,
+    empty: bool,
+}
+
+/// What the network between members does to messages.
+#[derive(Default, Clone, Copy)]
+struct Faults {
+    /// Chance that a message is lost.
+    drop: f64,
+    /// Most ticks a message may be held up (so later ones overtake it).
+    max_delay: u64,
+}
+
 /// Reply tokens: which request (by number) got which answer.
 type Replies = Vec<(u32, Result<Done, Error>)>;
 
@@ -29,7 +45,9 @@ struct Group {
     dirs: BTreeMap<u64, PathBuf>,
     members: BTreeMap<u64, Option<NamingMember<u32>>>,
     cut: BTreeSet<u64>,
-    queue: VecDeque<Message>,
+    queue: VecDeque<InFlight>,
+    /// Loss and delay of messages; none unless a test sets them.
+    faults: Faults,
     now: u64,
     replies: Replies,
     /// Promise requests the members sent, in order.
@@ -38,7 +56,7 @@ struct Group {
 }
 
 impl Group {
-    fn new() -> Self {
+    fn with_seed(seed: u64) -> Self {
         let root = tempfile::tempdir().unwrap();
         let dirs = (1..=3).map(|id| (id, root.path().join(format!("m{id}")))).collect();
         let mut g = Self {
@@ -47,10 +65,11 @@ impl Group {
             members: BTreeMap::new(),
             cut: BTreeSet::new(),
             queue: VecDeque::new(),
+            faults: Faults::default(),
             now: 10_000,
             replies: Vec::new(),
             asks: Vec::new(),
-            rng: fastrand::Rng::with_seed(11),
+            rng: fastrand::Rng::with_seed(seed),
         };
         for id in 1..=3 {
             g.start(id);
@@ -81,16 +100,27 @@ impl Group {
         self.members.get_mut(&id).unwrap().as_mut().expect("running")
     }
 
+    /// Queues what a member produced. Its messages carry whether the sender's log was empty
+    /// as they leave (as the driver's do), which may be stale by the time they arrive.
     fn take(&mut self, fx: Effects<u32>) {
-        self.queue.extend(fx.messages);
+        for msg in fx.messages {
+            if self.faults.drop > 0.0 && self.rng.f64() < self.faults.drop {
+                continue;
+            }
+            let empty =
+                self.members.get(&msg.from).and_then(|m| m.as_ref()).is_some_and(|m| m.log_is_empty());
+            let delay = if self.faults.max_delay > 0 { self.rng.u64(0..=self.faults.max_delay) } else { 0 };
+            let at = self.now + delay * crate::naming::raft::TICK_MS;
+            self.queue.push_back(InFlight { at, msg, empty });
+        }
         self.replies.extend(fx.replies);
         self.asks.extend(fx.asks);
     }
 
+    /// Delivers every message due by now, and what they cause, until none is due.
     fn deliver(&mut self) {
-        while let Some(msg) = self.queue.pop_front() {
-            let empty =
-                self.members.get(&msg.from).and_then(|m| m.as_ref()).is_some_and(|m| m.log_is_empty());
+        while let Some(i) = self.queue.iter().position(|f| f.at <= self.now) {
+            let InFlight { msg, empty, .. } = self.queue.remove(i).expect("found");
             if self.cut.contains(&msg.from) || self.cut.contains(&msg.to) {
                 continue;
             }
@@ -170,7 +200,11 @@ fn create(name: &str) -> Admin {
 
 /// A group with a leader, three registered topic servers and topic `t`.
 fn group_with_topic() -> Group {
-    let mut g = Group::new();
+    group_with_topic_seeded(11)
+}
+
+fn group_with_topic_seeded(seed: u64) -> Group {
+    let mut g = Group::with_seed(seed);
     let leader = g.elect();
     for s in 1..=3 {
         g.submit(leader, Admin::Register { server: s, addr: server_addr(s) }, s as u32);
@@ -306,4 +340,58 @@ fn a_wiped_member_is_rebuilt_from_the_others() {
         let l = g.leader().unwrap();
         g.book(wiped) == g.book(l)
     });
+}
+
+/// Seeds of the lossy-network test below (each a different interleaving of losses, delays
+/// and clock skips).
+const LOSSY_SEEDS: u64 = 60;
+
+/// Ticks the network stays lossy while the wiped member rebuilds (ten election timeouts).
+const FAULTY_TICKS: usize = 160;
+
+/// Submits `admin` to whichever member leads until one commits it; panics if the group
+/// does not within `attempts` tries of up to 400 ticks each.
+fn commit_again(g: &mut Group, admin: impl Fn() -> Admin, first_token: u32, attempts: u32) -> Done {
+    for token in first_token..first_token + attempts {
+        let leader = g.elect();
+        g.submit(leader, admin(), token);
+        g.until("an answer", |g| g.reply(token).is_some());
+        if let Some(Ok(done)) = g.reply(token) {
+            return done.clone();
+        }
+    }
+    let last = &g.replies[g.replies.len().saturating_sub(3)..];
+    panic!("the group committed nothing in {attempts} tries; last answers: {last:?}");
+}
+
+/// A member whose data directory was lost is rebuilt while messages are lost, delayed and
+/// reordered (some still saying its log is empty after it filled); once the network heals
+/// it holds the book, and with another member down the two left still commit.
+#[test]
+fn a_wiped_member_rebuilt_over_a_lossy_network_counts_toward_the_majority_again() {
+    for seed in 0..LOSSY_SEEDS {
+        let mut g = group_with_topic_seeded(seed);
+        let leader = g.leader().unwrap();
+        let wiped = (1..=3).find(|id| *id != leader).unwrap();
+        let third = (1..=3).find(|id| *id != leader && *id != wiped).unwrap();
+        g.until("all applied", |g| {
+            g.members.values().all(|m| m.as_ref().unwrap().book().topics.contains_key("t"))
+        });
+        // Messages are lost and overtake each other while the wiped member rebuilds, so some
+        // arrive saying "my log is empty" after it no longer is.
+        g.faults = Faults { drop: 0.3, max_delay: 45 };
+        g.stop(wiped);
+        std::fs::remove_dir_all(&g.dirs[&wiped]).unwrap();
+        g.start(wiped);
+        for _ in 0..FAULTY_TICKS {
+            g.tick();
+        }
+        // The network heals: the wiped member catches up; then the third member stops and the
+        // wiped one is half the majority.
+        g.faults = Faults::default();
+        g.until("rebuilt", |g| g.leader().is_some_and(|l| g.book(wiped) == g.book(l)));
+        g.stop(third);
+        commit_again(&mut g, || Admin::Register { server: 9, addr: server_addr(9) }, 100, 5);
+        g.until("the wiped member applied it", |g| g.book(wiped).servers.contains_key(&9));
+    }
 }

@@ -18,7 +18,7 @@ pub use log::{LogError, Persist, RaftLog};
 
 use protobuf::Message as _;
 use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, Message, MessageType};
-use raft::{RawNode, StateRole};
+use raft::{RawNode, SnapshotStatus, StateRole};
 
 use super::book::BookChange;
 
@@ -259,6 +259,17 @@ impl BookNode {
         pr.pending_snapshot = 0;
         pr.become_probe();
         self.raw.raft.send_append(member);
+    }
+
+    /// The driver could not deliver messages to member `to` (the send failed or timed out),
+    /// `snapshot` among them. raft-rs sends nothing more to a member while a snapshot to it
+    /// is on its way, and waits to be told it was lost; without this a lost snapshot would
+    /// leave the member behind for good.
+    pub fn undelivered(&mut self, to: u64, snapshot: bool) {
+        self.raw.report_unreachable(to);
+        if snapshot {
+            self.raw.report_snapshot(to, SnapshotStatus::Failure);
+        }
     }
 
     /// Proposes `change` (leader only). It is decided once it comes back from

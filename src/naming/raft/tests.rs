@@ -31,6 +31,9 @@ struct Group {
     members: BTreeMap<u64, Member>,
     /// Members whose messages (both ways) are dropped.
     cut: BTreeSet<u64>,
+    /// Snapshot messages still to lose (each reported to its sender as undelivered, as the
+    /// driver does when a send fails or times out).
+    lose_snapshots: usize,
     queue: VecDeque<Message>,
     /// Skips some members' ticks, as uneven clocks do (election timeouts are not randomized
     /// here, so the test stays the same run every time).
@@ -61,6 +64,7 @@ impl Group {
             peers,
             members,
             cut: BTreeSet::new(),
+            lose_snapshots: 0,
             queue: VecDeque::new(),
             rng: fastrand::Rng::with_seed(7),
         };
@@ -111,6 +115,13 @@ impl Group {
             }
             while let Some(msg) = self.queue.pop_front() {
                 if self.cut.contains(&msg.from) || self.cut.contains(&msg.to) {
+                    continue;
+                }
+                if msg.get_msg_type() == MessageType::MsgSnapshot && self.lose_snapshots > 0 {
+                    self.lose_snapshots -= 1;
+                    if let Some(node) = self.members.get_mut(&msg.from).and_then(|m| m.node.as_mut()) {
+                        node.undelivered(msg.to, true);
+                    }
                     continue;
                 }
                 if let Some(node) = self.members.get_mut(&msg.to).and_then(|m| m.node.as_mut()) {
@@ -231,6 +242,18 @@ fn a_leader_cut_off_from_the_majority_commits_nothing_and_the_majority_goes_on()
 
 #[test]
 fn a_member_behind_the_compaction_gets_the_book_as_a_snapshot() {
+    a_member_behind_the_compaction_catches_up(0);
+}
+
+/// raft-rs sends no more to a member while a snapshot to it is on its way; told the send
+/// failed, it sends the snapshot again (before, one lost snapshot left the member behind
+/// for good).
+#[test]
+fn a_lost_snapshot_is_sent_again() {
+    a_member_behind_the_compaction_catches_up(2);
+}
+
+fn a_member_behind_the_compaction_catches_up(lost_snapshots: usize) {
     let mut g = Group::new(3);
     let leader = g.elect();
     let lagging = (1..=3).find(|id| *id != leader).unwrap();
@@ -247,9 +270,11 @@ fn a_member_behind_the_compaction_gets_the_book_as_a_snapshot() {
         assert_eq!(g.members[&id].node.as_ref().unwrap().log.entry_count(), 0, "member {id}");
     }
 
+    g.lose_snapshots = lost_snapshots;
     g.start(lagging);
     let expected: Vec<u64> = (10..20).collect();
     assert!(g.until(|g| g.order(lagging) == expected));
+    assert_eq!(g.lose_snapshots, 0, "every snapshot meant to be lost was sent");
     assert_eq!(g.members[&lagging].book.servers, g.members[&leader].book.servers);
     // And it survives a restart: the snapshot is durable.
     g.stop(lagging);
