@@ -138,6 +138,8 @@ pub struct NamingMember<R> {
     /// that becomes leader starts its core with it.
     heard: BTreeMap<ServerId, u64>,
     applied_since_compact: u64,
+    /// [`GroupSettings::compact_every`].
+    compact_every: u64,
 }
 
 impl<R> NamingMember<R> {
@@ -175,6 +177,7 @@ impl<R> NamingMember<R> {
             cluster_candidate: cluster_candidate.max(1),
             heard: BTreeMap::new(),
             applied_since_compact: 0,
+            compact_every: group.compact_every.max(1),
         })
     }
 
@@ -363,7 +366,7 @@ impl<R> NamingMember<R> {
             }
         }
         self.applied_since_compact += 1;
-        if self.applied_since_compact >= COMPACT_EVERY {
+        if self.applied_since_compact >= self.compact_every {
             self.node.compact(postcard::to_stdvec(&self.book).expect("the book encodes"))?;
             self.applied_since_compact = 0;
         }

@@ -144,7 +144,7 @@ const RAFT_ANSWER_BYTES: usize = 4 * 1024 * 1024;
 
 /// How long one batch of Raft messages may take to be handed over: a member that does
 /// not take them within it is treated as unreachable, and its connection is dialed again.
-const RAFT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const RAFT_SEND_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub struct NamingServer {
     member: Mutex<NamingMember<Reply>>,

@@ -296,6 +296,14 @@ enum Event {
     GroupDone(ServerId, u64),
     /// Naming member `m`'s clock, for its incarnation.
     NamingTimer(u64, u64),
+    /// A Raft message of naming member `from` (that incarnation) to member `to` was lost; its
+    /// sender hears so when the driver's send times out (`snapshot`: it carried one).
+    NamingUndelivered {
+        from: u64,
+        incarnation: u64,
+        to: u64,
+        snapshot: bool,
+    },
     ClientTimer(usize),
     Fault(Fault),
     RandomFault,
@@ -717,22 +725,21 @@ impl World {
                 if self.naming.members[&m].incarnation != inc {
                     return;
                 }
-                let mut out = Vec::new();
-                let heard = {
-                    let ids = self.ids.clone();
-                    let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
-                    let mut ctx =
-                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
-                    self.naming.tick(&mut ctx, m, &mut next_id)
-                };
-                self.send_all(out);
-                self.heard(heard, m);
+                self.with_naming(m, |naming, ctx, next_id| naming.tick(ctx, m, next_id));
                 // Uneven clocks: election timeouts are not randomized in a run (it stays a
                 // function of its seed), so the ticks are.
                 let tick = crate::naming::raft::TICK_MS;
                 let next = self.now + tick - tick / 5 + self.rng.u64(0..=2 * tick / 5);
                 self.at(next, Event::NamingTimer(m, inc));
                 self.check_setup();
+            }
+            Event::NamingUndelivered { from, incarnation, to, snapshot } => {
+                if self.naming.members.get(&from).is_none_or(|m| m.incarnation != incarnation) {
+                    return;
+                }
+                self.with_naming(from, |naming, ctx, next_id| {
+                    naming.undelivered(ctx, from, to, snapshot, next_id)
+                });
             }
             Event::ClientTimer(i) => {
                 // A producer starts once its topic's consumer has its subscription: every
@@ -828,17 +835,60 @@ impl World {
         }
     }
 
+    /// Runs `f` on the naming group for member `m`, then sends what it sent and takes in what
+    /// it heard.
+    fn with_naming(
+        &mut self,
+        m: u64,
+        f: impl FnOnce(&mut SimNaming, &mut Ctx, &mut dyn FnMut() -> u64) -> naming::Heard,
+    ) {
+        let mut out = Vec::new();
+        let heard = {
+            let ids = self.ids.clone();
+            let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);
+            let mut ctx =
+                Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
+            f(&mut self.naming, &mut ctx, &mut next_id)
+        };
+        self.send_all(out);
+        self.heard(heard, m);
+    }
+
     fn send_all(&mut self, out: Vec<Message>) {
         for msg in out {
-            for t in self.net.send(&mut self.rng, self.now, &msg) {
+            let times = self.net.send(&mut self.rng, self.now, &msg);
+            if times.is_empty() {
+                self.naming_undelivered(&msg);
+            }
+            for t in times {
                 self.at(t, Event::Deliver(msg.clone()));
             }
         }
     }
 
+    /// A naming member's Raft message that will not arrive: the real driver's send times out
+    /// and tells Raft (`NamingMember::undelivered`), so the simulated one does too.
+    fn naming_undelivered(&mut self, msg: &Message) {
+        let Payload::Raft { msg: raft, .. } = &msg.payload else { return };
+        if !is_naming(msg.from) || !is_naming(msg.to) {
+            return;
+        }
+        let from = msg.from - NAMING_BASE;
+        let Some(incarnation) = self.naming.members.get(&from).map(|m| m.incarnation) else { return };
+        let snapshot = raft.get_msg_type() == raft::eraftpb::MessageType::MsgSnapshot;
+        let at = self.now + crate::naming::RAFT_SEND_TIMEOUT.as_millis() as u64;
+        let to = msg.to - NAMING_BASE;
+        self.count(if snapshot { "naming snapshots lost" } else { "naming messages lost" });
+        self.at(at, Event::NamingUndelivered { from, incarnation, to, snapshot });
+    }
+
     fn deliver(&mut self, msg: Message) {
         if self.net.is_blocked(msg.from, msg.to) {
+            self.naming_undelivered(&msg);
             return;
+        }
+        if is_naming(msg.to) && !self.naming.is_up(msg.to - NAMING_BASE) {
+            self.naming_undelivered(&msg);
         }
         let ids = self.ids.clone();
         let mut next_id = move || ids.fetch_add(1, Ordering::Relaxed);

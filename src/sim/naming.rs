@@ -17,6 +17,10 @@ use crate::storage::faults::SimDisk;
 use crate::types::{Epoch, ServerId, TopicId, TopicName};
 use crate::wire::{Request, Response};
 
+/// Applied book changes between two snapshots in a run: a run applies tens of changes, so
+/// with the production figure (`COMPACT_EVERY`) no member would ever be sent a snapshot.
+const SIM_COMPACT_EVERY: u64 = 8;
+
 /// Who waits for an [`Admin`] request's answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Pending {
@@ -127,7 +131,8 @@ impl SimNaming {
             .create_with_backend(m.disk.backend())
             .map_err(|e| format!("naming member {id} does not open: {e}"))?;
         let log = RaftLog::open(Arc::new(db)).map_err(|e| format!("naming member {id}'s log: {e}"))?;
-        let group = GroupSettings { randomized: false, ..GroupSettings::default() };
+        let group =
+            GroupSettings { randomized: false, compact_every: SIM_COMPACT_EVERY, ..GroupSettings::default() };
         let member = NamingMember::open(id, self.peers.clone(), log, group, self.settings, 7)
             .map_err(|e| format!("naming member {id} does not start: {e}"))?;
         m.member = Some(member);
@@ -190,6 +195,22 @@ impl SimNaming {
         self.answer_held(ctx, id, true);
         heard.notes.retain(|n| !n.is_empty());
         heard
+    }
+
+    /// Member `id`'s Raft messages to member `to` were lost (`snapshot`: one was a snapshot).
+    pub fn undelivered(
+        &mut self,
+        ctx: &mut Ctx,
+        id: u64,
+        to: u64,
+        snapshot: bool,
+        next_id: &mut dyn FnMut() -> u64,
+    ) -> Heard {
+        let Some(member) = self.members.get_mut(&id).and_then(|m| m.member.as_mut()) else {
+            return Heard::default();
+        };
+        let fx = member.undelivered(ctx.now, to, snapshot);
+        self.carry(ctx, id, fx, next_id)
     }
 
     /// A message for member `id`.

@@ -95,6 +95,10 @@ impl RaftLog {
         if let Some(v) = state.get("snapshot")? {
             inner.snapshot = Snapshot::parse_from_bytes(v.value())?;
         }
+        // A snapshot holds committed entries only; the stored commit may be older (a commit
+        // learnt outside a hard state is kept in memory), and raft-rs refuses to start with
+        // a commit before its first index.
+        inner.hard_state.commit = inner.hard_state.commit.max(inner.snapshot.get_metadata().index);
         let first = inner.first_index();
         for row in txn.open_table(ENTRIES)?.range(first..)? {
             let (_, v) = row?;
@@ -200,10 +204,19 @@ impl RaftLog {
             meta.set_conf_state(inner.conf_state.clone());
             snapshot.data = data.into();
         }
+        let hard_state = {
+            let mut hs = self.read().hard_state.clone();
+            hs.commit = hs.commit.max(index);
+            hs
+        };
         let txn = self.db.begin_write()?;
         {
             txn.open_table(ENTRIES)?.retain_in(..=index, |_, _| false)?;
-            txn.open_table(STATE)?.insert("snapshot", encode(&snapshot).as_slice())?;
+            let mut state = txn.open_table(STATE)?;
+            state.insert("snapshot", encode(&snapshot).as_slice())?;
+            // With the entries up to `index` gone, a restart must not find a commit before
+            // them (raft-rs would refuse to start).
+            state.insert("hard_state", encode(&hard_state).as_slice())?;
         }
         txn.commit()?;
         let mut inner = self.write();

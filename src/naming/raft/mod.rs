@@ -33,6 +33,10 @@ pub struct GroupSettings {
     /// Let raft-rs pick election timeouts at random (a real server). The simulator turns it
     /// off and jitters its ticks from the seed instead, so a run stays a function of its seed.
     pub randomized: bool,
+    /// Applied changes between two snapshots of the book (see
+    /// [`COMPACT_EVERY`](crate::naming::member::COMPACT_EVERY)); the simulator takes far
+    /// fewer, so members are sent snapshots in its runs too.
+    pub compact_every: u64,
 }
 
 /// The driver's tick, which also paces the naming core's decisions (an election starts
@@ -44,7 +48,12 @@ pub const TICK_MS: u64 = 50;
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        Self { election_ticks: 16, heartbeat_ticks: 3, randomized: true }
+        Self {
+            election_ticks: 16,
+            heartbeat_ticks: 3,
+            randomized: true,
+            compact_every: crate::naming::member::COMPACT_EVERY,
+        }
     }
 }
 

@@ -281,3 +281,25 @@ fn a_member_behind_the_compaction_catches_up(lost_snapshots: usize) {
     g.start(lagging);
     assert_eq!(g.order(lagging), expected);
 }
+
+/// A member that compacted its log starts again from it, though the commit point it stored
+/// is older than the compaction (a leader learns commits outside a hard state and keeps them
+/// in memory); raft-rs refuses to start with a commit before the log's first entry. Found by
+/// the simulator once it compacted every few changes.
+#[test]
+fn a_member_restarts_after_compacting_past_its_stored_commit() {
+    let root = tempfile::tempdir().unwrap();
+    let path = root.path().join("naming.redb");
+    let entries: Vec<Entry> = (1..=9).map(|index| Entry { index, term: 1, ..Entry::default() }).collect();
+    {
+        let log = RaftLog::open(Arc::new(Database::create(&path).unwrap())).unwrap();
+        log.set_conf_state(ConfState::from((vec![1, 2, 3], vec![]))).unwrap();
+        let hs = raft::eraftpb::HardState { term: 1, vote: 1, commit: 0, ..Default::default() };
+        log.persist(Persist { snapshot: None, entries: &entries, hard_state: Some(&hs) }).unwrap();
+        log.set_commit(9); // learnt outside a hard state: in memory only
+        log.compact(9, postcard::to_stdvec(&(Book::default(), Vec::<u64>::new())).unwrap()).unwrap();
+    }
+    let log = RaftLog::open(Arc::new(Database::create(&path).unwrap())).unwrap();
+    let node = BookNode::open(1, &[1, 2, 3], log, settings()).unwrap();
+    assert_eq!(node.indexes(), (9, 9));
+}
