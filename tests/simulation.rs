@@ -59,8 +59,10 @@ fn run_seeds(first: u64, count: u64) -> Seeds {
                 if started.elapsed() > SLOW_SEED {
                     eprintln!("seed {seed} took {:.1?} ({} events)", started.elapsed(), outcome.events);
                 }
-                if let Some(n) = list.as_deref().and_then(|what| outcome.stats.get(what)) {
-                    eprintln!("seed {seed}: {} {n}", list.as_deref().unwrap_or_default());
+                if let Some(what) = list.as_deref() {
+                    if let Some(n) = outcome.stats.get(what) {
+                        eprintln!("seed {seed}: {what} {n}");
+                    }
                 }
                 let mut totals = totals.lock().unwrap();
                 for (what, n) in &outcome.stats {

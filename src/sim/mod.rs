@@ -895,14 +895,7 @@ impl World {
         match msg.to {
             to if is_naming(to) => {
                 let member = to - NAMING_BASE;
-                let mut out = Vec::new();
-                let heard = {
-                    let mut ctx =
-                        Ctx { now: self.now, rng: &mut self.rng, out: &mut out, checker: &mut self.checker };
-                    self.naming.handle(&mut ctx, member, msg, &mut next_id)
-                };
-                self.send_all(out);
-                self.heard(heard, member);
+                self.with_naming(member, |naming, ctx, next_id| naming.handle(ctx, member, msg, next_id));
             }
             to if to >= FIRST_CLIENT => {
                 let i = (to - FIRST_CLIENT) as usize;

@@ -351,13 +351,13 @@ const FAULTY_TICKS: usize = 160;
 
 /// Submits `admin` to whichever member leads until one commits it; panics if the group
 /// does not within `attempts` tries of up to 400 ticks each.
-fn commit_again(g: &mut Group, admin: impl Fn() -> Admin, first_token: u32, attempts: u32) -> Done {
+fn commit_again(g: &mut Group, admin: impl Fn() -> Admin, first_token: u32, attempts: u32) {
     for token in first_token..first_token + attempts {
         let leader = g.elect();
         g.submit(leader, admin(), token);
         g.until("an answer", |g| g.reply(token).is_some());
-        if let Some(Ok(done)) = g.reply(token) {
-            return done.clone();
+        if matches!(g.reply(token), Some(Ok(_))) {
+            return;
         }
     }
     let last = &g.replies[g.replies.len().saturating_sub(3)..];

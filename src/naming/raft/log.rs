@@ -204,19 +204,10 @@ impl RaftLog {
             meta.set_conf_state(inner.conf_state.clone());
             snapshot.data = data.into();
         }
-        let hard_state = {
-            let mut hs = self.read().hard_state.clone();
-            hs.commit = hs.commit.max(index);
-            hs
-        };
         let txn = self.db.begin_write()?;
         {
             txn.open_table(ENTRIES)?.retain_in(..=index, |_, _| false)?;
-            let mut state = txn.open_table(STATE)?;
-            state.insert("snapshot", encode(&snapshot).as_slice())?;
-            // With the entries up to `index` gone, a restart must not find a commit before
-            // them (raft-rs would refuse to start).
-            state.insert("hard_state", encode(&hard_state).as_slice())?;
+            txn.open_table(STATE)?.insert("snapshot", encode(&snapshot).as_slice())?;
         }
         txn.commit()?;
         let mut inner = self.write();
