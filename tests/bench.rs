@@ -106,5 +106,12 @@ fn disk_reports_fsynced_append_rates_and_leaves_nothing_behind() {
         let expected = fsyncs * a["block_bytes"].as_f64().unwrap() / 1e6;
         assert!((mb - expected).abs() <= expected * 0.01 + 0.1, "{a}");
     }
+    // The paced run: single fsynced appends at bench latency's cadence, never faster.
+    let paced = &report["paced"];
+    assert_eq!(paced["block_bytes"], 4096);
+    let rate = paced["fsyncs_per_sec"].as_f64().unwrap();
+    assert!(rate > 0.0 && rate <= 1_050.0, "{paced}");
+    let ms = |q: &str| paced["fsync_ms"][q].as_f64().unwrap();
+    assert!(0.0 < ms("p50") && ms("p50") <= ms("p99") && ms("p99") <= ms("p999"), "{paced}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the test file is deleted");
 }
