@@ -107,12 +107,7 @@ pub fn bench_disk(a: &DiskArgs) -> Result<()> {
 fn measure(path: &std::path::Path) -> Result<Vec<Rate>> {
     let mut rates = Vec::new();
     for block in BLOCK_SIZES {
-        let mut file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .truncate(true)
-            .open(path)
-            .with_context(|| format!("creating {}", path.display()))?;
+        let mut file = create(path)?;
         let data = vec![0xa5u8; block];
         let started = Instant::now();
         let (mut written, mut fsyncs) = (0u64, 0u64);
@@ -135,12 +130,7 @@ fn measure(path: &std::path::Path) -> Result<Vec<Rate>> {
 /// Appends [`PACED_BLOCK`] bytes and fsyncs once per [`PACED_INTERVAL`] (one that is due late
 /// goes at once, never several in a burst), timing each append and its fsync.
 fn paced(path: &std::path::Path) -> Result<Paced> {
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .open(path)
-        .with_context(|| format!("creating {}", path.display()))?;
+    let mut file = create(path)?;
     let data = vec![0x5au8; PACED_BLOCK];
     let mut hist = new_histogram();
     let started = Instant::now();
@@ -159,4 +149,14 @@ fn paced(path: &std::path::Path) -> Result<Paced> {
         fsyncs += 1;
     }
     Ok(Paced { fsyncs, seconds: started.elapsed().as_secs_f64(), fsync_ms: quantiles_ms(&hist) })
+}
+
+/// The test file, created empty (or emptied).
+fn create(path: &std::path::Path) -> Result<std::fs::File> {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))
 }

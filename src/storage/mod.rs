@@ -165,6 +165,10 @@ impl Store {
         medium: &Medium,
     ) -> anyhow::Result<(Store, Vec<HostedTopic>)> {
         let (mut store, writer, logs) = Self::open_parts(dir, requested, medium, system_clock())?;
+        // Unbounded in type only: every command carries a reply its sender awaits, so the queue
+        // holds at most one command per request or task in flight, and those are bounded (per
+        // connection by `transport::limits`' streams, pipelining and byte budget; one follow
+        // and one apply task per hosted topic).
         let (tx, rx) = mpsc::unbounded_channel();
         let handle = std::thread::Builder::new()
             .name(format!("herald-writer-{}", store.server))
