@@ -90,7 +90,7 @@ fn topics_reports_creation_spread_idle_cost_and_fairness() {
 }
 
 #[test]
-fn disk_reports_fsynced_append_rates_and_leaves_nothing_behind() {
+fn disk_reports_fsynced_append_rates_and_paced_commits_and_leaves_nothing_behind() {
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(BIN).args(["bench", "disk", "--json", "--dir"]).arg(dir.path()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -106,12 +106,17 @@ fn disk_reports_fsynced_append_rates_and_leaves_nothing_behind() {
         let expected = fsyncs * a["block_bytes"].as_f64().unwrap() / 1e6;
         assert!((mb - expected).abs() <= expected * 0.01 + 0.1, "{a}");
     }
-    // The paced run: single fsynced appends at bench latency's cadence, never faster.
-    let paced = &report["paced"];
+    // The paced runs: single fsynced appends, then single redb commits, at bench latency's
+    // cadence (never faster), each timed.
+    let (paced, redb) = (&report["paced"], &report["redb"]);
     assert_eq!(paced["block_bytes"], 4096);
-    let rate = paced["fsyncs_per_sec"].as_f64().unwrap();
-    assert!(rate > 0.0 && rate <= 1_050.0, "{paced}");
-    let ms = |q: &str| paced["fsync_ms"][q].as_f64().unwrap();
-    assert!(0.0 < ms("p50") && ms("p50") <= ms("p99") && ms("p99") <= ms("p999"), "{paced}");
+    assert_eq!(redb["value_bytes"], 600);
+    for run in [paced, redb] {
+        let rate = run["per_sec"].as_f64().unwrap();
+        assert!(rate > 0.0 && rate <= 1_050.0, "{run}");
+        let ms = |q: &str| run["ms"][q].as_f64().unwrap();
+        assert!(0.0 < ms("p50") && ms("p50") <= ms("p99") && ms("p99") <= ms("p999"), "{run}");
+        assert!(run["cpu_us"].as_f64().unwrap() >= 0.0, "{run}");
+    }
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "the test file is deleted");
 }

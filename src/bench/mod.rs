@@ -64,8 +64,8 @@ pub enum BenchCommand {
     /// The standard set (what `make bench` runs), as a table.
     Suite(BenchArgs),
     /// The machine's own limit: appends of Herald's batch sizes to a file, fsynced after
-    /// each, in fsyncs/s and MB/s; then one 4 KiB fsynced append per ms, timed (no cluster
-    /// needed).
+    /// each, in fsyncs/s and MB/s; then, one per ms, 4 KiB fsynced appends and 600-byte redb
+    /// commits, timed (no cluster needed).
     Disk(disk::DiskArgs),
 }
 
