@@ -49,8 +49,8 @@ const COMMITS: redb::TableDefinition<u64, &[u8]> = redb::TableDefinition::new("b
 
 #[derive(Args, Debug, Clone)]
 pub struct DiskArgs {
-    /// Directory to write the test file in (default: the system's temporary directory, where
-    /// `--dev` benchmarks keep their data); the file is deleted afterwards.
+    /// Directory to write the test files in (default: the system's temporary directory, where
+    /// `--dev` benchmarks keep their data); they are deleted afterwards.
     #[arg(long)]
     dir: Option<PathBuf>,
     /// One JSON object on stdout.
