@@ -67,22 +67,17 @@ struct Rate {
 
 /// A paced run's result: how long one operation took, p50 / p99 / p999 in ms.
 struct Paced {
-    ops: u32,
-    seconds: f64,
+    per_sec: f64,
     ms: (f64, f64, f64),
     /// This process's CPU (user + sys, the kernel's part of an fsync included) per operation.
     cpu_us: f64,
 }
 
 impl Paced {
-    fn per_sec(&self) -> f64 {
-        self.ops as f64 / self.seconds
-    }
-
     fn to_json(&self) -> serde_json::Value {
         let (p50, p99, p999) = self.ms;
         json!({
-            "per_sec": rounded(self.per_sec(), 0),
+            "per_sec": rounded(self.per_sec, 0),
             "ms": { "p50": p50, "p99": p99, "p999": p999 },
             "cpu_us": rounded(self.cpu_us, 0),
         })
@@ -98,9 +93,8 @@ pub fn bench_disk(a: &DiskArgs) -> Result<()> {
     let dir = a.dir.clone().unwrap_or_else(std::env::temp_dir);
     let path = dir.join(format!("herald-bench-disk-{}", std::process::id()));
     let db_path = path.with_extension("redb");
-    let result = measure(&path)
-        .and_then(|rates| Ok((rates, paced_fsyncs(&path)?)))
-        .and_then(|(rates, fsyncs)| Ok((rates, fsyncs, paced_commits(&db_path)?)));
+    let result =
+        (|| Ok::<_, anyhow::Error>((measure(&path)?, paced_fsyncs(&path)?, paced_commits(&db_path)?)))();
     let _ = std::fs::remove_file(&path);
     let _ = std::fs::remove_file(&db_path);
     let (rates, fsyncs, commits) = result?;
@@ -209,8 +203,7 @@ fn paced(mut op: impl FnMut() -> Result<()>) -> Result<Paced> {
     }
     let cpu = super::cpu_seconds(me).unwrap_or(0.0) - cpu;
     Ok(Paced {
-        ops,
-        seconds: started.elapsed().as_secs_f64(),
+        per_sec: ops as f64 / started.elapsed().as_secs_f64(),
         ms: quantiles_ms(&hist),
         cpu_us: cpu * 1e6 / ops.max(1) as f64,
     })
